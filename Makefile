@@ -1,0 +1,29 @@
+# `make demo` and `make test` set everything up in .venv and run; nothing else is needed.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+# The CPU build of this torch lies on the development machines; other versions download GBs.
+TORCH := torch==2.13.0
+JOBS ?= 2
+
+.PHONY: all venv demo test clean
+
+all: test
+
+$(BIN)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e '.[torch,test]'
+	touch $@
+
+venv: $(BIN)/.installed
+
+demo: venv
+	$(BIN)/bnfold demo
+
+test: venv
+	$(BIN)/python -m pytest -q -n $(JOBS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

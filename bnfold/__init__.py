@@ -1,0 +1,82 @@
+"""bnfold: fold BatchNorm into the neighbouring linear layers of a trained network, exactly.
+
+Public API: :func:`fold`, :func:`analyze`, :func:`verify`, :class:`FoldReport` and the
+exceptions in :mod:`bnfold.errors`. ``import bnfold`` imports no framework: each frontend is
+imported when a model of its kind arrives.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Iterable
+
+from .errors import (
+    BnfoldError,
+    TracingError,
+    TrainingModeError,
+    UnsupportedModelError,
+    VerificationError,
+)
+from .report import FoldEntry, FoldReport
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "fold",
+    "analyze",
+    "verify",
+    "FoldReport",
+    "FoldEntry",
+    "BnfoldError",
+    "TracingError",
+    "TrainingModeError",
+    "UnsupportedModelError",
+    "VerificationError",
+]
+
+
+def _frontend(model: Any) -> Any:
+    """The frontend module for ``model``'s type, imported on first use."""
+    torch = sys.modules.get("torch")  # a torch model exists only if torch was imported
+    if torch is not None and isinstance(model, torch.nn.Module):
+        from . import torch_module
+
+        return torch_module
+    raise UnsupportedModelError(
+        f"bnfold cannot fold a {type(model).__module__}.{type(model).__name__}: "
+        "pass a torch.nn.Module"
+    )
+
+
+def fold(
+    model: Any,
+    example_inputs: Any = None,
+    *,
+    inplace: bool = False,
+    producers: Iterable[str] | None = None,
+    return_report: bool = False,
+) -> Any:
+    """Fold every BatchNorm that can be folded exactly into the layer that produces its input.
+
+    Returns a model of the same kind and class as ``model``; the input is not modified unless
+    ``inplace=True``. ``example_inputs`` (a tuple of positional arguments, or one tensor) lets
+    bnfold see shapes, which some folds need (Linear + BatchNorm1d), and trace models that
+    ``torch.fx`` cannot. ``producers`` limits the folds to some layer kinds
+    (``"conv"``, ``"conv_transpose"``, ``"linear"``). With ``return_report=True`` the result is
+    ``(folded_model, report)``.
+    """
+    return _frontend(model).fold(
+        model, example_inputs, inplace=inplace, producers=producers, return_report=return_report
+    )
+
+
+def analyze(
+    model: Any, example_inputs: Any = None, *, producers: Iterable[str] | None = None
+) -> FoldReport:
+    """Return the :class:`FoldReport` that :func:`fold` would produce, changing nothing."""
+    return _frontend(model).analyze(model, example_inputs, producers=producers)
+
+
+def verify(original: Any, folded: Any, example_inputs: Any) -> tuple[float, float]:
+    """Run both models on ``example_inputs``; return ``(max_abs_err, max_rel_err)``."""
+    return _frontend(original).verify(original, folded, example_inputs)

@@ -1,0 +1,321 @@
+"""The fold maths, once for every framework.
+
+An inference BatchNorm is the per-channel affine map ``y = s*x + t`` with
+``s = gamma / sqrt(var + eps)`` and ``t = beta - mean*s``. Folding it forward into the layer that
+produces its input scales that layer's filters by ``s`` along the output-channel axis and sets
+its bias to ``s*b + t``.
+
+Numbers: ``s``, ``t`` and the new bias are computed in float64 (they are per-channel vectors, so
+this is cheap); the weight is scaled in float32 (float64 for float64 weights) and rounded once to
+its own dtype. Whole weight tensors are never copied to float64.
+
+Arrays: per-channel inputs may be numpy arrays, torch tensors or sequences; weights and biases
+are numpy arrays (any float dtype, ml_dtypes' bfloat16 included) or torch tensors, and come back
+in the same framework, dtype and device. Nothing here imports torch at module level.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .errors import FoldRefused
+
+__all__ = [
+    "OutputLayout",
+    "affine_factors",
+    "fold_into_producer",
+    "scale_output_channels",
+    "folded_bias",
+]
+
+
+@dataclass(frozen=True)
+class OutputLayout:
+    """Where a producer's weight keeps its output channels.
+
+    ``axis`` is the weight axis indexed by the output channel. When ``groups > 1`` and ``axis``
+    is not 0, the weight's axis 0 is split into ``groups`` blocks and output channel
+    ``g * weight.shape[axis] + j`` lives in block ``g`` at index ``j`` of ``axis``: this is the
+    ConvTranspose layout ``(C_in, C_out/groups, *k)``.
+    """
+
+    axis: int = 0
+    groups: int = 1
+
+    def out_channels(self, weight_shape: tuple[int, ...]) -> int:
+        """Number of output channels a weight of this shape has."""
+        n = int(weight_shape[self.axis])
+        return n * self.groups if self._grouped_blocks else n
+
+    @property
+    def _grouped_blocks(self) -> bool:
+        return self.groups > 1 and self.axis != 0
+
+
+CONV = OutputLayout(axis=0)
+LINEAR = OutputLayout(axis=0)
+
+
+def conv_transpose_layout(groups: int) -> OutputLayout:
+    """Layout of a ConvTranspose weight ``(C_in, C_out/groups, *k)``."""
+    return OutputLayout(axis=1, groups=groups)
+
+
+# --------------------------------------------------------------------------------------------
+# Per-channel factors (float64, numpy)
+
+
+def _vector64(x: Any, name: str) -> np.ndarray:
+    """A per-channel vector as a float64 numpy array (torch tensors on any device accepted)."""
+    if hasattr(x, "detach"):  # torch tensor, without importing torch
+        x = x.detach().to("cpu").double().numpy()
+    arr = np.asarray(x, dtype=np.float64)
+    if arr.ndim != 1:
+        raise FoldRefused(f"{name} is not a vector (shape {tuple(arr.shape)})")
+    return arr
+
+
+def affine_factors(
+    mean: Any,
+    var: Any,
+    eps: float,
+    gamma: Any | None = None,
+    beta: Any | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return ``(s, t)`` in float64 such that the inference BatchNorm is ``y = s*x + t``.
+
+    ``gamma``/``beta`` default to 1/0 (a BatchNorm without affine parameters). Raises
+    :class:`FoldRefused` when a value is not finite or ``var + eps <= 0``.
+    """
+    mean64 = _vector64(mean, "running mean")
+    var64 = _vector64(var, "running variance")
+    n = mean64.shape[0]
+    gamma64 = np.ones(n) if gamma is None else _vector64(gamma, "weight (gamma)")
+    beta64 = np.zeros(n) if beta is None else _vector64(beta, "bias (beta)")
+    for name, v in (("running variance", var64), ("weight (gamma)", gamma64), ("bias (beta)", beta64)):
+        if v.shape != (n,):
+            raise FoldRefused(f"{name} has {v.shape[0]} channels, running mean has {n}")
+    for name, v in (
+        ("running mean", mean64),
+        ("running variance", var64),
+        ("weight (gamma)", gamma64),
+        ("bias (beta)", beta64),
+    ):
+        _require_finite(v, f"BatchNorm {name}")
+    eps64 = float(eps)
+    if not np.isfinite(eps64):
+        raise FoldRefused(f"BatchNorm eps is {eps64}")
+    denom = var64 + eps64
+    if not (denom > 0).all():
+        k = int(np.argmin(denom))
+        raise FoldRefused(
+            f"BatchNorm running_var + eps = {denom[k]:g} <= 0 at channel {k}: the BatchNorm output "
+            "is not finite there"
+        )
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        s = gamma64 / np.sqrt(denom)
+        t = beta64 - mean64 * s
+    _require_finite(s, "BatchNorm scale gamma/sqrt(var+eps)")
+    _require_finite(t, "BatchNorm shift beta-mean*scale")
+    return s, t
+
+
+def _require_finite(v: np.ndarray, what: str) -> None:
+    if not np.isfinite(v).all():
+        bad = np.flatnonzero(~np.isfinite(v))
+        raise FoldRefused(f"{what} is not finite ({v[bad[0]]} at channel {int(bad[0])})")
+
+
+# --------------------------------------------------------------------------------------------
+# Framework shim: the handful of array operations the weight path needs.
+
+
+class _NumpyOps:
+    @staticmethod
+    def compute_dtype(dtype: Any) -> Any:
+        return np.float64 if np.dtype(dtype) == np.float64 else np.float32
+
+    @staticmethod
+    def cast(x: Any, dtype: Any) -> Any:
+        return np.asarray(x).astype(dtype, copy=False)
+
+    @staticmethod
+    def from64(v: np.ndarray, like: Any, dtype: Any) -> Any:
+        return v.astype(dtype)
+
+    @staticmethod
+    def all_finite(x: Any) -> bool:
+        # min and max propagate NaN and expose +-inf: two vectorised reductions, no mask.
+        if x.size == 0:
+            return True
+        return bool(np.isfinite(x.min()) and np.isfinite(x.max()))
+
+    @staticmethod
+    def max_finite(dtype: Any) -> float:
+        try:
+            return float(np.finfo(dtype).max)
+        except ValueError:  # ml_dtypes types (bfloat16, float8) are not known to np.finfo
+            import ml_dtypes
+
+            return float(ml_dtypes.finfo(dtype).max)
+
+    @staticmethod
+    def is_float(dtype: Any) -> bool:
+        d = np.dtype(dtype)
+        if d.kind == "f":
+            return True
+        return "float" in d.name  # ml_dtypes' bfloat16, float8_*
+
+    @staticmethod
+    def to64(x: Any) -> np.ndarray:
+        return np.asarray(x, dtype=np.float64)
+
+
+class _TorchOps:
+    def __init__(self) -> None:
+        self.torch = sys.modules["torch"]
+
+    def compute_dtype(self, dtype: Any) -> Any:
+        return self.torch.float64 if dtype == self.torch.float64 else self.torch.float32
+
+    @staticmethod
+    def cast(x: Any, dtype: Any) -> Any:
+        return x.to(dtype)
+
+    def from64(self, v: np.ndarray, like: Any, dtype: Any) -> Any:
+        # Convert on the CPU first: some devices have no float64.
+        return self.torch.from_numpy(np.ascontiguousarray(v)).to(dtype).to(like.device)
+
+    def all_finite(self, x: Any) -> bool:
+        # min and max propagate NaN and expose +-inf: one vectorised reduction, no mask.
+        if x.numel() == 0:
+            return True
+        lo, hi = self.torch.aminmax(x)
+        return bool(self.torch.isfinite(lo) & self.torch.isfinite(hi))
+
+    def max_finite(self, dtype: Any) -> float:
+        return float(self.torch.finfo(dtype).max)
+
+    @staticmethod
+    def is_float(dtype: Any) -> bool:
+        return bool(dtype.is_floating_point)
+
+    @staticmethod
+    def to64(x: Any) -> np.ndarray:
+        return x.detach().to("cpu").double().numpy()
+
+
+def _ops_for(x: Any) -> Any:
+    if isinstance(x, np.ndarray):
+        return _NumpyOps
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(x, torch.Tensor):
+        return _TorchOps()
+    raise TypeError(f"expected a numpy array or torch tensor, got {type(x).__name__}")
+
+
+# --------------------------------------------------------------------------------------------
+# The fold
+
+
+def scale_output_channels(weight: Any, s: np.ndarray, layout: OutputLayout) -> Any:
+    """Return ``weight`` with output channel ``k`` multiplied by ``s[k]``.
+
+    The product is formed in float32 (float64 for float64 weights) and rounded once to the
+    weight's dtype. Raises :class:`FoldRefused` if the result is not finite in that dtype
+    (a non-finite weight, or an overflow such as float16 beyond 65504).
+    """
+    ops = _ops_for(weight)
+    if not ops.is_float(weight.dtype):
+        raise FoldRefused(f"weight dtype {weight.dtype} is not a floating-point type")
+    shape = tuple(weight.shape)
+    n_out = layout.out_channels(shape)
+    if s.shape != (n_out,):
+        raise FoldRefused(
+            f"BatchNorm has {s.shape[0]} channels but the layer has {n_out} output channels"
+        )
+    compute = ops.compute_dtype(weight.dtype)
+    ndim = len(shape)
+    if layout._grouped_blocks:
+        g = layout.groups
+        if shape[0] % g:
+            raise FoldRefused(f"weight axis 0 ({shape[0]}) is not divisible by groups={g}")
+        work_shape = (g, shape[0] // g) + shape[1:]
+        bshape = [1] * (ndim + 1)
+        bshape[0] = g
+        bshape[layout.axis + 1] = shape[layout.axis]
+        w = weight.reshape(work_shape)
+    else:
+        bshape = [1] * ndim
+        bshape[layout.axis] = n_out
+        w = weight
+    factor = ops.from64(s, weight, compute).reshape(bshape)
+    out = ops.cast(ops.cast(w, compute) * factor, weight.dtype)
+    if layout._grouped_blocks:
+        out = out.reshape(shape)
+    if not ops.all_finite(out):
+        if not ops.all_finite(weight):
+            raise FoldRefused("the layer's weight contains non-finite values")
+        raise FoldRefused(
+            f"folded weight overflows {_dtype_name(weight.dtype)} "
+            f"(max {ops.max_finite(weight.dtype):g})"
+        )
+    return out
+
+
+def folded_bias(
+    bias: Any | None, s: np.ndarray, t: np.ndarray, like: Any, dtype: Any | None = None
+) -> Any:
+    """Return ``s*bias + t`` (``t`` when there is no bias), computed in float64.
+
+    The result is in ``like``'s framework and device, with ``bias``'s dtype, or ``dtype`` /
+    ``like``'s dtype when there is no bias. Raises :class:`FoldRefused` when the bias is not
+    finite or the result does not fit the dtype.
+    """
+    ops = _ops_for(like)
+    if bias is None:
+        b64 = t
+        target = like.dtype if dtype is None else dtype
+    else:
+        b = ops.to64(bias)
+        if b.shape != s.shape:
+            raise FoldRefused(f"bias has shape {tuple(b.shape)}, expected {tuple(s.shape)}")
+        _require_finite(b, "layer bias")
+        b64 = s * b + t
+        target = bias.dtype
+    limit = ops.max_finite(target)
+    if not (np.abs(b64) <= limit).all():
+        k = int(np.argmax(np.abs(b64)))
+        raise FoldRefused(
+            f"folded bias {b64[k]:g} at channel {k} overflows {_dtype_name(target)} (max {limit:g})"
+        )
+    return ops.from64(b64, like, target)
+
+
+def fold_into_producer(
+    weight: Any,
+    bias: Any | None,
+    mean: Any,
+    var: Any,
+    eps: float,
+    gamma: Any | None = None,
+    beta: Any | None = None,
+    layout: OutputLayout = CONV,
+) -> tuple[Any, Any]:
+    """Fold an inference BatchNorm into the layer that produces its input.
+
+    Returns ``(new_weight, new_bias)`` in the weight's framework; the inputs are not modified.
+    Raises :class:`FoldRefused` with a reason when the fold would not be exact and finite.
+    """
+    s, t = affine_factors(mean, var, eps, gamma, beta)
+    new_bias = folded_bias(bias, s, t, like=weight)
+    new_weight = scale_output_channels(weight, s, layout)
+    return new_weight, new_bias
+
+
+def _dtype_name(dtype: Any) -> str:
+    return str(dtype).replace("torch.", "")

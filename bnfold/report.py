@@ -1,0 +1,88 @@
+"""FoldReport: one entry per BatchNorm, folded into what or skipped and why."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Iterator, Literal
+
+Action = Literal["folded", "skipped"]
+
+
+@dataclass(frozen=True)
+class FoldEntry:
+    """The outcome for one BatchNorm.
+
+    ``bn`` and ``target`` are names in the model (module paths or node names); ``target`` is the
+    layer the BatchNorm was folded into (or would have been), ``None`` when there is none.
+    ``rule`` names the legality rule that failed (see :mod:`bnfold.rules`), ``reason`` says why
+    in words; both are empty for a fold.
+    """
+
+    bn: str
+    target: str | None
+    action: Action
+    reason: str = ""
+    rule: str | None = None
+    bn_type: str = ""
+    target_type: str = ""
+
+    @property
+    def folded(self) -> bool:
+        return self.action == "folded"
+
+
+@dataclass
+class FoldReport:
+    """What a fold did (or ``analyze`` would do) to every BatchNorm of a model.
+
+    Iterate it for the entries; ``str(report)`` is a table for people, ``to_list()`` plain data.
+    """
+
+    entries: list[FoldEntry] = field(default_factory=list)
+    model: str = ""
+
+    def __iter__(self) -> Iterator[FoldEntry]:
+        return iter(self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @property
+    def folded(self) -> list[FoldEntry]:
+        return [e for e in self.entries if e.folded]
+
+    @property
+    def skipped(self) -> list[FoldEntry]:
+        return [e for e in self.entries if not e.folded]
+
+    def entry(self, bn: str) -> FoldEntry:
+        """The entry of the BatchNorm named ``bn``."""
+        for e in self.entries:
+            if e.bn == bn:
+                return e
+        raise KeyError(f"no BatchNorm named {bn!r} in this report")
+
+    def to_list(self) -> list[dict]:
+        """The entries as plain dictionaries (for JSON)."""
+        return [asdict(e) for e in self.entries]
+
+    def summary(self) -> str:
+        n = len(self.entries)
+        return f"{len(self.folded)} of {n} BatchNorm{'s' if n != 1 else ''} folded, {len(self.skipped)} kept"
+
+    def __str__(self) -> str:
+        head = ("BatchNorm", "type", "action", "into / reason")
+        rows = []
+        for e in self.entries:
+            what = f"{e.target} ({e.target_type})" if e.folded else f"[{e.rule}] {e.reason}"
+            rows.append((e.bn, e.bn_type, e.action, what))
+        widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(head[:3])]
+        lines = []
+        title = f"bnfold report{f' for {self.model}' if self.model else ''}: {self.summary()}"
+        lines.append(title)
+        fmt = "  ".join(f"{{:<{w}}}" for w in widths) + "  {}"
+        lines.append(fmt.format(*head))
+        lines.append(fmt.format(*("-" * w for w in widths), "-" * len(head[3])))
+        for r in rows:
+            lines.append(fmt.format(*r))
+        return "\n".join(lines)

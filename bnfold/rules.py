@@ -1,0 +1,195 @@
+"""Legality of a forward fold, shared by every frontend.
+
+A frontend translates its graph into :class:`PairFacts` (a few plain facts about one BatchNorm
+and the layer feeding it) and calls :func:`decide`. Each rule is a small function returning
+``None`` when it holds or a reason a user can read. The numeric validity rule lives in
+:mod:`bnfold.algebra`, which refuses while computing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+ProducerKind = Literal["conv", "conv_transpose", "linear"]
+
+# Rule identifiers, as they appear in reports.
+INFERENCE_MODE = "inference-mode"
+NO_PRODUCER = "no-producer"
+CONSTANT_PARAMS = "constant-params"
+SINGLE_CONSUMER = "single-consumer"
+CHANNEL_AXIS = "channel-axis"
+UNSHARED = "unshared-weights"
+STANDARD_FORWARD = "standard-forward"
+VALID_VALUES = "valid-values"
+NOT_SELECTED = "not-selected"
+
+
+@dataclass(frozen=True)
+class PairFacts:
+    """What the rules need to know about one BatchNorm and the layer that feeds it.
+
+    Names are the frontend's (module paths, node names). ``producer`` is ``None`` when the
+    BatchNorm's input does not come straight from a foldable layer; ``producer_detail`` then
+    says what it comes from.
+    """
+
+    bn: str
+    bn_kind: str = "BatchNorm"
+    bn_uses_running_stats: bool = True
+    bn_not_inference_reason: str = ""
+    bn_calls: int = 1
+    bn_custom_forward: str = ""  # class name whose forward is not the standard one
+    bn_params_constant: bool = True
+    bn_state_used_elsewhere: str = ""
+    bn_input_ranks: frozenset[int] | None = None  # ranks the BatchNorm accepts; None: any
+
+    producer: str | None = None
+    producer_detail: str = ""
+    producer_kind: ProducerKind | None = None
+    producer_spatial_dims: int = 0  # conv: 1, 2 or 3
+    producer_custom_forward: str = ""
+    producer_calls: int = 1
+    producer_output_users: int = 1
+    producer_other_users: str = ""
+    producer_params_constant: bool = True
+    producer_params_shared: str = ""  # who else uses the weight/bias; "" if nobody
+    can_unshare: bool = False  # graph forms give the folded layer its own weight copy
+    output_rank: int | None = None  # rank of the producer's output when known
+
+
+Rule = Callable[[PairFacts], "str | None"]
+
+
+def _inference_mode(f: PairFacts) -> str | None:
+    if not f.bn_uses_running_stats:
+        return f.bn_not_inference_reason or (
+            f"{f.bn} normalises with batch statistics, not running statistics"
+        )
+    return None
+
+
+def _has_producer(f: PairFacts) -> str | None:
+    if f.producer is None:
+        detail = f.producer_detail or "a layer that cannot absorb it"
+        return f"{f.bn}'s input comes from {detail}, not from a Conv, ConvTranspose or Linear"
+    return None
+
+
+def _standard_forward(f: PairFacts) -> str | None:
+    for name, cls in ((f.bn, f.bn_custom_forward), (f.producer, f.producer_custom_forward)):
+        if cls:
+            return (
+                f"{name} is a {cls}, which overrides forward(); bnfold cannot prove that folding "
+                "keeps what its forward does"
+            )
+    return None
+
+
+def _single_call(f: PairFacts) -> str | None:
+    if f.bn_calls > 1:
+        return f"{f.bn} is called {f.bn_calls} times; folding it would change every call"
+    if f.producer_calls > 1 and not f.can_unshare:
+        return (
+            f"{f.producer} is called {f.producer_calls} times; its other calls do not go "
+            f"through {f.bn}"
+        )
+    return None
+
+
+def _constant_params(f: PairFacts) -> str | None:
+    if not f.bn_params_constant:
+        return f"{f.bn}'s statistics or affine parameters are computed at run time"
+    if not f.producer_params_constant:
+        return f"{f.producer}'s weight or bias is computed at run time"
+    return None
+
+
+def _single_consumer(f: PairFacts) -> str | None:
+    if f.producer_output_users != 1:
+        others = f" ({f.producer_other_users})" if f.producer_other_users else ""
+        return (
+            f"{f.producer}'s output is also used elsewhere{others}; folding would change "
+            "what those users see"
+        )
+    if f.bn_state_used_elsewhere:
+        return f"{f.bn}'s parameters are also used by {f.bn_state_used_elsewhere}"
+    return None
+
+
+def _unshared(f: PairFacts) -> str | None:
+    if f.producer_params_shared and not f.can_unshare:
+        return f"{f.producer}'s weight or bias is shared with {f.producer_params_shared}"
+    return None
+
+
+def producer_channel_axis(kind: ProducerKind, rank: int, spatial_dims: int) -> int:
+    """Axis of the activation that holds the producer's output channels."""
+    if kind == "linear":
+        return rank - 1
+    return rank - spatial_dims - 1  # batched (N, C, *S): 1; unbatched (C, *S): 0
+
+
+def possible_output_ranks(f: PairFacts) -> frozenset[int] | None:
+    """Ranks the producer's output can have given what is known; ``None`` when unbounded."""
+    if f.output_rank is not None:
+        return frozenset({f.output_rank})
+    if f.producer_kind in ("conv", "conv_transpose"):
+        own = frozenset({f.producer_spatial_dims + 1, f.producer_spatial_dims + 2})
+        return own if f.bn_input_ranks is None else own & f.bn_input_ranks
+    return f.bn_input_ranks
+
+
+def _channel_axis(f: PairFacts) -> str | None:
+    assert f.producer_kind is not None
+    ranks = possible_output_ranks(f)
+    if ranks is None:
+        return (
+            f"the rank of {f.producer}'s output is unknown, so bnfold cannot tell whether "
+            f"{f.bn} normalises its output-channel axis; pass example_inputs"
+        )
+    for rank in sorted(ranks):
+        axis = producer_channel_axis(f.producer_kind, rank, f.producer_spatial_dims)
+        if axis != 1:
+            where = "last axis" if f.producer_kind == "linear" else "axis 0 (unbatched input)"
+            known = f.output_rank is not None
+            lead = f"{f.producer}'s output is {rank}-D" if known else (
+                f"{f.producer}'s output may be {rank}-D (shape unknown)"
+            )
+            hint = "" if known else "; pass example_inputs to decide"
+            return (
+                f"{lead}: its channels are on the {where} (axis {axis}) but {f.bn} normalises "
+                f"axis 1{hint}"
+            )
+    return None
+
+
+# Order matters: the first failing rule is the one reported.
+RULES: tuple[tuple[str, Rule], ...] = (
+    (INFERENCE_MODE, _inference_mode),
+    (NO_PRODUCER, _has_producer),
+    (STANDARD_FORWARD, _standard_forward),
+    (UNSHARED, _single_call),
+    (CONSTANT_PARAMS, _constant_params),
+    (SINGLE_CONSUMER, _single_consumer),
+    (CHANNEL_AXIS, _channel_axis),
+    (UNSHARED, _unshared),
+)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The verdict on one (producer, BatchNorm) pair."""
+
+    ok: bool
+    rule: str | None = None
+    reason: str = ""
+
+
+def decide(facts: PairFacts) -> Decision:
+    """Apply every rule in order; the first one that fails decides."""
+    for rule_id, rule in RULES:
+        reason = rule(facts)
+        if reason is not None:
+            return Decision(False, rule_id, reason)
+    return Decision(True)
