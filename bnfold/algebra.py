@@ -28,6 +28,7 @@ __all__ = [
     "OutputLayout",
     "affine_factors",
     "fold_into_producer",
+    "fold_affine_into_producer",
     "scale_output_channels",
     "folded_bias",
 ]
@@ -312,6 +313,18 @@ def fold_into_producer(
     Raises :class:`FoldRefused` with a reason when the fold would not be exact and finite.
     """
     s, t = affine_factors(mean, var, eps, gamma, beta)
+    return fold_affine_into_producer(weight, bias, s, t, layout)
+
+
+def fold_affine_into_producer(
+    weight: Any, bias: Any | None, s: np.ndarray, t: np.ndarray, layout: OutputLayout = CONV
+) -> tuple[Any, Any]:
+    """Fold the per-channel affine map ``y = s*x + t`` (float64 vectors) into a producer.
+
+    For BatchNorm-like layers whose factors are known directly rather than as statistics.
+    """
+    _require_finite(s, "per-channel scale")
+    _require_finite(t, "per-channel shift")
     new_bias = folded_bias(bias, s, t, like=weight)
     new_weight = scale_output_channels(weight, s, layout)
     return new_weight, new_bias

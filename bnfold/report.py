@@ -40,6 +40,7 @@ class FoldReport:
 
     entries: list[FoldEntry] = field(default_factory=list)
     model: str = ""
+    notes: list[str] = field(default_factory=list)  # caveats that apply to the whole model
 
     def __iter__(self) -> Iterator[FoldEntry]:
         return iter(self.entries)
@@ -85,4 +86,5 @@ class FoldReport:
         lines.append(fmt.format(*("-" * w for w in widths), "-" * len(head[3])))
         for r in rows:
             lines.append(fmt.format(*r))
+        lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)

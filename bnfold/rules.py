@@ -39,7 +39,7 @@ class PairFacts:
     bn_uses_running_stats: bool = True
     bn_not_inference_reason: str = ""
     bn_calls: int = 1
-    bn_custom_forward: str = ""  # class name whose forward is not the standard one
+    bn_custom_forward: str = ""  # why its forward is not understood as a BatchNorm; "" if it is
     bn_params_constant: bool = True
     bn_state_used_elsewhere: str = ""
     bn_input_ranks: frozenset[int] | None = None  # ranks the BatchNorm accepts; None: any
@@ -48,7 +48,7 @@ class PairFacts:
     producer_detail: str = ""
     producer_kind: ProducerKind | None = None
     producer_spatial_dims: int = 0  # conv: 1, 2 or 3
-    producer_custom_forward: str = ""
+    producer_custom_forward: str = ""  # why its forward may do more than its base class's
     producer_calls: int = 1
     producer_output_users: int = 1
     producer_other_users: str = ""
@@ -77,12 +77,9 @@ def _has_producer(f: PairFacts) -> str | None:
 
 
 def _standard_forward(f: PairFacts) -> str | None:
-    for name, cls in ((f.bn, f.bn_custom_forward), (f.producer, f.producer_custom_forward)):
-        if cls:
-            return (
-                f"{name} is a {cls}, which overrides forward(); bnfold cannot prove that folding "
-                "keeps what its forward does"
-            )
+    for name, why in ((f.bn, f.bn_custom_forward), (f.producer, f.producer_custom_forward)):
+        if why:
+            return f"{name}: {why}"
     return None
 
 
@@ -99,9 +96,15 @@ def _single_call(f: PairFacts) -> str | None:
 
 def _constant_params(f: PairFacts) -> str | None:
     if not f.bn_params_constant:
-        return f"{f.bn}'s statistics or affine parameters are computed at run time"
+        return (
+            f"{f.bn}'s statistics or affine parameters are not constant tensors (computed at run "
+            "time, parametrized or uninitialised)"
+        )
     if not f.producer_params_constant:
-        return f"{f.producer}'s weight or bias is computed at run time"
+        return (
+            f"{f.producer}'s weight or bias is not a constant tensor (computed at run time, "
+            "parametrized or uninitialised)"
+        )
     return None
 
 

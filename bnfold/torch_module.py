@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -22,47 +23,20 @@ import torch
 from torch import nn
 
 from . import rules
-from .algebra import CONV, LINEAR, conv_transpose_layout, fold_into_producer
+from .algebra import CONV, LINEAR, conv_transpose_layout, fold_affine_into_producer
 from .errors import FoldRefused, TracingError, TrainingModeError, UnsupportedModelError
 from .report import FoldEntry, FoldReport
 from .rules import PairFacts
-
-PRODUCER_KINDS = ("conv", "conv_transpose", "linear")
-
-_BN_RANKS = (
-    (nn.BatchNorm1d, frozenset({2, 3})),
-    (nn.BatchNorm2d, frozenset({4})),
-    (nn.BatchNorm3d, frozenset({5})),
+from .torch_batchnorm import (
+    BatchNormSpec,
+    batchnorm_spec,
+    defining_class,
+    is_batchnorm,
+    is_torch_class,
+    reads_metadata_only,
 )
 
-
-# --------------------------------------------------------------------------------------------
-# What kind of module is this?
-
-
-def _defining_class(cls: type, attr: str) -> type | None:
-    for klass in cls.__mro__:
-        if attr in klass.__dict__:
-            return klass
-    return None
-
-
-def _is_torch_class(klass: type | None) -> bool:
-    return klass is not None and klass.__module__.startswith("torch.nn.")
-
-
-def _is_frozen_bn(m: nn.Module) -> bool:
-    """torchvision/detectron2-style FrozenBatchNorm2d: fixed statistics held as buffers."""
-    return (
-        type(m).__name__ == "FrozenBatchNorm2d"
-        and all(isinstance(m._buffers.get(b), torch.Tensor) for b in ("weight", "bias", "running_mean", "running_var"))
-    )
-
-
-def is_batchnorm(m: nn.Module) -> bool:
-    """Whether bnfold treats ``m`` as a BatchNorm (nn's, its subclasses, FrozenBatchNorm2d)."""
-    return isinstance(m, nn.modules.batchnorm._BatchNorm) or _is_frozen_bn(m)
-
+PRODUCER_KINDS = ("conv", "conv_transpose", "linear")
 
 def producer_kind(m: nn.Module) -> str | None:
     """``"conv"``, ``"conv_transpose"``, ``"linear"`` or ``None`` for other modules."""
@@ -73,48 +47,22 @@ def producer_kind(m: nn.Module) -> str | None:
     return None
 
 
-def _custom_forward(m: nn.Module) -> str:
-    """The class name if ``m`` does more in forward than its torch base class, else ``""``."""
-    if _is_frozen_bn(m):
-        custom = False  # torchvision's and detectron2's compute exactly an inference BatchNorm
-    else:
-        custom = not _is_torch_class(_defining_class(type(m), "forward"))
-    if custom:
-        return type(m).__name__
+# The methods through which a producer's forward computes its output.
+_FORWARD_METHODS = ("forward", "_conv_forward", "_output_padding")
+
+
+def _producer_custom_forward(m: nn.Module) -> str:
+    """Why ``m``'s forward may do more than its torch base class's, or ``""``."""
+    for method in _FORWARD_METHODS:
+        owner = defining_class(type(m), method)
+        if owner is not None and not is_torch_class(owner):
+            return (
+                f"{type(m).__name__} overrides {method}(); bnfold cannot prove that folding "
+                "keeps what it does"
+            )
     if m._forward_hooks or m._forward_pre_hooks:
-        return f"{type(m).__name__} with forward hooks"
+        return f"{type(m).__name__} has forward hooks, which may change what it computes"
     return ""
-
-
-def _bn_input_ranks(m: nn.Module) -> frozenset[int] | None:
-    if _is_frozen_bn(m):
-        return frozenset({4})
-    if not _is_torch_class(_defining_class(type(m), "_check_input_dim")):
-        return None
-    for cls, ranks in _BN_RANKS:
-        if isinstance(m, cls):
-            return ranks
-    return None
-
-
-def _bn_running_stats_reason(m: nn.Module, name: str) -> str:
-    """Empty when ``m`` normalises with its running statistics, else why not."""
-    if _is_frozen_bn(m):
-        return ""
-    if m.training:
-        return f"{name} is in training mode (batch statistics); call .eval() on it"
-    if m.running_mean is None or m.running_var is None:
-        return (
-            f"{name} has no running statistics (track_running_stats=False): it always "
-            "normalises with batch statistics"
-        )
-    return ""
-
-
-def _bn_tensors(m: nn.Module) -> tuple[Any, Any, float, Any, Any]:
-    if _is_frozen_bn(m):
-        return m.running_mean, m.running_var, float(getattr(m, "eps", 1e-5)), m.weight, m.bias
-    return m.running_mean, m.running_var, float(m.eps), m.weight, m.bias
 
 
 def _params_not_constant(m: nn.Module) -> bool:
@@ -152,6 +100,14 @@ class _Call:
 class _Dataflow:
     calls: dict[str, _Call]
     outside_uses: dict[str, list[str]]  # module path -> users of its tensors outside its calls
+    note: str = ""  # a caveat on how the data flow was found
+
+
+EXPORT_NOTE = (
+    "torch.fx could not trace this model, so its data flow comes from torch.export on the "
+    "example inputs: the folds are exact for inputs that take the same Python control-flow "
+    "path as those (check other paths with bnfold.verify)"
+)
 
 
 class _LeafTracer(torch.fx.Tracer):
@@ -174,26 +130,6 @@ def _describe(node: torch.fx.Node) -> str:
     return f"{target} ({node.name})"
 
 
-_METADATA_ATTRS = frozenset({"shape", "dtype", "device", "ndim", "is_cuda", "layout"})
-_METADATA_METHODS = frozenset({"size", "dim", "numel", "ndimension", "nelement", "is_contiguous"})
-
-
-def _reads_metadata_only(user: torch.fx.Node) -> bool:
-    """A user that reads only shape/dtype/device, which folding does not change."""
-    if user.op == "call_function":
-        if user.target is getattr and len(user.args) > 1 and user.args[1] in _METADATA_ATTRS:
-            return True
-        return user.target in _SYM_SIZE_OPS
-    return user.op == "call_method" and user.target in _METADATA_METHODS
-
-
-_SYM_SIZE_OPS = (
-    torch.ops.aten.sym_size.int,
-    torch.ops.aten.sym_numel.default,
-    torch.ops.aten.sym_stride.int,
-)
-
-
 def _fx_dataflow(model: nn.Module, paths: dict[int, str]) -> _Dataflow:
     graph = _LeafTracer().trace(model)
     interesting = set(paths.values())
@@ -210,7 +146,7 @@ def _fx_dataflow(model: nn.Module, paths: dict[int, str]) -> _Dataflow:
                 c.input_from = src.target
             elif isinstance(src, torch.fx.Node):
                 c.input_detail = _describe(src)
-            users = [u for u in node.users if not _reads_metadata_only(u)]
+            users = [u for u in node.users if not reads_metadata_only(u)]
             c.output_users = len(users)
             c.other_users = [_describe(u) for u in users]
         elif node.op == "get_attr":
@@ -276,7 +212,7 @@ def _export_dataflow(model: nn.Module, example_inputs: tuple, paths: dict[int, s
             c.input_detail = "several values: " + ", ".join(_describe(a) for a in inputs)
         outputs = [n for n in members if any(u not in member_set for u in n.users)]
         users = [
-            u for n in outputs for u in n.users if u not in member_set and not _reads_metadata_only(u)
+            u for n in outputs for u in n.users if u not in member_set and not reads_metadata_only(u)
         ]
         c.output_users = len(users) if len(outputs) == 1 else len(users) + 1
         c.other_users = [_describe(u) for u in users]
@@ -291,7 +227,7 @@ def _export_dataflow(model: nn.Module, example_inputs: tuple, paths: dict[int, s
         for u in node.users:
             if group.get(u) is None or path_of_key[group[u]] != owner:
                 outside[owner].append(_describe(u))
-    return _Dataflow(calls, dict(outside))
+    return _Dataflow(calls, dict(outside), note=EXPORT_NOTE)
 
 
 def _dataflow(model: nn.Module, example_inputs: tuple | None, paths: dict[int, str]) -> _Dataflow:
@@ -323,6 +259,9 @@ def _first_line(e: BaseException) -> str:
 def _output_ranks(model: nn.Module, example_inputs: tuple, producers: dict[str, nn.Module]) -> dict[str, set[int]]:
     """Run the model once and record the rank of every producer's output."""
     ranks: dict[str, set[int]] = defaultdict(set)
+    # forward may update state (a BatchNorm left in training mode updates its statistics):
+    # put every buffer back afterwards.
+    saved = [(buf, buf.clone()) for buf in model.buffers()]
     handles = []
     for path, m in producers.items():
         def hook(_m, _args, out, path=path):
@@ -335,6 +274,9 @@ def _output_ranks(model: nn.Module, example_inputs: tuple, producers: dict[str, 
     finally:
         for h in handles:
             h.remove()
+        with torch.no_grad():
+            for buf, value in saved:
+                buf.copy_(value)
     return ranks
 
 
@@ -345,7 +287,7 @@ def _output_ranks(model: nn.Module, example_inputs: tuple, producers: dict[str, 
 @dataclass
 class _Plan:
     report: FoldReport
-    folds: list[tuple[str, str]]  # (bn path, producer path) that pass every rule so far
+    folds: list[tuple[str, str, BatchNormSpec]]  # (bn, producer, spec) passing every rule
 
 
 def _normalise_inputs(example_inputs: Any) -> tuple | None:
@@ -411,7 +353,8 @@ def _plan(
     flow = _dataflow(model, example_inputs, paths)
     prod_modules = {p: m for p, m in modules.items() if producer_kind(m)}
     shared = _shared_params(model)
-    facts_of = {bn: _pair_facts(bn, modules, prod_modules, flow, shared) for bn in bns}
+    specs = {bn: batchnorm_spec(modules[bn], bn) for bn in bns}
+    facts_of = {bn: _pair_facts(bn, specs[bn], modules, prod_modules, flow, shared) for bn in bns}
     need_rank = [
         bn
         for bn, f in facts_of.items()
@@ -427,6 +370,9 @@ def _plan(
             if len(prod_ranks) == 1:
                 facts_of[bn] = dataclasses.replace(facts_of[bn], output_rank=next(iter(prod_ranks)))
 
+    if flow.note:
+        report.notes.append(flow.note)
+        warnings.warn(flow.note, stacklevel=3)
     folds = []
     for bn_path in bns:
         bn = modules[bn_path]
@@ -439,7 +385,7 @@ def _plan(
                 False, rules.NOT_SELECTED, f"folding into {facts.producer_kind} layers was not selected"
             )
         if decision.ok:
-            folds.append((bn_path, prod_path))
+            folds.append((bn_path, prod_path, specs[bn_path]))
             report.entries.append(FoldEntry(bn_path, prod_path, "folded", bn_type=type(bn).__name__, target_type=target_type))
         else:
             report.entries.append(
@@ -450,6 +396,7 @@ def _plan(
 
 def _pair_facts(
     bn_path: str,
+    spec: BatchNormSpec,
     modules: dict[str, nn.Module],
     prod_modules: dict[str, nn.Module],
     flow: _Dataflow,
@@ -458,17 +405,16 @@ def _pair_facts(
     """Translate what the model and its data flow say about one BatchNorm into rule facts."""
     bn = modules[bn_path]
     call = flow.calls.get(bn_path, _Call())
-    not_inference = _bn_running_stats_reason(bn, bn_path)
     bn_facts = dict(
         bn=bn_path,
         bn_kind=type(bn).__name__,
-        bn_uses_running_stats=not not_inference,
-        bn_not_inference_reason=not_inference,
+        bn_uses_running_stats=not spec.uses_running_stats,
+        bn_not_inference_reason=spec.uses_running_stats,
         bn_calls=max(call.calls, 1),
-        bn_custom_forward=_custom_forward(bn),
+        bn_custom_forward=spec.not_foldable,
         bn_params_constant=not _params_not_constant(bn),
         bn_state_used_elsewhere=", ".join(flow.outside_uses.get(bn_path, [])),
-        bn_input_ranks=_bn_input_ranks(bn),
+        bn_input_ranks=spec.input_ranks,
     )
     prod_path = call.input_from if call.calls and call.input_from in prod_modules else None
     if prod_path is None:
@@ -494,7 +440,7 @@ def _pair_facts(
         producer=prod_path,
         producer_kind=kind,
         producer_spatial_dims=len(prod.kernel_size) if kind != "linear" else 0,
-        producer_custom_forward=_custom_forward(prod),
+        producer_custom_forward=_producer_custom_forward(prod),
         producer_calls=pcall.calls,
         producer_output_users=pcall.output_users,
         producer_other_users=", ".join(u for u in pcall.other_users if u != f"module {bn_path}"),
@@ -507,44 +453,92 @@ def _pair_facts(
 # Applying the folds
 
 
-def _apply(model: nn.Module, plan: _Plan) -> FoldReport:
-    """Fold the planned pairs into ``model`` in place; refusals by the algebra become skips."""
+@dataclass
+class _Folded:
+    """The new values of one fold, computed from the original model's tensors."""
+
+    bn_path: str
+    prod_path: str
+    weight: torch.Tensor
+    bias: torch.Tensor
+    replacement: nn.Module  # what takes the BatchNorm's place (Identity, or its forward's rest)
+
+
+def _compute(model: nn.Module, plan: _Plan) -> tuple[list[_Folded], FoldReport]:
+    """Compute every planned fold from ``model``'s tensors (which stay untouched).
+
+    The algebra's refusals (invalid or overflowing numbers) become skips in the returned report.
+    """
     modules = dict(model.named_modules())
+    outcome = {e.bn: e for e in plan.report.entries}
+    done = []
+    with torch.no_grad():
+        for bn_path, prod_path, spec in plan.folds:
+            prod = modules[prod_path]
+            try:
+                s, t = spec.factors()
+                w, b = fold_affine_into_producer(prod.weight, prod.bias, s, t, _layout(prod))
+            except FoldRefused as refusal:
+                e = outcome[bn_path]
+                outcome[bn_path] = dataclasses.replace(
+                    e, action="skipped", reason=refusal.reason, rule=rules.VALID_VALUES
+                )
+                continue
+            done.append(_Folded(bn_path, prod_path, w, b, spec.replacement(modules[bn_path])))
+    entries = [outcome[e.bn] for e in plan.report.entries]
+    return done, FoldReport(entries, plan.report.model, plan.report.notes)
+
+
+def _new_param(value: torch.Tensor, like: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(value, requires_grad=like.requires_grad)
+
+
+def _copy_folded(model: nn.Module, folds: list[_Folded]) -> nn.Module:
+    """Deep-copy ``model`` with the folds applied, without copying what the folds replace.
+
+    The folded parameters and the removed BatchNorms are put into deepcopy's memo, so the copy
+    costs one copy of the unchanged part of the model only.
+    """
+    memo: dict[int, Any] = {}
+    for f in folds:
+        prod = model.get_submodule(f.prod_path)
+        memo[id(prod.weight)] = _new_param(f.weight, prod.weight)
+        if prod.bias is not None:
+            memo[id(prod.bias)] = _new_param(f.bias, prod.bias)
+        # Copied with the same memo, so modules it shares with the model stay shared.
+        memo[id(model.get_submodule(f.bn_path))] = copy.deepcopy(f.replacement, memo)
+    try:
+        target = copy.deepcopy(model, memo)
+    except Exception as e:
+        raise UnsupportedModelError(
+            f"could not copy {type(model).__name__} ({type(e).__name__}: {_first_line(e)}); "
+            "pass inplace=True to fold it in place instead"
+        ) from e
+    for f in folds:
+        prod = target.get_submodule(f.prod_path)
+        if prod.bias is None:
+            prod.register_parameter("bias", _new_param(f.bias, prod.weight))
+    return target
+
+
+def _fold_in_place(model: nn.Module, folds: list[_Folded]) -> None:
+    """Write the folds into ``model``: Parameter objects are kept, BatchNorms become Identity."""
     slots: dict[int, list[tuple[nn.Module, str]]] = defaultdict(list)
     for _path, parent in model.named_modules(remove_duplicate=False):
         for name, child in parent._modules.items():
             if child is not None:
                 slots[id(child)].append((parent, name))
-    outcome = {e.bn: e for e in plan.report.entries}
-    for bn_path, prod_path in plan.folds:
-        bn, prod = modules[bn_path], modules[prod_path]
-        mean, var, eps, gamma, beta = _bn_tensors(bn)
-        with torch.no_grad():
-            try:
-                w, b = fold_into_producer(
-                    prod.weight, prod.bias, mean, var, eps, gamma, beta, layout=_layout(prod)
-                )
-            except FoldRefused as refusal:
-                e = outcome[bn_path]
-                outcome[bn_path] = FoldEntry(
-                    bn_path, prod_path, "skipped", refusal.reason, rules.VALID_VALUES, e.bn_type, e.target_type
-                )
-                continue
-            _set_param(prod, "weight", w)
-            _set_param(prod, "bias", b)
+    for f in folds:
+        prod = model.get_submodule(f.prod_path)
+        bn = model.get_submodule(f.bn_path)
+        # Keep the Parameter objects: optimizers and other references see the new values.
+        prod.weight.data = f.weight
+        if prod.bias is None:
+            prod.register_parameter("bias", _new_param(f.bias, prod.weight))
+        else:
+            prod.bias.data = f.bias
         for parent, name in slots[id(bn)]:
-            setattr(parent, name, nn.Identity())
-    return FoldReport([outcome[e.bn] for e in plan.report.entries], plan.report.model)
-
-
-def _set_param(m: nn.Module, name: str, value: torch.Tensor) -> None:
-    old = getattr(m, name)
-    if old is None:
-        requires_grad = m.weight.requires_grad
-        m.register_parameter(name, nn.Parameter(value, requires_grad=requires_grad))
-    else:
-        # Keep the Parameter object (optimizers and tied references see the new values).
-        old.data = value
+            setattr(parent, name, f.replacement)
 
 
 # --------------------------------------------------------------------------------------------
@@ -554,8 +548,13 @@ def _set_param(m: nn.Module, name: str, value: torch.Tensor) -> None:
 def analyze(
     model: nn.Module, example_inputs: Any = None, *, producers: Iterable[str] | None = None
 ) -> FoldReport:
-    """Decide every BatchNorm of ``model`` without changing anything."""
-    return _plan(model, _normalise_inputs(example_inputs), producers).report
+    """Decide every BatchNorm of ``model`` without changing anything.
+
+    The folds are computed and thrown away, so that numbers the algebra refuses (non-finite,
+    overflowing) are reported exactly as :func:`fold` would.
+    """
+    plan = _plan(model, _normalise_inputs(example_inputs), producers)
+    return _compute(model, plan)[1]
 
 
 def fold(
@@ -571,20 +570,13 @@ def fold(
     Returns a model of the same class (``model`` itself when ``inplace``), or
     ``(model, report)`` with ``return_report=True``.
     """
-    inputs = _normalise_inputs(example_inputs)
-    _check_model(model)
+    plan = _plan(model, _normalise_inputs(example_inputs), producers)
+    folds, report = _compute(model, plan)
     if inplace:
+        _fold_in_place(model, folds)
         target = model
     else:
-        try:
-            target = copy.deepcopy(model)
-        except Exception as e:
-            raise UnsupportedModelError(
-                f"could not copy {type(model).__name__} ({type(e).__name__}: {_first_line(e)}); "
-                "pass inplace=True to fold it in place instead"
-            ) from e
-    plan = _plan(target, inputs, producers)
-    report = _apply(target, plan)
+        target = _copy_folded(model, folds)
     return (target, report) if return_report else target
 
 

@@ -1,0 +1,303 @@
+"""What a PyTorch BatchNorm module computes, as far as folding is concerned.
+
+:func:`batchnorm_spec` reads a BatchNorm module (``nn.BatchNorm*d``, ``SyncBatchNorm``, their
+subclasses, torchvision/detectron2-style ``FrozenBatchNorm2d``) and returns its statistics,
+whether it normalises with them, and, for a subclass that overrides ``forward`` (a BatchNorm
+followed by an activation, say), the part of ``forward`` that comes after the BatchNorm, so that
+the BatchNorm can be folded while the rest is kept exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import operator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .algebra import affine_factors
+
+_BN_RANKS = (
+    (nn.BatchNorm1d, frozenset({2, 3})),
+    (nn.BatchNorm2d, frozenset({4})),
+    (nn.BatchNorm3d, frozenset({5})),
+)
+_BATCH_NORM_FNS = (F.batch_norm, torch.batch_norm)
+_BATCH_NORM_SIGNATURE = inspect.signature(F.batch_norm)
+_METADATA_ATTRS = frozenset({"shape", "dtype", "device", "ndim", "is_cuda", "layout"})
+_METADATA_METHODS = frozenset({"size", "dim", "numel", "ndimension", "nelement", "is_contiguous"})
+
+
+def defining_class(cls: type, attr: str) -> type | None:
+    """The class in ``cls``'s MRO that defines ``attr``."""
+    for klass in cls.__mro__:
+        if attr in klass.__dict__:
+            return klass
+    return None
+
+
+def is_torch_class(klass: type | None) -> bool:
+    return klass is not None and klass.__module__.startswith("torch.nn.")
+
+
+def is_frozen_batchnorm(m: nn.Module) -> bool:
+    """torchvision/detectron2-style FrozenBatchNorm2d: fixed statistics held as buffers."""
+    return type(m).__name__ == "FrozenBatchNorm2d" and all(
+        isinstance(m._buffers.get(b), torch.Tensor)
+        for b in ("weight", "bias", "running_mean", "running_var")
+    )
+
+
+def is_batchnorm(m: nn.Module) -> bool:
+    """Whether bnfold treats ``m`` as a BatchNorm."""
+    return isinstance(m, nn.modules.batchnorm._BatchNorm) or is_frozen_batchnorm(m)
+
+
+def reads_metadata_only(user: torch.fx.Node) -> bool:
+    """A graph user that reads only shape/dtype/device, which folding does not change."""
+    if user.op == "call_function":
+        if user.target is getattr and len(user.args) > 1 and user.args[1] in _METADATA_ATTRS:
+            return True
+        return user.target in _SYM_SIZE_OPS
+    return user.op == "call_method" and user.target in _METADATA_METHODS
+
+
+_SYM_SIZE_OPS = (
+    torch.ops.aten.sym_size.int,
+    torch.ops.aten.sym_numel.default,
+    torch.ops.aten.sym_stride.int,
+)
+
+
+def measure_affine(m: nn.Module, channels: int, rank: int = 4) -> tuple[Any, Any] | str:
+    """Measure ``m`` as a per-channel affine map over axis 1, in float64, or say why it is not.
+
+    A float64 copy of ``m`` is run on probes: ``t = m(0)``, ``s = m(1) - m(0)``, then a random
+    input checks that ``m(x) == s*x + t`` everywhere (a nonlinearity or a different channel axis
+    shows up as a mismatch). The factors are exactly what ``m``'s own formula computes, eps and
+    all, without trusting its attribute names.
+    """
+    try:
+        probe = copy.deepcopy(m).double()
+        shape = (1, channels) + (1,) * (rank - 2)
+        with torch.no_grad():
+            t = probe(torch.zeros(shape, dtype=torch.float64))
+            s = probe(torch.ones(shape, dtype=torch.float64)) - t
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn((3, channels) + (3,) * (rank - 2), generator=g, dtype=torch.float64) * 10
+            y = probe(x)
+    except Exception as e:  # noqa: BLE001 - a module we cannot run is a module we cannot fold
+        return f"running it on a probe input failed ({type(e).__name__})"
+    if not (isinstance(y, torch.Tensor) and y.shape == x.shape and t.numel() == channels):
+        return "its output does not have its input's shape"
+    s, t = s.reshape(-1), t.reshape(-1)
+    if not (bool(torch.isfinite(s).all()) and bool(torch.isfinite(t).all())):
+        return s.numpy(), t.numpy()  # invalid numbers: the algebra refuses them with a reason
+    expected = s.reshape(shape) * x + t.reshape(shape)
+    scale = float(expected.abs().max()) + 1e-300
+    if not bool(torch.isfinite(y).all()) or float((y - expected).abs().max()) > 1e-9 * scale:
+        return "it does not compute a per-channel affine map of its input"
+    return s.numpy(), t.numpy()
+
+
+@dataclass
+class BatchNormSpec:
+    """The inference BatchNorm a module computes, or why it cannot be folded.
+
+    ``remainder`` is what the module's ``forward`` does after the BatchNorm (``None``: nothing);
+    it replaces the module once the BatchNorm is folded. ``not_foldable`` is empty when the
+    module's forward is understood, else it says why not.
+    """
+
+    mean: torch.Tensor | None
+    var: torch.Tensor | None
+    eps: float
+    gamma: torch.Tensor | None
+    beta: torch.Tensor | None
+    uses_running_stats: str = ""  # empty when it does; else why not
+    not_foldable: str = ""
+    remainder: nn.Module | None = None
+    input_ranks: frozenset[int] | None = None
+    affine: tuple[Any, Any] | None = None  # measured (s, t), used instead of the statistics
+
+    def factors(self) -> tuple[Any, Any]:
+        """``(s, t)`` in float64; raises FoldRefused when the numbers are invalid."""
+        if self.affine is not None:
+            return self.affine
+        return affine_factors(self.mean, self.var, self.eps, self.gamma, self.beta)
+
+    def replacement(self, bn: nn.Module) -> nn.Module:
+        """The module that takes BatchNorm ``bn``'s place once it is folded.
+
+        It keeps ``bn``'s plain attributes (``num_features``, ``eps``, ...), so that code reading
+        them still runs; tensor attributes are gone with the BatchNorm, and the rules refuse to
+        fold a BatchNorm whose tensors forward reads elsewhere.
+        """
+        new = nn.Identity() if self.remainder is None else self.remainder
+        for key, value in vars(bn).items():
+            if not key.startswith("_") and key not in vars(new) and isinstance(value, _PLAIN):
+                setattr(new, key, value)
+        return new
+
+
+_PLAIN = (bool, int, float, str, tuple, type(None))
+
+
+def _hooks(m: nn.Module) -> str:
+    if m._forward_hooks or m._forward_pre_hooks:
+        return f"{type(m).__name__} has forward hooks, which may change what it computes"
+    return ""
+
+
+def batchnorm_spec(m: nn.Module, name: str) -> BatchNormSpec:
+    """Read BatchNorm module ``m`` (called ``name`` in messages)."""
+    if is_frozen_batchnorm(m):
+        # FrozenBatchNorm2d is not a torch class and implementations differ (eps or none, a
+        # fused activation, ...): measure what its forward computes instead of trusting names.
+        spec = BatchNormSpec(None, None, 0.0, None, None, input_ranks=frozenset({4}))
+        spec.not_foldable = _hooks(m)
+        if not spec.not_foldable:
+            measured = measure_affine(m, m.running_mean.numel())
+            if isinstance(measured, str):
+                spec.not_foldable = f"{type(m).__name__} is not an inference BatchNorm: {measured}"
+            else:
+                spec.affine = measured
+        return spec
+    spec = BatchNormSpec(m.running_mean, m.running_var, float(m.eps), m.weight, m.bias)
+    if m.training:
+        spec.uses_running_stats = f"{name} is in training mode (batch statistics); call .eval() on it"
+    elif m.running_mean is None or m.running_var is None:
+        spec.uses_running_stats = (
+            f"{name} has no running statistics (track_running_stats=False): it always "
+            "normalises with batch statistics"
+        )
+    spec.not_foldable = _hooks(m)
+    if is_torch_class(defining_class(type(m), "forward")):
+        if is_torch_class(defining_class(type(m), "_check_input_dim")):
+            spec.input_ranks = next((r for cls, r in _BN_RANKS if isinstance(m, cls)), None)
+        return spec
+    if not spec.uses_running_stats and not spec.not_foldable:
+        _split_custom_forward(m, spec)
+    return spec
+
+
+def _no_check(*_args: Any) -> None:
+    return None
+
+
+def _split_custom_forward(m: nn.Module, spec: BatchNormSpec) -> None:
+    """Understand a subclass's own ``forward`` as ``rest(batch_norm(x))``, or say why not.
+
+    The forward is traced on its own; it must apply an inference ``batch_norm`` with the module's
+    own statistics to its input before anything else touches the input's values.
+    """
+    cls = type(m).__name__
+    why = f"{cls} overrides forward()"
+    # nn's input checks compare the input's rank, which a symbolic trace cannot do: trace a
+    # shallow copy (same tensors and submodules) in which they are switched off. They only
+    # validate; the rank rule decides what the checks would have.
+    traced = copy.copy(m)
+    checked: list[Any] = []  # what the class's own rank check was called on
+
+    def rank_check(value: Any) -> None:
+        checked.append(value)
+
+    for check in ("_check_input_dim", "_check_non_zero_input_channels"):
+        if hasattr(traced, check):
+            stub = rank_check if check == "_check_input_dim" else _no_check
+            object.__setattr__(traced, check, stub)
+    try:
+        graph = torch.fx.Tracer().trace(traced)
+    except Exception as e:  # noqa: BLE001 - any tracing failure means "not understood"
+        spec.not_foldable = f"{why} and it cannot be traced ({type(e).__name__})"
+        return
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != 1:
+        spec.not_foldable = f"{why} and takes {len(placeholders)} inputs"
+        return
+    x = placeholders[0]
+    users = [u for u in x.users if not reads_metadata_only(u)]
+    bn_nodes = [n for n in graph.nodes if n.op == "call_function" and n.target in _BATCH_NORM_FNS]
+    if len(users) != 1 or len(bn_nodes) != 1 or users[0] is not bn_nodes[0]:
+        spec.not_foldable = (
+            f"{why} and does more than apply one batch_norm to its input first; bnfold cannot "
+            "prove that folding keeps what it does"
+        )
+        return
+    bn_node = bn_nodes[0]
+    try:
+        bound = _BATCH_NORM_SIGNATURE.bind(*bn_node.args, **bn_node.kwargs)
+    except TypeError:
+        spec.not_foldable = f"{why} and calls batch_norm with unexpected arguments"
+        return
+    bound.apply_defaults()
+    a = bound.arguments
+    stats = {}
+    for key in ("running_mean", "running_var", "weight", "bias"):
+        v = a[key]
+        if v is None and key in ("weight", "bias"):
+            stats[key] = None
+            continue
+        if not (isinstance(v, torch.fx.Node) and v.op == "get_attr" and "." not in str(v.target)):
+            spec.not_foldable = f"{why} and its batch_norm {key} is not one of its own tensors"
+            return
+        stats[key] = getattr(traced, str(v.target))  # a buffer, or a constant of the trace
+    if a["training"] is not False or not isinstance(a["eps"], (int, float)):
+        spec.not_foldable = f"{why} and its batch_norm does not run in inference mode"
+        return
+    if any(getattr(v, "node", None) is x for v in checked) and is_torch_class(
+        defining_class(type(m), "_check_input_dim")
+    ):
+        # forward runs nn's rank check on its input, so the input has the class's rank.
+        spec.input_ranks = next((r for cls, r in _BN_RANKS if isinstance(m, cls)), None)
+    else:
+        spec.input_ranks = _asserted_rank(graph, x)
+    spec.mean, spec.var = stats["running_mean"], stats["running_var"]
+    spec.gamma, spec.beta, spec.eps = stats["weight"], stats["bias"], float(a["eps"])
+    bn_node.replace_all_uses_with(x)
+    graph.erase_node(bn_node)
+    spec.remainder = _remainder_module(traced, graph)
+
+
+def _asserted_rank(graph: torch.fx.Graph, x: torch.fx.Node) -> frozenset[int] | None:
+    """The rank ``forward`` asserts for ``x`` (``torch._assert(x.ndim == 4, ...)``), if any."""
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target is not torch._assert or not node.args:
+            continue
+        cond = node.args[0]
+        if not (isinstance(cond, torch.fx.Node) and cond.target is operator.eq):
+            continue
+        a, b = cond.args
+        rank_node, value = (a, b) if isinstance(a, torch.fx.Node) else (b, a)
+        reads_rank = (
+            isinstance(rank_node, torch.fx.Node)
+            and rank_node.args[:1] == (x,)
+            and (
+                (rank_node.op == "call_function" and rank_node.target is getattr and rank_node.args[1] == "ndim")
+                or (rank_node.op == "call_method" and rank_node.target in ("dim", "ndimension"))
+            )
+        )
+        if reads_rank and isinstance(value, int):
+            return frozenset({value})
+    return None
+
+
+def _remainder_module(root: nn.Module, graph: torch.fx.Graph) -> nn.Module | None:
+    """The graph left after removing the batch_norm, as a module; ``None`` if it is the identity.
+
+    ``root`` is the traced module; the new module shares its submodules.
+    """
+    gm = torch.fx.GraphModule(root, graph, class_name=f"{type(root).__name__}AfterFold")
+    gm.graph.eliminate_dead_code()  # the statistics' get_attr nodes, unused now
+    gm.recompile()
+    nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    if output.args[0] is next(iter(gm.graph.nodes)) and all(reads_metadata_only(n) for n in nodes):
+        return None
+    gm.delete_all_unused_submodules()
+    return gm
+

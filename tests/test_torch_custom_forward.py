@@ -1,0 +1,174 @@
+"""BatchNorm subclasses whose forward does more than normalise (rule 7 of DESIGN.md).
+
+Their BatchNorm part is folded when the rest of the forward is kept exactly; otherwise they are
+skipped with a reason. Every test compares outputs with non-trivial statistics.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bnfold
+from bnfold import rules
+from bnfold.demo import randomize_batchnorms
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """Shaped like the BatchNorm + activation modules of popular model libraries."""
+
+    def __init__(self, num_features: int, act: nn.Module | None = None, eps: float = 1e-5) -> None:
+        super().__init__(num_features, eps=eps)
+        self.drop = nn.Identity()
+        self.act = act if act is not None else nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        torch._assert(x.ndim == 4, "expected a 4-D input")
+        factor = 0.0 if self.momentum is None else self.momentum
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        x = F.batch_norm(
+            x,
+            self.running_mean if not self.training or self.track_running_stats else None,
+            self.running_var if not self.training or self.track_running_stats else None,
+            self.weight,
+            self.bias,
+            bn_training,
+            factor,
+            self.eps,
+        )
+        return self.act(self.drop(x))
+
+
+class EpsOverride2d(nn.BatchNorm2d):
+    """Passes its own eps to batch_norm, not self.eps: the fold must use what forward uses."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, 0.5)
+
+
+class UsesOtherStats2d(nn.BatchNorm2d):
+    """Normalises with a buffer of its own that is not running_mean: fold with what it uses."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__(n)
+        self.register_buffer("other_mean", torch.randn(n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(x, self.other_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+
+
+class ComputedStats2d(nn.BatchNorm2d):
+    """Its mean comes from the input in forward: not a constant."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = x.detach().mean((0, 2, 3))
+        return F.batch_norm(x, mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+
+
+class ScaledStats2d(nn.BatchNorm2d):
+    """Its statistics are computed from its buffers in forward: constants all the same."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(x, self.running_mean * 2, self.running_var + 1, self.weight, self.bias, False, 0.0, self.eps)
+
+
+class Twice2d(nn.BatchNorm2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(super().forward(x))
+
+
+class Net(nn.Module):
+    def __init__(self, bn: nn.Module, channels: int = 6) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, channels, 3, padding=1)
+        self.bn = bn
+        self.head = nn.Conv2d(channels, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.bn(self.conv(x)))
+
+
+def _setup(bn: nn.Module, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return randomize_batchnorms(Net(bn), seed=seed)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / a.abs().max())
+
+
+def _inputs(seed: int) -> torch.Tensor:
+    return torch.randn(4, 3, 7, 7, generator=torch.Generator().manual_seed(seed)) * 2
+
+
+@pytest.mark.parametrize("act", [nn.SiLU(), nn.ReLU(), nn.Hardtanh(-0.3, 0.4)])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_batchnorm_act_is_folded_and_keeps_its_activation(act, inplace):
+    model = _setup(BatchNormAct2d(6, act=copy.deepcopy(act)), seed=1)
+    x = _inputs(2)
+    with torch.no_grad():
+        want = model(x)
+    original_act = model.bn.act
+    folded, report = bnfold.fold(model, inplace=inplace, return_report=True)
+    assert report.entry("bn").folded and report.entry("bn").target == "conv"
+    assert not isinstance(folded.bn, nn.modules.batchnorm._BatchNorm)
+    with torch.no_grad():
+        assert _rel(want, folded(x)) <= 1e-5
+    # the activation is still there (it changes the output), and copies do not share it
+    assert any(type(m) is type(act) for m in folded.bn.modules())
+    kept = [m for m in folded.bn.modules() if type(m) is type(act)][0]
+    assert (kept is original_act) == inplace
+
+
+@pytest.mark.parametrize("cls", [EpsOverride2d, UsesOtherStats2d, ScaledStats2d])
+def test_custom_forward_fold_uses_what_forward_passes_to_batch_norm(cls):
+    model = _setup(cls(6), seed=3)
+    x = _inputs(4)
+    with torch.no_grad():
+        want = model(x)
+    folded, report = bnfold.fold(model, (x,), return_report=True)
+    assert report.entry("bn").folded
+    with torch.no_grad():
+        assert _rel(want, folded(x)) <= 1e-5
+
+
+@pytest.mark.parametrize("cls", [ComputedStats2d, Twice2d])
+def test_custom_forward_that_is_not_one_batchnorm_is_skipped(cls):
+    model = _setup(cls(6), seed=5)
+    x = _inputs(6)
+    with torch.no_grad():
+        want = model(x)
+    folded, report = bnfold.fold(model, (x,), return_report=True)
+    entry = report.entry("bn")
+    assert not entry.folded and entry.rule == rules.STANDARD_FORWARD
+    assert cls.__name__ in entry.reason
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), want, rtol=0, atol=0)
+
+
+def test_batchnorm_act_without_rank_check_needs_example_inputs():
+    """Its forward calls F.batch_norm directly (no nn rank check), so a Conv2d output could be
+    unbatched as far as bnfold knows: without shapes it is kept, with them it is folded."""
+
+    class NoCheck(BatchNormAct2d):
+        def forward(self, x):
+            return self.act(F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps))
+
+    model = _setup(NoCheck(6), seed=7)
+    assert bnfold.analyze(model).entry("bn").rule == rules.CHANNEL_AXIS
+    x = _inputs(8)
+    assert bnfold.analyze(model, (x,)).entry("bn").folded
+
+
+def test_analyze_does_not_modify_a_custom_batchnorm():
+    model = _setup(BatchNormAct2d(6), seed=9)
+    before = copy.deepcopy(model.state_dict())
+    bnfold.analyze(model)
+    assert type(model.bn) is BatchNormAct2d
+    assert "_check_input_dim" not in vars(model.bn)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
