@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 JOBS ?= 2
 
-.PHONY: all venv demo test clean
+.PHONY: all venv demo test lint clean
 
 all: test
 
@@ -22,8 +22,12 @@ venv: $(BIN)/.installed
 demo: venv
 	$(BIN)/bnfold demo
 
-test: venv
+test: venv lint
 	$(BIN)/python -m pytest -q -n $(JOBS)
+
+lint: venv
+	$(BIN)/ruff check bnfold tests
+	$(BIN)/ruff format --check bnfold tests
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

@@ -8,7 +8,8 @@ imported when a model of its kind arrives.
 from __future__ import annotations
 
 import sys
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from .errors import (
     BnfoldError,

@@ -97,7 +97,11 @@ def affine_factors(
     n = mean64.shape[0]
     gamma64 = np.ones(n) if gamma is None else _vector64(gamma, "weight (gamma)")
     beta64 = np.zeros(n) if beta is None else _vector64(beta, "bias (beta)")
-    for name, v in (("running variance", var64), ("weight (gamma)", gamma64), ("bias (beta)", beta64)):
+    for name, v in (
+        ("running variance", var64),
+        ("weight (gamma)", gamma64),
+        ("bias (beta)", beta64),
+    ):
         if v.shape != (n,):
             raise FoldRefused(f"{name} has {v.shape[0]} channels, running mean has {n}")
     for name, v in (

@@ -7,7 +7,8 @@ running statistics measured on data in training mode), folds it and prints what 
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, TextIO
+from collections.abc import Callable
+from typing import Any, TextIO
 
 import torch
 from torch import nn

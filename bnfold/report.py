@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Iterator, Literal
+from typing import Literal
 
 Action = Literal["folded", "skipped"]
 
@@ -69,7 +70,8 @@ class FoldReport:
 
     def summary(self) -> str:
         n = len(self.entries)
-        return f"{len(self.folded)} of {n} BatchNorm{'s' if n != 1 else ''} folded, {len(self.skipped)} kept"
+        plural = "s" if n != 1 else ""
+        return f"{len(self.folded)} of {n} BatchNorm{plural} folded, {len(self.skipped)} kept"
 
     def __str__(self) -> str:
         head = ("BatchNorm", "type", "action", "into / reason")

@@ -8,8 +8,9 @@ and the layer feeding it) and calls :func:`decide`. Each rule is a small functio
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Literal
 
 ProducerKind = Literal["conv", "conv_transpose", "linear"]
 
@@ -156,8 +157,10 @@ def _channel_axis(f: PairFacts) -> str | None:
         if axis != 1:
             where = "last axis" if f.producer_kind == "linear" else "axis 0 (unbatched input)"
             known = f.output_rank is not None
-            lead = f"{f.producer}'s output is {rank}-D" if known else (
-                f"{f.producer}'s output may be {rank}-D (shape unknown)"
+            lead = (
+                f"{f.producer}'s output is {rank}-D"
+                if known
+                else (f"{f.producer}'s output may be {rank}-D (shape unknown)")
             )
             hint = "" if known else "; pass example_inputs to decide"
             return (

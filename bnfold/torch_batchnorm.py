@@ -88,7 +88,10 @@ def measure_affine(m: nn.Module, channels: int, rank: int = 4) -> tuple[Any, Any
             t = probe(torch.zeros(shape, dtype=torch.float64))
             s = probe(torch.ones(shape, dtype=torch.float64)) - t
             g = torch.Generator().manual_seed(0)
-            x = torch.randn((3, channels) + (3,) * (rank - 2), generator=g, dtype=torch.float64) * 10
+            x = (
+                torch.randn((3, channels) + (3,) * (rank - 2), generator=g, dtype=torch.float64)
+                * 10
+            )
             y = probe(x)
     except Exception as e:  # noqa: BLE001 - a module we cannot run is a module we cannot fold
         return f"running it on a probe input failed ({type(e).__name__})"
@@ -169,7 +172,9 @@ def batchnorm_spec(m: nn.Module, name: str) -> BatchNormSpec:
         return spec
     spec = BatchNormSpec(m.running_mean, m.running_var, float(m.eps), m.weight, m.bias)
     if m.training:
-        spec.uses_running_stats = f"{name} is in training mode (batch statistics); call .eval() on it"
+        spec.uses_running_stats = (
+            f"{name} is in training mode (batch statistics); call .eval() on it"
+        )
     elif m.running_mean is None or m.running_var is None:
         spec.uses_running_stats = (
             f"{name} has no running statistics (track_running_stats=False): it always "
@@ -277,7 +282,11 @@ def _asserted_rank(graph: torch.fx.Graph, x: torch.fx.Node) -> frozenset[int] | 
             isinstance(rank_node, torch.fx.Node)
             and rank_node.args[:1] == (x,)
             and (
-                (rank_node.op == "call_function" and rank_node.target is getattr and rank_node.args[1] == "ndim")
+                (
+                    rank_node.op == "call_function"
+                    and rank_node.target is getattr
+                    and rank_node.args[1] == "ndim"
+                )
                 or (rank_node.op == "call_method" and rank_node.target in ("dim", "ndimension"))
             )
         )
@@ -300,4 +309,3 @@ def _remainder_module(root: nn.Module, graph: torch.fx.Graph) -> nn.Module | Non
         return None
     gm.delete_all_unused_submodules()
     return gm
-

@@ -49,7 +49,9 @@ CONVT_FNS = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d
     "dims,groups,bias,affine,transposed",
     [
         (d, g, b, a, t)
-        for d, g, b, a, t in itertools.product((1, 2, 3), (1, 2, 6), (True, False), (True, False), (False, True))
+        for d, g, b, a, t in itertools.product(
+            (1, 2, 3), (1, 2, 6), (True, False), (True, False), (False, True)
+        )
         if not (d == 3 and g == 2)  # keep the matrix small; 3-D is covered by groups 1 and 6
     ],
 )
@@ -77,8 +79,16 @@ def test_conv_fold_matches_float64_reference(dims, groups, bias, affine, transpo
     assert w2.dtype == torch.float64 and b2.dtype == torch.float64
     assert _rel(ref, fn(x, w2, b2, groups=groups)) < 1e-12
     # float32 numpy arrays: the same fold through the numpy path
-    w3, b3 = fold_into_producer(w.astype(np.float32), None if b is None else b.astype(np.float32),
-                                mean, var, eps, gamma, beta, layout=layout)
+    w3, b3 = fold_into_producer(
+        w.astype(np.float32),
+        None if b is None else b.astype(np.float32),
+        mean,
+        var,
+        eps,
+        gamma,
+        beta,
+        layout=layout,
+    )
     assert isinstance(w3, np.ndarray) and w3.dtype == np.float32 and b3.dtype == np.float32
     out = fn(x.float(), torch.from_numpy(w3), torch.from_numpy(b3), groups=groups).double()
     assert _rel(ref, out) < 1e-5
@@ -95,7 +105,7 @@ def test_grouped_conv_transpose_is_not_scaled_along_flat_axis_1():
     expected = w.clone()
     for g in range(groups):
         for j in range(per_group):
-            expected[g * 2:(g + 1) * 2, j] *= s[g * per_group + j]
+            expected[g * 2 : (g + 1) * 2, j] *= s[g * per_group + j]
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
@@ -107,7 +117,14 @@ def test_linear_and_matmul_layouts(trans_b, bias):
     b = rng.normal(size=7) if bias else None
     mean, var, gamma, beta = _bn_stats(7, rng)
     x = torch.as_tensor(rng.normal(size=(4, 5)))
-    ref = _bn64(F.linear(x, torch.as_tensor(w), None if b is None else torch.as_tensor(b)), mean, var, 1e-5, gamma, beta)
+    ref = _bn64(
+        F.linear(x, torch.as_tensor(w), None if b is None else torch.as_tensor(b)),
+        mean,
+        var,
+        1e-5,
+        gamma,
+        beta,
+    )
     stored = w if trans_b else w.T.copy()  # Gemm transB=0 / MatMul keep (in, out)
     layout = LINEAR if trans_b else OutputLayout(axis=1)
     w2, b2 = fold_into_producer(stored, b, mean, var, 1e-5, gamma, beta, layout=layout)
@@ -172,7 +189,9 @@ def test_overflow_of_target_dtype_is_refused(dtype):
 def test_float16_numpy_bias_overflow_is_refused():
     w = np.ones((2, 2), dtype=np.float16)
     with pytest.raises(FoldRefused, match="65504"):
-        folded_bias(np.array([1.0, 1.0], dtype=np.float16), np.array([1.0, 7e4]), np.zeros(2), like=w)
+        folded_bias(
+            np.array([1.0, 1.0], dtype=np.float16), np.array([1.0, 7e4]), np.zeros(2), like=w
+        )
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -187,7 +206,7 @@ def test_low_precision_is_rounded_once_from_float32(dtype):
     assert (out != expected).float().mean() < 0.01
     exact = w.double() * torch.as_tensor(s)[:, None]
     err_ours = (out.double() - exact).abs().max()
-    ulp = (exact.abs().max() * torch.finfo(dtype).eps)
+    ulp = exact.abs().max() * torch.finfo(dtype).eps
     assert err_ours <= ulp
 
 
@@ -195,7 +214,9 @@ def test_inputs_are_not_modified_and_result_is_new():
     w = torch.randn(4, 3)
     b = torch.randn(4)
     w0, b0 = w.clone(), b.clone()
-    w2, b2 = fold_into_producer(w, b, np.zeros(4), np.full(4, 2.0), 1e-5, np.full(4, 3.0), np.ones(4))
+    w2, b2 = fold_into_producer(
+        w, b, np.zeros(4), np.full(4, 2.0), 1e-5, np.full(4, 3.0), np.ones(4)
+    )
     assert torch.equal(w, w0) and torch.equal(b, b0)
     assert w2.data_ptr() != w.data_ptr()
 

@@ -35,5 +35,7 @@ def test_version_and_help(capsys):
 
 
 def test_python_dash_m_runs_the_cli():
-    out = subprocess.run([sys.executable, "-m", "bnfold", "--version"], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "bnfold", "--version"], capture_output=True, text=True
+    )
     assert out.returncode == 0 and out.stdout.startswith("bnfold ")

@@ -14,9 +14,18 @@ from bnfold.report import FoldEntry, FoldReport
 def _report() -> FoldReport:
     return FoldReport(
         [
-            FoldEntry("layer1.bn", "layer1.conv", "folded", bn_type="BatchNorm2d", target_type="Conv2d"),
-            FoldEntry("head.bn", "head.fc", "skipped", "head.fc's output is 3-D", "channel-axis",
-                      "BatchNorm1d", "Linear"),
+            FoldEntry(
+                "layer1.bn", "layer1.conv", "folded", bn_type="BatchNorm2d", target_type="Conv2d"
+            ),
+            FoldEntry(
+                "head.bn",
+                "head.fc",
+                "skipped",
+                "head.fc's output is 3-D",
+                "channel-axis",
+                "BatchNorm1d",
+                "Linear",
+            ),
         ],
         model="Net",
     )

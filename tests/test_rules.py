@@ -9,9 +9,16 @@ import pytest
 from bnfold import rules
 from bnfold.rules import PairFacts, decide
 
-CONV2D = PairFacts(bn="bn", bn_input_ranks=frozenset({4}), producer="conv", producer_kind="conv",
-                   producer_spatial_dims=2)
-LINEAR_BN1D = PairFacts(bn="bn", bn_input_ranks=frozenset({2, 3}), producer="fc", producer_kind="linear")
+CONV2D = PairFacts(
+    bn="bn",
+    bn_input_ranks=frozenset({4}),
+    producer="conv",
+    producer_kind="conv",
+    producer_spatial_dims=2,
+)
+LINEAR_BN1D = PairFacts(
+    bn="bn", bn_input_ranks=frozenset({2, 3}), producer="fc", producer_kind="linear"
+)
 
 
 def _with(base: PairFacts, **changes) -> PairFacts:
@@ -34,7 +41,11 @@ def test_plain_conv_bn_folds_without_shapes():
         (dict(bn_params_constant=False), rules.CONSTANT_PARAMS, "run time"),
         (dict(producer_params_constant=False), rules.CONSTANT_PARAMS, "run time"),
         (dict(producer_output_users=2, producer_other_users="add"), rules.SINGLE_CONSUMER, "add"),
-        (dict(bn_state_used_elsewhere="forward() reading bn.weight"), rules.SINGLE_CONSUMER, "bn.weight"),
+        (
+            dict(bn_state_used_elsewhere="forward() reading bn.weight"),
+            rules.SINGLE_CONSUMER,
+            "bn.weight",
+        ),
         (dict(producer_params_shared="other.weight"), rules.UNSHARED, "other.weight"),
         (dict(output_rank=3, producer_spatial_dims=2), rules.CHANNEL_AXIS, "axis 0"),
     ],
@@ -65,8 +76,13 @@ def test_unknown_bn_rank_and_unknown_shape_is_refused():
 
 
 def test_conv1d_bn1d_could_be_unbatched_without_shapes():
-    f = PairFacts(bn="bn", bn_input_ranks=frozenset({2, 3}), producer="c", producer_kind="conv",
-                  producer_spatial_dims=1)
+    f = PairFacts(
+        bn="bn",
+        bn_input_ranks=frozenset({2, 3}),
+        producer="c",
+        producer_kind="conv",
+        producer_spatial_dims=1,
+    )
     d = decide(f)
     assert d.rule == rules.CHANNEL_AXIS and "unbatched" in d.reason
     assert decide(_with(f, output_rank=3)).ok
@@ -83,9 +99,16 @@ def test_first_failing_rule_wins():
     assert d.rule == rules.INFERENCE_MODE
 
 
-@pytest.mark.parametrize("kind,rank,spatial,axis", [
-    ("linear", 2, 0, 1), ("linear", 3, 0, 2), ("conv", 4, 2, 1), ("conv", 3, 2, 0),
-    ("conv_transpose", 5, 3, 1), ("conv", 3, 1, 1),
-])
+@pytest.mark.parametrize(
+    "kind,rank,spatial,axis",
+    [
+        ("linear", 2, 0, 1),
+        ("linear", 3, 0, 2),
+        ("conv", 4, 2, 1),
+        ("conv", 3, 2, 0),
+        ("conv_transpose", 5, 3, 1),
+        ("conv", 3, 1, 1),
+    ],
+)
 def test_producer_channel_axis(kind, rank, spatial, axis):
     assert rules.producer_channel_axis(kind, rank, spatial) == axis

@@ -47,7 +47,9 @@ class EpsOverride2d(nn.BatchNorm2d):
     """Passes its own eps to batch_norm, not self.eps: the fold must use what forward uses."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, 0.5)
+        return F.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, 0.5
+        )
 
 
 class UsesOtherStats2d(nn.BatchNorm2d):
@@ -58,7 +60,9 @@ class UsesOtherStats2d(nn.BatchNorm2d):
         self.register_buffer("other_mean", torch.randn(n))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.batch_norm(x, self.other_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        return F.batch_norm(
+            x, self.other_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+        )
 
 
 class ComputedStats2d(nn.BatchNorm2d):
@@ -73,7 +77,16 @@ class ScaledStats2d(nn.BatchNorm2d):
     """Its statistics are computed from its buffers in forward: constants all the same."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.batch_norm(x, self.running_mean * 2, self.running_var + 1, self.weight, self.bias, False, 0.0, self.eps)
+        return F.batch_norm(
+            x,
+            self.running_mean * 2,
+            self.running_var + 1,
+            self.weight,
+            self.bias,
+            False,
+            0.0,
+            self.eps,
+        )
 
 
 class Twice2d(nn.BatchNorm2d):
@@ -156,7 +169,18 @@ def test_batchnorm_act_without_rank_check_needs_example_inputs():
 
     class NoCheck(BatchNormAct2d):
         def forward(self, x):
-            return self.act(F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps))
+            return self.act(
+                F.batch_norm(
+                    x,
+                    self.running_mean,
+                    self.running_var,
+                    self.weight,
+                    self.bias,
+                    False,
+                    0.0,
+                    self.eps,
+                )
+            )
 
     model = _setup(NoCheck(6), seed=7)
     assert bnfold.analyze(model).entry("bn").rule == rules.CHANNEL_AXIS

@@ -1,0 +1,229 @@
+"""Data flow between module calls of an ``nn.Module``, for the eager frontend.
+
+A ``torch.fx`` symbolic trace in which producers and BatchNorms are leaves says which module's
+output feeds which BatchNorm and who else uses it. When symbolic tracing fails and example inputs
+are given, ``torch.export`` (non-strict) traces the model instead and its ATen nodes are mapped
+back to module calls through their ``nn_module_stack``. Output ranks come from running the model
+once on the example inputs, and only when a fold needs them.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import TracingError
+from .torch_batchnorm import is_batchnorm, reads_metadata_only
+from .torch_producers import producer_kind
+
+
+@dataclass
+class ModuleCalls:
+    """What the data flow says about one module (over all its calls)."""
+
+    calls: int = 0
+    input_from: str | None = None  # path of the producer module whose output is the input
+    input_detail: str = ""  # what the input is otherwise
+    output_users: int = 0  # consumers of the output (first call); the graph output counts
+    other_users: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Dataflow:
+    calls: dict[str, ModuleCalls]
+    outside_uses: dict[str, list[str]]  # module path -> users of its tensors outside its calls
+    note: str = ""  # a caveat on how the data flow was found
+
+
+EXPORT_NOTE = (
+    "torch.fx could not trace this model, so its data flow comes from torch.export on the "
+    "example inputs: the folds are exact for inputs that take the same Python control-flow "
+    "path as those (check other paths with bnfold.verify)"
+)
+
+
+class _LeafTracer(torch.fx.Tracer):
+    """Symbolic tracer that stops at producers and BatchNorms (subclasses included)."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if producer_kind(m) is not None or is_batchnorm(m):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+
+def _describe(node: torch.fx.Node) -> str:
+    if node.op == "placeholder":
+        return f"the model input {node.target!r}"
+    if node.op == "call_module":
+        return f"module {node.target}"
+    if node.op == "output":
+        return "the model output"
+    target = getattr(node.target, "__name__", str(node.target))
+    return f"{target} ({node.name})"
+
+
+def _fx_dataflow(graph: torch.fx.Graph, paths: dict[int, str]) -> Dataflow:
+    interesting = set(paths.values())
+    calls: dict[str, ModuleCalls] = defaultdict(ModuleCalls)
+    outside: dict[str, list[str]] = defaultdict(list)
+    for node in graph.nodes:
+        if node.op == "call_module" and node.target in interesting:
+            c = calls[node.target]
+            c.calls += 1
+            if c.calls > 1:
+                continue
+            src = node.args[0] if node.args else next(iter(node.kwargs.values()), None)
+            if (
+                isinstance(src, torch.fx.Node)
+                and src.op == "call_module"
+                and src.target in interesting
+            ):
+                c.input_from = src.target
+            elif isinstance(src, torch.fx.Node):
+                c.input_detail = _describe(src)
+            users = [u for u in node.users if not reads_metadata_only(u)]
+            c.output_users = len(users)
+            c.other_users = [_describe(u) for u in users]
+        elif node.op == "get_attr":
+            owner = _owner(str(node.target), interesting)
+            if owner is not None:
+                outside[owner].append(f"forward() reading {node.target}")
+    return Dataflow(dict(calls), dict(outside))
+
+
+def _owner(qualname: str, paths: set[str]) -> str | None:
+    parent = qualname.rpartition(".")[0]
+    return parent if parent in paths else None
+
+
+def _export_dataflow(ep: torch.export.ExportedProgram, paths: dict[int, str]) -> Dataflow:
+    """Data flow from a non-strict torch.export trace, mapped back to modules."""
+    graph = ep.graph
+    sig = ep.graph_signature
+    state_of = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
+    interesting = set(paths.values())
+
+    # Which call of which interesting module each node belongs to.
+    group: dict[torch.fx.Node, str] = {}
+    path_of_key: dict[str, str] = {}
+    for node in graph.nodes:
+        stack = node.meta.get("nn_module_stack") or {}
+        for key, (path, _type) in stack.items():
+            if path in interesting:
+                group[node] = key
+                path_of_key[key] = path
+    keys_by_path: dict[str, list[str]] = defaultdict(list)
+    for key, path in path_of_key.items():
+        keys_by_path[path].append(key)
+
+    calls: dict[str, ModuleCalls] = {}
+    outside: dict[str, list[str]] = defaultdict(list)
+    first_key: dict[str, str] = {}
+    for node in graph.nodes:  # graph order, so the first call comes first
+        key = group.get(node)
+        if key is not None and path_of_key[key] not in first_key:
+            first_key[path_of_key[key]] = key
+    for path, keys in keys_by_path.items():
+        c = ModuleCalls(calls=len(keys))
+        key = first_key[path]
+        members = [n for n in graph.nodes if group.get(n) == key]
+        member_set = set(members)
+        inputs = []
+        for n in members:
+            for a in n.all_input_nodes:
+                if a in member_set or a.name in state_of or a.op == "get_attr":
+                    continue
+                if a not in inputs:
+                    inputs.append(a)
+        if len(inputs) == 1:
+            src = inputs[0]
+            src_key = group.get(src)
+            if src_key is not None and src_key != key:
+                c.input_from = path_of_key[src_key]
+            else:
+                c.input_detail = _describe(src)
+        elif inputs:
+            c.input_detail = "several values: " + ", ".join(_describe(a) for a in inputs)
+        outputs = [n for n in members if any(u not in member_set for u in n.users)]
+        users = [
+            u
+            for n in outputs
+            for u in n.users
+            if u not in member_set and not reads_metadata_only(u)
+        ]
+        c.output_users = len(users) if len(outputs) == 1 else len(users) + 1
+        c.other_users = [_describe(u) for u in users]
+        calls[path] = c
+    # Parameters or buffers read outside the calls of the module that owns them.
+    for node in graph.nodes:
+        if node.name not in state_of:
+            continue
+        owner = _owner(state_of[node.name], interesting)
+        if owner is None:
+            continue
+        for u in node.users:
+            if group.get(u) is None or path_of_key[group[u]] != owner:
+                outside[owner].append(_describe(u))
+    return Dataflow(calls, dict(outside), note=EXPORT_NOTE)
+
+
+def module_dataflow(
+    model: nn.Module, example_inputs: tuple | None, paths: dict[int, str]
+) -> Dataflow:
+    """The data flow between the calls of the modules in ``paths`` (id(module) -> path)."""
+    try:
+        graph = _LeafTracer().trace(model)
+    except Exception as fx_error:  # symbolic tracing fails on data-dependent Python code
+        if example_inputs is None:
+            raise TracingError(
+                f"torch.fx could not trace {type(model).__name__} ({type(fx_error).__name__}: "
+                f"{first_line(fx_error)}); pass example_inputs so that bnfold can trace it "
+                "with torch.export instead"
+            ) from fx_error
+        try:
+            ep = torch.export.export(model, example_inputs, strict=False)
+        except Exception as export_error:
+            raise TracingError(
+                f"bnfold could not find the data flow of {type(model).__name__}: torch.fx failed "
+                f"({first_line(fx_error)}) and torch.export failed ({first_line(export_error)}). "
+                "Make forward traceable (no Python control flow on tensor values), or fold the "
+                "traceable submodules one by one"
+            ) from export_error
+        return _export_dataflow(ep, paths)
+    return _fx_dataflow(graph, paths)
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else type(e).__name__
+
+
+def output_ranks(
+    model: nn.Module, example_inputs: tuple, producers: dict[str, nn.Module]
+) -> dict[str, set[int]]:
+    """Run the model once and record the rank of every producer's output."""
+    ranks: dict[str, set[int]] = defaultdict(set)
+    # forward may update state (a BatchNorm left in training mode updates its statistics):
+    # put every buffer back afterwards.
+    saved = [(buf, buf.clone()) for buf in model.buffers()]
+    handles = []
+    for path, m in producers.items():
+
+        def hook(_m, _args, out, path=path):
+            if isinstance(out, torch.Tensor):
+                ranks[path].add(out.dim())
+
+        handles.append(m.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model(*example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+        with torch.no_grad():
+            for buf, value in saved:
+                buf.copy_(value)
+    return ranks
