@@ -300,12 +300,14 @@ def _remainder_module(root: nn.Module, graph: torch.fx.Graph) -> nn.Module | Non
 
     ``root`` is the traced module; the new module shares its submodules.
     """
-    gm = torch.fx.GraphModule(root, graph, class_name=f"{type(root).__name__}AfterFold")
-    gm.graph.eliminate_dead_code()  # the statistics' get_attr nodes, unused now
-    gm.recompile()
-    nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
-    output = next(n for n in gm.graph.nodes if n.op == "output")
-    if output.args[0] is next(iter(gm.graph.nodes)) and all(reads_metadata_only(n) for n in nodes):
+    name = f"{type(root).__name__}AfterFold"
+    draft = torch.fx.GraphModule(root, graph, class_name=name)
+    draft.graph.eliminate_dead_code()  # the statistics' get_attr nodes, unused now
+    nodes = [n for n in draft.graph.nodes if n.op not in ("placeholder", "output")]
+    output = next(n for n in draft.graph.nodes if n.op == "output")
+    first = next(iter(draft.graph.nodes))
+    if output.args[0] is first and all(reads_metadata_only(n) for n in nodes):
         return None
-    gm.delete_all_unused_submodules()
-    return gm
+    # Built again from the pruned graph, so that it holds only what it uses: not the folded
+    # BatchNorm's statistics and affine parameters.
+    return torch.fx.GraphModule(draft, draft.graph, class_name=name)

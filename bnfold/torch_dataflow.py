@@ -9,8 +9,14 @@ once on the example inputs, and only when a fold needs them.
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+import threading
+import warnings
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -30,12 +36,37 @@ class ModuleCalls:
     output_users: int = 0  # consumers of the output (first call); the graph output counts
     other_users: list[str] = field(default_factory=list)
 
+    def merged(self, other: ModuleCalls) -> ModuleCalls:
+        """What holds in both of two traces: the more calls and users, one agreed input."""
+        same_input = self.input_from == other.input_from
+        return ModuleCalls(
+            calls=max(self.calls, other.calls),
+            input_from=self.input_from if same_input else None,
+            input_detail=(
+                self.input_detail
+                if same_input
+                else "different layers depending on forward()'s optional arguments"
+            ),
+            output_users=max(self.output_users, other.output_users),
+            other_users=sorted(set(self.other_users) | set(other.other_users)),
+        )
+
 
 @dataclass
 class Dataflow:
     calls: dict[str, ModuleCalls]
     outside_uses: dict[str, list[str]]  # module path -> users of its tensors outside its calls
     note: str = ""  # a caveat on how the data flow was found
+
+    def merged(self, other: Dataflow) -> Dataflow:
+        """The data flow of two traces of one model, as conservative as either."""
+        calls = dict(self.calls)
+        for path, c in other.calls.items():
+            calls[path] = c.merged(calls[path]) if path in calls else c
+        outside = {k: list(v) for k, v in self.outside_uses.items()}
+        for k, v in other.outside_uses.items():
+            outside.setdefault(k, []).extend(u for u in v if u not in outside[k])
+        return Dataflow(calls, outside, self.note or other.note)
 
 
 EXPORT_NOTE = (
@@ -46,7 +77,13 @@ EXPORT_NOTE = (
 
 
 class _LeafTracer(torch.fx.Tracer):
-    """Symbolic tracer that stops at producers and BatchNorms (subclasses included)."""
+    """Symbolic tracer that stops at producers and BatchNorms (subclasses included).
+
+    Buffers are proxied like parameters, so that forward reading a BatchNorm's statistics
+    elsewhere shows up in the graph, and in-place updates of buffers are recorded, not run.
+    """
+
+    proxy_buffer_attributes = True
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if producer_kind(m) is not None or is_batchnorm(m):
@@ -89,7 +126,7 @@ def _fx_dataflow(graph: torch.fx.Graph, paths: dict[int, str]) -> Dataflow:
             c.other_users = [_describe(u) for u in users]
         elif node.op == "get_attr":
             owner = _owner(str(node.target), interesting)
-            if owner is not None:
+            if owner is not None and not all(reads_metadata_only(u) for u in node.users):
                 outside[owner].append(f"forward() reading {node.target}")
     return Dataflow(dict(calls), dict(outside))
 
@@ -170,30 +207,128 @@ def _export_dataflow(ep: torch.export.ExportedProgram, paths: dict[int, str]) ->
     return Dataflow(calls, dict(outside), note=EXPORT_NOTE)
 
 
+# torch.fx patches nn.Module.__call__ while it traces: one trace at a time in this process.
+_TRACE_LOCK = threading.Lock()
+
+
+def _concrete_args(model: nn.Module, example_inputs: tuple | None) -> dict[str, Any]:
+    """forward()'s arguments that a call with ``example_inputs`` fixes to non-tensor values.
+
+    torch.fx makes every argument a proxy, so ``if mask is None`` sees "not None" and a
+    ``mask=None`` default traces a branch that the usual call never takes. These arguments are
+    traced with their actual values instead: the defaults, and non-tensor example values.
+    """
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    given = example_inputs or ()
+    concrete: dict[str, Any] = {}
+    for i, p in enumerate(params):
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            break
+        if i < len(given):
+            if not isinstance(given[i], torch.Tensor) and p.kind != p.KEYWORD_ONLY:
+                concrete[p.name] = given[i]
+        elif p.default is not p.empty:
+            concrete[p.name] = p.default
+    return concrete
+
+
 def module_dataflow(
     model: nn.Module, example_inputs: tuple | None, paths: dict[int, str]
 ) -> Dataflow:
-    """The data flow between the calls of the modules in ``paths`` (id(module) -> path)."""
+    """The data flow between the calls of the modules in ``paths`` (id(module) -> path).
+
+    With optional arguments, forward is traced twice, with them at the example call's values and
+    with them as tensors, and the data flow keeps what holds in both.
+    """
+    concrete = _concrete_args(model, example_inputs)
+    flows, errors = [], []
+    variants = [concrete, None] if concrete else [None]
+    with _TRACE_LOCK, preserved_state(model):
+        for args in variants:
+            try:
+                with warnings.catch_warnings():  # under the lock: no other trace is running
+                    # fx warns that it cannot guard a specialised argument; the report's note
+                    # says what was fixed when only that trace succeeds.
+                    warnings.filterwarnings("ignore", "Was not able to add assertion")
+                    graph = _LeafTracer().trace(model, concrete_args=args)
+            except Exception as e:  # noqa: BLE001 - fx fails on data-dependent Python code
+                errors.append(e)
+                continue
+            flows.append(_fx_dataflow(graph, paths))
+    if flows:
+        flow = flows[0]
+        for other in flows[1:]:
+            flow = flow.merged(other)
+        if concrete and len(flows) == 1:
+            fixed = ", ".join(f"{k}={_short(v)}" for k, v in concrete.items())
+            flow.note = (
+                f"forward() was traced with {fixed}, as in the example call (with those "
+                "arguments as tensors it cannot be traced): calls that pass other values may take "
+                "other paths"
+            )
+        return flow
+    fx_error = errors[-1]
+    if example_inputs is None:
+        raise TracingError(
+            f"torch.fx could not trace {type(model).__name__} ({type(fx_error).__name__}: "
+            f"{first_line(fx_error)}); pass example_inputs so that bnfold can trace it "
+            "with torch.export instead"
+        ) from fx_error
     try:
-        graph = _LeafTracer().trace(model)
-    except Exception as fx_error:  # symbolic tracing fails on data-dependent Python code
-        if example_inputs is None:
-            raise TracingError(
-                f"torch.fx could not trace {type(model).__name__} ({type(fx_error).__name__}: "
-                f"{first_line(fx_error)}); pass example_inputs so that bnfold can trace it "
-                "with torch.export instead"
-            ) from fx_error
-        try:
+        with _TRACE_LOCK, preserved_state(model):
             ep = torch.export.export(model, example_inputs, strict=False)
-        except Exception as export_error:
-            raise TracingError(
-                f"bnfold could not find the data flow of {type(model).__name__}: torch.fx failed "
-                f"({first_line(fx_error)}) and torch.export failed ({first_line(export_error)}). "
-                "Make forward traceable (no Python control flow on tensor values), or fold the "
-                "traceable submodules one by one"
-            ) from export_error
-        return _export_dataflow(ep, paths)
-    return _fx_dataflow(graph, paths)
+    except Exception as export_error:
+        raise TracingError(
+            f"bnfold could not find the data flow of {type(model).__name__}: torch.fx failed "
+            f"({first_line(fx_error)}) and torch.export failed ({first_line(export_error)}). "
+            "Make forward traceable (no Python control flow on tensor values), or fold the "
+            "traceable submodules one by one"
+        ) from export_error
+    return _export_dataflow(ep, paths)
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"tensor{tuple(value.shape)}"
+    if isinstance(value, (list, tuple)):
+        return f"{type(value).__name__} of {len(value)}"
+    text = repr(value)
+    return text if len(text) <= 30 else text[:27] + "..."
+
+
+@contextlib.contextmanager
+def preserved_state(model: nn.Module, values: bool = False) -> Iterator[None]:
+    """Undo what running or tracing forward does to ``model``'s modules.
+
+    Restores every module's attributes and its parameter, buffer and submodule slots (forward
+    may count calls or reassign buffers); with ``values``, also the buffers' contents (a
+    BatchNorm left in training mode updates its statistics when run).
+    """
+    modules = list(model.modules())
+    saved = [
+        (m, dict(m.__dict__), dict(m._parameters), dict(m._buffers), dict(m._modules))
+        for m in modules
+    ]
+    data = [(b, b.clone()) for b in model.buffers()] if values else []
+    try:
+        yield
+    finally:
+        for m, attrs, params, buffers, children in saved:
+            m.__dict__.clear()
+            m.__dict__.update(attrs)
+            for slot, content in (
+                (m._parameters, params),
+                (m._buffers, buffers),
+                (m._modules, children),
+            ):
+                slot.clear()
+                slot.update(content)
+        with torch.no_grad():
+            for b, value in data:
+                b.copy_(value)
 
 
 def first_line(e: BaseException) -> str:
@@ -204,26 +339,21 @@ def first_line(e: BaseException) -> str:
 def output_ranks(
     model: nn.Module, example_inputs: tuple, producers: dict[str, nn.Module]
 ) -> dict[str, set[int]]:
-    """Run the model once and record the rank of every producer's output."""
+    """Run the model once and record the rank of every producer's output; change nothing."""
     ranks: dict[str, set[int]] = defaultdict(set)
-    # forward may update state (a BatchNorm left in training mode updates its statistics):
-    # put every buffer back afterwards.
-    saved = [(buf, buf.clone()) for buf in model.buffers()]
     handles = []
-    for path, m in producers.items():
+    with preserved_state(model, values=True):
+        for path, m in producers.items():
 
-        def hook(_m, _args, out, path=path):
-            if isinstance(out, torch.Tensor):
-                ranks[path].add(out.dim())
+            def hook(_m, _args, out, path=path):
+                if isinstance(out, torch.Tensor):
+                    ranks[path].add(out.dim())
 
-        handles.append(m.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            model(*example_inputs)
-    finally:
-        for h in handles:
-            h.remove()
-        with torch.no_grad():
-            for buf, value in saved:
-                buf.copy_(value)
+            handles.append(m.register_forward_hook(hook))
+        try:
+            with torch.no_grad():
+                model(*example_inputs)
+        finally:
+            for h in handles:
+                h.remove()
     return ranks

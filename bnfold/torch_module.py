@@ -34,43 +34,54 @@ from .torch_producers import (
     params_not_constant,
     producer_kind,
 )
+from .torch_verify import verify
 
 # --------------------------------------------------------------------------------------------
 # Facts and decisions
 
 
 @dataclass
+class _PlannedFold:
+    bn: str
+    producer: str
+    spec: BatchNormSpec
+    rank: int | None  # set when the fold is exact only for activations of this rank
+
+
+@dataclass
 class _Plan:
     report: FoldReport
-    folds: list[tuple[str, str, BatchNormSpec]]  # (bn, producer, spec) passing every rule
+    folds: list[_PlannedFold]  # pairs that pass every rule; the algebra has the last word
 
 
-def _normalise_inputs(example_inputs: Any) -> tuple | None:
-    if example_inputs is None:
-        return None
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, list):
-        return tuple(example_inputs)
-    if not isinstance(example_inputs, tuple):
-        raise TypeError(
-            f"example_inputs must be a tuple of positional arguments (or one tensor), "
-            f"not {type(example_inputs).__name__}"
-        )
-    return example_inputs
+def normalise_inputs(example_inputs: Any) -> tuple | None:
+    """Example inputs as a tuple of positional arguments (``None`` stays ``None``).
+
+    A tuple is the positional arguments; anything else (a tensor, a list, a dict) is the one
+    argument of ``forward``.
+    """
+    if example_inputs is None or isinstance(example_inputs, tuple):
+        return example_inputs
+    return (example_inputs,)
 
 
-def _shared_params(model: nn.Module) -> dict[int, list[str]]:
-    """id(parameter or buffer) -> every qualified name it is reachable under."""
-    names: dict[int, list[str]] = defaultdict(list)
+def _names_of_state(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    """id(parameter or buffer) -> every (owning module, qualified name) it is reachable under."""
+    names: dict[int, list[tuple[nn.Module, str]]] = defaultdict(list)
     for mpath, m in model.named_modules(remove_duplicate=False):
         for pname, p in list(m._parameters.items()) + list(m._buffers.items()):
             if p is not None:
-                names[id(p)].append(f"{mpath}.{pname}" if mpath else pname)
+                names[id(p)].append((m, f"{mpath}.{pname}" if mpath else pname))
     return names
 
 
 def _check_model(model: Any) -> None:
+    """Refuse what cannot be folded at all, with what to do instead."""
+    if isinstance(model, torch.jit.ScriptModule):
+        raise UnsupportedModelError(
+            "TorchScript modules cannot be folded: fold the eager nn.Module, then script or "
+            "trace the folded model"
+        )
     if not isinstance(model, nn.Module):
         raise UnsupportedModelError(f"expected an nn.Module, got {type(model).__name__}")
     if model.training:
@@ -78,15 +89,33 @@ def _check_model(model: Any) -> None:
             f"{type(model).__name__} is in training mode, where BatchNorm uses batch statistics "
             "and cannot be folded: call model.eval() first"
         )
+    lazy = [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params()
+    ]
+    if lazy:
+        raise UnsupportedModelError(
+            f"lazy module {lazy[0] or type(model).__name__} has not been initialised yet: run "
+            "the model once on a real input before folding it"
+        )
 
 
-def _plan(model: nn.Module, example_inputs: tuple | None, producers: Iterable[str] | None) -> _Plan:
-    _check_model(model)
-    selected = set(PRODUCER_KINDS if producers is None else producers)
-    unknown = selected - set(PRODUCER_KINDS)
+def _selected_kinds(producers: Iterable[str] | str | None) -> set[str]:
+    if producers is None:
+        return set(PRODUCER_KINDS)
+    chosen = {producers} if isinstance(producers, str) else set(producers)
+    unknown = chosen - set(PRODUCER_KINDS)
     if unknown:
         raise ValueError(f"unknown producer kinds {sorted(unknown)}; choose from {PRODUCER_KINDS}")
+    return chosen
 
+
+def _plan(
+    model: nn.Module, example_inputs: tuple | None, producers: Iterable[str] | str | None
+) -> _Plan:
+    _check_model(model)
+    selected = _selected_kinds(producers)
     paths: dict[int, str] = {}
     modules: dict[str, nn.Module] = {}
     for path, m in model.named_modules():
@@ -95,76 +124,82 @@ def _plan(model: nn.Module, example_inputs: tuple | None, producers: Iterable[st
             modules[path] = m
     report = FoldReport(model=type(model).__name__)
     if is_batchnorm(model):
-        report.entries.append(
-            FoldEntry(
-                type(model).__name__,
-                None,
-                "skipped",
-                "the model is a lone BatchNorm: no layer feeds it",
-                rules.NO_PRODUCER,
-                type(model).__name__,
-            )
-        )
+        name = type(model).__name__
+        reason = "the model is a lone BatchNorm: no layer feeds it"
+        report.entries.append(FoldEntry(name, None, "skipped", reason, rules.NO_PRODUCER, name))
     bns = [p for p, m in modules.items() if is_batchnorm(m)]
     if not bns:
         return _Plan(report, [])
 
     flow = module_dataflow(model, example_inputs, paths)
     prod_modules = {p: m for p, m in modules.items() if producer_kind(m)}
-    shared = _shared_params(model)
+    shared = _names_of_state(model)
     specs = {bn: batchnorm_spec(modules[bn], bn) for bn in bns}
     facts_of = {bn: _pair_facts(bn, specs[bn], modules, prod_modules, flow, shared) for bn in bns}
-    need_rank = [
-        bn
-        for bn, f in facts_of.items()
-        if f.producer is not None and rules.decide(f).rule == rules.CHANNEL_AXIS
-    ]
-    if need_rank and example_inputs is not None:
-        # Only some folds need shapes (Linear + BatchNorm1d, Conv1d + BatchNorm1d): run the
-        # model once for them, not for every model.
-        wanted = {facts_of[bn].producer: prod_modules[facts_of[bn].producer] for bn in need_rank}
-        ranks = output_ranks(model, example_inputs, wanted)
-        for bn in need_rank:
-            prod_ranks = ranks.get(facts_of[bn].producer, set())
-            if len(prod_ranks) == 1:
-                facts_of[bn] = dataclasses.replace(facts_of[bn], output_rank=next(iter(prod_ranks)))
-
+    observed_rank = _observe_ranks(model, example_inputs, facts_of, prod_modules)
     if flow.note:
         report.notes.append(flow.note)
-        warnings.warn(flow.note, stacklevel=3)
+        warnings.warn(flow.note, stacklevel=4)
+
     folds = []
     for bn_path in bns:
         bn = modules[bn_path]
         facts = facts_of[bn_path]
         prod_path = facts.producer
         decision = rules.decide(facts)
-        target_type = type(modules[prod_path]).__name__ if prod_path else ""
         if decision.ok and facts.producer_kind not in selected:
             decision = rules.Decision(
                 False,
                 rules.NOT_SELECTED,
                 f"folding into {facts.producer_kind} layers was not selected",
             )
+        entry = FoldEntry(
+            bn_path,
+            prod_path,
+            "folded" if decision.ok else "skipped",
+            decision.reason,
+            decision.rule,
+            type(bn).__name__,
+            type(modules[prod_path]).__name__ if prod_path else "",
+        )
+        report.entries.append(entry)
         if decision.ok:
-            folds.append((bn_path, prod_path, specs[bn_path]))
-            report.entries.append(
-                FoldEntry(
-                    bn_path, prod_path, "folded", bn_type=type(bn).__name__, target_type=target_type
-                )
-            )
-        else:
-            report.entries.append(
-                FoldEntry(
-                    bn_path,
-                    prod_path,
-                    "skipped",
-                    decision.reason,
-                    decision.rule,
-                    type(bn).__name__,
-                    target_type,
-                )
+            folds.append(
+                _PlannedFold(bn_path, prod_path, specs[bn_path], observed_rank.get(bn_path))
             )
     return _Plan(report, folds)
+
+
+def _observe_ranks(
+    model: nn.Module,
+    example_inputs: tuple | None,
+    facts_of: dict[str, PairFacts],
+    prod_modules: dict[str, nn.Module],
+) -> dict[str, int]:
+    """Settle the folds that only the activation's rank decides, from the example inputs.
+
+    Updates ``facts_of`` and returns, for each such BatchNorm, the rank seen: a fold decided this
+    way is exact for that rank only, so it gets a rank check in place of the BatchNorm.
+    """
+    if example_inputs is None:
+        return {}
+    need_rank = [
+        bn
+        for bn, f in facts_of.items()
+        if f.producer is not None and rules.decide(f).rule == rules.CHANNEL_AXIS
+    ]
+    if not need_rank:  # most models: no extra forward pass
+        return {}
+    wanted = {facts_of[bn].producer: prod_modules[facts_of[bn].producer] for bn in need_rank}
+    ranks = output_ranks(model, example_inputs, wanted)
+    observed = {}
+    for bn in need_rank:
+        seen = ranks.get(facts_of[bn].producer, set())
+        if len(seen) == 1:
+            rank = next(iter(seen))
+            facts_of[bn] = dataclasses.replace(facts_of[bn], output_rank=rank)
+            observed[bn] = rank
+    return observed
 
 
 def _pair_facts(
@@ -173,7 +208,7 @@ def _pair_facts(
     modules: dict[str, nn.Module],
     prod_modules: dict[str, nn.Module],
     flow: Dataflow,
-    shared: dict[int, list[str]],
+    shared: dict[int, list[tuple[nn.Module, str]]],
 ) -> PairFacts:
     """Translate what the model and its data flow say about one BatchNorm into rule facts."""
     bn = modules[bn_path]
@@ -204,8 +239,8 @@ def _pair_facts(
         name
         for pname in ("weight", "bias")
         if getattr(prod, pname, None) is not None
-        for name in shared[id(getattr(prod, pname))]
-        if name.rpartition(".")[0] != prod_path
+        for owner, name in shared[id(getattr(prod, pname))]
+        if owner is not prod  # the same module under a second name is not sharing
     ]
     others += flow.outside_uses.get(prod_path, [])
     return PairFacts(
@@ -226,15 +261,50 @@ def _pair_facts(
 # Applying the folds
 
 
+class RankCheck(nn.Module):
+    """Takes the place of a BatchNorm that was folded for activations of one rank only.
+
+    Linear + BatchNorm1d is exact on 2-D ``(N, C)`` activations and wrong on 3-D ones, which
+    BatchNorm1d also accepts; when the example inputs decided the fold, other ranks raise here
+    instead of giving silently different answers.
+    """
+
+    def __init__(self, rank: int, bn: str, producer: str, after: nn.Module | None = None) -> None:
+        super().__init__()
+        self.rank = rank
+        self.bn = bn
+        self.producer = producer
+        self.after = after
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != self.rank:
+            raise RuntimeError(
+                f"bnfold folded BatchNorm {self.bn} into {self.producer} for {self.rank}-D "
+                f"activations (as the example inputs gave), but this one is {x.dim()}-D: fold "
+                "again with example inputs of this rank"
+            )
+        return x if self.after is None else self.after(x)
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, bn={self.bn!r}"
+
+
 @dataclass
 class _Folded:
     """The new values of one fold, computed from the original model's tensors."""
 
-    bn_path: str
-    prod_path: str
+    bn: str
+    producer: str
     weight: torch.Tensor
     bias: torch.Tensor
-    replacement: nn.Module  # what takes the BatchNorm's place (Identity, or its forward's rest)
+    replacement: nn.Module  # what takes the BatchNorm's place
+
+
+def _replacement(fold: _PlannedFold, bn: nn.Module) -> nn.Module:
+    new = fold.spec.replacement(bn)
+    if fold.rank is None:
+        return new
+    return RankCheck(fold.rank, fold.bn, fold.producer, None if type(new) is nn.Identity else new)
 
 
 def _compute(model: nn.Module, plan: _Plan) -> tuple[list[_Folded], FoldReport]:
@@ -246,18 +316,20 @@ def _compute(model: nn.Module, plan: _Plan) -> tuple[list[_Folded], FoldReport]:
     outcome = {e.bn: e for e in plan.report.entries}
     done = []
     with torch.no_grad():
-        for bn_path, prod_path, spec in plan.folds:
-            prod = modules[prod_path]
+        for fold in plan.folds:
+            prod = modules[fold.producer]
             try:
-                s, t = spec.factors()
+                s, t = fold.spec.factors()
                 w, b = fold_affine_into_producer(prod.weight, prod.bias, s, t, output_layout(prod))
             except FoldRefused as refusal:
-                e = outcome[bn_path]
-                outcome[bn_path] = dataclasses.replace(
-                    e, action="skipped", reason=refusal.reason, rule=rules.VALID_VALUES
+                outcome[fold.bn] = dataclasses.replace(
+                    outcome[fold.bn],
+                    action="skipped",
+                    reason=refusal.reason,
+                    rule=rules.VALID_VALUES,
                 )
                 continue
-            done.append(_Folded(bn_path, prod_path, w, b, spec.replacement(modules[bn_path])))
+            done.append(_Folded(fold.bn, fold.producer, w, b, _replacement(fold, modules[fold.bn])))
     entries = [outcome[e.bn] for e in plan.report.entries]
     return done, FoldReport(entries, plan.report.model, plan.report.notes)
 
@@ -269,17 +341,18 @@ def _new_param(value: torch.Tensor, like: torch.Tensor) -> nn.Parameter:
 def _copy_folded(model: nn.Module, folds: list[_Folded]) -> nn.Module:
     """Deep-copy ``model`` with the folds applied, without copying what the folds replace.
 
-    The folded parameters and the removed BatchNorms are put into deepcopy's memo, so the copy
-    costs one copy of the unchanged part of the model only.
+    The folded parameters and the replaced BatchNorms are put into deepcopy's memo: every
+    reference to them, in module slots or anywhere else, gets the new object, and the copy costs
+    one copy of the unchanged part of the model only.
     """
     memo: dict[int, Any] = {}
     for f in folds:
-        prod = model.get_submodule(f.prod_path)
+        prod = model.get_submodule(f.producer)
         memo[id(prod.weight)] = _new_param(f.weight, prod.weight)
         if prod.bias is not None:
             memo[id(prod.bias)] = _new_param(f.bias, prod.bias)
         # Copied with the same memo, so modules it shares with the model stay shared.
-        memo[id(model.get_submodule(f.bn_path))] = copy.deepcopy(f.replacement, memo)
+        memo[id(model.get_submodule(f.bn))] = copy.deepcopy(f.replacement, memo)
     try:
         target = copy.deepcopy(model, memo)
     except Exception as e:
@@ -288,30 +361,36 @@ def _copy_folded(model: nn.Module, folds: list[_Folded]) -> nn.Module:
             "pass inplace=True to fold it in place instead"
         ) from e
     for f in folds:
-        prod = target.get_submodule(f.prod_path)
+        prod = target.get_submodule(f.producer)
         if prod.bias is None:
             prod.register_parameter("bias", _new_param(f.bias, prod.weight))
     return target
 
 
+def _become(obj: nn.Module, new: nn.Module) -> None:
+    """Turn module ``obj`` into ``new`` in place, so that every reference to it sees ``new``.
+
+    A BatchNorm may be held outside module slots (a plain list of layers, a dict): rebinding the
+    slots would leave those references calling the old BatchNorm after a folded producer.
+    """
+    obj.__dict__.clear()
+    obj.__dict__.update(new.__dict__)
+    obj.__class__ = new.__class__
+    if isinstance(obj, torch.fx.GraphModule):
+        obj.graph = new.graph  # the graph's owning module must be obj itself
+
+
 def _fold_in_place(model: nn.Module, folds: list[_Folded]) -> None:
-    """Write the folds into ``model``: Parameter objects are kept, BatchNorms become Identity."""
-    slots: dict[int, list[tuple[nn.Module, str]]] = defaultdict(list)
-    for _path, parent in model.named_modules(remove_duplicate=False):
-        for name, child in parent._modules.items():
-            if child is not None:
-                slots[id(child)].append((parent, name))
+    """Write the folds into ``model``; the Parameter and module objects are kept."""
     for f in folds:
-        prod = model.get_submodule(f.prod_path)
-        bn = model.get_submodule(f.bn_path)
+        prod = model.get_submodule(f.producer)
         # Keep the Parameter objects: optimizers and other references see the new values.
         prod.weight.data = f.weight
         if prod.bias is None:
             prod.register_parameter("bias", _new_param(f.bias, prod.weight))
         else:
             prod.bias.data = f.bias
-        for parent, name in slots[id(bn)]:
-            setattr(parent, name, f.replacement)
+        _become(model.get_submodule(f.bn), f.replacement)
 
 
 # --------------------------------------------------------------------------------------------
@@ -319,14 +398,17 @@ def _fold_in_place(model: nn.Module, folds: list[_Folded]) -> None:
 
 
 def analyze(
-    model: nn.Module, example_inputs: Any = None, *, producers: Iterable[str] | None = None
+    model: nn.Module,
+    example_inputs: Any = None,
+    *,
+    producers: Iterable[str] | str | None = None,
 ) -> FoldReport:
     """Decide every BatchNorm of ``model`` without changing anything.
 
     The folds are computed and thrown away, so that numbers the algebra refuses (non-finite,
     overflowing) are reported exactly as :func:`fold` would.
     """
-    plan = _plan(model, _normalise_inputs(example_inputs), producers)
+    plan = _plan(model, normalise_inputs(example_inputs), producers)
     return _compute(model, plan)[1]
 
 
@@ -335,7 +417,7 @@ def fold(
     example_inputs: Any = None,
     *,
     inplace: bool = False,
-    producers: Iterable[str] | None = None,
+    producers: Iterable[str] | str | None = None,
     return_report: bool = False,
 ) -> Any:
     """Fold every BatchNorm of ``model`` that can be folded exactly.
@@ -343,7 +425,7 @@ def fold(
     Returns a model of the same class (``model`` itself when ``inplace``), or
     ``(model, report)`` with ``return_report=True``.
     """
-    plan = _plan(model, _normalise_inputs(example_inputs), producers)
+    plan = _plan(model, normalise_inputs(example_inputs), producers)
     folds, report = _compute(model, plan)
     if inplace:
         _fold_in_place(model, folds)
@@ -353,52 +435,4 @@ def fold(
     return (target, report) if return_report else target
 
 
-def _flatten(out: Any) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        return [t for k in sorted(out, key=str) for t in _flatten(out[k])]
-    if isinstance(out, (list, tuple)):
-        return [t for o in out for t in _flatten(o)]
-    return []
-
-
-def verify(original: nn.Module, folded: nn.Module, example_inputs: Any) -> tuple[float, float]:
-    """Run both models on ``example_inputs``; return ``(max_abs_err, max_rel_err)``.
-
-    The relative error of each output is ``max|a - b| / max|a|`` (norm-wise, so that outputs
-    near zero do not blow it up); the worst output counts.
-    """
-    inputs = _normalise_inputs(example_inputs)
-    if inputs is None:
-        raise TypeError("verify needs example_inputs to run the models on")
-    with torch.no_grad():
-        a = _flatten(original(*inputs))
-        b = _flatten(folded(*inputs))
-    if len(a) != len(b):
-        raise UnsupportedModelError(
-            f"the models return different numbers of tensors ({len(a)} and {len(b)})"
-        )
-    max_abs = max_rel = 0.0
-    for x, y in zip(a, b, strict=True):
-        if x.shape != y.shape:
-            raise UnsupportedModelError(
-                f"output shapes differ: {tuple(x.shape)} and {tuple(y.shape)}"
-            )
-        if not x.is_floating_point():
-            diff = float((x != y).sum())
-            max_abs = max(max_abs, diff)
-            max_rel = max(max_rel, diff)
-            continue
-        x64, y64 = x.detach().double().cpu(), y.detach().double().cpu()
-        if not x64.numel():
-            continue
-        same = (x64 == y64) | (x64.isnan() & y64.isnan())  # equal infinities and NaNs agree
-        diff = torch.where(
-            same, torch.zeros_like(x64), (x64 - y64).abs().nan_to_num(nan=float("inf"))
-        )
-        err = float(diff.max())
-        scale = float(x64[x64.isfinite()].abs().max()) if x64.isfinite().any() else 0.0
-        max_abs = max(max_abs, err)
-        max_rel = max(max_rel, err / scale if scale > 0 else (0.0 if err == 0 else float("inf")))
-    return max_abs, max_rel
+__all__ = ["analyze", "fold", "verify", "RankCheck"]

@@ -1,0 +1,83 @@
+"""Compare the outputs of two PyTorch models (``bnfold.verify``)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import UnsupportedModelError
+
+
+def output_tensors(out: Any, where: str = "output") -> list[tuple[str, torch.Tensor]]:
+    """Every tensor in a model output, with where it is; containers of any usual kind."""
+    if isinstance(out, torch.Tensor):
+        return [(where, out)]
+    if isinstance(out, dict):
+        return [t for k in out for t in output_tensors(out[k], f"{where}[{k!r}]")]
+    if isinstance(out, (list, tuple)):
+        return [t for i, o in enumerate(out) for t in output_tensors(o, f"{where}[{i}]")]
+    if dataclasses.is_dataclass(out) and not isinstance(out, type):
+        return [
+            t
+            for f in dataclasses.fields(out)
+            for t in output_tensors(getattr(out, f.name), f"{where}.{f.name}")
+        ]
+    return []  # numbers, strings, None: nothing to compare numerically
+
+
+def _error(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """(max |x - y|, that / max |x|), with NaN where the other is not NaN counting as inf."""
+    if x.dtype == torch.bool:
+        x, y = x.to(torch.uint8), y.to(torch.uint8)
+    wide = torch.complex128 if (x.is_complex() or y.is_complex()) else torch.float64
+    x64, y64 = x.detach().to("cpu", wide), y.detach().to("cpu", wide)
+    if not x64.numel():
+        return 0.0, 0.0
+    both_nan = x64.isnan() & y64.isnan()
+    same = (x64 == y64) | both_nan  # equal infinities agree too
+    diff = (x64 - y64).abs().nan_to_num(nan=float("inf"), posinf=float("inf"))
+    diff = torch.where(same, torch.zeros_like(diff), diff)
+    err = float(diff.max())
+    finite = x64.isfinite()
+    scale = float(x64[finite].abs().max()) if finite.any() else 0.0
+    rel = err / scale if scale > 0 else (0.0 if err == 0 else float("inf"))
+    return err, rel
+
+
+def verify(original: nn.Module, folded: nn.Module, example_inputs: Any) -> tuple[float, float]:
+    """Run both models on ``example_inputs``; return ``(max_abs_err, max_rel_err)``.
+
+    The relative error of each output tensor is ``max|a - b| / max|a|`` (norm-wise, so that
+    outputs near zero do not blow it up); the worst output counts. NaN where the original has a
+    number (or the reverse) is an infinite error. Raises when the outputs hold no tensor or
+    differ in structure or shape.
+    """
+    from .torch_module import normalise_inputs
+
+    inputs = normalise_inputs(example_inputs)
+    if inputs is None:
+        raise TypeError("verify needs example_inputs to run the models on")
+    with torch.no_grad():
+        a = output_tensors(original(*inputs))
+        b = output_tensors(folded(*inputs))
+    if not a:
+        raise UnsupportedModelError(
+            "the model's output holds no tensor bnfold can find (tensors, or tensors in "
+            "tuples, lists, dicts or dataclasses): verify cannot compare it"
+        )
+    if [w for w, _ in a] != [w for w, _ in b]:
+        raise UnsupportedModelError(
+            f"the models' outputs differ in structure: {[w for w, _ in a]} and {[w for w, _ in b]}"
+        )
+    max_abs = max_rel = 0.0
+    for (where, x), (_, y) in zip(a, b, strict=True):
+        if x.shape != y.shape:
+            raise UnsupportedModelError(
+                f"{where} has shape {tuple(x.shape)} in the original and {tuple(y.shape)} folded"
+            )
+        err, rel = _error(x, y)
+        max_abs, max_rel = max(max_abs, err), max(max_rel, rel)
+    return max_abs, max_rel

@@ -1,0 +1,352 @@
+"""Traps found by trying to break the eager frontend: each is a silent wrong result, a changed
+input, or a crash that bnfold must not produce. Every fold compares outputs numerically."""
+
+from __future__ import annotations
+
+import copy
+import threading
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bnfold
+from bnfold import rules
+from bnfold.demo import randomize_batchnorms
+from bnfold.torch_module import RankCheck
+
+
+def _x(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _setup(model: nn.Module, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return randomize_batchnorms(model, seed=seed)
+
+
+def _close(model: nn.Module, folded: nn.Module, *inputs: torch.Tensor) -> None:
+    _, rel = bnfold.verify(model, folded, inputs)
+    assert rel <= 1e-5, rel
+
+
+class OptionalResidual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x, residual=None):
+        f = self.conv(x)
+        if residual is None:
+            residual = f  # the usual call uses the conv output twice
+        return self.bn(f) + residual
+
+
+@pytest.mark.parametrize("example", [None, "given"])
+def test_optional_argument_left_at_none_is_traced_as_called(example):
+    model = _setup(OptionalResidual())
+    x = _x(2, 3, 6, 6)
+    folded, report = bnfold.fold(model, None if example is None else (x,), return_report=True)
+    assert report.entry("bn").rule == rules.SINGLE_CONSUMER
+    _close(model, folded, x)
+    _close(model, folded, x, _x(2, 8, 6, 6, seed=1))
+
+
+class OptionalMask(nn.Module):
+    """Foldable whichever way forward is called."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x, mask=None, scale: float = 2.0):
+        y = self.bn(self.conv(x)) * scale
+        return y if mask is None else y * mask
+
+
+def test_optional_arguments_that_do_not_matter_still_fold():
+    model = _setup(OptionalMask())
+    x = _x(2, 3, 6, 6)
+    folded, report = bnfold.fold(model, return_report=True)
+    assert report.entry("bn").folded
+    _close(model, folded, x)
+    _close(model, folded, x, _x(1, 8, 1, 1, seed=2))
+
+
+class ListPipeline(nn.Module):
+    """Also holds its layers in a plain list, outside the module slots."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.bn = nn.BatchNorm2d(8)
+        self.pipeline = [self.conv, self.bn]
+
+    def forward(self, x):
+        for layer in self.pipeline:
+            x = layer(x)
+        return x
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_batchnorm_referenced_outside_module_slots(inplace):
+    model = _setup(ListPipeline())
+    reference = copy.deepcopy(model)
+    folded, report = bnfold.fold(model, inplace=inplace, return_report=True)
+    assert report.entry("bn").folded
+    assert folded.pipeline[1] is folded.bn and type(folded.bn) is nn.Identity
+    _close(reference, folded, _x(2, 3, 6, 6))
+
+
+def test_linear_bn1d_fold_decided_on_2d_refuses_3d_inputs_loudly():
+    model = _setup(nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8)))
+    folded = bnfold.fold(model, (_x(4, 8),))
+    assert isinstance(folded[1], RankCheck)
+    _close(model, folded, _x(5, 8, seed=1))
+    with torch.no_grad():
+        model(_x(3, 8, 8, seed=2))  # the original accepts 3-D input too...
+        with pytest.raises(RuntimeError, match="2-D"):
+            folded(_x(3, 8, 8, seed=2))  # ...where the fold would be wrong: it says so
+
+
+def test_conv1d_bn1d_fold_decided_on_batched_refuses_unbatched_loudly():
+    model = _setup(nn.Sequential(nn.Conv1d(3, 8, 3), nn.BatchNorm1d(8)))
+    folded = bnfold.fold(model, (_x(2, 3, 10),))
+    _close(model, folded, _x(4, 3, 12, seed=1))
+    with torch.no_grad():
+        model(_x(3, 10, seed=2))  # unbatched (C, L) with L == 8 channels runs in the original
+        with pytest.raises(RuntimeError, match="3-D"):
+            folded(_x(3, 10, seed=2))
+
+
+def test_rank_checked_fold_of_a_batchnorm_with_its_own_forward_keeps_the_rest():
+    class BNReLU1d(nn.BatchNorm1d):
+        def forward(self, x):
+            return torch.relu(super().forward(x))
+
+    model = _setup(nn.Sequential(nn.Linear(6, 5), BNReLU1d(5)))
+    folded = bnfold.fold(model, (_x(4, 6),))
+    assert isinstance(folded[1], RankCheck) and folded[1].after is not None
+    _close(model, folded, _x(7, 6, seed=1))
+
+
+class ReadsStatistics(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) - self.bn.running_mean.view(1, -1, 1, 1)
+
+
+def test_forward_reading_batchnorm_buffers_keeps_the_batchnorm():
+    model = _setup(ReadsStatistics())
+    folded, report = bnfold.fold(model, return_report=True)
+    assert report.entry("bn").rule == rules.SINGLE_CONSUMER
+    assert "running_mean" in report.entry("bn").reason
+    _close(model, folded, _x(2, 3, 6, 6))
+
+
+class Counting(nn.Module):
+    def __init__(self, reassign: bool) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.bn = nn.BatchNorm2d(8)
+        self.reassign = reassign
+        self.python_calls = 0
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        self.python_calls += 1
+        if self.reassign:
+            self.calls = self.calls + 1
+        else:
+            self.calls += 1
+        return self.bn(self.conv(x))
+
+
+@pytest.mark.parametrize("reassign", [False, True])
+@pytest.mark.parametrize("example", [False, True])
+def test_analyze_and_fold_leave_forward_state_alone(reassign, example):
+    model = _setup(Counting(reassign))
+    model.calls.zero_()
+    model.python_calls = 0
+    buffer = model.calls
+    inputs = (_x(2, 3, 6, 6),) if example else None
+    bnfold.analyze(model, inputs)
+    folded = bnfold.fold(model, inputs)
+    assert int(model.calls) == 0 and model.python_calls == 0 and model.calls is buffer
+    with torch.no_grad():
+        want, got = model(_x(2, 3, 6, 6, seed=1)), folded(_x(2, 3, 6, 6, seed=1))
+    assert float((want - got).abs().max() / want.abs().max()) <= 1e-5
+
+
+def test_two_threads_fold_different_models_correctly():
+    models = [_setup(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)), seed=s) for s in (1, 2)]
+    models.append(_setup(OptionalMask(), seed=3))
+    results: dict[int, list] = {i: [] for i in range(len(models))}
+    errors: list[BaseException] = []
+
+    def work(i: int) -> None:
+        try:
+            for _ in range(15):
+                results[i].append(bnfold.fold(models[i]))
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(models))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    x = _x(2, 3, 6, 6)
+    for i, folded_list in results.items():
+        for folded in folded_list:
+            _close(models[i], folded, x)
+
+
+def test_torchscript_is_a_clear_error():
+    model = torch.jit.script(_setup(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))))
+    with pytest.raises(bnfold.UnsupportedModelError, match="TorchScript"):
+        bnfold.fold(model)
+
+
+def test_uninitialised_lazy_module_is_a_clear_error():
+    model = nn.Sequential(nn.LazyConv2d(8, 3), nn.BatchNorm2d(8)).eval()
+    with pytest.raises(bnfold.UnsupportedModelError, match="run the model once"):
+        bnfold.fold(model)
+    model(_x(2, 3, 6, 6))
+    _setup(model)
+    _close(model, bnfold.fold(model), _x(2, 3, 6, 6, seed=1))
+
+
+def test_producers_accepts_one_kind_as_a_string():
+    model = _setup(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)))
+    report = bnfold.analyze(model, producers="linear")
+    assert report.entry("1").rule == rules.NOT_SELECTED
+    assert bnfold.analyze(model, producers="conv").entry("1").folded
+    with pytest.raises(ValueError, match="unknown producer kinds"):
+        bnfold.analyze(model, producers="convolution")
+
+
+class TakesAList(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, xs: list):
+        return [self.bn(self.conv(x)) for x in xs]
+
+
+def test_a_list_example_input_is_one_argument():
+    model = _setup(TakesAList())
+    xs = [_x(1, 3, 6, 6), _x(1, 3, 6, 6, seed=1)]
+    with pytest.raises(bnfold.TracingError):
+        bnfold.fold(model)  # iterating over a proxy cannot be traced symbolically
+    folded, report = bnfold.fold(model, xs, return_report=True)
+    assert report.entry("bn").rule == rules.UNSHARED  # called once per list element
+    assert bnfold.verify(model, folded, xs) == (0.0, 0.0)
+
+
+def test_folded_batchnorm_with_own_forward_leaves_no_statistics_behind():
+    class BNSiLU2d(nn.BatchNorm2d):
+        def forward(self, x):
+            return F.silu(super().forward(x))
+
+    model = _setup(nn.Sequential(nn.Conv2d(3, 8, 3), BNSiLU2d(8)))
+    folded = bnfold.fold(model)
+    assert set(folded.state_dict()) == {"0.weight", "0.bias"}
+    _close(model, folded, _x(2, 3, 6, 6))
+
+
+class SameConvTwoNames(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
+        self.stem = self.body[0]  # an alias, called once
+
+    def forward(self, x):
+        return self.body(x) * x.shape[-1]
+
+
+def test_module_registered_under_two_names_but_called_once_folds():
+    model = _setup(SameConvTwoNames())
+    folded, report = bnfold.fold(model, return_report=True)
+    assert report.entry("body.1").folded
+    assert folded.stem is folded.body[0]
+    _close(model, folded, _x(2, 3, 6, 6))
+
+
+class ReadsWeightShape(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)).flatten(1)[:, : self.conv.weight.shape[0]]
+
+
+def test_reading_only_the_weight_shape_does_not_block_the_fold():
+    model = _setup(ReadsWeightShape())
+    folded, report = bnfold.fold(model, return_report=True)
+    assert report.entry("bn").folded
+    _close(model, folded, _x(2, 3, 6, 6))
+
+
+@dataclass
+class Out:
+    y: torch.Tensor
+    label: str = "y"
+
+
+class ReturnsDataclass(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return Out(self.bn(self.conv(x)))
+
+
+def test_verify_looks_inside_dataclasses():
+    model = _setup(ReturnsDataclass())
+    wrong = copy.deepcopy(model)
+    with torch.no_grad():
+        wrong.conv.weight.mul_(3)
+    _, rel = bnfold.verify(model, wrong, _x(2, 3, 6, 6))
+    assert rel > 0.1
+    assert bnfold.verify(model, bnfold.fold(model), _x(2, 3, 6, 6))[1] <= 1e-5
+
+
+def test_verify_refuses_outputs_without_tensors():
+    class Nothing(nn.Module):
+        def forward(self, x):
+            return "done"
+
+    with pytest.raises(bnfold.UnsupportedModelError, match="no tensor"):
+        bnfold.verify(Nothing(), Nothing(), _x(2))
+
+
+def test_verify_compares_complex_integer_and_nan_outputs():
+    class Mixed(nn.Module):
+        def __init__(self, shift: float) -> None:
+            super().__init__()
+            self.shift = shift
+
+        def forward(self, x):
+            y = x + self.shift
+            return torch.fft.fft(y), y.argmax(-1), y.log()
+
+    x = _x(3, 8)
+    assert bnfold.verify(Mixed(0.0), Mixed(0.0), x) == (0.0, 0.0)  # NaN logs agree with NaN
+    err, rel = bnfold.verify(Mixed(0.0), Mixed(1e-3), x)
+    assert 0 < err < 1 and rel < 1
