@@ -28,6 +28,18 @@ _BN_RANKS = (
 )
 _BATCH_NORM_FNS = (F.batch_norm, torch.batch_norm)
 _BATCH_NORM_SIGNATURE = inspect.signature(F.batch_norm)
+# torch.batch_norm takes the same values in another order, and all of them.
+_TORCH_BATCH_NORM_ORDER = (
+    "input",
+    "weight",
+    "bias",
+    "running_mean",
+    "running_var",
+    "training",
+    "momentum",
+    "eps",
+    "cudnn_enabled",
+)
 _METADATA_ATTRS = frozenset({"shape", "dtype", "device", "ndim", "is_cuda", "layout"})
 _METADATA_METHODS = frozenset({"size", "dim", "numel", "ndimension", "nelement", "is_contiguous"})
 
@@ -190,6 +202,20 @@ def batchnorm_spec(m: nn.Module, name: str) -> BatchNormSpec:
     return spec
 
 
+def _batch_norm_arguments(node: torch.fx.Node) -> dict[str, Any] | None:
+    """The arguments of a traced F.batch_norm / torch.batch_norm call, by name."""
+    if node.target is torch.batch_norm:
+        if node.kwargs or len(node.args) != len(_TORCH_BATCH_NORM_ORDER):
+            return None
+        return dict(zip(_TORCH_BATCH_NORM_ORDER, node.args, strict=True))
+    try:
+        bound = _BATCH_NORM_SIGNATURE.bind(*node.args, **node.kwargs)
+    except TypeError:
+        return None
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
 def _no_check(*_args: Any) -> None:
     return None
 
@@ -234,13 +260,10 @@ def _split_custom_forward(m: nn.Module, spec: BatchNormSpec) -> None:
         )
         return
     bn_node = bn_nodes[0]
-    try:
-        bound = _BATCH_NORM_SIGNATURE.bind(*bn_node.args, **bn_node.kwargs)
-    except TypeError:
+    a = _batch_norm_arguments(bn_node)
+    if a is None:
         spec.not_foldable = f"{why} and calls batch_norm with unexpected arguments"
         return
-    bound.apply_defaults()
-    a = bound.arguments
     stats = {}
     for key in ("running_mean", "running_var", "weight", "bias"):
         v = a[key]

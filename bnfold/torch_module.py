@@ -89,6 +89,12 @@ def _check_model(model: Any) -> None:
             f"{type(model).__name__} is in training mode, where BatchNorm uses batch statistics "
             "and cannot be folded: call model.eval() first"
         )
+    meta = next((n for n, p in model.named_parameters() if p.is_meta), None)
+    if meta is not None:
+        raise UnsupportedModelError(
+            f"parameter {meta} is on the meta device and has no values to fold: load the "
+            "weights first (e.g. model.to_empty(device=...) and load_state_dict)"
+        )
     lazy = [
         name
         for name, m in model.named_modules()

@@ -196,3 +196,24 @@ def test_analyze_does_not_modify_a_custom_batchnorm():
     assert "_check_input_dim" not in vars(model.bn)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
+
+
+class TorchBatchNorm2d(nn.BatchNorm2d):
+    """Calls torch.batch_norm, whose arguments come in another order than F.batch_norm's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.batch_norm(
+            x, self.weight, self.bias, self.running_mean, self.running_var, False, 0.0, 1e-3, False
+        )
+        return torch.tanh(y)
+
+
+def test_torch_batch_norm_arguments_are_read_in_their_own_order():
+    model = _setup(TorchBatchNorm2d(6), seed=11)
+    x = _inputs(12)
+    with torch.no_grad():
+        want = model(x)
+    folded, report = bnfold.fold(model, (x,), return_report=True)
+    assert report.entry("bn").folded
+    with torch.no_grad():
+        assert _rel(want, folded(x)) <= 1e-5

@@ -350,3 +350,10 @@ def test_verify_compares_complex_integer_and_nan_outputs():
     assert bnfold.verify(Mixed(0.0), Mixed(0.0), x) == (0.0, 0.0)  # NaN logs agree with NaN
     err, rel = bnfold.verify(Mixed(0.0), Mixed(1e-3), x)
     assert 0 < err < 1 and rel < 1
+
+
+def test_meta_device_model_is_a_clear_error():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)).eval()
+    with pytest.raises(bnfold.UnsupportedModelError, match="meta device"):
+        bnfold.fold(model)
