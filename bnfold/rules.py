@@ -173,8 +173,8 @@ def _channel_axis(f: PairFacts) -> str | None:
 # Order matters: the first failing rule is the one reported.
 RULES: tuple[tuple[str, Rule], ...] = (
     (INFERENCE_MODE, _inference_mode),
-    (NO_PRODUCER, _has_producer),
     (STANDARD_FORWARD, _standard_forward),
+    (NO_PRODUCER, _has_producer),
     (UNSHARED, _single_call),
     (CONSTANT_PARAMS, _constant_params),
     (SINGLE_CONSUMER, _single_consumer),

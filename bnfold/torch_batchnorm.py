@@ -145,21 +145,21 @@ class BatchNormSpec:
             return self.affine
         return affine_factors(self.mean, self.var, self.eps, self.gamma, self.beta)
 
-    def replacement(self, bn: nn.Module) -> nn.Module:
-        """The module that takes BatchNorm ``bn``'s place once it is folded.
-
-        It keeps ``bn``'s plain attributes (``num_features``, ``eps``, ...), so that code reading
-        them still runs; tensor attributes are gone with the BatchNorm, and the rules refuse to
-        fold a BatchNorm whose tensors forward reads elsewhere.
-        """
-        new = nn.Identity() if self.remainder is None else self.remainder
-        for key, value in vars(bn).items():
-            if not key.startswith("_") and key not in vars(new) and isinstance(value, _PLAIN):
-                setattr(new, key, value)
-        return new
-
 
 _PLAIN = (bool, int, float, str, tuple, type(None))
+
+
+def carry_plain_attributes(bn: nn.Module, new: nn.Module) -> nn.Module:
+    """Give ``new`` (what replaces a folded BatchNorm) ``bn``'s plain attributes.
+
+    ``num_features``, ``eps`` and the like stay readable, so that code reading them still runs;
+    tensor attributes are gone with the BatchNorm, and the rules refuse to fold a BatchNorm whose
+    tensors forward reads elsewhere.
+    """
+    for key, value in vars(bn).items():
+        if not key.startswith("_") and key not in vars(new) and isinstance(value, _PLAIN):
+            setattr(new, key, value)
+    return new
 
 
 def _hooks(m: nn.Module) -> str:

@@ -10,11 +10,12 @@ once on the example inputs, and only when a fold needs them.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import threading
 import warnings
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +25,7 @@ from torch import nn
 from .errors import TracingError
 from .torch_batchnorm import is_batchnorm, reads_metadata_only
 from .torch_producers import producer_kind
+from .torch_verify import output_tensors
 
 
 @dataclass
@@ -57,6 +59,17 @@ class Dataflow:
     calls: dict[str, ModuleCalls]
     outside_uses: dict[str, list[str]]  # module path -> users of its tensors outside its calls
     note: str = ""  # a caveat on how the data flow was found
+
+    def renamed(self, rename: Callable[[str], str]) -> Dataflow:
+        """The same data flow with every module path passed through ``rename``."""
+        calls = {
+            rename(path): dataclasses.replace(
+                c, input_from=None if c.input_from is None else rename(c.input_from)
+            )
+            for path, c in self.calls.items()
+        }
+        outside = {rename(path): uses for path, uses in self.outside_uses.items()}
+        return Dataflow(calls, outside, self.note)
 
     def merged(self, other: Dataflow) -> Dataflow:
         """The data flow of two traces of one model, as conservative as either."""
@@ -136,11 +149,37 @@ def _owner(qualname: str, paths: set[str]) -> str | None:
     return parent if parent in paths else None
 
 
+class _TensorOutputs(nn.Module):
+    """``model`` returning the tensors of its output as a flat tuple.
+
+    torch.export accepts only outputs it knows how to flatten; the data flow needs only which
+    tensors leave the model. An output object bnfold cannot look into stops the trace, since it
+    might hold a producer's output.
+    """
+
+    PREFIX = "model"
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: Any) -> tuple[torch.Tensor, ...]:
+        return tuple(t for _, t in output_tensors(self.model(*args), strict=True))
+
+
 def _export_dataflow(ep: torch.export.ExportedProgram, paths: dict[int, str]) -> Dataflow:
-    """Data flow from a non-strict torch.export trace, mapped back to modules."""
+    """Data flow from a non-strict torch.export trace, mapped back to modules.
+
+    ``paths`` are the modules' paths in the exported module; the result uses the paths
+    without the wrapper's prefix.
+    """
     graph = ep.graph
     sig = ep.graph_signature
-    state_of = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
+    state_of = {
+        **sig.inputs_to_parameters,
+        **sig.inputs_to_buffers,
+        **getattr(sig, "inputs_to_lifted_tensor_constants", {}),
+    }
     interesting = set(paths.values())
 
     # Which call of which interesting module each node belongs to.
@@ -279,7 +318,7 @@ def module_dataflow(
         ) from fx_error
     try:
         with _TRACE_LOCK, preserved_state(model):
-            ep = torch.export.export(model, example_inputs, strict=False)
+            ep = torch.export.export(_TensorOutputs(model), example_inputs, strict=False)
     except Exception as export_error:
         raise TracingError(
             f"bnfold could not find the data flow of {type(model).__name__}: torch.fx failed "
@@ -287,7 +326,9 @@ def module_dataflow(
             "Make forward traceable (no Python control flow on tensor values), or fold the "
             "traceable submodules one by one"
         ) from export_error
-    return _export_dataflow(ep, paths)
+    prefix = _TensorOutputs.PREFIX + "."
+    flow = _export_dataflow(ep, {k: prefix + p for k, p in paths.items()})
+    return flow.renamed(lambda path: path.removeprefix(prefix))
 
 
 def _short(value: Any) -> str:

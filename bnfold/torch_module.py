@@ -25,7 +25,7 @@ from .algebra import fold_affine_into_producer
 from .errors import FoldRefused, TrainingModeError, UnsupportedModelError
 from .report import FoldEntry, FoldReport
 from .rules import PairFacts
-from .torch_batchnorm import BatchNormSpec, batchnorm_spec, is_batchnorm
+from .torch_batchnorm import BatchNormSpec, batchnorm_spec, carry_plain_attributes, is_batchnorm
 from .torch_dataflow import Dataflow, ModuleCalls, first_line, module_dataflow, output_ranks
 from .torch_producers import (
     PRODUCER_KINDS,
@@ -34,7 +34,7 @@ from .torch_producers import (
     params_not_constant,
     producer_kind,
 )
-from .torch_verify import verify
+from .torch_verify import normalise_inputs, verify
 
 # --------------------------------------------------------------------------------------------
 # Facts and decisions
@@ -52,17 +52,6 @@ class _PlannedFold:
 class _Plan:
     report: FoldReport
     folds: list[_PlannedFold]  # pairs that pass every rule; the algebra has the last word
-
-
-def normalise_inputs(example_inputs: Any) -> tuple | None:
-    """Example inputs as a tuple of positional arguments (``None`` stays ``None``).
-
-    A tuple is the positional arguments; anything else (a tensor, a list, a dict) is the one
-    argument of ``forward``.
-    """
-    if example_inputs is None or isinstance(example_inputs, tuple):
-        return example_inputs
-    return (example_inputs,)
 
 
 def _names_of_state(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
@@ -233,6 +222,12 @@ def _pair_facts(
     prod_path = call.input_from if call.calls and call.input_from in prod_modules else None
     if prod_path is None:
         if call.calls == 0:
+            owner = _enclosing_layer(bn_path, modules)
+            if owner is not None:
+                bn_facts["bn_custom_forward"] = (
+                    f"it belongs to {owner} ({type(modules[owner]).__name__}), a layer whose "
+                    "forward() bnfold treats as a whole; folding inside a layer is not attempted"
+                )
             detail = "nothing: forward() never calls it"
         else:
             detail = call.input_detail or f"module {call.input_from}"
@@ -261,6 +256,16 @@ def _pair_facts(
         producer_params_constant=not params_not_constant(prod),
         producer_params_shared=", ".join(others),
     )
+
+
+def _enclosing_layer(path: str, modules: dict[str, nn.Module]) -> str | None:
+    """The producer or BatchNorm module that contains the module at ``path``, if any."""
+    parts = path.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        prefix = ".".join(parts[:i])
+        if prefix in modules:
+            return prefix
+    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -307,10 +312,12 @@ class _Folded:
 
 
 def _replacement(fold: _PlannedFold, bn: nn.Module) -> nn.Module:
-    new = fold.spec.replacement(bn)
-    if fold.rank is None:
-        return new
-    return RankCheck(fold.rank, fold.bn, fold.producer, None if type(new) is nn.Identity else new)
+    """What takes the folded BatchNorm's place: Identity, the rest of its own forward, or either
+    behind a rank check; with the BatchNorm's plain attributes."""
+    new = fold.spec.remainder
+    if fold.rank is not None:
+        new = RankCheck(fold.rank, fold.bn, fold.producer, new)
+    return carry_plain_attributes(bn, nn.Identity() if new is None else new)
 
 
 def _compute(model: nn.Module, plan: _Plan) -> tuple[list[_Folded], FoldReport]:

@@ -10,22 +10,41 @@ from torch import nn
 
 from .errors import UnsupportedModelError
 
+_PLAIN = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device)
 
-def output_tensors(out: Any, where: str = "output") -> list[tuple[str, torch.Tensor]]:
-    """Every tensor in a model output, with where it is; containers of any usual kind."""
+
+def output_tensors(
+    out: Any, where: str = "output", strict: bool = False
+) -> list[tuple[str, torch.Tensor]]:
+    """Every tensor in a model output, with where it is: tensors in tuples, lists, dicts and
+    dataclasses, to any depth. Plain values hold none; another object raises ``TypeError`` when
+    ``strict`` (it might hold tensors), and is passed over otherwise."""
     if isinstance(out, torch.Tensor):
         return [(where, out)]
     if isinstance(out, dict):
-        return [t for k in out for t in output_tensors(out[k], f"{where}[{k!r}]")]
+        return [t for k in out for t in output_tensors(out[k], f"{where}[{k!r}]", strict)]
     if isinstance(out, (list, tuple)):
-        return [t for i, o in enumerate(out) for t in output_tensors(o, f"{where}[{i}]")]
+        return [t for i, o in enumerate(out) for t in output_tensors(o, f"{where}[{i}]", strict)]
     if dataclasses.is_dataclass(out) and not isinstance(out, type):
         return [
             t
             for f in dataclasses.fields(out)
-            for t in output_tensors(getattr(out, f.name), f"{where}.{f.name}")
+            for t in output_tensors(getattr(out, f.name), f"{where}.{f.name}", strict)
         ]
-    return []  # numbers, strings, None: nothing to compare numerically
+    if strict and not isinstance(out, _PLAIN):
+        raise TypeError(f"{where} is a {type(out).__name__}, which bnfold cannot look into")
+    return []
+
+
+def normalise_inputs(example_inputs: Any) -> tuple | None:
+    """Example inputs as a tuple of positional arguments (``None`` stays ``None``).
+
+    A tuple is the positional arguments; anything else (a tensor, a list, a dict) is the one
+    argument of ``forward``.
+    """
+    if example_inputs is None or isinstance(example_inputs, tuple):
+        return example_inputs
+    return (example_inputs,)
 
 
 def _error(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
@@ -55,8 +74,6 @@ def verify(original: nn.Module, folded: nn.Module, example_inputs: Any) -> tuple
     number (or the reverse) is an infinite error. Raises when the outputs hold no tensor or
     differ in structure or shape.
     """
-    from .torch_module import normalise_inputs
-
     inputs = normalise_inputs(example_inputs)
     if inputs is None:
         raise TypeError("verify needs example_inputs to run the models on")

@@ -11,36 +11,12 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from support import BatchNormAct2d
 from torch import nn
 
 import bnfold
 from bnfold import rules
 from bnfold.demo import randomize_batchnorms
-
-
-class BatchNormAct2d(nn.BatchNorm2d):
-    """Shaped like the BatchNorm + activation modules of popular model libraries."""
-
-    def __init__(self, num_features: int, act: nn.Module | None = None, eps: float = 1e-5) -> None:
-        super().__init__(num_features, eps=eps)
-        self.drop = nn.Identity()
-        self.act = act if act is not None else nn.SiLU()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        torch._assert(x.ndim == 4, "expected a 4-D input")
-        factor = 0.0 if self.momentum is None else self.momentum
-        bn_training = self.training or (self.running_mean is None and self.running_var is None)
-        x = F.batch_norm(
-            x,
-            self.running_mean if not self.training or self.track_running_stats else None,
-            self.running_var if not self.training or self.track_running_stats else None,
-            self.weight,
-            self.bias,
-            bn_training,
-            factor,
-            self.eps,
-        )
-        return self.act(self.drop(x))
 
 
 class EpsOverride2d(nn.BatchNorm2d):

@@ -12,6 +12,7 @@ import statistics
 
 import pytest
 import torch
+from support import FrozenBatchNorm2d, randomize_all
 from torch import nn
 
 import bnfold
@@ -36,23 +37,6 @@ def randn(*shape, seed: int, dtype=torch.float32) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
 
 
-class FrozenBatchNorm2d(nn.Module):
-    """torchvision-style FrozenBatchNorm2d: statistics and affine parameters are buffers."""
-
-    def __init__(self, n: int, eps: float = 1e-5) -> None:
-        super().__init__()
-        self.eps = eps
-        self.register_buffer("weight", torch.ones(n))
-        self.register_buffer("bias", torch.zeros(n))
-        self.register_buffer("running_mean", torch.zeros(n))
-        self.register_buffer("running_var", torch.ones(n))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale = self.weight * (self.running_var + self.eps).rsqrt()
-        bias = self.bias - self.running_mean * scale
-        return x * scale.reshape(1, -1, 1, 1) + bias.reshape(1, -1, 1, 1)
-
-
 def folded_away(m: nn.Module) -> bool:
     """What stands where a folded BatchNorm was: Identity, or a rank check when the example
     inputs' rank decided the fold (Linear/Conv1d + BatchNorm1d)."""
@@ -65,17 +49,7 @@ def is_bn(m: nn.Module) -> bool:
 
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
     """Random statistics for every BatchNorm (FrozenBatchNorm2d included), then eval()."""
-    randomize_batchnorms(model, seed=seed)
-    g = torch.Generator().manual_seed(seed + 1000)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, FrozenBatchNorm2d):
-                n = m.weight.numel()
-                m.weight.copy_(torch.empty(n).uniform_(0.5, 1.5, generator=g))
-                m.bias.copy_(torch.randn(n, generator=g) * 0.2)
-                m.running_mean.copy_(torch.randn(n, generator=g) * 0.5)
-                m.running_var.copy_(torch.empty(n).uniform_(0.2, 2.0, generator=g))
-    return model.eval()
+    return randomize_all(model, seed)
 
 
 def outputs(model: nn.Module, inputs: tuple) -> list[torch.Tensor]:

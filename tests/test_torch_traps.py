@@ -357,3 +357,30 @@ def test_meta_device_model_is_a_clear_error():
         model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)).eval()
     with pytest.raises(bnfold.UnsupportedModelError, match="meta device"):
         bnfold.fold(model)
+
+
+class Holder:
+    """An output object bnfold cannot look into."""
+
+    def __init__(self, *tensors: torch.Tensor) -> None:
+        self.tensors = tensors
+
+
+class ReturnsHolder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        if x.shape[0] > 1:  # not symbolically traceable: torch.export gives the data flow
+            y = self.conv(x)
+            return Holder(y, self.bn(y))
+        return Holder(self.bn(self.conv(x)))
+
+
+def test_export_fallback_refuses_outputs_it_cannot_see_into():
+    """The conv output leaves the model inside the holder: unseen, it would look foldable."""
+    model = _setup(ReturnsHolder())
+    with pytest.raises(bnfold.TracingError, match="Holder"):
+        bnfold.fold(model, (_x(2, 3, 6, 6),))

@@ -1,0 +1,73 @@
+"""Test helpers shared by the eager-frontend tests: BatchNorm-like modules found in the wild,
+and non-trivial statistics for them."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bnfold.demo import randomize_batchnorms
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """Detection-library FrozenBatchNorm2d: statistics and affine parameters are buffers."""
+
+    def __init__(self, n: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(n))
+        self.register_buffer("bias", torch.zeros(n))
+        self.register_buffer("running_mean", torch.zeros(n))
+        self.register_buffer("running_var", torch.ones(n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return x * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """BatchNorm + dropout + activation in one module, as several model libraries have it."""
+
+    def __init__(self, num_features: int, act: nn.Module | None = None, eps: float = 1e-5) -> None:
+        super().__init__(num_features, eps=eps)
+        self.drop = nn.Identity()
+        self.act = act if act is not None else nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        torch._assert(x.ndim == 4, "expected a 4-D input")
+        factor = 0.0 if self.momentum is None else self.momentum
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        x = F.batch_norm(
+            x,
+            self.running_mean if not self.training or self.track_running_stats else None,
+            self.running_var if not self.training or self.track_running_stats else None,
+            self.weight,
+            self.bias,
+            bn_training,
+            factor,
+            self.eps,
+        )
+        return self.act(self.drop(x))
+
+
+def randomize_frozen(model: nn.Module, seed: int) -> None:
+    """Non-trivial statistics for every FrozenBatchNorm2d (randomize_batchnorms knows only
+    torch's BatchNorms)."""
+    g = torch.Generator().manual_seed(seed + 1000)
+    with torch.no_grad():
+        for m in model.modules():
+            if type(m).__name__ == "FrozenBatchNorm2d":
+                n = m.weight.numel()
+                m.weight.copy_(torch.empty(n).uniform_(0.5, 1.5, generator=g))
+                m.bias.copy_(torch.randn(n, generator=g) * 0.2)
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.5)
+                m.running_var.copy_(torch.empty(n).uniform_(0.2, 2.0, generator=g))
+
+
+def randomize_all(model: nn.Module, seed: int = 0, make_input=None) -> nn.Module:
+    """Non-trivial statistics for every BatchNorm, FrozenBatchNorm2d included; then eval()."""
+    randomize_batchnorms(model, make_input, seed=seed)
+    randomize_frozen(model, seed)
+    return model.eval()
