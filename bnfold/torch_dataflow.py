@@ -202,10 +202,13 @@ def _export_dataflow(ep: torch.export.ExportedProgram, paths: dict[int, str]) ->
         key = group.get(node)
         if key is not None and path_of_key[key] not in first_key:
             first_key[path_of_key[key]] = key
+    members_of: dict[str, list[torch.fx.Node]] = defaultdict(list)
+    for node, key in group.items():
+        members_of[key].append(node)
     for path, keys in keys_by_path.items():
         c = ModuleCalls(calls=len(keys))
         key = first_key[path]
-        members = [n for n in graph.nodes if group.get(n) == key]
+        members = members_of[key]
         member_set = set(members)
         inputs = []
         for n in members:

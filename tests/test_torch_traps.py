@@ -384,3 +384,29 @@ def test_export_fallback_refuses_outputs_it_cannot_see_into():
     model = _setup(ReturnsHolder())
     with pytest.raises(bnfold.TracingError, match="Holder"):
         bnfold.fold(model, (_x(2, 3, 6, 6),))
+
+
+def test_folded_model_exports_scripts_and_pickles_without_batchnorm():
+    """Deployment paths after an eager fold: torch.export, TorchScript, torch.save."""
+    import io
+
+    from support import BatchNormAct2d
+
+    from bnfold.demo import DemoNet
+
+    torch.manual_seed(0)
+    model = DemoNet(width=8)
+    model.bn_up = BatchNormAct2d(8)  # a BatchNorm with its own forward, folded to its rest
+    model = _setup(model)
+    x = (_x(2, 3, 16, 16),)
+    folded = bnfold.fold(model, x)
+    assert isinstance(folded.bn_fc, RankCheck)
+    ep = torch.export.export(folded, x)
+    assert not [n for n in ep.graph.nodes if "batch_norm" in str(n.target)]
+    fresh = (_x(2, 3, 16, 16, seed=1),)  # the exported program is specialised to batch 2
+    assert bnfold.verify(model, ep.module(), fresh)[1] <= 1e-5
+    assert bnfold.verify(model, torch.jit.script(folded), fresh)[1] <= 1e-5
+    buffer = io.BytesIO()
+    torch.save(folded, buffer)
+    buffer.seek(0)
+    assert bnfold.verify(model, torch.load(buffer, weights_only=False), fresh)[1] <= 1e-5
