@@ -324,6 +324,8 @@ def _remainder_module(root: nn.Module, graph: torch.fx.Graph) -> nn.Module | Non
     ``root`` is the traced module; the new module shares its submodules.
     """
     name = f"{type(root).__name__}AfterFold"
+    for node in graph.nodes:
+        node.type = None  # annotations from forward's signature would not script
     draft = torch.fx.GraphModule(root, graph, class_name=name)
     draft.graph.eliminate_dead_code()  # the statistics' get_attr nodes, unused now
     nodes = [n for n in draft.graph.nodes if n.op not in ("placeholder", "output")]
