@@ -216,6 +216,12 @@ def _batch_norm_arguments(node: torch.fx.Node) -> dict[str, Any] | None:
     return dict(bound.arguments)
 
 
+class _BufferProxyTracer(torch.fx.Tracer):
+    """Buffers become graph nodes too: forward's in-place updates are recorded, not run."""
+
+    proxy_buffer_attributes = True
+
+
 def _no_check(*_args: Any) -> None:
     return None
 
@@ -242,7 +248,7 @@ def _split_custom_forward(m: nn.Module, spec: BatchNormSpec) -> None:
             stub = rank_check if check == "_check_input_dim" else _no_check
             object.__setattr__(traced, check, stub)
     try:
-        graph = torch.fx.Tracer().trace(traced)
+        graph = _BufferProxyTracer().trace(traced)
     except Exception as e:  # noqa: BLE001 - any tracing failure means "not understood"
         spec.not_foldable = f"{why} and it cannot be traced ({type(e).__name__})"
         return
@@ -327,7 +333,11 @@ def _remainder_module(root: nn.Module, graph: torch.fx.Graph) -> nn.Module | Non
     for node in graph.nodes:
         node.type = None  # annotations from forward's signature would not script
     draft = torch.fx.GraphModule(root, graph, class_name=name)
-    draft.graph.eliminate_dead_code()  # the statistics' get_attr nodes, unused now
+    # Drop the statistics' get_attr nodes, unused now; everything else forward did stays, even
+    # what looks dead (an in-place buffer update, an assert).
+    for node in reversed(list(draft.graph.nodes)):
+        if node.op == "get_attr" and not node.users:
+            draft.graph.erase_node(node)
     nodes = [n for n in draft.graph.nodes if n.op not in ("placeholder", "output")]
     output = next(n for n in draft.graph.nodes if n.op == "output")
     first = next(iter(draft.graph.nodes))

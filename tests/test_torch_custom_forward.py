@@ -50,7 +50,7 @@ class ComputedStats2d(nn.BatchNorm2d):
 
 
 class ScaledStats2d(nn.BatchNorm2d):
-    """Its statistics are computed from its buffers in forward: constants all the same."""
+    """Its statistics are computed in forward (from its buffers): bnfold does not evaluate that."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.batch_norm(
@@ -123,7 +123,7 @@ def test_batchnorm_act_is_folded_and_keeps_its_activation(act, inplace):
     assert (kept is original_act) == inplace
 
 
-@pytest.mark.parametrize("cls", [EpsOverride2d, UsesOtherStats2d, ScaledStats2d, TorchBatchNorm2d])
+@pytest.mark.parametrize("cls", [EpsOverride2d, UsesOtherStats2d, TorchBatchNorm2d])
 def test_custom_forward_fold_uses_what_forward_passes_to_batch_norm(cls):
     model = _setup(cls(6), seed=3)
     x = _inputs(4)
@@ -135,7 +135,7 @@ def test_custom_forward_fold_uses_what_forward_passes_to_batch_norm(cls):
         assert _rel(want, folded(x)) <= 1e-5
 
 
-@pytest.mark.parametrize("cls", [ComputedStats2d, Twice2d])
+@pytest.mark.parametrize("cls", [ComputedStats2d, ScaledStats2d, Twice2d])
 def test_custom_forward_that_is_not_one_batchnorm_is_skipped(cls):
     model = _setup(cls(6), seed=5)
     x = _inputs(6)
@@ -182,3 +182,30 @@ def test_analyze_does_not_modify_a_custom_batchnorm():
     assert "_check_input_dim" not in vars(model.bn)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
+
+
+class CountsCalls2d(nn.BatchNorm2d):
+    """Updates a buffer on every call, training or not."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.num_batches_tracked.add_(1)
+        return F.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+        )
+
+
+def test_a_custom_forward_that_updates_a_buffer_keeps_doing_so_and_analysis_does_not():
+    model = _setup(CountsCalls2d(6), seed=13)
+    model.bn.num_batches_tracked.zero_()
+    x = _inputs(14)
+    report = bnfold.analyze(model, (x,))
+    assert int(model.bn.num_batches_tracked) == 0  # reading forward did not run it
+    assert report.entry("bn").folded
+    with torch.no_grad():
+        want = model(x)
+    folded = bnfold.fold(model, (x,))
+    with torch.no_grad():
+        assert _rel(want, folded(x)) <= 1e-5
+        folded(x)
+    (counter,) = [b for n, b in folded.bn.named_buffers() if n.endswith("num_batches_tracked")]
+    assert int(counter) == 3  # the fold kept the update: the counter came along, and counts
