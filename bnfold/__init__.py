@@ -13,6 +13,7 @@ from typing import Any
 
 from .errors import (
     BnfoldError,
+    InvalidArgumentError,
     TracingError,
     TrainingModeError,
     UnsupportedModelError,
@@ -29,6 +30,7 @@ __all__ = [
     "FoldReport",
     "FoldEntry",
     "BnfoldError",
+    "InvalidArgumentError",
     "TracingError",
     "TrainingModeError",
     "UnsupportedModelError",
@@ -54,7 +56,7 @@ def fold(
     example_inputs: Any = None,
     *,
     inplace: bool = False,
-    producers: Iterable[str] | None = None,
+    producers: Iterable[str] | str | None = None,
     return_report: bool = False,
 ) -> Any:
     """Fold every BatchNorm that can be folded exactly into the layer that produces its input.
@@ -62,9 +64,9 @@ def fold(
     Returns a model of the same kind and class as ``model``; the input is not modified unless
     ``inplace=True``. ``example_inputs`` (a tuple of positional arguments, or one tensor) lets
     bnfold see shapes, which some folds need (Linear + BatchNorm1d), and trace models that
-    ``torch.fx`` cannot. ``producers`` limits the folds to some layer kinds
-    (``"conv"``, ``"conv_transpose"``, ``"linear"``). With ``return_report=True`` the result is
-    ``(folded_model, report)``.
+    ``torch.fx`` cannot. ``producers`` limits the folds to some layer kinds (one or several of
+    ``"conv"``, ``"conv_transpose"``, ``"linear"``). With ``return_report=True`` the result is
+    ``(folded_model, report)``. Raises :class:`BnfoldError` subclasses with what to do.
     """
     return _frontend(model).fold(
         model, example_inputs, inplace=inplace, producers=producers, return_report=return_report
@@ -72,7 +74,7 @@ def fold(
 
 
 def analyze(
-    model: Any, example_inputs: Any = None, *, producers: Iterable[str] | None = None
+    model: Any, example_inputs: Any = None, *, producers: Iterable[str] | str | None = None
 ) -> FoldReport:
     """Return the :class:`FoldReport` that :func:`fold` would produce, changing nothing."""
     return _frontend(model).analyze(model, example_inputs, producers=producers)

@@ -24,6 +24,10 @@ class UnsupportedModelError(BnfoldError):
     """The object passed is not a model type bnfold handles (or its frontend is not installed)."""
 
 
+class InvalidArgumentError(BnfoldError, ValueError):
+    """An argument to a bnfold function is not one it accepts."""
+
+
 class VerificationError(BnfoldError):
     """The folded model's outputs differ from the original's by more than the tolerance."""
 

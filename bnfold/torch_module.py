@@ -22,7 +22,7 @@ from torch import nn
 
 from . import rules
 from .algebra import fold_affine_into_producer
-from .errors import FoldRefused, TrainingModeError, UnsupportedModelError
+from .errors import FoldRefused, InvalidArgumentError, TrainingModeError, UnsupportedModelError
 from .report import FoldEntry, FoldReport
 from .rules import PairFacts
 from .torch_batchnorm import BatchNormSpec, batchnorm_spec, carry_plain_attributes, is_batchnorm
@@ -102,7 +102,9 @@ def _selected_kinds(producers: Iterable[str] | str | None) -> set[str]:
     chosen = {producers} if isinstance(producers, str) else set(producers)
     unknown = chosen - set(PRODUCER_KINDS)
     if unknown:
-        raise ValueError(f"unknown producer kinds {sorted(unknown)}; choose from {PRODUCER_KINDS}")
+        raise InvalidArgumentError(
+            f"unknown producer kinds {sorted(unknown)}; choose from {', '.join(PRODUCER_KINDS)}"
+        )
     return chosen
 
 

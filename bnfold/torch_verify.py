@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import UnsupportedModelError
+from .errors import InvalidArgumentError, UnsupportedModelError
 
 _PLAIN = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device)
 
@@ -76,7 +76,7 @@ def verify(original: nn.Module, folded: nn.Module, example_inputs: Any) -> tuple
     """
     inputs = normalise_inputs(example_inputs)
     if inputs is None:
-        raise TypeError("verify needs example_inputs to run the models on")
+        raise InvalidArgumentError("verify needs example_inputs to run the models on")
     with torch.no_grad():
         a = output_tensors(original(*inputs))
         b = output_tensors(folded(*inputs))

@@ -231,7 +231,7 @@ def test_producers_accepts_one_kind_as_a_string():
     report = bnfold.analyze(model, producers="linear")
     assert report.entry("1").rule == rules.NOT_SELECTED
     assert bnfold.analyze(model, producers="conv").entry("1").folded
-    with pytest.raises(ValueError, match="unknown producer kinds"):
+    with pytest.raises(bnfold.InvalidArgumentError, match="unknown producer kinds"):
         bnfold.analyze(model, producers="convolution")
 
 
