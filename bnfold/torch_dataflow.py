@@ -39,8 +39,13 @@ class ModuleCalls:
     other_users: list[str] = field(default_factory=list)
 
     def merged(self, other: ModuleCalls) -> ModuleCalls:
-        """What holds in both of two traces: the more calls and users, one agreed input."""
+        """What holds in both of two traces: the more calls, every user of either, one input.
+
+        Users are told apart by description, so a user seen in one trace only counts: an output
+        that feeds only the BatchNorm in one trace and the model output in the other has two.
+        """
         same_input = self.input_from == other.input_from
+        users = sorted(set(self.other_users) | set(other.other_users))
         return ModuleCalls(
             calls=max(self.calls, other.calls),
             input_from=self.input_from if same_input else None,
@@ -49,8 +54,8 @@ class ModuleCalls:
                 if same_input
                 else "different layers depending on forward()'s optional arguments"
             ),
-            output_users=max(self.output_users, other.output_users),
-            other_users=sorted(set(self.other_users) | set(other.other_users)),
+            output_users=max(self.output_users, other.output_users, len(users)),
+            other_users=users,
         )
 
 

@@ -410,3 +410,28 @@ def test_folded_model_exports_scripts_and_pickles_without_batchnorm():
     torch.save(folded, buffer)
     buffer.seek(0)
     assert bnfold.verify(model, torch.load(buffer, weights_only=False), fresh)[1] <= 1e-5
+
+
+class NormOnlyWithoutSkip(nn.Module):
+    """With skip=None the conv output goes through the BatchNorm only; with a skip tensor it
+    also leaves the model un-normalised."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x, skip=None):
+        y = self.conv(x)
+        if skip is None:
+            return self.bn(y)
+        return y + skip
+
+
+def test_a_user_seen_in_one_trace_only_blocks_the_fold():
+    model = _setup(NormOnlyWithoutSkip())
+    x, skip = _x(2, 3, 6, 6), _x(2, 8, 6, 6, seed=1)
+    folded, report = bnfold.fold(model, (x,), return_report=True)
+    assert report.entry("bn").rule == rules.SINGLE_CONSUMER
+    _close(model, folded, x)
+    _close(model, folded, x, skip)
