@@ -112,8 +112,9 @@ def affine_factors(
     ):
         _require_finite(v, f"BatchNorm {name}")
     eps64 = float(eps)
-    if not np.isfinite(eps64):
-        raise FoldRefused(f"BatchNorm eps is {eps64}")
+    if not np.isfinite(eps64) or eps64 < 0:
+        raise FoldRefused(f"BatchNorm eps is {eps64}; it must be finite and not negative")
+    _require_positive_in_own_dtype(var, eps64)
     denom = var64 + eps64
     if not (denom > 0).all():
         k = int(np.argmin(denom))
@@ -127,6 +128,25 @@ def affine_factors(
     _require_finite(s, "BatchNorm scale gamma/sqrt(var+eps)")
     _require_finite(t, "BatchNorm shift beta-mean*scale")
     return s, t
+
+
+def _require_positive_in_own_dtype(var: Any, eps: float) -> None:
+    """The BatchNorm adds eps to its variance in the variance's own dtype: if that sum is not
+    positive there (say a tiny negative float32 variance that cancels eps), its output is not
+    finite, whatever the float64 sum says."""
+    if hasattr(var, "detach"):
+        own = (var.detach() + eps).to("cpu").double().numpy()
+    else:
+        arr = np.asarray(var)
+        if arr.dtype.kind != "f":
+            return
+        own = (arr + arr.dtype.type(eps)).astype(np.float64)
+    if not (own > 0).all():
+        k = int(np.argmin(own))
+        raise FoldRefused(
+            f"BatchNorm running_var + eps = {own[k]:g} <= 0 at channel {k} in the variance's "
+            "own precision: the BatchNorm output is not finite there"
+        )
 
 
 def _require_finite(v: np.ndarray, what: str) -> None:

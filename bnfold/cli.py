@@ -30,6 +30,24 @@ class _UsageError(Exception):
     pass
 
 
+def _whole(text: str, low: int, high: int | None, what: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < low or (high is not None and value > high):
+        raise argparse.ArgumentTypeError(f"must be {what}, not {text!r}")
+    return value
+
+
+def _positive(text: str) -> int:
+    return _whole(text, 1, None, "a positive whole number")
+
+
+def _seed(text: str) -> int:
+    return _whole(text, 0, 2**63 - 1, "a whole number from 0 to 2**63 - 1")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="bnfold",
@@ -38,9 +56,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"bnfold {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     demo = sub.add_parser("demo", help="fold the built-in example CNN and report what happened")
-    demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    demo.add_argument("--batch", type=int, default=8, help="batch size for timing (default 8)")
-    demo.add_argument("--size", type=int, default=64, help="input height and width (default 64)")
+    demo.add_argument("--seed", type=_seed, default=0, help="random seed (default 0)")
+    demo.add_argument(
+        "--batch", type=_positive, default=8, help="batch size for timing (default 8)"
+    )
+    demo.add_argument(
+        "--size", type=_positive, default=64, help="input height and width (default 64)"
+    )
     return p
 
 

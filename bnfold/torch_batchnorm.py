@@ -157,12 +157,19 @@ def carry_plain_attributes(bn: nn.Module, new: nn.Module) -> nn.Module:
     tensors forward reads elsewhere.
     """
     for key, value in vars(bn).items():
-        if not key.startswith("_") and key not in vars(new) and isinstance(value, _PLAIN):
-            setattr(new, key, value)
+        if key.startswith("_") or key in vars(new) or not isinstance(value, _PLAIN):
+            continue
+        if hasattr(type(new), key):  # a method or property of the new module's class
+            continue
+        setattr(new, key, value)
     return new
 
 
-def _hooks(m: nn.Module) -> str:
+def forward_changed_reason(m: nn.Module) -> str:
+    """Why ``m`` may not compute what its class's forward says: hooks, or a forward set on the
+    instance (by a hook library, or ``m.forward = ...``). Empty when neither."""
+    if "forward" in vars(m):
+        return f"{type(m).__name__} has a forward() set on the instance, which bnfold cannot see"
     if m._forward_hooks or m._forward_pre_hooks:
         return f"{type(m).__name__} has forward hooks, which may change what it computes"
     return ""
@@ -174,7 +181,7 @@ def batchnorm_spec(m: nn.Module, name: str) -> BatchNormSpec:
         # FrozenBatchNorm2d is not a torch class and implementations differ (eps or none, a
         # fused activation, ...): measure what its forward computes instead of trusting names.
         spec = BatchNormSpec(None, None, 0.0, None, None, input_ranks=frozenset({4}))
-        spec.not_foldable = _hooks(m)
+        spec.not_foldable = forward_changed_reason(m)
         if not spec.not_foldable:
             measured = measure_affine(m, m.running_mean.numel())
             if isinstance(measured, str):
@@ -192,7 +199,7 @@ def batchnorm_spec(m: nn.Module, name: str) -> BatchNormSpec:
             f"{name} has no running statistics (track_running_stats=False): it always "
             "normalises with batch statistics"
         )
-    spec.not_foldable = _hooks(m)
+    spec.not_foldable = forward_changed_reason(m)
     if is_torch_class(defining_class(type(m), "forward")):
         if is_torch_class(defining_class(type(m), "_check_input_dim")):
             spec.input_ranks = next((r for cls, r in _BN_RANKS if isinstance(m, cls)), None)
@@ -222,6 +229,16 @@ class _BufferProxyTracer(torch.fx.Tracer):
     proxy_buffer_attributes = True
 
 
+def _shallow(value: Any) -> Any:
+    """What identifies an attribute's value for change detection: the object, and for a
+    container the objects it holds."""
+    if isinstance(value, dict):
+        return (id(value), tuple((k, id(v)) for k, v in value.items()))
+    if isinstance(value, (list, set)):
+        return (id(value), tuple(id(v) for v in value))
+    return id(value)
+
+
 def _no_check(*_args: Any) -> None:
     return None
 
@@ -238,6 +255,10 @@ def _split_custom_forward(m: nn.Module, spec: BatchNormSpec) -> None:
     # shallow copy (same tensors and submodules) in which they are switched off. They only
     # validate; the rank rule decides what the checks would have.
     traced = copy.copy(m)
+    # Its own slots and containers, so that what forward does to them stays on the copy.
+    for key, value in list(vars(traced).items()):
+        if isinstance(value, (dict, list, set)):
+            object.__setattr__(traced, key, copy.copy(value))
     checked: list[Any] = []  # what the class's own rank check was called on
 
     def rank_check(value: Any) -> None:
@@ -247,10 +268,23 @@ def _split_custom_forward(m: nn.Module, spec: BatchNormSpec) -> None:
         if hasattr(traced, check):
             stub = rank_check if check == "_check_input_dim" else _no_check
             object.__setattr__(traced, check, stub)
+    before = {k: _shallow(v) for k, v in vars(traced).items()}
     try:
         graph = _BufferProxyTracer().trace(traced)
     except Exception as e:  # noqa: BLE001 - any tracing failure means "not understood"
         spec.not_foldable = f"{why} and it cannot be traced ({type(e).__name__})"
+        return
+    changed = sorted(
+        k
+        for k, v in vars(traced).items()
+        if not k.startswith(("_check", "_tensor_constant"))
+        and (k not in before or _shallow(v) != before[k])
+    )
+    if changed:
+        spec.not_foldable = (
+            f"{why} and its forward changes {', '.join(changed)}, which a folded module "
+            "would not keep doing"
+        )
         return
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     if len(placeholders) != 1:

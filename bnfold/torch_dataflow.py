@@ -9,22 +9,22 @@ once on the example inputs, and only when a fold needs them.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import inspect
 import threading
 import warnings
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from .errors import TracingError
+from .errors import InvalidArgumentError, TracingError
 from .torch_batchnorm import is_batchnorm, reads_metadata_only
 from .torch_producers import producer_kind
+from .torch_state import preserved_state
 from .torch_verify import output_tensors
 
 
@@ -120,7 +120,10 @@ def _describe(node: torch.fx.Node) -> str:
     return f"{target} ({node.name})"
 
 
-def _fx_dataflow(graph: torch.fx.Graph, paths: dict[int, str]) -> Dataflow:
+def _fx_dataflow(
+    graph: torch.fx.Graph, paths: dict[int, str], side_uses: dict[torch.fx.Node, str]
+) -> Dataflow:
+    """Data flow from a symbolic trace; ``side_uses`` are values forward stored on the side."""
     interesting = set(paths.values())
     calls: dict[str, ModuleCalls] = defaultdict(ModuleCalls)
     outside: dict[str, list[str]] = defaultdict(list)
@@ -139,9 +142,11 @@ def _fx_dataflow(graph: torch.fx.Graph, paths: dict[int, str]) -> Dataflow:
                 c.input_from = src.target
             elif isinstance(src, torch.fx.Node):
                 c.input_detail = _describe(src)
-            users = [u for u in node.users if not reads_metadata_only(u)]
+            users = [_describe(u) for u in node.users if not reads_metadata_only(u)]
+            if node in side_uses:
+                users.append(f"forward() storing it in {side_uses[node]}")
             c.output_users = len(users)
-            c.other_users = [_describe(u) for u in users]
+            c.other_users = users
         elif node.op == "get_attr":
             owner = _owner(str(node.target), interesting)
             if owner is not None and not all(reads_metadata_only(u) for u in node.users):
@@ -293,7 +298,7 @@ def module_dataflow(
     concrete = _concrete_args(model, example_inputs)
     flows, errors = [], []
     variants = [concrete, None] if concrete else [None]
-    with _TRACE_LOCK, preserved_state(model):
+    with _TRACE_LOCK, preserved_state(model, values=True) as state:
         for args in variants:
             try:
                 with warnings.catch_warnings():  # under the lock: no other trace is running
@@ -303,8 +308,13 @@ def module_dataflow(
                     graph = _LeafTracer().trace(model, concrete_args=args)
             except Exception as e:  # noqa: BLE001 - fx fails on data-dependent Python code
                 errors.append(e)
+                state.restore()
                 continue
-            flows.append(_fx_dataflow(graph, paths))
+            side_uses = {proxy.node: where for where, proxy in state.leaked_proxies()}
+            flow = _fx_dataflow(graph, paths, side_uses)
+            _note_changed_in_place(flow, state.changed_in_place(), set(paths.values()))
+            flows.append(flow)
+            state.restore()
     if flows:
         flow = flows[0]
         for other in flows[1:]:
@@ -325,8 +335,9 @@ def module_dataflow(
             "with torch.export instead"
         ) from fx_error
     try:
-        with _TRACE_LOCK, preserved_state(model):
+        with _TRACE_LOCK, preserved_state(model, values=True) as state:
             ep = torch.export.export(_TensorOutputs(model), example_inputs, strict=False)
+            changed = state.changed_in_place()
     except Exception as export_error:
         raise TracingError(
             f"bnfold could not find the data flow of {type(model).__name__}: torch.fx failed "
@@ -336,7 +347,18 @@ def module_dataflow(
         ) from export_error
     prefix = _TensorOutputs.PREFIX + "."
     flow = _export_dataflow(ep, {k: prefix + p for k, p in paths.items()})
-    return flow.renamed(lambda path: path.removeprefix(prefix))
+    flow = flow.renamed(lambda path: path.removeprefix(prefix))
+    _note_changed_in_place(flow, changed, set(paths.values()))
+    return flow
+
+
+def _note_changed_in_place(flow: Dataflow, names: list[str], paths: set[str]) -> None:
+    """Parameters and buffers that forward changes in place are used outside the graph: a
+    fold that rewrote them would be rewritten again on every call."""
+    for name in names:
+        owner = _owner(name, paths)
+        if owner is not None:
+            flow.outside_uses.setdefault(owner, []).append(f"forward() changing {name} in place")
 
 
 def _short(value: Any) -> str:
@@ -346,38 +368,6 @@ def _short(value: Any) -> str:
         return f"{type(value).__name__} of {len(value)}"
     text = repr(value)
     return text if len(text) <= 30 else text[:27] + "..."
-
-
-@contextlib.contextmanager
-def preserved_state(model: nn.Module, values: bool = False) -> Iterator[None]:
-    """Undo what running or tracing forward does to ``model``'s modules.
-
-    Restores every module's attributes and its parameter, buffer and submodule slots (forward
-    may count calls or reassign buffers); with ``values``, also the buffers' contents (a
-    BatchNorm left in training mode updates its statistics when run).
-    """
-    modules = list(model.modules())
-    saved = [
-        (m, dict(m.__dict__), dict(m._parameters), dict(m._buffers), dict(m._modules))
-        for m in modules
-    ]
-    data = [(b, b.clone()) for b in model.buffers()] if values else []
-    try:
-        yield
-    finally:
-        for m, attrs, params, buffers, children in saved:
-            m.__dict__.clear()
-            m.__dict__.update(attrs)
-            for slot, content in (
-                (m._parameters, params),
-                (m._buffers, buffers),
-                (m._modules, children),
-            ):
-                slot.clear()
-                slot.update(content)
-        with torch.no_grad():
-            for b, value in data:
-                b.copy_(value)
 
 
 def first_line(e: BaseException) -> str:
@@ -402,6 +392,11 @@ def output_ranks(
         try:
             with torch.no_grad():
                 model(*example_inputs)
+        except Exception as e:
+            raise InvalidArgumentError(
+                f"running {type(model).__name__} on example_inputs failed ({type(e).__name__}: "
+                f"{first_line(e)}): pass a tuple of the positional arguments forward() takes"
+            ) from e
         finally:
             for h in handles:
                 h.remove()

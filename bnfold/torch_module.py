@@ -34,6 +34,7 @@ from .torch_producers import (
     params_not_constant,
     producer_kind,
 )
+from .torch_state import preserved_state
 from .torch_verify import normalise_inputs, verify
 
 # --------------------------------------------------------------------------------------------
@@ -77,6 +78,12 @@ def _check_model(model: Any) -> None:
         raise TrainingModeError(
             f"{type(model).__name__} is in training mode, where BatchNorm uses batch statistics "
             "and cannot be folded: call model.eval() first"
+        )
+    if "forward" in vars(model):
+        raise UnsupportedModelError(
+            f"{type(model).__name__}.forward was replaced on the instance (by a hook library or "
+            "an assignment such as model.forward = ...): bnfold traces the class's forward and "
+            "cannot see what the replacement does; fold the model before replacing forward"
         )
     meta = next((n for n, p in model.named_parameters() if p.is_meta), None)
     if meta is not None:
@@ -131,7 +138,9 @@ def _plan(
     flow = module_dataflow(model, example_inputs, paths)
     prod_modules = {p: m for p, m in modules.items() if producer_kind(m)}
     shared = _names_of_state(model)
-    specs = {bn: batchnorm_spec(modules[bn], bn) for bn in bns}
+    with preserved_state(model, values=True):  # reading a BatchNorm's own forward runs it
+        specs = {bn: batchnorm_spec(modules[bn], bn) for bn in bns}
+    _note_hidden_calls(model, modules, flow)
     facts_of = {bn: _pair_facts(bn, specs[bn], modules, prod_modules, flow, shared) for bn in bns}
     observed_rank = _observe_ranks(model, example_inputs, facts_of, prod_modules)
     if flow.note:
@@ -260,6 +269,21 @@ def _pair_facts(
     )
 
 
+def _note_hidden_calls(model: nn.Module, modules: dict[str, nn.Module], flow: Dataflow) -> None:
+    """A producer or BatchNorm that is also reachable inside another one (say a conv a
+    BatchNorm subclass's forward calls) may be called where the trace does not look: record
+    that as a use the data flow cannot see, so that no fold relies on its single call."""
+    path_of = {id(m): p for p, m in modules.items()}
+    for path, m in model.named_modules(remove_duplicate=False):
+        own = path_of.get(id(m))
+        holder = None if own is None else _enclosing_layer(path, modules)
+        seen_calls = flow.calls[own].calls if own in flow.calls else 0
+        if holder is not None and seen_calls > 0:
+            flow.outside_uses.setdefault(own, []).append(
+                f"{holder}'s own forward(), which may call it as {path}"
+            )
+
+
 def _enclosing_layer(path: str, modules: dict[str, nn.Module]) -> str | None:
     """The producer or BatchNorm module that contains the module at ``path``, if any."""
     parts = path.split(".")
@@ -274,32 +298,34 @@ def _enclosing_layer(path: str, modules: dict[str, nn.Module]) -> str | None:
 # Applying the folds
 
 
-class RankCheck(nn.Module):
-    """Takes the place of a BatchNorm that was folded for activations of one rank only.
+class FoldedBatchNorm(nn.Module):
+    """Takes the place of a folded BatchNorm where ``nn.Identity`` would not be enough.
 
-    Linear + BatchNorm1d is exact on 2-D ``(N, C)`` activations and wrong on 3-D ones, which
-    BatchNorm1d also accepts; when the example inputs decided the fold, other ranks raise here
-    instead of giving silently different answers.
+    ``rest`` is what a BatchNorm subclass's own forward did after normalising (an activation,
+    say). ``rank`` (0: no check) is set when the example inputs decided the fold: Linear +
+    BatchNorm1d is exact on 2-D ``(N, C)`` activations and wrong on 3-D ones, which BatchNorm1d
+    also accepts, so another rank fails loudly here instead of giving different answers. Written
+    with ``torch._assert`` so that torch.fx, torch.export and TorchScript all take it.
     """
 
-    def __init__(self, rank: int, bn: str, producer: str, after: nn.Module | None = None) -> None:
+    def __init__(self, bn: str, producer: str, rank: int = 0, rest: nn.Module | None = None):
         super().__init__()
+        self.folded_into = producer
         self.rank = rank
-        self.bn = bn
-        self.producer = producer
-        self.after = after
+        self.rest = nn.Identity() if rest is None else rest
+        self.message = (
+            f"bnfold folded BatchNorm {bn} into {producer} for {rank}-D activations (as the "
+            "example inputs had them); this input has another rank: fold again with example "
+            "inputs of the rank you use"
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != self.rank:
-            raise RuntimeError(
-                f"bnfold folded BatchNorm {self.bn} into {self.producer} for {self.rank}-D "
-                f"activations (as the example inputs gave), but this one is {x.dim()}-D: fold "
-                "again with example inputs of this rank"
-            )
-        return x if self.after is None else self.after(x)
+        if self.rank > 0:
+            torch._assert(x.dim() == self.rank, self.message)
+        return self.rest(x)
 
     def extra_repr(self) -> str:
-        return f"rank={self.rank}, bn={self.bn!r}"
+        return f"folded_into={self.folded_into!r}, rank={self.rank}"
 
 
 @dataclass
@@ -314,12 +340,12 @@ class _Folded:
 
 
 def _replacement(fold: _PlannedFold, bn: nn.Module) -> nn.Module:
-    """What takes the folded BatchNorm's place: Identity, the rest of its own forward, or either
-    behind a rank check; with the BatchNorm's plain attributes."""
-    new = fold.spec.remainder
-    if fold.rank is not None:
-        new = RankCheck(fold.rank, fold.bn, fold.producer, new)
-    return carry_plain_attributes(bn, nn.Identity() if new is None else new)
+    """What takes the folded BatchNorm's place, with the BatchNorm's plain attributes."""
+    if fold.rank is None and fold.spec.remainder is None:
+        new: nn.Module = nn.Identity()
+    else:
+        new = FoldedBatchNorm(fold.bn, fold.producer, fold.rank or 0, fold.spec.remainder)
+    return carry_plain_attributes(bn, new)
 
 
 def _compute(model: nn.Module, plan: _Plan) -> tuple[list[_Folded], FoldReport]:
@@ -450,4 +476,4 @@ def fold(
     return (target, report) if return_report else target
 
 
-__all__ = ["analyze", "fold", "verify", "RankCheck"]
+__all__ = ["analyze", "fold", "verify", "FoldedBatchNorm"]

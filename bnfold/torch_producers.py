@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import nn
 
 from .algebra import CONV, LINEAR, OutputLayout, conv_transpose_layout
-from .torch_batchnorm import defining_class, is_torch_class
+from .torch_batchnorm import defining_class, forward_changed_reason, is_torch_class
 
 PRODUCER_KINDS = ("conv", "conv_transpose", "linear")
 
@@ -37,9 +37,7 @@ def custom_forward_reason(m: nn.Module) -> str:
                 f"{type(m).__name__} overrides {method}(); bnfold cannot prove that folding "
                 "keeps what it does"
             )
-    if m._forward_hooks or m._forward_pre_hooks:
-        return f"{type(m).__name__} has forward hooks, which may change what it computes"
-    return ""
+    return forward_changed_reason(m)
 
 
 def params_not_constant(m: nn.Module) -> bool:

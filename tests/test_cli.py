@@ -39,3 +39,15 @@ def test_python_dash_m_runs_the_cli():
         [sys.executable, "-m", "bnfold", "--version"], capture_output=True, text=True
     )
     assert out.returncode == 0 and out.stdout.startswith("bnfold ")
+
+
+def test_demo_runs_with_batch_one(capsys):
+    assert main(["demo", "--batch", "1", "--size", "16"]) == 0
+    assert "verified: outputs match" in capsys.readouterr().out
+
+
+def test_demo_arguments_are_validated_as_usage_errors(capsys):
+    for argv in (["--batch", "0"], ["--size", "-3"], ["--seed", "9" * 20], ["--batch", "x"]):
+        assert main(["demo", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("bnfold: error: argument") and err.count("\n") == 1

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 import bnfold
 from bnfold import rules
-from bnfold.torch_module import RankCheck
+from bnfold.torch_module import FoldedBatchNorm
 
 REL_TOL = 1e-5
 NO_PRODUCER = rules.NO_PRODUCER
@@ -594,8 +594,8 @@ def test_audio_conv1d_batchnorm1d_needs_example_inputs(with_example):
     folds, skips = (pairs, {}) if with_example else ({}, dict.fromkeys(pairs, CHANNEL_AXIS))
     folded, _ = check_fold(model, waveforms, folds, skips, no_example=not with_example)
     if with_example:  # decided on batched input: an unbatched one raises, never answers wrongly
-        assert type(folded.bn1) is RankCheck and folded.bn1.num_features == 8
-        with pytest.raises(RuntimeError, match="3-D"):
+        assert type(folded.bn1) is FoldedBatchNorm and folded.bn1.num_features == 8
+        with pytest.raises(AssertionError, match="3-D activations"):
             folded(torch.randn(1, 800))
 
 
@@ -637,7 +637,7 @@ def test_tabular_linear_batchnorm1d_needs_example_inputs(with_example):
     )  # fmt: skip
     assert "input" in report.entry("bn_cont").reason
     if with_example:
-        assert type(folded.layers[1]) is RankCheck and folded.layers[1].eps == 1e-5
+        assert type(folded.layers[1]) is FoldedBatchNorm and folded.layers[1].eps == 1e-5
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from torch import nn
 import bnfold
 from bnfold import rules
 from bnfold.demo import DemoNet, randomize_batchnorms
-from bnfold.torch_module import RankCheck
+from bnfold.torch_module import FoldedBatchNorm
 
 REL_TOL = 1e-5  # float32 folds: max|a - b| / max|a|
 
@@ -40,7 +40,9 @@ def randn(*shape, seed: int, dtype=torch.float32) -> torch.Tensor:
 def folded_away(m: nn.Module) -> bool:
     """What stands where a folded BatchNorm was: Identity, or a rank check when the example
     inputs' rank decided the fold (Linear/Conv1d + BatchNorm1d)."""
-    return type(m) is nn.Identity or (type(m) is RankCheck and m.after is None)
+    return type(m) is nn.Identity or (
+        type(m) is FoldedBatchNorm and type(m.rest) is nn.Identity and m.rank > 0
+    )
 
 
 def is_bn(m: nn.Module) -> bool:

@@ -15,7 +15,7 @@ from torch import nn
 import bnfold
 from bnfold import rules
 from bnfold.demo import randomize_batchnorms
-from bnfold.torch_module import RankCheck
+from bnfold.torch_module import FoldedBatchNorm
 
 
 def _x(*shape: int, seed: int = 0) -> torch.Tensor:
@@ -105,11 +105,11 @@ def test_batchnorm_referenced_outside_module_slots(inplace):
 def test_linear_bn1d_fold_decided_on_2d_refuses_3d_inputs_loudly():
     model = _setup(nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8)))
     folded = bnfold.fold(model, (_x(4, 8),))
-    assert isinstance(folded[1], RankCheck)
+    assert isinstance(folded[1], FoldedBatchNorm)
     _close(model, folded, _x(5, 8, seed=1))
     with torch.no_grad():
         model(_x(3, 8, 8, seed=2))  # the original accepts 3-D input too...
-        with pytest.raises(RuntimeError, match="2-D"):
+        with pytest.raises(AssertionError, match="2-D activations"):
             folded(_x(3, 8, 8, seed=2))  # ...where the fold would be wrong: it says so
 
 
@@ -119,7 +119,7 @@ def test_conv1d_bn1d_fold_decided_on_batched_refuses_unbatched_loudly():
     _close(model, folded, _x(4, 3, 12, seed=1))
     with torch.no_grad():
         model(_x(3, 10, seed=2))  # unbatched (C, L) with L == 8 channels runs in the original
-        with pytest.raises(RuntimeError, match="3-D"):
+        with pytest.raises(AssertionError, match="3-D activations"):
             folded(_x(3, 10, seed=2))
 
 
@@ -130,7 +130,7 @@ def test_rank_checked_fold_of_a_batchnorm_with_its_own_forward_keeps_the_rest():
 
     model = _setup(nn.Sequential(nn.Linear(6, 5), BNReLU1d(5)))
     folded = bnfold.fold(model, (_x(4, 6),))
-    assert isinstance(folded[1], RankCheck) and folded[1].after is not None
+    assert isinstance(folded[1], FoldedBatchNorm) and type(folded[1].rest) is not nn.Identity
     _close(model, folded, _x(7, 6, seed=1))
 
 
@@ -400,7 +400,7 @@ def test_folded_model_exports_scripts_and_pickles_without_batchnorm():
     model = _setup(model)
     x = (_x(2, 3, 16, 16),)
     folded = bnfold.fold(model, x)
-    assert isinstance(folded.bn_fc, RankCheck)
+    assert isinstance(folded.bn_fc, FoldedBatchNorm)
     ep = torch.export.export(folded, x)
     assert not [n for n in ep.graph.nodes if "batch_norm" in str(n.target)]
     fresh = (_x(2, 3, 16, 16, seed=1),)  # the exported program is specialised to batch 2
@@ -435,3 +435,233 @@ def test_a_user_seen_in_one_trace_only_blocks_the_fold():
     assert report.entry("bn").rule == rules.SINGLE_CONSUMER
     _close(model, folded, x)
     _close(model, folded, x, skip)
+
+
+# --------------------------------------------------------------------------------------------
+# Second round: what forward does besides the graph
+
+
+class ConvBN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+def test_a_forward_set_on_a_batchnorm_instance_is_not_trusted():
+    model = _setup(ConvBN())
+    bn = model.bn
+    bn.forward = lambda x: torch.relu(nn.BatchNorm2d.forward(bn, x))
+    folded, report = bnfold.fold(model, (_x(2, 3, 6, 6),), return_report=True)
+    assert report.entry("bn").rule == rules.STANDARD_FORWARD
+    assert "instance" in report.entry("bn").reason
+    _close(model, folded, _x(2, 3, 6, 6, seed=1))
+
+
+def test_a_forward_set_on_the_model_instance_is_a_clear_error():
+    model = _setup(ConvBN())
+
+    def residual_forward(x):
+        y = model.conv(x)
+        return model.bn(y) + y
+
+    model.forward = residual_forward
+    with pytest.raises(bnfold.UnsupportedModelError, match="replaced on the instance"):
+        bnfold.fold(model)
+
+
+class BNThenProject(nn.BatchNorm2d):
+    def __init__(self, n: int, proj: nn.Module) -> None:
+        super().__init__(n)
+        self.proj = proj
+
+    def forward(self, x):
+        return self.proj(super().forward(x))
+
+
+class HiddenProducerCall(nn.Module):
+    """`shared` is called at the top level and, unseen by the trace, inside bnp's forward."""
+
+    def __init__(self, shared_first: bool) -> None:
+        super().__init__()
+        shared = nn.Conv2d(4, 4, 1)
+        if shared_first:
+            self.shared = shared
+        self.conv1 = nn.Conv2d(4, 4, 3, padding=1)
+        self.bnp = BNThenProject(4, shared)
+        self.bn3 = nn.BatchNorm2d(4)
+        if not shared_first:
+            self.shared = shared
+
+    def forward(self, x):
+        return self.bnp(self.conv1(x)) + self.bn3(self.shared(x))
+
+
+@pytest.mark.parametrize("shared_first", [True, False])
+def test_a_producer_also_called_inside_another_layer_is_not_folded(shared_first):
+    model = _setup(HiddenProducerCall(shared_first))
+    x = _x(2, 4, 6, 6)
+    folded, report = bnfold.fold(model, (x,), return_report=True)
+    assert not report.entry("bn3").folded
+    assert "bnp" in report.entry("bn3").reason
+    _close(model, folded, _x(3, 4, 6, 6, seed=1))
+
+
+class StoresFeatures(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.bn = nn.BatchNorm2d(8)
+        self.features: dict[str, torch.Tensor] = {}
+
+    def forward(self, x):
+        y = self.conv(x)
+        self.features["conv"] = y  # read by the caller after forward
+        return self.bn(y)
+
+
+def test_an_output_stored_on_the_side_is_a_use_and_the_model_is_left_clean():
+    model = _setup(StoresFeatures())
+    x = _x(2, 3, 6, 6)
+    with torch.no_grad():
+        model(x)
+    kept = model.features["conv"]
+    folded, report = bnfold.fold(model, (x,), return_report=True)
+    assert report.entry("bn").rule == rules.SINGLE_CONSUMER
+    assert "features" in report.entry("bn").reason
+    assert model.features["conv"] is kept  # no tracing proxy left behind
+    _close(model, folded, x)
+
+
+class ClampsWeights(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        with torch.no_grad():
+            for p in self.conv.parameters():
+                p.clamp_(-0.3, 0.3)
+        return self.bn(self.conv(x))
+
+
+def test_a_forward_that_rewrites_its_weights_is_not_folded():
+    model = _setup(ClampsWeights())
+    x = _x(2, 3, 6, 6)
+    with torch.no_grad():
+        model(x)  # the weights are clamped from the first call on
+    folded, report = bnfold.fold(model, (x,), return_report=True)
+    assert not report.entry("bn").folded
+    assert "in place" in report.entry("bn").reason
+    _close(model, folded, x)
+
+
+class TouchesBuffers(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.bn = nn.BatchNorm2d(8)
+        self.register_buffer("n", torch.zeros(()))
+
+    def forward(self, x):
+        for b in self.buffers(recurse=False):
+            b.add_(1)
+        return self.bn(self.conv(x))
+
+
+def test_buffers_changed_without_attribute_access_are_restored():
+    model = _setup(TouchesBuffers())
+    model.n.zero_()
+    folded = bnfold.fold(model, (_x(2, 3, 6, 6),))
+    assert float(model.n) == 0.0
+    _close(model, folded, _x(2, 3, 6, 6, seed=1))
+
+
+class LazyAct2d(nn.BatchNorm2d):
+    def forward(self, x):
+        if not hasattr(self, "act"):
+            self.act = nn.ReLU()
+        return self.act(super().forward(x))
+
+
+class LogsOutputs2d(nn.BatchNorm2d):
+    def __init__(self, n: int) -> None:
+        super().__init__(n)
+        self.log: list = []
+        self.calls = 0
+
+    def forward(self, x):
+        y = super().forward(x)
+        self.log.append(y)
+        self.calls += 1
+        return y
+
+
+@pytest.mark.parametrize("cls", [LazyAct2d, LogsOutputs2d])
+def test_a_batchnorm_forward_with_python_side_effects_is_kept_and_left_clean(cls):
+    model = _setup(nn.Sequential(nn.Conv2d(3, 4, 3), cls(4)))
+    before = dict(vars(model[1]))
+    folded, report = bnfold.fold(model, (_x(2, 3, 6, 6),), return_report=True)
+    assert report.entry("1").rule == rules.STANDARD_FORWARD
+    assert vars(model[1]).keys() == before.keys()
+    assert not getattr(model[1], "log", [])
+    assert "act" not in model[1]._modules
+
+
+class NamedLikeGraphModule2d(nn.BatchNorm2d):
+    """Plain attributes whose names a GraphModule uses for properties."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__(n)
+        self.code = "bn-7"
+        self.graph = "none"
+
+    def forward(self, x):
+        return torch.relu(super().forward(x))
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_plain_attributes_survive_a_custom_forward_fold_and_a_deepcopy(inplace):
+    model = _setup(nn.Sequential(nn.Conv2d(3, 4, 3), NamedLikeGraphModule2d(4)))
+    reference = copy.deepcopy(model)
+    folded = bnfold.fold(model, (_x(2, 3, 6, 6),), inplace=inplace)
+    copied = copy.deepcopy(folded)
+    for m in (folded[1], copied[1]):
+        assert m.num_features == 4 and m.code == "bn-7" and m.graph == "none"
+    _close(reference, copied, _x(1, 3, 6, 6, seed=1))
+
+
+def test_folded_models_trace_with_fx_and_fold_again():
+    model = _setup(nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.BatchNorm1d(5)))
+    x = _x(4, 6)
+    folded, report = bnfold.fold(model, (x,), return_report=True)
+    assert [e.action for e in report] == ["folded", "skipped"]
+    traced = torch.fx.symbolic_trace(folded)
+    _close(model, traced, x)
+    again, report2 = bnfold.fold(folded, (x,), return_report=True)
+    assert [e.action for e in report2] == ["skipped"] and not report2.notes
+    _close(model, again, x)
+
+
+def test_variance_plus_eps_is_checked_in_the_variance_precision():
+    model = _setup(ConvBN())
+    with torch.no_grad():
+        model.bn.running_var[3] = -model.bn.eps  # float32: var + eps == 0, the output is inf
+    folded, report = bnfold.fold(model, return_report=True)
+    assert report.entry("bn").rule == rules.VALID_VALUES
+
+
+def test_negative_eps_is_refused():
+    model = _setup(ConvBN())
+    model.bn.eps = -1e-3
+    assert bnfold.analyze(model).entry("bn").rule == rules.VALID_VALUES
+
+
+def test_example_inputs_the_model_rejects_are_a_clear_error():
+    model = _setup(nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5)))
+    with pytest.raises(bnfold.InvalidArgumentError, match="example_inputs"):
+        bnfold.fold(model, (_x(4, 7),))
