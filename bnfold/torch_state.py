@@ -9,6 +9,7 @@ back as they were, and to tell the frontend what ``forward`` did that the graph 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -64,6 +65,13 @@ def find_proxies(value: Any, where: str, depth: int = 0) -> list[tuple[str, torc
     return []
 
 
+@functools.cache
+def _module_internals() -> frozenset[str]:
+    """nn.Module's own bookkeeping attributes (slots and hook tables): restored as slots or
+    left alone, never searched as user containers."""
+    return frozenset(vars(nn.Module()))
+
+
 class ModelState:
     """A record of every module's attributes, slots, containers and tensor versions."""
 
@@ -71,9 +79,14 @@ class ModelState:
         self.model = model
         self.modules = [(path, m) for path, m in model.named_modules(remove_duplicate=False)]
         self.saved = []
+        internals = _module_internals()
         for _, m in self.modules:
             attrs = dict(m.__dict__)
-            containers = {k: _snapshot_container(v) for k, v in attrs.items()}
+            containers = {
+                k: _snapshot_container(v)
+                for k, v in attrs.items()
+                if k not in internals and isinstance(v, _CONTAINERS)
+            }
             slots = (dict(m._parameters), dict(m._buffers), dict(m._modules))
             self.saved.append((m, attrs, containers, slots))
         self.tensors = [
@@ -111,9 +124,10 @@ class ModelState:
         """torch.fx proxies that tracing left in the modules' attributes: values ``forward``
         stores on the side, where the graph does not see them used."""
         found = []
+        internals = _module_internals()
         for path, m in self.modules:
             for key, value in list(m.__dict__.items()):
-                if key in ("_parameters", "_buffers", "_modules") or key.startswith("_forward"):
+                if key in internals:
                     continue
                 found += find_proxies(value, f"{path + '.' if path else ''}{key}")
         return found
