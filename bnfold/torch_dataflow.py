@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import threading
 import warnings
 from collections import defaultdict
 from collections.abc import Callable
@@ -24,7 +23,7 @@ from torch import nn
 from .errors import InvalidArgumentError, TracingError
 from .torch_batchnorm import is_batchnorm, reads_metadata_only
 from .torch_producers import producer_kind
-from .torch_state import preserved_state
+from .torch_state import TRACE_LOCK, preserved_state
 from .torch_verify import output_tensors
 
 
@@ -259,10 +258,6 @@ def _export_dataflow(ep: torch.export.ExportedProgram, paths: dict[int, str]) ->
     return Dataflow(calls, dict(outside), note=EXPORT_NOTE)
 
 
-# torch.fx patches nn.Module.__call__ while it traces: one trace at a time in this process.
-_TRACE_LOCK = threading.Lock()
-
-
 def _concrete_args(model: nn.Module, example_inputs: tuple | None) -> dict[str, Any]:
     """forward()'s arguments that a call with ``example_inputs`` fixes to non-tensor values.
 
@@ -298,7 +293,7 @@ def module_dataflow(
     concrete = _concrete_args(model, example_inputs)
     flows, errors = [], []
     variants = [concrete, None] if concrete else [None]
-    with _TRACE_LOCK, preserved_state(model, values=True) as state:
+    with TRACE_LOCK, preserved_state(model, values=True) as state:
         for args in variants:
             try:
                 with warnings.catch_warnings():  # under the lock: no other trace is running
@@ -335,7 +330,7 @@ def module_dataflow(
             "with torch.export instead"
         ) from fx_error
     try:
-        with _TRACE_LOCK, preserved_state(model, values=True) as state:
+        with TRACE_LOCK, preserved_state(model, values=True) as state:
             ep = torch.export.export(_TensorOutputs(model), example_inputs, strict=False)
             changed = state.changed_in_place()
     except Exception as export_error:

@@ -34,7 +34,7 @@ from .torch_producers import (
     params_not_constant,
     producer_kind,
 )
-from .torch_state import preserved_state
+from .torch_state import TRACE_LOCK, preserved_state
 from .torch_verify import normalise_inputs, verify
 
 # --------------------------------------------------------------------------------------------
@@ -138,7 +138,7 @@ def _plan(
     flow = module_dataflow(model, example_inputs, paths)
     prod_modules = {p: m for p, m in modules.items() if producer_kind(m)}
     shared = _names_of_state(model)
-    with preserved_state(model, values=True):  # reading a BatchNorm's own forward runs it
+    with TRACE_LOCK, preserved_state(model, values=True):  # reading a custom forward runs it
         specs = {bn: batchnorm_spec(modules[bn], bn) for bn in bns}
     _note_hidden_calls(model, modules, flow)
     facts_of = {bn: _pair_facts(bn, specs[bn], modules, prod_modules, flow, shared) for bn in bns}

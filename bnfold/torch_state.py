@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
+
+# torch.fx patches nn.Module.__call__ while it traces: one trace at a time in this process.
+TRACE_LOCK = threading.RLock()
 
 _CONTAINERS = (dict, list, set)
 _MAX_DEPTH = 4
