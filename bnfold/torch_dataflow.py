@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from .errors import InvalidArgumentError, TracingError
 from .torch_batchnorm import is_batchnorm, reads_metadata_only
@@ -176,7 +177,12 @@ class _TensorOutputs(nn.Module):
         return tuple(t for _, t in output_tensors(self.model(*args), strict=True))
 
 
-def _export_dataflow(ep: torch.export.ExportedProgram, paths: dict[int, str]) -> Dataflow:
+def _export_dataflow(
+    ep: torch.export.ExportedProgram,
+    paths: dict[int, str],
+    prefix: str = "",
+    aliases: dict[str, str] | None = None,
+) -> Dataflow:
     """Data flow from a non-strict torch.export trace, mapped back to modules.
 
     ``paths`` are the modules' paths in the exported module; the result uses the paths
@@ -197,6 +203,10 @@ def _export_dataflow(ep: torch.export.ExportedProgram, paths: dict[int, str]) ->
     for node in graph.nodes:
         stack = node.meta.get("nn_module_stack") or {}
         for key, (path, _type) in stack.items():
+            # The stack names a module by the name it was called under: map every alias of a
+            # module to one name, so that calls under two names count as two calls.
+            if aliases and path.startswith(prefix) and path[len(prefix) :] in aliases:
+                path = prefix + aliases[path[len(prefix) :]]
             if path in interesting:
                 group[node] = key
                 path_of_key[key] = path
@@ -293,12 +303,14 @@ def module_dataflow(
     concrete = _concrete_args(model, example_inputs)
     flows, errors = [], []
     variants = [concrete, None] if concrete else [None]
+    watched = _watched_tensors(model, set(paths.values()))
     with TRACE_LOCK, preserved_state(model, values=True) as state:
         for args in variants:
             try:
-                with warnings.catch_warnings():  # under the lock: no other trace is running
+                with warnings.catch_warnings(), _RealTensorUses(watched) as real_uses:
                     # fx warns that it cannot guard a specialised argument; the report's note
-                    # says what was fixed when only that trace succeeds.
+                    # says what was fixed when only that trace succeeds. (Under the lock: no
+                    # other trace is running.)
                     warnings.filterwarnings("ignore", "Was not able to add assertion")
                     graph = _LeafTracer().trace(model, concrete_args=args)
             except Exception as e:  # noqa: BLE001 - fx fails on data-dependent Python code
@@ -308,6 +320,8 @@ def module_dataflow(
             side_uses = {proxy.node: where for where, proxy in state.leaked_proxies()}
             flow = _fx_dataflow(graph, paths, side_uses)
             _note_changed_in_place(flow, state.changed_in_place(), set(paths.values()))
+            for owner, use in real_uses.found:
+                flow.outside_uses.setdefault(owner, []).append(use)
             flows.append(flow)
             state.restore()
     if flows:
@@ -331,8 +345,13 @@ def module_dataflow(
         ) from fx_error
     try:
         with TRACE_LOCK, preserved_state(model, values=True) as state:
-            ep = torch.export.export(_TensorOutputs(model), example_inputs, strict=False)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                ep = torch.export.export(_TensorOutputs(model), example_inputs, strict=False)
             changed = state.changed_in_place()
+            # torch.export puts tensor attributes that forward assigns back itself, and says so
+            # in a warning; what it leaves is seen by the record.
+            stored = state.stored_tensors() + _assigned_during_export(caught)
     except Exception as export_error:
         raise TracingError(
             f"bnfold could not find the data flow of {type(model).__name__}: torch.fx failed "
@@ -341,10 +360,79 @@ def module_dataflow(
             "traceable submodules one by one"
         ) from export_error
     prefix = _TensorOutputs.PREFIX + "."
-    flow = _export_dataflow(ep, {k: prefix + p for k, p in paths.items()})
+    aliases = _aliases(model, paths)
+    flow = _export_dataflow(ep, {k: prefix + p for k, p in paths.items()}, prefix, aliases)
     flow = flow.renamed(lambda path: path.removeprefix(prefix))
     _note_changed_in_place(flow, changed, set(paths.values()))
+    if stored:
+        # torch.export's values cannot be told apart once stored: any of them may be a layer's
+        # output that leaves the model unseen, so no fold relies on a single consumer.
+        use = f"forward() storing tensors in {', '.join(stored)}"
+        for path in paths.values():
+            flow.outside_uses.setdefault(path, []).append(use)
     return flow
+
+
+def _assigned_during_export(caught: list[warnings.WarningMessage]) -> list[str]:
+    """Attributes torch.export reports as assigned during its trace (and has undone)."""
+    names = []
+    for w in caught:
+        text = str(w.message)
+        head, sep, _ = text.partition(" was assigned during export")
+        if sep and "attribute " in head:
+            name = head.rpartition("attribute ")[2]
+            names.append(name.removeprefix(f"self.{_TensorOutputs.PREFIX}.").removeprefix("self."))
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return names
+
+
+def _aliases(model: nn.Module, paths: dict[int, str]) -> dict[str, str]:
+    """Every name of a module in ``paths`` -> the name bnfold uses for it."""
+    return {
+        name: paths[id(m)]
+        for name, m in model.named_modules(remove_duplicate=False)
+        if id(m) in paths and name
+    }
+
+
+def _watched_tensors(model: nn.Module, paths: set[str]) -> dict[int, tuple[str, str]]:
+    """id(tensor) -> (owning module path, qualified name) for the producers' and BatchNorms'
+    parameters and buffers."""
+    watched = {}
+    for path in paths:
+        m = model.get_submodule(path)
+        for name, t in [*m._parameters.items(), *m._buffers.items()]:
+            if t is not None:
+                watched[id(t)] = (path, f"{path}.{name}")
+    return watched
+
+
+class _RealTensorUses(TorchFunctionMode):
+    """Notes torch operations on the real parameters and buffers of producers and BatchNorms
+    while forward is traced.
+
+    torch.fx sees a parameter read as an attribute (``self.conv.weight``) but not one reached
+    through ``.parameters()``, ``_parameters[...]`` or ``named_buffers()``: those are real
+    tensors, and what forward computes from them is baked into the graph as a constant. Any
+    such operation is a use of the tensor outside its module.
+    """
+
+    def __init__(self, watched: dict[int, tuple[str, str]]) -> None:
+        super().__init__()
+        self.watched = watched
+        self.found: list[tuple[str, str]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.watched:
+            for leaf in torch.utils._pytree.tree_leaves((args, kwargs)):
+                hit = self.watched.get(id(leaf)) if isinstance(leaf, torch.Tensor) else None
+                if hit is not None and not isinstance(leaf, torch.fx.Proxy):
+                    owner, name = hit
+                    name_of = getattr(func, "__name__", str(func))
+                    self.found.append((owner, f"forward() computing {name_of} from {name}"))
+        return func(*args, **kwargs)
 
 
 def _note_changed_in_place(flow: Dataflow, names: list[str], paths: set[str]) -> None:

@@ -79,6 +79,11 @@ def _check_model(model: Any) -> None:
             f"{type(model).__name__} is in training mode, where BatchNorm uses batch statistics "
             "and cannot be folded: call model.eval() first"
         )
+    if isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is a torch.compile wrapper: fold the module it compiles "
+            "(model._orig_mod), or fold before compiling, then compile the folded model"
+        )
     if "forward" in vars(model):
         raise UnsupportedModelError(
             f"{type(model).__name__}.forward was replaced on the instance (by a hook library or "

@@ -1,16 +1,19 @@
 """Undo and detect what running or tracing ``forward`` does to a model.
 
 Finding the data flow runs the user's Python ``forward`` (under torch.fx, torch.export, or for
-real to see shapes). That code may count calls, store intermediate values on the module, create
-submodules, or change tensors in place. :class:`ModelState` records enough to put the modules
-back as they were, and to tell the frontend what ``forward`` did that the graph does not show.
+real to see shapes). That code may count calls, store intermediate values on the module (in
+dicts, lists, deques, namespaces), create submodules, or change tensors in place.
+:class:`ModelState` records enough to put the modules back as they were, and to tell the
+frontend what ``forward`` did that the graph does not show.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import threading
+import types
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,53 +23,8 @@ from torch import nn
 # torch.fx patches nn.Module.__call__ while it traces: one trace at a time in this process.
 TRACE_LOCK = threading.RLock()
 
-_CONTAINERS = (dict, list, set)
 _MAX_DEPTH = 4
-
-
-def _snapshot_container(value: Any, depth: int = 0) -> Any:
-    """The contents of a mutable container (recursively), to be written back in place."""
-    if depth >= _MAX_DEPTH or not isinstance(value, _CONTAINERS):
-        return None
-    if isinstance(value, dict):
-        items = list(value.items())
-        inner = [_snapshot_container(v, depth + 1) for _, v in items]
-    else:
-        items = list(value)
-        inner = [_snapshot_container(v, depth + 1) for v in items]
-    return items, inner
-
-
-def _restore_container(value: Any, snap: Any) -> None:
-    if snap is None:
-        return
-    items, inner = snap
-    if isinstance(value, dict):
-        value.clear()
-        value.update(items)
-        children = [v for _, v in items]
-    elif isinstance(value, list):
-        value[:] = items
-        children = items
-    else:
-        value.clear()
-        value.update(items)
-        children = items
-    for child, child_snap in zip(children, inner, strict=True):
-        _restore_container(child, child_snap)
-
-
-def find_proxies(value: Any, where: str, depth: int = 0) -> list[tuple[str, torch.fx.Proxy]]:
-    """torch.fx proxies held in ``value`` (containers searched to a small depth)."""
-    if isinstance(value, torch.fx.Proxy):
-        return [(where, value)]
-    if depth >= _MAX_DEPTH:
-        return []
-    if isinstance(value, dict):
-        return [p for k, v in value.items() for p in find_proxies(v, f"{where}[{k!r}]", depth + 1)]
-    if isinstance(value, (list, tuple, set)):
-        return [p for i, v in enumerate(value) for p in find_proxies(v, f"{where}[{i}]", depth + 1)]
-    return []
+_SEQUENCES = (list, collections.deque)
 
 
 @functools.cache
@@ -76,53 +34,176 @@ def _module_internals() -> frozenset[str]:
     return frozenset(vars(nn.Module()))
 
 
+def _version(t: torch.Tensor) -> int | None:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors keep no version counter (nor change outside it)
+        return None
+
+
+def _slot_names(cls: type) -> list[str]:
+    names = []
+    for klass in cls.__mro__:
+        slots = klass.__dict__.get("__slots__", ())
+        names += [slots] if isinstance(slots, str) else list(slots)
+    return [n for n in names if n not in ("__dict__", "__weakref__")]
+
+
+def _children(value: Any) -> list[Any] | None:
+    """The values a mutable holder holds, or None for anything else."""
+    if isinstance(value, dict):
+        return list(dict.values(value))
+    if isinstance(value, (*_SEQUENCES, set)):
+        return list(value)
+    if isinstance(value, types.SimpleNamespace):
+        return list(vars(value).values())
+    return None
+
+
+class _Holders:
+    """Mutable containers reachable from module attributes, each recorded once, and plain
+    tensors among their contents."""
+
+    def __init__(self) -> None:
+        self.saved: dict[int, tuple[Any, Any]] = {}  # id -> (holder, contents)
+        self.tensors: dict[int, tuple[torch.Tensor, int | None, torch.Tensor | None]] = {}
+
+    def record(self, value: Any, depth: int = 0) -> None:
+        if isinstance(value, torch.Tensor):
+            if id(value) not in self.tensors and not isinstance(value, nn.Parameter):
+                small = value.numel() <= 1 << 20 and not value.is_meta
+                keep = value.detach().clone() if small else None
+                self.tensors[id(value)] = (value, _version(value), keep)
+            return
+        if depth >= _MAX_DEPTH or id(value) in self.saved:
+            return
+        children = _children(value)
+        if children is None:
+            return
+        if isinstance(value, dict):
+            contents: Any = list(dict.items(value))
+        elif isinstance(value, types.SimpleNamespace):
+            contents = dict(vars(value))
+        else:
+            contents = list(value)
+        self.saved[id(value)] = (value, contents)
+        for child in children:
+            if isinstance(child, torch.Tensor) or _children(child) is not None:
+                self.record(child, depth + 1)
+
+    def restore(self) -> None:
+        for holder, contents in self.saved.values():
+            if _unchanged(holder, contents):
+                continue
+            if isinstance(holder, dict):
+                dict.clear(holder)
+                dict.update(holder, contents)
+            elif isinstance(holder, types.SimpleNamespace):
+                vars(holder).clear()
+                vars(holder).update(contents)
+            elif isinstance(holder, list):
+                list.__setitem__(holder, slice(None), contents)
+            elif isinstance(holder, collections.deque):
+                collections.deque.clear(holder)
+                collections.deque.extend(holder, contents)
+            else:
+                set.clear(holder)
+                set.update(holder, contents)
+        with torch.no_grad():
+            for t, version, keep in self.tensors.values():
+                if keep is not None and version is not None and _version(t) != version:
+                    t.copy_(keep)
+
+
+def _unchanged(holder: Any, contents: Any) -> bool:
+    if isinstance(holder, dict):
+        now = list(dict.items(holder))
+        return len(now) == len(contents) and all(
+            a is c and b is d for (a, b), (c, d) in zip(now, contents, strict=True)
+        )
+    if isinstance(holder, types.SimpleNamespace):
+        now = vars(holder)
+        return now.keys() == contents.keys() and all(now[k] is contents[k] for k in now)
+    now = list(holder)
+    return len(now) == len(contents) and all(a is b for a, b in zip(now, contents, strict=True))
+
+
+def find_proxies(value: Any, depth: int = 0) -> list[torch.fx.Proxy]:
+    """torch.fx proxies held in ``value`` (holders searched to a small depth)."""
+    if isinstance(value, torch.fx.Proxy):
+        return [value]
+    if depth >= _MAX_DEPTH:
+        return []
+    children = _children(value)
+    if children is None and isinstance(value, tuple):
+        children = list(value)
+    if not children:
+        return []
+    return [p for child in children for p in find_proxies(child, depth + 1)]
+
+
 class ModelState:
-    """A record of every module's attributes, slots, containers and tensor versions."""
+    """A record of every module's attributes, slots, holders and tensor versions."""
 
     def __init__(self, model: nn.Module, values: bool) -> None:
         self.model = model
-        self.modules = [(path, m) for path, m in model.named_modules(remove_duplicate=False)]
-        self.saved = []
+        self.modules: list[tuple[str, nn.Module]] = []
+        seen: set[int] = set()
+        for path, m in model.named_modules(remove_duplicate=False):
+            if id(m) not in seen:
+                seen.add(id(m))
+                self.modules.append((path, m))
         internals = _module_internals()
+        self.holders = _Holders()
+        self.saved = []
         for _, m in self.modules:
             attrs = dict(m.__dict__)
-            containers = {
-                k: _snapshot_container(v)
-                for k, v in attrs.items()
-                if k not in internals and isinstance(v, _CONTAINERS)
-            }
-            slots = (dict(m._parameters), dict(m._buffers), dict(m._modules))
-            self.saved.append((m, attrs, containers, slots))
+            slots = {n: getattr(m, n) for n in _slot_names(type(m)) if hasattr(m, n)}
+            tables = (dict(m._parameters), dict(m._buffers), dict(m._modules))
+            self.saved.append((m, attrs, slots, tables))
+            for key, value in [*attrs.items(), *slots.items()]:
+                if key not in internals:
+                    self.holders.record(value)
         self.tensors = [
-            (name, t, t._version)
-            for name, t in list(model.named_parameters(remove_duplicate=True))
-            + list(model.named_buffers(remove_duplicate=True))
+            (name, t, _version(t))
+            for name, t in [*model.named_parameters(), *model.named_buffers()]
         ]
-        self.values = [(b, b.clone()) for b in model.buffers()] if values else []
+        self.values = [(b, _version(b), b.clone()) for b in model.buffers()] if values else []
 
     def restore(self) -> None:
         """Put every module back as it was when the record was made."""
-        for m, attrs, containers, (params, buffers, children) in self.saved:
-            m.__dict__.clear()
-            m.__dict__.update(attrs)
-            for key, snap in containers.items():
-                _restore_container(attrs[key], snap)
-            for slot, content in (
-                (m._parameters, params),
-                (m._buffers, buffers),
-                (m._modules, children),
-            ):
-                slot.clear()
-                slot.update(content)
-        with torch.no_grad():
-            for b, value in self.values:
-                b.copy_(value)
-        # Writing the values back counts as a change: measure from here on.
-        self.tensors = [(name, t, t._version) for name, t, _ in self.tensors]
+        failures = []
+        for m, attrs, slots, (params, buffers, children) in self.saved:
+            try:
+                m.__dict__.clear()
+                m.__dict__.update(attrs)
+                for name, value in slots.items():
+                    object.__setattr__(m, name, value)
+                for table, content in (
+                    (m._parameters, params),
+                    (m._buffers, buffers),
+                    (m._modules, children),
+                ):
+                    dict.clear(table)
+                    dict.update(table, content)
+            except Exception as e:  # noqa: BLE001 - restore every other module first
+                failures.append(e)
+        try:
+            self.holders.restore()
+            with torch.no_grad():
+                for b, _, value in self.values:
+                    _write_back(b, value)
+        except Exception as e:  # noqa: BLE001
+            failures.append(e)
+        # Writing values back counts as a change: measure from here on.
+        self.tensors = [(name, t, _version(t)) for name, t, _ in self.tensors]
+        self.values = [(b, _version(b), value) for b, _, value in self.values]
+        if failures:
+            raise failures[0]
 
     def changed_in_place(self) -> list[str]:
         """Parameters and buffers that ``forward`` changed in place since the record."""
-        return [name for name, t, version in self.tensors if t._version != version]
+        return [name for name, t, version in self.tensors if _version(t) != version]
 
     def leaked_proxies(self) -> list[tuple[str, torch.fx.Proxy]]:
         """torch.fx proxies that tracing left in the modules' attributes: values ``forward``
@@ -130,21 +211,65 @@ class ModelState:
         found = []
         internals = _module_internals()
         for path, m in self.modules:
-            for key, value in list(m.__dict__.items()):
-                if key in internals:
-                    continue
-                found += find_proxies(value, f"{path + '.' if path else ''}{key}")
+            slots = {n: getattr(m, n) for n in _slot_names(type(m)) if hasattr(m, n)}
+            for key, value in [*m.__dict__.items(), *slots.items()]:
+                if key not in internals:
+                    where = f"{path + '.' if path else ''}{key}"
+                    found += [(where, p) for p in find_proxies(value)]
         return found
+
+    def stored_tensors(self) -> list[str]:
+        """Attributes that now hold tensors they did not hold when the record was made."""
+        internals = _module_internals()
+        stored = []
+        for (path, m), (_, attrs, _, _) in zip(self.modules, self.saved, strict=True):
+            for key, value in m.__dict__.items():
+                if key in internals or attrs.get(key, _MISSING) is value and not _children(value):
+                    continue
+                if _holds_new_tensor(value, self.holders):
+                    stored.append(f"{path + '.' if path else ''}{key}")
+        return stored
+
+
+_MISSING = object()
+
+
+def _write_back(buffer: torch.Tensor, value: torch.Tensor) -> None:
+    """Put a buffer's recorded contents back if they changed. Kernels such as training-mode
+    batch_norm update statistics without bumping the version counter, so compare contents;
+    a buffer whose elements share memory (an expanded tensor) cannot have been written."""
+    if (
+        torch.equal(buffer, value)
+        or bool(buffer.isnan().any())
+        and torch.equal(buffer.nan_to_num(), value.nan_to_num())
+    ):
+        return
+    try:
+        buffer.copy_(value)
+    except RuntimeError:
+        if buffer.stride() and 0 not in buffer.stride():
+            raise
+
+
+def _holds_new_tensor(value: Any, holders: _Holders, depth: int = 0) -> bool:
+    if isinstance(value, torch.Tensor):
+        return id(value) not in holders.tensors and not isinstance(value, nn.Parameter)
+    if depth >= _MAX_DEPTH:
+        return False
+    children = _children(value)
+    if children is None and isinstance(value, tuple):
+        children = list(value)
+    return any(_holds_new_tensor(c, holders, depth + 1) for c in children or ())
 
 
 @contextlib.contextmanager
 def preserved_state(model: nn.Module, values: bool = False) -> Iterator[ModelState]:
     """Run a block that executes ``forward``, then put ``model``'s modules back as they were.
 
-    Restores attributes (counters, stored values, containers mutated in place), parameter,
-    buffer and submodule slots, and with ``values`` the buffers' contents (a BatchNorm left in
-    training mode updates its statistics when run). Yields the record, which can also say what
-    ``forward`` did in between.
+    Restores attributes (counters, stored values, holders changed in place, tensors held in
+    attributes), parameter, buffer and submodule tables and ``__slots__``, and with ``values``
+    the buffers' contents (a BatchNorm left in training mode updates its statistics when run).
+    Yields the record, which can also say what ``forward`` did in between.
     """
     state = ModelState(model, values)
     try:

@@ -3,8 +3,10 @@ input, or a crash that bnfold must not produce. Every fold compares outputs nume
 
 from __future__ import annotations
 
+import collections
 import copy
 import threading
+import types
 from dataclasses import dataclass
 
 import pytest
@@ -665,3 +667,158 @@ def test_example_inputs_the_model_rejects_are_a_clear_error():
     model = _setup(nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5)))
     with pytest.raises(bnfold.InvalidArgumentError, match="example_inputs"):
         bnfold.fold(model, (_x(4, 7),))
+
+
+# --------------------------------------------------------------------------------------------
+# Third round: aliases and side channels on the torch.export path, holders, odd tensors
+
+
+class AliasedUnderExport(nn.Module):
+    """The BatchNorm is called as seq.1 and as bn; a shape branch defeats torch.fx."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.seq = nn.Sequential(self.conv, self.bn)
+        self.other = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x):
+        if x.shape[-1] > 4:
+            x = x * 2
+        return self.seq(x) + self.bn(self.other(x))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_export_fallback_counts_calls_under_every_name():
+    model = _setup(AliasedUnderExport())
+    x = _x(2, 3, 6, 6)
+    folded, report = bnfold.fold(model, (x,), return_report=True)
+    assert report.notes and report.entry("bn").rule == rules.UNSHARED
+    _close(model, folded, x)
+
+
+class StoresUnderExport(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.features: dict = {}
+
+    def forward(self, x):
+        if x.shape[-1] > 4:
+            x = x * 2
+        y = self.conv(x)
+        self.features["conv"] = y
+        return self.bn(y).relu()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_export_fallback_sees_values_stored_on_the_side():
+    model = _setup(StoresUnderExport())
+    x = _x(2, 3, 6, 6)
+    folded, report = bnfold.fold(model, (x,), return_report=True)
+    assert not report.entry("bn").folded and "features" in report.entry("bn").reason
+    assert model.features == {}
+    _close(model, folded, x)
+
+
+class ReadsParametersDirectly(nn.Module):
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.bn = nn.BatchNorm2d(8)
+        self.how = how
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        if self.how == "table":
+            return y / self.conv._parameters["weight"].flatten(1).norm(dim=1).mean()
+        if self.how == "iterator":
+            return y, sum(p.pow(2).sum() for p in self.conv.parameters())
+        return y - dict(self.bn.named_buffers())["running_var"].mean()
+
+
+@pytest.mark.parametrize("how", ["table", "iterator", "named_buffers"])
+def test_parameters_reached_without_attribute_access_are_uses(how):
+    model = _setup(ReadsParametersDirectly(how))
+    x = _x(2, 3, 6, 6)
+    folded, report = bnfold.fold(model, (x,), return_report=True)
+    assert not report.entry("bn").folded
+    _close(model, folded, x)
+
+
+class HoldsOutputs(nn.Module):
+    __slots__ = ()
+
+    def __init__(self, holder: str) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.bn = nn.BatchNorm2d(8)
+        self.holder = holder
+        self.history = collections.deque(maxlen=4)
+        self.ns = types.SimpleNamespace(feat=None)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if self.holder == "deque":
+            self.history.append(y)
+        else:
+            self.ns.feat = y
+        return self.bn(y)
+
+
+@pytest.mark.parametrize("holder", ["deque", "namespace"])
+def test_values_stored_in_deques_and_namespaces_are_uses_and_cleaned_up(holder):
+    model = _setup(HoldsOutputs(holder))
+    folded, report = bnfold.fold(model, (_x(2, 3, 6, 6),), return_report=True)
+    assert not report.entry("bn").folded
+    assert len(model.history) == 0 and model.ns.feat is None
+
+
+class StrictDict(dict):
+    """A config dict whose update and clear refuse to work, as some config classes do."""
+
+    def update(self, *args, **kwargs):
+        raise TypeError("read-only")
+
+    def clear(self):
+        raise TypeError("read-only")
+
+
+class WithConfig(ConvBN):
+    def __init__(self) -> None:
+        super().__init__()
+        self.cfg = StrictDict(width=8, name="net")
+        self.calls = torch.zeros(())
+        self.history = [torch.zeros(2)]
+
+    def forward(self, x):
+        self.calls += 1
+        self.history[0].add_(1)
+        return super().forward(x)
+
+
+def test_config_holders_and_plain_tensor_attributes_survive():
+    model = _setup(WithConfig())
+    x = _x(2, 3, 6, 6)
+    bnfold.analyze(model, (x,))
+    folded = bnfold.fold(model, (x,))
+    assert dict(model.cfg) == {"width": 8, "name": "net"}
+    assert float(model.calls) == 0 and model.history[0].tolist() == [0.0, 0.0]
+    _close(model, folded, x)
+
+
+def test_models_built_under_inference_mode_and_expanded_buffers_fold():
+    with torch.inference_mode():
+        model = _setup(ConvBN())
+    _close(model, bnfold.fold(model), _x(2, 3, 6, 6))
+    model = _setup(ConvBN())
+    model.register_buffer("grid", torch.zeros(1, 8, 1, 1).expand(1, 8, 6, 6))
+    _close(model, bnfold.fold(model, (_x(2, 3, 6, 6),)), _x(2, 3, 6, 6, seed=1))
+
+
+def test_a_torch_compile_wrapper_is_a_clear_error():
+    model = torch.compile(_setup(ConvBN()))
+    with pytest.raises(bnfold.UnsupportedModelError, match="_orig_mod"):
+        bnfold.fold(model)
