@@ -25,6 +25,7 @@ TRACE_LOCK = threading.RLock()
 
 _MAX_DEPTH = 4
 _SEQUENCES = (list, collections.deque)
+_SCALARS = frozenset({int, float, bool, str, bytes, complex, type(None)})
 
 
 @functools.cache
@@ -65,7 +66,7 @@ class _Holders:
     tensors among their contents."""
 
     def __init__(self) -> None:
-        self.saved: dict[int, tuple[Any, Any]] = {}  # id -> (holder, contents)
+        self.saved: dict[int, tuple[Any, Any, tuple]] = {}  # id -> (holder, contents, signature)
         self.tensors: dict[int, tuple[torch.Tensor, int | None, torch.Tensor | None]] = {}
 
     def record(self, value: Any, depth: int = 0) -> None:
@@ -86,14 +87,18 @@ class _Holders:
             contents = dict(vars(value))
         else:
             contents = list(value)
-        self.saved[id(value)] = (value, contents)
+        self.saved[id(value)] = (value, contents, _signature(value))
         for child in children:
-            if isinstance(child, torch.Tensor) or _children(child) is not None:
+            if type(child) not in _SCALARS:  # most elements of big holders are numbers
                 self.record(child, depth + 1)
 
+    def changed(self) -> list[Any]:
+        """The recorded holders whose contents changed."""
+        return [h for h, _, sig in self.saved.values() if not _unchanged(h, sig)]
+
     def restore(self) -> None:
-        for holder, contents in self.saved.values():
-            if _unchanged(holder, contents):
+        for holder, contents, signature in self.saved.values():
+            if _unchanged(holder, signature):
                 continue
             if isinstance(holder, dict):
                 dict.clear(holder)
@@ -115,17 +120,17 @@ class _Holders:
                     t.copy_(keep)
 
 
-def _unchanged(holder: Any, contents: Any) -> bool:
+def _signature(holder: Any) -> tuple:
+    """What a holder holds, by identity (compared in C, without calling elements' ``__eq__``)."""
     if isinstance(holder, dict):
-        now = list(dict.items(holder))
-        return len(now) == len(contents) and all(
-            a is c and b is d for (a, b), (c, d) in zip(now, contents, strict=True)
-        )
+        return tuple(dict.keys(holder)), tuple(map(id, dict.values(holder)))
     if isinstance(holder, types.SimpleNamespace):
-        now = vars(holder)
-        return now.keys() == contents.keys() and all(now[k] is contents[k] for k in now)
-    now = list(holder)
-    return len(now) == len(contents) and all(a is b for a, b in zip(now, contents, strict=True))
+        return tuple(vars(holder)), tuple(map(id, vars(holder).values()))
+    return tuple(map(id, holder))
+
+
+def _unchanged(holder: Any, signature: tuple) -> bool:
+    return _signature(holder) == signature
 
 
 def find_proxies(value: Any, depth: int = 0) -> list[torch.fx.Proxy]:
@@ -208,14 +213,21 @@ class ModelState:
     def leaked_proxies(self) -> list[tuple[str, torch.fx.Proxy]]:
         """torch.fx proxies that tracing left in the modules' attributes: values ``forward``
         stores on the side, where the graph does not see them used."""
+        # A proxy can only be in an attribute that was (re)assigned, or in a holder whose
+        # contents changed: search those, not every number of every unchanged list.
         found = []
         internals = _module_internals()
-        for path, m in self.modules:
-            slots = {n: getattr(m, n) for n in _slot_names(type(m)) if hasattr(m, n)}
-            for key, value in [*m.__dict__.items(), *slots.items()]:
-                if key not in internals:
-                    where = f"{path + '.' if path else ''}{key}"
-                    found += [(where, p) for p in find_proxies(value)]
+        changed = {id(h) for h in self.holders.changed()}
+        for (path, m), (_, attrs, slots, _) in zip(self.modules, self.saved, strict=True):
+            now_slots = {n: getattr(m, n) for n in slots if hasattr(m, n)}
+            for key, value in [*m.__dict__.items(), *now_slots.items()]:
+                if key in internals:
+                    continue
+                before = attrs.get(key, slots.get(key, _MISSING))
+                if before is value and not _changed_within(value, changed):
+                    continue
+                where = f"{path + '.' if path else ''}{key}"
+                found += [(where, p) for p in find_proxies(value)]
         return found
 
     def stored_tensors(self) -> list[str]:
@@ -249,6 +261,18 @@ def _write_back(buffer: torch.Tensor, value: torch.Tensor) -> None:
     except RuntimeError:
         if buffer.stride() and 0 not in buffer.stride():
             raise
+
+
+def _changed_within(value: Any, changed: set[int], depth: int = 0) -> bool:
+    """Whether ``value`` is, or holds, one of the ``changed`` holders."""
+    if not changed or depth >= _MAX_DEPTH:
+        return False
+    if id(value) in changed:
+        return True
+    children = _children(value)
+    return bool(children) and any(
+        _changed_within(c, changed, depth + 1) for c in children if type(c) not in _SCALARS
+    )
 
 
 def _holds_new_tensor(value: Any, holders: _Holders, depth: int = 0) -> bool:
