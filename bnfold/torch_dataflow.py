@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import itertools
 import warnings
 from collections import defaultdict
 from collections.abc import Callable
@@ -292,20 +293,56 @@ def _concrete_args(model: nn.Module, example_inputs: tuple | None) -> dict[str, 
     return concrete
 
 
+_TENSOR = object()  # in a variant: leave the argument to torch.fx as a tensor proxy
+_MAX_VARIANTS = 16
+
+
+def _variants(concrete: dict[str, Any]) -> list[dict[str, Any] | None]:
+    """The ways of calling forward to trace, the example call first.
+
+    Arguments fixed by the example call take, besides their example value, the values that are
+    easy to enumerate: the other truth value of a flag, a tensor for a ``None`` default. Other
+    values (strings, numbers) stay as in the example, and a last trace makes every argument a
+    tensor proxy: if it succeeds, no ``if`` depends on them. When a trace fails, the report says
+    which calls bnfold could not check.
+    """
+    if not concrete:
+        return [None]
+    choices = []
+    for name, value in concrete.items():
+        if isinstance(value, bool):
+            choices.append([(name, value), (name, not value)])
+        elif value is None:
+            choices.append([(name, None), (name, _TENSOR)])
+        else:
+            choices.append([(name, value)])
+    variants: list[dict[str, Any] | None] = []
+    for combo in itertools.islice(itertools.product(*choices), _MAX_VARIANTS):
+        args = {k: v for k, v in combo if v is not _TENSOR}
+        variants.append(args or None)
+    if None not in variants:
+        # Every argument a tensor proxy: if this traces, no `if` depends on the fixed ones.
+        variants.append(None)
+    return variants
+
+
 def module_dataflow(
     model: nn.Module, example_inputs: tuple | None, paths: dict[int, str]
 ) -> Dataflow:
     """The data flow between the calls of the modules in ``paths`` (id(module) -> path).
 
-    With optional arguments, forward is traced twice, with them at the example call's values and
-    with them as tensors, and the data flow keeps what holds in both.
+    With optional arguments, forward is traced once per way of calling it that bnfold can
+    enumerate (see :func:`_variants`), and the data flow keeps what holds in all of them.
     """
     concrete = _concrete_args(model, example_inputs)
     flows, errors = [], []
-    variants = [concrete, None] if concrete else [None]
+    variants = _variants(concrete)
+    untraced: list[dict[str, Any] | None] = []
     watched = _watched_tensors(model, set(paths.values()))
     with TRACE_LOCK, preserved_state(model, values=True) as state:
-        for args in variants:
+        for i, args in enumerate(variants):
+            if i > 0 and not flows:
+                break  # the example call itself cannot be traced: torch.export instead
             try:
                 with warnings.catch_warnings(), _RealTensorUses(watched) as real_uses:
                     # fx warns that it cannot guard a specialised argument; the report's note
@@ -315,6 +352,7 @@ def module_dataflow(
                     graph = _LeafTracer().trace(model, concrete_args=args)
             except Exception as e:  # noqa: BLE001 - fx fails on data-dependent Python code
                 errors.append(e)
+                untraced.append(args)
                 state.restore()
                 continue
             side_uses = {proxy.node: where for where, proxy in state.leaked_proxies()}
@@ -328,12 +366,12 @@ def module_dataflow(
         flow = flows[0]
         for other in flows[1:]:
             flow = flow.merged(other)
-        if concrete and len(flows) == 1:
-            fixed = ", ".join(f"{k}={_short(v)}" for k, v in concrete.items())
+        if untraced:
+            names = ", ".join(f"{k}={_short(v)}" for k, v in concrete.items())
             flow.note = (
-                f"forward() was traced with {fixed}, as in the example call (with those "
-                "arguments as tensors it cannot be traced): calls that pass other values may take "
-                "other paths"
+                f"forward() was traced as called with {names} (the example call); calls with "
+                "other values for these arguments may take other paths, which bnfold could not "
+                "trace: check them with bnfold.verify"
             )
         return flow
     fx_error = errors[-1]

@@ -822,3 +822,29 @@ def test_a_torch_compile_wrapper_is_a_clear_error():
     model = torch.compile(_setup(ConvBN()))
     with pytest.raises(bnfold.UnsupportedModelError, match="_orig_mod"):
         bnfold.fold(model)
+
+
+class ReturnsFeatures(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x, return_features: bool = False, mode: str = "plain"):
+        f = self.conv(x)
+        if mode == "relu":
+            f = f.relu()
+        y = self.bn(f)
+        return (y, f) if return_features else y
+
+
+def test_flags_are_traced_both_ways_and_other_values_are_noted():
+    model = _setup(ReturnsFeatures())
+    x = _x(2, 3, 6, 6)
+    with pytest.warns(UserWarning, match="mode='plain'"):
+        folded, report = bnfold.fold(model, (x,), return_report=True)
+    # return_features=True returns the conv output: traced, so the fold is refused
+    assert report.entry("bn").rule == rules.SINGLE_CONSUMER
+    assert report.notes and "mode" in report.notes[0]
+    for call in [(x,), (x, True), (x, False, "relu")]:
+        _close(model, folded, *call)
