@@ -36,7 +36,6 @@ class PairFacts:
     """
 
     bn: str
-    bn_kind: str = "BatchNorm"
     bn_uses_running_stats: bool = True
     bn_not_inference_reason: str = ""
     bn_calls: int = 1

@@ -226,7 +226,6 @@ def _pair_facts(
     call = flow.calls.get(bn_path, ModuleCalls())
     bn_facts = dict(
         bn=bn_path,
-        bn_kind=type(bn).__name__,
         bn_uses_running_stats=not spec.uses_running_stats,
         bn_not_inference_reason=spec.uses_running_stats,
         bn_calls=max(call.calls, 1),
