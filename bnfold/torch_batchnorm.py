@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .algebra import affine_factors
+from .torch_state import identity
 
 _BN_RANKS = (
     (nn.BatchNorm1d, frozenset({2, 3})),
@@ -42,6 +43,11 @@ _TORCH_BATCH_NORM_ORDER = (
 )
 _METADATA_ATTRS = frozenset({"shape", "dtype", "device", "ndim", "is_cuda", "layout"})
 _METADATA_METHODS = frozenset({"size", "dim", "numel", "ndimension", "nelement", "is_contiguous"})
+
+
+def _class_ranks(m: nn.Module) -> frozenset[int] | None:
+    """The input ranks nn's BatchNorm1d/2d/3d check for; None for other classes."""
+    return next((r for cls, r in _BN_RANKS if isinstance(m, cls)), None)
 
 
 def defining_class(cls: type, attr: str) -> type | None:
@@ -202,7 +208,7 @@ def batchnorm_spec(m: nn.Module, name: str) -> BatchNormSpec:
     spec.not_foldable = forward_changed_reason(m)
     if is_torch_class(defining_class(type(m), "forward")):
         if is_torch_class(defining_class(type(m), "_check_input_dim")):
-            spec.input_ranks = next((r for cls, r in _BN_RANKS if isinstance(m, cls)), None)
+            spec.input_ranks = _class_ranks(m)
         return spec
     if not spec.uses_running_stats and not spec.not_foldable:
         _split_custom_forward(m, spec)
@@ -223,20 +229,10 @@ def _batch_norm_arguments(node: torch.fx.Node) -> dict[str, Any] | None:
     return dict(bound.arguments)
 
 
-class _BufferProxyTracer(torch.fx.Tracer):
+class BufferProxyTracer(torch.fx.Tracer):
     """Buffers become graph nodes too: forward's in-place updates are recorded, not run."""
 
     proxy_buffer_attributes = True
-
-
-def _shallow(value: Any) -> Any:
-    """What identifies an attribute's value for change detection: the object, and for a
-    container the objects it holds."""
-    if isinstance(value, dict):
-        return (id(value), tuple((k, id(v)) for k, v in value.items()))
-    if isinstance(value, (list, set)):
-        return (id(value), tuple(id(v) for v in value))
-    return id(value)
 
 
 def _no_check(*_args: Any) -> None:
@@ -268,9 +264,9 @@ def _split_custom_forward(m: nn.Module, spec: BatchNormSpec) -> None:
         if hasattr(traced, check):
             stub = rank_check if check == "_check_input_dim" else _no_check
             object.__setattr__(traced, check, stub)
-    before = {k: _shallow(v) for k, v in vars(traced).items()}
+    before = {k: identity(v) for k, v in vars(traced).items()}
     try:
-        graph = _BufferProxyTracer().trace(traced)
+        graph = BufferProxyTracer().trace(traced)
     except Exception as e:  # noqa: BLE001 - any tracing failure means "not understood"
         spec.not_foldable = f"{why} and it cannot be traced ({type(e).__name__})"
         return
@@ -278,7 +274,7 @@ def _split_custom_forward(m: nn.Module, spec: BatchNormSpec) -> None:
         k
         for k, v in vars(traced).items()
         if not k.startswith(("_check", "_tensor_constant"))
-        and (k not in before or _shallow(v) != before[k])
+        and (k not in before or identity(v) != before[k])
     )
     if changed:
         spec.not_foldable = (
@@ -321,7 +317,7 @@ def _split_custom_forward(m: nn.Module, spec: BatchNormSpec) -> None:
         defining_class(type(m), "_check_input_dim")
     ):
         # forward runs nn's rank check on its input, so the input has the class's rank.
-        spec.input_ranks = next((r for cls, r in _BN_RANKS if isinstance(m, cls)), None)
+        spec.input_ranks = _class_ranks(m)
     else:
         spec.input_ranks = _asserted_rank(graph, x)
     spec.mean, spec.var = stats["running_mean"], stats["running_var"]

@@ -23,7 +23,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .errors import InvalidArgumentError, TracingError
-from .torch_batchnorm import is_batchnorm, reads_metadata_only
+from .torch_batchnorm import BufferProxyTracer, is_batchnorm, reads_metadata_only
 from .torch_producers import producer_kind
 from .torch_state import TRACE_LOCK, preserved_state
 from .torch_verify import output_tensors
@@ -95,14 +95,12 @@ EXPORT_NOTE = (
 )
 
 
-class _LeafTracer(torch.fx.Tracer):
+class _LeafTracer(BufferProxyTracer):
     """Symbolic tracer that stops at producers and BatchNorms (subclasses included).
 
     Buffers are proxied like parameters, so that forward reading a BatchNorm's statistics
     elsewhere shows up in the graph, and in-place updates of buffers are recorded, not run.
     """
-
-    proxy_buffer_attributes = True
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if producer_kind(m) is not None or is_batchnorm(m):

@@ -129,6 +129,12 @@ def _signature(holder: Any) -> tuple:
     return tuple(map(id, holder))
 
 
+def identity(value: Any) -> Any:
+    """What identifies an attribute's value for change detection: the object, and for a holder
+    the objects it holds."""
+    return (id(value), _signature(value)) if _children(value) is not None else id(value)
+
+
 def _unchanged(holder: Any, signature: tuple) -> bool:
     return _signature(holder) == signature
 
