@@ -34,11 +34,21 @@ def _close(model: nn.Module, folded: nn.Module, *inputs: torch.Tensor) -> None:
     assert rel <= 1e-5, rel
 
 
-class OptionalResidual(nn.Module):
-    def __init__(self) -> None:
+class ConvBN(nn.Module):
+    """conv -> bn; the models below change forward() or add what they need."""
+
+    def __init__(self, out: int = 8, padding: int = 1) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8)
+        self.conv = nn.Conv2d(3, out, 3, padding=padding)
+        self.bn = nn.BatchNorm2d(out)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+class OptionalResidual(ConvBN):
+    def __init__(self) -> None:
+        super().__init__(padding=1)
 
     def forward(self, x, residual=None):
         f = self.conv(x)
@@ -57,13 +67,11 @@ def test_optional_argument_left_at_none_is_traced_as_called(example):
     _close(model, folded, x, _x(2, 8, 6, 6, seed=1))
 
 
-class OptionalMask(nn.Module):
+class OptionalMask(ConvBN):
     """Foldable whichever way forward is called."""
 
     def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8)
+        super().__init__(padding=1)
 
     def forward(self, x, mask=None, scale: float = 2.0):
         y = self.bn(self.conv(x)) * scale
@@ -79,13 +87,11 @@ def test_optional_arguments_that_do_not_matter_still_fold():
     _close(model, folded, x, _x(1, 8, 1, 1, seed=2))
 
 
-class ListPipeline(nn.Module):
+class ListPipeline(ConvBN):
     """Also holds its layers in a plain list, outside the module slots."""
 
     def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3)
-        self.bn = nn.BatchNorm2d(8)
+        super().__init__(padding=0)
         self.pipeline = [self.conv, self.bn]
 
     def forward(self, x):
@@ -136,11 +142,9 @@ def test_rank_checked_fold_of_a_batchnorm_with_its_own_forward_keeps_the_rest():
     _close(model, folded, _x(7, 6, seed=1))
 
 
-class ReadsStatistics(nn.Module):
+class ReadsStatistics(ConvBN):
     def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3)
-        self.bn = nn.BatchNorm2d(8)
+        super().__init__(padding=0)
 
     def forward(self, x):
         return self.bn(self.conv(x)) - self.bn.running_mean.view(1, -1, 1, 1)
@@ -154,11 +158,9 @@ def test_forward_reading_batchnorm_buffers_keeps_the_batchnorm():
     _close(model, folded, _x(2, 3, 6, 6))
 
 
-class Counting(nn.Module):
+class Counting(ConvBN):
     def __init__(self, reassign: bool) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3)
-        self.bn = nn.BatchNorm2d(8)
+        super().__init__(padding=0)
         self.reassign = reassign
         self.python_calls = 0
         self.register_buffer("calls", torch.zeros((), dtype=torch.long))
@@ -237,11 +239,9 @@ def test_producers_accepts_one_kind_as_a_string():
         bnfold.analyze(model, producers="convolution")
 
 
-class TakesAList(nn.Module):
+class TakesAList(ConvBN):
     def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3)
-        self.bn = nn.BatchNorm2d(8)
+        super().__init__(padding=0)
 
     def forward(self, xs: list):
         return [self.bn(self.conv(x)) for x in xs]
@@ -286,11 +286,9 @@ def test_module_registered_under_two_names_but_called_once_folds():
     _close(model, folded, _x(2, 3, 6, 6))
 
 
-class ReadsWeightShape(nn.Module):
+class ReadsWeightShape(ConvBN):
     def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3)
-        self.bn = nn.BatchNorm2d(8)
+        super().__init__(padding=0)
 
     def forward(self, x):
         return self.bn(self.conv(x)).flatten(1)[:, : self.conv.weight.shape[0]]
@@ -309,11 +307,9 @@ class Out:
     label: str = "y"
 
 
-class ReturnsDataclass(nn.Module):
+class ReturnsDataclass(ConvBN):
     def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3)
-        self.bn = nn.BatchNorm2d(8)
+        super().__init__(padding=0)
 
     def forward(self, x):
         return Out(self.bn(self.conv(x)))
@@ -368,11 +364,9 @@ class Holder:
         self.tensors = tensors
 
 
-class ReturnsHolder(nn.Module):
+class ReturnsHolder(ConvBN):
     def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3)
-        self.bn = nn.BatchNorm2d(8)
+        super().__init__(padding=0)
 
     def forward(self, x):
         if x.shape[0] > 1:  # not symbolically traceable: torch.export gives the data flow
@@ -414,14 +408,12 @@ def test_folded_model_exports_scripts_and_pickles_without_batchnorm():
     assert bnfold.verify(model, torch.load(buffer, weights_only=False), fresh)[1] <= 1e-5
 
 
-class NormOnlyWithoutSkip(nn.Module):
+class NormOnlyWithoutSkip(ConvBN):
     """With skip=None the conv output goes through the BatchNorm only; with a skip tensor it
     also leaves the model un-normalised."""
 
     def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8)
+        super().__init__(padding=1)
 
     def forward(self, x, skip=None):
         y = self.conv(x)
@@ -441,16 +433,6 @@ def test_a_user_seen_in_one_trace_only_blocks_the_fold():
 
 # --------------------------------------------------------------------------------------------
 # Second round: what forward does besides the graph
-
-
-class ConvBN(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8)
-
-    def forward(self, x):
-        return self.bn(self.conv(x))
 
 
 def test_a_forward_set_on_a_batchnorm_instance_is_not_trusted():
@@ -512,11 +494,9 @@ def test_a_producer_also_called_inside_another_layer_is_not_folded(shared_first)
     _close(model, folded, _x(3, 4, 6, 6, seed=1))
 
 
-class StoresFeatures(nn.Module):
+class StoresFeatures(ConvBN):
     def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3)
-        self.bn = nn.BatchNorm2d(8)
+        super().__init__(padding=0)
         self.features: dict[str, torch.Tensor] = {}
 
     def forward(self, x):
@@ -538,11 +518,9 @@ def test_an_output_stored_on_the_side_is_a_use_and_the_model_is_left_clean():
     _close(model, folded, x)
 
 
-class ClampsWeights(nn.Module):
+class ClampsWeights(ConvBN):
     def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3)
-        self.bn = nn.BatchNorm2d(8)
+        super().__init__(padding=0)
 
     def forward(self, x):
         with torch.no_grad():
@@ -562,11 +540,9 @@ def test_a_forward_that_rewrites_its_weights_is_not_folded():
     _close(model, folded, x)
 
 
-class TouchesBuffers(nn.Module):
+class TouchesBuffers(ConvBN):
     def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3)
-        self.bn = nn.BatchNorm2d(8)
+        super().__init__(padding=0)
         self.register_buffer("n", torch.zeros(()))
 
     def forward(self, x):
@@ -673,13 +649,11 @@ def test_example_inputs_the_model_rejects_are_a_clear_error():
 # Third round: aliases and side channels on the torch.export path, holders, odd tensors
 
 
-class AliasedUnderExport(nn.Module):
+class AliasedUnderExport(ConvBN):
     """The BatchNorm is called as seq.1 and as bn; a shape branch defeats torch.fx."""
 
     def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8)
+        super().__init__(padding=1)
         self.seq = nn.Sequential(self.conv, self.bn)
         self.other = nn.Conv2d(3, 8, 3, padding=1)
 
@@ -698,11 +672,9 @@ def test_export_fallback_counts_calls_under_every_name():
     _close(model, folded, x)
 
 
-class StoresUnderExport(nn.Module):
+class StoresUnderExport(ConvBN):
     def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8)
+        super().__init__(padding=1)
         self.features: dict = {}
 
     def forward(self, x):
@@ -723,11 +695,9 @@ def test_export_fallback_sees_values_stored_on_the_side():
     _close(model, folded, x)
 
 
-class ReadsParametersDirectly(nn.Module):
+class ReadsParametersDirectly(ConvBN):
     def __init__(self, how: str) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3)
-        self.bn = nn.BatchNorm2d(8)
+        super().__init__(padding=0)
         self.how = how
 
     def forward(self, x):
@@ -748,13 +718,11 @@ def test_parameters_reached_without_attribute_access_are_uses(how):
     _close(model, folded, x)
 
 
-class HoldsOutputs(nn.Module):
+class HoldsOutputs(ConvBN):
     __slots__ = ()
 
     def __init__(self, holder: str) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3)
-        self.bn = nn.BatchNorm2d(8)
+        super().__init__(padding=0)
         self.holder = holder
         self.history = collections.deque(maxlen=4)
         self.ns = types.SimpleNamespace(feat=None)
@@ -824,11 +792,9 @@ def test_a_torch_compile_wrapper_is_a_clear_error():
         bnfold.fold(model)
 
 
-class ReturnsFeatures(nn.Module):
+class ReturnsFeatures(ConvBN):
     def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3)
-        self.bn = nn.BatchNorm2d(4)
+        super().__init__(out=4, padding=0)
 
     def forward(self, x, return_features: bool = False, mode: str = "plain"):
         f = self.conv(x)
