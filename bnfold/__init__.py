@@ -14,6 +14,7 @@ from typing import Any
 from .errors import (
     BnfoldError,
     InvalidArgumentError,
+    ModelFileError,
     TracingError,
     TrainingModeError,
     UnsupportedModelError,
@@ -31,6 +32,7 @@ __all__ = [
     "FoldEntry",
     "BnfoldError",
     "InvalidArgumentError",
+    "ModelFileError",
     "TracingError",
     "TrainingModeError",
     "UnsupportedModelError",
@@ -41,13 +43,25 @@ __all__ = [
 def _frontend(model: Any) -> Any:
     """The frontend module for ``model``'s type, imported on first use."""
     torch = sys.modules.get("torch")  # a torch model exists only if torch was imported
-    if torch is not None and isinstance(model, torch.nn.Module):
-        from . import torch_module
+    if torch is not None:
+        from torch.export import ExportedProgram
 
-        return torch_module
+        if isinstance(model, ExportedProgram):
+            from . import torch_export
+
+            return torch_export
+        if isinstance(model, torch.nn.Module):
+            if isinstance(model, torch.fx.GraphModule):
+                from . import torch_export
+
+                if torch_export.is_aten_graph(model):
+                    return torch_export
+            from . import torch_module
+
+            return torch_module
     raise UnsupportedModelError(
         f"bnfold cannot fold a {type(model).__module__}.{type(model).__name__}: "
-        "pass a torch.nn.Module"
+        "pass a torch.nn.Module, a torch.export.ExportedProgram or an ATen GraphModule"
     )
 
 

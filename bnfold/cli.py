@@ -1,18 +1,20 @@
 """The ``bnfold`` command line.
 
-``bnfold demo`` folds the built-in example network. Later frontends add model files
-(``bnfold IN -o OUT``) to the same entry point. Errors print one line to stderr and return a
-non-zero status; :func:`main` never lets an exception escape.
+``bnfold MODEL -o OUT [--verify] [--report]`` folds a model file (a torch.export archive,
+``.pt2``); ``bnfold demo`` folds the built-in example network. Errors print one line to stderr
+and return a non-zero status; :func:`main` never lets an exception escape.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
 from collections.abc import Sequence
 
 from . import __version__
-from .errors import BnfoldError
+from .errors import BnfoldError, VerificationError
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -48,11 +50,57 @@ def _seed(text: str) -> int:
     return _whole(text, 0, 2**63 - 1, "a whole number from 0 to 2**63 - 1")
 
 
-def _parser() -> argparse.ArgumentParser:
+_DESCRIPTION = "Fold BatchNorm into the neighbouring Conv, ConvTranspose and Linear layers."
+_EPILOG = "Run 'bnfold demo' to fold the built-in example network."
+_PRODUCERS = ("conv", "conv_transpose", "linear")
+
+
+def _producers(text: str) -> list[str]:
+    kinds = [k.strip() for k in text.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in _PRODUCERS]
+    if bad or not kinds:
+        raise argparse.ArgumentTypeError(
+            f"must be a comma-separated list of {', '.join(_PRODUCERS)}, not {text!r}"
+        )
+    return kinds
+
+
+def _file_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="bnfold",
-        description="Fold BatchNorm into the neighbouring Conv, ConvTranspose and Linear layers.",
+        usage="bnfold MODEL [-o OUTPUT] [--verify] [--report] [--producers KINDS]\n"
+        "       bnfold demo [--seed N] [--batch N] [--size N]",
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
     )
+    p.add_argument("--version", action="version", version=f"bnfold {__version__}")
+    p.add_argument("model", metavar="MODEL", help="model file: a torch.export archive (.pt2)")
+    p.add_argument(
+        "-o",
+        "--output",
+        metavar="OUTPUT",
+        help="where to write the folded model (written atomically; without it nothing is "
+        "written and bnfold only reports what it would fold)",
+    )
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="run the original and the folded model on random inputs and fail, writing "
+        "nothing, if they differ by more than the dtype's tolerance",
+    )
+    p.add_argument("--report", action="store_true", help="print one line per BatchNorm")
+    p.add_argument(
+        "--producers",
+        type=_producers,
+        metavar="KINDS",
+        help="only fold into these layer kinds (comma-separated: conv, conv_transpose, linear)",
+    )
+    p.add_argument("--seed", type=_seed, default=0, help="seed of --verify's inputs (default 0)")
+    return p
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="bnfold", description=_DESCRIPTION)
     p.add_argument("--version", action="version", version=f"bnfold {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     demo = sub.add_parser("demo", help="fold the built-in example CNN and report what happened")
@@ -66,9 +114,42 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _fold_file(args: argparse.Namespace) -> int:
+    """``bnfold MODEL -o OUTPUT``: load, fold, optionally verify, then write atomically."""
+    from . import files
+
+    files.model_format(args.model)
+    from . import torch_export as frontend
+
+    original = frontend.load(args.model)
+    start = time.perf_counter()
+    folded, report = frontend.fold(original, producers=args.producers, return_report=True)
+    elapsed = time.perf_counter() - start
+    if args.report:
+        print(report)
+    else:
+        print(f"bnfold: {report.summary()} in {elapsed:.2f} s")
+    if args.verify:
+        max_abs, max_rel, tol = frontend.check(original, folded, args.seed)
+        line = f"max abs err {max_abs:.3g}, max rel err {max_rel:.3g} (tolerance {tol:.3g})"
+        if not max_rel <= tol:
+            written = "" if args.output is None else f"; {args.output} not written"
+            raise VerificationError(f"verification failed on random inputs: {line}{written}")
+        print(f"bnfold: verified on random inputs: {line}")
+    if args.output is not None:
+        files.write_atomically(args.output, lambda f: frontend.save(folded, f))
+        print(f"bnfold: wrote {os.fspath(args.output)}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line with ``argv`` (default ``sys.argv[1:]``); return the exit status."""
-    parser = _parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    file_mode = not argv or argv[0] != "demo"
+    parser = _file_parser() if file_mode else _parser()
+    if not argv:
+        parser.print_usage(sys.stderr)
+        return EXIT_USAGE
     try:
         args = parser.parse_args(argv)
     except _UsageError as e:
@@ -77,6 +158,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # --help and --version
         return int(e.code or 0)
     try:
+        if file_mode:
+            return _fold_file(args)
         if args.command == "demo":
             from . import demo
 

@@ -28,6 +28,10 @@ class InvalidArgumentError(BnfoldError, ValueError):
     """An argument to a bnfold function is not one it accepts."""
 
 
+class ModelFileError(BnfoldError):
+    """A model file is missing, unreadable, not of a format bnfold knows, or cannot be written."""
+
+
 class VerificationError(BnfoldError):
     """The folded model's outputs differ from the original's by more than the tolerance."""
 
@@ -42,3 +46,9 @@ class FoldRefused(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (at most 300 characters), for one-line errors."""
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else type(e).__name__

@@ -56,6 +56,7 @@ class PairFacts:
     producer_params_shared: str = ""  # who else uses the weight/bias; "" if nobody
     can_unshare: bool = False  # graph forms give the folded layer its own weight copy
     output_rank: int | None = None  # rank of the producer's output when known
+    rank_hint: str = "pass example_inputs"  # what tells bnfold the rank when it is unknown
 
 
 Rule = Callable[[PairFacts], "str | None"]
@@ -149,7 +150,7 @@ def _channel_axis(f: PairFacts) -> str | None:
     if ranks is None:
         return (
             f"the rank of {f.producer}'s output is unknown, so bnfold cannot tell whether "
-            f"{f.bn} normalises its output-channel axis; pass example_inputs"
+            f"{f.bn} normalises its output-channel axis; {f.rank_hint}"
         )
     for rank in sorted(ranks):
         axis = producer_channel_axis(f.producer_kind, rank, f.producer_spatial_dims)
@@ -161,7 +162,7 @@ def _channel_axis(f: PairFacts) -> str | None:
                 if known
                 else (f"{f.producer}'s output may be {rank}-D (shape unknown)")
             )
-            hint = "" if known else "; pass example_inputs to decide"
+            hint = "" if known else f"; {f.rank_hint} to decide"
             return (
                 f"{lead}: its channels are on the {where} (axis {axis}) but {f.bn} normalises "
                 f"axis 1{hint}"

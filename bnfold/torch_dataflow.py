@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .errors import InvalidArgumentError, TracingError
+from .errors import InvalidArgumentError, TracingError, first_line
 from .torch_batchnorm import BufferProxyTracer, is_batchnorm, reads_metadata_only
 from .torch_producers import producer_kind
 from .torch_state import TRACE_LOCK, preserved_state
@@ -487,11 +487,6 @@ def _short(value: Any) -> str:
         return f"{type(value).__name__} of {len(value)}"
     text = repr(value)
     return text if len(text) <= 30 else text[:27] + "..."
-
-
-def first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:300] if text else type(e).__name__
 
 
 def output_ranks(

@@ -66,6 +66,22 @@ def _error(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
     return err, rel
 
 
+# Relative error (max|a - b| / max|a|) a fold may cause, by output dtype: a few roundings of
+# the dtype's precision, grown by depth; used by the command line's --verify.
+REL_TOLERANCE = {
+    torch.float64: 1e-9,
+    torch.float32: 1e-4,
+    torch.float16: 1e-2,
+    torch.bfloat16: 5e-2,
+}
+
+
+def tolerance(outputs: list[torch.Tensor]) -> float:
+    """The relative tolerance for outputs of these dtypes: that of the least precise."""
+    tols = [REL_TOLERANCE.get(t.dtype, 1e-4) for t in outputs if t.is_floating_point()]
+    return max(tols, default=0.0)  # integer and bool outputs must match exactly
+
+
 def verify(original: nn.Module, folded: nn.Module, example_inputs: Any) -> tuple[float, float]:
     """Run both models on ``example_inputs``; return ``(max_abs_err, max_rel_err)``.
 
@@ -80,6 +96,16 @@ def verify(original: nn.Module, folded: nn.Module, example_inputs: Any) -> tuple
     with torch.no_grad():
         a = output_tensors(original(*inputs))
         b = output_tensors(folded(*inputs))
+    return compare(a, b)
+
+
+def compare(
+    a: list[tuple[str, torch.Tensor]], b: list[tuple[str, torch.Tensor]]
+) -> tuple[float, float]:
+    """``(max_abs_err, max_rel_err)`` between two models' outputs (from :func:`output_tensors`).
+
+    Raises when the outputs hold no tensor or differ in structure or shape.
+    """
     if not a:
         raise UnsupportedModelError(
             "the model's output holds no tensor bnfold can find (tensors, or tensors in "

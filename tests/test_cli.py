@@ -18,7 +18,7 @@ def test_demo_folds_and_verifies(capsys):
 
 
 def test_usage_error_is_one_line(capsys):
-    assert main(["no-such-command"]) == 2
+    assert main(["--no-such-option"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("bnfold: error:") and err.count("\n") == 1
 

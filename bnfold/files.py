@@ -1,0 +1,74 @@
+"""Model files: which frontend reads a file, and writing results atomically.
+
+A result is written to a temporary file in the target directory, flushed to disk and renamed
+over the target, so a failure at any point leaves no partial file and the input is never
+touched unless the output names it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+from .errors import ModelFileError
+
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def model_format(path: str | os.PathLike[str]) -> str:
+    """The format of the model file at ``path``: ``"pt2"`` (a torch.export archive).
+
+    Raises :class:`ModelFileError` for a missing or unreadable file, or one of a kind bnfold
+    does not read.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise ModelFileError(f"{p}: no such file")
+    if p.is_dir():
+        raise ModelFileError(f"{p} is a directory, not a model file")
+    try:
+        with p.open("rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise ModelFileError(f"cannot read {p}: {e.strerror or e}") from e
+    suffix = p.suffix.lower()
+    if suffix == ".pt2" or (suffix not in (".onnx",) and head == _ZIP_MAGIC):
+        return "pt2"
+    if suffix == ".onnx":
+        raise ModelFileError(f"{p}: ONNX models are not supported yet; bnfold reads .pt2 files")
+    raise ModelFileError(
+        f"{p} is not a model file bnfold reads: expected a torch.export archive (.pt2)"
+    )
+
+
+def write_atomically(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]) -> None:
+    """Call ``write`` with a binary file, then put what it wrote at ``path`` in one step."""
+    target = Path(path)
+    directory = target.parent if str(target.parent) else Path(".")
+    if not directory.is_dir():
+        raise ModelFileError(f"cannot write {target}: directory {directory} does not exist")
+    if target.is_dir():
+        raise ModelFileError(f"cannot write {target}: it is a directory")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
+    except OSError as e:
+        raise ModelFileError(f"cannot write to {directory}: {e.strerror or e}") from e
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a result is a normal file
+        os.replace(tmp, target)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise ModelFileError(f"cannot write {target}: {e.strerror or e}") from e
+        raise

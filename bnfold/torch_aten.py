@@ -1,0 +1,353 @@
+"""What ATen nodes of a torch.export graph compute: BatchNorm ops, producer ops, their arguments.
+
+The graph frontend (:mod:`bnfold.torch_export`) reads nodes only through this module, so the op
+tables (both the ops ``torch.export`` emits and what ``run_decompositions()`` turns them into)
+live in one place.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.fx import Node
+
+from .algebra import CONV, LINEAR, OutputLayout, conv_transpose_layout
+
+# BatchNorm ops. ``None``: the op has a ``training`` argument; ``False``: always inference;
+# ``True``: always batch statistics. The second value says whether the op returns a tuple.
+_BATCH_NORM_OPS: dict[str, tuple[bool | None, bool]] = {
+    "batch_norm": (None, False),
+    "native_batch_norm": (None, True),
+    "_native_batch_norm_legit": (None, True),
+    "_native_batch_norm_legit_functional": (None, True),
+    "_native_batch_norm_legit_no_training": (False, True),
+    "_batch_norm_no_update": (False, True),
+    "_batch_norm_with_update": (True, True),
+    "_batch_norm_with_update_functional": (True, True),
+    "cudnn_batch_norm": (None, True),
+    "miopen_batch_norm": (None, True),
+}
+
+_CONV_OPS = {"conv1d": 1, "conv2d": 2, "conv3d": 3}
+_CONV_T_OPS = {"conv_transpose1d": 1, "conv_transpose2d": 2, "conv_transpose3d": 3}
+
+# Ops that pass a weight through unchanged in value (possibly permuted): the weight of a
+# decomposed linear reaches aten.mm / aten.addmm as ``permute(weight, [1, 0])``.
+_PASS_THROUGH = {"alias", "detach", "clone", "lift_fresh_copy"}
+_TRANSPOSE_OPS = {"permute", "t", "transpose", "numpy_T"}
+
+
+def aten_name(node: Node) -> str | None:
+    """``"conv2d"`` for a call of ``aten.conv2d.<overload>``; ``None`` for anything else."""
+    t = node.target
+    if node.op == "call_function" and isinstance(t, torch._ops.OpOverload):
+        return t._opname if t.namespace == "aten" else None
+    return None
+
+
+def describe(node: Node) -> str:
+    """A short human name for a node: ``node relu (aten.relu)``, ``graph input x``."""
+    if node.op == "placeholder":
+        return f"graph input {node.name}"
+    if node.op == "get_attr":
+        return f"attribute {node.target}"
+    if node.op == "call_function":
+        t = node.target
+        what = (
+            f"{t.namespace}.{t._opname}"
+            if isinstance(t, torch._ops.OpOverload)
+            else getattr(t, "__name__", str(t))
+        )
+        return f"node {node.name} ({what})"
+    return f"node {node.name} ({node.op} {node.target})"
+
+
+def arguments(node: Node) -> dict[str, Any]:
+    """The node's arguments by schema name, defaults filled in."""
+    schema = node.target._schema
+    bound: dict[str, Any] = {}
+    for i, a in enumerate(schema.arguments):
+        if i < len(node.args) and not a.kwarg_only:
+            bound[a.name] = node.args[i]
+        elif a.name in node.kwargs:
+            bound[a.name] = node.kwargs[a.name]
+        else:
+            bound[a.name] = a.default_value if a.has_default_value() else None
+    return bound
+
+
+def set_argument(node: Node, name: str, value: Any) -> None:
+    """Set the schema argument ``name`` of ``node`` (positionally if it is given so)."""
+    schema_args = node.target._schema.arguments
+    names = [a.name for a in schema_args]
+    i = names.index(name)
+    if i < len(node.args):
+        node.update_arg(i, value)
+        return
+    gap = schema_args[len(node.args) : i]
+    if schema_args[i].kwarg_only or any(a.kwarg_only or a.name in node.kwargs for a in gap):
+        node.update_kwarg(name, value)
+        return
+    if any(not a.has_default_value() for a in gap):
+        node.update_kwarg(name, value)
+        return
+    # Positional, as quantizers and pattern matchers read it (conv bias is args[2]).
+    node.args = tuple(node.args) + tuple(a.default_value for a in gap) + (value,)
+
+
+def rank(node: Node) -> int | None:
+    """Rank of the tensor ``node`` produces, from ``node.meta["val"]``; ``None`` if unknown."""
+    val = node.meta.get("val")
+    return val.dim() if isinstance(val, torch.Tensor) else None
+
+
+def writes(user: Node, node: Node) -> bool:
+    """Whether ``user`` may write into the tensor ``node`` (an in-place or out= argument).
+
+    Ops that are not ATen-schema'd (higher-order ops, Python callables, submodules) may do
+    anything, so they count as writing; ``getitem`` and ``output`` only read.
+    """
+    if user.op == "output" or (user.op == "call_function" and user.target is operator.getitem):
+        return False
+    t = user.target
+    if user.op != "call_function" or not isinstance(t, torch._ops.OpOverload):
+        return True
+    for i, a in enumerate(t._schema.arguments):
+        given = user.args[i] if i < len(user.args) else user.kwargs.get(a.name)
+        uses = given is node or (isinstance(given, (list, tuple)) and node in given)
+        if uses and a.alias_info is not None and a.alias_info.is_write:
+            return True
+    return False
+
+
+# --------------------------------------------------------------------------------------------
+# BatchNorm nodes
+
+
+@dataclass(frozen=True)
+class BatchNormCall:
+    """One BatchNorm node: its operands and the node that carries its normalised output."""
+
+    node: Node
+    op: str
+    input: Any
+    weight: Any
+    bias: Any
+    mean: Any
+    var: Any
+    training: Any  # a bool, or a node / symbol when not a literal
+    eps: Any
+    output: Node | None  # the node whose value is the normalised tensor
+    other_outputs_used: str  # who uses the saved statistics outputs; "" if nobody
+
+
+def batch_norm_call(node: Node) -> BatchNormCall | None:
+    """Read ``node`` as a BatchNorm op; ``None`` if it is not one."""
+    op = aten_name(node)
+    if op not in _BATCH_NORM_OPS:
+        return None
+    fixed, returns_tuple = _BATCH_NORM_OPS[op]
+    args = arguments(node)
+    training = fixed if fixed is not None else args.get("training")
+    if "running_mean" not in args:  # the no_stats overload normalises with batch statistics
+        training = True
+    output: Node | None = node
+    others: list[str] = []
+    if returns_tuple:
+        output = None
+        for user in node.users:
+            if user.op == "call_function" and user.target is operator.getitem:
+                if user.args[1] == 0:
+                    output = user if output is None else output
+                    if user is not output:  # two getitem(0): move the second one's users
+                        others.append(f"a second read of its output ({user.name})")
+                elif user.users:
+                    others.append(", ".join(u.name for u in user.users))
+            else:
+                others.append(user.name)
+    return BatchNormCall(
+        node=node,
+        op=op,
+        input=args.get("input"),
+        weight=args.get("weight"),
+        bias=args.get("bias"),
+        mean=args.get("running_mean"),
+        var=args.get("running_var"),
+        training=training,
+        eps=args.get("eps", args.get("epsilon")),
+        output=output,
+        other_outputs_used=", ".join(others),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Producer nodes
+
+
+@dataclass(frozen=True)
+class ProducerCall:
+    """One Conv / ConvTranspose / Linear-like node and where its weight and bias come from.
+
+    ``weight_arg`` / ``bias_arg`` are the schema names of the operands; ``weight_axis`` is the
+    axis of the *operand* that holds the output channels (1 for the ``(in, out)`` matrix of
+    ``mm``/``addmm``). ``problem`` says why the node cannot absorb a BatchNorm even though it
+    is a producer op ("" when it can).
+    """
+
+    node: Node
+    op: str
+    kind: str  # "conv", "conv_transpose" or "linear"
+    spatial_dims: int
+    weight_arg: str
+    bias_arg: str
+    weight: Any
+    bias: Any
+    weight_axis: int
+    groups: int
+    output_rank: int | None
+    problem: str = ""
+
+
+def producer_call(node: Node) -> ProducerCall | None:
+    """Read ``node`` as a producer op; ``None`` if it is not one."""
+    op = aten_name(node)
+    if op is None:
+        return None
+    if op in _CONV_OPS or op in _CONV_T_OPS or op in ("convolution", "_convolution"):
+        args = arguments(node)
+        if op in ("convolution", "_convolution"):
+            transposed = args["transposed"]
+            spatial = len(args["stride"]) if isinstance(args["stride"], (list, tuple)) else 0
+        else:
+            transposed = op in _CONV_T_OPS
+            spatial = (_CONV_OPS | _CONV_T_OPS)[op]
+        problem = ""
+        if not isinstance(transposed, bool):
+            problem = f"{op}'s transposed flag is not a constant"
+        groups = args["groups"]
+        if not isinstance(groups, int):
+            problem, groups = f"{op}'s groups is not a constant", 1
+        return ProducerCall(
+            node=node,
+            op=op,
+            kind="conv_transpose" if transposed is True else "conv",
+            spatial_dims=spatial,
+            weight_arg="weight",
+            bias_arg="bias",
+            weight=args["weight"],
+            bias=args["bias"],
+            weight_axis=1 if transposed is True else 0,
+            groups=groups,
+            output_rank=rank(node),
+            problem=problem,
+        )
+    if op == "linear":
+        args = arguments(node)
+        return ProducerCall(
+            node, op, "linear", 0, "weight", "bias", args["weight"], args["bias"], 0, 1, rank(node)
+        )
+    if op in ("addmm", "mm"):
+        args = arguments(node)
+        problem = ""
+        if op == "addmm" and args.get("beta", 1) != 1:
+            problem = f"aten.addmm scales its bias by beta={args['beta']}; bnfold folds beta=1"
+        return ProducerCall(
+            node=node,
+            op=op,
+            kind="linear",
+            spatial_dims=0,
+            weight_arg="mat2",
+            bias_arg="self",
+            weight=args["mat2"],
+            bias=args["self"] if op == "addmm" else None,
+            weight_axis=1,
+            groups=1,
+            output_rank=2,
+            problem=problem,
+        )
+    return None
+
+
+def layout(p: ProducerCall, source_axis: int) -> OutputLayout:
+    """Output-channel layout of the producer's weight *source* tensor, whose axis
+    ``source_axis`` is the operand's output-channel axis."""
+    if p.kind == "conv_transpose":
+        return conv_transpose_layout(p.groups) if source_axis == 1 else OutputLayout(source_axis)
+    if source_axis == 0:
+        return CONV if p.kind == "conv" else LINEAR
+    return OutputLayout(axis=source_axis)
+
+
+def trace_back(value: Any, axis: int) -> tuple[list[Node], int] | None:
+    """Follow a weight operand back through value-preserving ops to where it starts.
+
+    Returns the chain ``[source, ..., operand]`` and the source axis that becomes the
+    operand's ``axis``; ``None`` when the operand is not a node. Permutes/transposes move the
+    axis; anything else that is not a pure pass-through ends the chain.
+    """
+    if not isinstance(value, Node):
+        return None
+    chain = [value]
+    node = value
+    while True:
+        op = aten_name(node)
+        if op in _PASS_THROUGH:
+            node = node.args[0]
+        elif op in _TRANSPOSE_OPS:
+            src_rank = rank(node.args[0]) if isinstance(node.args[0], Node) else None
+            moved = _source_axis(node, op, axis, src_rank)
+            if moved is None:
+                break
+            axis = moved
+            node = node.args[0]
+        else:
+            break
+        if not isinstance(node, Node):
+            return None
+        chain.insert(0, node)
+    return chain, axis
+
+
+def _source_axis(node: Node, op: str, axis: int, src_rank: int | None) -> int | None:
+    """Axis of ``node``'s input that becomes ``axis`` of its output."""
+    if op in ("t", "numpy_T"):
+        if src_rank is None or src_rank > 2:
+            return None if op == "numpy_T" else 1 - axis
+        return (src_rank - 1 - axis) if src_rank == 2 else axis
+    if op == "permute":
+        dims = list(node.args[1])
+        if src_rank is None:
+            src_rank = len(dims)
+        return dims[axis] % src_rank
+    if op == "transpose":
+        r = src_rank if src_rank is not None else max(axis + 1, 2)
+        d0, d1 = node.args[1] % r, node.args[2] % r
+        return d1 if axis == d0 else d0 if axis == d1 else axis
+    return None
+
+
+def is_pass_through(node: Node) -> bool:
+    """Whether ``node`` is one of the ops :func:`trace_back` looks through."""
+    op = aten_name(node)
+    return op in _PASS_THROUGH or op in _TRANSPOSE_OPS
+
+
+def module_path(node: Node) -> tuple[str, str] | None:
+    """``(path, class name)`` of the innermost module a node was called in.
+
+    Repeated calls of a module get torch.export's ``@k`` suffix (``"bn@1"``) so that every call
+    has its own name. ``None`` for nodes without a module stack (or at the root).
+    """
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    key, (path, klass) = list(stack.items())[-1]
+    if not path:
+        return None
+    if "@" in key and "@" not in path:
+        path = f"{path}@{key.rsplit('@', 1)[1]}"
+    name = klass.rsplit(".", 1)[-1] if isinstance(klass, str) else getattr(klass, "__name__", "")
+    return path, name
