@@ -285,7 +285,7 @@ class _ProgramStore(_Store):
             for spec, value in zip(self.output_specs, returned, strict=True)
         ]
         signature = ExportGraphSignature(input_specs=inputs, output_specs=outputs)
-        call_graph = copy.deepcopy(self.ep.module_call_graph)
+        call_graph = _copy(self.ep.module_call_graph)
         for entry in call_graph:
             sig = entry.signature
             if sig is None:
@@ -300,7 +300,7 @@ class _ProgramStore(_Store):
             graph=gm.graph,
             graph_signature=signature,
             state_dict=self.state_dict,
-            range_constraints=copy.deepcopy(self.ep.range_constraints),
+            range_constraints=_copy(self.ep.range_constraints),
             module_call_graph=call_graph,
             example_inputs=self.ep.example_inputs,
             constants=self.constants,
@@ -799,11 +799,11 @@ def _drop_unused(store: _Store, touched: list[Node]) -> None:
 # Public entry points
 
 
-def _copy(gm: GraphModule) -> GraphModule:
+def _copy(obj: Any) -> Any:
+    """``copy.deepcopy`` without the FutureWarning that copying torch's pytree specs gives."""
     with warnings.catch_warnings():
-        # Copying the pytree specs torch.export attaches warns about a deprecated isinstance.
         warnings.simplefilter("ignore", FutureWarning)
-        return copy.deepcopy(gm)
+        return copy.deepcopy(obj)
 
 
 def _selected_kinds(producers: Iterable[str] | str | None) -> set[str]:
