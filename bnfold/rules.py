@@ -22,6 +22,7 @@ SINGLE_CONSUMER = "single-consumer"
 CHANNEL_AXIS = "channel-axis"
 UNSHARED = "unshared-weights"
 STANDARD_FORWARD = "standard-forward"
+MODULE_BOUNDARY = "module-boundary"
 VALID_VALUES = "valid-values"
 NOT_SELECTED = "not-selected"
 
@@ -57,6 +58,7 @@ class PairFacts:
     can_unshare: bool = False  # graph forms give the folded layer its own weight copy
     output_rank: int | None = None  # rank of the producer's output when known
     rank_hint: str = "pass example_inputs"  # what tells bnfold the rank when it is unknown
+    boundary: str = ""  # a module boundary the fold would cross and that must be kept
 
 
 Rule = Callable[[PairFacts], "str | None"]
@@ -66,6 +68,15 @@ def _inference_mode(f: PairFacts) -> str | None:
     if not f.bn_uses_running_stats:
         return f.bn_not_inference_reason or (
             f"{f.bn} normalises with batch statistics, not running statistics"
+        )
+    return None
+
+
+def _within_boundary(f: PairFacts) -> str | None:
+    if f.boundary:
+        return (
+            f"{f.producer} and {f.bn} are on different sides of {f.boundary}, whose call "
+            "signature the program preserves; folding would change what that module computes"
         )
     return None
 
@@ -175,6 +186,7 @@ RULES: tuple[tuple[str, Rule], ...] = (
     (INFERENCE_MODE, _inference_mode),
     (STANDARD_FORWARD, _standard_forward),
     (NO_PRODUCER, _has_producer),
+    (MODULE_BOUNDARY, _within_boundary),
     (UNSHARED, _single_call),
     (CONSTANT_PARAMS, _constant_params),
     (SINGLE_CONSUMER, _single_consumer),

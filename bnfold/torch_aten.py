@@ -15,6 +15,7 @@ import torch
 from torch.fx import Node
 
 from .algebra import CONV, LINEAR, OutputLayout, conv_transpose_layout
+from .errors import FoldRefused
 
 # BatchNorm ops. ``None``: the op has a ``training`` argument; ``False``: always inference;
 # ``True``: always batch statistics. The second value says whether the op returns a tuple.
@@ -84,6 +85,9 @@ def set_argument(node: Node, name: str, value: Any) -> None:
     schema_args = node.target._schema.arguments
     names = [a.name for a in schema_args]
     i = names.index(name)
+    if name in node.kwargs:
+        node.update_kwarg(name, value)
+        return
     if i < len(node.args):
         node.update_arg(i, value)
         return
@@ -104,22 +108,39 @@ def rank(node: Node) -> int | None:
     return val.dim() if isinstance(val, torch.Tensor) else None
 
 
-def writes(user: Node, node: Node) -> bool:
-    """Whether ``user`` may write into the tensor ``node`` (an in-place or out= argument).
+def may_be_written(node: Node) -> bool:
+    """Whether the program may write into the tensor ``node`` stands for while it runs.
 
-    Ops that are not ATen-schema'd (higher-order ops, Python callables, submodules) may do
-    anything, so they count as writing; ``getitem`` and ``output`` only read.
+    Follows views: ``w[0].mul_(2)`` writes into ``w`` through a ``select`` (the graph as
+    exported keeps such in-place ops). An ATen op argument annotated as aliased and written
+    (``Tensor(a!)``) writes; one annotated as aliased but not written returns a view, whose
+    users are followed in turn. Anything that is not an ATen op (higher-order ops, Python
+    callables, submodules) may do anything, so it counts as writing; ``output`` only reads.
     """
-    if user.op == "output" or (user.op == "call_function" and user.target is operator.getitem):
-        return False
-    t = user.target
-    if user.op != "call_function" or not isinstance(t, torch._ops.OpOverload):
-        return True
-    for i, a in enumerate(t._schema.arguments):
-        given = user.args[i] if i < len(user.args) else user.kwargs.get(a.name)
-        uses = given is node or (isinstance(given, (list, tuple)) and node in given)
-        if uses and a.alias_info is not None and a.alias_info.is_write:
-            return True
+    seen: set[Node] = set()
+    work = [node]
+    while work:
+        current = work.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        for user in current.users:
+            if user.op == "output":
+                continue
+            if user.op == "call_function" and user.target is operator.getitem:
+                work.append(user)  # an element of a list of views (split, unbind)
+                continue
+            t = user.target
+            if user.op != "call_function" or not isinstance(t, torch._ops.OpOverload):
+                return True
+            for i, a in enumerate(t._schema.arguments):
+                given = user.args[i] if i < len(user.args) else user.kwargs.get(a.name)
+                uses = given is current or (isinstance(given, (list, tuple)) and current in given)
+                if not uses or a.alias_info is None:
+                    continue
+                if a.alias_info.is_write:
+                    return True
+                work.append(user)  # a view of the tensor: its users may write into it
     return False
 
 
@@ -249,23 +270,31 @@ def producer_call(node: Node) -> ProducerCall | None:
         return ProducerCall(
             node, op, "linear", 0, "weight", "bias", args["weight"], args["bias"], 0, 1, rank(node)
         )
-    if op in ("addmm", "mm"):
+    if op in ("addmm", "mm", "matmul"):
         args = arguments(node)
         problem = ""
         if op == "addmm" and args.get("beta", 1) != 1:
             problem = f"aten.addmm scales its bias by beta={args['beta']}; bnfold folds beta=1"
+        if op == "matmul":  # as exported, x @ W; only a 2-D x times a 2-D W is a linear layer
+            x, w = args["self"], args["other"]
+            ranks = [rank(v) if isinstance(v, Node) else None for v in (x, w)]
+            if None in ranks:
+                problem = "the ranks of aten.matmul's operands are unknown (no shape metadata)"
+            elif ranks != [2, 2]:
+                problem = f"aten.matmul of {ranks[0]}-D by {ranks[1]}-D operands is not x @ W"
+            args = {"mat2": w, "self": None}
         return ProducerCall(
             node=node,
             op=op,
             kind="linear",
             spatial_dims=0,
-            weight_arg="mat2",
+            weight_arg="other" if op == "matmul" else "mat2",
             bias_arg="self",
             weight=args["mat2"],
             bias=args["self"] if op == "addmm" else None,
             weight_axis=1,
             groups=1,
-            output_rank=2,
+            output_rank=rank(node) if op == "matmul" else 2,
             problem=problem,
         )
     return None
@@ -275,7 +304,14 @@ def layout(p: ProducerCall, source_axis: int) -> OutputLayout:
     """Output-channel layout of the producer's weight *source* tensor, whose axis
     ``source_axis`` is the operand's output-channel axis."""
     if p.kind == "conv_transpose":
-        return conv_transpose_layout(p.groups) if source_axis == 1 else OutputLayout(source_axis)
+        if source_axis == 1:
+            return conv_transpose_layout(p.groups)
+        if p.groups > 1:  # group blocks along a permuted axis: not a layout bnfold knows
+            raise FoldRefused(
+                f"the grouped {p.op}'s weight reaches it through a permute; bnfold does not "
+                "fold that layout"
+            )
+        return OutputLayout(source_axis)
     if source_axis == 0:
         return CONV if p.kind == "conv" else LINEAR
     return OutputLayout(axis=source_axis)
@@ -294,15 +330,16 @@ def trace_back(value: Any, axis: int) -> tuple[list[Node], int] | None:
     node = value
     while True:
         op = aten_name(node)
+        source = node.args[0] if node.args else node.kwargs.get("self")
         if op in _PASS_THROUGH:
-            node = node.args[0]
+            node = source
         elif op in _TRANSPOSE_OPS:
-            src_rank = rank(node.args[0]) if isinstance(node.args[0], Node) else None
+            src_rank = rank(source) if isinstance(source, Node) else None
             moved = _source_axis(node, op, axis, src_rank)
             if moved is None:
                 break
             axis = moved
-            node = node.args[0]
+            node = source
         else:
             break
         if not isinstance(node, Node):
@@ -317,14 +354,19 @@ def _source_axis(node: Node, op: str, axis: int, src_rank: int | None) -> int | 
         if src_rank is None or src_rank > 2:
             return None if op == "numpy_T" else 1 - axis
         return (src_rank - 1 - axis) if src_rank == 2 else axis
+    args = arguments(node)
     if op == "permute":
-        dims = list(node.args[1])
+        dims = args.get("dims")
+        if not isinstance(dims, (list, tuple)) or not all(isinstance(d, int) for d in dims):
+            return None
         if src_rank is None:
             src_rank = len(dims)
-        return dims[axis] % src_rank
+        return dims[axis] % src_rank if -len(dims) <= axis < len(dims) else None
     if op == "transpose":
-        r = src_rank if src_rank is not None else max(axis + 1, 2)
-        d0, d1 = node.args[1] % r, node.args[2] % r
+        d0, d1 = args.get("dim0"), args.get("dim1")
+        if not isinstance(d0, int) or not isinstance(d1, int) or src_rank is None:
+            return None
+        d0, d1 = d0 % src_rank, d1 % src_rank
         return d1 if axis == d0 else d0 if axis == d1 else axis
     return None
 

@@ -55,11 +55,11 @@ from .torch_aten import (
     describe,
     is_pass_through,
     layout,
+    may_be_written,
     module_path,
     producer_call,
     set_argument,
     trace_back,
-    writes,
 )
 from .torch_producers import PRODUCER_KINDS
 from .torch_verify import compare, output_tensors, tolerance
@@ -222,7 +222,7 @@ class _ProgramStore(_Store):
         spec = self._spec_of.get(node)
         if spec is not None and spec.target in self._mutated_targets:
             return True
-        return any(writes(u, node) for u in node.users)
+        return may_be_written(node)
 
     def constant_nodes(self) -> list[Node]:
         return list(self._spec_of)
@@ -331,6 +331,9 @@ class _ModuleStore(_Store):
     def __init__(self, gm: GraphModule) -> None:
         super().__init__(gm.graph)
         self.gm = gm
+        # Tensors are never written into, not even with inplace=True: ep.module() shares its
+        # tensors with the ExportedProgram and the eager model it came from, which still apply
+        # their BatchNorms. Folded values go into new tensors bound to the module's attributes.
 
     def _owner(self, target: str) -> tuple[nn.Module, str]:
         prefix, _, attr = target.rpartition(".")
@@ -350,7 +353,7 @@ class _ModuleStore(_Store):
         return node.target
 
     def mutated(self, node: Node) -> bool:
-        return any(writes(u, other) for other in self.aliases(node) for u in other.users)
+        return any(may_be_written(other) for other in self.aliases(node))
 
     def constant_nodes(self) -> list[Node]:
         return [n for n in self.graph.nodes if n.op == "get_attr"]
@@ -377,7 +380,9 @@ class _ModuleStore(_Store):
         value = _new_value(value, old)
         self._attach(target, value, old, like.target)
         with self.graph.inserting_before(before):
-            node = self.graph.get_attr(target)
+            # create_node, not get_attr: a plain tensor attribute (a constant, as ep.module()
+            # holds them) is a valid target that get_attr would warn about.
+            node = self.graph.create_node("get_attr", target)
         self.set_meta(node, value)
         return node
 
@@ -492,22 +497,41 @@ def _shared_uses(store: _Store, chain: list[Node] | None, producer: Node) -> str
     return ", ".join(others)
 
 
-def _plan(gm: GraphModule, store: _Store, selected: set[str]) -> tuple[list[_Pair], FoldReport]:
+@dataclass
+class _Pass:
+    """One look at the graph: the folds to do and an entry for every BatchNorm node."""
+
+    pairs: list[_Pair]
+    entries: dict[Node, FoldEntry]
+    calls: dict[Node, BatchNormCall]
+    names: dict[Node, tuple[str, str]]
+
+
+def _plan(
+    gm: GraphModule,
+    store: _Store,
+    selected: set[str],
+    boundaries: list[str],
+    names: dict[Node, tuple[str, str]] | None = None,
+) -> _Pass:
     """Find every BatchNorm node of ``gm``'s graph, decide it, and compute the folds.
 
-    Reads the graph and the store only; numbers the algebra refuses become skips.
+    Reads the graph and the store only; numbers the algebra refuses become skips. ``names``
+    are the report names of BatchNorm nodes from an earlier pass (kept stable across passes).
     """
     graph = gm.graph
     bns = [c for c in (batch_norm_call(n) for n in graph.nodes) if c is not None]
-    bn_names = _names([c.node for c in bns], "BatchNorm")
+    bn_names = dict(names or {})
+    missing = [c.node for c in bns if c.node not in bn_names]
+    bn_names.update(_names(missing, "BatchNorm"))
     producer_nodes = {c.input for c in bns if isinstance(c.input, Node)}
     prod_calls = {n: producer_call(n) for n in producer_nodes}
     prod_names = _names([n for n in graph.nodes if prod_calls.get(n) is not None], "")
     pairs: list[_Pair] = []
-    entries: list[FoldEntry] = []
+    entries: dict[Node, FoldEntry] = {}
     for c in bns:
         name, bn_type = bn_names[c.node]
-        pair = _decide(store, c, name, bn_type, prod_calls, prod_names, selected)
+        pair = _decide(store, c, name, bn_type, prod_calls, prod_names, selected, boundaries)
         entry = _entry(pair)
         if entry.folded:
             try:
@@ -518,9 +542,55 @@ def _plan(gm: GraphModule, store: _Store, selected: set[str]) -> tuple[list[_Pai
                 )
         if entry.folded:
             pairs.append(pair)
-        entries.append(entry)
-    entries += _nested_entries(gm)
-    return pairs, FoldReport(entries, type(gm).__name__)
+        entries[c.node] = entry
+    return _Pass(pairs, entries, {c.node: c for c in bns}, bn_names)
+
+
+def _chained(p: _Pass) -> bool:
+    """Whether a BatchNorm left in this pass reads the output of one folded in it (conv ->
+    bn1 -> bn2): after the fold it sits on the conv, so another pass can fold it."""
+    outputs = {pair.bn.output for pair in p.pairs}
+    return any(not p.entries[n].folded and p.calls[n].input in outputs for n in p.entries)
+
+
+def _fold_graph(
+    gm: GraphModule, store: _Store, selected: set[str], boundaries: list[str]
+) -> tuple[dict[Node, Node], list[FoldEntry]]:
+    """Fold every BatchNorm of ``gm`` that can be folded; returns which node took each
+    folded BatchNorm output's place, and the report entries."""
+    _require_values(store)
+    entries: dict[Node, FoldEntry] = {}
+    replaced: dict[Node, Node] = {}
+    names = None
+    while True:
+        p = _plan(gm, store, selected, boundaries, names)
+        names = p.names
+        entries.update(p.entries)  # a later pass decides again; the first order stays
+        again = _chained(p)
+        replaced.update(_apply(store, p.pairs))
+        if not again:
+            break
+    return replaced, list(entries.values()) + _nested_entries(gm)
+
+
+def _require_values(store: _Store) -> None:
+    for node in store.constant_nodes():
+        value = store.tensor(node)
+        if value is not None and value.is_meta:
+            raise UnsupportedModelError(
+                f"{store.key(node)} is on the meta device, so it has no values to fold; load "
+                "the weights (e.g. load_state_dict(..., assign=True)) before exporting"
+            )
+
+
+def _preserved_modules(ep: ExportedProgram) -> list[str]:
+    """Modules whose call signature the program preserves (``preserve_module_call_signature``)."""
+    return [e.fqn for e in ep.module_call_graph if e.fqn and e.signature is not None]
+
+
+def _inside(node: Node, fqn: str) -> bool:
+    stack = node.meta.get("nn_module_stack") or {}
+    return any(path == fqn for path, _ in stack.values())
 
 
 def _decide(
@@ -531,6 +601,7 @@ def _decide(
     prod_calls: dict[Node, ProducerCall | None],
     prod_names: dict[Node, tuple[str, str]],
     selected: set[str],
+    boundaries: list[str],
 ) -> _Pair:
     bn_constant = all(
         v is None or _chain_is_constant(store, [v] if isinstance(v, Node) else None)
@@ -586,6 +657,9 @@ def _decide(
         producer_params_shared=_shared_uses(store, w_chain, p.node)
         or _shared_uses(store, b_chain, p.node),
         output_rank=p.output_rank,
+        boundary=next(
+            (f"module {f}" for f in boundaries if _inside(p.node, f) != _inside(c.node, f)), ""
+        ),
     )
     pair = _Pair(c, name, bn_type, p, target, target_type, facts, w_chain, b_chain, w_axis)
     if p.kind not in selected:
@@ -633,14 +707,25 @@ def _compute(store: _Store, pair: _Pair) -> None:
 
 
 def _nested_entries(gm: GraphModule) -> list[FoldEntry]:
-    """BatchNorms inside control-flow branches (``torch.cond`` bodies and the like): kept."""
+    """BatchNorms inside subgraphs (``torch.cond`` branches, ``torch.no_grad()`` regions as
+    exported): reported and kept."""
+    users: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            for user in node.users:
+                users[node.target] = getattr(user.target, "__name__", str(user.target))
     entries = []
     for sub_name, sub in gm.named_modules():
         if sub is gm or not isinstance(sub, GraphModule):
             continue
+        hop = users.get(sub_name, "a higher-order op")
+        hint = (
+            "; ep.run_decompositions() inlines such regions, after which bnfold can fold them"
+            if hop.startswith("wrap_with")
+            else ""
+        )
         for node in sub.graph.nodes:
-            c = batch_norm_call(node)
-            if c is None:
+            if batch_norm_call(node) is None:
                 continue
             where = module_path(node)
             name = f"{sub_name}.{node.name}" if where is None else where[0]
@@ -651,8 +736,8 @@ def _nested_entries(gm: GraphModule) -> list[FoldEntry]:
                     action="skipped",
                     rule=rules.NO_PRODUCER,
                     reason=(
-                        f"{name} is inside the subgraph {sub_name} (a control-flow branch or "
-                        "wrapped region); bnfold folds the top-level graph only"
+                        f"{name} is inside the subgraph {sub_name} of {hop}; bnfold folds "
+                        f"the top-level graph only{hint}"
                     ),
                     bn_type=where[1] if where else "BatchNorm",
                 )
@@ -751,7 +836,7 @@ def _apply(store: _Store, pairs: list[_Pair]) -> dict[Node, Node]:
             )
         else:
             bias = store.add(pair.weight_chain[0], _bias_key(w_key), pair.new_bias, p.node)
-            if p.op == "mm":  # mm has no bias operand: it becomes addmm(bias, x, w)
+            if p.op in ("mm", "matmul"):  # no bias operand: it becomes addmm(bias, x, w)
                 p.node.target = torch.ops.aten.addmm.default
                 p.node.args = (bias, p.node.args[0], p.node.args[1])
                 p.node.kwargs = {}
@@ -775,13 +860,16 @@ def _drop_unused(store: _Store, touched: list[Node]) -> None:
     work = list(dict.fromkeys(touched))
     while work:
         node = work.pop()
-        if node.graph is not store.graph or node.users or node._erased:
+        if node._erased or node.graph is not store.graph or node.users:
             continue
         if store.tensor(node) is not None:
+            # Tied tensors: export routes every use through one placeholder and leaves the
+            # other names' placeholders unused; they go with it.
+            work += [a for a in store.aliases(node) if a is not node]
             dropped_keys.add(store.key(node))
             store.drop(node)
         elif is_pass_through(node):
-            src = node.args[0]
+            src = node.args[0] if node.args else node.kwargs.get("self")
             store.graph.erase_node(node)
             if isinstance(src, Node):
                 work.append(src)
@@ -799,11 +887,47 @@ def _drop_unused(store: _Store, touched: list[Node]) -> None:
 # Public entry points
 
 
-def _copy(obj: Any) -> Any:
+def _copy(obj: Any, memo: dict[int, Any] | None = None) -> Any:
     """``copy.deepcopy`` without the FutureWarning that copying torch's pytree specs gives."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        return copy.deepcopy(obj)
+        return copy.deepcopy(obj, memo)
+
+
+def _copy_graph_module(gm: GraphModule, memo: dict[int, Any] | None = None) -> GraphModule:
+    """A deep copy of ``gm`` whose ``meta`` is a shallow copy without caches.
+
+    ``torch.export.unflatten`` caches its module (fake tensors and all) in ``meta``; copying
+    it fails, and a cache of the unfolded program must not travel with the folded one.
+    """
+    memo = {} if memo is None else memo
+    meta = getattr(gm, "meta", None)
+    if isinstance(meta, dict):
+        memo[id(meta)] = {k: v for k, v in meta.items() if k != "unflattened_module"}
+    return _copy(gm, memo)
+
+
+def _module_tensors(gm: nn.Module) -> dict[int, torch.Tensor]:
+    """Every tensor a module tree holds directly (parameters, buffers, tensor attributes)."""
+    found: dict[int, torch.Tensor] = {}
+    for mod in gm.modules():
+        for value in [*mod._parameters.values(), *mod._buffers.values(), *vars(mod).values()]:
+            if isinstance(value, torch.Tensor):
+                found[id(value)] = value
+    return found
+
+
+def _unshare(gm: nn.Module, originals: dict[int, torch.Tensor]) -> None:
+    """Give ``gm`` its own copy of every tensor it still shares with the input (ties kept)."""
+    memo: dict[int, Any] = {}
+    for mod in gm.modules():
+        for holder in (mod._parameters, mod._buffers):
+            for name, value in holder.items():
+                if value is not None and id(value) in originals:
+                    holder[name] = copy.deepcopy(value, memo)
+        for name, value in list(vars(mod).items()):
+            if isinstance(value, torch.Tensor) and id(value) in originals:
+                mod.__dict__[name] = copy.deepcopy(value, memo)
 
 
 def _selected_kinds(producers: Iterable[str] | str | None) -> set[str]:
@@ -818,9 +942,8 @@ def _selected_kinds(producers: Iterable[str] | str | None) -> set[str]:
     return chosen
 
 
-def _report(report: FoldReport, model: Any) -> FoldReport:
-    report.model = type(model).__name__
-    return report
+def _report(entries: list[FoldEntry], model: Any) -> FoldReport:
+    return FoldReport(entries, type(model).__name__)
 
 
 def analyze(
@@ -835,11 +958,17 @@ def analyze(
     """
     selected = _selected_kinds(producers)
     if isinstance(model, ExportedProgram):
-        gm = model.graph_module
+        gm, boundaries = model.graph_module, _preserved_modules(model)
         store: _Store = _ProgramStore(model, gm.graph)
     else:
-        gm, store = model, _ModuleStore(model)
-    return _report(_plan(gm, store, selected)[1], model)
+        gm, boundaries, store = model, [], _ModuleStore(model)
+    _require_values(store)
+    first = _plan(gm, store, selected, boundaries)
+    if not _chained(first):
+        return _report(list(first.entries.values()) + _nested_entries(gm), model)
+    # Chained BatchNorms: what a fold does takes more than one pass, so fold a scratch copy
+    # (sharing the tensors, which are never written) and report that.
+    return _fold(model, selected, inplace=False, scratch=True)[1]
 
 
 def fold(
@@ -854,40 +983,49 @@ def fold(
 
     An ExportedProgram gives a new ExportedProgram (sharing the unchanged tensors, as
     ``run_decompositions`` does); a GraphModule gives a new GraphModule, or ``model`` itself
-    with ``inplace=True``.
+    with ``inplace=True``. ``example_inputs`` is not needed: shapes come from the graph.
     """
-    selected = _selected_kinds(producers)
+    if isinstance(model, ExportedProgram) and inplace:
+        raise InvalidArgumentError(
+            "an ExportedProgram is folded into a new program; inplace=True is only for "
+            "nn.Module and GraphModule models"
+        )
+    result, report = _fold(model, _selected_kinds(producers), inplace=inplace)
+    return (result, report) if return_report else result
+
+
+def _fold(
+    model: ExportedProgram | GraphModule, selected: set[str], inplace: bool, scratch: bool = False
+) -> tuple[Any, FoldReport]:
     if isinstance(model, ExportedProgram):
-        if inplace:
-            raise InvalidArgumentError(
-                "an ExportedProgram is folded into a new program; inplace=True is only for "
-                "nn.Module and GraphModule models"
-            )
-        gm = _copy(model.graph_module)
-        copied = {
-            old.name: new
-            for old, new in zip(model.graph_module.graph.nodes, gm.graph.nodes, strict=True)
-        }
+        gm = _copy_graph_module(model.graph_module)
+        copied = list(zip(model.graph_module.graph.nodes, gm.graph.nodes, strict=True))
         store: _Store = _ProgramStore(model, gm.graph)
-        pairs, report = _plan(gm, store, selected)
-        replaced = _apply(store, pairs)
+        replaced, entries = _fold_graph(gm, store, selected, _preserved_modules(model))
+        if scratch:
+            return None, _report(entries, model)
         gm.graph.lint()
         renamed = {}
-        for old, new in copied.items():
+        for old, new in copied:
             final = replaced.get(new, new)
-            if final.name != old:
-                renamed[old] = final.name
-        result: Any = store.program(gm, renamed)
-    else:
-        gm = model if inplace else _copy(model)
-        store = _ModuleStore(gm)
-        pairs, report = _plan(gm, store, selected)
-        _apply(store, pairs)
-        gm.graph.lint()
-        gm.recompile()
-        result = gm
-    report = _report(report, model)
-    return (result, report) if return_report else result
+            while final in replaced:  # conv -> bn1 -> bn2: bn2's output went to bn1's place
+                final = replaced[final]
+            if final.name != old.name:
+                renamed[old.name] = final.name
+        return store.program(gm, renamed), _report(entries, model)
+    originals = _module_tensors(model)
+    # A copy sharing the input's tensors: the fold replaces what it changes with new tensors,
+    # and whatever is still shared afterwards is copied once (_unshare).
+    gm = model if inplace else _copy_graph_module(model, dict(originals))
+    store = _ModuleStore(gm)
+    _, entries = _fold_graph(gm, store, selected, [])
+    if scratch:
+        return None, _report(entries, model)
+    gm.graph.lint()
+    gm.recompile()
+    if not inplace:
+        _unshare(gm, originals)
+    return gm, _report(entries, model)
 
 
 def verify(original: Any, folded: Any, example_inputs: Any) -> tuple[float, float]:
