@@ -1,0 +1,372 @@
+"""Graph-form traps found by trying to break the torch.export frontend, pinned as regressions.
+
+Each test builds the smallest program that once folded wrongly, crashed or broke the program,
+and checks numbers (non-trivial BatchNorm statistics throughout) and the report.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from support import randomize_all
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+import bnfold
+from bnfold import rules
+
+aten = torch.ops.aten
+REL_TOL = 1e-5
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a64, b64 = a.double(), b.double()
+    return float((a64 - b64).abs().max() / a64.abs().max())
+
+
+def x4(seed: int = 0, n: int = 2) -> torch.Tensor:
+    return torch.randn(n, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+def random_bn(bn: nn.Module, seed: int) -> nn.Module:
+    return randomize_all(bn, seed)
+
+
+def export(
+    model: nn.Module, args: tuple, decomposed: bool = False, **kw
+) -> torch.export.ExportedProgram:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ep = torch.export.export(model, args, **kw)
+    return ep.run_decompositions() if decomposed else ep
+
+
+def n_bn(gm_or_ep) -> int:
+    graph = gm_or_ep.graph
+    return sum(1 for n in graph.nodes if n.op == "call_function" and "batch_norm" in str(n.target))
+
+
+# --------------------------------------------------------------------------------------------
+# Writes through views (the graph as exported keeps in-place ops)
+
+
+class WeightUpdatedThroughView(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("w", torch.randn(4, 3, 3, 3))
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(F.conv2d(x, self.w))
+        self.w[0].mul_(2.0)  # a stateful update through a select
+        return y
+
+
+class StatisticsUpdatedThroughView(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(self.conv(x))
+        self.bn.running_mean[0:2].add_(1.0)  # through a slice
+        return y
+
+
+@pytest.mark.parametrize("cls", [WeightUpdatedThroughView, StatisticsUpdatedThroughView])
+@pytest.mark.parametrize("as_module", [False, True], ids=["program", "graph-module"])
+def test_state_written_through_a_view_is_not_constant(cls, as_module):
+    def program():
+        torch.manual_seed(0)
+        return export(random_bn(cls(), 1), (x4(),))
+
+    original = program().module()
+    target = program()
+    target = target.module() if as_module else target
+    folded, report = bnfold.fold(target, return_report=True)
+    assert report.entry("bn").rule == rules.CONSTANT_PARAMS
+    run = folded if as_module else folded.module()
+    with torch.no_grad():
+        for call in range(3):  # the state changes from call to call
+            x = x4(call)
+            torch.testing.assert_close(run(x), original(x), rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------------
+# Preserved module call signatures
+
+
+class ConvOnly(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(x)
+
+
+class BnOnly(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.b = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(x)
+
+
+class Split(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = ConvOnly()
+        self.bnm = BnOnly()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bnm(self.conv(x)).relu()
+
+
+@pytest.mark.parametrize("preserved", ["conv", "bnm"])
+def test_folds_do_not_cross_a_preserved_module_signature(preserved):
+    model = randomize_all(Split(), 2)
+    ep = export(model, (x4(),), preserve_module_call_signature=(preserved,))
+    folded, report = bnfold.fold(ep, return_report=True)
+    (entry,) = report.entries
+    assert entry.rule == rules.MODULE_BOUNDARY and preserved in entry.reason
+    unflat = torch.export.unflatten(folded)  # still possible, and swapping still means the same
+    x = x4(3)
+    with torch.no_grad():
+        torch.testing.assert_close(unflat(x), model(x), rtol=1e-5, atol=1e-5)
+        setattr(unflat, preserved, getattr(model, preserved))
+        torch.testing.assert_close(unflat(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_folds_inside_one_preserved_module_still_happen():
+    class Inner(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c, self.b = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.b(self.c(x))
+
+    class Outer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = Inner()
+
+        def forward(self, x):
+            return self.inner(x).relu()
+
+    model = randomize_all(Outer(), 3)
+    ep = export(model, (x4(),), preserve_module_call_signature=("inner",))
+    folded, report = bnfold.fold(ep, return_report=True)
+    assert report.entry("inner.b").folded
+    unflat = torch.export.unflatten(folded)
+    with torch.no_grad():
+        assert rel(model(x4(4)), unflat(x4(4))) <= REL_TOL
+
+
+# --------------------------------------------------------------------------------------------
+# Programs in unusual states
+
+
+class ConvBn(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Conv2d(3, 4, 3)
+        self.b = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.c(x)).relu()
+
+
+def test_program_that_was_unflattened_folds():
+    model = randomize_all(ConvBn(), 4)
+    ep = export(model, (x4(),))
+    torch.export.unflatten(ep)  # caches itself in ep.graph_module.meta
+    for target in (ep, ep.module()):
+        folded = bnfold.fold(target)
+        run = folded.module() if isinstance(folded, torch.export.ExportedProgram) else folded
+        with torch.no_grad():
+            assert rel(model(x4(5)), run(x4(5))) <= REL_TOL
+
+
+def test_program_on_the_meta_device_is_a_clear_error():
+    with torch.device("meta"):
+        model = ConvBn().eval()
+    ep = export(model, (torch.randn(2, 3, 8, 8, device="meta"),))
+    for call in (lambda: bnfold.analyze(ep), lambda: bnfold.fold(ep)):
+        with pytest.raises(bnfold.UnsupportedModelError, match="meta device"):
+            call()
+
+
+def test_in_place_fold_of_ep_module_leaves_the_program_and_model_alone():
+    model = randomize_all(ConvBn(), 5)
+    ep = export(model, (x4(),))
+    x = x4(6)
+    with torch.no_grad():
+        expected = model(x)
+    gm = ep.module()
+    assert bnfold.fold(gm, inplace=True) is gm
+    with torch.no_grad():
+        assert rel(expected, gm(x)) <= REL_TOL
+        # ep.module() shares its tensors with ep and model: none of them was written
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+        torch.testing.assert_close(ep.module()(x), expected, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------------
+# Graph shapes
+
+
+@pytest.mark.parametrize("decomposed", [False, True], ids=["exported", "decomposed"])
+def test_chained_batchnorms_fold_in_one_call(decomposed):
+    class Chain(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c = nn.Conv2d(3, 4, 3, bias=False)
+            self.b1, self.b2 = nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.b2(self.b1(self.c(x)))
+
+    model = randomize_all(Chain(), 6)
+    ep = export(model, (x4(),), decomposed)
+    folded, report = bnfold.fold(ep, return_report=True)
+    assert [e.bn for e in report.folded] == ["b1", "b2"] and n_bn(folded) == 0
+    assert bnfold.analyze(ep).to_list() == report.to_list()
+    assert not any(k.startswith(("b1.", "b2.")) for k in folded.state_dict)
+    with torch.no_grad():
+        assert rel(model(x4(7)), folded.module()(x4(7))) <= REL_TOL
+    folded_gm = bnfold.fold(ep.module())
+    with torch.no_grad():
+        assert rel(model(x4(7)), folded_gm(x4(7))) <= REL_TOL
+
+
+def test_matmul_with_a_constant_weight_folds_as_exported():
+    class MatMul(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.W = nn.Parameter(torch.randn(4, 6))
+            self.bn = nn.BatchNorm1d(6)
+
+        def forward(self, x):
+            return self.bn(x @ self.W)
+
+    model = randomize_all(MatMul(), 7)
+    x = torch.randn(5, 4)
+    for decomposed in (False, True):
+        folded, report = bnfold.fold(export(model, (x,), decomposed), return_report=True)
+        assert report.entry("bn").folded and n_bn(folded) == 0
+        with torch.no_grad():
+            assert rel(model(x), folded.module()(x)) <= REL_TOL
+
+
+def test_batched_matmul_is_not_folded():
+    class Batched(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.W = nn.Parameter(torch.randn(4, 6))
+            self.bn = nn.BatchNorm1d(3)
+
+        def forward(self, x):
+            return self.bn(x @ self.W)  # (N, 3, 4) @ (4, 6): channels on the last axis
+
+    model = randomize_all(Batched(), 8)
+    x = torch.randn(2, 3, 4)
+    folded, report = bnfold.fold(export(model, (x,)), return_report=True)
+    assert not report.entry("bn").folded
+    with torch.no_grad():
+        torch.testing.assert_close(folded.module()(x), model(x), rtol=0, atol=0)
+
+
+def test_batchnorm_in_a_no_grad_region_is_reported_with_a_way_out():
+    class NoGrad(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c, self.b = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            with torch.no_grad():
+                y = self.b(self.c(x))
+            return y.relu()
+
+    model = randomize_all(NoGrad(), 9)
+    ep = export(model, (x4(),))
+    (entry,) = bnfold.analyze(ep).entries
+    assert not entry.folded and "run_decompositions" in entry.reason
+    folded = bnfold.fold(ep.run_decompositions())
+    with torch.no_grad():
+        assert n_bn(folded) == 0 and rel(model(x4(1)), folded.module()(x4(1))) <= REL_TOL
+
+
+def test_batchnorm_in_a_cond_branch_is_kept_and_the_rest_folds():
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+            self.fc, self.bn_t, self.bn_f = nn.Linear(3, 4), nn.BatchNorm1d(4), nn.BatchNorm1d(4)
+
+        def forward(self, x):
+            z = x.mean((2, 3))
+            out = torch.cond(
+                z.sum() > 0, lambda v: self.bn_t(self.fc(v)), lambda v: self.bn_f(self.fc(v)), (z,)
+            )
+            return self.bn(self.c(x)), out
+
+    model = randomize_all(Branchy(), 10)
+    ep = export(model, (x4(),))
+    folded, report = bnfold.fold(ep, return_report=True)
+    assert report.entry("bn").folded
+    assert len(report.skipped) == 2 and all("subgraph" in e.reason for e in report.skipped)
+    for x in (x4(11), -x4(11).abs(), x4(11).abs()):  # both branches
+        with torch.no_grad():
+            for a, b in zip(model(x), folded.module()(x), strict=True):
+                assert rel(a, b) <= REL_TOL
+
+
+# --------------------------------------------------------------------------------------------
+# Hand-built ATen graphs (passes, symbolic_trace of ATen calls)
+
+
+class KeywordArguments(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(5, 4))
+        self.g, self.bb = nn.Parameter(torch.randn(5)), nn.Parameter(torch.randn(5))
+        self.register_buffer("m", torch.randn(5))
+        self.register_buffer("v", torch.rand(5) + 0.5)
+
+    def bn(self, y):
+        return aten.batch_norm.default(y, self.g, self.bb, self.m, self.v, False, 0.1, 1e-5, False)
+
+    def forward(self, x):
+        a = aten.linear.default(x, self.w, bias=None)
+        b = aten.mm.default(x, aten.transpose.int(self.w, dim0=0, dim1=1))
+        c = aten.mm.default(x, aten.permute.default(self.w, dims=[1, 0]))
+        return self.bn(a), self.bn(b), self.bn(c)
+
+
+def test_keyword_arguments_in_hand_built_graphs():
+    model = KeywordArguments().eval()
+    x = torch.randn(3, 4)
+    gm = torch.fx.symbolic_trace(model)
+    FakeTensorProp(gm, FakeTensorMode(allow_non_fake_inputs=True)).propagate(x)
+    folded, report = bnfold.fold(gm, return_report=True)
+    assert len(report.folded) == 3 and n_bn(folded) == 0
+    with torch.no_grad():
+        for a, b in zip(model(x), folded(x), strict=True):
+            assert rel(a, b) <= REL_TOL
+
+
+def test_graph_without_shape_metadata_refuses_rank_dependent_folds():
+    model = KeywordArguments().eval()
+    gm = torch.fx.symbolic_trace(model)  # no meta["val"]
+    report = bnfold.analyze(gm)
+    linear = [e for e in report.entries if e.target_type == "aten.linear"]
+    assert linear and linear[0].rule == rules.CHANNEL_AXIS
+    assert "node.meta['val']" in linear[0].reason
