@@ -133,6 +133,9 @@ def may_be_written(node: Node) -> bool:
             t = user.target
             if user.op != "call_function" or not isinstance(t, torch._ops.OpOverload):
                 return True
+            bn = batch_norm_call(user)
+            if bn is not None and bn.training is not False and current in (bn.mean, bn.var):
+                return True  # aten.batch_norm updates its running statistics unannotated
             for i, a in enumerate(t._schema.arguments):
                 given = user.args[i] if i < len(user.args) else user.kwargs.get(a.name)
                 uses = given is current or (isinstance(given, (list, tuple)) and current in given)

@@ -295,6 +295,16 @@ class _ProgramStore(_Store):
                     if getattr(arg, "name", None) in renamed:
                         arg_list[i] = _argument_named(arg, renamed[arg.name])
         gm.recompile()
+        # The new program shares the tensors it did not change with the input, as
+        # run_decompositions() does; state the program itself updates (buffers of a kept
+        # training-mode BatchNorm) is copied, so running one program never changes the other.
+        shared = {id(t) for t in (*self.ep.state_dict.values(), *self.ep.constants.values())}
+        for node in self.constant_nodes():
+            spec = self._spec_of[node]
+            holder = self._holder(spec)
+            value = holder.get(spec.target)
+            if id(value) in shared and self.mutated(node):
+                holder[spec.target] = _copy(value)
         kwargs: dict[str, Any] = dict(
             root=gm,
             graph=gm.graph,

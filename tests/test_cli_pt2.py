@@ -164,8 +164,9 @@ def test_failed_verification_writes_nothing(tmp_path, program_file, monkeypatch,
     def corrupting_fold(model, *args, **kwargs):
         folded, report = real_fold(model, *args, **kwargs)
         key = next(k for k in folded.state_dict if k.endswith("weight"))
-        with torch.no_grad():
-            folded.state_dict[key].mul_(1.01)  # a wrong fold, as a buggy tool would make
+        # A wrong fold, as a buggy tool would make. A new tensor: the folded program shares
+        # the tensors it did not change with the original.
+        folded.state_dict[key] = nn.Parameter(folded.state_dict[key].detach() * 1.01)
         return folded, report
 
     monkeypatch.setattr(torch_export, "fold", corrupting_fold)

@@ -6,9 +6,10 @@ program with the original on inputs it has not seen (same shapes: an exported pr
 specialised to its example shapes unless a dimension is declared dynamic). Every skip test checks
 the report's rule and that the program still computes exactly what it computed before.
 
-Exporting (and above all decomposing) is the slow part, so the large case matrices put every case
-of a matrix into one model, one branch per case, export and fold it once per graph form, and let
-each parametrized test check its own branch.
+Exporting (and above all decomposing: about 0.4 s each) is the slow part, so most cases live in
+case matrices: one model holds every case of a matrix as a submodule, is exported and folded once
+per graph form, and each case is checked on its own report entries and outputs (a failure lists
+every failing case). GraphModule tests reuse the matrices' programs through ``ep.module()``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from support import BatchNormAct2d, randomize_all
 from torch import fx, nn
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, TensorArgument
+from torch.utils._pytree import tree_leaves
 
 import bnfold
 from bnfold import rules
@@ -38,8 +40,6 @@ CONV_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 SPATIAL = {1: (11,), 2: (7, 6), 3: (5, 4, 5)}
 C_IN = 4
-
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
 
 # --------------------------------------------------------------------------------------------
@@ -64,8 +64,7 @@ def run(program, inputs: tuple) -> list[torch.Tensor]:
     """Outputs of an ExportedProgram (through ``ep.module()``) or of a module."""
     module = program.module() if isinstance(program, ExportedProgram) else program
     with torch.no_grad():
-        out = module(*inputs)
-    return list(out) if isinstance(out, (tuple, list)) else [out]
+        return tree_leaves(module(*inputs))
 
 
 def bn_nodes(graph: fx.Graph) -> list[fx.Node]:
@@ -198,26 +197,16 @@ def assert_snapshot_equal(before: dict, after: dict) -> None:
 
 
 def check_report(report: bnfold.FoldReport, expected: dict[str, tuple[str, object]]) -> None:
-    """``expected``: bn name -> ("folded", producer name) or ("skipped", rule id or set of them)."""
+    """``expected``: bn name -> ("folded", producer name) or ("skipped", rule id or set of them)
+    or ("any", producer name) when folding and keeping are both right."""
     assert isinstance(report, bnfold.FoldReport)
     entries = {e.bn: e for e in report}
     assert len(entries) == len(report.entries), str(report)  # names are unique
     assert set(entries) == set(expected), str(report)
-    for bn, (action, what) in expected.items():
-        e = entries[bn]
-        assert e.action == action, str(report)
-        assert isinstance(e.bn_type, str) and e.bn_type, str(report)
-        if action == "folded":
-            assert e.folded and e.target == what and e.rule is None and e.reason == "", str(report)
-        else:
-            allowed = what if isinstance(what, (set, frozenset)) else {what}
-            assert not e.folded and e.rule in allowed, str(report)
-            assert isinstance(e.reason, str) and e.reason.strip(), str(report)
-
-
-def check_entry_folded(report: bnfold.FoldReport, bn: str, target: str) -> None:
-    e = report.entry(bn)
-    assert e.folded and e.target == target and e.rule is None and e.reason == "", str(report)
+    try:
+        _check_entries(report, expected)
+    except AssertionError as err:
+        raise AssertionError(f"{err}\n{report}") from None
 
 
 def check_program(ep: ExportedProgram) -> None:
@@ -256,13 +245,16 @@ def check_bn_state_removed(
     ep: ExportedProgram, folded: ExportedProgram, report: bnfold.FoldReport
 ) -> None:
     """Keys of BatchNorm modules whose every call was folded are gone from the folded program's
-    state_dict and signature, and still in the original's."""
+    state_dict and signature, and still in the original's. (A functional batch_norm is named
+    after the module calling it, which holds no running_mean of its own: not checked here.)"""
     modules = {module_of(e.bn) for e in report.folded} - {module_of(e.bn) for e in report.skipped}
     targets = {s.target for s in folded.graph_signature.input_specs if s.target is not None}
     for m in modules:
         prefix = f"{m}."
         before = [k for k in ep.state_dict if k.startswith(prefix)]
-        assert f"{m}.running_mean" in before and f"{m}.num_batches_tracked" in before, before
+        if f"{m}.running_mean" not in before:
+            continue
+        assert f"{m}.num_batches_tracked" in before, before
         assert not [k for k in folded.state_dict if k.startswith(prefix)], m
         assert not [k for k in folded.constants if k.startswith(prefix)], m
         assert not [t for t in targets if t.startswith(prefix)], m
@@ -288,14 +280,10 @@ def check_fold(
     *,
     tol: float = REL_TOL,
     exact: bool = False,
-    bn_state: bool = True,
-    dynamic_shapes=None,
 ):
     """Export ``model`` in ``form``, fold, check report, graph, state and outputs on ``fresh``."""
-    ep = export(model, example, form, dynamic_shapes)
-    return check_program_fold(
-        ep, fresh, expected, tol=tol, exact=exact, bn_state=bn_state, model=model
-    )
+    ep = export(model, example, form)
+    return check_program_fold(ep, fresh, expected, tol=tol, exact=exact, model=model)
 
 
 def check_program_fold(
@@ -305,26 +293,22 @@ def check_program_fold(
     *,
     tol: float = REL_TOL,
     exact: bool = False,
-    bn_state: bool = True,
     model: nn.Module | None = None,
 ):
+    """Fold ``ep``; check the input is untouched, report, BatchNorm ops and state left, and the
+    outputs on ``fresh`` against the original program (and the eager ``model``)."""
     assert n_bn(ep) == len(expected), ep.graph  # one entry per BatchNorm call
     folded, report = fold_program(ep)
     check_report(report, expected)
-    n_kept = sum(e.action == "skipped" for e in report)
-    assert n_bn(folded) == n_kept, folded.graph
-    if bn_state:
-        check_bn_state_removed(ep, folded, report)
+    assert n_bn(folded) == len(report.skipped), folded.graph
+    check_bn_state_removed(ep, folded, report)
     want, got = run(ep, fresh), run(folded, fresh)
     if exact:
         assert_same_outputs(want, got)
     else:
         assert rel_err(want, got) <= tol
         if model is not None:  # and the eager model agrees
-            with torch.no_grad():
-                eager = model(*fresh)
-            eager = list(eager) if isinstance(eager, (tuple, list)) else [eager]
-            assert rel_err(eager, got) <= tol
+            assert rel_err(run(model, fresh), got) <= tol
     return ep, folded, report
 
 
@@ -353,7 +337,8 @@ def x4(seed: int, *spatial: int, batch: int = 3, dtype=torch.float32) -> tuple:
 
 
 # --------------------------------------------------------------------------------------------
-# Case matrices: one model per matrix, one branch per case, exported and folded once per form
+# Case matrices: one model per matrix holding every case as a submodule, all called on the same
+# input; exported and folded once per graph form, then every case is checked on its own outputs.
 
 
 def key(case: str) -> str:
@@ -361,46 +346,89 @@ def key(case: str) -> str:
     return re.sub(r"[^0-9A-Za-z]", "_", case)
 
 
-class Branches(nn.Module):
-    """One branch per case, ``producers[k] -> bns[k]``; returns every branch's output."""
+def path(case: str, sub: str | None) -> str:
+    """The module path of ``sub`` in the case ``case`` of a Cases model (falsy: the case's own
+    module, which is also the name of a functional op its forward calls)."""
+    return f"cases.{key(case)}" + (f".{sub}" if sub else "")
 
-    def __init__(self, pairs: dict[str, tuple[nn.Module, nn.Module]]) -> None:
+
+class Cases(nn.Module):
+    """One submodule per case, each called on the input; returns every case's outputs."""
+
+    def __init__(self, cases: dict[str, nn.Module]) -> None:
         super().__init__()
-        self.producers = nn.ModuleDict({key(k): p for k, (p, _) in pairs.items()})
-        self.bns = nn.ModuleDict({key(k): b for k, (_, b) in pairs.items()})
+        self.cases = nn.ModuleDict({key(k): m for k, m in cases.items()})
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(self.bns[k](p(x)) for k, p in self.producers.items())
+    def forward(self, x: torch.Tensor) -> tuple:
+        return tuple(m(x) for m in self.cases.values())
 
 
 @dataclass
 class MatrixResult:
-    cases: list[str]
     ep: ExportedProgram
-    before: dict
     folded: ExportedProgram
     report: bnfold.FoldReport
-    want: list[torch.Tensor]
-    got: list[torch.Tensor]
-
-    def output(self, case: str) -> tuple[torch.Tensor, torch.Tensor]:
-        i = self.cases.index(case)
-        return self.want[i], self.got[i]
-
-    def check_common(self) -> None:
-        """The checks every test of the matrix shares (cheap: the fold is already done)."""
-        assert_snapshot_equal(self.before, program_snapshot(self.ep))
-        check_program(self.folded)
-        assert len(self.report) == len(self.cases) == n_bn(self.ep)
-        assert n_bn(self.folded) == len(self.report.skipped)
-        check_bn_state_removed(self.ep, self.folded, self.report)
+    fresh: tuple
+    want: dict[str, list[torch.Tensor]]  # case -> the original program's outputs
+    got: dict[str, list[torch.Tensor]]  # case -> the folded program's outputs
+    eager: dict[str, list[torch.Tensor]]  # case -> the eager model's outputs
 
 
-def conv_pair(dims: int, transposed: bool, case: dict) -> tuple[nn.Module, nn.Module]:
-    c = dict(case)
-    out, k = c.pop("out"), c.pop("k")
-    return (CONV_T if transposed else CONV)[dims](C_IN, out, k, **c), BN[dims](out)
+def _check_entries(report: bnfold.FoldReport, expected: dict[str, tuple[str, object]]) -> None:
+    for bn, (action, what) in expected.items():
+        try:
+            e = report.entry(bn)
+        except KeyError as err:
+            raise AssertionError(str(err)) from None
+        assert isinstance(e.bn_type, str) and e.bn_type, e
+        if action == "any":  # either is right; a fold must be into ``what``
+            action, what = ("folded", what) if e.folded else ("skipped", {e.rule})
+        assert e.action == action, e
+        if action == "folded":
+            assert e.folded and e.target == what and e.rule is None and e.reason == "", e
+        else:
+            allowed = what if isinstance(what, (set, frozenset)) else {what}
+            assert not e.folded and e.rule in allowed, e
+            assert isinstance(e.reason, str) and e.reason.strip(), e
 
+
+def check_matrix(
+    r: MatrixResult,
+    expected: dict[str, dict[str, tuple[str, object]]],
+    tol: float = REL_TOL,
+) -> None:
+    """``expected``: case -> its report entries (action "folded", "skipped" or "any" for either,
+    then the producer or the rule(s)). A case whose BatchNorms were all kept must give exactly
+    the original outputs; any other within ``tol`` of the original program and of the eager
+    model. Every failing case is listed."""
+    check_program(r.folded)
+    assert n_bn(r.folded) == len(r.report.skipped), r.folded.graph
+    check_bn_state_removed(r.ep, r.folded, r.report)
+    problems = []
+    names = {bn for exp in expected.values() for bn in exp}
+    assert n_bn(r.ep) == len(names), r.ep.graph  # one entry per BatchNorm call
+    if {e.bn for e in r.report} != names or len(r.report) != len(names):
+        problems.append(f"report names {sorted(e.bn for e in r.report)} != {sorted(names)}")
+    for case, exp in expected.items():
+        try:
+            _check_entries(r.report, exp)
+            want, got = r.want[case], r.got[case]
+            if all(not r.report.entry(bn).folded for bn in exp):
+                assert_same_outputs(want, got)
+            else:
+                assert rel_err(want, got) <= tol, "folded program vs original program"
+                assert rel_err(r.eager[case], got) <= tol, "folded program vs eager model"
+        except AssertionError as err:
+            problems.append(f"{case}: {err}")
+    assert not problems, "\n".join(problems) + f"\n{r.report}"
+
+
+def net_folds(cases) -> dict[str, dict[str, tuple[str, object]]]:
+    """Every case is a Net whose bn folds into its producer."""
+    return {c: {path(c, "bn"): ("folded", path(c, "producer"))} for c in cases}
+
+
+# Convolutions --------------------------------------------------------------------------------
 
 CONV_CASES = {
     "plain": dict(
@@ -452,6 +480,30 @@ CONV_T_CASES = {
     ),
 }
 
+
+def conv_net(dims: int, transposed: bool, case: dict) -> Net:
+    """A conv (or conv-transpose) described by a CONV_CASES (CONV_T_CASES) entry, then BN."""
+    c = dict(case)
+    out, k = c.pop("out"), c.pop("k")
+    return Net((CONV_T if transposed else CONV)[dims](C_IN, out, k, **c), BN[dims](out))
+
+
+CONV_MATRIX_CASES = {
+    **{f"conv-{c}": (False, case) for c, case in CONV_CASES.items()},
+    **{f"conv_transpose-{c}": (True, case) for c, case in CONV_T_CASES.items()},
+}
+
+
+def _conv_matrix(dims: int):
+    torch.manual_seed(100 + dims)  # the layers' own initialisation
+    model = Cases({c: conv_net(dims, *how) for c, how in CONV_MATRIX_CASES.items()})
+    model = randomize(model, seed=10 * dims)
+    shape = (2, C_IN, *SPATIAL[dims])
+    return model, (randn(*shape, seed=1),), (randn(*shape, seed=2),)
+
+
+# BatchNorm variants --------------------------------------------------------------------------
+
 BN_VARIANTS = {
     "affine": dict(affine=True, momentum=0.1, eps=1e-5),
     "no-affine": dict(affine=False, momentum=0.1, eps=1e-5),
@@ -459,6 +511,22 @@ BN_VARIANTS = {
     "no-affine-momentum-none-eps0.1": dict(affine=False, momentum=None, eps=0.1),
     "eps0.1": dict(affine=True, momentum=0.1, eps=0.1),
 }
+BN_VARIANT_CASES = [f"{v}-{b}" for v in BN_VARIANTS for b in ("bias", "nobias")]
+
+
+def _bn_variant_matrix():
+    torch.manual_seed(11)
+    cases = {
+        case: Net(
+            nn.Conv2d(C_IN, 6, 3, bias=case.endswith("-bias")),
+            nn.BatchNorm2d(6, **BN_VARIANTS[case.rsplit("-", 1)[0]]),
+        )
+        for case in BN_VARIANT_CASES
+    }
+    return randomize(Cases(cases), seed=11), x4(12, 7, 7), x4(13, 7, 7)
+
+
+# Invalid values ------------------------------------------------------------------------------
 
 
 def _poison(model: Net, what: str) -> None:
@@ -493,132 +561,215 @@ POISONS = [
 ]
 
 
-def _conv_matrix(dims: int, transposed: bool):
-    cases = CONV_T_CASES if transposed else CONV_CASES
-    torch.manual_seed(100 + dims)  # the layers' own initialisation
-    model = Branches({c: conv_pair(dims, transposed, cases[c]) for c in cases})
-    model = randomize(model, seed=10 * dims + transposed)
-    shape = (2, C_IN, *SPATIAL[dims])
-    return list(cases), model, (randn(*shape, seed=1),), (randn(*shape, seed=2),)
-
-
-def _bn_variant_matrix():
-    torch.manual_seed(11)
-    pairs = {
-        f"{variant}-{'bias' if bias else 'nobias'}": (
-            nn.Conv2d(C_IN, 6, 3, bias=bias),
-            nn.BatchNorm2d(6, **BN_VARIANTS[variant]),
-        )
-        for variant in BN_VARIANTS
-        for bias in (True, False)
-    }
-    model = randomize(Branches(pairs), seed=11)
-    return list(pairs), model, x4(12, 7, 7), x4(13, 7, 7)
-
-
 def _invalid_matrix():
     torch.manual_seed(87)
-    cases = [*POISONS, "healthy"]
-    model = randomize(
-        Branches({c: (nn.Conv2d(C_IN, 6, 3), nn.BatchNorm2d(6)) for c in cases}), seed=87
-    )
+    cases = {c: Net(nn.Conv2d(C_IN, 6, 3), nn.BatchNorm2d(6)) for c in [*POISONS, "healthy"]}
+    model = randomize(Cases(cases), seed=87)
     for c in POISONS:
-        one = Net(model.producers[key(c)], model.bns[key(c)])
-        _poison(one, c)
-    return cases, model, x4(88), x4(89)
+        _poison(model.cases[key(c)], c)
+    return model, x4(88), x4(89)
 
 
-MATRICES = {
-    **{f"conv{d}d": functools.partial(_conv_matrix, d, False) for d in (1, 2, 3)},
-    **{f"conv_transpose{d}d": functools.partial(_conv_matrix, d, True) for d in (1, 2, 3)},
-    "bn_variants": _bn_variant_matrix,
-    "invalid": _invalid_matrix,
+# Skips ---------------------------------------------------------------------------------------
+
+
+class OutputUsedTwice(nn.Module):
+    def __init__(self, as_output: bool) -> None:
+        super().__init__()
+        self.producer = nn.Conv2d(C_IN, 6, 3)
+        self.bn = nn.BatchNorm2d(6)
+        self.as_output = as_output
+
+    def forward(self, x):
+        y = self.producer(x)
+        if self.as_output:
+            return self.bn(y), y
+        return self.bn(y) + y
+
+
+class ConvFeedsTwoBNs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.producer = nn.Conv2d(C_IN, 6, 3)
+        self.bn = nn.BatchNorm2d(6)
+        self.bn2 = nn.BatchNorm2d(6)
+
+    def forward(self, x):
+        y = self.producer(x)
+        return self.bn(y), self.bn2(y)
+
+
+class NoProducer(nn.Module):
+    def __init__(self, where: str) -> None:
+        super().__init__()
+        self.producer = nn.Conv2d(C_IN, C_IN, 3, padding=1)
+        self.bn = nn.BatchNorm2d(C_IN) if where != "view" else nn.BatchNorm1d(C_IN)
+        self.where = where
+
+    def forward(self, x):
+        if self.where == "input":
+            return self.producer(self.bn(x))
+        if self.where == "relu":
+            return self.bn(torch.relu(self.producer(x)))
+        if self.where == "view":  # (N, C, H, W) -> (N, C, H*W): channels still on axis 1
+            return self.bn(self.producer(x).flatten(2))
+        return self.producer(x)  # never calls bn
+
+
+class LinearOn3D(nn.Module):
+    """(N, C, L_in) -> Linear acts on L -> BatchNorm1d(C) normalises axis 1, not Linear's axis.
+    (Decomposed, a Linear on 3-D is view -> addmm -> view: the BatchNorm's input is a view.)"""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.producer = nn.Linear(5, 7)
+        self.bn = nn.BatchNorm1d(3)
+
+    def forward(self, x):
+        return self.bn(self.producer(x[:, :3, 0, :5]))  # (N, 3, 5) -> (N, 3, 7)
+
+
+class UnbatchedConv1d(nn.Module):
+    """Conv1d on an unbatched (C, L) input gives (C_out, L_out); BatchNorm1d then normalises
+    axis 1, which is L_out. (Decomposed: unsqueeze -> convolution -> squeeze.)"""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.producer = nn.Conv1d(C_IN, 6, 3)
+        self.bn = nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        return self.bn(self.producer(x[0, :, 0, :]))  # (C_IN, 6) -> (6, 4)
+
+
+class BNPlusInput2d(nn.BatchNorm2d):
+    """A BatchNorm subclass whose forward also uses its raw input."""
+
+    def forward(self, x):
+        return super().forward(x) + 0.25 * x
+
+
+class ReLUThenBN2d(nn.BatchNorm2d):
+    def forward(self, x):
+        return super().forward(torch.relu(x))
+
+
+class ClampedConv2d(nn.Conv2d):
+    def forward(self, x):
+        return super().forward(x).clamp(min=-0.5)
+
+
+class WSConv2d(nn.Conv2d):
+    """Weight-standardised convolution: its weight is computed at run time."""
+
+    def _conv_forward(self, x, weight, bias):
+        mean = weight.mean((1, 2, 3), keepdim=True)
+        std = weight.std((1, 2, 3), keepdim=True)
+        return super()._conv_forward(x, (weight - mean) / (std + 1e-5), bias)
+
+
+# Linear + BatchNorm1d on 3-D: channel-axis as exported; decomposed, the view in between may
+# make it no-producer.
+CHANNEL_AXIS = {
+    "exported": rules.CHANNEL_AXIS,
+    "decomposed": {rules.CHANNEL_AXIS, rules.NO_PRODUCER},
+}
+
+# case -> (module, the rule(s) that keep its BatchNorm(s) ``bn`` (and ``bn2``); None: its
+# BatchNorm is never called, so it is in neither graph nor report)
+SKIP_CASES = {
+    "no-running-stats": (
+        lambda: Net(nn.Conv2d(C_IN, 6, 3), nn.BatchNorm2d(6, track_running_stats=False)),
+        rules.INFERENCE_MODE,
+    ),
+    "training-bn": (lambda: Net(nn.Conv2d(C_IN, 6, 3), nn.BatchNorm2d(6)), rules.INFERENCE_MODE),
+    "output-used-by-add": (lambda: OutputUsedTwice(False), rules.SINGLE_CONSUMER),
+    "output-is-model-output": (lambda: OutputUsedTwice(True), rules.SINGLE_CONSUMER),
+    "conv-feeds-two-bns": (ConvFeedsTwoBNs, rules.SINGLE_CONSUMER),
+    "bn-on-input": (lambda: NoProducer("input"), rules.NO_PRODUCER),
+    "bn-after-relu": (lambda: NoProducer("relu"), rules.NO_PRODUCER),
+    "bn-after-view": (lambda: NoProducer("view"), rules.NO_PRODUCER),
+    "bn-never-called": (lambda: NoProducer("never-called"), None),
+    "linear-on-3d-input": (LinearOn3D, CHANNEL_AXIS),
+    "unbatched-conv1d": (UnbatchedConv1d, CHANNEL_AXIS),
+    # custom forwards are explicit ops in a graph: the rule is the graph's
+    "bn-forward-uses-input": (
+        lambda: Net(nn.Conv2d(C_IN, 6, 3), BNPlusInput2d(6)),
+        rules.SINGLE_CONSUMER,
+    ),
+    "bn-forward-relu-first": (
+        lambda: Net(nn.Conv2d(C_IN, 6, 3), ReLUThenBN2d(6)),
+        rules.NO_PRODUCER,
+    ),
+    "conv-forward-clamps": (
+        lambda: Net(ClampedConv2d(C_IN, 6, 3), nn.BatchNorm2d(6)),
+        rules.NO_PRODUCER,
+    ),
+    "ws-conv-computed-weight": (
+        lambda: Net(WSConv2d(C_IN, 6, 3, bias=False), nn.BatchNorm2d(6)),
+        {rules.CONSTANT_PARAMS, rules.NO_PRODUCER},
+    ),
 }
 
 
-@functools.cache
-def fold_matrix(name: str, form: str) -> MatrixResult:
-    cases, model, example, fresh = MATRICES[name]()
-    ep = export(model, example, form)
-    check_program(ep)
-    before = program_snapshot(ep)
-    folded, report = bnfold.fold(ep, return_report=True)
-    return MatrixResult(cases, ep, before, folded, report, run(ep, fresh), run(folded, fresh))
+def _skip_matrix():
+    torch.manual_seed(112)
+    model = randomize(Cases({c: make() for c, (make, _) in SKIP_CASES.items()}), seed=112)
+    model.cases[key("training-bn")].bn.train()
+    return model, x4(113), x4(114)
 
 
-# --------------------------------------------------------------------------------------------
-# Folds: convolutions
+# Linear and matrix products on a 2-D activation ----------------------------------------------
 
 
-@pytest.mark.parametrize("form", FORMS)
-@pytest.mark.parametrize("case", list(CONV_CASES))
-@pytest.mark.parametrize("dims", [1, 2, 3])
-def test_conv_bn_folds(dims, case, form):
-    r = fold_matrix(f"conv{dims}d", form)
-    r.check_common()
-    check_entry_folded(r.report, f"bns.{key(case)}", f"producers.{key(case)}")
-    want, got = r.output(case)
-    assert rel_err([want], [got]) <= REL_TOL
-    assert_producers_have_bias(r.folded)  # the bias-less convolutions got one
+class MatmulNet(nn.Module):
+    """x @ W with W stored (in, out), as hand-written layers do: mm gets W itself, no permute;
+    a square W cannot tell its axes apart by shape."""
+
+    def __init__(self, n_in: int, n_out: int, op: str) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_in, n_out) / n_in**0.5)
+        self.bn = nn.BatchNorm1d(n_out)
+        self.op = op
+
+    def forward(self, x):
+        return self.bn(torch.mm(x, self.weight) if self.op == "mm" else x @ self.weight)
 
 
-@pytest.mark.parametrize("form", FORMS)
-@pytest.mark.parametrize("case", list(CONV_T_CASES))
-@pytest.mark.parametrize("dims", [1, 2, 3])
-def test_conv_transpose_bn_folds(dims, case, form):
-    r = fold_matrix(f"conv_transpose{dims}d", form)
-    r.check_common()
-    check_entry_folded(r.report, f"bns.{key(case)}", f"producers.{key(case)}")
-    want, got = r.output(case)
-    assert rel_err([want], [got]) <= REL_TOL
-    assert_producers_have_bias(r.folded)
+class ScaledAddmm(nn.Module):
+    """addmm with beta and alpha: not a Linear as it stands."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(5, 6) / 6**0.5)
+        self.bias = nn.Parameter(torch.randn(5))
+        self.bn = nn.BatchNorm1d(5)
+
+    def forward(self, x):
+        return self.bn(torch.addmm(self.bias, x, self.weight.t(), beta=0.5, alpha=2.0))
 
 
-@pytest.mark.parametrize("form", FORMS)
-def test_conv_bn_fold_compares_with_eager_model(form):
-    """The matrices compare program with program; one check that both equal the eager model."""
-    cases, model, example, fresh = _conv_matrix(2, False)
-    expected = {f"bns.{key(c)}": ("folded", f"producers.{key(c)}") for c in cases}
-    check_fold(model, example, fresh, expected, form)
+# case -> (module, expected entry of its ``bn``: action and producer; None is the case module)
+LINEAR_CASES = {
+    "linear-bias": (lambda: Net(nn.Linear(6, 5), nn.BatchNorm1d(5)), ("folded", "producer")),
+    "linear-nobias": (
+        lambda: Net(nn.Linear(6, 5, bias=False), nn.BatchNorm1d(5)),
+        ("folded", "producer"),
+    ),
+    "mm-square-weight-not-transposed": (lambda: MatmulNet(6, 6, "mm"), ("folded", None)),
+    # aten.matmul as exported (not a listed producer), aten.mm once decomposed
+    "matmul-weight-not-transposed": (lambda: MatmulNet(6, 7, "matmul"), ("any", None)),
+    "addmm-beta-alpha": (ScaledAddmm, ("any", None)),
+}
 
 
-@pytest.mark.parametrize("form", FORMS)
-@pytest.mark.parametrize("variant", list(BN_VARIANTS))
-@pytest.mark.parametrize("bias", [True, False])
-def test_batchnorm_variants_fold(variant, bias, form):
-    r = fold_matrix("bn_variants", form)
-    r.check_common()
-    case = f"{variant}-{'bias' if bias else 'nobias'}"
-    check_entry_folded(r.report, f"bns.{key(case)}", f"producers.{key(case)}")
-    want, got = r.output(case)
-    assert rel_err([want], [got]) <= REL_TOL
-    assert_producers_have_bias(r.folded)
+def _linear_matrix():
+    torch.manual_seed(22)
+    model = randomize(Cases({c: make() for c, (make, _) in LINEAR_CASES.items()}), seed=22)
+    return model, (randn(4, 6, seed=23),), (randn(4, 6, seed=24),)
 
 
-@pytest.mark.parametrize("form", FORMS)
-def test_extreme_but_valid_statistics_fold(form):
-    """Tiny and huge variances, large means, zero and negative gamma, var slightly below 0."""
-    model = Net(nn.Conv2d(C_IN, 8, 3), nn.BatchNorm2d(8, eps=1e-5)).eval()
-    with torch.no_grad():
-        model.bn.running_var.copy_(torch.tensor([1e-7, 1e4, 3e-6, 1.0, 0.5, -5e-6, 1e-3, 2.0]))
-        model.bn.running_mean.copy_(torch.tensor([100.0, -250.0, 0.0, 1e-3, 3.0, -0.5, 40.0, 0.0]))
-        model.bn.weight.copy_(torch.tensor([50.0, 1e-3, 0.0, -2.0, 1.0, 0.3, -20.0, 1e3]))
-        model.bn.bias.copy_(torch.tensor([10.0, -3.0, 0.5, 0.0, 1e3, -1.0, 2.0, 0.1]))
-    check_fold(model, x4(14), x4(15), FOLDED, form)
-
-
-@pytest.mark.parametrize("form", FORMS)
-def test_conv_without_bias_gets_a_registered_bias(form):
-    model = randomize(Net(nn.Conv2d(C_IN, 6, 3, bias=False), nn.BatchNorm2d(6)), seed=16)
-    ep, folded, _ = check_fold(model, x4(17), x4(18), FOLDED, form)
-    assert "producer.bias" not in ep.state_dict
-    (conv,) = producer_nodes(folded.graph)
-    assert op_arg(conv, "bias") is not None
-    assert_producers_have_bias(folded)
-
-
-# --------------------------------------------------------------------------------------------
-# Folds: other layer and BatchNorm kinds
+# What a graph folds: other layer and BatchNorm kinds, shared producers and weights ------------
 
 
 class MyBatchNorm2d(nn.BatchNorm2d):
@@ -631,63 +782,6 @@ class MyConv2d(nn.Conv2d):
         return "my conv"
 
 
-@pytest.mark.parametrize("form", FORMS)
-def test_subclasses_without_own_forward_fold(form):
-    model = randomize(Net(MyConv2d(C_IN, 6, 3, bias=False), MyBatchNorm2d(6)), seed=19)
-    check_fold(model, x4(20), x4(21), FOLDED, form)
-
-
-@pytest.mark.parametrize("form", FORMS)
-@pytest.mark.parametrize("bias", [True, False])
-def test_linear_bn1d_on_2d_activation_folds(bias, form):
-    """Decomposed: aten.addmm (bias) or aten.mm (no bias), both with a permuted weight."""
-    model = randomize(Net(nn.Linear(5, 6, bias=bias), nn.BatchNorm1d(6)), seed=22)
-    ep, folded, _ = check_fold(
-        model, (randn(4, 5, seed=23),), (randn(4, 5, seed=24),), FOLDED, form
-    )
-    if form == "decomposed":
-        assert {op_name(n) for n in producer_nodes(ep.graph)} == {"addmm" if bias else "mm"}
-    assert_producers_have_bias(folded)
-
-
-@pytest.mark.parametrize("form", FORMS)
-def test_linear_bn1d_on_3d_input_is_skipped(form):
-    """(N, C, L_in) -> Linear acts on L -> BatchNorm1d(C) normalises axis 1, not Linear's axis.
-    Decomposed, the Linear is view -> addmm -> view, so the BatchNorm's input is a view."""
-    model = randomize(Net(nn.Linear(5, 7), nn.BatchNorm1d(3)), seed=25)
-    rule = rules.CHANNEL_AXIS if form == "exported" else {rules.CHANNEL_AXIS, rules.NO_PRODUCER}
-    check_fold(
-        model,
-        (randn(2, 3, 5, seed=26),),
-        (randn(2, 3, 5, seed=27),),
-        skipped(rule),
-        form,
-        exact=True,
-    )
-
-
-@pytest.mark.parametrize("form", FORMS)
-def test_unbatched_conv1d_into_bn1d_is_skipped(form):
-    """Conv1d on an unbatched (C, L) input gives (C_out, L_out); BatchNorm1d then normalises
-    axis 1, which is L_out, not the convolution's channels."""
-    model = randomize(Net(nn.Conv1d(C_IN, 6, 3), nn.BatchNorm1d(7)), seed=28)
-    rule = rules.CHANNEL_AXIS if form == "exported" else {rules.CHANNEL_AXIS, rules.NO_PRODUCER}
-    check_fold(
-        model,
-        (randn(C_IN, 9, seed=29),),
-        (randn(C_IN, 9, seed=30),),
-        skipped(rule),
-        form,
-        exact=True,
-    )
-
-
-@pytest.mark.parametrize("form", FORMS)
-def test_sync_batchnorm_in_eval_folds(form):
-    model = randomize(Net(nn.Conv2d(C_IN, 6, 3), nn.SyncBatchNorm(6)), seed=31)
-    check_fold(model, x4(32), x4(33), FOLDED, form)
-
-
 class BNReLU2d(nn.BatchNorm2d):
     """BatchNorm + activation in one module, as some model libraries have."""
 
@@ -695,26 +789,596 @@ class BNReLU2d(nn.BatchNorm2d):
         return torch.relu(super().forward(x))
 
 
-@pytest.mark.parametrize("form", FORMS)
-@pytest.mark.parametrize("bn_cls", [BNReLU2d, BatchNormAct2d], ids=["bn-relu", "bn-act-silu"])
-def test_bn_subclass_with_activation_folds_and_keeps_the_activation(bn_cls, form):
-    model = randomize(Net(nn.Conv2d(C_IN, 6, 3), bn_cls(6)), seed=34)
-    fresh = x4(35)
-    ep, folded, report = check_fold(model, x4(36), fresh, FOLDED, form)
-    if bn_cls is BNReLU2d:
-        assert (run(ep, fresh)[0] == 0).any()  # the ReLU matters for this input
-    acts = {"relu"} if bn_cls is BNReLU2d else {"silu", "sigmoid"}  # decomposed: x * sigmoid(x)
-    assert acts & {op_name(n) for n in folded.graph.nodes if n.op == "call_function"}
+def _hooked() -> Net:
+    net = Net(nn.Conv2d(C_IN, 6, 3), nn.BatchNorm2d(6))
+    net.bn.register_forward_hook(lambda _m, _args, out: out * 2 + 1)  # traced into the graph
+    return net
+
+
+class ExtremeStatistics(Net):
+    """Tiny and huge variances, large means, zero and negative gamma, var slightly below 0
+    (set by ``set_statistics``, after ``randomize``)."""
+
+    def __init__(self) -> None:
+        super().__init__(nn.Conv2d(C_IN, 8, 3), nn.BatchNorm2d(8, eps=1e-5))
+
+    def set_statistics(self) -> None:
+        with torch.no_grad():
+            self.bn.running_var.copy_(torch.tensor([1e-7, 1e4, 3e-6, 1.0, 0.5, -5e-6, 1e-3, 2.0]))
+            self.bn.running_mean.copy_(
+                torch.tensor([100.0, -250.0, 0.0, 1e-3, 3.0, -0.5, 40.0, 0.0])
+            )
+            self.bn.weight.copy_(torch.tensor([50.0, 1e-3, 0.0, -2.0, 1.0, 0.3, -20.0, 1e3]))
+            self.bn.bias.copy_(torch.tensor([10.0, -3.0, 0.5, 0.0, 1e3, -1.0, 2.0, 0.1]))
+
+
+class ProducerCalledTwice(nn.Module):
+    """One conv module, two calls; only the first call goes through a BatchNorm. Eager mode
+    must refuse (one weight, two calls); a graph gives the folded call its own weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.producer = nn.Conv2d(C_IN, 6, 3)
+        self.bn = nn.BatchNorm2d(6)
+
+    def forward(self, x):
+        return self.bn(self.producer(x)) - self.producer(2 * x)
+
+
+class OneConvTwoBNs(nn.Module):
+    """One conv module called twice, each call followed by its own BatchNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(C_IN, 6, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.bn2 = nn.BatchNorm2d(6)
+
+    def forward(self, x):
+        return self.bn1(self.conv(x)) * self.bn2(self.conv(x.flip(-1)))
+
+
+class SecondCallOnly(nn.Module):
+    """The conv's second call is the one a BatchNorm follows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(C_IN, 6, 3)
+        self.bn = nn.BatchNorm2d(6)
+
+    def forward(self, x):
+        return self.conv(x) * self.bn(self.conv(-x))
+
+
+class TiedConvsEachWithBN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_a = nn.Conv2d(C_IN, 6, 3)
+        self.conv_b = nn.Conv2d(C_IN, 6, 3)
+        self.conv_b.weight = self.conv_a.weight
+        self.bn_a = nn.BatchNorm2d(6)
+        self.bn_b = nn.BatchNorm2d(6)
+
+    def forward(self, x):
+        return self.bn_a(self.conv_a(x)) + self.bn_b(self.conv_b(x * 0.5))
+
+
+class TiedWeights(nn.Module):
+    """Two convs share one weight; only one is followed by a BatchNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.producer = nn.Conv2d(C_IN, 6, 3)
+        self.twin = nn.Conv2d(C_IN, 6, 3)
+        self.twin.weight = self.producer.weight
+        self.bn = nn.BatchNorm2d(6)
+
+    def forward(self, x):
+        return self.bn(self.producer(x)) * self.twin(x)
+
+
+class TiedLinears(nn.Module):
+    """Two Linears share one weight; only one is followed by a BatchNorm1d. (Decomposed, each
+    reads the weight through its own permute.)"""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.producer = nn.Linear(C_IN, 6)
+        self.twin = nn.Linear(C_IN, 6)
+        self.twin.weight = self.producer.weight
+        self.bn = nn.BatchNorm1d(6)
+
+    def forward(self, x):
+        z = x.mean((2, 3))
+        return self.bn(self.producer(z)) * self.twin(z)
+
+
+class TiedBiases(nn.Module):
+    """Two convs share one bias; only one is followed by a BatchNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.producer = nn.Conv2d(C_IN, 6, 3)
+        self.twin = nn.Conv2d(C_IN, 6, 3)
+        self.twin.bias = self.producer.bias
+        self.bn = nn.BatchNorm2d(6)
+
+    def forward(self, x):
+        return self.bn(self.producer(x)) + self.twin(x)
+
+
+class ReadsProducerWeight(nn.Module):
+    """The conv's weight is also read by other ops: folding with a private copy of the weight
+    and refusing are both right; changing what the other reader sees is not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.producer = nn.Conv2d(C_IN, 6, 3)
+        self.bn = nn.BatchNorm2d(6)
+
+    def forward(self, x):
+        return self.bn(self.producer(x)) * self.producer.weight.abs().mean()
+
+
+class BnCalledTwice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.producer = nn.Conv2d(C_IN, 6, 3)
+        self.other = nn.Conv2d(C_IN, 6, 3, bias=False)
+        self.bn = nn.BatchNorm2d(6)
+
+    def forward(self, x):
+        return self.bn(self.producer(x)) + self.bn(self.other(x))
+
+
+class SameConvSameBNTwice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(C_IN, 6, 3)
+        self.bn = nn.BatchNorm2d(6)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) - 0.5 * self.bn(self.conv(x * x))
+
+
+class ChainedBNs(nn.Module):
+    """bn1 folds into conv; bn2's input is a BatchNorm (no-producer), though folding it too once
+    bn1 is gone would also be exact."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(C_IN, 6, 3)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.bn2 = nn.BatchNorm2d(6)
+
+    def forward(self, x):
+        return self.bn2(self.bn1(self.conv(x)))
+
+
+class DataDependent(nn.Module):
+    """Branches on a shape (torch.fx cannot trace it; export specialises it); conv2's output
+    also feeds an add, so bn2 must stay."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(C_IN, 6, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.conv2 = nn.Conv2d(6, 6, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn1(self.conv1(x))
+        if x.shape[0] > 1:
+            y = torch.relu(y)
+        z = self.conv2(y)
+        return self.bn2(z) + z
+
+
+class TrainBnAndLinear(nn.Module):
+    """A training-mode BatchNorm (made so in the matrix) next to a Linear + BatchNorm1d."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(C_IN, 6, 3)
+        self.bn = nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6, 5)
+        self.bn_fc = nn.BatchNorm1d(5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn_fc(self.fc(self.bn(self.conv(x)).mean((2, 3))))
+
+
+class TwoOutputs(nn.Module):
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(C_IN, 6, 3)
+        self.bn = nn.BatchNorm2d(6)
+        self.other = nn.Conv2d(C_IN, 5, 3)
+        self.how = how
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        if self.how == "bn-and-other":
+            return y, torch.relu(self.other(x))
+        if self.how == "other-and-bn":
+            return torch.relu(self.other(x)), y
+        if self.how == "bn-twice":
+            return y, y
+        return y, torch.relu(y) + 1  # "bn-and-its-relu"
+
+
+class WritesBNResultToBuffer(nn.Module):
+    """The BatchNorm's result is also copied into a buffer: decomposed, that is a
+    BUFFER_MUTATION output naming the BatchNorm's node, which the fold must rename."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(C_IN, 6, 3)
+        self.bn = nn.BatchNorm2d(6)
+        self.register_buffer("last", torch.zeros(3, 6, 4, 4))
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        self.last.copy_(y)
+        return y * 2
+
+
+class BufferWeightConv(nn.Module):
+    """F.conv2d on a weight that is a buffer (``constant=False``) or a plain tensor attribute,
+    which export lifts into ``ep.constants`` (``constant=True``)."""
+
+    def __init__(self, constant: bool) -> None:
+        super().__init__()
+        w = torch.randn(6, C_IN, 3, 3) / 6
+        if constant:
+            self.w = w
+        else:
+            self.register_buffer("w", w)
+        self.bn = nn.BatchNorm2d(6)
+
+    def forward(self, x):
+        return self.bn(F.conv2d(x, self.w))
+
+
+class FunctionalBN(nn.Module):
+    """F.batch_norm with only one of weight and bias."""
+
+    def __init__(self, which: str) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(C_IN, 6, 3)
+        self.bn = nn.BatchNorm2d(6)
+        self.which = which
+
+    def forward(self, x):
+        weight = self.bn.weight if self.which == "weight" else None
+        bias = self.bn.bias if self.which == "bias" else None
+        return F.batch_norm(self.conv(x), self.bn.running_mean, self.bn.running_var, weight, bias)
+
+
+NET_FOLD = {"bn": "producer"}
+
+# case -> (module, its BatchNorm calls -> their producer, or (action, producer or rule)), names
+# relative to the case's module; "" is the case's module itself, which is also the name of a
+# functional op its forward calls
+GRAPH_FOLD_CASES = {
+    "subclasses-without-own-forward": (
+        lambda: Net(MyConv2d(C_IN, 6, 3, bias=False), MyBatchNorm2d(6)),
+        NET_FOLD,
+    ),
+    "sync-batchnorm-in-eval": (lambda: Net(nn.Conv2d(C_IN, 6, 3), nn.SyncBatchNorm(6)), NET_FOLD),
+    "bn-relu-subclass": (lambda: Net(nn.Conv2d(C_IN, 6, 3), BNReLU2d(6)), NET_FOLD),
+    "bn-act-silu-subclass": (lambda: Net(nn.Conv2d(C_IN, 6, 3), BatchNormAct2d(6)), NET_FOLD),
+    "bn-forward-hook": (_hooked, NET_FOLD),
+    "extreme-statistics": (ExtremeStatistics, NET_FOLD),
+    "producer-called-twice": (ProducerCalledTwice, NET_FOLD),
+    "one-conv-two-bns": (OneConvTwoBNs, {"bn1": "conv", "bn2": "conv@1"}),
+    "second-call-of-conv": (SecondCallOnly, {"bn": "conv@1"}),
+    "tied-convs-each-with-bn": (TiedConvsEachWithBN, {"bn_a": "conv_a", "bn_b": "conv_b"}),
+    "weight-tied-to-conv-without-bn": (TiedWeights, NET_FOLD),
+    "weight-tied-to-linear-without-bn": (TiedLinears, NET_FOLD),
+    "bias-tied-to-conv-without-bn": (TiedBiases, NET_FOLD),
+    "producer-weight-read-elsewhere": (ReadsProducerWeight, {"bn": ("any", "producer")}),
+    "bn-called-twice-after-two-convs": (BnCalledTwice, {"bn": "producer", "bn@1": "other"}),
+    "same-conv-same-bn-twice": (SameConvSameBNTwice, {"bn": "conv", "bn@1": "conv@1"}),
+    "chained-bns": (ChainedBNs, {"bn1": "conv", "bn2": ("any", "conv")}),
+    "residual-use-of-producer-output": (
+        DataDependent,
+        {"bn1": "conv1", "bn2": ("skipped", rules.SINGLE_CONSUMER)},
+    ),
+    "training-bn-next-to-a-fold": (
+        TrainBnAndLinear,
+        {"bn": ("skipped", rules.INFERENCE_MODE), "bn_fc": "fc"},
+    ),
+    **{
+        f"two-outputs-{how}": (functools.partial(TwoOutputs, how), {"bn": "conv"})
+        for how in ("bn-and-other", "other-and-bn", "bn-twice", "bn-and-its-relu")
+    },
+    "bn-result-written-to-a-buffer": (WritesBNResultToBuffer, {"bn": "conv"}),
+    "conv-weight-is-a-buffer": (lambda: BufferWeightConv(False), {"bn": ""}),
+    "conv-weight-is-a-constant-tensor": (lambda: BufferWeightConv(True), {"bn": ""}),
+    "functional-bn-weight-only": (lambda: FunctionalBN("weight"), {"": "conv"}),
+    "functional-bn-bias-only": (lambda: FunctionalBN("bias"), {"": "conv"}),
+}
+
+
+def _graph_fold_matrix():
+    torch.manual_seed(19)
+    model = randomize(Cases({c: make() for c, (make, _) in GRAPH_FOLD_CASES.items()}), seed=19)
+    model.cases[key("extreme-statistics")].set_statistics()
+    model.cases[key("training-bn-next-to-a-fold")].bn.train()
+    return model, x4(20), x4(21)
+
+
+def graph_fold_expectations() -> dict[str, dict[str, tuple[str, object]]]:
+    expected = {}
+    for case, (_, calls) in GRAPH_FOLD_CASES.items():
+        expected[case] = {}
+        for bn, what in calls.items():
+            action, target = what if isinstance(what, tuple) else ("folded", what)
+            if action != "skipped":
+                target = path(case, target)
+            expected[case][path(case, bn)] = (action, target)
+    return expected
+
+
+# BatchNorms with tied parameters ---------------------------------------------------------------
+
+
+class TiedBNs(nn.Module):
+    """Two BatchNorms sharing gamma and running_var (a tied Parameter and buffer): torch.export
+    gives each state_dict key a placeholder but routes both uses through one of them. ``kept``
+    is kept by a NaN in its own, untied, running_mean."""
+
+    def __init__(self, kept: str | None) -> None:
+        super().__init__()
+        self.conv_a = nn.Conv2d(C_IN, 6, 3)
+        self.conv_b = nn.Conv2d(C_IN, 6, 3)
+        self.bn_a = nn.BatchNorm2d(6)
+        self.bn_b = nn.BatchNorm2d(6)
+        randomize(self, seed=160)
+        self.bn_b.weight = self.bn_a.weight
+        self.bn_b.running_var = self.bn_a.running_var
+        if kept is not None:
+            with torch.no_grad():
+                getattr(self, kept).running_mean[0] = float("nan")
+
+    def forward(self, x):
+        return self.bn_a(self.conv_a(x)), self.bn_b(self.conv_b(x))
+
+
+TIED_BN_CASES = {"both-fold": None, "a-kept": "bn_a", "b-kept": "bn_b"}
+
+
+def _tied_bn_matrix():
+    torch.manual_seed(160)
+    model = Cases({c: TiedBNs(kept) for c, kept in TIED_BN_CASES.items()}).eval()
+    return model, x4(161), x4(162)
+
+
+MATRIX_CASES = {
+    **{f"conv{d}d": CONV_MATRIX_CASES for d in (1, 2, 3)},
+    "bn_variants": BN_VARIANT_CASES,
+    "invalid": [*POISONS, "healthy"],
+    "skips": SKIP_CASES,
+    "linear": LINEAR_CASES,
+    "graph_folds": GRAPH_FOLD_CASES,
+    "tied_bns": TIED_BN_CASES,
+}
+MATRICES = {
+    **{f"conv{d}d": functools.partial(_conv_matrix, d) for d in (1, 2, 3)},
+    "bn_variants": _bn_variant_matrix,
+    "invalid": _invalid_matrix,
+    "skips": _skip_matrix,
+    "linear": _linear_matrix,
+    "graph_folds": _graph_fold_matrix,
+    "tied_bns": _tied_bn_matrix,
+}
+
+
+@functools.cache
+def fold_matrix(name: str, form: str) -> MatrixResult:
+    """Export the matrix ``name`` in ``form``, fold it (checking the input program is left
+    alone) and run original, folded and eager model on fresh inputs."""
+    model, example, fresh = MATRICES[name]()
+    ep = export(model, example, form)
+    check_program(ep)
+    before = program_snapshot(ep)
+    folded, report = bnfold.fold(ep, return_report=True)
+    assert folded is not ep
+    assert_snapshot_equal(before, program_snapshot(ep))
+    ids = {key(c): c for c in MATRIX_CASES[name]}
+    assert list(ids) == list(model.cases)
+
+    def by_case(program) -> dict[str, list[torch.Tensor]]:
+        module = program.module() if isinstance(program, ExportedProgram) else program
+        with torch.no_grad():
+            out = module(*fresh)
+        return {ids[k]: tree_leaves(o) for k, o in zip(model.cases, out, strict=True)}
+
+    return MatrixResult(ep, folded, report, fresh, by_case(ep), by_case(folded), by_case(model))
+
+
+# --------------------------------------------------------------------------------------------
+# Matrix tests
 
 
 @pytest.mark.parametrize("form", FORMS)
-def test_bn_with_forward_hook_folds_and_keeps_the_hook(form):
-    """Export traces the hook into the graph: the BatchNorm folds, the hook's ops stay."""
-    model = randomize(Net(nn.Conv2d(C_IN, 6, 3), nn.BatchNorm2d(6)), seed=37)
-    model.bn.register_forward_hook(lambda _m, _args, out: out * 2 + 1)
-    _, folded, _ = check_fold(model, x4(38), x4(39), FOLDED, form)
-    ops = {op_name(n) for n in folded.graph.nodes if n.op == "call_function"}
-    assert {"mul", "add"} <= ops
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_conv_and_conv_transpose_bn_fold(dims, form):
+    """CONV_CASES and CONV_T_CASES in ``dims`` spatial dimensions: strides, paddings (modes,
+    "same"), dilations, groups (depthwise, grouped ConvTranspose), output_padding, with and
+    without bias. The folded program's outputs are renamed from the removed BatchNorms' nodes."""
+    r = fold_matrix(f"conv{dims}d", form)
+    check_matrix(r, net_folds(CONV_MATRIX_CASES))
+    assert_producers_have_bias(r.folded)  # the bias-less ones got one
+    removed = {n.name for n in r.ep.graph.nodes} - {n.name for n in r.folded.graph.nodes}
+    assert not removed & set(r.folded.graph_signature.user_outputs)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_batchnorm_variants_fold(form):
+    """affine=False, momentum=None, several eps; into convs with and without bias."""
+    r = fold_matrix("bn_variants", form)
+    check_matrix(r, net_folds(BN_VARIANT_CASES))
+    assert_producers_have_bias(r.folded)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_linear_bn1d_on_2d_activation_folds(form):
+    """LINEAR_CASES on a 2-D activation. Decomposed, a Linear is aten.addmm (bias) or aten.mm
+    (no bias) with a permuted weight; x @ W is aten.mm on W itself (fold along the right axis
+    or keep); addmm with beta/alpha may be folded (exactly) or kept."""
+    r = fold_matrix("linear", form)
+    check_matrix(
+        r,
+        {
+            c: {path(c, "bn"): (action, path(c, target))}
+            for c, (_, (action, target)) in LINEAR_CASES.items()
+        },
+    )
+    assert_producers_have_bias(r.folded)
+    if form == "decomposed":
+        assert {"addmm", "mm"} <= {op_name(n) for n in producer_nodes(r.ep.graph)}
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_graph_fold_cases(form):
+    """GRAPH_FOLD_CASES: BatchNorm and conv subclasses, SyncBatchNorm, BatchNorm + activation
+    modules (the activation stays), a forward hook (its ops stay), extreme statistics, one conv
+    module called twice (each call with its own BatchNorm, or only one), tied weights and
+    biases, a BatchNorm called twice (``bn``, ``bn@1``), chained BatchNorms, a residual use of
+    the producer's output, a training-mode BatchNorm next to a fold, two outputs, a BatchNorm
+    result copied into a buffer, conv weights that are buffers or lifted constants, functional
+    batch_norm with weight or bias only."""
+    r = fold_matrix("graph_folds", form)
+    check_matrix(r, graph_fold_expectations())
+    assert (r.want["bn-relu-subclass"][0] == 0).any()  # the ReLU matters for this input
+    ops = {op_name(n) for n in r.folded.graph.nodes if n.op == "call_function"}
+    assert "relu" in ops and {"silu", "sigmoid"} & ops  # decomposed SiLU: x * sigmoid(x)
+    assert_producers_have_bias(r.folded)
+    # convs that shared a weight (one module called twice, tied weights) now have their own
+    weights = [op_arg(n, "weight") for n in producer_nodes(r.folded.graph) if "conv" in op_name(n)]
+    assert len(set(weights)) == len(weights)
+    # the training-mode BatchNorm still updates its statistics, the copy still lands in `last`
+    mutated = r.folded.graph_signature.buffers_to_mutate
+    assert sorted(mutated.values()) == sorted(r.ep.graph_signature.buffers_to_mutate.values())
+    assert set(mutated.values()) <= set(r.folded.state_dict)
+    written = []
+    for program in (r.ep, r.folded):  # (the two share the unchanged buffer: copy it each time)
+        gm = program.module()
+        run(gm, r.fresh)
+        written.append(gm.cases.get_submodule(key("bn-result-written-to-a-buffer")).last.clone())
+    assert rel_err(written[:1], written[1:]) <= REL_TOL
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_skipped_bns_stay_and_outputs_do_not_change(form):
+    """SKIP_CASES: the rule that keeps each BatchNorm, and exactly the same outputs. The
+    training-mode BatchNorm's buffer mutations stay in the folded signature."""
+    r = fold_matrix("skips", form)
+    expected = {}
+    for case, (_, rule) in SKIP_CASES.items():
+        rule = rule[form] if isinstance(rule, dict) else rule
+        bns = ["bn", "bn2"] if case == "conv-feeds-two-bns" else ["bn"]
+        expected[case] = {} if rule is None else {path(case, bn): ("skipped", rule) for bn in bns}
+    check_matrix(r, expected)
+    assert r.folded.graph_signature.buffers_to_mutate == r.ep.graph_signature.buffers_to_mutate
+    assert set(r.folded.state_dict) == set(r.ep.state_dict)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_invalid_values_are_skipped_and_do_not_stop_the_valid_fold(form):
+    """NaN/inf statistics, affine parameters, conv weight or bias, var + eps < 0 or == 0: kept,
+    rule valid-values, outputs exactly the original's; the healthy case next to them folds."""
+    r = fold_matrix("invalid", form)
+    expected = {c: {path(c, "bn"): ("skipped", rules.VALID_VALUES)} for c in POISONS}
+    check_matrix(r, {**expected, **net_folds(["healthy"])})
+    assert n_bn(r.folded) == len(POISONS)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_analyze_agrees_with_fold_on_invalid_values(form):
+    r = fold_matrix("invalid", form)
+    before = program_snapshot(r.ep)
+    report = bnfold.analyze(r.ep)
+    assert_snapshot_equal(before, program_snapshot(r.ep))
+    assert report.to_list() == r.report.to_list()
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_bns_with_tied_parameters_fold_independently(form):
+    """Folding one BatchNorm must not take away the tied tensors the other still reads."""
+    r = fold_matrix("tied_bns", form)
+    check_program(r.folded)
+    expected = {
+        path(case, bn): ("skipped", rules.VALID_VALUES)
+        if bn == kept
+        else ("folded", path(case, f"conv_{bn[-1]}"))
+        for case, kept in TIED_BN_CASES.items()
+        for bn in ("bn_a", "bn_b")
+    }
+    check_report(r.report, expected)
+    assert n_bn(r.folded) == len(r.report.skipped) == 2
+    for case, kept in TIED_BN_CASES.items():
+        for bn, want, got in zip(("bn_a", "bn_b"), r.want[case], r.got[case], strict=True):
+            if bn == kept:
+                assert_same_outputs([want], [got])
+            else:
+                assert rel_err([want], [got]) <= REL_TOL, (case, bn)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_bns_with_tied_parameters_both_folded_leave_no_bn_state(form):
+    """export routes both uses of a tied tensor through one placeholder and leaves the other
+    key's placeholder without users; folding both BatchNorms must drop that alias too."""
+    r = fold_matrix("tied_bns", form)
+    prefixes = tuple(f"{path('both-fold', bn)}." for bn in ("bn_a", "bn_b"))
+    assert [k for k in r.ep.state_dict if k.startswith(prefixes)]
+    assert [k for k in r.folded.state_dict if k.startswith(prefixes)] == []
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("name", ["graph_folds", "skips"])
+def test_graph_module_of_a_matrix_folds_like_its_program(name, form):
+    """``ep.module()`` (get_attr parameters, ATen ops): a new GraphModule, the input untouched,
+    the same decisions under the same names as for the ExportedProgram."""
+    r = fold_matrix(name, form)
+    gm = r.ep.module()
+    before = module_snapshot(gm)
+    folded, report = bnfold.fold(gm, return_report=True)
+    assert isinstance(folded, fx.GraphModule) and folded is not gm
+    assert_snapshot_equal(before, module_snapshot(gm))
+    decisions = [(e.bn, e.target, e.action, e.rule) for e in report]
+    assert decisions == [(e.bn, e.target, e.action, e.rule) for e in r.report]
+    folded.graph.lint()
+    assert n_bn(folded) == len(report.skipped)
+    want, got = run(gm, r.fresh), run(folded, r.fresh)
+    if name == "skips":
+        assert_same_outputs(want, got)
+    else:
+        assert rel_err(want, got) <= REL_TOL
+    if name == "graph_folds":
+        assert_producers_have_bias(folded)
+
+
+# --------------------------------------------------------------------------------------------
+# Folds of whole models, and what a graph makes of names
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_one_conv_module_two_bns_both_fold(form):
+    """Both calls fold, each into its own copy of the weight, each with a new registered bias;
+    the shared weight is not touched."""
+    model = randomize(OneConvTwoBNs(), seed=50)
+    weight = model.conv.weight.detach().clone()
+    ep, folded, _ = check_fold(
+        model, x4(51), x4(52), {"bn1": ("folded", "conv"), "bn2": ("folded", "conv@1")}, form
+    )
+    c1, c2 = producer_nodes(folded.graph)
+    assert op_arg(c1, "weight") is not op_arg(c2, "weight")
+    assert torch.equal(ep.state_dict["conv.weight"], weight)
+    assert_producers_have_bias(folded)
+    assert "conv.bias" not in ep.state_dict
 
 
 class Block(nn.Module):
@@ -767,15 +1431,16 @@ def test_nested_sequential_and_residual_model_folds(form):
     assert_producers_have_bias(folded)
 
 
-@pytest.mark.parametrize("form", FORMS)
-def test_demo_net_with_calibrated_statistics_folds_completely(form):
+def test_demo_net_with_calibrated_statistics_folds_completely():
+    """DemoNet (16 BatchNorms) with statistics measured in training mode; as exported only, to
+    save a decomposition (ResNetish covers nested modules in both forms)."""
     torch.manual_seed(43)
     model = DemoNet(num_classes=5, width=8)
     gen = torch.Generator().manual_seed(44)
     randomize_batchnorms(
         model, lambda: (torch.randn(4, 3, 16, 16, generator=gen),), seed=43, batches=2
     )
-    ep = export(model, (randn(2, 3, 16, 16, seed=45),), form)
+    ep = export(model, (randn(2, 3, 16, 16, seed=45),), "exported")
     folded, report = fold_program(ep)
     assert len(report) == 16 and [e.action for e in report] == ["folded"] * 16, str(report)
     assert n_bn(ep) == 16 and n_bn(folded) == 0
@@ -786,246 +1451,6 @@ def test_demo_net_with_calibrated_statistics_folds_completely(form):
     assert 0 <= max_rel <= REL_TOL and max_abs >= 0
 
 
-# --------------------------------------------------------------------------------------------
-# Graph-only folds: shared producers, shared weights, shared BatchNorms
-
-
-class ProducerCalledTwice(nn.Module):
-    """One conv module, two calls; only the first call goes through a BatchNorm."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.producer = nn.Conv2d(C_IN, 6, 3)
-        self.bn = nn.BatchNorm2d(6)
-
-    def forward(self, x):
-        return self.bn(self.producer(x)) - self.producer(2 * x)
-
-
-@pytest.mark.parametrize("form", FORMS)
-def test_producer_called_twice_folds_into_its_own_weight_copy(form):
-    """Eager mode must refuse (one weight, two calls); a graph gives the folded call its own
-    weight, and the other call still sees the original one."""
-    model = randomize(ProducerCalledTwice(), seed=47)
-    ep, folded, _ = check_fold(model, x4(48), x4(49), FOLDED, form)
-    convs = producer_nodes(folded.graph)
-    assert len(convs) == 2
-    assert op_arg(convs[0], "weight") is not op_arg(convs[1], "weight")
-
-
-class OneConvTwoBNs(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(C_IN, 6, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(6)
-        self.bn2 = nn.BatchNorm2d(6)
-
-    def forward(self, x):
-        return self.bn1(self.conv(x)) * self.bn2(self.conv(x.flip(-1)))
-
-
-ONE_CONV_TWO_BNS = {"bn1": ("folded", "conv"), "bn2": ("folded", "conv@1")}
-
-
-@pytest.mark.parametrize("form", FORMS)
-def test_one_conv_module_two_bns_both_fold(form):
-    model = randomize(OneConvTwoBNs(), seed=50)
-    ep, folded, _ = check_fold(model, x4(51), x4(52), ONE_CONV_TWO_BNS, form)
-    c1, c2 = producer_nodes(folded.graph)
-    assert op_arg(c1, "weight") is not op_arg(c2, "weight")
-    # the original's shared weight is what the eager model has, untouched
-    assert torch.equal(ep.state_dict["conv.weight"], model.conv.weight)
-    assert_producers_have_bias(folded)
-
-
-class SecondCallOnly(nn.Module):
-    """The conv's second call is the one a BatchNorm follows."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(C_IN, 6, 3)
-        self.bn = nn.BatchNorm2d(6)
-
-    def forward(self, x):
-        return self.conv(x) * self.bn(self.conv(-x))
-
-
-@pytest.mark.parametrize("form", FORMS)
-def test_second_call_of_a_conv_is_named_with_its_call_index(form):
-    model = randomize(SecondCallOnly(), seed=53)
-    check_fold(model, x4(54), x4(55), {"bn": ("folded", "conv@1")}, form)
-
-
-class TiedConvsEachWithBN(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv_a = nn.Conv2d(C_IN, 6, 3)
-        self.conv_b = nn.Conv2d(C_IN, 6, 3)
-        self.conv_b.weight = self.conv_a.weight
-        self.bn_a = nn.BatchNorm2d(6)
-        self.bn_b = nn.BatchNorm2d(6)
-
-    def forward(self, x):
-        return self.bn_a(self.conv_a(x)) + self.bn_b(self.conv_b(x * 0.5))
-
-
-@pytest.mark.parametrize("form", FORMS)
-def test_tied_weights_each_with_its_own_bn_both_fold(form):
-    model = randomize(TiedConvsEachWithBN(), seed=56)
-    assert model.conv_b.weight is model.conv_a.weight
-    check_fold(
-        model, x4(57), x4(58), {"bn_a": ("folded", "conv_a"), "bn_b": ("folded", "conv_b")}, form
-    )
-
-
-class TiedWeights(nn.Module):
-    """Two convs share one weight; only one is followed by a BatchNorm."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.producer = nn.Conv2d(C_IN, 6, 3)
-        self.twin = nn.Conv2d(C_IN, 6, 3)
-        self.twin.weight = self.producer.weight
-        self.bn = nn.BatchNorm2d(6)
-
-    def forward(self, x):
-        return self.bn(self.producer(x)) * self.twin(x)
-
-
-@pytest.mark.parametrize("form", FORMS)
-def test_weight_tied_to_a_conv_without_bn_folds_without_corrupting_it(form):
-    model = randomize(TiedWeights(), seed=59)
-    _, folded, _ = check_fold(model, x4(60), x4(61), FOLDED, form)
-    c1, c2 = producer_nodes(folded.graph)
-    assert op_arg(c1, "weight") is not op_arg(c2, "weight")
-
-
-class ReadsProducerWeight(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.producer = nn.Conv2d(C_IN, 6, 3)
-        self.bn = nn.BatchNorm2d(6)
-
-    def forward(self, x):
-        return self.bn(self.producer(x)) * self.producer.weight.abs().mean()
-
-
-@pytest.mark.parametrize("form", FORMS)
-def test_producer_weight_read_elsewhere_is_never_corrupted(form):
-    """Folding with a private weight copy or refusing are both right; changing what the other
-    reader of the weight sees is not."""
-    model = randomize(ReadsProducerWeight(), seed=62)
-    ep = export(model, x4(63), form)
-    folded, report = fold_program(ep)
-    entry = report.entry("bn")
-    assert entry.folded or entry.rule == rules.UNSHARED, str(report)
-    fresh = x4(64)
-    assert rel_err(run(ep, fresh), run(folded, fresh)) <= REL_TOL
-
-
-class BnCalledTwice(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.producer = nn.Conv2d(C_IN, 6, 3)
-        self.other = nn.Conv2d(C_IN, 6, 3, bias=False)
-        self.bn = nn.BatchNorm2d(6)
-
-    def forward(self, x):
-        return self.bn(self.producer(x)) + self.bn(self.other(x))
-
-
-@pytest.mark.parametrize("form", FORMS)
-def test_bn_called_twice_after_two_convs_both_calls_fold(form):
-    model = randomize(BnCalledTwice(), seed=65)
-    expected = {"bn": ("folded", "producer"), "bn@1": ("folded", "other")}
-    _, folded, _ = check_fold(model, x4(66), x4(67), expected, form)
-    assert_producers_have_bias(folded)
-
-
-class SameConvSameBNTwice(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(C_IN, 6, 3)
-        self.bn = nn.BatchNorm2d(6)
-
-    def forward(self, x):
-        return self.bn(self.conv(x)) - 0.5 * self.bn(self.conv(x * x))
-
-
-@pytest.mark.parametrize("form", FORMS)
-def test_same_conv_and_same_bn_called_twice_fold(form):
-    model = randomize(SameConvSameBNTwice(), seed=68)
-    expected = {"bn": ("folded", "conv"), "bn@1": ("folded", "conv@1")}
-    check_fold(model, x4(69), x4(70), expected, form)
-
-
-class ChainedBNs(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(C_IN, 6, 3)
-        self.bn1 = nn.BatchNorm2d(6)
-        self.bn2 = nn.BatchNorm2d(6)
-
-    def forward(self, x):
-        return self.bn2(self.bn1(self.conv(x)))
-
-
-@pytest.mark.parametrize("form", FORMS)
-def test_chained_bns_first_folds_second_stays_or_folds_too(form):
-    """bn1 folds into conv; bn2's input is a BatchNorm (report: no-producer), though folding it
-    too after bn1 is gone would also be exact."""
-    model = randomize(ChainedBNs(), seed=71)
-    ep = export(model, x4(72), form)
-    folded, report = fold_program(ep)
-    assert report.entry("bn1").folded and report.entry("bn1").target == "conv"
-    bn2 = report.entry("bn2")
-    assert (bn2.folded and bn2.target == "conv") or bn2.rule == rules.NO_PRODUCER, str(report)
-    assert n_bn(folded) == len(report.skipped)
-    fresh = x4(73)
-    assert rel_err(run(ep, fresh), run(folded, fresh)) <= REL_TOL
-
-
-# --------------------------------------------------------------------------------------------
-# Outputs, names and the program's bookkeeping
-
-
-class TwoOutputs(nn.Module):
-    def __init__(self, how: str) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(C_IN, 6, 3)
-        self.bn = nn.BatchNorm2d(6)
-        self.other = nn.Conv2d(C_IN, 5, 3)
-        self.how = how
-
-    def forward(self, x):
-        y = self.bn(self.conv(x))
-        if self.how == "bn-and-other":
-            return y, torch.relu(self.other(x))
-        if self.how == "other-and-bn":
-            return torch.relu(self.other(x)), y
-        if self.how == "bn-twice":
-            return y, y
-        return y, torch.relu(y) + 1  # "bn-and-its-relu"
-
-
-@pytest.mark.parametrize("form", FORMS)
-@pytest.mark.parametrize("how", ["bn-and-other", "other-and-bn", "bn-twice", "bn-and-its-relu"])
-def test_model_with_two_outputs_one_a_bn(how, form):
-    model = randomize(TwoOutputs(how), seed=74)
-    _, folded, _ = check_fold(model, x4(75), x4(76), {"bn": ("folded", "conv")}, form)
-    assert len(folded.graph_signature.user_outputs) == 2
-
-
-@pytest.mark.parametrize("form", FORMS)
-def test_model_whose_output_is_a_bn_result(form):
-    """The BatchNorm's node was the graph output: the folded program's output is renamed."""
-    model = randomize(Net(nn.Conv2d(C_IN, 6, 3), nn.BatchNorm2d(6)), seed=77)
-    ep, folded, _ = check_fold(model, x4(78), x4(79), FOLDED, form)
-    (out,) = folded.graph_signature.user_outputs
-    assert out in {n.name for n in folded.graph.nodes}
-    assert out not in {n.name for n in bn_nodes(ep.graph)}
-
-
 @pytest.mark.parametrize("form", FORMS)
 def test_bn_node_without_module_stack_is_named_by_its_node_name(form):
     model = randomize(Net(nn.Conv2d(C_IN, 6, 3), nn.BatchNorm2d(6)), seed=80)
@@ -1033,11 +1458,11 @@ def test_bn_node_without_module_stack_is_named_by_its_node_name(form):
     (bn,) = bn_nodes(ep.graph)
     for n in [bn, *bn.users]:  # the getitem of the decomposed form too
         n.meta.pop("nn_module_stack", None)
-    check_program_fold(ep, x4(82), {bn.name: ("folded", "producer")}, bn_state=False)
+    check_program_fold(ep, x4(82), {bn.name: ("folded", "producer")})
 
 
 class FunctionalBNs(nn.Module):
-    """F.batch_norm on the root module's own parameters and buffers: no BatchNorm module."""
+    """F.batch_norm on the module's own parameters and buffers: no BatchNorm module."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -1056,86 +1481,91 @@ class FunctionalBNs(nn.Module):
         return a * b
 
 
+class CallsFunctionalBNsTwice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = FunctionalBNs()
+
+    def forward(self, x):
+        return self.inner(x) - self.inner(x.flip(-2))
+
+
 @pytest.mark.parametrize("form", FORMS)
-def test_functional_batch_norms_fold_with_distinct_names(form):
-    model = FunctionalBNs().eval()
+@pytest.mark.parametrize("where", ["root", "submodule-called-twice"])
+def test_functional_batch_norms_fold_with_distinct_names(where, form):
+    """Two F.batch_norm calls in one forward share a module path; the report still tells them
+    apart (a BatchNorm at the root has no path: it is named by its node)."""
+    model = (FunctionalBNs() if where == "root" else CallsFunctionalBNsTwice()).eval()
     ep = export(model, x4(84), form)
     folded, report = fold_program(ep)
-    assert len(report) == 2 and all(e.folded for e in report), str(report)
+    n = 2 if where == "root" else 4
+    assert len(report) == n and all(e.folded for e in report), str(report)
     names = [e.bn for e in report]
-    assert all(names) and len(set(names)) == 2
-    assert sorted(e.target for e in report) == ["conv_a", "conv_b"]
+    assert all(names) and len(set(names)) == n, str(report)
+    if where == "root":
+        assert sorted(e.target for e in report) == ["conv_a", "conv_b"]
+    else:
+        assert all(name.startswith("inner") for name in names), str(report)
+        want = ["inner.conv_a", "inner.conv_a@1", "inner.conv_b", "inner.conv_b@1"]
+        assert sorted(e.target for e in report) == want
     assert n_bn(folded) == 0
     fresh = x4(85)
     assert rel_err(run(ep, fresh), run(folded, fresh)) <= REL_TOL
 
 
+class RuntimeParams(nn.Module):
+    """A conv weight and a BatchNorm's mean that are user inputs, not state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_a = nn.Conv2d(C_IN, 6, 3)
+        self.bn_a = nn.BatchNorm2d(6)
+        self.conv_b = nn.Conv2d(C_IN, 6, 3)
+        self.bn_b = nn.BatchNorm2d(6)
+
+    def forward(self, x, weight, mean):
+        a = self.bn_a(F.conv2d(x, weight, self.conv_a.bias))
+        b = F.batch_norm(self.conv_b(x), mean, self.bn_b.running_var, self.bn_b.weight)
+        return a, b
+
+
 @pytest.mark.parametrize("form", FORMS)
-def test_state_dict_of_folded_program_drops_folded_bn_state(form):
-    model = randomize(TwoBranches(), seed=86)
+def test_runtime_weight_or_statistics_are_skipped(form):
+    model = randomize(RuntimeParams(), seed=136)
+    t = (randn(6, C_IN, 3, 3, seed=137), randn(6, seed=138))
+    ep = export(model, (*x4(139), *t), form)
+    folded, report = fold_program(ep)
+    assert len(report) == 2 and {e.rule for e in report} == {rules.CONSTANT_PARAMS}, str(report)
+    assert report.entry("bn_a").rule == rules.CONSTANT_PARAMS
+    assert n_bn(folded) == 2
+    fresh = (*x4(140), t[0] * 1.5, t[1] - 0.5)
+    assert_same_outputs(run(ep, fresh), run(folded, fresh))
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_float16_overflow_is_skipped(form):
+    model = Net(nn.Conv2d(C_IN, 6, 3), nn.BatchNorm2d(6)).eval()
     with torch.no_grad():
-        model.bn_a.running_var[0] = float("nan")  # bn_a stays, bn_b folds
-    ep = export(model, x4(87), form)
-    folded, report = fold_program(ep)
-    bn_keys = {f"{m}.{b}" for m in ("bn_a", "bn_b") for b in BN_STATE}
-    assert bn_keys <= set(ep.state_dict)
-    assert {k for k in bn_keys if k.startswith("bn_a.")} <= set(folded.state_dict)
-    assert not {k for k in bn_keys if k.startswith("bn_b.")} & set(folded.state_dict)
-    assert not any(k.startswith("bn_b.") for k in folded.constants)
+        model.producer.weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(141))
+        model.bn.weight.fill_(1e4)
+        model.bn.running_var.fill_(1e-7)
+        model.bn.running_mean.zero_()
+    model = model.half()
+    _, folded, report = check_fold(
+        model,
+        x4(142, dtype=torch.float16),
+        x4(143, dtype=torch.float16),
+        skipped(rules.VALID_VALUES),
+        form,
+        exact=True,
+    )
+    assert "float16" in report.entry("bn").reason
+    for name, t in folded.state_dict.items():
+        assert torch.isfinite(t).all(), name
 
 
-BN_STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
-
-
-@pytest.mark.parametrize("form", FORMS)
-def test_dynamic_batch_dimension_survives_folding(form):
-    model = randomize(Mixed(), seed=88)
-    batch = torch.export.Dim("batch", min=2, max=64)
-    ep = export(model, x4(89, batch=4), form, dynamic_shapes=({0: batch},))
-    folded, report = fold_program(ep)
-    check_report(report, MIXED_FOLDED)
-    (x,) = [n for n in folded.graph.nodes if n.op == "placeholder" and n.name == "x"]
-    assert isinstance(x.meta["val"].shape[0], torch.SymInt)
-    for n in (3, 7):
-        fresh = x4(90 + n, batch=n)
-        got = run(folded, fresh)
-        assert got[0].shape[0] == n
-        assert rel_err(run(ep, fresh), got) <= REL_TOL
-
-
-@pytest.mark.parametrize("form", FORMS)
-def test_save_load_round_trip_of_folded_program(form, tmp_path):
-    model = randomize(Mixed(), seed=95)
-    ep = export(model, x4(96), form)
-    folded, _ = fold_program(ep)
-    path = tmp_path / "folded.pt2"
-    torch.export.save(folded, path)
-    loaded = torch.export.load(path)
-    check_program(loaded)
-    assert n_bn(loaded) == 0
-    assert set(loaded.state_dict) == set(folded.state_dict)
-    fresh = x4(97)
-    assert_same_outputs(run(folded, fresh), run(loaded, fresh))
-    assert rel_err(run(ep, fresh), run(loaded, fresh)) <= REL_TOL
-
-
-@pytest.mark.parametrize("form", FORMS)
-def test_folded_program_survives_run_decompositions(form):
-    model = randomize(Mixed(), seed=98)
-    ep = export(model, x4(99), form)
-    folded, _ = fold_program(ep)
-    decomposed = folded.run_decompositions()
-    check_program(decomposed)
-    assert n_bn(decomposed) == 0
-    fresh = x4(100)
-    assert rel_err(run(ep, fresh), run(decomposed, fresh)) <= REL_TOL
-
-
-def test_folding_the_decomposition_of_a_folded_program_changes_nothing_more():
-    model = randomize(Mixed(), seed=101)
-    folded, _ = fold_program(export(model, x4(102), "exported"))
-    again, report = fold_program(folded.run_decompositions())
-    assert len(report) == 0 and n_bn(again) == 0
+# --------------------------------------------------------------------------------------------
+# Dtypes and memory formats
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -1189,14 +1619,17 @@ def _rms(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(((a.double() - b.double()) ** 2).mean().sqrt())
 
 
-# max|folded - unfolded| / max|unfolded| for a low-precision program; float16 has 11 significant
-# bits, bfloat16 8; the folded weights are rounded once more than the unfolded ones.
-LOW_PRECISION_TOL = {torch.float16: 1e-2, torch.bfloat16: 6e-2}
+# max|folded - unfolded| / max|unfolded| for a low-precision program: a few roundings of the
+# output's largest value (measured: about 0.6 eps for both dtypes); the folded weights are
+# rounded once more than the unfolded ones.
+LOW_PRECISION_TOL = {dt: 4 * torch.finfo(dt).eps for dt in (torch.float16, torch.bfloat16)}
 
 
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_low_precision_program_folds(dtype, form):
+    """Against the unfolded program within a few of the dtype's roundings; against float64 at
+    most a little less accurate (measured RMS ratio 1.12 for float16, 0.89 for bfloat16)."""
     torch.manual_seed(109)
     model = randomize(LowPrecisionNet(), seed=109)
     x = randn(64, C_IN, 6, 6, seed=110)
@@ -1211,274 +1644,30 @@ def test_low_precision_program_folds(dtype, form):
     (unfolded_out,), (folded_out,) = run(ep, xl), run(folded, xl)
     assert folded_out.dtype == dtype
     assert rel_err([unfolded_out], [folded_out]) <= LOW_PRECISION_TOL[dtype]
-    # against float64: folding costs at most a little accuracy (see test_torch_module)
+    assert _rms(folded_out, ref) <= 1.6 * _rms(unfolded_out, ref)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_half_conv_with_float32_bn_folds_into_half_weights(form):
+    """Mixed precision that keeps BatchNorm in float32: the folded conv stays float16."""
+    model = randomize(Net(nn.Conv2d(C_IN, 6, 3), nn.BatchNorm2d(6)), seed=164)
+    x = randn(32, C_IN, 6, 6, seed=165)
+    with torch.no_grad():
+        ref = copy.deepcopy(model).double()(x.double())
+    model.producer.half()
+    ep = export(model, x4(166, batch=32, dtype=torch.float16), form)
+    folded, report = fold_program(ep)
+    check_report(report, FOLDED)
+    assert {v.dtype for v in folded.state_dict.values()} == {torch.float16}
+    xl = (x.half(),)
+    (unfolded_out,), (folded_out,) = run(ep, xl), run(folded, xl)
+    assert folded_out.dtype == unfolded_out.dtype == torch.float16
+    assert rel_err([unfolded_out], [folded_out]) <= LOW_PRECISION_TOL[torch.float16]
     assert _rms(folded_out, ref) <= 1.6 * _rms(unfolded_out, ref)
 
 
 # --------------------------------------------------------------------------------------------
-# Skips: the BatchNorm stays, the report says why, the outputs do not change
-
-
-@pytest.mark.parametrize("form", FORMS)
-def test_bn_without_running_stats_is_skipped(form):
-    model = randomize(
-        Net(nn.Conv2d(C_IN, 6, 3), nn.BatchNorm2d(6, track_running_stats=False)), seed=112
-    )
-    check_fold(
-        model, x4(113), x4(114), skipped(rules.INFERENCE_MODE), form, exact=True, bn_state=False
-    )
-
-
-@pytest.mark.parametrize("form", FORMS)
-def test_bn_in_training_mode_inside_eval_model_is_skipped(form):
-    model = randomize(Net(nn.Conv2d(C_IN, 6, 3), nn.BatchNorm2d(6)), seed=115)
-    model.bn.train()
-    check_fold(model, x4(116), x4(117), skipped(rules.INFERENCE_MODE), form, exact=True)
-
-
-class TrainBnAndLinear(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(C_IN, 6, 3)
-        self.bn = nn.BatchNorm2d(6)
-        self.fc = nn.Linear(6, 5)
-        self.bn_fc = nn.BatchNorm1d(5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bn_fc(self.fc(self.bn(self.conv(x)).mean((2, 3))))
-
-
-@pytest.mark.parametrize("form", FORMS)
-def test_training_bn_is_skipped_and_its_neighbour_folds(form):
-    """The training-mode BatchNorm's buffer mutations stay in the signature, consistent."""
-    model = randomize(TrainBnAndLinear(), seed=118)
-    model.bn.train()
-    ep = export(model, x4(119), form)
-    folded, report = fold_program(ep)
-    check_report(report, {"bn": ("skipped", rules.INFERENCE_MODE), "bn_fc": ("folded", "fc")})
-    assert len(folded.graph_signature.buffers_to_mutate) == len(
-        ep.graph_signature.buffers_to_mutate
-    )
-    fresh = x4(120)
-    assert rel_err(run(ep, fresh), run(folded, fresh)) <= REL_TOL
-
-
-class OutputUsedTwice(nn.Module):
-    def __init__(self, as_output: bool) -> None:
-        super().__init__()
-        self.producer = nn.Conv2d(C_IN, 6, 3)
-        self.bn = nn.BatchNorm2d(6)
-        self.as_output = as_output
-
-    def forward(self, x):
-        y = self.producer(x)
-        if self.as_output:
-            return self.bn(y), y
-        return self.bn(y) + y
-
-
-@pytest.mark.parametrize("form", FORMS)
-@pytest.mark.parametrize("as_output", [False, True], ids=["used-by-add", "model-output"])
-def test_producer_output_with_other_users_is_skipped(as_output, form):
-    model = randomize(OutputUsedTwice(as_output), seed=121)
-    check_fold(model, x4(122), x4(123), skipped(rules.SINGLE_CONSUMER), form, exact=True)
-
-
-class DataDependent(nn.Module):
-    """Branches on a shape (torch.fx cannot trace it; export specialises it)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(C_IN, 6, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(6)
-        self.conv2 = nn.Conv2d(6, 6, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(6)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.bn1(self.conv1(x))
-        if x.shape[0] > 1:
-            y = torch.relu(y)
-        z = self.conv2(y)
-        return self.bn2(z) + z  # conv2's output has another user: bn2 must stay
-
-
-@pytest.mark.parametrize("form", FORMS)
-def test_residual_use_of_producer_output_keeps_that_bn(form):
-    model = randomize(DataDependent(), seed=124)
-    expected = {"bn1": ("folded", "conv1"), "bn2": ("skipped", rules.SINGLE_CONSUMER)}
-    check_fold(model, x4(125, 5, 5), x4(126, 5, 5), expected, form)
-
-
-class NoProducer(nn.Module):
-    def __init__(self, where: str) -> None:
-        super().__init__()
-        self.producer = nn.Conv2d(C_IN, C_IN, 3, padding=1)
-        self.bn = nn.BatchNorm2d(C_IN) if where != "view" else nn.BatchNorm1d(C_IN)
-        self.where = where
-
-    def forward(self, x):
-        if self.where == "input":
-            return self.producer(self.bn(x))
-        if self.where == "relu":
-            return self.bn(torch.relu(self.producer(x)))
-        if self.where == "view":  # (N, C, H, W) -> (N, C, H*W): channels still on axis 1
-            return self.bn(self.producer(x).flatten(2))
-        return self.producer(x)  # never calls bn
-
-
-@pytest.mark.parametrize("form", FORMS)
-@pytest.mark.parametrize("where", ["input", "relu", "view"])
-def test_bn_without_producer_is_skipped(where, form):
-    model = randomize(NoProducer(where), seed=127)
-    check_fold(model, x4(128), x4(129), skipped(rules.NO_PRODUCER), form, exact=True)
-
-
-@pytest.mark.parametrize("form", FORMS)
-def test_bn_never_called_is_not_in_the_graph_nor_the_report(form):
-    model = randomize(NoProducer("never-called"), seed=130)
-    ep, folded, report = check_fold(model, x4(131), x4(132), {}, form, exact=True)
-    assert len(report) == 0
-    assert set(folded.state_dict) == set(ep.state_dict)
-
-
-class BNPlusInput2d(nn.BatchNorm2d):
-    """A BatchNorm subclass whose forward also uses its raw input."""
-
-    def forward(self, x):
-        return super().forward(x) + 0.25 * x
-
-
-class ReLUThenBN2d(nn.BatchNorm2d):
-    def forward(self, x):
-        return super().forward(torch.relu(x))
-
-
-class ClampedConv2d(nn.Conv2d):
-    def forward(self, x):
-        return super().forward(x).clamp(min=-0.5)
-
-
-class WSConv2d(nn.Conv2d):
-    """Weight-standardised convolution: its weight is computed at run time."""
-
-    def _conv_forward(self, x, weight, bias):
-        mean = weight.mean((1, 2, 3), keepdim=True)
-        std = weight.std((1, 2, 3), keepdim=True)
-        return super()._conv_forward(x, (weight - mean) / (std + 1e-5), bias)
-
-
-@pytest.mark.parametrize("form", FORMS)
-@pytest.mark.parametrize(
-    "producer,bn,rule",
-    [
-        (lambda: nn.Conv2d(C_IN, 6, 3), lambda: BNPlusInput2d(6), rules.SINGLE_CONSUMER),
-        (lambda: nn.Conv2d(C_IN, 6, 3), lambda: ReLUThenBN2d(6), rules.NO_PRODUCER),
-        (lambda: ClampedConv2d(C_IN, 6, 3), lambda: nn.BatchNorm2d(6), rules.NO_PRODUCER),
-        (
-            lambda: WSConv2d(C_IN, 6, 3, bias=False),
-            lambda: nn.BatchNorm2d(6),
-            {rules.CONSTANT_PARAMS, rules.NO_PRODUCER},
-        ),
-    ],
-    ids=["bn-forward-uses-input", "bn-forward-relu-first", "conv-forward-clamps", "ws-conv"],
-)
-def test_custom_forwards_are_seen_through_and_skipped(producer, bn, rule, form):
-    """In a graph, what a custom forward does is explicit ops: the rule is the graph's."""
-    model = randomize(Net(producer(), bn()), seed=133)
-    check_fold(model, x4(134), x4(135), skipped(rule), form, exact=True)
-
-
-class RuntimeParams(nn.Module):
-    """The conv weight or the BatchNorm's statistics are user inputs, not state."""
-
-    def __init__(self, what: str) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(C_IN, 6, 3)
-        self.bn = nn.BatchNorm2d(6)
-        self.what = what
-
-    def forward(self, x, t):
-        if self.what == "weight":
-            return self.bn(F.conv2d(x, t, self.conv.bias))
-        return F.batch_norm(
-            self.conv(x), t, self.bn.running_var, self.bn.weight, self.bn.bias, False
-        )
-
-
-@pytest.mark.parametrize("form", FORMS)
-@pytest.mark.parametrize("what", ["weight", "mean"])
-def test_runtime_weight_or_statistics_are_skipped(what, form):
-    model = randomize(RuntimeParams(what), seed=136)
-    t = randn(6, C_IN, 3, 3, seed=137) if what == "weight" else randn(6, seed=137)
-    ep = export(model, (*x4(138), t), form)
-    folded, report = fold_program(ep)
-    assert len(report) == 1
-    (entry,) = report
-    assert entry.rule == rules.CONSTANT_PARAMS, str(report)
-    assert n_bn(folded) == 1
-    fresh = (*x4(139), t * 1.5)
-    assert_same_outputs(run(ep, fresh), run(folded, fresh))
-
-
-# --------------------------------------------------------------------------------------------
-# Invalid values: refuse, keep the BatchNorm, keep the outputs
-
-
-@pytest.mark.parametrize("form", FORMS)
-@pytest.mark.parametrize("what", POISONS)
-def test_invalid_values_are_skipped(what, form):
-    r = fold_matrix("invalid", form)
-    r.check_common()
-    entry = r.report.entry(f"bns.{key(what)}")
-    assert not entry.folded and entry.rule == rules.VALID_VALUES, str(r.report)
-    assert entry.reason.strip()
-    want, got = r.output(what)
-    assert_same_outputs([want], [got])
-
-
-@pytest.mark.parametrize("form", FORMS)
-def test_one_invalid_bn_does_not_stop_the_valid_fold(form):
-    r = fold_matrix("invalid", form)
-    r.check_common()
-    entry = r.report.entry("bns.healthy")
-    assert entry.folded and entry.target == "producers.healthy"
-    want, got = r.output("healthy")
-    assert rel_err([want], [got]) <= REL_TOL
-    assert n_bn(r.folded) == len(POISONS)
-
-
-@pytest.mark.parametrize("form", FORMS)
-def test_analyze_agrees_with_fold_on_invalid_values(form):
-    r = fold_matrix("invalid", form)
-    before = program_snapshot(r.ep)
-    report = bnfold.analyze(r.ep)
-    assert_snapshot_equal(before, program_snapshot(r.ep))
-    assert report.to_list() == r.report.to_list()
-
-
-@pytest.mark.parametrize("form", FORMS)
-def test_float16_overflow_is_skipped(form):
-    model = Net(nn.Conv2d(C_IN, 6, 3), nn.BatchNorm2d(6)).eval()
-    with torch.no_grad():
-        model.producer.weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(140))
-        model.bn.weight.fill_(1e4)
-        model.bn.running_var.fill_(1e-7)
-        model.bn.running_mean.zero_()
-    model = model.half()
-    _, folded, _ = check_fold(
-        model,
-        x4(141, dtype=torch.float16),
-        x4(142, dtype=torch.float16),
-        skipped(rules.VALID_VALUES),
-        form,
-        exact=True,
-    )
-    for name, t in folded.state_dict.items():
-        assert torch.isfinite(t).all(), name
-
-
-# --------------------------------------------------------------------------------------------
-# API behaviour
+# API behaviour and the life of a folded program
 
 
 class Mixed(nn.Module):
@@ -1500,18 +1689,7 @@ class Mixed(nn.Module):
 
 
 MIXED_FOLDED = {"bn": ("folded", "conv"), "bn_up": ("folded", "up"), "bn_fc": ("folded", "fc")}
-
-
-class TwoBranches(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv_a = nn.Conv2d(C_IN, 6, 3)
-        self.bn_a = nn.BatchNorm2d(6)
-        self.conv_b = nn.Conv2d(C_IN, 6, 3)
-        self.bn_b = nn.BatchNorm2d(6)
-
-    def forward(self, x):
-        return self.bn_a(self.conv_a(x)), self.bn_b(self.conv_b(x))
+BN_STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
 @functools.cache
@@ -1522,15 +1700,19 @@ def mixed_program(form: str) -> ExportedProgram:
 
 @pytest.mark.parametrize("form", FORMS)
 def test_fold_returns_a_new_program_and_leaves_its_input_alone(form):
+    """The folded program's state_dict loses exactly the BatchNorms' keys (weight, bias,
+    running_mean, running_var, num_batches_tracked) and gains the bias-less conv's new bias;
+    the original keeps all of its own and still computes what it did."""
     ep = mixed_program(form)
     fresh = x4(145)
     want = run(ep, fresh)
-    _, folded, report = check_program_fold(ep, fresh, MIXED_FOLDED)
+    _, folded, _ = check_program_fold(ep, fresh, MIXED_FOLDED)
     assert_producers_have_bias(folded)
-    assert set(ep.state_dict) - set(folded.state_dict) == {
-        f"{m}.{b}" for m in ("bn", "bn_up", "bn_fc") for b in BN_STATE
-    }
-    assert_same_outputs(want, run(ep, fresh))  # the original still computes what it did
+    bn_keys = {f"{m}.{b}" for m in ("bn", "bn_up", "bn_fc") for b in BN_STATE}
+    assert bn_keys <= set(ep.state_dict)
+    assert set(ep.state_dict) - set(folded.state_dict) == bn_keys
+    assert len(set(folded.state_dict) - set(ep.state_dict)) == 1  # conv's new bias
+    assert_same_outputs(want, run(ep, fresh))
     assert n_bn(ep) == 3
 
 
@@ -1562,7 +1744,6 @@ def test_analyze_reports_what_fold_does_and_changes_nothing(form):
     check_report(report, MIXED_FOLDED)
     _, fold_report = bnfold.fold(ep, return_report=True)
     assert report.to_list() == fold_report.to_list()
-    assert n_bn(ep) == 3
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -1570,7 +1751,7 @@ def test_analyze_reports_what_fold_does_and_changes_nothing(form):
     "producers,expected",
     [
         ({"conv"}, {"bn": "folded", "bn_up": "not-selected", "bn_fc": "not-selected"}),
-        ({"linear"}, {"bn": "not-selected", "bn_up": "not-selected", "bn_fc": "folded"}),
+        ("linear", {"bn": "not-selected", "bn_up": "not-selected", "bn_fc": "folded"}),
         ({"conv", "conv_transpose"}, {"bn": "folded", "bn_up": "folded", "bn_fc": "not-selected"}),
     ],
 )
@@ -1601,8 +1782,117 @@ def test_verify_measures_the_difference(form):
     assert same_abs == 0 and same_rel == 0
 
 
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("dynamic", ["batch", "batch-height-width"])
+def test_dynamic_shapes_survive_folding(dynamic, form):
+    model = randomize(Mixed(), seed=88)
+    dims = {0: torch.export.Dim("batch", min=2, max=64)}
+    if dynamic == "batch-height-width":
+        dims |= {2: torch.export.Dim("h", min=4, max=32), 3: torch.export.Dim("w", min=4, max=32)}
+    ep = export(model, x4(89, 8, 8, batch=4), form, dynamic_shapes=(dims,))
+    folded, report = fold_program(ep)
+    check_report(report, MIXED_FOLDED)
+    (x,) = [n for n in folded.graph.nodes if n.op == "placeholder" and n.name == "x"]
+    for axis in dims:
+        assert isinstance(x.meta["val"].shape[axis], torch.SymInt), axis
+    sizes = [(3, 8, 8), (7, 8, 8)] if dynamic == "batch" else [(3, 8, 6), (5, 6, 10)]
+    for seed, (n, h, w) in enumerate(sizes):
+        fresh = x4(90 + seed, h, w, batch=n)
+        got = run(folded, fresh)
+        assert got[0].shape[0] == n
+        assert rel_err(run(ep, fresh), got) <= REL_TOL
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_save_load_round_trip_of_folded_program(form, tmp_path):
+    ep = mixed_program(form)
+    folded, _ = fold_program(ep)
+    path = tmp_path / "folded.pt2"
+    torch.export.save(folded, path)
+    loaded = torch.export.load(path)
+    check_program(loaded)
+    assert n_bn(loaded) == 0
+    assert set(loaded.state_dict) == set(folded.state_dict)
+    fresh = x4(97)
+    assert_same_outputs(run(folded, fresh), run(loaded, fresh))
+    assert rel_err(run(ep, fresh), run(loaded, fresh)) <= REL_TOL
+
+
+def test_save_load_round_trip_of_a_program_with_unshared_weights(tmp_path):
+    """New weight copies and biases (one conv, two BatchNorms) survive a save/load."""
+    r = fold_matrix("graph_folds", "exported")
+    path = tmp_path / "folded.pt2"
+    torch.export.save(r.folded, path)
+    loaded = torch.export.load(path)
+    check_program(loaded)
+    assert_same_outputs(run(r.folded, r.fresh), run(loaded, r.fresh))
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_folded_program_survives_run_decompositions(form):
+    ep = mixed_program(form)
+    folded, _ = fold_program(ep)
+    decomposed = folded.run_decompositions()
+    check_program(decomposed)
+    assert n_bn(decomposed) == 0
+    fresh = x4(100)
+    assert rel_err(run(ep, fresh), run(decomposed, fresh)) <= REL_TOL
+
+
+def test_folding_the_decomposition_of_a_folded_program_changes_nothing_more():
+    folded, _ = fold_program(mixed_program("exported"))
+    again, report = fold_program(folded.run_decompositions())
+    assert len(report) == 0 and n_bn(again) == 0
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_folding_a_folded_program_again_changes_nothing(form):
+    """Only the kept BatchNorms are reported again, with the same names and rules."""
+    r = fold_matrix("invalid", form)
+    again, report = fold_program(r.folded)
+    assert [(e.bn, e.action, e.rule) for e in report] == [
+        (e.bn, e.action, e.rule) for e in r.report.skipped
+    ]
+    assert_same_outputs(run(r.folded, r.fresh), run(again, r.fresh))
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_unflatten_of_folded_program(form):
+    """torch.export.unflatten rebuilds the module hierarchy from the module call graph."""
+    ep = mixed_program(form)
+    unflat = torch.export.unflatten(bnfold.fold(ep))
+    fresh = x4(98)
+    with torch.no_grad():
+        got = tree_leaves(unflat(*fresh))
+    assert rel_err(run(ep, fresh), got) <= REL_TOL
+
+
+class KeywordInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(C_IN, 6, 3)
+        self.bn = nn.BatchNorm2d(6)
+
+    def forward(self, x, *, scale):
+        return self.bn(self.conv(x)) * scale
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_program_with_keyword_input_folds(form):
+    model = randomize(KeywordInput(), seed=99)
+    ep = torch.export.export(model, x4(100), kwargs={"scale": torch.tensor(2.0)})
+    ep = ep.run_decompositions() if form == "decomposed" else ep
+    folded, report = fold_program(ep)
+    check_report(report, {"bn": ("folded", "conv")})
+    scale = torch.tensor(-3.0)
+    with torch.no_grad():
+        want, got = ep.module()(*x4(101), scale=scale), folded.module()(*x4(101), scale=scale)
+    assert rel_err([want], [got]) <= REL_TOL
+
+
 # --------------------------------------------------------------------------------------------
-# GraphModules from ep.module(): parameters are get_attr nodes
+# GraphModules from ep.module(): parameters are get_attr nodes (see also
+# test_graph_module_of_a_matrix_folds_like_its_program)
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -1640,8 +1930,8 @@ def test_graph_module_fold_inplace_returns_the_same_module(form):
 
 @pytest.mark.parametrize("form", FORMS)
 def test_graph_module_inplace_fold_leaves_the_exported_program_alone(form):
-    """ep.module() shares its tensors with ep.state_dict: folding the module must not change
-    what the program computes."""
+    """ep.module() shares its tensors with ep.state_dict: folding the module in place must not
+    change what the program computes."""
     model = randomize(Mixed(), seed=150)
     ep = export(model, x4(151), form)
     fresh = x4(152)
@@ -1663,29 +1953,3 @@ def test_graph_module_analyze_and_verify(form):
     folded = bnfold.fold(gm)
     max_abs, max_rel = bnfold.verify(gm, folded, x4(153))
     assert 0 <= max_rel <= REL_TOL and max_abs >= 0
-
-
-@pytest.mark.parametrize("form", FORMS)
-def test_graph_module_one_conv_two_bns_both_fold(form):
-    model = randomize(OneConvTwoBNs(), seed=154)
-    gm = export(model, x4(155), form).module()
-    fresh = x4(156)
-    want = run(gm, fresh)
-    before = module_snapshot(gm)
-    folded, report = bnfold.fold(gm, return_report=True)
-    assert_snapshot_equal(before, module_snapshot(gm))
-    check_report(report, ONE_CONV_TWO_BNS)
-    assert n_bn(folded) == 0
-    assert rel_err(want, run(folded, fresh)) <= REL_TOL
-    assert_same_outputs(want, run(gm, fresh))  # the shared weight was not corrupted
-
-
-@pytest.mark.parametrize("form", FORMS)
-def test_graph_module_skips_keep_outputs_exactly(form):
-    model = randomize(OutputUsedTwice(as_output=False), seed=157)
-    gm = export(model, x4(158), form).module()
-    folded, report = bnfold.fold(gm, return_report=True)
-    check_report(report, skipped(rules.SINGLE_CONSUMER))
-    assert n_bn(folded) == 1
-    fresh = x4(159)
-    assert_same_outputs(run(gm, fresh), run(folded, fresh))
