@@ -270,7 +270,9 @@ class _ProgramStore(_Store):
             self._last_of_kind[spec.kind] = node.prev
         self.graph.erase_node(node)
 
-    def program(self, gm: GraphModule, renamed: dict[str, str]) -> ExportedProgram:
+    def program(
+        self, root: GraphModule, graph: torch.fx.Graph, renamed: dict[str, str]
+    ) -> ExportedProgram:
         """The new ExportedProgram: the folded graph with the store's signature and tensors.
 
         ``renamed`` maps the original program's node names to this graph's, for nodes whose
@@ -294,7 +296,6 @@ class _ProgramStore(_Store):
                 for i, arg in enumerate(arg_list):
                     if getattr(arg, "name", None) in renamed:
                         arg_list[i] = _argument_named(arg, renamed[arg.name])
-        gm.recompile()
         # The new program shares the tensors it did not change with the input, as
         # run_decompositions() does; state the program itself updates (buffers of a kept
         # training-mode BatchNorm) is copied, so running one program never changes the other.
@@ -306,8 +307,8 @@ class _ProgramStore(_Store):
             if id(value) in shared and self.mutated(node):
                 holder[spec.target] = _copy(value)
         kwargs: dict[str, Any] = dict(
-            root=gm,
-            graph=gm.graph,
+            root=root,
+            graph=graph,
             graph_signature=signature,
             state_dict=self.state_dict,
             range_constraints=_copy(self.ep.range_constraints),
@@ -320,7 +321,11 @@ class _ProgramStore(_Store):
             kwargs["verifiers"] = self.ep.verifiers
         elif "verifier" in params:  # torch < 2.5
             kwargs["verifier"] = self.ep.verifier
-        return ExportedProgram(**kwargs)
+        program = ExportedProgram(**kwargs)
+        meta = program.graph_module.meta
+        if meta is not root.meta:  # a cache of the unfolded program must not travel along
+            meta.pop("unflattened_module", None)
+        return program
 
 
 _PLAIN_MODULE_ATTRS = frozenset(vars(nn.Module()))
@@ -518,18 +523,17 @@ class _Pass:
 
 
 def _plan(
-    gm: GraphModule,
+    graph: torch.fx.Graph,
     store: _Store,
     selected: set[str],
     boundaries: list[str],
     names: dict[Node, tuple[str, str]] | None = None,
 ) -> _Pass:
-    """Find every BatchNorm node of ``gm``'s graph, decide it, and compute the folds.
+    """Find every BatchNorm node of ``graph``, decide it, and compute the folds.
 
     Reads the graph and the store only; numbers the algebra refuses become skips. ``names``
     are the report names of BatchNorm nodes from an earlier pass (kept stable across passes).
     """
-    graph = gm.graph
     bns = [c for c in (batch_norm_call(n) for n in graph.nodes) if c is not None]
     bn_names = dict(names or {})
     missing = [c.node for c in bns if c.node not in bn_names]
@@ -564,23 +568,28 @@ def _chained(p: _Pass) -> bool:
 
 
 def _fold_graph(
-    gm: GraphModule, store: _Store, selected: set[str], boundaries: list[str]
+    graph: torch.fx.Graph,
+    root: nn.Module,
+    store: _Store,
+    selected: set[str],
+    boundaries: list[str],
 ) -> tuple[dict[Node, Node], list[FoldEntry]]:
-    """Fold every BatchNorm of ``gm`` that can be folded; returns which node took each
+    """Fold every BatchNorm of ``graph`` (owned by ``root``, whose submodules hold subgraphs)
+    that can be folded; returns which node took each
     folded BatchNorm output's place, and the report entries."""
     _require_values(store)
     entries: dict[Node, FoldEntry] = {}
     replaced: dict[Node, Node] = {}
     names = None
     while True:
-        p = _plan(gm, store, selected, boundaries, names)
+        p = _plan(graph, store, selected, boundaries, names)
         names = p.names
         entries.update(p.entries)  # a later pass decides again; the first order stays
         again = _chained(p)
         replaced.update(_apply(store, p.pairs))
         if not again:
             break
-    return replaced, list(entries.values()) + _nested_entries(gm)
+    return replaced, list(entries.values()) + _nested_entries(root, graph)
 
 
 def _require_values(store: _Store) -> None:
@@ -716,17 +725,17 @@ def _compute(store: _Store, pair: _Pair) -> None:
     pair.new_weight, pair.new_bias = w, b
 
 
-def _nested_entries(gm: GraphModule) -> list[FoldEntry]:
+def _nested_entries(root: nn.Module, graph: torch.fx.Graph) -> list[FoldEntry]:
     """BatchNorms inside subgraphs (``torch.cond`` branches, ``torch.no_grad()`` regions as
     exported): reported and kept."""
     users: dict[str, str] = {}
-    for node in gm.graph.nodes:
+    for node in graph.nodes:
         if node.op == "get_attr":
             for user in node.users:
                 users[node.target] = getattr(user.target, "__name__", str(user.target))
     entries = []
-    for sub_name, sub in gm.named_modules():
-        if sub is gm or not isinstance(sub, GraphModule):
+    for sub_name, sub in root.named_modules():
+        if sub is root or not isinstance(sub, GraphModule):
             continue
         hop = users.get(sub_name, "a higher-order op")
         hint = (
@@ -973,9 +982,9 @@ def analyze(
     else:
         gm, boundaries, store = model, [], _ModuleStore(model)
     _require_values(store)
-    first = _plan(gm, store, selected, boundaries)
+    first = _plan(gm.graph, store, selected, boundaries)
     if not _chained(first):
-        return _report(list(first.entries.values()) + _nested_entries(gm), model)
+        return _report(list(first.entries.values()) + _nested_entries(gm, gm.graph), model)
     # Chained BatchNorms: what a fold does takes more than one pass, so fold a scratch copy
     # (sharing the tensors, which are never written) and report that.
     return _fold(model, selected, inplace=False, scratch=True)[1]
@@ -1008,13 +1017,16 @@ def _fold(
     model: ExportedProgram | GraphModule, selected: set[str], inplace: bool, scratch: bool = False
 ) -> tuple[Any, FoldReport]:
     if isinstance(model, ExportedProgram):
-        gm = _copy_graph_module(model.graph_module)
-        copied = list(zip(model.graph_module.graph.nodes, gm.graph.nodes, strict=True))
-        store: _Store = _ProgramStore(model, gm.graph)
-        replaced, entries = _fold_graph(gm, store, selected, _preserved_modules(model))
+        # Only the graph is copied: the new program is built on the input's graph module,
+        # whose submodules (control-flow bodies) bnfold does not change.
+        root = model.graph_module
+        graph = _copy(root.graph)
+        copied = list(zip(root.graph.nodes, graph.nodes, strict=True))
+        store: _Store = _ProgramStore(model, graph)
+        replaced, entries = _fold_graph(graph, root, store, selected, _preserved_modules(model))
         if scratch:
             return None, _report(entries, model)
-        gm.graph.lint()
+        graph.lint()
         renamed = {}
         for old, new in copied:
             final = replaced.get(new, new)
@@ -1022,13 +1034,13 @@ def _fold(
                 final = replaced[final]
             if final.name != old.name:
                 renamed[old.name] = final.name
-        return store.program(gm, renamed), _report(entries, model)
+        return store.program(root, graph, renamed), _report(entries, model)
     originals = _module_tensors(model)
     # A copy sharing the input's tensors: the fold replaces what it changes with new tensors,
     # and whatever is still shared afterwards is copied once (_unshare).
     gm = model if inplace else _copy_graph_module(model, dict(originals))
     store = _ModuleStore(gm)
-    _, entries = _fold_graph(gm, store, selected, [])
+    _, entries = _fold_graph(gm.graph, gm, store, selected, [])
     if scratch:
         return None, _report(entries, model)
     gm.graph.lint()
