@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from . import __version__
 from .errors import BnfoldError, VerificationError
+from .rules import PRODUCER_KINDS
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -52,15 +53,14 @@ def _seed(text: str) -> int:
 
 _DESCRIPTION = "Fold BatchNorm into the neighbouring Conv, ConvTranspose and Linear layers."
 _EPILOG = "Run 'bnfold demo' to fold the built-in example network."
-_PRODUCERS = ("conv", "conv_transpose", "linear")
 
 
 def _producers(text: str) -> list[str]:
     kinds = [k.strip() for k in text.split(",") if k.strip()]
-    bad = [k for k in kinds if k not in _PRODUCERS]
+    bad = [k for k in kinds if k not in PRODUCER_KINDS]
     if bad or not kinds:
         raise argparse.ArgumentTypeError(
-            f"must be a comma-separated list of {', '.join(_PRODUCERS)}, not {text!r}"
+            f"must be a comma-separated list of {', '.join(PRODUCER_KINDS)}, not {text!r}"
         )
     return kinds
 

@@ -8,11 +8,28 @@ and the layer feeding it) and calls :func:`decide`. Each rule is a small functio
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
+from .errors import InvalidArgumentError
+
 ProducerKind = Literal["conv", "conv_transpose", "linear"]
+PRODUCER_KINDS: tuple[ProducerKind, ...] = ("conv", "conv_transpose", "linear")
+
+
+def selected_kinds(producers: Iterable[str] | str | None) -> set[str]:
+    """The producer kinds a ``producers=`` argument selects (all when ``None``)."""
+    if producers is None:
+        return set(PRODUCER_KINDS)
+    chosen = {producers} if isinstance(producers, str) else set(producers)
+    unknown = chosen - set(PRODUCER_KINDS)
+    if unknown:
+        raise InvalidArgumentError(
+            f"unknown producer kinds {sorted(unknown)}; choose from {', '.join(PRODUCER_KINDS)}"
+        )
+    return chosen
+
 
 # Rule identifiers, as they appear in reports.
 INFERENCE_MODE = "inference-mode"
@@ -204,10 +221,18 @@ class Decision:
     reason: str = ""
 
 
-def decide(facts: PairFacts) -> Decision:
-    """Apply every rule in order; the first one that fails decides."""
+def decide(facts: PairFacts, selected: set[str] | None = None) -> Decision:
+    """Apply every rule in order; the first one that fails decides.
+
+    A fold that every rule allows but whose producer kind is not in ``selected`` (the user's
+    ``producers=`` choice) is reported as not selected.
+    """
     for rule_id, rule in RULES:
         reason = rule(facts)
         if reason is not None:
             return Decision(False, rule_id, reason)
+    if selected is not None and facts.producer_kind not in selected:
+        return Decision(
+            False, NOT_SELECTED, f"folding into {facts.producer_kind} layers was not selected"
+        )
     return Decision(True)

@@ -61,7 +61,6 @@ from .torch_aten import (
     set_argument,
     trace_back,
 )
-from .torch_producers import PRODUCER_KINDS
 from .torch_verify import compare, output_tensors, tolerance
 from .torch_verify import verify as verify_modules
 
@@ -545,8 +544,8 @@ def _plan(
     entries: dict[Node, FoldEntry] = {}
     for c in bns:
         name, bn_type = bn_names[c.node]
-        pair = _decide(store, c, name, bn_type, prod_calls, prod_names, selected, boundaries)
-        entry = _entry(pair)
+        pair = _decide(store, c, name, bn_type, prod_calls, prod_names, boundaries)
+        entry = _entry(pair, selected)
         if entry.folded:
             try:
                 _compute(store, pair)
@@ -619,7 +618,6 @@ def _decide(
     bn_type: str,
     prod_calls: dict[Node, ProducerCall | None],
     prod_names: dict[Node, tuple[str, str]],
-    selected: set[str],
     boundaries: list[str],
 ) -> _Pair:
     bn_constant = all(
@@ -680,23 +678,13 @@ def _decide(
             (f"module {f}" for f in boundaries if _inside(p.node, f) != _inside(c.node, f)), ""
         ),
     )
-    pair = _Pair(c, name, bn_type, p, target, target_type, facts, w_chain, b_chain, w_axis)
-    if p.kind not in selected:
-        pair.facts = dataclasses.replace(facts, producer_detail="not-selected")
-    return pair
+    return _Pair(c, name, bn_type, p, target, target_type, facts, w_chain, b_chain, w_axis)
 
 
-def _entry(pair: _Pair) -> FoldEntry:
+def _entry(pair: _Pair, selected: set[str]) -> FoldEntry:
     base = dict(bn=pair.name, target=pair.target, bn_type=pair.bn_type)
     base["target_type"] = pair.target_type
-    if pair.facts.producer_detail == "not-selected":
-        return FoldEntry(
-            **base,
-            action="skipped",
-            rule=rules.NOT_SELECTED,
-            reason=f"folds into {pair.producer.kind} layers were not selected (producers=...)",
-        )
-    decision = rules.decide(pair.facts)
+    decision = rules.decide(pair.facts, selected)
     if not decision.ok:
         return FoldEntry(**base, action="skipped", rule=decision.rule, reason=decision.reason)
     return FoldEntry(**base, action="folded")
@@ -949,18 +937,6 @@ def _unshare(gm: nn.Module, originals: dict[int, torch.Tensor]) -> None:
                 mod.__dict__[name] = copy.deepcopy(value, memo)
 
 
-def _selected_kinds(producers: Iterable[str] | str | None) -> set[str]:
-    if producers is None:
-        return set(PRODUCER_KINDS)
-    chosen = {producers} if isinstance(producers, str) else set(producers)
-    unknown = chosen - set(PRODUCER_KINDS)
-    if unknown:
-        raise InvalidArgumentError(
-            f"unknown producer kinds {sorted(unknown)}; choose from {', '.join(PRODUCER_KINDS)}"
-        )
-    return chosen
-
-
 def _report(entries: list[FoldEntry], model: Any) -> FoldReport:
     return FoldReport(entries, type(model).__name__)
 
@@ -975,7 +951,7 @@ def analyze(
 
     ``example_inputs`` is not needed: the shapes come from the graph's metadata.
     """
-    selected = _selected_kinds(producers)
+    selected = rules.selected_kinds(producers)
     if isinstance(model, ExportedProgram):
         gm, boundaries = model.graph_module, _preserved_modules(model)
         store: _Store = _ProgramStore(model, gm.graph)
@@ -1009,7 +985,7 @@ def fold(
             "an ExportedProgram is folded into a new program; inplace=True is only for "
             "nn.Module and GraphModule models"
         )
-    result, report = _fold(model, _selected_kinds(producers), inplace=inplace)
+    result, report = _fold(model, rules.selected_kinds(producers), inplace=inplace)
     return (result, report) if return_report else result
 
 

@@ -22,13 +22,12 @@ from torch import nn
 
 from . import rules
 from .algebra import fold_affine_into_producer
-from .errors import FoldRefused, InvalidArgumentError, TrainingModeError, UnsupportedModelError
+from .errors import FoldRefused, TrainingModeError, UnsupportedModelError
 from .report import FoldEntry, FoldReport
 from .rules import PairFacts
 from .torch_batchnorm import BatchNormSpec, batchnorm_spec, carry_plain_attributes, is_batchnorm
 from .torch_dataflow import Dataflow, ModuleCalls, first_line, module_dataflow, output_ranks
 from .torch_producers import (
-    PRODUCER_KINDS,
     custom_forward_reason,
     output_layout,
     params_not_constant,
@@ -108,23 +107,11 @@ def _check_model(model: Any) -> None:
         )
 
 
-def _selected_kinds(producers: Iterable[str] | str | None) -> set[str]:
-    if producers is None:
-        return set(PRODUCER_KINDS)
-    chosen = {producers} if isinstance(producers, str) else set(producers)
-    unknown = chosen - set(PRODUCER_KINDS)
-    if unknown:
-        raise InvalidArgumentError(
-            f"unknown producer kinds {sorted(unknown)}; choose from {', '.join(PRODUCER_KINDS)}"
-        )
-    return chosen
-
-
 def _plan(
     model: nn.Module, example_inputs: tuple | None, producers: Iterable[str] | str | None
 ) -> _Plan:
     _check_model(model)
-    selected = _selected_kinds(producers)
+    selected = rules.selected_kinds(producers)
     paths: dict[int, str] = {}
     modules: dict[str, nn.Module] = {}
     for path, m in model.named_modules():
@@ -157,13 +144,7 @@ def _plan(
         bn = modules[bn_path]
         facts = facts_of[bn_path]
         prod_path = facts.producer
-        decision = rules.decide(facts)
-        if decision.ok and facts.producer_kind not in selected:
-            decision = rules.Decision(
-                False,
-                rules.NOT_SELECTED,
-                f"folding into {facts.producer_kind} layers was not selected",
-            )
+        decision = rules.decide(facts, selected)
         entry = FoldEntry(
             bn_path,
             prod_path,

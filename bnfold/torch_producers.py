@@ -12,8 +12,6 @@ from torch import nn
 from .algebra import CONV, LINEAR, OutputLayout, conv_transpose_layout
 from .torch_batchnorm import defining_class, forward_changed_reason, is_torch_class
 
-PRODUCER_KINDS = ("conv", "conv_transpose", "linear")
-
 
 def producer_kind(m: nn.Module) -> str | None:
     """``"conv"``, ``"conv_transpose"``, ``"linear"`` or ``None`` for other modules."""
