@@ -19,10 +19,25 @@ import functools
 import re
 from dataclasses import dataclass
 
+import models
 import pytest
 import torch
 import torch.nn.functional as F
-from support import BatchNormAct2d, randomize_all
+from models import C_IN, FOLDED, MIXED_FOLDED, Net, skipped
+from support import (
+    POISONS,
+    REL_TOL,
+    BatchNormAct2d,
+    assert_same_outputs,
+    assert_snapshot_equal,
+    check_report,
+    check_report_entries,
+    poison,
+    randn,
+    randomize_all,
+    rel_err,
+    rms,
+)
 from torch import fx, nn
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, TensorArgument
@@ -30,29 +45,12 @@ from torch.utils._pytree import tree_leaves
 
 import bnfold
 from bnfold import rules
-from bnfold.demo import DemoNet, randomize_batchnorms
 
-REL_TOL = 1e-5  # float32 folds: max|a - b| / max|a|
 FORMS = ["exported", "decomposed"]
-
-CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
-CONV_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
-BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
-SPATIAL = {1: (11,), 2: (7, 6), 3: (5, 4, 5)}
-C_IN = 4
 
 
 # --------------------------------------------------------------------------------------------
 # Helpers
-
-
-def randn(*shape, seed: int, dtype=torch.float32) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
-
-
-def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random statistics and affine parameters for every BatchNorm, then eval()."""
-    return randomize_all(model, seed)
 
 
 def export(model: nn.Module, inputs: tuple, form: str, dynamic_shapes=None) -> ExportedProgram:
@@ -135,24 +133,6 @@ def assert_producers_have_bias(program) -> None:
         assert bias.name in registered, f"{node.name}'s bias {bias.name} is not registered"
 
 
-def rel_err(expected: list[torch.Tensor], actual: list[torch.Tensor]) -> float:
-    assert len(expected) == len(actual)
-    worst = 0.0
-    for a, b in zip(expected, actual, strict=True):
-        assert a.shape == b.shape and a.dtype == b.dtype
-        a64, b64 = a.double(), b.double()
-        scale = float(a64.abs().max())
-        assert scale > 0 and torch.isfinite(a64).all()
-        worst = max(worst, float((a64 - b64).abs().max()) / scale)
-    return worst
-
-
-def assert_same_outputs(expected: list[torch.Tensor], actual: list[torch.Tensor]) -> None:
-    assert len(expected) == len(actual)
-    for a, b in zip(expected, actual, strict=True):
-        torch.testing.assert_close(b, a, rtol=0, atol=0, equal_nan=True)
-
-
 def _tensors(items) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in items if isinstance(v, torch.Tensor)}
 
@@ -182,31 +162,6 @@ def module_snapshot(gm: nn.Module) -> dict:
         "tensors": _tensors(gm.state_dict(keep_vars=True).items()),
         "ids": {k: id(v) for k, v in gm.state_dict(keep_vars=True).items()},
     }
-
-
-def assert_snapshot_equal(before: dict, after: dict) -> None:
-    assert before.keys() == after.keys()
-    for key in before:
-        if key != "tensors":
-            assert before[key] == after[key], key
-    assert before["tensors"].keys() == after["tensors"].keys()
-    for k, v in before["tensors"].items():
-        w = after["tensors"][k]
-        assert v.dtype == w.dtype and v.shape == w.shape, k
-        assert torch.equal(v.nan_to_num(), w.nan_to_num()) and torch.equal(v.isnan(), w.isnan()), k
-
-
-def check_report(report: bnfold.FoldReport, expected: dict[str, tuple[str, object]]) -> None:
-    """``expected``: bn name -> ("folded", producer name) or ("skipped", rule id or set of them)
-    or ("any", producer name) when folding and keeping are both right."""
-    assert isinstance(report, bnfold.FoldReport)
-    entries = {e.bn: e for e in report}
-    assert len(entries) == len(report.entries), str(report)  # names are unique
-    assert set(entries) == set(expected), str(report)
-    try:
-        _check_entries(report, expected)
-    except AssertionError as err:
-        raise AssertionError(f"{err}\n{report}") from None
 
 
 def check_program(ep: ExportedProgram) -> None:
@@ -312,25 +267,6 @@ def check_program_fold(
     return ep, folded, report
 
 
-class Net(nn.Module):
-    """producer -> BatchNorm; its output is the BatchNorm's."""
-
-    def __init__(self, producer: nn.Module, bn: nn.Module) -> None:
-        super().__init__()
-        self.producer = producer
-        self.bn = bn
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bn(self.producer(x))
-
-
-FOLDED = {"bn": ("folded", "producer")}
-
-
-def skipped(rule) -> dict:
-    return {"bn": ("skipped", rule)}
-
-
 def x4(seed: int, *spatial: int, batch: int = 3, dtype=torch.float32) -> tuple:
     """One (batch, C_IN, *spatial) input."""
     return (randn(batch, C_IN, *(spatial or (6, 6)), seed=seed, dtype=dtype),)
@@ -374,24 +310,6 @@ class MatrixResult:
     eager: dict[str, list[torch.Tensor]]  # case -> the eager model's outputs
 
 
-def _check_entries(report: bnfold.FoldReport, expected: dict[str, tuple[str, object]]) -> None:
-    for bn, (action, what) in expected.items():
-        try:
-            e = report.entry(bn)
-        except KeyError as err:
-            raise AssertionError(str(err)) from None
-        assert isinstance(e.bn_type, str) and e.bn_type, e
-        if action == "any":  # either is right; a fold must be into ``what``
-            action, what = ("folded", what) if e.folded else ("skipped", {e.rule})
-        assert e.action == action, e
-        if action == "folded":
-            assert e.folded and e.target == what and e.rule is None and e.reason == "", e
-        else:
-            allowed = what if isinstance(what, (set, frozenset)) else {what}
-            assert not e.folded and e.rule in allowed, e
-            assert isinstance(e.reason, str) and e.reason.strip(), e
-
-
 def check_matrix(
     r: MatrixResult,
     expected: dict[str, dict[str, tuple[str, object]]],
@@ -411,7 +329,7 @@ def check_matrix(
         problems.append(f"report names {sorted(e.bn for e in r.report)} != {sorted(names)}")
     for case, exp in expected.items():
         try:
-            _check_entries(r.report, exp)
+            check_report_entries(r.report, exp)
             want, got = r.want[case], r.got[case]
             if all(not r.report.entry(bn).folded for bn in exp):
                 assert_same_outputs(want, got)
@@ -430,30 +348,10 @@ def net_folds(cases) -> dict[str, dict[str, tuple[str, object]]]:
 
 # Convolutions --------------------------------------------------------------------------------
 
-CONV_CASES = {
-    "plain": dict(
-        out=6, k=3, stride=1, padding=0, padding_mode="zeros", dilation=1, groups=1, bias=True
-    ),
-    "stride2-reflect-groups2-nobias": dict(
-        out=6, k=3, stride=2, padding=1, padding_mode="reflect", dilation=1, groups=2, bias=False
-    ),
-    "circular-dilated-depthwise": dict(
-        out=4, k=3, stride=1, padding=2, padding_mode="circular", dilation=2, groups=4, bias=True
-    ),
-    "same-replicate-evenkernel-nobias": dict(
-        out=8,
-        k=2,
-        stride=1,
-        padding="same",
-        padding_mode="replicate",
-        dilation=1,
-        groups=1,
-        bias=False,
-    ),
-    "stride2-groups4-multiplier2": dict(
-        out=8, k=3, stride=2, padding=1, padding_mode="zeros", dilation=1, groups=4, bias=True
-    ),
-    # padding="same" with zeros is aten.convNd.padding (a string padding) as exported
+# the eager tests' CONV_CASES, and padding="same" with zeros, which is aten.convNd.padding (a
+# string padding) as exported
+GRAPH_CONV_CASES = {
+    **models.CONV_CASES,
     "same-zeros-nobias": dict(
         out=6, k=3, stride=1, padding="same", padding_mode="zeros", dilation=1, groups=2, bias=False
     ),
@@ -462,56 +360,23 @@ CONV_CASES = {
     ),
 }
 
-CONV_T_CASES = {
-    "plain": dict(
-        out=6, k=3, stride=1, padding=0, output_padding=0, dilation=1, groups=1, bias=True
-    ),
-    "stride2-outpad1-groups2-nobias": dict(
-        out=6, k=3, stride=2, padding=1, output_padding=1, dilation=1, groups=2, bias=False
-    ),
-    "dilated-depthwise": dict(
-        out=4, k=3, stride=2, padding=0, output_padding=1, dilation=2, groups=4, bias=True
-    ),
-    "stride3-outpad2-groups2": dict(
-        out=6, k=2, stride=3, padding=2, output_padding=2, dilation=1, groups=2, bias=True
-    ),
-    "groups4-cout-per-group2-nobias": dict(
-        out=8, k=3, stride=2, padding=1, output_padding=0, dilation=1, groups=4, bias=False
-    ),
-}
-
-
-def conv_net(dims: int, transposed: bool, case: dict) -> Net:
-    """A conv (or conv-transpose) described by a CONV_CASES (CONV_T_CASES) entry, then BN."""
-    c = dict(case)
-    out, k = c.pop("out"), c.pop("k")
-    return Net((CONV_T if transposed else CONV)[dims](C_IN, out, k, **c), BN[dims](out))
-
-
 CONV_MATRIX_CASES = {
-    **{f"conv-{c}": (False, case) for c, case in CONV_CASES.items()},
-    **{f"conv_transpose-{c}": (True, case) for c, case in CONV_T_CASES.items()},
+    **{f"conv-{c}": (False, case) for c, case in GRAPH_CONV_CASES.items()},
+    **{f"conv_transpose-{c}": (True, case) for c, case in models.CONV_T_CASES.items()},
 }
 
 
 def _conv_matrix(dims: int):
     torch.manual_seed(100 + dims)  # the layers' own initialisation
-    model = Cases({c: conv_net(dims, *how) for c, how in CONV_MATRIX_CASES.items()})
-    model = randomize(model, seed=10 * dims)
-    shape = (2, C_IN, *SPATIAL[dims])
+    model = Cases({c: models.conv_net(dims, *how) for c, how in CONV_MATRIX_CASES.items()})
+    model = randomize_all(model, seed=10 * dims)
+    shape = (2, C_IN, *models.SPATIAL[dims])
     return model, (randn(*shape, seed=1),), (randn(*shape, seed=2),)
 
 
 # BatchNorm variants --------------------------------------------------------------------------
 
-BN_VARIANTS = {
-    "affine": dict(affine=True, momentum=0.1, eps=1e-5),
-    "no-affine": dict(affine=False, momentum=0.1, eps=1e-5),
-    "momentum-none-eps1e-3": dict(affine=True, momentum=None, eps=1e-3),
-    "no-affine-momentum-none-eps0.1": dict(affine=False, momentum=None, eps=0.1),
-    "eps0.1": dict(affine=True, momentum=0.1, eps=0.1),
-}
-BN_VARIANT_CASES = [f"{v}-{b}" for v in BN_VARIANTS for b in ("bias", "nobias")]
+BN_VARIANT_CASES = [f"{v}-{b}" for v in models.BN_VARIANTS for b in ("bias", "nobias")]
 
 
 def _bn_variant_matrix():
@@ -519,72 +384,26 @@ def _bn_variant_matrix():
     cases = {
         case: Net(
             nn.Conv2d(C_IN, 6, 3, bias=case.endswith("-bias")),
-            nn.BatchNorm2d(6, **BN_VARIANTS[case.rsplit("-", 1)[0]]),
+            nn.BatchNorm2d(6, **models.BN_VARIANTS[case.rsplit("-", 1)[0]]),
         )
         for case in BN_VARIANT_CASES
     }
-    return randomize(Cases(cases), seed=11), x4(12, 7, 7), x4(13, 7, 7)
+    return randomize_all(Cases(cases), seed=11), x4(12, 7, 7), x4(13, 7, 7)
 
 
 # Invalid values ------------------------------------------------------------------------------
 
 
-def _poison(model: Net, what: str) -> None:
-    with torch.no_grad():
-        if what == "nan-running-var":
-            model.bn.running_var[1] = float("nan")
-        elif what == "inf-gamma":
-            model.bn.weight[0] = float("inf")
-        elif what == "var-plus-eps-negative":
-            model.bn.running_var[2] = -1.0
-        elif what == "var-plus-eps-zero":
-            model.bn.running_var[3] = -model.bn.eps
-            assert float(model.bn.running_var[3] + model.bn.eps) == 0.0
-        elif what == "nan-conv-weight":
-            model.producer.weight[3, 0, 0, 0] = float("nan")
-        elif what == "inf-beta":
-            model.bn.bias[4] = float("-inf")
-        elif what == "nan-conv-bias":
-            model.producer.bias[5] = float("nan")
-        else:
-            raise AssertionError(what)
-
-
-POISONS = [
-    "nan-running-var",
-    "inf-gamma",
-    "var-plus-eps-negative",
-    "var-plus-eps-zero",
-    "nan-conv-weight",
-    "inf-beta",
-    "nan-conv-bias",
-]
-
-
 def _invalid_matrix():
     torch.manual_seed(87)
     cases = {c: Net(nn.Conv2d(C_IN, 6, 3), nn.BatchNorm2d(6)) for c in [*POISONS, "healthy"]}
-    model = randomize(Cases(cases), seed=87)
+    model = randomize_all(Cases(cases), seed=87)
     for c in POISONS:
-        _poison(model.cases[key(c)], c)
+        poison(model.cases[key(c)], c)
     return model, x4(88), x4(89)
 
 
 # Skips ---------------------------------------------------------------------------------------
-
-
-class OutputUsedTwice(nn.Module):
-    def __init__(self, as_output: bool) -> None:
-        super().__init__()
-        self.producer = nn.Conv2d(C_IN, 6, 3)
-        self.bn = nn.BatchNorm2d(6)
-        self.as_output = as_output
-
-    def forward(self, x):
-        y = self.producer(x)
-        if self.as_output:
-            return self.bn(y), y
-        return self.bn(y) + y
 
 
 class ConvFeedsTwoBNs(nn.Module):
@@ -597,23 +416,6 @@ class ConvFeedsTwoBNs(nn.Module):
     def forward(self, x):
         y = self.producer(x)
         return self.bn(y), self.bn2(y)
-
-
-class NoProducer(nn.Module):
-    def __init__(self, where: str) -> None:
-        super().__init__()
-        self.producer = nn.Conv2d(C_IN, C_IN, 3, padding=1)
-        self.bn = nn.BatchNorm2d(C_IN) if where != "view" else nn.BatchNorm1d(C_IN)
-        self.where = where
-
-    def forward(self, x):
-        if self.where == "input":
-            return self.producer(self.bn(x))
-        if self.where == "relu":
-            return self.bn(torch.relu(self.producer(x)))
-        if self.where == "view":  # (N, C, H, W) -> (N, C, H*W): channels still on axis 1
-            return self.bn(self.producer(x).flatten(2))
-        return self.producer(x)  # never calls bn
 
 
 class LinearOn3D(nn.Module):
@@ -642,32 +444,6 @@ class UnbatchedConv1d(nn.Module):
         return self.bn(self.producer(x[0, :, 0, :]))  # (C_IN, 6) -> (6, 4)
 
 
-class BNPlusInput2d(nn.BatchNorm2d):
-    """A BatchNorm subclass whose forward also uses its raw input."""
-
-    def forward(self, x):
-        return super().forward(x) + 0.25 * x
-
-
-class ReLUThenBN2d(nn.BatchNorm2d):
-    def forward(self, x):
-        return super().forward(torch.relu(x))
-
-
-class ClampedConv2d(nn.Conv2d):
-    def forward(self, x):
-        return super().forward(x).clamp(min=-0.5)
-
-
-class WSConv2d(nn.Conv2d):
-    """Weight-standardised convolution: its weight is computed at run time."""
-
-    def _conv_forward(self, x, weight, bias):
-        mean = weight.mean((1, 2, 3), keepdim=True)
-        std = weight.std((1, 2, 3), keepdim=True)
-        return super()._conv_forward(x, (weight - mean) / (std + 1e-5), bias)
-
-
 # Linear + BatchNorm1d on 3-D: channel-axis as exported; decomposed, the view in between may
 # make it no-producer.
 CHANNEL_AXIS = {
@@ -683,30 +459,30 @@ SKIP_CASES = {
         rules.INFERENCE_MODE,
     ),
     "training-bn": (lambda: Net(nn.Conv2d(C_IN, 6, 3), nn.BatchNorm2d(6)), rules.INFERENCE_MODE),
-    "output-used-by-add": (lambda: OutputUsedTwice(False), rules.SINGLE_CONSUMER),
-    "output-is-model-output": (lambda: OutputUsedTwice(True), rules.SINGLE_CONSUMER),
+    "output-used-by-add": (lambda: models.OutputUsedTwice(False), rules.SINGLE_CONSUMER),
+    "output-is-model-output": (lambda: models.OutputUsedTwice(True), rules.SINGLE_CONSUMER),
     "conv-feeds-two-bns": (ConvFeedsTwoBNs, rules.SINGLE_CONSUMER),
-    "bn-on-input": (lambda: NoProducer("input"), rules.NO_PRODUCER),
-    "bn-after-relu": (lambda: NoProducer("relu"), rules.NO_PRODUCER),
-    "bn-after-view": (lambda: NoProducer("view"), rules.NO_PRODUCER),
-    "bn-never-called": (lambda: NoProducer("never-called"), None),
+    "bn-on-input": (lambda: models.NoProducer("input"), rules.NO_PRODUCER),
+    "bn-after-relu": (lambda: models.NoProducer("relu"), rules.NO_PRODUCER),
+    "bn-after-view": (lambda: models.NoProducer("view"), rules.NO_PRODUCER),
+    "bn-never-called": (lambda: models.NoProducer("never-called"), None),
     "linear-on-3d-input": (LinearOn3D, CHANNEL_AXIS),
     "unbatched-conv1d": (UnbatchedConv1d, CHANNEL_AXIS),
     # custom forwards are explicit ops in a graph: the rule is the graph's
     "bn-forward-uses-input": (
-        lambda: Net(nn.Conv2d(C_IN, 6, 3), BNPlusInput2d(6)),
+        lambda: Net(nn.Conv2d(C_IN, 6, 3), models.BNPlusInput2d(6)),
         rules.SINGLE_CONSUMER,
     ),
     "bn-forward-relu-first": (
-        lambda: Net(nn.Conv2d(C_IN, 6, 3), ReLUThenBN2d(6)),
+        lambda: Net(nn.Conv2d(C_IN, 6, 3), models.ReLUThenBN2d(6)),
         rules.NO_PRODUCER,
     ),
     "conv-forward-clamps": (
-        lambda: Net(ClampedConv2d(C_IN, 6, 3), nn.BatchNorm2d(6)),
+        lambda: Net(models.ClampedConv2d(C_IN, 6, 3), nn.BatchNorm2d(6)),
         rules.NO_PRODUCER,
     ),
     "ws-conv-computed-weight": (
-        lambda: Net(WSConv2d(C_IN, 6, 3, bias=False), nn.BatchNorm2d(6)),
+        lambda: Net(models.WSConv2d(C_IN, 6, 3, bias=False), nn.BatchNorm2d(6)),
         {rules.CONSTANT_PARAMS, rules.NO_PRODUCER},
     ),
 }
@@ -714,7 +490,7 @@ SKIP_CASES = {
 
 def _skip_matrix():
     torch.manual_seed(112)
-    model = randomize(Cases({c: make() for c, (make, _) in SKIP_CASES.items()}), seed=112)
+    model = randomize_all(Cases({c: make() for c, (make, _) in SKIP_CASES.items()}), seed=112)
     model.cases[key("training-bn")].bn.train()
     return model, x4(113), x4(114)
 
@@ -765,64 +541,17 @@ LINEAR_CASES = {
 
 def _linear_matrix():
     torch.manual_seed(22)
-    model = randomize(Cases({c: make() for c, (make, _) in LINEAR_CASES.items()}), seed=22)
+    model = randomize_all(Cases({c: make() for c, (make, _) in LINEAR_CASES.items()}), seed=22)
     return model, (randn(4, 6, seed=23),), (randn(4, 6, seed=24),)
 
 
 # What a graph folds: other layer and BatchNorm kinds, shared producers and weights ------------
 
 
-class MyBatchNorm2d(nn.BatchNorm2d):
-    def describe(self) -> str:
-        return "my bn"
-
-
-class MyConv2d(nn.Conv2d):
-    def describe(self) -> str:
-        return "my conv"
-
-
-class BNReLU2d(nn.BatchNorm2d):
-    """BatchNorm + activation in one module, as some model libraries have."""
-
-    def forward(self, x):
-        return torch.relu(super().forward(x))
-
-
 def _hooked() -> Net:
     net = Net(nn.Conv2d(C_IN, 6, 3), nn.BatchNorm2d(6))
     net.bn.register_forward_hook(lambda _m, _args, out: out * 2 + 1)  # traced into the graph
     return net
-
-
-class ExtremeStatistics(Net):
-    """Tiny and huge variances, large means, zero and negative gamma, var slightly below 0
-    (set by ``set_statistics``, after ``randomize``)."""
-
-    def __init__(self) -> None:
-        super().__init__(nn.Conv2d(C_IN, 8, 3), nn.BatchNorm2d(8, eps=1e-5))
-
-    def set_statistics(self) -> None:
-        with torch.no_grad():
-            self.bn.running_var.copy_(torch.tensor([1e-7, 1e4, 3e-6, 1.0, 0.5, -5e-6, 1e-3, 2.0]))
-            self.bn.running_mean.copy_(
-                torch.tensor([100.0, -250.0, 0.0, 1e-3, 3.0, -0.5, 40.0, 0.0])
-            )
-            self.bn.weight.copy_(torch.tensor([50.0, 1e-3, 0.0, -2.0, 1.0, 0.3, -20.0, 1e3]))
-            self.bn.bias.copy_(torch.tensor([10.0, -3.0, 0.5, 0.0, 1e3, -1.0, 2.0, 0.1]))
-
-
-class ProducerCalledTwice(nn.Module):
-    """One conv module, two calls; only the first call goes through a BatchNorm. Eager mode
-    must refuse (one weight, two calls); a graph gives the folded call its own weight."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.producer = nn.Conv2d(C_IN, 6, 3)
-        self.bn = nn.BatchNorm2d(6)
-
-    def forward(self, x):
-        return self.bn(self.producer(x)) - self.producer(2 * x)
 
 
 class OneConvTwoBNs(nn.Module):
@@ -838,13 +567,8 @@ class OneConvTwoBNs(nn.Module):
         return self.bn1(self.conv(x)) * self.bn2(self.conv(x.flip(-1)))
 
 
-class SecondCallOnly(nn.Module):
+class SecondCallOnly(models.ConvThenBN):
     """The conv's second call is the one a BatchNorm follows."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(C_IN, 6, 3)
-        self.bn = nn.BatchNorm2d(6)
 
     def forward(self, x):
         return self.conv(x) * self.bn(self.conv(-x))
@@ -861,20 +585,6 @@ class TiedConvsEachWithBN(nn.Module):
 
     def forward(self, x):
         return self.bn_a(self.conv_a(x)) + self.bn_b(self.conv_b(x * 0.5))
-
-
-class TiedWeights(nn.Module):
-    """Two convs share one weight; only one is followed by a BatchNorm."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.producer = nn.Conv2d(C_IN, 6, 3)
-        self.twin = nn.Conv2d(C_IN, 6, 3)
-        self.twin.weight = self.producer.weight
-        self.bn = nn.BatchNorm2d(6)
-
-    def forward(self, x):
-        return self.bn(self.producer(x)) * self.twin(x)
 
 
 class TiedLinears(nn.Module):
@@ -907,92 +617,14 @@ class TiedBiases(nn.Module):
         return self.bn(self.producer(x)) + self.twin(x)
 
 
-class ReadsProducerWeight(nn.Module):
-    """The conv's weight is also read by other ops: folding with a private copy of the weight
-    and refusing are both right; changing what the other reader sees is not."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.producer = nn.Conv2d(C_IN, 6, 3)
-        self.bn = nn.BatchNorm2d(6)
-
-    def forward(self, x):
-        return self.bn(self.producer(x)) * self.producer.weight.abs().mean()
-
-
-class BnCalledTwice(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.producer = nn.Conv2d(C_IN, 6, 3)
-        self.other = nn.Conv2d(C_IN, 6, 3, bias=False)
-        self.bn = nn.BatchNorm2d(6)
-
-    def forward(self, x):
-        return self.bn(self.producer(x)) + self.bn(self.other(x))
-
-
-class SameConvSameBNTwice(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(C_IN, 6, 3)
-        self.bn = nn.BatchNorm2d(6)
-
+class SameConvSameBNTwice(models.ConvThenBN):
     def forward(self, x):
         return self.bn(self.conv(x)) - 0.5 * self.bn(self.conv(x * x))
 
 
-class ChainedBNs(nn.Module):
-    """bn1 folds into conv; bn2's input is a BatchNorm (no-producer), though folding it too once
-    bn1 is gone would also be exact."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(C_IN, 6, 3)
-        self.bn1 = nn.BatchNorm2d(6)
-        self.bn2 = nn.BatchNorm2d(6)
-
-    def forward(self, x):
-        return self.bn2(self.bn1(self.conv(x)))
-
-
-class DataDependent(nn.Module):
-    """Branches on a shape (torch.fx cannot trace it; export specialises it); conv2's output
-    also feeds an add, so bn2 must stay."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(C_IN, 6, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(6)
-        self.conv2 = nn.Conv2d(6, 6, 3, padding=1)
-        self.bn2 = nn.BatchNorm2d(6)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.bn1(self.conv1(x))
-        if x.shape[0] > 1:
-            y = torch.relu(y)
-        z = self.conv2(y)
-        return self.bn2(z) + z
-
-
-class TrainBnAndLinear(nn.Module):
-    """A training-mode BatchNorm (made so in the matrix) next to a Linear + BatchNorm1d."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(C_IN, 6, 3)
-        self.bn = nn.BatchNorm2d(6)
-        self.fc = nn.Linear(6, 5)
-        self.bn_fc = nn.BatchNorm1d(5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bn_fc(self.fc(self.bn(self.conv(x)).mean((2, 3))))
-
-
-class TwoOutputs(nn.Module):
+class TwoOutputs(models.ConvThenBN):
     def __init__(self, how: str) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(C_IN, 6, 3)
-        self.bn = nn.BatchNorm2d(6)
         self.other = nn.Conv2d(C_IN, 5, 3)
         self.how = how
 
@@ -1007,14 +639,12 @@ class TwoOutputs(nn.Module):
         return y, torch.relu(y) + 1  # "bn-and-its-relu"
 
 
-class WritesBNResultToBuffer(nn.Module):
+class WritesBNResultToBuffer(models.ConvThenBN):
     """The BatchNorm's result is also copied into a buffer: decomposed, that is a
     BUFFER_MUTATION output naming the BatchNorm's node, which the fold must rename."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(C_IN, 6, 3)
-        self.bn = nn.BatchNorm2d(6)
         self.register_buffer("last", torch.zeros(3, 6, 4, 4))
 
     def forward(self, x):
@@ -1040,13 +670,11 @@ class BufferWeightConv(nn.Module):
         return self.bn(F.conv2d(x, self.w))
 
 
-class FunctionalBN(nn.Module):
+class FunctionalBN(models.ConvThenBN):
     """F.batch_norm with only one of weight and bias."""
 
     def __init__(self, which: str) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(C_IN, 6, 3)
-        self.bn = nn.BatchNorm2d(6)
         self.which = which
 
     def forward(self, x):
@@ -1062,31 +690,34 @@ NET_FOLD = {"bn": "producer"}
 # functional op its forward calls
 GRAPH_FOLD_CASES = {
     "subclasses-without-own-forward": (
-        lambda: Net(MyConv2d(C_IN, 6, 3, bias=False), MyBatchNorm2d(6)),
+        lambda: Net(models.MyConv2d(C_IN, 6, 3, bias=False), models.MyBatchNorm2d(6)),
         NET_FOLD,
     ),
     "sync-batchnorm-in-eval": (lambda: Net(nn.Conv2d(C_IN, 6, 3), nn.SyncBatchNorm(6)), NET_FOLD),
-    "bn-relu-subclass": (lambda: Net(nn.Conv2d(C_IN, 6, 3), BNReLU2d(6)), NET_FOLD),
+    "bn-relu-subclass": (lambda: Net(nn.Conv2d(C_IN, 6, 3), models.BNReLU2d(6)), NET_FOLD),
     "bn-act-silu-subclass": (lambda: Net(nn.Conv2d(C_IN, 6, 3), BatchNormAct2d(6)), NET_FOLD),
     "bn-forward-hook": (_hooked, NET_FOLD),
-    "extreme-statistics": (ExtremeStatistics, NET_FOLD),
-    "producer-called-twice": (ProducerCalledTwice, NET_FOLD),
+    "extreme-statistics": (models.ExtremeStatistics, NET_FOLD),
+    "producer-called-twice": (models.ProducerCalledTwice, NET_FOLD),
     "one-conv-two-bns": (OneConvTwoBNs, {"bn1": "conv", "bn2": "conv@1"}),
     "second-call-of-conv": (SecondCallOnly, {"bn": "conv@1"}),
     "tied-convs-each-with-bn": (TiedConvsEachWithBN, {"bn_a": "conv_a", "bn_b": "conv_b"}),
-    "weight-tied-to-conv-without-bn": (TiedWeights, NET_FOLD),
+    "weight-tied-to-conv-without-bn": (models.TiedWeights, NET_FOLD),
     "weight-tied-to-linear-without-bn": (TiedLinears, NET_FOLD),
     "bias-tied-to-conv-without-bn": (TiedBiases, NET_FOLD),
-    "producer-weight-read-elsewhere": (ReadsProducerWeight, {"bn": ("any", "producer")}),
-    "bn-called-twice-after-two-convs": (BnCalledTwice, {"bn": "producer", "bn@1": "other"}),
+    "producer-weight-read-elsewhere": (models.ReadsProducerWeight, {"bn": ("any", "producer")}),
+    "bn-called-twice-after-two-convs": (
+        lambda: models.BnCalledTwice(other_bias=False),
+        {"bn": "producer", "bn@1": "other"},
+    ),
     "same-conv-same-bn-twice": (SameConvSameBNTwice, {"bn": "conv", "bn@1": "conv@1"}),
-    "chained-bns": (ChainedBNs, {"bn1": "conv", "bn2": ("any", "conv")}),
+    "chained-bns": (models.ChainedBNs, {"bn1": "conv", "bn2": ("any", "conv")}),
     "residual-use-of-producer-output": (
-        DataDependent,
+        lambda: models.DataDependent(conv2_bias=True),
         {"bn1": "conv1", "bn2": ("skipped", rules.SINGLE_CONSUMER)},
     ),
     "training-bn-next-to-a-fold": (
-        TrainBnAndLinear,
+        models.TrainBnAndLinear,
         {"bn": ("skipped", rules.INFERENCE_MODE), "bn_fc": "fc"},
     ),
     **{
@@ -1103,7 +734,7 @@ GRAPH_FOLD_CASES = {
 
 def _graph_fold_matrix():
     torch.manual_seed(19)
-    model = randomize(Cases({c: make() for c, (make, _) in GRAPH_FOLD_CASES.items()}), seed=19)
+    model = randomize_all(Cases({c: make() for c, (make, _) in GRAPH_FOLD_CASES.items()}), seed=19)
     model.cases[key("extreme-statistics")].set_statistics()
     model.cases[key("training-bn-next-to-a-fold")].bn.train()
     return model, x4(20), x4(21)
@@ -1135,7 +766,7 @@ class TiedBNs(nn.Module):
         self.conv_b = nn.Conv2d(C_IN, 6, 3)
         self.bn_a = nn.BatchNorm2d(6)
         self.bn_b = nn.BatchNorm2d(6)
-        randomize(self, seed=160)
+        randomize_all(self, seed=160)
         self.bn_b.weight = self.bn_a.weight
         self.bn_b.running_var = self.bn_a.running_var
         if kept is not None:
@@ -1205,7 +836,7 @@ def fold_matrix(name: str, form: str) -> MatrixResult:
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("dims", [1, 2, 3])
 def test_conv_and_conv_transpose_bn_fold(dims, form):
-    """CONV_CASES and CONV_T_CASES in ``dims`` spatial dimensions: strides, paddings (modes,
+    """GRAPH_CONV_CASES and CONV_T_CASES in ``dims`` spatial dimensions: strides, paddings (modes,
     "same"), dilations, groups (depthwise, grouped ConvTranspose), output_padding, with and
     without bias. The folded program's outputs are renamed from the removed BatchNorms' nodes."""
     r = fold_matrix(f"conv{dims}d", form)
@@ -1369,7 +1000,7 @@ def test_graph_module_of_a_matrix_folds_like_its_program(name, form):
 def test_one_conv_module_two_bns_both_fold(form):
     """Both calls fold, each into its own copy of the weight, each with a new registered bias;
     the shared weight is not touched."""
-    model = randomize(OneConvTwoBNs(), seed=50)
+    model = randomize_all(OneConvTwoBNs(), seed=50)
     weight = model.conv.weight.detach().clone()
     ep, folded, _ = check_fold(
         model, x4(51), x4(52), {"bn1": ("folded", "conv"), "bn2": ("folded", "conv@1")}, form
@@ -1381,52 +1012,15 @@ def test_one_conv_module_two_bns_both_fold(form):
     assert "conv.bias" not in ep.state_dict
 
 
-class Block(nn.Module):
-    def __init__(self, c: int) -> None:
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(c, c, 3, padding=1, bias=False),
-            nn.BatchNorm2d(c),
-            nn.ReLU(),
-            nn.Sequential(nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False), nn.BatchNorm2d(c)),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.body(x) + x)
-
-
-class ResNetish(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(
-            nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU()
-        )
-        self.layers = nn.Sequential(Block(8), Block(8))
-        self.up = nn.ConvTranspose2d(8, 4, 2, 2, groups=4)
-        self.bn_up = nn.BatchNorm2d(4)
-        self.fc = nn.Linear(8, 5)
-        self.bn_fc = nn.BatchNorm1d(5)
-
-    def forward(self, x: torch.Tensor):
-        y = self.layers(self.stem(x))
-        seg = self.bn_up(self.up(y))
-        return self.bn_fc(self.fc(y.mean((2, 3)))), seg
-
-
 @pytest.mark.parametrize("form", FORMS)
 def test_nested_sequential_and_residual_model_folds(form):
-    model = randomize(ResNetish(), seed=40)
-    expected = {
-        "stem.1": ("folded", "stem.0"),
-        "layers.0.body.1": ("folded", "layers.0.body.0"),
-        "layers.0.body.3.1": ("folded", "layers.0.body.3.0"),
-        "layers.1.body.1": ("folded", "layers.1.body.0"),
-        "layers.1.body.3.1": ("folded", "layers.1.body.3.0"),
-        "bn_up": ("folded", "up"),
-        "bn_fc": ("folded", "fc"),
-    }
+    model = randomize_all(models.ResNetish(), seed=40)
     _, folded, _ = check_fold(
-        model, (randn(2, 3, 12, 12, seed=41),), (randn(2, 3, 12, 12, seed=42),), expected, form
+        model,
+        (randn(2, 3, 12, 12, seed=41),),
+        (randn(2, 3, 12, 12, seed=42),),
+        models.RESNETISH_FOLDED,
+        form,
     )
     assert_producers_have_bias(folded)
 
@@ -1434,12 +1028,7 @@ def test_nested_sequential_and_residual_model_folds(form):
 def test_demo_net_with_calibrated_statistics_folds_completely():
     """DemoNet (16 BatchNorms) with statistics measured in training mode; as exported only, to
     save a decomposition (ResNetish covers nested modules in both forms)."""
-    torch.manual_seed(43)
-    model = DemoNet(num_classes=5, width=8)
-    gen = torch.Generator().manual_seed(44)
-    randomize_batchnorms(
-        model, lambda: (torch.randn(4, 3, 16, 16, generator=gen),), seed=43, batches=2
-    )
+    model = models.calibrated_demo_net(seed=43)
     ep = export(model, (randn(2, 3, 16, 16, seed=45),), "exported")
     folded, report = fold_program(ep)
     assert len(report) == 16 and [e.action for e in report] == ["folded"] * 16, str(report)
@@ -1453,7 +1042,7 @@ def test_demo_net_with_calibrated_statistics_folds_completely():
 
 @pytest.mark.parametrize("form", FORMS)
 def test_bn_node_without_module_stack_is_named_by_its_node_name(form):
-    model = randomize(Net(nn.Conv2d(C_IN, 6, 3), nn.BatchNorm2d(6)), seed=80)
+    model = randomize_all(Net(nn.Conv2d(C_IN, 6, 3), nn.BatchNorm2d(6)), seed=80)
     ep = export(model, x4(81), form)
     (bn,) = bn_nodes(ep.graph)
     for n in [bn, *bn.users]:  # the getitem of the decomposed form too
@@ -1513,15 +1102,8 @@ def test_functional_batch_norms_fold_with_distinct_names(where, form):
     assert rel_err(run(ep, fresh), run(folded, fresh)) <= REL_TOL
 
 
-class RuntimeParams(nn.Module):
+class RuntimeParams(models.TwoBranches):
     """A conv weight and a BatchNorm's mean that are user inputs, not state."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv_a = nn.Conv2d(C_IN, 6, 3)
-        self.bn_a = nn.BatchNorm2d(6)
-        self.conv_b = nn.Conv2d(C_IN, 6, 3)
-        self.bn_b = nn.BatchNorm2d(6)
 
     def forward(self, x, weight, mean):
         a = self.bn_a(F.conv2d(x, weight, self.conv_a.bias))
@@ -1531,7 +1113,7 @@ class RuntimeParams(nn.Module):
 
 @pytest.mark.parametrize("form", FORMS)
 def test_runtime_weight_or_statistics_are_skipped(form):
-    model = randomize(RuntimeParams(), seed=136)
+    model = randomize_all(RuntimeParams(), seed=136)
     t = (randn(6, C_IN, 3, 3, seed=137), randn(6, seed=138))
     ep = export(model, (*x4(139), *t), form)
     folded, report = fold_program(ep)
@@ -1544,13 +1126,7 @@ def test_runtime_weight_or_statistics_are_skipped(form):
 
 @pytest.mark.parametrize("form", FORMS)
 def test_float16_overflow_is_skipped(form):
-    model = Net(nn.Conv2d(C_IN, 6, 3), nn.BatchNorm2d(6)).eval()
-    with torch.no_grad():
-        model.producer.weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(141))
-        model.bn.weight.fill_(1e4)
-        model.bn.running_var.fill_(1e-7)
-        model.bn.running_mean.zero_()
-    model = model.half()
+    model = models.float16_overflow_net(seed=141)
     _, folded, report = check_fold(
         model,
         x4(142, dtype=torch.float16),
@@ -1570,19 +1146,12 @@ def test_float16_overflow_is_skipped(form):
 
 @pytest.mark.parametrize("form", FORMS)
 def test_channels_last_input(form):
-    model = nn.Sequential(
-        nn.Conv2d(C_IN, 8, 3, bias=False),
-        nn.BatchNorm2d(8),
-        nn.ReLU(),
-        nn.ConvTranspose2d(8, 6, 3, stride=2, groups=2),
-        nn.BatchNorm2d(6),
+    model = randomize_all(models.conv_and_conv_transpose(), seed=103).to(
+        memory_format=torch.channels_last
     )
-    model = randomize(model, seed=103).to(memory_format=torch.channels_last)
     x = randn(2, C_IN, 7, 7, seed=104).to(memory_format=torch.channels_last)
     fresh = randn(2, C_IN, 7, 7, seed=105).to(memory_format=torch.channels_last)
-    ep, folded, _ = check_fold(
-        model, (x,), (fresh,), {"1": ("folded", "0"), "4": ("folded", "3")}, form
-    )
+    ep, folded, _ = check_fold(model, (x,), (fresh,), models.SEQUENTIAL_FOLDED, form)
     want, got = run(ep, (fresh,))[0], run(folded, (fresh,))[0]
     assert got.is_contiguous(memory_format=torch.channels_last) == want.is_contiguous(
         memory_format=torch.channels_last
@@ -1591,32 +1160,12 @@ def test_channels_last_input(form):
 
 @pytest.mark.parametrize("form", FORMS)
 def test_float64_program_folds_in_float64(form):
-    model = randomize(Net(nn.Conv2d(C_IN, 6, 3, bias=False), nn.BatchNorm2d(6)), seed=106)
+    model = randomize_all(Net(nn.Conv2d(C_IN, 6, 3, bias=False), nn.BatchNorm2d(6)), seed=106)
     model = model.double()
     _, folded, _ = check_fold(
         model, x4(107, dtype=torch.float64), x4(108, dtype=torch.float64), FOLDED, form, tol=1e-12
     )
     assert {v.dtype for v in folded.state_dict.values() if v.is_floating_point()} == {torch.float64}
-
-
-class LowPrecisionNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(C_IN, 8, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(8)
-        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, groups=2, bias=False)
-        self.bn2 = nn.BatchNorm2d(8)
-        self.fc = nn.Linear(8 * 36, 16)
-        self.bn_fc = nn.BatchNorm1d(16)
-
-    def forward(self, x):
-        y = torch.relu(self.bn1(self.conv1(x)))
-        y = self.bn2(self.conv2(y))
-        return self.bn_fc(self.fc(y.flatten(1)))
-
-
-def _rms(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(((a.double() - b.double()) ** 2).mean().sqrt())
 
 
 # max|folded - unfolded| / max|unfolded| for a low-precision program: a few roundings of the
@@ -1631,7 +1180,7 @@ def test_low_precision_program_folds(dtype, form):
     """Against the unfolded program within a few of the dtype's roundings; against float64 at
     most a little less accurate (measured RMS ratio 1.12 for float16, 0.89 for bfloat16)."""
     torch.manual_seed(109)
-    model = randomize(LowPrecisionNet(), seed=109)
+    model = randomize_all(models.LowPrecisionNet(), seed=109)
     x = randn(64, C_IN, 6, 6, seed=110)
     with torch.no_grad():
         ref = copy.deepcopy(model).double()(x.double())
@@ -1644,13 +1193,13 @@ def test_low_precision_program_folds(dtype, form):
     (unfolded_out,), (folded_out,) = run(ep, xl), run(folded, xl)
     assert folded_out.dtype == dtype
     assert rel_err([unfolded_out], [folded_out]) <= LOW_PRECISION_TOL[dtype]
-    assert _rms(folded_out, ref) <= 1.6 * _rms(unfolded_out, ref)
+    assert rms(folded_out, ref) <= 1.6 * rms(unfolded_out, ref)
 
 
 @pytest.mark.parametrize("form", FORMS)
 def test_half_conv_with_float32_bn_folds_into_half_weights(form):
     """Mixed precision that keeps BatchNorm in float32: the folded conv stays float16."""
-    model = randomize(Net(nn.Conv2d(C_IN, 6, 3), nn.BatchNorm2d(6)), seed=164)
+    model = randomize_all(Net(nn.Conv2d(C_IN, 6, 3), nn.BatchNorm2d(6)), seed=164)
     x = randn(32, C_IN, 6, 6, seed=165)
     with torch.no_grad():
         ref = copy.deepcopy(model).double()(x.double())
@@ -1663,39 +1212,20 @@ def test_half_conv_with_float32_bn_folds_into_half_weights(form):
     (unfolded_out,), (folded_out,) = run(ep, xl), run(folded, xl)
     assert folded_out.dtype == unfolded_out.dtype == torch.float16
     assert rel_err([unfolded_out], [folded_out]) <= LOW_PRECISION_TOL[torch.float16]
-    assert _rms(folded_out, ref) <= 1.6 * _rms(unfolded_out, ref)
+    assert rms(folded_out, ref) <= 1.6 * rms(unfolded_out, ref)
 
 
 # --------------------------------------------------------------------------------------------
 # API behaviour and the life of a folded program
 
 
-class Mixed(nn.Module):
-    """Conv, ConvTranspose and Linear folds plus a Linear without BatchNorm."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(C_IN, 6, 3, bias=False)
-        self.bn = nn.BatchNorm2d(6)
-        self.up = nn.ConvTranspose2d(6, 4, 2, stride=2, groups=2)
-        self.bn_up = nn.BatchNorm2d(4)
-        self.fc = nn.Linear(4, 5)
-        self.bn_fc = nn.BatchNorm1d(5)
-        self.head = nn.Linear(5, 3)
-
-    def forward(self, x):
-        y = torch.relu(self.bn_up(self.up(torch.relu(self.bn(self.conv(x))))))
-        return self.head(torch.relu(self.bn_fc(self.fc(y.mean((2, 3))))))
-
-
-MIXED_FOLDED = {"bn": ("folded", "conv"), "bn_up": ("folded", "up"), "bn_fc": ("folded", "fc")}
 BN_STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
 @functools.cache
 def mixed_program(form: str) -> ExportedProgram:
     """Shared by the API tests, which must all leave it untouched."""
-    return export(randomize(Mixed(), seed=143), x4(144), form)
+    return export(randomize_all(models.Mixed(), seed=143), x4(144), form)
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -1757,12 +1287,8 @@ def test_analyze_reports_what_fold_does_and_changes_nothing(form):
 )
 def test_producers_selects_fold_kinds(producers, expected, form):
     ep = mixed_program(form)
-    want = {
-        bn: ("folded", MIXED_FOLDED[bn][1]) if what == "folded" else ("skipped", rules.NOT_SELECTED)
-        for bn, what in expected.items()
-    }
     folded, report = fold_program(ep, producers=producers)
-    check_report(report, want)
+    check_report(report, models.mixed_selected(expected))
     assert n_bn(folded) == len(report.skipped)
     check_bn_state_removed(ep, folded, report)
     fresh = x4(146)
@@ -1785,7 +1311,7 @@ def test_verify_measures_the_difference(form):
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("dynamic", ["batch", "batch-height-width"])
 def test_dynamic_shapes_survive_folding(dynamic, form):
-    model = randomize(Mixed(), seed=88)
+    model = randomize_all(models.Mixed(), seed=88)
     dims = {0: torch.export.Dim("batch", min=2, max=64)}
     if dynamic == "batch-height-width":
         dims |= {2: torch.export.Dim("h", min=4, max=32), 3: torch.export.Dim("w", min=4, max=32)}
@@ -1867,19 +1393,14 @@ def test_unflatten_of_folded_program(form):
     assert rel_err(run(ep, fresh), got) <= REL_TOL
 
 
-class KeywordInput(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(C_IN, 6, 3)
-        self.bn = nn.BatchNorm2d(6)
-
+class KeywordInput(models.ConvThenBN):
     def forward(self, x, *, scale):
         return self.bn(self.conv(x)) * scale
 
 
 @pytest.mark.parametrize("form", FORMS)
 def test_program_with_keyword_input_folds(form):
-    model = randomize(KeywordInput(), seed=99)
+    model = randomize_all(KeywordInput(), seed=99)
     ep = torch.export.export(model, x4(100), kwargs={"scale": torch.tensor(2.0)})
     ep = ep.run_decompositions() if form == "decomposed" else ep
     folded, report = fold_program(ep)
@@ -1932,7 +1453,7 @@ def test_graph_module_fold_inplace_returns_the_same_module(form):
 def test_graph_module_inplace_fold_leaves_the_exported_program_alone(form):
     """ep.module() shares its tensors with ep.state_dict: folding the module in place must not
     change what the program computes."""
-    model = randomize(Mixed(), seed=150)
+    model = randomize_all(models.Mixed(), seed=150)
     ep = export(model, x4(151), form)
     fresh = x4(152)
     want = run(ep, fresh)
