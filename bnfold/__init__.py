@@ -51,6 +51,7 @@ def _frontend(model: Any) -> Any:
 
             return torch_export
         if isinstance(model, torch.nn.Module):
+            _refuse_unflattened(torch, model)
             if isinstance(model, torch.fx.GraphModule):
                 from . import torch_export
 
@@ -63,6 +64,19 @@ def _frontend(model: Any) -> Any:
         f"bnfold cannot fold a {type(model).__module__}.{type(model).__name__}: "
         "pass a torch.nn.Module, a torch.export.ExportedProgram or an ATen GraphModule"
     )
+
+
+def _refuse_unflattened(torch: Any, model: Any) -> None:
+    """An ``torch.export.unflatten`` result spreads one ATen graph over many modules, which
+    neither the module nor the graph frontend reads; say what to do instead."""
+    from torch.export.unflatten import InterpreterModule, UnflattenedModule
+
+    kinds = (UnflattenedModule, InterpreterModule)
+    if any(isinstance(m, kinds) for m in model.modules()):
+        raise UnsupportedModelError(
+            "this is (or holds) a module made by torch.export.unflatten: fold the "
+            "ExportedProgram first (bnfold.fold(ep)), then unflatten the result"
+        )
 
 
 def fold(

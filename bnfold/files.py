@@ -45,14 +45,25 @@ def model_format(path: str | os.PathLike[str]) -> str:
     )
 
 
-def write_atomically(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]) -> None:
-    """Call ``write`` with a binary file, then put what it wrote at ``path`` in one step."""
-    target = Path(path)
+def output_target(path: str | os.PathLike[str]) -> Path:
+    """Where writing ``path`` puts the file (a symbolic link is followed, as ``cp`` does);
+    :class:`ModelFileError` if it cannot be a file there. Checked before any work is done."""
+    text = os.fspath(path)
+    if text.endswith(("/", os.sep)):
+        raise ModelFileError(f"cannot write {text}: a file name is needed, not a directory")
+    target = Path(os.path.realpath(text)) if os.path.islink(text) else Path(text)
     directory = target.parent if str(target.parent) else Path(".")
     if not directory.is_dir():
         raise ModelFileError(f"cannot write {target}: directory {directory} does not exist")
     if target.is_dir():
         raise ModelFileError(f"cannot write {target}: it is a directory")
+    return target
+
+
+def write_atomically(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]) -> None:
+    """Call ``write`` with a binary file, then put what it wrote at ``path`` in one step."""
+    target = output_target(path)
+    directory = target.parent if str(target.parent) else Path(".")
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
     except OSError as e:

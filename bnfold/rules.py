@@ -22,13 +22,17 @@ def selected_kinds(producers: Iterable[str] | str | None) -> set[str]:
     """The producer kinds a ``producers=`` argument selects (all when ``None``)."""
     if producers is None:
         return set(PRODUCER_KINDS)
-    chosen = {producers} if isinstance(producers, str) else set(producers)
-    unknown = chosen - set(PRODUCER_KINDS)
+    try:
+        given = [producers] if isinstance(producers, str) else list(producers)
+    except TypeError:
+        given = [producers]  # not iterable: reported as an unknown kind below
+    unknown = [k for k in given if not isinstance(k, str) or k not in PRODUCER_KINDS]
     if unknown:
         raise InvalidArgumentError(
-            f"unknown producer kinds {sorted(unknown)}; choose from {', '.join(PRODUCER_KINDS)}"
+            f"unknown producer kinds {', '.join(sorted(map(repr, unknown)))}; choose from "
+            f"{', '.join(PRODUCER_KINDS)}"
         )
-    return chosen
+    return set(given)
 
 
 # Rule identifiers, as they appear in reports.

@@ -61,7 +61,7 @@ from .torch_aten import (
     set_argument,
     trace_back,
 )
-from .torch_verify import compare, output_tensors, tolerance
+from .torch_verify import _fresh, compare, output_tensors, tolerance
 from .torch_verify import verify as verify_modules
 
 _RANK_HINT = "export the model again so that its nodes carry shapes (node.meta['val'])"
@@ -80,6 +80,7 @@ class _Store:
         self._fake_mode: Any = None
         self._fake_mode_known = False
         self._by_tensor: dict[int, list[Node]] | None = None
+        self._by_storage: dict[tuple, list[Node]] | None = None
 
     def tensor(self, node: Node) -> torch.Tensor | None:
         """The constant tensor ``node`` stands for; ``None`` if it is not one."""
@@ -90,7 +91,12 @@ class _Store:
         raise NotImplementedError
 
     def mutated(self, node: Node) -> bool:
-        """Whether the program changes the tensor behind ``node`` while it runs."""
+        """Whether the program changes the tensor behind ``node`` while it runs: through any
+        constant whose tensor shares its memory (tied names, a buffer that is a view of
+        another), and through views of those inside the graph."""
+        return any(self._written(n) for n in self.storage_aliases(node))
+
+    def _written(self, node: Node) -> bool:
         raise NotImplementedError
 
     def add(self, like: Node, key_hint: str, value: torch.Tensor, before: Node) -> Node:
@@ -122,6 +128,26 @@ class _Store:
         value = self.tensor(node)
         found = self._by_tensor.get(id(value), []) if value is not None else []
         return [n for n in found if not n._erased] or [node]
+
+    def written_state(self) -> list[Node]:
+        """Constant nodes whose memory the program writes, with all that share it."""
+        found: dict[Node, None] = {}
+        for node in self.constant_nodes():
+            if node not in found and self._written(node):
+                found.update(dict.fromkeys(self.storage_aliases(node)))
+        return list(found)
+
+    def storage_aliases(self, node: Node) -> list[Node]:
+        """Every constant node whose tensor shares memory with ``node``'s (``node`` included)."""
+        if self._by_storage is None:
+            self._by_storage = {}
+            for n in self.constant_nodes():
+                key = _storage_key(self.tensor(n))
+                if key is not None:
+                    self._by_storage.setdefault(key, []).append(n)
+        key = _storage_key(self.tensor(node))
+        found = self._by_storage.get(key, []) if key is not None else []
+        return list(dict.fromkeys([*self.aliases(node), *(n for n in found if not n._erased)]))
 
     def fake(self, value: torch.Tensor) -> Any:
         """A fake tensor for a new node's ``meta["val"]``, in the graph's own fake mode."""
@@ -155,6 +181,18 @@ class _Store:
         while f"{hint}_{k}" in taken:
             k += 1
         return f"{hint}_{k}"
+
+
+def _storage_key(value: torch.Tensor | None) -> tuple | None:
+    """Identifies the memory a tensor lives in; ``None`` when it has none to share."""
+    if value is None or value.is_meta:
+        return None
+    try:
+        storage = value.untyped_storage()
+    except (RuntimeError, NotImplementedError):  # tensor subclasses without storage
+        return None
+    ptr = storage.data_ptr()
+    return (str(value.device), ptr) if ptr else None
 
 
 def _argument_named(arg: Any, name: str) -> Any:
@@ -217,7 +255,7 @@ class _ProgramStore(_Store):
     def key(self, node: Node) -> str:
         return self._spec_of[node].target
 
-    def mutated(self, node: Node) -> bool:
+    def _written(self, node: Node) -> bool:
         spec = self._spec_of.get(node)
         if spec is not None and spec.target in self._mutated_targets:
             return True
@@ -299,12 +337,13 @@ class _ProgramStore(_Store):
         # run_decompositions() does; state the program itself updates (buffers of a kept
         # training-mode BatchNorm) is copied, so running one program never changes the other.
         shared = {id(t) for t in (*self.ep.state_dict.values(), *self.ep.constants.values())}
-        for node in self.constant_nodes():
+        memo: dict[int, Any] = {}  # one memo: tensors sharing memory keep sharing it
+        for node in self.written_state():
             spec = self._spec_of[node]
             holder = self._holder(spec)
             value = holder.get(spec.target)
-            if id(value) in shared and self.mutated(node):
-                holder[spec.target] = _copy(value)
+            if id(value) in shared:
+                holder[spec.target] = _copy(value, memo)
         kwargs: dict[str, Any] = dict(
             root=root,
             graph=graph,
@@ -366,8 +405,8 @@ class _ModuleStore(_Store):
     def key(self, node: Node) -> str:
         return node.target
 
-    def mutated(self, node: Node) -> bool:
-        return any(may_be_written(other) for other in self.aliases(node))
+    def _written(self, node: Node) -> bool:
+        return may_be_written(node)
 
     def constant_nodes(self) -> list[Node]:
         return [n for n in self.graph.nodes if n.op == "get_attr"]
@@ -1030,7 +1069,7 @@ def verify(original: Any, folded: Any, example_inputs: Any) -> tuple[float, floa
     """Run both programs (or graph modules) on ``example_inputs``; return the errors."""
 
     def runnable(m: Any) -> Any:
-        return m.module() if isinstance(m, ExportedProgram) else m
+        return _runnable(m) if isinstance(m, ExportedProgram) else m
 
     return verify_modules(runnable(original), runnable(folded), example_inputs)
 
@@ -1053,14 +1092,62 @@ def _quiet_torch_export_logs() -> Iterator[None]:
             lg.setLevel(level)
 
 
-def load(path: str | os.PathLike[str]) -> ExportedProgram:
-    """Read a torch.export archive (.pt2); :class:`ModelFileError` if it is not one."""
-    if not zipfile.is_zipfile(path):
-        raise ModelFileError(f"{path} is not a torch.export archive (.pt2): not a zip archive")
+@dataclass
+class ProgramFile:
+    """A torch.export archive as read: the program and the extra files stored beside it."""
+
+    program: ExportedProgram
+    extra_files: dict[str, str]
+
+
+# A .pt2 stores weights uncompressed; an archive that declares far more data than it holds is
+# a zip bomb, refused before anything is inflated.
+_MAX_INFLATION = 8
+_SMALL_ARCHIVE = 256 * 2**20
+
+
+def _archive_contents(path: str | os.PathLike[str]) -> tuple[list[str], list[str]]:
+    """The program names and extra-file names a .pt2 archive holds (checked for sanity)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            infos = z.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise ModelFileError(f"{path} is not a torch.export archive (.pt2): {first_line(e)}") from e
+    declared = sum(i.file_size for i in infos)
+    size = os.path.getsize(path)
+    if declared > max(_MAX_INFLATION * size, _SMALL_ARCHIVE):
+        raise ModelFileError(
+            f"{path} declares {declared / 2**20:.0f} MiB of contents in a "
+            f"{size / 2**20:.1f} MiB file; refusing to inflate it (a damaged or malicious archive)"
+        )
+    programs, extra = [], []
+    for info in infos:
+        parts = info.filename.split("/")
+        if len(parts) == 3 and parts[1] == "models" and parts[2].endswith(".json"):
+            programs.append(parts[2][: -len(".json")])
+        elif len(parts) >= 3 and parts[1] == "extra" and not info.is_dir():
+            extra.append("/".join(parts[2:]))
+    return programs, extra
+
+
+def load(path: str | os.PathLike[str]) -> ProgramFile:
+    """Read a torch.export archive (.pt2) holding one program, with its extra files.
+
+    Raises :class:`ModelFileError` for anything else: not an archive, damaged, several
+    programs (bnfold would silently drop all but one), or a program torch cannot read.
+    """
+    programs, extra_names = _archive_contents(path)
+    if len(programs) > 1 or (programs and programs != ["model"]):
+        raise ModelFileError(
+            f"{path} holds the programs {', '.join(sorted(programs))}; bnfold folds archives "
+            "of one program, as torch.export.save writes them (fold each program in Python "
+            "with bnfold.fold and package them again)"
+        )
+    extra = dict.fromkeys(extra_names, "")
     try:
         with open(path, "rb") as f, _quiet_torch_export_logs(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ep = torch.export.load(f)
+            ep = torch.export.load(f, extra_files=extra)
     except OSError as e:
         raise ModelFileError(f"cannot read {path}: {e.strerror or e}") from e
     except Exception as e:  # noqa: BLE001 - whatever a damaged archive makes torch raise
@@ -1070,14 +1157,14 @@ def load(path: str | os.PathLike[str]) -> ExportedProgram:
         ) from e
     if not isinstance(ep, ExportedProgram):
         raise ModelFileError(f"{path} holds a {type(ep).__name__}, not an ExportedProgram")
-    return ep
+    return ProgramFile(ep, extra)
 
 
-def save(ep: ExportedProgram, f: BinaryIO) -> None:
-    """Write ``ep`` as a torch.export archive to the open binary file ``f``."""
+def save(ep: ExportedProgram, f: BinaryIO, extra_files: dict[str, str] | None = None) -> None:
+    """Write ``ep`` (and ``extra_files``) as a torch.export archive to the binary file ``f``."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.export.save(ep, f)
+        torch.export.save(ep, f, extra_files=extra_files or None)
 
 
 def _random_like(t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -1147,16 +1234,79 @@ def sample_inputs(ep: ExportedProgram, seed: int = 0) -> tuple[tuple, dict]:
     return tuple(args), dict(kwargs)
 
 
-def check(
-    original: ExportedProgram, folded: ExportedProgram, seed: int = 0
-) -> tuple[float, float, float]:
-    """Run both programs on random inputs; ``(max_abs_err, max_rel_err, tolerance)``."""
+# Integer and boolean outputs (class ids, masks) are decisions: an exact fold still flips the
+# few that sit on a boundary. --verify allows this share of their elements to differ.
+DISCRETE_MISMATCH_TOLERANCE = 1e-2
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """How the folded program's outputs compare with the original's on random inputs."""
+
+    max_abs: float
+    max_rel: float  # over floating-point outputs
+    tolerance: float
+    discrete_mismatch: float  # share of integer/bool output elements that differ
+    discrete_outputs: bool
+
+    @property
+    def passed(self) -> bool:
+        return self.max_rel <= self.tolerance and (
+            self.discrete_mismatch <= DISCRETE_MISMATCH_TOLERANCE
+        )
+
+    def summary(self) -> str:
+        text = (
+            f"max abs err {self.max_abs:.3g}, max rel err {self.max_rel:.3g} "
+            f"(tolerance {self.tolerance:.3g})"
+        )
+        if self.discrete_outputs:
+            text += (
+                f"; integer/bool outputs differ in {self.discrete_mismatch:.3%} of elements "
+                f"(tolerance {DISCRETE_MISMATCH_TOLERANCE:.0%})"
+            )
+        return text
+
+
+def _runnable(program: ExportedProgram) -> nn.Module:
+    """``program.module()``, with its own copy of any state the program writes while it runs
+    (so verifying never changes the program, nor the eager model it shares tensors with)."""
+    module = program.module()
+    store = _ProgramStore(program, program.graph_module.graph)
+    written = [store.tensor(n) for n in store.written_state()]
+    if not written:
+        return module
+    memo = {id(t): t for t in _module_tensors(module).values()}
+    for t in written:
+        memo.pop(id(t), None)
+    return _copy(module, memo)
+
+
+def check(original: ExportedProgram, folded: ExportedProgram, seed: int = 0) -> CheckResult:
+    """Run both programs on the same random inputs (each on its own copy) and compare."""
     args, kwargs = sample_inputs(original, seed)
     with torch.no_grad():
-        a = output_tensors(original.module()(*args, **kwargs))
-        b = output_tensors(folded.module()(*args, **kwargs))
-    max_abs, max_rel = compare(a, b)
-    return max_abs, max_rel, tolerance([t for _, t in a])
+        a = output_tensors(_runnable(original)(*_fresh(args), **_fresh(kwargs)))
+        b = output_tensors(_runnable(folded)(*_fresh(args), **_fresh(kwargs)))
+    floats = [i for i, (_, t) in enumerate(a) if t.is_floating_point() or t.is_complex()]
+    discrete = [i for i in range(len(a)) if i not in floats]
+    max_abs = max_rel = 0.0
+    if floats:
+        max_abs, max_rel = compare([a[i] for i in floats], [b[i] for i in floats])
+    else:
+        compare(a, b)  # structure and shapes still have to match
+    differing = total = 0
+    for i in discrete:
+        x, y = a[i][1], b[i][1]
+        differing += int((x != y).sum())
+        total += x.numel()
+    return CheckResult(
+        max_abs,
+        max_rel,
+        tolerance([a[i][1] for i in floats]),
+        differing / total if total else 0.0,
+        bool(discrete),
+    )
 
 
 def is_aten_graph(model: Any) -> bool:
@@ -1174,4 +1324,15 @@ def is_aten_graph(model: Any) -> bool:
     return saw_aten
 
 
-__all__ = ["analyze", "fold", "verify", "is_aten_graph", "load", "save", "sample_inputs", "check"]
+__all__ = [
+    "analyze",
+    "fold",
+    "verify",
+    "is_aten_graph",
+    "load",
+    "save",
+    "sample_inputs",
+    "check",
+    "CheckResult",
+    "ProgramFile",
+]

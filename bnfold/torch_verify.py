@@ -94,9 +94,17 @@ def verify(original: nn.Module, folded: nn.Module, example_inputs: Any) -> tuple
     if inputs is None:
         raise InvalidArgumentError("verify needs example_inputs to run the models on")
     with torch.no_grad():
-        a = output_tensors(original(*inputs))
-        b = output_tensors(folded(*inputs))
+        # Each model gets its own copy of the inputs: a forward may write into them.
+        a = output_tensors(original(*_fresh(inputs)))
+        b = output_tensors(folded(*_fresh(inputs)))
     return compare(a, b)
+
+
+def _fresh(inputs: Any) -> Any:
+    """``inputs`` with every tensor (in tuples, lists and dicts) copied."""
+    import torch.utils._pytree as pytree
+
+    return pytree.tree_map_only(torch.Tensor, lambda t: t.clone(), inputs)
 
 
 def compare(

@@ -7,6 +7,7 @@ afterwards: a failed run writes nothing and never touches the input.
 from __future__ import annotations
 
 import os
+import zipfile
 
 import pytest
 import torch
@@ -180,7 +181,7 @@ def test_failed_verification_writes_nothing(tmp_path, program_file, monkeypatch,
 
 
 def test_failure_while_writing_leaves_no_partial_file(tmp_path, program_file, monkeypatch, capsys):
-    def failing_save(ep, f):
+    def failing_save(ep, f, extra_files=None):
         f.write(b"half an archive")
         raise OSError(28, "No space left on device")
 
@@ -202,14 +203,14 @@ def test_written_file_has_normal_permissions(tmp_path, program_file, capsys):
 
 
 def test_random_inputs_from_specs_when_the_program_kept_no_examples(program_file):
-    ep = torch_export.load(program_file)
+    ep = torch_export.load(program_file).program
     ep.example_inputs = None
     args, kwargs = torch_export.sample_inputs(ep, seed=1)
     assert kwargs == {} and len(args) == 1
     assert args[0].shape[1:] == (3, 8, 8) and 1 <= args[0].shape[0] <= 64
     folded = bnfold.fold(ep)
-    max_abs, max_rel, tol = torch_export.check(ep, folded, seed=1)
-    assert max_rel <= 1e-5 and tol == 1e-4
+    result = torch_export.check(ep, folded, seed=1)
+    assert result.passed and result.max_rel <= 1e-5 and result.tolerance == 1e-4
 
 
 def test_random_inputs_keep_integer_inputs(tmp_path):
@@ -231,3 +232,63 @@ def test_random_inputs_keep_integer_inputs(tmp_path):
     path = tmp_path / "embed.pt2"
     torch.export.save(ep, str(path))
     assert main([str(path), "-o", str(tmp_path / "f.pt2"), "--verify"]) == 0
+
+
+def test_extra_files_travel_with_the_folded_program(tmp_path, model, capsys):
+    src, out = tmp_path / "in.pt2", tmp_path / "out.pt2"
+    ep = torch.export.export(model, _inputs())
+    torch.export.save(ep, str(src), extra_files={"labels.json": '["cat", "dog"]'})
+    assert main([str(src), "-o", str(out)]) == 0
+    extra = {"labels.json": ""}
+    torch.export.load(str(out), extra_files=extra)
+    assert extra == {"labels.json": '["cat", "dog"]'}
+
+
+def test_archive_with_several_programs_is_refused(tmp_path, model, capsys):
+    package = pytest.importorskip("torch.export.pt2_archive._package")
+    src, out = tmp_path / "two.pt2", tmp_path / "out.pt2"
+    ep = torch.export.export(model, _inputs())
+    package.package_pt2(str(src), exported_programs={"model": ep, "decoder": ep})
+    assert main([str(src), "-o", str(out)]) == 1
+    assert "decoder, model" in _one_line_error(capsys)
+    assert not out.exists()
+
+
+def test_archive_declaring_absurd_sizes_is_refused_before_inflating(tmp_path, program_file, capsys):
+    data = bytearray(open(program_file, "rb").read())
+    # Forge the first central-directory entry's uncompressed size to 3 GiB.
+    with zipfile.ZipFile(program_file) as z:
+        at = z.start_dir
+    assert data[at : at + 4] == b"PK\x01\x02"
+    data[at + 24 : at + 28] = (3 * 2**30).to_bytes(4, "little")
+    path = tmp_path / "bomb.pt2"
+    path.write_bytes(bytes(data))
+    out = tmp_path / "out.pt2"
+    assert main([str(path), "-o", str(out)]) == 1
+    assert "refusing to inflate" in _one_line_error(capsys)
+    assert not out.exists()
+
+
+def test_symlinked_output_writes_through_the_link(tmp_path, program_file, capsys):
+    real, link = tmp_path / "real.pt2", tmp_path / "link.pt2"
+    real.write_bytes(b"old")
+    link.symlink_to(real)
+    assert main([program_file, "-o", str(link)]) == 0
+    assert link.is_symlink() and real.read_bytes() != b"old"
+    torch.export.load(str(real))
+    assert _files(tmp_path) == {"real.pt2", "link.pt2"}
+
+
+def test_output_that_names_a_directory_fails_before_any_work(tmp_path, program_file, capsys):
+    assert main([program_file, "-o", str(tmp_path / "newdir") + os.sep]) == 1
+    err = _one_line_error(capsys)
+    assert "a file name is needed" in err
+    assert "folded" not in capsys.readouterr().out
+    assert _files(tmp_path) == set()
+
+
+def test_newline_in_a_file_name_keeps_the_error_on_one_line(tmp_path, capsys):
+    path = tmp_path / "bad\nname.pt2"
+    path.write_bytes(b"not a zip")
+    assert main([str(path)]) == 1
+    _one_line_error(capsys)

@@ -370,3 +370,126 @@ def test_graph_without_shape_metadata_refuses_rank_dependent_folds():
     linear = [e for e in report.entries if e.target_type == "aten.linear"]
     assert linear and linear[0].rule == rules.CHANNEL_AXIS
     assert "node.meta['val']" in linear[0].reason
+
+
+# --------------------------------------------------------------------------------------------
+# State that shares memory, inputs a program writes, verification
+
+
+class BufferViewOfWeight(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("w", torch.randn(8, 3, 3, 3))
+        self.register_buffer("v", self.w[0:4])  # a second buffer that is a view of w
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.v.mul_(2.0)  # writes into w
+        return self.bn(F.conv2d(x, self.w))
+
+
+def test_weight_written_through_a_buffer_sharing_its_memory_is_not_folded():
+    def program():
+        torch.manual_seed(0)
+        return export(random_bn(BufferViewOfWeight(), 12), (x4(),))
+
+    original, target = program().module(), program()
+    folded, report = bnfold.fold(target, return_report=True)
+    assert report.entry("bn").rule == rules.CONSTANT_PARAMS
+    run = folded.module()
+    with torch.no_grad():
+        for call in range(3):
+            torch.testing.assert_close(run(x4(call)), original(x4(call)), rtol=0, atol=0)
+
+
+class WritesItsInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c, self.b = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x.sub_(0.5).mul_(2.0)
+        return self.b(self.c(x))
+
+
+def test_verification_gives_each_program_its_own_inputs():
+    from bnfold import torch_export
+
+    ep = export(randomize_all(WritesItsInput(), 13), (x4(),))
+    folded = bnfold.fold(ep)
+    x = x4(14)
+    before = x.clone()
+    _, max_rel = bnfold.verify(ep, folded, (x,))
+    assert max_rel <= REL_TOL and torch.equal(x, before)
+    result = torch_export.check(ep, folded, seed=1)
+    assert result.passed and result.max_rel <= REL_TOL
+
+
+class CountsAndTrains(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c, self.b = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+        self.head = nn.BatchNorm2d(4)  # kept in training mode: updates its statistics
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.add_(1)
+        return self.head(self.b(self.c(x)))
+
+
+def test_verification_and_running_the_folded_program_change_no_shared_state():
+    from bnfold import torch_export
+
+    model = randomize_all(CountsAndTrains(), 15)
+    model.head.train()
+    ep = export(model, (x4(),))
+    folded, report = bnfold.fold(ep, return_report=True)
+    assert report.entry("b").folded and report.entry("head").rule == rules.INFERENCE_MODE
+    state = {k: v.clone() for k, v in ep.state_dict.items()}
+    eager = {k: v.clone() for k, v in model.state_dict().items()}
+    torch_export.check(ep, folded)
+    bnfold.verify(ep, folded, (x4(16),))
+    with torch.no_grad():
+        folded.module()(x4(17))  # the folded program's own state is its own
+    for k, v in ep.state_dict.items():
+        torch.testing.assert_close(v, state[k], rtol=0, atol=0)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, eager[k], rtol=0, atol=0)
+
+
+class Classifier(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c, self.b = nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.c(x)).argmax(1)  # only a decision comes out
+
+
+def test_verification_of_programs_with_only_discrete_outputs():
+    from bnfold import torch_export
+
+    ep = export(randomize_all(Classifier(), 18), (x4(),))
+    folded = bnfold.fold(ep)
+    good = torch_export.check(ep, folded)
+    assert good.passed and good.discrete_outputs and good.discrete_mismatch <= 0.01
+    key = next(k for k in folded.state_dict if k.endswith("weight"))
+    folded.state_dict[key] = nn.Parameter(-folded.state_dict[key].detach())  # a wrong fold
+    bad = torch_export.check(ep, folded)
+    assert not bad.passed and bad.discrete_mismatch > 0.1
+    assert "integer/bool outputs differ" in bad.summary()
+
+
+def test_unflattened_module_is_refused_with_what_to_do():
+    ep = export(randomize_all(Split(), 19), (x4(),))
+    unflat = torch.export.unflatten(ep)
+    for call in (lambda: bnfold.analyze(unflat), lambda: bnfold.fold(unflat)):
+        with pytest.raises(bnfold.UnsupportedModelError, match="fold the ExportedProgram first"):
+            call()
+
+
+@pytest.mark.parametrize("producers", [5, ["conv", 3], [["conv"]], "nope"])
+def test_bad_producers_argument_is_an_invalid_argument(producers):
+    ep = export(randomize_all(ConvBn(), 20), (x4(),))
+    with pytest.raises(bnfold.InvalidArgumentError, match="unknown producer kinds"):
+        bnfold.fold(ep, producers=producers)
