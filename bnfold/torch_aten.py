@@ -40,6 +40,15 @@ _CONV_T_OPS = {"conv_transpose1d": 1, "conv_transpose2d": 2, "conv_transpose3d":
 _PASS_THROUGH = {"alias", "detach", "clone", "lift_fresh_copy"}
 _TRANSPOSE_OPS = {"permute", "t", "transpose", "numpy_T"}
 
+# Ops that return views of their input without saying so in their schema.
+_UNANNOTATED_VIEWS = {
+    "_unsafe_view",
+    "unsafe_split",
+    "unsafe_split_with_sizes",
+    "unsafe_chunk",
+    "_reshape_alias",
+}
+
 
 def aten_name(node: Node) -> str | None:
     """``"conv2d"`` for a call of ``aten.conv2d.<overload>``; ``None`` for anything else."""
@@ -136,6 +145,9 @@ def may_be_written(node: Node) -> bool:
             bn = batch_norm_call(user)
             if bn is not None and bn.training is not False and current in (bn.mean, bn.var):
                 return True  # aten.batch_norm updates its running statistics unannotated
+            if t._opname in _UNANNOTATED_VIEWS:
+                work.append(user)
+                continue
             for i, a in enumerate(t._schema.arguments):
                 given = user.args[i] if i < len(user.args) else user.kwargs.get(a.name)
                 uses = given is current or (isinstance(given, (list, tuple)) and current in given)

@@ -337,13 +337,11 @@ class _ProgramStore(_Store):
         # run_decompositions() does; state the program itself updates (buffers of a kept
         # training-mode BatchNorm) is copied, so running one program never changes the other.
         shared = {id(t) for t in (*self.ep.state_dict.values(), *self.ep.constants.values())}
-        memo: dict[int, Any] = {}  # one memo: tensors sharing memory keep sharing it
-        for node in self.written_state():
-            spec = self._spec_of[node]
-            holder = self._holder(spec)
-            value = holder.get(spec.target)
-            if id(value) in shared:
-                holder[spec.target] = _copy(value, memo)
+        written = [(self._spec_of[n], self.tensor(n)) for n in self.written_state()]
+        copies = _copy_tensors(t for _, t in written if id(t) in shared)
+        for spec, value in written:
+            if id(value) in copies:
+                self._holder(spec)[spec.target] = copies[id(value)]
         kwargs: dict[str, Any] = dict(
             root=root,
             graph=graph,
@@ -953,6 +951,34 @@ def _copy_graph_module(gm: GraphModule, memo: dict[int, Any] | None = None) -> G
     return _copy(gm, memo)
 
 
+def _copy_tensors(tensors: Iterable[torch.Tensor]) -> dict[int, torch.Tensor]:
+    """New tensors with the values of ``tensors``, keyed by the old ones' ids.
+
+    Tensors that share memory (tied names, a buffer that is a view of a parameter) share the
+    new memory the same way: each memory is copied once and every tensor is rebuilt on it with
+    its own offset, size and strides. Parameters stay Parameters (``requires_grad`` kept), and
+    the copies have no autograd history (``deepcopy`` refuses a non-leaf view of a parameter).
+    """
+    new_memory: dict[tuple, Any] = {}
+    out: dict[int, torch.Tensor] = {}
+    with torch.no_grad():
+        for t in tensors:
+            if id(t) in out:
+                continue
+            key = _storage_key(t)
+            if key is None:
+                copy_ = t.detach().clone()
+            else:
+                if key not in new_memory:
+                    new_memory[key] = t.untyped_storage().clone()
+                copy_ = torch.empty((), dtype=t.dtype, device=t.device)
+                copy_.set_(new_memory[key], t.storage_offset(), t.size(), t.stride())
+            if isinstance(t, nn.Parameter):
+                copy_ = nn.Parameter(copy_, requires_grad=t.requires_grad)
+            out[id(t)] = copy_
+    return out
+
+
 def _module_tensors(gm: nn.Module) -> dict[int, torch.Tensor]:
     """Every tensor a module tree holds directly (parameters, buffers, tensor attributes)."""
     found: dict[int, torch.Tensor] = {}
@@ -964,16 +990,18 @@ def _module_tensors(gm: nn.Module) -> dict[int, torch.Tensor]:
 
 
 def _unshare(gm: nn.Module, originals: dict[int, torch.Tensor]) -> None:
-    """Give ``gm`` its own copy of every tensor it still shares with the input (ties kept)."""
-    memo: dict[int, Any] = {}
+    """Give ``gm`` its own copy of every tensor it still shares with the input (ties and
+    memory shared between tensors kept)."""
+    still = [t for i, t in _module_tensors(gm).items() if i in originals]
+    copies = _copy_tensors(still)
     for mod in gm.modules():
         for holder in (mod._parameters, mod._buffers):
             for name, value in holder.items():
-                if value is not None and id(value) in originals:
-                    holder[name] = copy.deepcopy(value, memo)
+                if value is not None and id(value) in copies:
+                    holder[name] = copies[id(value)]
         for name, value in list(vars(mod).items()):
-            if isinstance(value, torch.Tensor) and id(value) in originals:
-                mod.__dict__[name] = copy.deepcopy(value, memo)
+            if isinstance(value, torch.Tensor) and id(value) in copies:
+                mod.__dict__[name] = copies[id(value)]
 
 
 def _report(entries: list[FoldEntry], model: Any) -> FoldReport:
@@ -1037,6 +1065,11 @@ def _fold(
         root = model.graph_module
         graph = _copy(root.graph)
         copied = list(zip(root.graph.nodes, graph.nodes, strict=True))
+        for old, new in copied:
+            # fx renames a node on copy when its name is a Python builtin ("input"); torch
+            # matches placeholders and signatures by name, so the copy keeps the original's.
+            if new.name != old.name:
+                new.name = old.name
         store: _Store = _ProgramStore(model, graph)
         replaced, entries = _fold_graph(graph, root, store, selected, _preserved_modules(model))
         if scratch:
@@ -1276,9 +1309,8 @@ def _runnable(program: ExportedProgram) -> nn.Module:
     written = [store.tensor(n) for n in store.written_state()]
     if not written:
         return module
-    memo = {id(t): t for t in _module_tensors(module).values()}
-    for t in written:
-        memo.pop(id(t), None)
+    memo: dict[int, Any] = {id(t): t for t in _module_tensors(module).values()}
+    memo.update(_copy_tensors(written))
     return _copy(module, memo)
 
 

@@ -78,7 +78,13 @@ REL_TOLERANCE = {
 
 def tolerance(outputs: list[torch.Tensor]) -> float:
     """The relative tolerance for outputs of these dtypes: that of the least precise."""
-    tols = [REL_TOLERANCE.get(t.dtype, 1e-4) for t in outputs if t.is_floating_point()]
+    real = {torch.complex32: torch.float16, torch.complex64: torch.float32}
+    real[torch.complex128] = torch.float64
+    tols = [
+        REL_TOLERANCE.get(real.get(t.dtype, t.dtype), 1e-4)
+        for t in outputs
+        if t.is_floating_point() or t.is_complex()
+    ]
     return max(tols, default=0.0)  # integer and bool outputs must match exactly
 
 

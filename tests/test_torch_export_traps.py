@@ -493,3 +493,126 @@ def test_bad_producers_argument_is_an_invalid_argument(producers):
     ep = export(randomize_all(ConvBn(), 20), (x4(),))
     with pytest.raises(bnfold.InvalidArgumentError, match="unknown producer kinds"):
         bnfold.fold(ep, producers=producers)
+
+
+# --------------------------------------------------------------------------------------------
+# Memory shared between state, copied with the sharing kept (third review round)
+
+
+class AliasedWeightBuffer(nn.Module):
+    """c1's weight is also a buffer (same memory) that forward scales in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.bn1 = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+        self.c2, self.bn2 = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+        self.register_buffer("w_alias", self.c1.weight.detach())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn2(self.c2(self.bn1(self.c1(x))))
+        self.w_alias.mul_(1.5)
+        return y
+
+
+def test_written_state_sharing_memory_keeps_sharing_it_after_the_fold():
+    def fresh():
+        torch.manual_seed(0)
+        return randomize_all(AliasedWeightBuffer(), 21)
+
+    x = x4(22)
+    with torch.no_grad():
+        eager = fresh()
+        reference = [eager(x.clone()) for _ in range(3)]  # the write changes every call
+    folded, report = bnfold.fold(export(fresh(), (x,)), return_report=True)
+    assert report.entry("bn1").rule == rules.CONSTANT_PARAMS and report.entry("bn2").folded
+    sd = folded.state_dict
+    assert sd["c1.weight"].untyped_storage().data_ptr() == (
+        sd["w_alias"].untyped_storage().data_ptr()
+    )
+    folded_gm = bnfold.fold(export(fresh(), (x,)).module())
+    for run in (folded.module(), folded_gm):
+        with torch.no_grad():
+            for expected in reference:
+                assert rel(expected, run(x.clone())) <= REL_TOL
+
+
+class ReadOnlyAlias(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.bn1 = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+        self.register_buffer("w_copy", self.c1.weight.detach())  # same memory, only read
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn1(self.c1(x)) + self.w_copy.sum()
+
+
+def test_loaded_program_with_a_buffer_viewing_a_parameter_folds(tmp_path):
+    """torch.export.load rebuilds such a buffer as a non-leaf view of the parameter, which
+    copy.deepcopy refuses."""
+    model = randomize_all(ReadOnlyAlias(), 23)
+    path = tmp_path / "alias.pt2"
+    torch.export.save(export(model, (x4(),)), str(path))
+    loaded = torch.export.load(str(path))
+    x = x4(24)
+    for target in (loaded, loaded.module()):
+        folded = bnfold.fold(target)
+        run = folded.module() if isinstance(folded, torch.export.ExportedProgram) else folded
+        with torch.no_grad():
+            assert rel(model(x), run(x)) <= REL_TOL
+
+
+@pytest.mark.parametrize("op", ["_unsafe_view", "unsafe_split"])
+def test_weight_written_through_an_unannotated_view_is_not_folded(op):
+    class WritesThroughView(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("w", torch.randn(4, 3, 3, 3))
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = self.bn(F.conv2d(x, self.w))
+            if op == "_unsafe_view":
+                aten._unsafe_view.default(self.w, [4, 27]).mul_(2.0)
+            else:
+                aten.unsafe_split.Tensor(self.w, 2)[0].mul_(2.0)
+            return y
+
+    def program():
+        torch.manual_seed(0)
+        return export(random_bn(WritesThroughView(), 25), (x4(),))
+
+    original = program().module()
+    folded, report = bnfold.fold(program(), return_report=True)
+    assert report.entry("bn").rule == rules.CONSTANT_PARAMS
+    with torch.no_grad():
+        for call in range(3):
+            torch.testing.assert_close(
+                folded.module()(x4(call)), original(x4(call)), rtol=0, atol=0
+            )
+
+
+def test_program_whose_input_is_called_input_keeps_its_signature():
+    """fx renames a copied placeholder called "input" (a builtin); torch matches by name."""
+    model = randomize_all(nn.Sequential(ConvOnly(), nn.BatchNorm2d(4), nn.ReLU()), 26)
+    ep = export(model, (x4(),), preserve_module_call_signature=("0",))
+    folded, report = bnfold.fold(ep, return_report=True)
+    assert [p.name for p in folded.graph.nodes if p.op == "placeholder"][-1] == "input"
+    again = folded.run_decompositions()
+    with torch.no_grad():
+        assert rel(model(x4(27)), again.module()(x4(27))) <= REL_TOL
+
+
+def test_verification_tolerance_covers_complex_outputs():
+    from bnfold import torch_export
+
+    class Spectrum(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c, self.b = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return torch.fft.rfft2(self.b(self.c(x)))
+
+    ep = export(randomize_all(Spectrum(), 28), (x4(),))
+    result = torch_export.check(ep, bnfold.fold(ep))
+    assert result.tolerance == 1e-4 and result.passed
