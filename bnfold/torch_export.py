@@ -81,6 +81,7 @@ class _Store:
         self._fake_mode_known = False
         self._by_tensor: dict[int, list[Node]] | None = None
         self._by_storage: dict[tuple, list[Node]] | None = None
+        self._mutated: dict[Node, bool] = {}
 
     def tensor(self, node: Node) -> torch.Tensor | None:
         """The constant tensor ``node`` stands for; ``None`` if it is not one."""
@@ -94,7 +95,13 @@ class _Store:
         """Whether the program changes the tensor behind ``node`` while it runs: through any
         constant whose tensor shares its memory (tied names, a buffer that is a view of
         another), and through views of those inside the graph."""
-        return any(self._written(n) for n in self.storage_aliases(node))
+        if node not in self._mutated:  # asked once per operand; the graph is read-only then
+            self._mutated[node] = any(self._written(n) for n in self.storage_aliases(node))
+        return self._mutated[node]
+
+    def changed(self) -> None:
+        """Forget what was learnt from the graph: it has been rewritten."""
+        self._mutated.clear()
 
     def _written(self, node: Node) -> bool:
         raise NotImplementedError
@@ -623,6 +630,7 @@ def _fold_graph(
         entries.update(p.entries)  # a later pass decides again; the first order stays
         again = _chained(p)
         replaced.update(_apply(store, p.pairs))
+        store.changed()
         if not again:
             break
     return replaced, list(entries.values()) + _nested_entries(root, graph)
