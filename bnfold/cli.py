@@ -127,8 +127,9 @@ def _fold_file(args: argparse.Namespace) -> int:
     if args.output is not None:
         files.output_target(args.output)  # fail before the work, not after it
     from . import torch_export as frontend
+    from . import torch_pt2 as pt2
 
-    loaded = frontend.load(args.model)
+    loaded = pt2.load(args.model)
     original = loaded.program
     start = time.perf_counter()
     folded, report = frontend.fold(original, producers=args.producers, return_report=True)
@@ -138,7 +139,7 @@ def _fold_file(args: argparse.Namespace) -> int:
     else:
         print(f"bnfold: {report.summary()} in {elapsed:.2f} s")
     if args.verify:
-        result = frontend.check(original, folded, args.seed)
+        result = pt2.check(original, folded, args.seed)
         if not result.passed:
             written = "" if args.output is None else f"; {args.output} not written"
             raise VerificationError(
@@ -146,7 +147,7 @@ def _fold_file(args: argparse.Namespace) -> int:
             )
         print(f"bnfold: verified on random inputs: {result.summary()}")
     if args.output is not None:
-        files.write_atomically(args.output, lambda f: frontend.save(folded, f, loaded.extra_files))
+        files.write_atomically(args.output, lambda f: pt2.save(folded, f, loaded.extra_files))
         print(f"bnfold: wrote {os.fspath(args.output)}")
     return 0
 

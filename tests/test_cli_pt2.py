@@ -15,7 +15,7 @@ from support import randomize_all
 from torch import nn
 
 import bnfold
-from bnfold import torch_export
+from bnfold import torch_export, torch_pt2
 from bnfold.cli import main
 
 
@@ -185,7 +185,7 @@ def test_failure_while_writing_leaves_no_partial_file(tmp_path, program_file, mo
         f.write(b"half an archive")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(torch_export, "save", failing_save)
+    monkeypatch.setattr(torch_pt2, "save", failing_save)
     out = tmp_path / "out.pt2"
     out.write_bytes(b"previous result")
     assert main([program_file, "-o", str(out)]) == 1
@@ -203,13 +203,13 @@ def test_written_file_has_normal_permissions(tmp_path, program_file, capsys):
 
 
 def test_random_inputs_from_specs_when_the_program_kept_no_examples(program_file):
-    ep = torch_export.load(program_file).program
+    ep = torch_pt2.load(program_file).program
     ep.example_inputs = None
-    args, kwargs = torch_export.sample_inputs(ep, seed=1)
+    args, kwargs = torch_pt2.sample_inputs(ep, seed=1)
     assert kwargs == {} and len(args) == 1
     assert args[0].shape[1:] == (3, 8, 8) and 1 <= args[0].shape[0] <= 64
     folded = bnfold.fold(ep)
-    result = torch_export.check(ep, folded, seed=1)
+    result = torch_pt2.check(ep, folded, seed=1)
     assert result.passed and result.max_rel <= 1e-5 and result.tolerance == 1e-4
 
 
@@ -227,7 +227,7 @@ def test_random_inputs_keep_integer_inputs(tmp_path):
     model = randomize_all(Embed(), seed=0)
     idx = torch.randint(0, 10, (4, 6))
     ep = torch.export.export(model, (idx, torch.randn(4, 1)))
-    args, _ = torch_export.sample_inputs(ep, seed=2)
+    args, _ = torch_pt2.sample_inputs(ep, seed=2)
     assert torch.equal(args[0], idx)  # indices kept, so they stay in range
     path = tmp_path / "embed.pt2"
     torch.export.save(ep, str(path))

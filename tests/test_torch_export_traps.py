@@ -413,7 +413,7 @@ class WritesItsInput(nn.Module):
 
 
 def test_verification_gives_each_program_its_own_inputs():
-    from bnfold import torch_export
+    from bnfold import torch_pt2
 
     ep = export(randomize_all(WritesItsInput(), 13), (x4(),))
     folded = bnfold.fold(ep)
@@ -421,7 +421,7 @@ def test_verification_gives_each_program_its_own_inputs():
     before = x.clone()
     _, max_rel = bnfold.verify(ep, folded, (x,))
     assert max_rel <= REL_TOL and torch.equal(x, before)
-    result = torch_export.check(ep, folded, seed=1)
+    result = torch_pt2.check(ep, folded, seed=1)
     assert result.passed and result.max_rel <= REL_TOL
 
 
@@ -438,7 +438,7 @@ class CountsAndTrains(nn.Module):
 
 
 def test_verification_and_running_the_folded_program_change_no_shared_state():
-    from bnfold import torch_export
+    from bnfold import torch_pt2
 
     model = randomize_all(CountsAndTrains(), 15)
     model.head.train()
@@ -447,7 +447,7 @@ def test_verification_and_running_the_folded_program_change_no_shared_state():
     assert report.entry("b").folded and report.entry("head").rule == rules.INFERENCE_MODE
     state = {k: v.clone() for k, v in ep.state_dict.items()}
     eager = {k: v.clone() for k, v in model.state_dict().items()}
-    torch_export.check(ep, folded)
+    torch_pt2.check(ep, folded)
     bnfold.verify(ep, folded, (x4(16),))
     with torch.no_grad():
         folded.module()(x4(17))  # the folded program's own state is its own
@@ -467,15 +467,15 @@ class Classifier(nn.Module):
 
 
 def test_verification_of_programs_with_only_discrete_outputs():
-    from bnfold import torch_export
+    from bnfold import torch_pt2
 
     ep = export(randomize_all(Classifier(), 18), (x4(),))
     folded = bnfold.fold(ep)
-    good = torch_export.check(ep, folded)
+    good = torch_pt2.check(ep, folded)
     assert good.passed and good.discrete_outputs and good.discrete_mismatch <= 0.01
     key = next(k for k in folded.state_dict if k.endswith("weight"))
     folded.state_dict[key] = nn.Parameter(-folded.state_dict[key].detach())  # a wrong fold
-    bad = torch_export.check(ep, folded)
+    bad = torch_pt2.check(ep, folded)
     assert not bad.passed and bad.discrete_mismatch > 0.1
     assert "integer/bool outputs differ" in bad.summary()
 
@@ -603,7 +603,7 @@ def test_program_whose_input_is_called_input_keeps_its_signature():
 
 
 def test_verification_tolerance_covers_complex_outputs():
-    from bnfold import torch_export
+    from bnfold import torch_pt2
 
     class Spectrum(nn.Module):
         def __init__(self) -> None:
@@ -614,5 +614,5 @@ def test_verification_tolerance_covers_complex_outputs():
             return torch.fft.rfft2(self.b(self.c(x)))
 
     ep = export(randomize_all(Spectrum(), 28), (x4(),))
-    result = torch_export.check(ep, bnfold.fold(ep))
+    result = torch_pt2.check(ep, bnfold.fold(ep))
     assert result.tolerance == 1e-4 and result.passed
