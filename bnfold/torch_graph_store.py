@@ -353,10 +353,13 @@ class ModuleStore(Store):
         # Tensors are never written into, not even with inplace=True: ep.module() shares its
         # tensors with the ExportedProgram and the eager model it came from, which still apply
         # their BatchNorms. Folded values go into new tensors bound to the module's attributes.
+        self._owners: dict[str, nn.Module] = {}
 
     def _owner(self, target: str) -> tuple[nn.Module, str]:
         prefix, _, attr = target.rpartition(".")
-        return (self.gm.get_submodule(prefix) if prefix else self.gm), attr
+        if prefix not in self._owners:
+            self._owners[prefix] = self.gm.get_submodule(prefix) if prefix else self.gm
+        return self._owners[prefix], attr
 
     def tensor(self, node: Node) -> torch.Tensor | None:
         if node.op != "get_attr":
@@ -436,6 +439,7 @@ class ModuleStore(Store):
             parent_path, _, child = prefix.rpartition(".")
             parent = self.gm.get_submodule(parent_path) if parent_path else self.gm
             delattr(parent, child)
+            self._owners.pop(prefix, None)
 
 
 def copy_quietly(obj: Any, memo: dict[int, Any] | None = None) -> Any:
