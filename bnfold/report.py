@@ -78,15 +78,24 @@ class FoldReport:
         rows = []
         for e in self.entries:
             what = f"{e.target} ({e.target_type})" if e.folded else f"[{e.rule}] {e.reason}"
-            rows.append((e.bn, e.bn_type, e.action, what))
+            rows.append(tuple(map(_printable, (e.bn, e.bn_type, e.action, what))))
         widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(head[:3])]
         lines = []
-        title = f"bnfold report{f' for {self.model}' if self.model else ''}: {self.summary()}"
+        model = f" for {_printable(self.model)}" if self.model else ""
+        title = f"bnfold report{model}: {self.summary()}"
         lines.append(title)
         fmt = "  ".join(f"{{:<{w}}}" for w in widths) + "  {}"
         lines.append(fmt.format(*head))
         lines.append(fmt.format(*("-" * w for w in widths), "-" * len(head[3])))
         for r in rows:
             lines.append(fmt.format(*r))
-        lines.extend(f"note: {n}" for n in self.notes)
+        lines.extend(f"note: {_printable(n)}" for n in self.notes)
         return "\n".join(lines)
+
+
+def _printable(text: object) -> str:
+    """``text`` with control characters escaped: names come from model files, and a newline or
+    a terminal escape in one must not break the table or reach the terminal."""
+    return "".join(
+        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(text)
+    )

@@ -465,29 +465,49 @@ def copy_graph_module(gm: GraphModule, memo: dict[int, Any] | None = None) -> Gr
 def copy_tensors(tensors: Iterable[torch.Tensor]) -> dict[int, torch.Tensor]:
     """New tensors with the values of ``tensors``, keyed by the old ones' ids.
 
-    Tensors that share memory (tied names, a buffer that is a view of a parameter) share the
-    new memory the same way: each memory is copied once and every tensor is rebuilt on it with
-    its own offset, size and strides. Parameters stay Parameters (``requires_grad`` kept), and
-    the copies have no autograd history (``deepcopy`` refuses a non-leaf view of a parameter).
+    Plain dense tensors that share memory (tied names, a buffer that is a view of a parameter)
+    share the new memory the same way: each memory is copied once and every tensor is rebuilt
+    on it with its own offset, size and strides, without autograd history (``deepcopy``
+    refuses a non-leaf view of a parameter). Parameters stay Parameters. Anything else
+    (subclasses, quantized, sparse, conjugate or negative views) is deep-copied, which keeps
+    what it is.
     """
     new_memory: dict[tuple, Any] = {}
+    memo: dict[int, Any] = {}
     out: dict[int, torch.Tensor] = {}
     with torch.no_grad():
         for t in tensors:
             if id(t) in out:
                 continue
-            key = _storage_key(t)
+            key = _storage_key(t) if _is_plain_dense(t) else None
             if key is None:
-                copy_ = t.detach().clone()
-            else:
-                if key not in new_memory:
-                    new_memory[key] = t.untyped_storage().clone()
-                copy_ = torch.empty((), dtype=t.dtype, device=t.device)
-                copy_.set_(new_memory[key], t.storage_offset(), t.size(), t.stride())
+                out[id(t)] = _deepcopy_tensor(t, memo)
+                continue
+            if key not in new_memory:
+                new_memory[key] = t.untyped_storage().clone()
+            copy_ = torch.empty((), dtype=t.dtype, device=t.device)
+            copy_.set_(new_memory[key], t.storage_offset(), t.size(), t.stride())
             if isinstance(t, nn.Parameter):
                 copy_ = nn.Parameter(copy_, requires_grad=t.requires_grad)
             out[id(t)] = copy_
     return out
+
+
+def _is_plain_dense(t: torch.Tensor) -> bool:
+    return (
+        type(t) in (torch.Tensor, nn.Parameter)
+        and t.layout == torch.strided
+        and not t.is_quantized
+        and not t.is_conj()
+        and not t.is_neg()
+    )
+
+
+def _deepcopy_tensor(t: torch.Tensor, memo: dict[int, Any]) -> torch.Tensor:
+    try:
+        return copy.deepcopy(t, memo)
+    except RuntimeError:  # a non-leaf view: copy its values, keep its class
+        return t.detach().clone()
 
 
 def module_tensors(gm: nn.Module) -> dict[int, torch.Tensor]:

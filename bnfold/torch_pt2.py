@@ -120,10 +120,25 @@ def _random_like(t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Random values of ``t``'s shape and dtype; integer and bool tensors are kept (they are
     often indices or masks that random values would break)."""
     if t.is_floating_point():
-        return torch.randn(t.shape, generator=gen).to(t.dtype)
+        return torch.randn(t.shape, generator=gen).to(t.device, t.dtype)
     if t.is_complex():
-        return torch.randn(t.shape, generator=gen, dtype=torch.complex64).to(t.dtype)
+        return torch.randn(t.shape, generator=gen, dtype=torch.complex64).to(t.device, t.dtype)
     return t.clone()
+
+
+def _random_values(shape: list[int], dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    """Random values for an input the program kept no example of.
+
+    Floats are normal; 8-bit integers (images) span their range; bools are random; wider
+    integers, often indices, are 0 or 1, which every index range holds.
+    """
+    if dtype.is_floating_point or dtype.is_complex:
+        return _random_like(torch.zeros(shape, dtype=dtype), gen)
+    if dtype == torch.bool:
+        return torch.randint(0, 2, shape, generator=gen).bool()
+    info = torch.iinfo(dtype)
+    low, high = (info.min, info.max + 1) if info.bits == 8 else (0, 2)
+    return torch.randint(low, high, shape, generator=gen).to(dtype)
 
 
 def _size(d: Any, ep: ExportedProgram) -> int:
@@ -170,8 +185,7 @@ def sample_inputs(ep: ExportedProgram, seed: int = 0) -> tuple[tuple, dict]:
         val = vals.get(arg.name)
         if isinstance(val, torch.Tensor):
             shape = [_size(d, ep) for d in val.shape]
-            like = torch.zeros(shape, dtype=val.dtype)
-            flat.append(_random_like(like, gen))
+            flat.append(_random_values(shape, val.dtype, gen).to(val.device))
         elif isinstance(val, torch.SymInt):
             flat.append(_size(val, ep))
         else:

@@ -616,3 +616,70 @@ def test_verification_tolerance_covers_complex_outputs():
     ep = export(randomize_all(Spectrum(), 28), (x4(),))
     result = torch_pt2.check(ep, bnfold.fold(ep))
     assert result.tolerance == 1e-4 and result.passed
+
+
+# --------------------------------------------------------------------------------------------
+# Fourth review round: unusual tensors in copies, inputs for --verify, report text
+
+
+def test_graph_module_copy_keeps_conjugate_views_subclasses_and_quantized_tensors():
+    class Tagged(torch.Tensor):
+        pass
+
+    class TaggedParam(nn.Parameter):
+        pass
+
+    class Odd(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c, self.b = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+            self.register_buffer("z", torch.randn(4, dtype=torch.complex64).conj())
+
+        def forward(self, x):
+            return self.b(self.c(x)), self.z * 2
+
+    model = randomize_all(Odd(), 29)
+    gm = export(model, (x4(),)).module()
+    gm.tagged = TaggedParam(torch.randn(3))
+    gm.register_buffer("tagged_buffer", torch.randn(3).as_subclass(Tagged))
+    gm.register_buffer("q", torch.quantize_per_tensor(torch.randn(4), 0.1, 0, torch.qint8))
+    folded = bnfold.fold(gm)
+    assert type(folded.tagged) is TaggedParam and type(folded.tagged_buffer) is Tagged
+    assert folded.q.is_quantized and torch.equal(folded.q.dequantize(), gm.q.dequantize())
+    assert folded.tagged is not gm.tagged and folded.q is not gm.q
+    with torch.no_grad():
+        (y0, z0), (y1, z1) = model(x4(30)), folded(x4(30))
+    assert rel(y0, y1) <= REL_TOL and torch.equal(z0, z1)
+
+
+def test_random_inputs_of_a_program_without_examples_vary_8_bit_images():
+    from bnfold import torch_pt2
+
+    class FromBytes(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c, self.b = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+        def forward(self, img):
+            return self.b(self.c(img.float() / 255.0))
+
+    img = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    ep = export(randomize_all(FromBytes(), 31), (img,))
+    ep.example_inputs = None
+    (sample,), _ = torch_pt2.sample_inputs(ep, seed=3)
+    assert sample.dtype == torch.uint8 and sample.unique().numel() > 50
+    folded = bnfold.fold(ep)
+    assert torch_pt2.check(ep, folded).passed
+    key = next(k for k in folded.state_dict if k.endswith("weight"))
+    folded.state_dict[key] = nn.Parameter(folded.state_dict[key].detach() * 1.5)
+    assert not torch_pt2.check(ep, folded).passed  # a wrong fold is seen
+
+
+def test_report_escapes_control_characters_in_names():
+    model = nn.Sequential()
+    model.add_module("conv\nFAKE", nn.Conv2d(3, 4, 3))
+    model.add_module("bn\x1bM", nn.BatchNorm2d(4))
+    ep = export(randomize_all(model, 32), (x4(),))
+    text = str(bnfold.analyze(ep))
+    assert "\x1b" not in text and len(text.splitlines()) == 4
+    assert "conv\\nFAKE" in text
