@@ -489,6 +489,8 @@ def copy_tensors(tensors: Iterable[torch.Tensor]) -> dict[int, torch.Tensor]:
             copy_.set_(new_memory[key], t.storage_offset(), t.size(), t.stride())
             if isinstance(t, nn.Parameter):
                 copy_ = nn.Parameter(copy_, requires_grad=t.requires_grad)
+            elif t.requires_grad and t.is_leaf:
+                copy_.requires_grad_(True)
             out[id(t)] = copy_
     return out
 
