@@ -32,6 +32,7 @@ from .rules import PairFacts
 from .torch_aten import (
     BatchNormCall,
     ProducerCall,
+    arguments,
     batch_norm_call,
     describe,
     is_pass_through,
@@ -467,8 +468,10 @@ def _apply(store: Store, pairs: list[_Pair]) -> dict[Node, Node]:
         else:
             bias = store.add(pair.weight_chain[0], _bias_key(w_key), pair.new_bias, p.node)
             if p.op in ("mm", "matmul"):  # no bias operand: it becomes addmm(bias, x, w)
+                operands = arguments(p.node)  # read by name: a hand-built graph may use kwargs
+                x, w = operands["self"], operands[p.weight_arg]
                 p.node.target = torch.ops.aten.addmm.default
-                p.node.args = (bias, p.node.args[0], p.node.args[1])
+                p.node.args = (bias, x, w)
                 p.node.kwargs = {}
             else:
                 set_argument(p.node, p.bias_arg, bias)

@@ -348,7 +348,8 @@ class KeywordArguments(nn.Module):
         a = aten.linear.default(x, self.w, bias=None)
         b = aten.mm.default(x, aten.transpose.int(self.w, dim0=0, dim1=1))
         c = aten.mm.default(x, aten.permute.default(self.w, dims=[1, 0]))
-        return self.bn(a), self.bn(b), self.bn(c)
+        d = aten.mm.default(self=x, mat2=aten.t.default(self.w))  # no bias: becomes addmm
+        return self.bn(a), self.bn(b), self.bn(c), self.bn(d)
 
 
 def test_keyword_arguments_in_hand_built_graphs():
@@ -357,7 +358,7 @@ def test_keyword_arguments_in_hand_built_graphs():
     gm = torch.fx.symbolic_trace(model)
     FakeTensorProp(gm, FakeTensorMode(allow_non_fake_inputs=True)).propagate(x)
     folded, report = bnfold.fold(gm, return_report=True)
-    assert len(report.folded) == 3 and n_bn(folded) == 0
+    assert len(report.folded) == 4 and n_bn(folded) == 0
     with torch.no_grad():
         for a, b in zip(model(x), folded(x), strict=True):
             assert rel(a, b) <= REL_TOL
