@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 
 from . import __version__
-from .errors import BnfoldError, VerificationError
+from .errors import BnfoldError, VerificationError, first_line
 from .rules import PRODUCER_KINDS
 
 EXIT_ERROR = 1
@@ -183,6 +183,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("bnfold: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - the CLI promises one line, never a traceback
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        first = first_line(e) if str(e).strip() else ""
         print(f"bnfold: internal error: {type(e).__name__}: {_one_line(first)}", file=sys.stderr)
         return EXIT_INTERNAL

@@ -97,8 +97,9 @@ def _op_label(node: Node) -> str:
     return f"aten.{t._opname}" if isinstance(t, torch._ops.OpOverload) else str(t)
 
 
-def _chain_is_constant(store: Store, chain: list[Node] | None) -> bool:
-    return chain is not None and store.tensor(chain[0]) is not None and not store.mutated(chain[0])
+def _is_constant(store: Store, value: Any) -> bool:
+    """Whether ``value`` is a constant tensor node the program never writes."""
+    return isinstance(value, Node) and store.tensor(value) is not None and not store.mutated(value)
 
 
 def _operand_chain(store: Store, value: Any, axis: int) -> tuple[list[Node] | None, int, str]:
@@ -244,10 +245,9 @@ def _decide(
     prod_names: dict[Node, tuple[str, str]],
     boundaries: list[str],
 ) -> _Pair:
-    bn_constant = all(
-        v is None or _chain_is_constant(store, [v] if isinstance(v, Node) else None)
-        for v in (c.weight, c.bias)
-    ) and all(isinstance(v, Node) and _chain_is_constant(store, [v]) for v in (c.mean, c.var))
+    bn_constant = all(v is None or _is_constant(store, v) for v in (c.weight, c.bias)) and all(
+        _is_constant(store, v) for v in (c.mean, c.var)
+    )
     not_inference = ""
     if c.training is not False:
         not_inference = (

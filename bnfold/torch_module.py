@@ -22,11 +22,11 @@ from torch import nn
 
 from . import rules
 from .algebra import fold_affine_into_producer
-from .errors import FoldRefused, TrainingModeError, UnsupportedModelError
+from .errors import FoldRefused, TrainingModeError, UnsupportedModelError, first_line
 from .report import FoldEntry, FoldReport
 from .rules import PairFacts
 from .torch_batchnorm import BatchNormSpec, batchnorm_spec, carry_plain_attributes, is_batchnorm
-from .torch_dataflow import Dataflow, ModuleCalls, first_line, module_dataflow, output_ranks
+from .torch_dataflow import Dataflow, ModuleCalls, module_dataflow, output_ranks
 from .torch_producers import (
     custom_forward_reason,
     output_layout,

@@ -24,7 +24,7 @@ from torch.export.graph_signature import InputKind
 
 from .errors import ModelFileError, UnsupportedModelError, first_line
 from .torch_graph_store import ProgramStore, copy_quietly, copy_tensors, module_tensors
-from .torch_verify import _fresh, compare, output_tensors, tolerance
+from .torch_verify import compare, fresh_copy, output_tensors, tolerance
 
 
 @contextlib.contextmanager
@@ -248,8 +248,8 @@ def check(original: ExportedProgram, folded: ExportedProgram, seed: int = 0) -> 
     """Run both programs on the same random inputs (each on its own copy) and compare."""
     args, kwargs = sample_inputs(original, seed)
     with torch.no_grad():
-        a = output_tensors(runnable(original)(*_fresh(args), **_fresh(kwargs)))
-        b = output_tensors(runnable(folded)(*_fresh(args), **_fresh(kwargs)))
+        a = output_tensors(runnable(original)(*fresh_copy(args), **fresh_copy(kwargs)))
+        b = output_tensors(runnable(folded)(*fresh_copy(args), **fresh_copy(kwargs)))
     floats = [i for i, (_, t) in enumerate(a) if t.is_floating_point() or t.is_complex()]
     discrete = [i for i in range(len(a)) if i not in floats]
     max_abs = max_rel = 0.0

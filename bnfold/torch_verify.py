@@ -101,12 +101,12 @@ def verify(original: nn.Module, folded: nn.Module, example_inputs: Any) -> tuple
         raise InvalidArgumentError("verify needs example_inputs to run the models on")
     with torch.no_grad():
         # Each model gets its own copy of the inputs: a forward may write into them.
-        a = output_tensors(original(*_fresh(inputs)))
-        b = output_tensors(folded(*_fresh(inputs)))
+        a = output_tensors(original(*fresh_copy(inputs)))
+        b = output_tensors(folded(*fresh_copy(inputs)))
     return compare(a, b)
 
 
-def _fresh(inputs: Any) -> Any:
+def fresh_copy(inputs: Any) -> Any:
     """``inputs`` with every tensor (in tuples, lists and dicts) copied."""
     import torch.utils._pytree as pytree
 
