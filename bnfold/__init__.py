@@ -42,7 +42,8 @@ __all__ = [
 
 def _frontend(model: Any) -> Any:
     """The frontend module for ``model``'s type, imported on first use."""
-    torch = sys.modules.get("torch")  # a torch model exists only if torch was imported
+    # A model of a framework exists only if that framework was imported.
+    torch = sys.modules.get("torch")
     if torch is not None:
         from torch.export import ExportedProgram
 
@@ -60,9 +61,17 @@ def _frontend(model: Any) -> Any:
             from . import torch_module
 
             return torch_module
+    onnx, onnx_ir = sys.modules.get("onnx"), sys.modules.get("onnx_ir")
+    if (onnx is not None and isinstance(model, onnx.ModelProto)) or (
+        onnx_ir is not None and isinstance(model, onnx_ir.Model)
+    ):
+        from . import onnx_fold
+
+        return onnx_fold
     raise UnsupportedModelError(
         f"bnfold cannot fold a {type(model).__module__}.{type(model).__name__}: "
-        "pass a torch.nn.Module, a torch.export.ExportedProgram or an ATen GraphModule"
+        "pass a torch.nn.Module, a torch.export.ExportedProgram, an ATen GraphModule, "
+        "an onnx.ModelProto or an onnx_ir.Model"
     )
 
 

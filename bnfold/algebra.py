@@ -297,9 +297,9 @@ def folded_bias(
 ) -> Any:
     """Return ``s*bias + t`` (``t`` when there is no bias), computed in float64.
 
-    The result is in ``like``'s framework and device, with ``bias``'s dtype, or ``dtype`` /
-    ``like``'s dtype when there is no bias. Raises :class:`FoldRefused` when the bias is not
-    finite or the result does not fit the dtype.
+    The result is in ``like``'s framework and device, with ``dtype`` if given, else ``bias``'s
+    dtype, else ``like``'s. Raises :class:`FoldRefused` when the bias is not finite or the
+    result does not fit the dtype.
     """
     ops = _ops_for(like)
     if bias is None:
@@ -311,7 +311,7 @@ def folded_bias(
             raise FoldRefused(f"bias has shape {tuple(b.shape)}, expected {tuple(s.shape)}")
         _require_finite(b, "layer bias")
         b64 = s * b + t
-        target = bias.dtype
+        target = bias.dtype if dtype is None else dtype
     limit = ops.max_finite(target)
     if not (np.abs(b64) <= limit).all():
         k = int(np.argmax(np.abs(b64)))

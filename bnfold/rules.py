@@ -80,6 +80,12 @@ class PairFacts:
     output_rank: int | None = None  # rank of the producer's output when known
     rank_hint: str = "pass example_inputs"  # what tells bnfold the rank when it is unknown
     boundary: str = ""  # a module boundary the fold would cross and that must be kept
+    constant_detail: str = ""  # which tensor is not constant and why, when the frontend knows
+    # Graph forms that follow the channel axis through layout ops (Transpose, Unsqueeze) give
+    # where it arrives at the BatchNorm, the ops passed, or why it cannot be followed.
+    channel_axis: int | None = None
+    axis_path: str = ""
+    axis_problem: str = ""
 
 
 Rule = Callable[[PairFacts], "str | None"]
@@ -128,15 +134,14 @@ def _single_call(f: PairFacts) -> str | None:
 
 
 def _constant_params(f: PairFacts) -> str | None:
+    why = f": {f.constant_detail}" if f.constant_detail else ""
     if not f.bn_params_constant:
-        return (
-            f"{f.bn}'s statistics or affine parameters are not constant tensors (computed at run "
-            "time, parametrized or uninitialised)"
+        return f"{f.bn}'s statistics or affine parameters are not constant tensors" + (
+            why or " (computed at run time, parametrized or uninitialised)"
         )
     if not f.producer_params_constant:
-        return (
-            f"{f.producer}'s weight or bias is not a constant tensor (computed at run time, "
-            "parametrized or uninitialised)"
+        return f"{f.producer}'s weight or bias is not a constant tensor" + (
+            why or " (computed at run time, parametrized or uninitialised)"
         )
     return None
 
@@ -178,6 +183,16 @@ def possible_output_ranks(f: PairFacts) -> frozenset[int] | None:
 
 def _channel_axis(f: PairFacts) -> str | None:
     assert f.producer_kind is not None
+    if f.axis_problem:
+        return f.axis_problem
+    if f.channel_axis is not None:
+        if f.channel_axis == 1:
+            return None
+        via = f" after {f.axis_path}" if f.axis_path else ""
+        return (
+            f"{f.producer}'s output channels are on axis {f.channel_axis}{via}, but {f.bn} "
+            "normalises axis 1"
+        )
     ranks = possible_output_ranks(f)
     if ranks is None:
         return (

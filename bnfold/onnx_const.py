@@ -1,0 +1,446 @@
+"""Constant values of an ONNX graph, as the fold needs them.
+
+Two questions are answered here:
+
+* *Is this operand a constant, and what is it?* Initializers and ``Constant`` outputs are, and
+  so is the result of a small subgraph of deterministic operators fed only by constants: the
+  new PyTorch exporter gives a bias-less Conv a bias of ``Expand(CastLike(0, x), Shape(w))``.
+  Such subgraphs are evaluated here with numpy, reading only what they need: ``Shape`` of a
+  stored tensor reads its header, ``CastLike`` only the declared type of its second input.
+* *Where is this weight stored?* A weight is folded where it is stored, possibly behind
+  ``Identity`` and ``Transpose`` nodes (``x @ W.T`` exports as ``MatMul(x, Transpose(W))``), so
+  the folded tensor keeps its name, dtype and layout.
+
+An initializer that is also a graph input (IR version 4 and later) is a default a caller may
+override, so it is not a constant. IR version 3 lists every initializer as an input; there the
+listing means nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+DEFAULT_DOMAINS = ("", "ai.onnx")
+
+# A constant subgraph is evaluated only when it is small; a bias or a BatchNorm statistic is
+# a handful of nodes, and nothing large is ever materialised on the way.
+MAX_SUBGRAPH_NODES = 32
+MAX_ELEMENTS = 1 << 24
+
+
+class NotConstant(Exception):
+    """A value is not a constant bnfold can read; the message says why."""
+
+
+def opset_version(model: ir.Model, node: ir.Node) -> int:
+    """The version of the operator set ``node`` is read in."""
+    if node.version is not None:
+        return int(node.version)
+    opsets = model.opset_imports
+    for domain in (node.domain, *(DEFAULT_DOMAINS if node.domain in DEFAULT_DOMAINS else ())):
+        if domain in opsets:
+            return int(opsets[domain])
+    return 0
+
+
+def describe(value: ir.Value) -> str:
+    """A value's name for messages."""
+    return repr(value.name) if value.name else "an unnamed value"
+
+
+def describe_node(node: ir.Node) -> str:
+    """``Op 'name'`` for messages (the first output's name when the node has none)."""
+    name = node.name or (node.outputs[0].name if node.outputs else "") or "?"
+    return f"{node.op_type} {name!r}"
+
+
+def is_default_domain(node: ir.Node) -> bool:
+    return node.domain in DEFAULT_DOMAINS
+
+
+@dataclass(frozen=True)
+class StoredWeight:
+    """Where a weight operand is stored and how the operand is derived from it.
+
+    ``perms`` are the ``Transpose`` permutations applied on the way from the stored tensor to
+    the operand, in order; ``path`` the nodes passed (``Identity`` and ``Transpose``).
+    """
+
+    source: ir.Value
+    path: tuple[ir.Node, ...]
+    perms: tuple[tuple[int, ...], ...]
+
+    def source_axis(self, operand_axis: int) -> int:
+        """The axis of the stored tensor that becomes ``operand_axis`` of the operand."""
+        axis = operand_axis
+        for perm in reversed(self.perms):
+            axis = perm[axis]
+        return axis
+
+    def operand(self, stored: np.ndarray) -> np.ndarray:
+        """The operand the layer sees, computed from the stored array."""
+        for perm in self.perms:
+            stored = np.transpose(stored, perm)
+        return stored
+
+
+class Constants:
+    """Reads constant values of one model; results are cached per value."""
+
+    def __init__(self, model: ir.Model) -> None:
+        self.model = model
+        self.overridable = (model.ir_version or 0) >= 4
+        self._cache: dict[ir.Value, np.ndarray] = {}
+
+    # ----------------------------------------------------------------------------------------
+    # Stored tensors
+
+    def stored(self, value: ir.Value) -> ir.TensorProtocol | None:
+        """The tensor stored for ``value`` (an initializer or a ``Constant`` tensor), if any."""
+        if value.is_initializer():
+            if value.is_graph_input() and self.overridable:
+                return None
+            return value.const_value
+        node = value.producer()
+        if (
+            node is not None
+            and node.op_type == "Constant"
+            and is_default_domain(node)
+            and "value" in node.attributes
+        ):
+            return node.attributes.get_tensor("value")
+        return None
+
+    def why_not_stored(self, value: ir.Value) -> str:
+        """Why ``value`` is not a stored constant, in words."""
+        if value.is_initializer() and value.is_graph_input() and self.overridable:
+            return (
+                f"initializer {describe(value)} is also a graph input, so a caller may override "
+                "it (remove it from the graph inputs to fold it)"
+            )
+        if value.is_initializer():
+            return f"initializer {describe(value)} holds no data"
+        if value.is_graph_input():
+            return f"{describe(value)} is a graph input"
+        node = value.producer()
+        if node is None:
+            return f"{describe(value)} is defined outside the graph"
+        return f"{describe(value)} is computed by {describe_node(node)}"
+
+    def weight(self, value: ir.Value) -> StoredWeight:
+        """Where the weight operand ``value`` is stored; :class:`NotConstant` if it is not a
+        stored tensor seen through ``Identity``/``Transpose`` only."""
+        path: list[ir.Node] = []
+        perms: list[tuple[int, ...]] = []
+        current = value
+        while self.stored(current) is None:
+            node = current.producer()
+            if node is None or not is_default_domain(node):
+                raise NotConstant(self.why_not_stored(current))
+            if node.op_type == "Identity":
+                pass
+            elif node.op_type == "Transpose":
+                rank = _rank_of_stored(self, node.inputs[0])
+                perm = node.attributes.get_ints("perm", None)
+                if perm is None:
+                    if rank is None:
+                        raise NotConstant(self.why_not_stored(current))
+                    perm = tuple(reversed(range(rank)))
+                perms.append(tuple(int(p) for p in perm))
+            else:
+                raise NotConstant(
+                    f"the weight is computed by {describe_node(node)}; bnfold folds into stored "
+                    "weights only"
+                )
+            path.append(node)
+            current = node.inputs[0]
+            if current is None:
+                raise NotConstant(f"{describe_node(node)} has no input")
+        return StoredWeight(current, tuple(reversed(path)), tuple(reversed(perms)))
+
+    # ----------------------------------------------------------------------------------------
+    # Constant evaluation
+
+    def value(self, value: ir.Value) -> np.ndarray:
+        """The constant ``value`` as a numpy array; :class:`NotConstant` if it is not one."""
+        return self._value(value, [0])
+
+    def _value(self, value: ir.Value, budget: list[int]) -> np.ndarray:
+        cached = self._cache.get(value)
+        if cached is not None:
+            return cached
+        tensor = self.stored(value)
+        if tensor is not None:
+            result = _as_array(tensor, value)
+        else:
+            node = value.producer()
+            if node is None or value.is_graph_input() or value.is_initializer():
+                raise NotConstant(self.why_not_stored(value))
+            budget[0] += 1
+            if budget[0] > MAX_SUBGRAPH_NODES:
+                raise NotConstant(
+                    f"{describe(value)} is computed by more than {MAX_SUBGRAPH_NODES} nodes"
+                )
+            op = _OPS.get(node.op_type) if is_default_domain(node) else None
+            if op is None or len(node.outputs) != 1:
+                raise NotConstant(self.why_not_stored(value))
+            result = op(_Call(self, node, budget))
+            if result.size > MAX_ELEMENTS:
+                raise NotConstant(f"{describe(value)} would have {result.size} elements")
+        self._cache[value] = result
+        return result
+
+    def shape(self, value: ir.Value, budget: list[int]) -> tuple[int, ...]:
+        """The shape of a constant, reading a stored tensor's header only."""
+        tensor = self.stored(value)
+        if tensor is not None:
+            return tuple(int(d) for d in tensor.shape)
+        return tuple(self._value(value, budget).shape)
+
+
+def _rank_of_stored(constants: Constants, value: ir.Value | None) -> int | None:
+    if value is None:
+        return None
+    tensor = constants.stored(value)
+    if tensor is not None:
+        return len(tensor.shape)
+    node = value.producer()
+    if node is not None and node.op_type in ("Identity", "Transpose") and is_default_domain(node):
+        return _rank_of_stored(constants, node.inputs[0])
+    return None
+
+
+def _as_array(tensor: ir.TensorProtocol, value: ir.Value) -> np.ndarray:
+    if math.prod(int(d) for d in tensor.shape) > MAX_ELEMENTS:
+        raise NotConstant(f"{describe(value)} is too large to read as a per-channel constant")
+    try:
+        return np.asarray(tensor.numpy())
+    except Exception as e:  # a damaged tensor: not something bnfold can fold with
+        raise NotConstant(f"{describe(value)} cannot be read: {e}") from e
+
+
+# --------------------------------------------------------------------------------------------
+# The operators a constant subgraph may use
+
+
+class _Call:
+    """One node being evaluated: its inputs on demand, its attributes, its opset."""
+
+    def __init__(self, constants: Constants, node: ir.Node, budget: list[int]) -> None:
+        self.constants = constants
+        self.node = node
+        self.budget = budget
+        self.version = opset_version(constants.model, node)
+
+    def input(self, i: int) -> np.ndarray:
+        value = self.node.inputs[i] if i < len(self.node.inputs) else None
+        if value is None:
+            raise NotConstant(f"{describe_node(self.node)} lacks input {i}")
+        return self.constants._value(value, self.budget)
+
+    def optional(self, i: int) -> np.ndarray | None:
+        if i >= len(self.node.inputs) or self.node.inputs[i] is None:
+            return None
+        return self.input(i)
+
+    def input_shape(self, i: int) -> tuple[int, ...]:
+        value = self.node.inputs[i]
+        if value is None:
+            raise NotConstant(f"{describe_node(self.node)} lacks input {i}")
+        return self.constants.shape(value, self.budget)
+
+    def input_dtype(self, i: int) -> np.dtype:
+        value = self.node.inputs[i]
+        dtype = None if value is None else value.dtype
+        if dtype is None:
+            raise NotConstant(f"the type of {describe_node(self.node)}'s input {i} is not known")
+        return _numpy_dtype(dtype)
+
+    def axes(self, attribute_until: int) -> list[int] | None:
+        """Axes given as an attribute (opsets before ``attribute_until``) or as input 1."""
+        if self.version < attribute_until:
+            axes = self.node.attributes.get_ints("axes", None)
+            return None if axes is None else [int(a) for a in axes]
+        given = self.optional(1)
+        return None if given is None else [int(a) for a in given.reshape(-1)]
+
+    def int_attr(self, name: str, default: int | None = None) -> int | None:
+        return self.node.attributes.get_int(name, default)
+
+
+def _numpy_dtype(dtype: ir.DataType) -> np.dtype:
+    try:
+        return np.dtype(dtype.numpy())
+    except Exception as e:
+        raise NotConstant(f"bnfold does not evaluate {dtype.name} constants") from e
+
+
+def _constant(c: _Call) -> np.ndarray:
+    attrs = c.node.attributes
+    if "value" in attrs:
+        return np.asarray(attrs.get_tensor("value").numpy())
+    if "value_float" in attrs:
+        return np.array(attrs.get_float("value_float"), dtype=np.float32)
+    if "value_floats" in attrs:
+        return np.array(attrs.get_floats("value_floats"), dtype=np.float32)
+    if "value_int" in attrs:
+        return np.array(attrs.get_int("value_int"), dtype=np.int64)
+    if "value_ints" in attrs:
+        return np.array(attrs.get_ints("value_ints"), dtype=np.int64)
+    raise NotConstant(f"{describe_node(c.node)} holds no numeric tensor")
+
+
+def _cast(c: _Call) -> np.ndarray:
+    to = c.int_attr("to")
+    if to is None:
+        raise NotConstant(f"{describe_node(c.node)} has no 'to' attribute")
+    return c.input(0).astype(_numpy_dtype(ir.DataType(to)))
+
+
+def _shape(c: _Call) -> np.ndarray:
+    shape = c.input_shape(0)
+    rank = len(shape)
+    start = c.int_attr("start", 0) or 0
+    end = c.int_attr("end", rank)
+    start = min(max(start + rank if start < 0 else start, 0), rank)
+    end = min(max(end + rank if end < 0 else end, 0), rank)
+    return np.array(shape[start:end], dtype=np.int64)
+
+
+def _size_of(shape: tuple[int, ...], node: ir.Node) -> None:
+    if math.prod(shape) > MAX_ELEMENTS:
+        raise NotConstant(f"{describe_node(node)} would make {math.prod(shape)} elements")
+
+
+def _expand(c: _Call) -> np.ndarray:
+    x = c.input(0)
+    target = tuple(int(d) for d in c.input(1).reshape(-1))
+    try:
+        shape = np.broadcast_shapes(x.shape, target)
+    except ValueError as e:
+        raise NotConstant(f"{describe_node(c.node)}: {e}") from e
+    _size_of(shape, c.node)
+    return np.broadcast_to(x, shape).copy()
+
+
+def _reshape(c: _Call) -> np.ndarray:
+    x = c.input(0)
+    shape = [int(d) for d in c.input(1).reshape(-1)]
+    if not c.int_attr("allowzero", 0):
+        shape = [x.shape[i] if d == 0 and i < x.ndim else d for i, d in enumerate(shape)]
+    try:
+        return x.reshape(shape)
+    except ValueError as e:
+        raise NotConstant(f"{describe_node(c.node)}: {e}") from e
+
+
+def _unsqueeze(c: _Call) -> np.ndarray:
+    x = c.input(0)
+    axes = c.axes(13)
+    if not axes:
+        raise NotConstant(f"{describe_node(c.node)} has no axes")
+    rank = x.ndim + len(axes)
+    for a in sorted(a + rank if a < 0 else a for a in axes):
+        x = np.expand_dims(x, a)
+    return x
+
+
+def _squeeze(c: _Call) -> np.ndarray:
+    x = c.input(0)
+    axes = c.axes(13)
+    if axes is None:
+        return np.squeeze(x)
+    return np.squeeze(x, axis=tuple(a + x.ndim if a < 0 else a for a in axes))
+
+
+def _concat(c: _Call) -> np.ndarray:
+    axis = c.int_attr("axis")
+    if axis is None:
+        raise NotConstant(f"{describe_node(c.node)} has no axis")
+    parts = [c.input(i) for i in range(len(c.node.inputs))]
+    return np.concatenate(parts, axis=axis)
+
+
+def _constant_of_shape(c: _Call) -> np.ndarray:
+    shape = tuple(int(d) for d in c.input(0).reshape(-1))
+    _size_of(shape, c.node)
+    fill = c.node.attributes.get_tensor("value", None)
+    fill_value = np.zeros(1, np.float32) if fill is None else np.asarray(fill.numpy())
+    return np.full(shape, fill_value.reshape(-1)[0], dtype=fill_value.dtype)
+
+
+def _transpose(c: _Call) -> np.ndarray:
+    perm = c.node.attributes.get_ints("perm", None)
+    return np.transpose(c.input(0), None if perm is None else [int(p) for p in perm])
+
+
+def _floating(c: _Call, *xs: np.ndarray) -> None:
+    for x in xs:
+        if not _is_float(x.dtype):
+            raise NotConstant(f"bnfold evaluates {c.node.op_type} on floating-point values only")
+
+
+def _is_float(dtype: np.dtype) -> bool:
+    return dtype.kind == "f" or "float" in dtype.name
+
+
+def _binary(fn: Callable[[np.ndarray, np.ndarray], np.ndarray], floats_only: bool = False):
+    def op(c: _Call) -> np.ndarray:
+        a, b = c.input(0), c.input(1)
+        if a.dtype != b.dtype:
+            raise NotConstant(f"{describe_node(c.node)} mixes {a.dtype} and {b.dtype}")
+        if floats_only:
+            _floating(c, a)
+        shape = np.broadcast_shapes(a.shape, b.shape)
+        _size_of(shape, c.node)
+        with np.errstate(all="ignore"):
+            return np.asarray(fn(a, b)).astype(a.dtype)
+
+    return op
+
+
+def _unary(fn: Callable[[np.ndarray], np.ndarray]):
+    def op(c: _Call) -> np.ndarray:
+        x = c.input(0)
+        _floating(c, x)
+        with np.errstate(all="ignore"):
+            return np.asarray(fn(x)).astype(x.dtype)
+
+    return op
+
+
+_OPS: dict[str, Callable[[_Call], np.ndarray]] = {
+    "Constant": _constant,
+    "Identity": lambda c: c.input(0),
+    "Cast": _cast,
+    "CastLike": lambda c: c.input(0).astype(c.input_dtype(1)),
+    "Shape": _shape,
+    "Size": lambda c: np.array(math.prod(c.input_shape(0)), dtype=np.int64),
+    "Expand": _expand,
+    "Reshape": _reshape,
+    "Unsqueeze": _unsqueeze,
+    "Squeeze": _squeeze,
+    "Concat": _concat,
+    "ConstantOfShape": _constant_of_shape,
+    "Transpose": _transpose,
+    "Add": _binary(np.add),
+    "Sub": _binary(np.subtract),
+    "Mul": _binary(np.multiply),
+    "Div": _binary(np.divide, floats_only=True),
+    "Neg": _unary(np.negative),
+    "Sqrt": _unary(np.sqrt),
+    "Reciprocal": _unary(np.reciprocal),
+}
+
+# Inputs whose data an operator never reads (only their shape or type).
+METADATA_INPUTS: dict[str, tuple[int, ...]] = {"Shape": (0,), "Size": (0,), "CastLike": (1,)}
+
+
+def reads_data(node: ir.Node, index: int) -> bool:
+    """Whether ``node`` reads the data of its input ``index`` (not only its shape or type)."""
+    return not (is_default_domain(node) and index in METADATA_INPUTS.get(node.op_type, ()))

@@ -1,0 +1,773 @@
+"""ONNX frontend: fold BatchNormalization into Conv, ConvTranspose, Gemm and MatMul.
+
+Works on the ``onnx_ir`` in-memory graph. For every BatchNormalization, in topological order:
+find the producer behind it (through ``Identity``/``Transpose``/``Unsqueeze``/``Squeeze``,
+and a constant ``Add`` after the producer), gather the facts :mod:`bnfold.rules` decides on,
+compute the fold with :mod:`bnfold.algebra`, and rewrite: the weight is scaled where it is
+stored (or copied to a new initializer when something else reads it), the bias replaced by a
+new initializer, the BatchNorm removed and its output name kept when it is a graph output.
+What the fold leaves unused (the BatchNorm's parameters, the old bias and the constant
+subgraph that made it) is removed; nothing else in the model changes.
+
+Folding in topological order means a chain ``Conv -> BN -> BN`` folds both at once.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from . import algebra, rules
+from .errors import FoldRefused, InvalidArgumentError, UnsupportedModelError
+from .onnx_const import (
+    Constants,
+    NotConstant,
+    StoredWeight,
+    describe,
+    describe_node,
+    is_default_domain,
+    opset_version,
+    reads_data,
+)
+from .onnx_ops import (
+    LAYOUT_OPS,
+    PRODUCER_OPS,
+    AxisTrack,
+    BatchNormCall,
+    ProducerCall,
+    batch_norm_call,
+    follow,
+    producer_call,
+)
+from .report import FoldEntry, FoldReport
+
+_RANK_HINT = (
+    "give the model's inputs shapes of known rank (bnfold runs ONNX shape inference, which "
+    "could not tell)"
+)
+_MAX_LAYOUT_OPS = 8
+
+
+# --------------------------------------------------------------------------------------------
+# What one BatchNorm pair looks like
+
+
+@dataclass
+class _Pair:
+    bn: BatchNormCall
+    graph: ir.Graph
+    producer: ProducerCall | None = None
+    add: ir.Node | None = None  # an Add of a constant right after the producer
+    add_const: int = 1  # which input of ``add`` is the constant
+    chain: list[ir.Node] = field(default_factory=list)  # layout nodes, producer side first
+    weight: StoredWeight | None = None
+    weight_shared: str = ""
+    rank: int | None = None  # rank of the producer's output
+    facts: rules.PairFacts | None = None
+    decision: rules.Decision | None = None
+
+
+class _Context:
+    """Per-fold state: the model, its constants, the names in use and inferred ranks."""
+
+    def __init__(self, model: ir.Model) -> None:
+        self.model = model
+        self.constants = Constants(model)
+        self.legacy_inputs = (model.ir_version or 0) < 4  # IR 3 lists initializers as inputs
+        self._names: set[str] | None = None
+        self._ranks: dict[str, int] | None = None
+
+    def unique(self, base: str) -> str:
+        """A value name not used anywhere in the model, based on ``base``."""
+        if self._names is None:
+            self._names = _all_names(self.model)
+        name = base
+        for i in itertools.count(1):
+            if name not in self._names:
+                break
+            name = f"{base}_{i}"
+        self._names.add(name)
+        return name
+
+    def rank(self, value: ir.Value | None) -> int | None:
+        """The rank of ``value``: declared, or found by ONNX shape inference (run once)."""
+        if value is None:
+            return None
+        if value.shape is not None:
+            return len(value.shape)
+        if self._ranks is None:
+            self._ranks = _inferred_ranks(self.model)
+        return self._ranks.get(value.name or "")
+
+
+def _all_names(model: ir.Model) -> set[str]:
+    names: set[str] = set()
+    for graph in model.graphs():
+        names.update(v.name for v in graph.inputs if v.name)
+        names.update(graph.initializers)
+        for node in graph:
+            names.update(v.name for v in node.outputs if v.name)
+            if node.name:
+                names.add(node.name)
+    return names
+
+
+def _inferred_ranks(model: ir.Model) -> dict[str, int]:
+    """Ranks of the model's values by ONNX shape inference, on a copy without tensor data
+    (initializers become typed inputs), so nothing large is read or serialized."""
+    graph = model.graph
+    proto = onnx.ModelProto(ir_version=model.ir_version or 8)
+    for domain, version in model.opset_imports.items():
+        proto.opset_import.append(onnx.helper.make_opsetid(domain, version))
+    g = proto.graph
+    listed = set()
+    for v in graph.inputs:
+        g.input.append(ir.serde.serialize_value(v))
+        listed.add(v.name)
+    for name, v in graph.initializers.items():
+        tensor = v.const_value
+        if name in listed or tensor is None:
+            continue
+        g.input.append(
+            onnx.helper.make_tensor_value_info(name, int(tensor.dtype), list(tensor.shape))
+        )
+    try:
+        for node in graph:
+            g.node.append(ir.serde.serialize_node(node))
+        for v in graph.outputs:
+            g.output.append(ir.serde.serialize_value(v))
+        for function in model.functions.values():
+            proto.functions.append(ir.serde.serialize_function(function))
+        inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
+    except Exception:  # noqa: BLE001 - inference is a hint; without it folds needing a rank stop
+        return {}
+    ranks: dict[str, int] = {}
+    graphs = [inferred.graph]
+    while graphs:
+        g = graphs.pop()
+        for info in itertools.chain(g.input, g.value_info, g.output):
+            t = info.type.tensor_type
+            if info.type.HasField("tensor_type") and t.HasField("shape"):
+                ranks[info.name] = len(t.shape.dim)
+        for node in g.node:
+            for attr in node.attribute:
+                graphs.extend([attr.g] if attr.HasField("g") else [])
+                graphs.extend(attr.graphs)
+    return ranks
+
+
+# --------------------------------------------------------------------------------------------
+# Gathering the facts
+
+
+def _name(node: ir.Node) -> str:
+    return node.name or (node.outputs[0].name if node.outputs else "") or node.op_type
+
+
+def _users(value: ir.Value) -> list[ir.Node]:
+    return [u.node for u in value.uses()]
+
+
+def _examine(ctx: _Context, graph: ir.Graph, bn: BatchNormCall) -> _Pair:
+    """Find the producer behind ``bn`` and everything the rules need about the pair."""
+    pair = _Pair(bn, graph)
+    facts: dict[str, Any] = {
+        "bn": _name(bn.node),
+        "bn_uses_running_stats": not bn.not_inference,
+        "bn_not_inference_reason": bn.not_inference,
+        "bn_custom_forward": bn.unsupported,
+        "can_unshare": True,
+        "rank_hint": _RANK_HINT,
+    }
+    if bn.x is None or any(v is None for v in (bn.scale, bn.bias, bn.mean, bn.var)):
+        facts["bn_custom_forward"] = f"{describe_node(bn.node)} lacks required inputs"
+    producer_value, detail = _walk_back(ctx, pair)
+    node = producer_value.producer() if producer_value is not None else None
+    if node is not None:
+        weight_rank = None
+        try:
+            if node.op_type in PRODUCER_OPS and len(node.inputs) > 1:
+                w = node.inputs[1]
+                if w is not None:
+                    pair.weight = ctx.constants.weight(w)
+                    tensor = ctx.constants.stored(pair.weight.source)
+                    weight_rank = None if tensor is None else len(tensor.shape)
+        except NotConstant as e:
+            facts["constant_detail"] = str(e)
+            facts["producer_params_constant"] = False
+        pair.producer = producer_call(node, weight_rank)
+        if pair.producer is not None and pair.producer.problem:
+            detail, pair.producer = pair.producer.problem, None
+    if pair.producer is None:
+        facts["producer_detail"] = detail
+        pair.facts = rules.PairFacts(**facts)
+        return pair
+    p = pair.producer
+    facts.update(
+        producer=_name(p.node),
+        producer_kind=p.kind,
+        producer_spatial_dims=p.spatial_dims,
+    )
+    _bn_constants(ctx, pair, facts)
+    _producer_constants(ctx, pair, facts)
+    _consumers(pair, facts)
+    _channel_axis(ctx, pair, facts)
+    _sharing(ctx, pair, facts)
+    pair.facts = rules.PairFacts(**facts)
+    return pair
+
+
+def _walk_back(ctx: _Context, pair: _Pair) -> tuple[ir.Value | None, str]:
+    """Follow the BatchNorm's input back through layout nodes and a constant Add; return the
+    producer's output (or ``None``) and, when there is no producer, what the input is."""
+    value = pair.bn.x
+    while value is not None:
+        node = value.producer()
+        if node is None:
+            return None, f"{describe(value)}, a graph input or constant"
+        if node.op_type in LAYOUT_OPS and is_default_domain(node) and node.inputs:
+            if len(pair.chain) >= _MAX_LAYOUT_OPS:
+                return None, f"a chain of more than {_MAX_LAYOUT_OPS} layout operators"
+            pair.chain.insert(0, node)
+            value = node.inputs[0]
+            continue
+        if node.op_type in PRODUCER_OPS and is_default_domain(node):
+            return value, ""
+        if node.op_type == "Add" and is_default_domain(node) and len(node.inputs) == 2:
+            for const in (1, 0):
+                other = node.inputs[1 - const]
+                source = None if other is None else other.producer()
+                if (
+                    source is not None
+                    and source.op_type in PRODUCER_OPS
+                    and is_default_domain(source)
+                    and _is_constant(ctx, node.inputs[const])
+                ):
+                    pair.add, pair.add_const = node, const
+                    return other, ""
+        via = f" (through {', '.join(n.op_type for n in pair.chain)})" if pair.chain else ""
+        return None, f"{describe_node(node)}{via}"
+    return None, "nothing"
+
+
+def _is_constant(ctx: _Context, value: ir.Value | None) -> bool:
+    if value is None:
+        return False
+    try:
+        ctx.constants.value(value)
+    except NotConstant:
+        return False
+    return True
+
+
+def _bn_constants(ctx: _Context, pair: _Pair, facts: dict[str, Any]) -> None:
+    bn = pair.bn
+    for v in (bn.scale, bn.bias, bn.mean, bn.var):
+        if v is None:
+            continue
+        try:
+            ctx.constants.value(v)
+        except NotConstant as e:
+            facts["bn_params_constant"] = False
+            facts["constant_detail"] = str(e)
+            return
+
+
+def _producer_constants(ctx: _Context, pair: _Pair, facts: dict[str, Any]) -> None:
+    p = pair.producer
+    assert p is not None
+    if not facts.get("producer_params_constant", True):
+        return
+    for v in (p.bias, pair.add.inputs[pair.add_const] if pair.add else None):
+        if v is None:
+            continue
+        try:
+            ctx.constants.value(v)
+        except NotConstant as e:
+            facts["producer_params_constant"] = False
+            facts["constant_detail"] = str(e)
+            return
+
+
+def _consumers(pair: _Pair, facts: dict[str, Any]) -> None:
+    """Every value between the producer and the BatchNorm must feed the next step only."""
+    p = pair.producer
+    assert p is not None
+    steps = [p.node] + ([pair.add] if pair.add else []) + pair.chain
+    nexts = steps[1:] + [pair.bn.node]
+    for node, following in zip(steps, nexts, strict=True):
+        out = node.outputs[0]
+        others = [u for u in _users(out) if u is not following]
+        uses = len(_users(out))
+        if out.is_graph_output() or others or uses != 1:
+            described = [describe_node(u) for u in others[:3]]
+            if out.is_graph_output():
+                described.insert(0, "a graph output")
+            facts["producer_output_users"] = max(uses, 2)
+            where = "" if node is p.node else f" (after {describe_node(node)})"
+            facts["producer_other_users"] = ", ".join(described) + where
+            return
+    for extra in p.node.outputs[1:]:
+        if extra.uses() or extra.is_graph_output():
+            facts["producer_output_users"] = 2
+            facts["producer_other_users"] = f"its output {describe(extra)}"
+            return
+
+
+def _producer_rank(ctx: _Context, pair: _Pair) -> int | None:
+    """The rank of the producer's output (a MatMul's is its activation's)."""
+    p = pair.producer
+    assert p is not None
+    if p.rank is not None:
+        return p.rank
+    out = p.node.outputs[0]
+    x = p.node.inputs[0] if p.node.inputs else None
+    for value in (out, x):
+        if value is not None and value.shape is not None:
+            return len(value.shape)
+    if pair.add is None and pair.chain and pair.chain[0].op_type == "Transpose":
+        perm = pair.chain[0].attributes.get_ints("perm", None)
+        if perm is not None:
+            return len(perm)
+    return ctx.rank(out) or ctx.rank(x)
+
+
+def _channel_axis(ctx: _Context, pair: _Pair, facts: dict[str, Any]) -> None:
+    """Where the producer's output channels arrive at the BatchNorm, if that can be told."""
+    p = pair.producer
+    assert p is not None
+    rank = _producer_rank(ctx, pair)
+    pair.rank = rank
+    if rank is None:
+        return
+    facts["output_rank"] = rank
+    track = AxisTrack(rank, rank - 1 if p.channel_last else 1)
+    if track.axis < 0:
+        facts["axis_problem"] = f"{_name(p.node)}'s output is {rank}-D"
+        return
+    for node in pair.chain:
+        axes = _layout_axes(ctx, node)
+        problem = follow(track, node, axes)
+        if problem:
+            facts["axis_problem"] = (
+                f"bnfold cannot follow {_name(p.node)}'s output channels to "
+                f"{_name(pair.bn.node)}: {problem}"
+            )
+            return
+    facts["channel_axis"] = track.axis
+    facts["axis_path"] = " -> ".join(track.steps)
+    if pair.add is not None:
+        _check_add(ctx, pair, facts)
+
+
+def _layout_axes(ctx: _Context, node: ir.Node) -> list[int] | None:
+    if node.op_type not in ("Unsqueeze", "Squeeze"):
+        return None
+    if opset_version(ctx.model, node) < 13:
+        axes = node.attributes.get_ints("axes", None)
+        return None if axes is None else [int(a) for a in axes]
+    if len(node.inputs) < 2 or node.inputs[1] is None:
+        return None
+    try:
+        return [int(a) for a in ctx.constants.value(node.inputs[1]).reshape(-1)]
+    except NotConstant:
+        return None
+
+
+def _check_add(ctx: _Context, pair: _Pair, facts: dict[str, Any]) -> None:
+    """The constant added after the producer must be one value per output channel."""
+    assert pair.add is not None and pair.rank is not None and pair.producer is not None
+    const = ctx.constants.value(pair.add.inputs[pair.add_const])
+    axis = pair.rank - 1 if pair.producer.channel_last else 1
+    if not _per_channel(const.shape, pair.rank, axis):
+        facts["axis_problem"] = (
+            f"the constant added by {describe_node(pair.add)} has shape {list(const.shape)}, "
+            f"which is not one value per channel of {_name(pair.producer.node)}'s "
+            f"{pair.rank}-D output"
+        )
+
+
+def _per_channel(shape: tuple[int, ...], rank: int, axis: int) -> bool:
+    if len(shape) > rank:
+        return False
+    offset = rank - len(shape)
+    return all(d == 1 for i, d in enumerate(shape) if i + offset != axis)
+
+
+def _sharing(ctx: _Context, pair: _Pair, facts: dict[str, Any]) -> None:
+    """Who else reads the stored weight (shape-only readers such as ``Shape`` do not count)."""
+    w = pair.weight
+    p = pair.producer
+    if w is None or p is None:
+        return
+    readers = list(w.path) + [p.node]
+    value = w.source
+    others: list[str] = []
+    for step, reader in enumerate(readers):
+        for use in value.uses():
+            if use.node is reader or not reads_data(use.node, use.idx):
+                continue
+            others.append(describe_node(use.node))
+        if value.is_graph_output():
+            others.append("a graph output")
+        if step < len(w.path):
+            value = reader.outputs[0]
+    if w.source.producer() is not None and not others:
+        return  # a Constant node: it is always replaced by a new initializer
+    if others:
+        pair.weight_shared = ", ".join(dict.fromkeys(others))
+        facts["producer_params_shared"] = pair.weight_shared
+
+
+# --------------------------------------------------------------------------------------------
+# Computing and applying one fold
+
+
+@dataclass
+class _Fold:
+    weight: np.ndarray
+    weight_in_place: bool
+    bias: np.ndarray
+    bias_shape: tuple[int, ...]
+
+
+def _compute(ctx: _Context, pair: _Pair) -> _Fold:
+    bn, p, w = pair.bn, pair.producer, pair.weight
+    assert p is not None and w is not None and pair.rank is not None
+    c = ctx.constants
+    s, t = algebra.affine_factors(
+        c.value(bn.mean), c.value(bn.var), bn.eps, c.value(bn.scale), c.value(bn.bias)
+    )
+    tensor = c.stored(w.source)
+    assert tensor is not None
+    stored = np.asarray(tensor.numpy())
+    in_place = (
+        not pair.weight_shared and w.source.is_initializer() and (not w.perms or p.kind == "linear")
+    )
+    if in_place:
+        axis = w.source_axis(p.weight_axis)
+        layout = (
+            algebra.conv_transpose_layout(p.groups)
+            if p.kind == "conv_transpose"
+            else algebra.OutputLayout(axis=axis)
+        )
+        new_weight = algebra.scale_output_channels(stored, s, layout)
+    else:
+        operand = w.operand(stored)
+        layout = (
+            algebra.conv_transpose_layout(p.groups)
+            if p.kind == "conv_transpose"
+            else algebra.OutputLayout(axis=p.weight_axis)
+        )
+        new_weight = algebra.scale_output_channels(operand, s, layout)
+    n = s.shape[0]
+    total = np.zeros(n)
+    dtype = stored.dtype
+    if p.bias is not None:
+        b = c.value(p.bias).astype(np.float64)
+        if p.node.op_type == "Gemm":
+            if b.ndim == 2 and b.shape[0] != 1:
+                raise FoldRefused(
+                    f"{describe_node(p.node)}'s C has shape {list(b.shape)}: a bias per row"
+                )
+            b = p.gemm_beta * b.reshape(b.shape[-1:] if b.ndim else ())
+        elif b.shape != (n,):
+            raise FoldRefused(f"{describe_node(p.node)}'s bias has shape {list(b.shape)}")
+        total = total + np.broadcast_to(b, (n,))
+    if pair.add is not None:
+        a = c.value(pair.add.inputs[pair.add_const]).astype(np.float64)
+        vector = np.full(n, a.reshape(-1)[0]) if a.size == 1 else a.reshape(-1)
+        if vector.shape != (n,):
+            raise FoldRefused(f"the constant added after the layer has shape {list(a.shape)}")
+        total = total + vector
+    if not np.isfinite(total).all():
+        raise FoldRefused("the layer's bias is not finite")
+    new_bias = algebra.folded_bias(None, s, s * total + t, like=stored, dtype=dtype)
+    keep_add = pair.add is not None and p.bias_index is None
+    if keep_add and p.channel_last:
+        bias_shape: tuple[int, ...] = (n,)
+    elif keep_add:
+        bias_shape = (n,) + (1,) * (pair.rank - 2)
+    else:
+        bias_shape = (n,)
+    return _Fold(new_weight, in_place, new_bias, bias_shape)
+
+
+def _new_initializer(
+    ctx: _Context, graph: ir.Graph, base: str, array: np.ndarray, dtype: ir.DataType
+) -> ir.Value:
+    name = ctx.unique(base)
+    tensor = ir.Tensor(np.ascontiguousarray(array), dtype=dtype, name=name)
+    value = ir.Value(name=name, const_value=tensor, type=ir.TensorType(dtype))
+    value.shape = ir.Shape(array.shape)
+    graph.register_initializer(value)
+    if ctx.legacy_inputs:
+        graph.inputs.append(value)
+    return value
+
+
+def _bias_name(weight_name: str | None, node: ir.Node) -> str:
+    if weight_name and weight_name.endswith("weight"):
+        return weight_name[: -len("weight")] + "bias"
+    return f"{weight_name or _name(node)}_bias"
+
+
+def _apply(ctx: _Context, pair: _Pair, fold: _Fold) -> None:
+    bn, p, w, graph = pair.bn, pair.producer, pair.weight, pair.graph
+    assert p is not None and w is not None
+    tensor = ctx.constants.stored(w.source)
+    assert tensor is not None
+    dtype = tensor.dtype
+    dead: list[ir.Value] = [v for v in (bn.scale, bn.bias, bn.mean, bn.var) if v is not None]
+    if fold.weight_in_place:
+        w.source.const_value = ir.Tensor(fold.weight, dtype=dtype, name=w.source.name)
+    else:
+        base = f"{w.source.name or _name(p.node)}_folded"
+        new = _new_initializer(ctx, p.node.graph or graph, base, fold.weight, dtype)
+        old = p.node.inputs[p.weight_index]
+        p.node.replace_input_with(p.weight_index, new)
+        if old is not None:
+            dead.append(old)
+    bias_value = _new_initializer(
+        ctx,
+        p.node.graph or graph,
+        _bias_name(w.source.name, p.node),
+        fold.bias.reshape(fold.bias_shape),
+        dtype,
+    )
+    last = p.node.outputs[0]
+    if p.bias_index is not None:
+        if len(p.node.inputs) <= p.bias_index:
+            p.node.resize_inputs(p.bias_index + 1)
+        old_bias = p.node.inputs[p.bias_index]
+        p.node.replace_input_with(p.bias_index, bias_value)
+        if old_bias is not None:
+            dead.append(old_bias)
+        if p.node.op_type == "Gemm":
+            p.node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
+        if pair.add is not None:
+            add_out = pair.add.outputs[0]
+            dead.append(pair.add.inputs[pair.add_const])  # type: ignore[arg-type]
+            add_out.replace_all_uses_with(last)
+            graph.remove(pair.add, safe=True)
+    elif pair.add is not None:
+        dead.append(pair.add.inputs[pair.add_const])  # type: ignore[arg-type]
+        pair.add.replace_input_with(pair.add_const, bias_value)
+        last = pair.add.outputs[0]
+    else:
+        add = ir.node("Add", [last, bias_value], name=ctx.unique(f"{_name(p.node)}_bias"))
+        out = add.outputs[0]
+        out.name = ctx.unique(f"{last.name or _name(p.node)}_biased")
+        out.type, out.shape = last.type, last.shape
+        for use in last.uses():
+            if use.node is not add:
+                use.node.replace_input_with(use.idx, out)
+        graph.insert_after(p.node, add)
+        last = out
+    if pair.chain:
+        last = pair.chain[-1].outputs[0]
+    _remove_batch_norm(ctx, bn, last)
+    _drop_unused(ctx, dead)
+
+
+def _remove_batch_norm(ctx: _Context, bn: BatchNormCall, replacement: ir.Value) -> None:
+    y = bn.node.outputs[0]
+    graph = bn.node.graph
+    assert graph is not None
+    name = y.name
+    was_output = y.is_graph_output()
+    if replacement.type is None:
+        replacement.type = y.type
+    if replacement.shape is None:
+        replacement.shape = y.shape
+    y.replace_all_uses_with(replacement, replace_graph_outputs=True)
+    graph.remove(bn.node, safe=True)
+    if was_output and name:
+        y.name = None
+        replacement.name = name
+
+
+def _drop_unused(ctx: _Context, values: Iterable[ir.Value]) -> None:
+    """Remove the given values' producers and initializers when nothing uses them any more,
+    and so on upstream: the constant subgraphs the fold made dead, and nothing else."""
+    work = list(values)
+    while work:
+        value = work.pop()
+        if value.uses() or value.is_graph_output():
+            continue
+        node = value.producer()
+        if node is not None:
+            graph = node.graph
+            if (
+                graph is None
+                or any(o.uses() or o.is_graph_output() for o in node.outputs)
+                or any(a.type == ir.AttributeType.GRAPH for a in node.attributes.values())
+                or any(a.type == ir.AttributeType.GRAPHS for a in node.attributes.values())
+            ):
+                continue
+            inputs = [v for v in node.inputs if v is not None]
+            graph.remove(node, safe=True)
+            work.extend(inputs)
+        elif value.is_initializer():
+            graph = value.graph
+            if graph is None or (value.is_graph_input() and not ctx.legacy_inputs):
+                continue
+            if value.is_graph_input():
+                graph.inputs.remove(value)
+            graph.initializers.pop(value.name)
+
+
+# --------------------------------------------------------------------------------------------
+# The pass over a model
+
+
+def _fold_model(model: ir.Model, selected: set[str], apply: bool = True) -> FoldReport:
+    """Fold every foldable BatchNorm of ``model`` in place; return the report."""
+    ctx = _Context(model)
+    entries: list[FoldEntry] = []
+    for graph in list(model.graphs()):
+        for node in list(graph):
+            if node.graph is not graph:
+                continue  # removed by an earlier fold
+            version = opset_version(model, node)
+            bn = batch_norm_call(node, version)
+            if bn is None:
+                continue
+            pair = _examine(ctx, graph, bn)
+            assert pair.facts is not None
+            decision = rules.decide(pair.facts, selected)
+            fold = None
+            if decision.ok:
+                try:
+                    fold = _compute(ctx, pair)
+                except FoldRefused as e:
+                    decision = rules.Decision(False, rules.VALID_VALUES, e.reason)
+            entries.append(_entry(pair, decision))
+            if fold is not None and apply:
+                _apply(ctx, pair, fold)
+    entries.extend(_function_entries(model))
+    return FoldReport(entries, model=model.graph.name or "ONNX model")
+
+
+def _label(pair: _Pair) -> str:
+    p = pair.producer
+    if p is None:
+        return ""
+    return p.node.op_type + ("+Add" if pair.add is not None else "")
+
+
+def _entry(pair: _Pair, decision: rules.Decision) -> FoldEntry:
+    target = _name(pair.producer.node) if pair.producer is not None else None
+    return FoldEntry(
+        bn=_name(pair.bn.node),
+        target=target,
+        action="folded" if decision.ok else "skipped",
+        reason=decision.reason,
+        rule=decision.rule,
+        bn_type="BatchNormalization",
+        target_type=_label(pair),
+    )
+
+
+def _function_entries(model: ir.Model) -> list[FoldEntry]:
+    entries = []
+    for function in model.functions.values():
+        for node in function.all_nodes():
+            if node.op_type == "BatchNormalization" and is_default_domain(node):
+                entries.append(
+                    FoldEntry(
+                        bn=f"{function.name}/{_name(node)}",
+                        target=None,
+                        action="skipped",
+                        rule=rules.MODULE_BOUNDARY,
+                        reason=(
+                            f"inside model-local function {function.domain}:{function.name}, "
+                            "whose body serves every call; inline the functions first "
+                            "(onnx.inliner.inline_local_functions)"
+                        ),
+                        bn_type="BatchNormalization",
+                    )
+                )
+    return entries
+
+
+# --------------------------------------------------------------------------------------------
+# Public entry points
+
+
+def _working_model(model: Any, inplace: bool) -> ir.Model:
+    if isinstance(model, ir.Model):
+        return model if inplace else model.clone()
+    if isinstance(model, onnx.ModelProto):
+        _refuse_unloaded_external_data(model)
+        try:
+            return ir.serde.deserialize_model(model)
+        except Exception as e:
+            raise UnsupportedModelError(f"bnfold cannot read this ONNX model: {e}") from e
+    raise UnsupportedModelError(
+        f"the ONNX frontend takes an onnx.ModelProto or onnx_ir.Model, not {type(model).__name__}"
+    )
+
+
+def _refuse_unloaded_external_data(model: onnx.ModelProto) -> None:
+    graphs = [model.graph]
+    while graphs:
+        g = graphs.pop()
+        for tensor in g.initializer:
+            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                raise UnsupportedModelError(
+                    f"initializer {tensor.name!r} is stored in an external data file that this "
+                    "ModelProto does not hold: load it with onnx.load(path) (which reads external "
+                    "data), or use onnx_ir.load(path), or fold the file with the bnfold command"
+                )
+        for node in g.node:
+            for attr in node.attribute:
+                graphs.extend([attr.g] if attr.HasField("g") else [])
+                graphs.extend(attr.graphs)
+
+
+def analyze(model: Any, example_inputs: Any = None, *, producers: Any = None) -> FoldReport:
+    """What :func:`fold` would do to ``model``; nothing is changed."""
+    selected = rules.selected_kinds(producers)
+    working = _working_model(model, inplace=False)
+    return _fold_model(working, selected)
+
+
+def fold(
+    model: Any,
+    example_inputs: Any = None,
+    *,
+    inplace: bool = False,
+    producers: Any = None,
+    return_report: bool = False,
+) -> Any:
+    """Fold ``model`` (an ``onnx.ModelProto`` or ``onnx_ir.Model``); return one of the same kind.
+
+    ``example_inputs`` is not needed: ONNX models carry their own shapes.
+    """
+    selected = rules.selected_kinds(producers)
+    if not isinstance(inplace, bool):
+        raise InvalidArgumentError(f"inplace must be True or False, not {inplace!r}")
+    working = _working_model(model, inplace)
+    report = _fold_model(working, selected)
+    result: Any = working
+    if isinstance(model, onnx.ModelProto):
+        result = ir.serde.serialize_model(working)
+        if inplace:
+            model.CopyFrom(result)
+            result = model
+    return (result, report) if return_report else result
+
+
+def verify(original: Any, folded: Any, example_inputs: Any) -> tuple[float, float]:
+    """Run both models in onnxruntime on ``example_inputs`` (a dict of input name to array, or
+    ``None`` for random inputs); return ``(max_abs_err, max_rel_err)``."""
+    from . import onnx_files
+
+    return onnx_files.verify(original, folded, example_inputs)

@@ -1,0 +1,224 @@
+"""The ONNX operators the fold reads: BatchNormalization, its producers, and the layout
+operators that may stand between them.
+
+Everything here reads the operator specifications (attributes, defaults, input positions) and
+nothing else; the legality decision is :mod:`bnfold.rules`' and the rewriting
+:mod:`bnfold.onnx_fold`'s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import onnx_ir as ir
+
+from .onnx_const import describe_node, is_default_domain
+
+# BatchNormalization's default epsilon in every version.
+DEFAULT_EPSILON = 1e-5
+
+
+@dataclass
+class BatchNormCall:
+    """One BatchNormalization node as the fold sees it."""
+
+    node: ir.Node
+    version: int
+    x: ir.Value | None
+    scale: ir.Value | None
+    bias: ir.Value | None
+    mean: ir.Value | None
+    var: ir.Value | None
+    eps: float
+    not_inference: str = ""  # why it normalises with batch statistics; "" in inference mode
+    unsupported: str = ""  # why bnfold cannot read it as a per-channel affine map
+
+
+def batch_norm_call(node: ir.Node, version: int) -> BatchNormCall | None:
+    """``node`` read as a BatchNormalization of operator-set ``version``, or ``None``."""
+    if node.op_type != "BatchNormalization" or not is_default_domain(node):
+        return None
+    inputs = list(node.inputs) + [None] * (5 - len(node.inputs))
+    attrs = node.attributes
+    eps = attrs.get_float("epsilon", DEFAULT_EPSILON)
+    call = BatchNormCall(node, version, *inputs[:5], eps=float(eps))
+    extra = [v for v in node.outputs[1:] if v is not None and v.name != ""]
+    if version >= 14:
+        if attrs.get_int("training_mode", 0):
+            call.not_inference = (
+                f"{describe_node(node)} has training_mode=1: it normalises with the statistics "
+                "of each batch (export the model in eval mode)"
+            )
+    elif extra:
+        # Before version 14 the optional outputs (mean, var, saved_mean, saved_var) are what
+        # marks the training form.
+        call.not_inference = (
+            f"{describe_node(node)} has the outputs of the training form (mean, var, "
+            "saved_mean, saved_var): it normalises with batch statistics"
+        )
+    if version < 7:
+        call.unsupported = (
+            f"{describe_node(node)} is BatchNormalization-{version} (operator set < 7), which "
+            "bnfold does not read; convert the model to a newer opset"
+        )
+    elif version < 9 and attrs.get_int("spatial", 1) == 0:
+        call.unsupported = (
+            f"{describe_node(node)} has spatial=0: its statistics are per activation, not per "
+            "channel"
+        )
+    used = [v for v in extra if v.uses() or v.is_graph_output()]
+    if used and not call.not_inference:
+        call.not_inference = (
+            f"{describe_node(node)}'s running-statistics outputs are used, so it cannot disappear"
+        )
+    return call
+
+
+# --------------------------------------------------------------------------------------------
+# Producers
+
+
+@dataclass
+class ProducerCall:
+    """A node whose output channels a BatchNorm can be folded into.
+
+    ``weight_index`` is the weight operand's input position and ``weight_axis`` its axis that
+    indexes output channels (the ``groups`` blocks of a ConvTranspose weight are described by
+    :func:`bnfold.algebra.conv_transpose_layout`). ``bias_index`` is where its own bias goes;
+    ``None`` for MatMul, which has none. ``rank`` is its output's rank when the operator fixes
+    it, and ``channel_last`` says whether the output channels are the last axis (MatMul/Gemm)
+    or axis 1 (convolutions).
+    """
+
+    node: ir.Node
+    kind: str  # a rules.ProducerKind
+    weight_index: int
+    weight_axis: int
+    groups: int = 1
+    bias_index: int | None = None
+    rank: int | None = None
+    channel_last: bool = False
+    spatial_dims: int = 0
+    problem: str = ""  # why this node cannot absorb the BatchNorm after all
+    gemm_beta: float = 1.0
+
+    @property
+    def bias(self) -> ir.Value | None:
+        inputs = self.node.inputs
+        if self.bias_index is None or self.bias_index >= len(inputs):
+            return None
+        return inputs[self.bias_index]
+
+    @property
+    def weight(self) -> ir.Value | None:
+        inputs = self.node.inputs
+        return inputs[self.weight_index] if self.weight_index < len(inputs) else None
+
+
+PRODUCER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def producer_call(node: ir.Node, weight_rank: int | None) -> ProducerCall | None:
+    """``node`` read as a producer, or ``None`` when it is not one of :data:`PRODUCER_OPS`.
+
+    ``weight_rank`` is the rank of its weight operand when known (it fixes a convolution's
+    output rank).
+    """
+    if node.op_type not in PRODUCER_OPS or not is_default_domain(node):
+        return None
+    attrs = node.attributes
+    if node.op_type in ("Conv", "ConvTranspose"):
+        groups = attrs.get_int("group", 1)
+        transpose = node.op_type == "ConvTranspose"
+        call = ProducerCall(
+            node,
+            "conv_transpose" if transpose else "conv",
+            weight_index=1,
+            weight_axis=1 if transpose else 0,
+            groups=groups if transpose else 1,
+            bias_index=2,
+            rank=weight_rank,
+            spatial_dims=(weight_rank - 2) if weight_rank else 0,
+        )
+        if weight_rank is not None and weight_rank < 3:
+            call.problem = f"{describe_node(node)} has a {weight_rank}-D weight"
+        if groups < 1:
+            call.problem = f"{describe_node(node)} has group={groups}"
+        return call
+    if node.op_type == "Gemm":
+        trans_b = attrs.get_int("transB", 0)
+        call = ProducerCall(
+            node,
+            "linear",
+            weight_index=1,
+            weight_axis=0 if trans_b else 1,
+            bias_index=2,
+            rank=2,
+            channel_last=True,
+            gemm_beta=float(attrs.get_float("beta", 1.0)),
+        )
+        return call
+    # MatMul: x @ W with a 2-D constant W of shape (K, N); the output's last axis is N.
+    call = ProducerCall(node, "linear", weight_index=1, weight_axis=1, channel_last=True)
+    if weight_rank is not None and weight_rank != 2:
+        call.problem = (
+            f"{describe_node(node)} multiplies by a {weight_rank}-D tensor; bnfold folds into "
+            "2-D MatMul weights"
+        )
+    return call
+
+
+# --------------------------------------------------------------------------------------------
+# Layout operators between a producer and its BatchNorm
+
+
+LAYOUT_OPS = ("Identity", "Transpose", "Unsqueeze", "Squeeze")
+
+
+@dataclass
+class AxisTrack:
+    """The channel axis of a tensor and its rank, followed through layout operators."""
+
+    rank: int
+    axis: int
+    steps: list[str] = field(default_factory=list)
+
+
+def follow(track: AxisTrack, node: ir.Node, axes: list[int] | None) -> str:
+    """Move ``track`` through the layout node ``node``; return why it cannot, or ``""``.
+
+    ``axes`` are the Unsqueeze/Squeeze axes (attribute or constant input) when given.
+    """
+    op = node.op_type
+    if op == "Identity":
+        return ""
+    if op == "Transpose":
+        perm = node.attributes.get_ints("perm", None)
+        perm = list(reversed(range(track.rank))) if perm is None else [int(p) for p in perm]
+        if sorted(perm) != list(range(track.rank)):
+            return f"{describe_node(node)} has perm {perm}, not a permutation of {track.rank} axes"
+        track.axis = perm.index(track.axis)
+        track.steps.append(f"Transpose(perm={perm})")
+        return ""
+    if axes is None:
+        return f"{describe_node(node)} has axes bnfold cannot read"
+    if op == "Unsqueeze":
+        out_rank = track.rank + len(axes)
+        inserted = sorted({a + out_rank if a < 0 else a for a in axes})
+        if len(inserted) != len(axes) or any(not 0 <= a < out_rank for a in inserted):
+            return f"{describe_node(node)} has invalid axes {axes}"
+        kept = [i for i in range(out_rank) if i not in inserted]
+        track.axis = kept[track.axis]
+        track.rank = out_rank
+        track.steps.append(f"Unsqueeze(axes={inserted})")
+        return ""
+    # Squeeze with explicit axes
+    removed = sorted({a + track.rank if a < 0 else a for a in axes})
+    if len(removed) != len(axes) or any(not 0 <= a < track.rank for a in removed):
+        return f"{describe_node(node)} has invalid axes {axes}"
+    if track.axis in removed:
+        return f"{describe_node(node)} removes the channel axis"
+    track.axis -= sum(1 for a in removed if a < track.axis)
+    track.rank -= len(removed)
+    track.steps.append(f"Squeeze(axes={removed})")
+    return ""
