@@ -14,7 +14,7 @@ $(BIN)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH)
-	$(BIN)/python -m pip install --quiet -e '.[torch,test]'
+	$(BIN)/python -m pip install --quiet -e '.[torch,onnx,test]'
 	touch $@
 
 venv: $(BIN)/.installed

@@ -1,8 +1,9 @@
 """The ``bnfold`` command line.
 
-``bnfold MODEL -o OUT [--verify] [--report]`` folds a model file (a torch.export archive,
-``.pt2``); ``bnfold demo`` folds the built-in example network. Errors print one line to stderr
-and return a non-zero status; :func:`main` never lets an exception escape.
+``bnfold MODEL -o OUT [--verify] [--report]`` folds a model file (an ONNX model, ``.onnx``, or
+a torch.export archive, ``.pt2``); ``bnfold demo`` folds the built-in example network. Errors
+print one line to stderr and return a non-zero status; :func:`main` never lets an exception
+escape.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import time
 from collections.abc import Sequence
 
 from . import __version__
-from .errors import BnfoldError, VerificationError, first_line
+from .errors import BnfoldError, UnsupportedModelError, VerificationError, first_line
+from .report import FoldReport
 from .rules import PRODUCER_KINDS
 
 EXIT_ERROR = 1
@@ -74,7 +76,12 @@ def _file_parser() -> argparse.ArgumentParser:
         epilog=_EPILOG,
     )
     p.add_argument("--version", action="version", version=f"bnfold {__version__}")
-    p.add_argument("model", metavar="MODEL", help="model file: a torch.export archive (.pt2)")
+    p.add_argument(
+        "model",
+        metavar="MODEL",
+        help="model file: an ONNX model (.onnx, external data beside it is kept external) or a "
+        "torch.export archive (.pt2)",
+    )
     p.add_argument(
         "-o",
         "--output",
@@ -85,8 +92,9 @@ def _file_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--verify",
         action="store_true",
-        help="run the original and the folded model on random inputs and fail, writing "
-        "nothing, if they differ by more than the dtype's tolerance",
+        help="run the original and the folded model on random inputs (ONNX models in "
+        "onnxruntime) and fail, writing nothing, if they differ by more than the dtype's "
+        "tolerance",
     )
     p.add_argument("--report", action="store_true", help="print one line per BatchNorm")
     p.add_argument(
@@ -123,9 +131,11 @@ def _fold_file(args: argparse.Namespace) -> int:
     """``bnfold MODEL -o OUTPUT``: load, fold, optionally verify, then write atomically."""
     from . import files
 
-    files.model_format(args.model)
+    kind = files.model_format(args.model)
     if args.output is not None:
         files.output_target(args.output)  # fail before the work, not after it
+    if kind == "onnx":
+        return _fold_onnx(args)
     from . import torch_export as frontend
     from . import torch_pt2 as pt2
 
@@ -133,21 +143,56 @@ def _fold_file(args: argparse.Namespace) -> int:
     original = loaded.program
     start = time.perf_counter()
     folded, report = frontend.fold(original, producers=args.producers, return_report=True)
-    elapsed = time.perf_counter() - start
+    _print_outcome(args, report, time.perf_counter() - start)
+    if args.verify:
+        result = pt2.check(original, folded, args.seed)
+        if not result.passed:
+            raise _verification_failed(args, result.summary())
+        print(f"bnfold: verified on random inputs: {result.summary()}")
+    if args.output is not None:
+        files.write_atomically(args.output, lambda f: pt2.save(folded, f, loaded.extra_files))
+        print(f"bnfold: wrote {os.fspath(args.output)}")
+    return 0
+
+
+def _print_outcome(args: argparse.Namespace, report: FoldReport, elapsed: float) -> None:
     if args.report:
         print(report)
     else:
         print(f"bnfold: {report.summary()} in {elapsed:.2f} s")
+
+
+def _verification_failed(args: argparse.Namespace, summary: str) -> VerificationError:
+    written = "" if args.output is None else f"; {args.output} not written"
+    return VerificationError(f"verification failed on random inputs: {summary}{written}")
+
+
+def _fold_onnx(args: argparse.Namespace) -> int:
+    """The ONNX path: external tensors stay memory-mapped, so weights that are not folded are
+    never read until the result is written."""
+    try:
+        from . import onnx_files, onnx_fold
+    except ImportError as e:
+        raise UnsupportedModelError(
+            f"reading ONNX models needs onnx, onnx-ir and onnxruntime ({first_line(e)}): "
+            "pip install 'bnfold[onnx]'"
+        ) from e
+    loaded = onnx_files.load(args.model)
+    external = onnx_files.needs_external_data(loaded)
+    start = time.perf_counter()
+    folded, report = onnx_fold.fold(
+        loaded.model, inplace=True, producers=args.producers, return_report=True
+    )
+    _print_outcome(args, report, time.perf_counter() - start)
     if args.verify:
-        result = pt2.check(original, folded, args.seed)
+        result = onnx_files.check(loaded.path, folded, args.seed)
         if not result.passed:
-            written = "" if args.output is None else f"; {args.output} not written"
-            raise VerificationError(
-                f"verification failed on random inputs: {result.summary()}{written}"
-            )
-        print(f"bnfold: verified on random inputs: {result.summary()}")
+            raise _verification_failed(args, result.summary())
+        print(f"bnfold: verified in onnxruntime on random inputs: {result.summary()}")
     if args.output is not None:
-        files.write_atomically(args.output, lambda f: pt2.save(folded, f, loaded.extra_files))
+        onnx_files.save(
+            folded, args.output, external_data=external, reads_from=loaded.external_files
+        )
         print(f"bnfold: wrote {os.fspath(args.output)}")
     return 0
 

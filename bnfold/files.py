@@ -17,10 +17,13 @@ from typing import BinaryIO
 from .errors import ModelFileError
 
 _ZIP_MAGIC = b"PK\x03\x04"
+# An ONNX file is a ModelProto whose first field is ir_version (field 1, varint): byte 0x08.
+_ONNX_FIRST_BYTE = b"\x08"
 
 
 def model_format(path: str | os.PathLike[str]) -> str:
-    """The format of the model file at ``path``: ``"pt2"`` (a torch.export archive).
+    """The format of the model file at ``path``: ``"pt2"`` (a torch.export archive) or
+    ``"onnx"``.
 
     Raises :class:`ModelFileError` for a missing or unreadable file, or one of a kind bnfold
     does not read.
@@ -36,12 +39,13 @@ def model_format(path: str | os.PathLike[str]) -> str:
     except OSError as e:
         raise ModelFileError(f"cannot read {p}: {e.strerror or e}") from e
     suffix = p.suffix.lower()
-    if suffix == ".pt2" or (suffix not in (".onnx",) and head == _ZIP_MAGIC):
+    if suffix == ".pt2" or (suffix != ".onnx" and head == _ZIP_MAGIC):
         return "pt2"
-    if suffix == ".onnx":
-        raise ModelFileError(f"{p}: ONNX models are not supported yet; bnfold reads .pt2 files")
+    if suffix == ".onnx" or head[:1] == _ONNX_FIRST_BYTE:
+        return "onnx"
     raise ModelFileError(
-        f"{p} is not a model file bnfold reads: expected a torch.export archive (.pt2)"
+        f"{p} is not a model file bnfold reads: expected an ONNX model (.onnx) or a "
+        "torch.export archive (.pt2)"
     )
 
 

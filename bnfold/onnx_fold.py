@@ -231,6 +231,8 @@ def _walk_back(ctx: _Context, pair: _Pair) -> tuple[ir.Value | None, str]:
         node = value.producer()
         if node is None:
             return None, f"{describe(value)}, a graph input or constant"
+        if node.graph is not pair.graph:
+            return None, f"{describe(value)} from an enclosing graph"
         if node.op_type in LAYOUT_OPS and is_default_domain(node) and node.inputs:
             if len(pair.chain) >= _MAX_LAYOUT_OPS:
                 return None, f"a chain of more than {_MAX_LAYOUT_OPS} layout operators"

@@ -22,6 +22,7 @@ from torch import nn
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
 
+from .checks import CheckResult
 from .errors import ModelFileError, UnsupportedModelError, first_line
 from .torch_graph_store import ProgramStore, copy_quietly, copy_tensors, module_tensors
 from .torch_verify import compare, fresh_copy, output_tensors, tolerance
@@ -195,40 +196,6 @@ def sample_inputs(ep: ExportedProgram, seed: int = 0) -> tuple[tuple, dict]:
             )
     args, kwargs = pytree.tree_unflatten(flat, ep.call_spec.in_spec)
     return tuple(args), dict(kwargs)
-
-
-# Integer and boolean outputs (class ids, masks) are decisions: an exact fold still flips the
-# few that sit on a boundary. --verify allows this share of their elements to differ.
-DISCRETE_MISMATCH_TOLERANCE = 1e-2
-
-
-@dataclass(frozen=True)
-class CheckResult:
-    """How the folded program's outputs compare with the original's on random inputs."""
-
-    max_abs: float
-    max_rel: float  # over floating-point outputs
-    tolerance: float
-    discrete_mismatch: float  # share of integer/bool output elements that differ
-    discrete_outputs: bool
-
-    @property
-    def passed(self) -> bool:
-        return self.max_rel <= self.tolerance and (
-            self.discrete_mismatch <= DISCRETE_MISMATCH_TOLERANCE
-        )
-
-    def summary(self) -> str:
-        text = (
-            f"max abs err {self.max_abs:.3g}, max rel err {self.max_rel:.3g} "
-            f"(tolerance {self.tolerance:.3g})"
-        )
-        if self.discrete_outputs:
-            text += (
-                f"; integer/bool outputs differ in {self.discrete_mismatch:.3%} of elements "
-                f"(tolerance {DISCRETE_MISMATCH_TOLERANCE:.0%})"
-            )
-        return text
 
 
 def runnable(program: ExportedProgram) -> nn.Module:

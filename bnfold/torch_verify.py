@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import checks
 from .errors import InvalidArgumentError, UnsupportedModelError
 
 _PLAIN = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device)
@@ -48,44 +49,23 @@ def normalise_inputs(example_inputs: Any) -> tuple | None:
 
 
 def _error(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    """(max |x - y|, that / max |x|), with NaN where the other is not NaN counting as inf."""
+    """(max |x - y|, that / max |x|), as :func:`bnfold.checks.array_error` measures it."""
     if x.dtype == torch.bool:
         x, y = x.to(torch.uint8), y.to(torch.uint8)
     wide = torch.complex128 if (x.is_complex() or y.is_complex()) else torch.float64
+    # Widened on the CPU first: numpy has no bfloat16, and some devices no float64.
     x64, y64 = x.detach().to("cpu", wide), y.detach().to("cpu", wide)
-    if not x64.numel():
-        return 0.0, 0.0
-    both_nan = x64.isnan() & y64.isnan()
-    same = (x64 == y64) | both_nan  # equal infinities agree too
-    diff = (x64 - y64).abs().nan_to_num(nan=float("inf"), posinf=float("inf"))
-    diff = torch.where(same, torch.zeros_like(diff), diff)
-    err = float(diff.max())
-    finite = x64.isfinite()
-    scale = float(x64[finite].abs().max()) if finite.any() else 0.0
-    rel = err / scale if scale > 0 else (0.0 if err == 0 else float("inf"))
-    return err, rel
-
-
-# Relative error (max|a - b| / max|a|) a fold may cause, by output dtype: a few roundings of
-# the dtype's precision, grown by depth; used by the command line's --verify.
-REL_TOLERANCE = {
-    torch.float64: 1e-9,
-    torch.float32: 1e-4,
-    torch.float16: 1e-2,
-    torch.bfloat16: 5e-2,
-}
+    return checks.array_error(x64.numpy(), y64.numpy())
 
 
 def tolerance(outputs: list[torch.Tensor]) -> float:
-    """The relative tolerance for outputs of these dtypes: that of the least precise."""
-    real = {torch.complex32: torch.float16, torch.complex64: torch.float32}
-    real[torch.complex128] = torch.float64
-    tols = [
-        REL_TOLERANCE.get(real.get(t.dtype, t.dtype), 1e-4)
+    """The relative tolerance for outputs of these dtypes: that of the least precise
+    (:data:`bnfold.checks.REL_TOLERANCE`; integer and bool outputs must match exactly)."""
+    return checks.tolerance(
+        str(t.dtype).removeprefix("torch.")
         for t in outputs
         if t.is_floating_point() or t.is_complex()
-    ]
-    return max(tols, default=0.0)  # integer and bool outputs must match exactly
+    )
 
 
 def verify(original: nn.Module, folded: nn.Module, example_inputs: Any) -> tuple[float, float]:

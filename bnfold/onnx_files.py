@@ -1,0 +1,894 @@
+"""ONNX model files for the command line: read, write, random inputs, check.
+
+Reading refuses, with one line, what onnx and onnx_ir would only trip over later (names that
+nothing defines, tensors whose data does not fit their shape, external data outside the model's
+directory or shorter than declared), judged from the file's structure and sizes alone: weights
+in external data files stay memory-mapped and unread until a fold needs them. Writing is
+atomic: the files are written into a temporary directory beside the target, flushed, and
+renamed into place. :func:`check` runs the original and the folded model in onnxruntime on the
+same random inputs and compares every output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import math
+import os
+import shutil
+import stat
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from .checks import CheckResult, array_error, compare_arrays, is_floating
+from .errors import (
+    BnfoldError,
+    ModelFileError,
+    UnsupportedModelError,
+    VerificationError,
+    first_line,
+)
+from .files import output_target, write_atomically
+
+# A serialized ModelProto cannot exceed 2 GiB (protobuf's limit); tensors adding up to more
+# than this leave room for the graph itself and go to an external data file.
+_MAX_INLINE_BYTES = 1_800_000_000
+# With external data, initializers larger than this go to the data file (small ones stay in
+# the .onnx, where they cost nothing and keep it readable).
+_EXTERNAL_THRESHOLD = 1024
+_DATA_SUFFIX = ".data"
+# Where load() notes the file a model came from, so that save() can tell an in-place write.
+_SOURCE_KEY = "bnfold.source_path"
+_DEFAULT_DOMAINS = ("", "ai.onnx")
+# Sizes --verify tries for dimensions the model leaves free (other than the leading, batch-like
+# one, which gets 2): a spatial dimension smaller than a kernel makes onnxruntime refuse.
+_DIM_SIZES = (16, 32, 64)
+_LEADING_DIM_SIZE = 2
+
+
+@dataclass
+class ModelFile:
+    """An ONNX model as read, with the external data files its tensors are stored in
+    (resolved absolute paths; empty when all data is inline)."""
+
+    model: ir.Model
+    path: Path
+    external_files: frozenset[Path]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def load(path: str | os.PathLike[str]) -> ModelFile:
+    """Read an ONNX model file; external tensors stay memory-mapped, unread.
+
+    Raises :class:`ModelFileError` (one line) for a missing, empty, truncated or damaged file,
+    one that is not an ONNX model, or external data that is missing, too short or outside the
+    model's directory; :class:`UnsupportedModelError` for sparse initializers.
+    """
+    p = Path(path)
+    _check_is_file(p)
+    try:
+        proto = onnx.load_model(os.fspath(p), format="protobuf", load_external_data=False)
+    except OSError as e:
+        raise ModelFileError(f"cannot read {p}: {e.strerror or e}") from e
+    except Exception as e:  # protobuf's DecodeError, or whatever a damaged file makes onnx raise
+        raise ModelFileError(
+            f"{p} is not an ONNX model, or it is truncated or damaged: protobuf cannot parse "
+            f"it ({first_line(e)})"
+        ) from e
+    # Absolute, so that onnx_ir's own containment checks apply and a later chdir is harmless.
+    base_dir = os.path.dirname(os.path.abspath(p))
+    checker = _ProtoChecker(p, base_dir)
+    checker.model(proto)
+    try:
+        model = ir.serde.deserialize_model(proto)
+    except Exception as e:
+        raise ModelFileError(f"{p}: onnx_ir cannot read this model ({first_line(e)})") from e
+    for tensor in _all_tensors(model):
+        if isinstance(tensor, ir.ExternalTensor):
+            tensor.base_dir = base_dir
+    source = os.path.abspath(p)
+    model.meta[_SOURCE_KEY] = source
+    model.graph.meta[_SOURCE_KEY] = source
+    return ModelFile(model, p, frozenset(checker.external_files))
+
+
+def _check_is_file(p: Path) -> None:
+    """Refuse a path that cannot be a model file before protobuf sees it."""
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        raise ModelFileError(f"{p}: no such file") from None
+    except OSError as e:
+        raise ModelFileError(f"cannot read {p}: {e.strerror or e}") from e
+    if stat.S_ISDIR(st.st_mode):
+        raise ModelFileError(f"{p} is a directory, not a model file")
+    if not stat.S_ISREG(st.st_mode):
+        raise ModelFileError(f"{p} is not a regular file")
+    if st.st_size == 0:
+        raise ModelFileError(f"{p} is empty (0 bytes), not an ONNX model")
+
+
+def _expected_nbytes(n: int, dtype: ir.DataType) -> int:
+    """Bytes that ``n`` elements of ``dtype`` take in raw_data or external data (sub-byte
+    types packed), computed in Python integers: an absurd shape never allocates."""
+    return (n * dtype.bitwidth + 7) // 8
+
+
+def _node_label(n: onnx.NodeProto) -> str:
+    return f"node {n.name!r} ({n.op_type})" if n.name else f"a {n.op_type} node"
+
+
+class _ProtoChecker:
+    """Checks a ModelProto's structure and tensor sizes without reading tensor data."""
+
+    def __init__(self, path: Path, base_dir: str) -> None:
+        self.path = path
+        self.base_dir = base_dir
+        self.external_files: set[Path] = set()
+        self._sizes: dict[str, int] = {}  # data file (real path) -> size in bytes
+
+    def fail(self, message: str) -> ModelFileError:
+        return ModelFileError(f"{self.path}: {message}")
+
+    def model(self, proto: onnx.ModelProto) -> None:
+        if not proto.HasField("graph"):
+            raise ModelFileError(f"{self.path} is not an ONNX model: it holds no graph")
+        if proto.ir_version < 3:
+            raise ModelFileError(
+                f"{self.path} is not an ONNX model bnfold reads: its IR version is "
+                f"{proto.ir_version} (3 or newer is needed; the file may be damaged)"
+            )
+        opsets = {o.domain for o in proto.opset_import}
+        uses_default = self.graph(proto.graph, [])
+        if uses_default and not opsets & set(_DEFAULT_DOMAINS):
+            raise self.fail(
+                "the graph uses ONNX operators but the model imports no ONNX opset; the file "
+                "may be truncated or damaged"
+            )
+        for function in proto.functions:
+            self.function(function)
+
+    def graph(self, g: onnx.GraphProto, outer: list[set[str]]) -> bool:
+        """Check a graph and its subgraphs; whether they use default-domain operators."""
+        if len(g.sparse_initializer):
+            raise UnsupportedModelError(
+                f"{self.path} has sparse initializers, which bnfold cannot keep; store them "
+                "as dense initializers (onnx.numpy_helper) and try again"
+            )
+        defined = {v.name for v in g.input}
+        for t in g.initializer:
+            self.tensor(t, f"initializer {t.name!r}")
+            defined.add(t.name)
+        defined.update(o for n in g.node for o in n.output if o)
+        scopes = [*outer, defined]
+        uses_default = False
+        for n in g.node:
+            uses_default |= n.domain in _DEFAULT_DOMAINS
+            uses_default |= self.node(n, scopes)
+        for v in g.output:
+            if not any(v.name in s for s in scopes):
+                raise self.fail(
+                    f"graph output {v.name!r} is computed by nothing in the model; the file "
+                    "may be truncated or damaged"
+                )
+        return uses_default
+
+    def node(self, n: onnx.NodeProto, scopes: list[set[str]]) -> bool:
+        """Check a node's inputs, attribute tensors and subgraphs."""
+        for name in n.input:
+            if name and not any(name in s for s in scopes):
+                raise self.fail(
+                    f"{_node_label(n)} reads {name!r}, which nothing in the model defines; "
+                    "the file may be truncated or damaged"
+                )
+        uses_default = False
+        for a in n.attribute:
+            label = f"the tensor in attribute {a.name!r} of {_node_label(n)}"
+            if a.type == onnx.AttributeProto.TENSOR:
+                self.tensor(a.t, label)
+            elif a.type == onnx.AttributeProto.TENSORS:
+                for t in a.tensors:
+                    self.tensor(t, label)
+            elif a.type == onnx.AttributeProto.GRAPH:
+                uses_default |= self.graph(a.g, scopes)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for g in a.graphs:
+                    uses_default |= self.graph(g, scopes)
+        return uses_default
+
+    def function(self, f: onnx.FunctionProto) -> None:
+        defined = set(f.input)
+        defined.update(o for n in f.node for o in n.output if o)
+        for n in f.node:
+            self.node(n, [defined])
+        for name in f.output:
+            if name not in defined:
+                raise self.fail(
+                    f"function {f.name!r} returns {name!r}, which it does not compute; the file "
+                    "may be truncated or damaged"
+                )
+
+    def tensor(self, t: onnx.TensorProto, label: str) -> None:
+        """Check that a tensor's data fits its shape and element type, from sizes alone."""
+        dims = list(t.dims)
+        if any(d < 0 for d in dims):
+            raise self.fail(f"{label} has a negative dimension in its shape {dims}")
+        try:
+            dtype = ir.DataType(t.data_type)
+        except ValueError:
+            dtype = ir.DataType.UNDEFINED
+        if dtype == ir.DataType.UNDEFINED:
+            raise self.fail(
+                f"{label} has the unknown element type {t.data_type}; the file may be "
+                "damaged, or written by a newer ONNX"
+            )
+        if t.HasField("segment"):
+            raise self.fail(f"{label} is a segment of a tensor, which bnfold does not read")
+        n = math.prod(dims)
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            self.external(t, label, n, dtype, dims)
+            return
+        if dtype == ir.DataType.STRING:
+            if t.HasField("raw_data") or len(t.string_data) != n:
+                raise self.fail(
+                    f"{label} holds {len(t.string_data)} strings but its shape {dims} needs "
+                    f"{n}; the file may be truncated or damaged"
+                )
+            return
+        if t.HasField("raw_data"):
+            expected = _expected_nbytes(n, dtype)
+            if len(t.raw_data) != expected:
+                raise self.fail(
+                    f"{label} holds {len(t.raw_data)} bytes of data but its shape {dims} of "
+                    f"{dtype.name} needs {expected}; the file may be truncated or damaged"
+                )
+            return
+        count = sum(
+            len(field)
+            for field in (t.float_data, t.int32_data, t.int64_data, t.double_data, t.uint64_data)
+        )
+        if dtype in (ir.DataType.COMPLEX64, ir.DataType.COMPLEX128):
+            allowed = {2 * n}  # real and imaginary parts
+        elif dtype.bitwidth < 8:
+            allowed = {n, _expected_nbytes(n, dtype)}  # writers disagree on packing
+        else:
+            allowed = {n}
+        if count not in allowed:
+            raise self.fail(
+                f"{label} holds {count} values but its shape {dims} needs {n}; the file may "
+                "be truncated or damaged"
+            )
+
+    def external(
+        self, t: onnx.TensorProto, label: str, n: int, dtype: ir.DataType, dims: list[int]
+    ) -> None:
+        """Check an external tensor's location and that its file holds its bytes."""
+        info = {e.key: e.value for e in t.external_data}
+        location = info.get("location", "")
+        if not location:
+            raise self.fail(f"{label} is stored externally but names no data file")
+        if dtype == ir.DataType.STRING:
+            raise self.fail(f"{label} is a string tensor stored externally, which ONNX forbids")
+        if os.path.isabs(location) or location.startswith(("/", "\\")):
+            raise self.fail(
+                f"{label} is stored in {location!r}, an absolute path; ONNX external data must "
+                "be relative to the model's directory (refusing to read it)"
+            )
+        normal = os.path.normpath(location)
+        if normal == os.pardir or normal.startswith(os.pardir + os.sep):
+            raise self.fail(
+                f"{label} is stored in {location!r}, outside the model's directory; refusing "
+                "to read it (put the data file beside the model)"
+            )
+        file = os.path.join(self.base_dir, normal)
+        real = os.path.realpath(file)
+        real_base = os.path.realpath(self.base_dir)
+        if not real.startswith(real_base.rstrip(os.sep) + os.sep):
+            # onnx_ir refuses to read through such a link; say so now, not in the middle of a fold
+            raise self.fail(
+                f"{label} is stored in {location!r}, a symbolic link to {real}, outside the "
+                "model's directory; onnx_ir refuses to read it (copy the data file beside the "
+                "model)"
+            )
+        try:
+            offset = int(info.get("offset", "0"))
+            length = int(info["length"]) if "length" in info else None
+        except ValueError:
+            raise self.fail(
+                f"{label} has an external data offset or length that is not a number "
+                f"({info.get('offset')!r}, {info.get('length')!r}); the file may be damaged"
+            ) from None
+        expected = _expected_nbytes(n, dtype)
+        if offset < 0:
+            raise self.fail(f"{label} has the negative external data offset {offset}")
+        if length is not None and length != expected:
+            raise self.fail(
+                f"{label} declares {length} bytes at offset {offset} of {location!r}, but its "
+                f"shape {dims} of {dtype.name} needs {expected}; the file may be damaged"
+            )
+        size = self._file_size(real, label, file)
+        if offset + expected > size:
+            raise self.fail(
+                f"{label} needs bytes {offset} to {offset + expected} of {file}, which holds "
+                f"only {size}; the data file may be truncated"
+            )
+        self.external_files.add(Path(real))
+
+    def _file_size(self, real: str, label: str, file: str) -> int:
+        if real in self._sizes:
+            return self._sizes[real]
+        try:
+            st = os.stat(real)
+        except FileNotFoundError:
+            raise self.fail(
+                f"{label} is stored in {file}, which does not exist; put the model's data file "
+                "beside it"
+            ) from None
+        except OSError as e:
+            raise self.fail(f"cannot read the data file {file}: {e.strerror or e}") from e
+        if not stat.S_ISREG(st.st_mode):
+            raise self.fail(f"{label} is stored in {file}, which is not a regular file")
+        if st.st_nlink > 1:
+            # onnx_ir refuses hard-linked data files (a guard against linking in other files)
+            raise self.fail(
+                f"the data file {file} has {st.st_nlink} hard links, which onnx_ir refuses to "
+                "read; copy it (cp) so that it has one"
+            )
+        self._sizes[real] = st.st_size
+        return st.st_size
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensors of an ir.Model
+
+
+def _nodes(model: ir.Model) -> Iterator[ir.Node]:
+    """Every node: in the graph, its subgraphs, and the model's functions."""
+    yield from ir.traversal.RecursiveGraphIterator(model.graph)
+    for function in model.functions.values():
+        yield from ir.traversal.RecursiveGraphIterator(function)
+
+
+def _attribute_tensors(attr: ir.Attr) -> Iterator[ir.TensorProtocol]:
+    if attr.is_ref() or attr.value is None:
+        return
+    if attr.type == ir.AttributeType.TENSOR:
+        yield attr.value
+    elif attr.type == ir.AttributeType.TENSORS:
+        yield from attr.value
+
+
+def _all_tensors(model: ir.Model) -> Iterator[ir.TensorProtocol]:
+    """Every tensor the model stores: initializers of all graphs and attribute tensors."""
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            if value.const_value is not None:
+                yield value.const_value
+    for node in _nodes(model):
+        for attr in node.attributes.values():
+            yield from _attribute_tensors(attr)
+
+
+def _nbytes(tensor: ir.TensorProtocol) -> int:
+    """A tensor's size from its shape and type (no data is read)."""
+    try:
+        return tensor.nbytes
+    except (TypeError, ValueError):  # string tensors have no fixed element size
+        return 0
+
+
+def _tensor_bytes(model: ir.Model) -> int:
+    return sum(_nbytes(t) for t in _all_tensors(model))
+
+
+def _has_external(model: ir.Model) -> bool:
+    return any(isinstance(t, ir.ExternalTensor) for t in _all_tensors(model))
+
+
+def needs_external_data(loaded: ModelFile) -> bool:
+    """Whether the folded model should be written with external data: the input had it (keep
+    the user's layout), or its tensors are too large for one protobuf message."""
+    return bool(loaded.external_files) or _tensor_bytes(loaded.model) > _MAX_INLINE_BYTES
+
+
+def _in_memory(tensor: ir.TensorProtocol) -> ir.TensorProtocol:
+    """An in-memory tensor for an external one (its data is read only when serialized)."""
+    if not isinstance(tensor, ir.ExternalTensor):
+        return tensor
+    return ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=tensor.name)
+
+
+@contextlib.contextmanager
+def _external_tensors_inlined(model: ir.Model, initializers: bool) -> Iterator[None]:
+    """Temporarily replace external tensors whose location would be wrong in the output:
+    attribute tensors always (ir.save moves only initializers), initializers too when
+    ``initializers`` (an output without external data)."""
+    undo: list[Any] = []
+    try:
+        if initializers:
+            for graph in model.graphs():
+                for value in graph.initializers.values():
+                    old = value.const_value
+                    if isinstance(old, ir.ExternalTensor):
+                        value.const_value = _in_memory(old)
+                        undo.append(lambda v=value, t=old: setattr(v, "const_value", t))
+        for node in _nodes(model):
+            for name, attr in list(node.attributes.items()):
+                tensors = list(_attribute_tensors(attr))
+                if not any(isinstance(t, ir.ExternalTensor) for t in tensors):
+                    continue
+                value = (
+                    _in_memory(attr.value)
+                    if attr.type == ir.AttributeType.TENSOR
+                    else [_in_memory(t) for t in attr.value]
+                )
+                node.attributes[name] = ir.Attr(name, attr.type, value, doc_string=attr.doc_string)
+                undo.append(lambda n=node, k=name, a=attr: n.attributes.__setitem__(k, a))
+        yield
+    finally:
+        for restore in reversed(undo):
+            restore()
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def output_files(path: str | os.PathLike[str], external_data: bool) -> list[Path]:
+    """The files :func:`save` writes for ``path``: the model, and its data file when
+    ``external_data`` (save also switches to external data for a model too large for one
+    protobuf message; :func:`needs_external_data` tells that case beforehand)."""
+    target = output_target(path)
+    return [target, _data_path(target)] if external_data else [target]
+
+
+def _data_path(target: Path) -> Path:
+    return target.with_name(target.name + _DATA_SUFFIX)
+
+
+def _same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _is_source(model: ir.Model, target: Path, source: str | os.PathLike[str] | None) -> bool:
+    """Whether ``target`` is the file the model was read from (an in-place write)."""
+    if source is not None:
+        return _same_file(source, target)
+    noted = (model.meta.get(_SOURCE_KEY), model.graph.meta.get(_SOURCE_KEY))
+    return any(s is not None and _same_file(s, target) for s in noted)
+
+
+def save(
+    model: ir.Model,
+    path: str | os.PathLike[str],
+    *,
+    external_data: bool,
+    reads_from: frozenset[Path] = frozenset(),
+    source: str | os.PathLike[str] | None = None,
+) -> None:
+    """Write ``model`` to ``path`` atomically, with its initializers larger than 1 KiB in
+    ``<name>.data`` beside it when ``external_data`` (or when it is too large for one protobuf
+    message).
+
+    ``reads_from`` are the input model's external data files, still memory-mapped and read
+    from: replacing one would destroy the input, so that is refused unless ``path`` is the
+    input model itself (``source``, by default the file :func:`load` read the model from).
+    A failure at any point leaves no partial or temporary file and the targets as they were.
+    """
+    target = output_target(path)
+    if not external_data and _tensor_bytes(model) > _MAX_INLINE_BYTES:
+        external_data = True  # one protobuf message cannot hold it
+    reading = {os.path.realpath(p) for p in reads_from}
+    if os.path.realpath(target) in reading:
+        raise ModelFileError(
+            f"cannot write {target}: the input model's weights are stored in that file; "
+            "choose another output file name"
+        )
+    if not external_data:
+        _save_inline(model, target)
+        return
+    data = _data_path(target)
+    if data.is_dir() and not data.is_symlink():
+        raise ModelFileError(f"cannot write {data} (the model's data file): it is a directory")
+    if os.path.realpath(data) in reading and not _is_source(model, target, source):
+        raise ModelFileError(
+            f"cannot write {data}: the input model reads its weights from that file, and "
+            "writing this output would replace it; choose another output file name (or "
+            "write over the input model itself)"
+        )
+    _save_with_data(model, target, data)
+
+
+def _save_inline(model: ir.Model, target: Path) -> None:
+    """One self-contained .onnx file, written by write_atomically."""
+    try:
+        with _external_tensors_inlined(model, initializers=True):
+            proto = ir.serde.serialize_model(model)
+        content = proto.SerializeToString()
+    except Exception as e:
+        raise ModelFileError(
+            f"cannot write {target}: the model cannot be serialized ({type(e).__name__}: "
+            f"{first_line(e)})"
+        ) from e
+    del proto
+    write_atomically(target, lambda f: f.write(content))
+
+
+def _save_with_data(model: ir.Model, target: Path, data: Path) -> None:
+    """The .onnx and its data file, written in a temporary directory beside the target and
+    renamed into place, the data file first (the .onnx refers to it)."""
+    directory = target.parent
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory))
+    except OSError as e:
+        raise ModelFileError(f"cannot write to {directory}: {e.strerror or e}") from e
+    try:
+        tmp_model, tmp_data = tmp / target.name, tmp / data.name
+        with _external_tensors_inlined(model, initializers=False):
+            ir.save(
+                model,
+                tmp_model,
+                format="protobuf",
+                external_data=data.name,
+                size_threshold_bytes=_EXTERNAL_THRESHOLD,
+            )
+        if not tmp_data.exists():
+            tmp_data.touch()  # no tensor was large enough; still write what output_files says
+        for f in (tmp_data, tmp_model):
+            _finish(f)
+        _pin_mappings(model, data)
+        existed = os.path.lexists(data)
+        backup = _link_previous(data, tmp) if existed else None
+        os.replace(tmp_data, data)
+        try:
+            os.replace(tmp_model, target)
+        except BaseException:
+            # Undo the first rename: the old .onnx (if any) needs the old data file.
+            if backup is not None:
+                os.replace(backup, data)
+            elif not existed:
+                with contextlib.suppress(OSError):
+                    os.unlink(data)
+            raise
+    except BnfoldError:
+        raise
+    except OSError as e:
+        raise ModelFileError(f"cannot write {target}: {e.strerror or e}") from e
+    except Exception as e:
+        raise ModelFileError(f"cannot write {target}: {type(e).__name__}: {first_line(e)}") from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _finish(path: Path) -> None:
+    """Flush a written file to disk and give it normal permissions (0o666 less the umask)."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def _pin_mappings(model: ir.Model, data: Path) -> None:
+    """Map the file about to be replaced for every tensor of ``model`` stored in it.
+
+    A mapping keeps reading the old file after the rename, whereas a tensor not yet mapped
+    would open the new file at its old offset. Mapping reads nothing.
+    """
+    if not data.exists():
+        return
+    for tensor in _all_tensors(model):
+        if isinstance(tensor, ir.ExternalTensor) and _same_file(tensor.path, data):
+            tensor.numpy()
+
+
+def _link_previous(data: Path, tmp: Path) -> Path | None:
+    """A second name for the existing data file, in ``tmp``, so that a failure between the two
+    renames can put it back; None where hard links are not possible."""
+    backup = tmp / ".previous"
+    try:
+        os.link(data, backup, follow_symlinks=False)
+    except OSError:
+        return None
+    return backup
+
+
+# ---------------------------------------------------------------------------------------------
+# Random inputs
+
+
+_FLOATS = {
+    ir.DataType.FLOAT,
+    ir.DataType.DOUBLE,
+    ir.DataType.FLOAT16,
+    ir.DataType.BFLOAT16,
+}
+_INTEGERS = {
+    ir.DataType.INT8,
+    ir.DataType.INT16,
+    ir.DataType.INT32,
+    ir.DataType.INT64,
+    ir.DataType.UINT8,
+    ir.DataType.UINT16,
+    ir.DataType.UINT32,
+    ir.DataType.UINT64,
+}
+
+
+def _fed_inputs(model: ir.Model) -> list[ir.Value]:
+    """The graph inputs a caller feeds: an initializer listed as an input has a default value
+    (IR >= 4), and IR 3 lists every initializer as an input; neither is fed."""
+    graph = model.graph
+    return [v for v in graph.inputs if v.name not in graph.initializers]
+
+
+def _has_free_dims(model: ir.Model) -> bool:
+    return any(
+        v.shape is not None and any(not isinstance(d, int) for d in v.shape.dims)
+        for v in _fed_inputs(model)
+    )
+
+
+def sample_inputs(model: ir.Model, seed: int = 0, dim_size: int = 16) -> dict[str, np.ndarray]:
+    """Random values for the model's inputs (initializers are never fed).
+
+    Floats are standard normal, integers in [0, 10), bools random. Static dimensions are kept;
+    a symbolic dimension gets one size everywhere it appears: 2 if it leads some input
+    (batch-like), else ``dim_size``; an unnamed dimension gets a size by the same rule.
+    Raises :class:`UnsupportedModelError` for inputs that are not such tensors.
+    """
+    rng = np.random.default_rng(seed)
+    inputs = _fed_inputs(model)
+    for v in inputs:
+        _check_input_kind(v)
+    leading = {
+        v.shape.dims[0].value
+        for v in inputs
+        if len(v.shape.dims) and isinstance(v.shape.dims[0], ir.SymbolicDim)
+    }
+    result = {}
+    for v in inputs:
+        shape = []
+        for axis, d in enumerate(v.shape.dims):
+            if isinstance(d, int):
+                shape.append(d)
+            elif axis == 0 or (d.value is not None and d.value in leading):
+                shape.append(_LEADING_DIM_SIZE)
+            else:
+                shape.append(dim_size)
+        result[v.name] = _random_array(v.dtype, shape, rng)
+    return result
+
+
+def _check_input_kind(v: ir.Value) -> None:
+    """Refuse an input --verify cannot make random values for."""
+    kind = None
+    if type(v.type) is not ir.TensorType:
+        kind = "a non-tensor type" if v.type is None else f"type {v.type}"
+    elif v.dtype not in _FLOATS and v.dtype not in _INTEGERS and v.dtype != ir.DataType.BOOL:
+        kind = f"element type {v.dtype.name}"
+    elif v.shape is None:
+        kind = "no shape (unknown rank)"
+    if kind is not None:
+        raise UnsupportedModelError(
+            f"the model input {v.name!r} has {kind}: --verify can only make random float, "
+            "integer and bool tensors of known rank; fold without --verify and check the "
+            "result with your own inputs (bnfold.verify)"
+        )
+
+
+def _random_array(dtype: ir.DataType, shape: list[int], rng: np.random.Generator) -> np.ndarray:
+    if dtype == ir.DataType.BOOL:
+        return rng.random(shape) < 0.5
+    if dtype in _INTEGERS:
+        return rng.integers(0, 10, shape).astype(dtype.numpy())
+    return rng.standard_normal(shape).astype(dtype.numpy())  # bfloat16 through ml_dtypes
+
+
+# ---------------------------------------------------------------------------------------------
+# Running in onnxruntime
+
+
+def _open_session(model: ir.Model | Path, stack: contextlib.ExitStack) -> Any:
+    """An onnxruntime CPU session without graph optimizations (so that onnxruntime's own
+    fusions cannot hide a wrong fold): from bytes when the model fits in one message, else from
+    a copy with external data in a temporary directory, which ``stack`` removes."""
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(3)  # errors only: its warnings are noise here
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    if isinstance(model, Path):
+        source: str | bytes = os.fspath(model)
+    elif _has_external(model) or _tensor_bytes(model) > _MAX_INLINE_BYTES:
+        directory = stack.enter_context(tempfile.TemporaryDirectory(prefix="bnfold-verify-"))
+        path = Path(directory) / "model.onnx"
+        save(model, path, external_data=True)
+        source = os.fspath(path)
+    else:
+        source = ir.serde.serialize_model(model).SerializeToString()
+    return ort.InferenceSession(source, sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def _run(session: Any, inputs: dict[str, np.ndarray]) -> list[tuple[str, np.ndarray]]:
+    """Run a session; its outputs as (name, array). bfloat16 goes through OrtValues, which
+    onnxruntime's numpy conversion does not handle."""
+    import onnxruntime as ort
+
+    feeds = {}
+    for name, array in inputs.items():
+        array = np.ascontiguousarray(array)
+        if array.dtype == ir.DataType.BFLOAT16.numpy():
+            feeds[name] = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(
+                array.view(np.uint16), onnx_element_type=int(ir.DataType.BFLOAT16)
+            )
+        else:
+            feeds[name] = ort.OrtValue.ortvalue_from_numpy(array)
+    names = [o.name for o in session.get_outputs()]
+    run_options = ort.RunOptions()
+    # A failed run is raised with the same message; its log line on stderr is only noise
+    # (and the size retries of check() expect failures).
+    run_options.log_severity_level = 4
+    values = session.run_with_ort_values(names, feeds, run_options)
+    return [(name, _to_numpy(name, v)) for name, v in zip(names, values, strict=True)]
+
+
+def _to_numpy(name: str, value: Any) -> np.ndarray:
+    if not value.is_tensor():
+        raise UnsupportedModelError(
+            f"the model output {name!r} is not a tensor (a sequence, map or optional): "
+            "--verify compares tensor outputs only"
+        )
+    dtype = ir.DataType(value.element_type())
+    if dtype.numpy().kind != "V":
+        return value.numpy()
+    if dtype.bitwidth % 8:
+        raise UnsupportedModelError(
+            f"the model output {name!r} is of type {dtype.name}, which --verify cannot compare"
+        )
+    # An ml_dtypes type (bfloat16, float8) onnxruntime cannot hand to numpy: copy its bytes.
+    array = np.empty(value.shape(), dtype=dtype.numpy())
+    ctypes.memmove(array.ctypes.data, value.data_ptr(), array.nbytes)
+    return array
+
+
+def _as_ir(model: Any, which: str) -> ir.Model:
+    if isinstance(model, ir.Model):
+        return model
+    if isinstance(model, onnx.ModelProto):
+        converted = ir.serde.deserialize_model(model)
+        if _has_external(converted):
+            # A proto does not know its file's directory, so its data cannot be found.
+            raise UnsupportedModelError(
+                f"the {which} ModelProto refers to external data it cannot locate; load it "
+                "with onnx.load(path) (which reads external data) or pass onnx_ir.load(path)"
+            )
+        return converted
+    raise UnsupportedModelError(
+        f"the {which} model is a {type(model).__module__}.{type(model).__name__}; pass an "
+        "onnx.ModelProto or an onnx_ir.Model"
+    )
+
+
+def _run_both(
+    original: ir.Model,
+    original_file: Path | None,
+    folded: ir.Model,
+    inputs: dict[str, np.ndarray] | None,
+    seed: int,
+) -> tuple[list[tuple[str, np.ndarray]], list[tuple[str, np.ndarray]]]:
+    """Both models' outputs on the same inputs (random ones, retried with larger free
+    dimensions while onnxruntime rejects the original's)."""
+    with contextlib.ExitStack() as stack:
+        try:
+            session = _open_session(original_file or original, stack)
+        except BnfoldError:
+            raise
+        except Exception as e:
+            raise _cannot_run_original(e) from e
+        sizes = _DIM_SIZES if inputs is None and _has_free_dims(original) else _DIM_SIZES[:1]
+        a, error = None, None
+        for size in sizes:
+            feeds = inputs if inputs is not None else sample_inputs(original, seed, size)
+            try:
+                a = _run(session, feeds)
+                break
+            except BnfoldError:
+                raise
+            except Exception as e:  # onnxruntime's errors: a kernel refusing a size, say
+                error = e
+        if a is None:
+            raise _cannot_run_original(error) from error
+        del session
+        try:
+            b = _run(_open_session(folded, stack), feeds)
+        except BnfoldError:
+            raise
+        except Exception as e:
+            raise VerificationError(
+                "onnxruntime runs the original model but not the folded one "
+                f"({first_line(e)}); please report this bnfold bug with the model"
+            ) from e
+    if len(a) != len(b):
+        raise VerificationError(
+            f"the folded model has {len(b)} outputs, the original {len(a)}; the fold is wrong"
+        )
+    for (name, x), (_, y) in zip(a, b, strict=True):
+        if x.shape != y.shape or x.dtype != y.dtype:
+            raise VerificationError(
+                f"the folded model's output {name!r} is {y.dtype}{list(y.shape)}, the "
+                f"original's {x.dtype}{list(x.shape)}; the fold is wrong"
+            )
+    return a, b
+
+
+def _cannot_run_original(e: BaseException) -> VerificationError:
+    return VerificationError(
+        f"onnxruntime could not run the original model ({first_line(e)}); --verify needs a "
+        "model onnxruntime runs: fold without --verify"
+    )
+
+
+def check(
+    original: ir.Model | str | os.PathLike[str], folded: ir.Model, seed: int = 0
+) -> CheckResult:
+    """Run both models in onnxruntime on the same random inputs and compare every output.
+
+    ``original`` may be the input file's path (onnxruntime then reads the file itself). Run
+    this before :func:`save` writes over the input. Raises :class:`VerificationError` when
+    onnxruntime cannot run the original (or runs it but not the folded model).
+    """
+    if isinstance(original, ir.Model):
+        model, file = original, None
+    else:
+        file = Path(original)
+        model = load(file).model
+    a, b = _run_both(model, file, folded, None, seed)
+    return compare_arrays([x for _, x in a], [y for _, y in b])
+
+
+def verify(
+    original: onnx.ModelProto | ir.Model,
+    folded: onnx.ModelProto | ir.Model,
+    inputs: dict[str, np.ndarray] | None = None,
+) -> tuple[float, float]:
+    """Run both models in onnxruntime on ``inputs`` (random ones when None); return
+    ``(max_abs_err, max_rel_err)`` over the floating-point outputs (over all outputs when
+    there is none), each output's relative error being ``max|a - b| / max|a|``."""
+    a, b = _run_both(_as_ir(original, "original"), None, _as_ir(folded, "folded"), inputs, 0)
+    pairs = [(x, y) for (_, x), (_, y) in zip(a, b, strict=True)]
+    floats = [(x, y) for x, y in pairs if is_floating(x.dtype)] or pairs
+    max_abs = max_rel = 0.0
+    for x, y in floats:
+        err, rel = array_error(x, y)
+        max_abs, max_rel = max(max_abs, err), max(max_rel, rel)
+    return max_abs, max_rel
+
+
+__all__ = [
+    "ModelFile",
+    "CheckResult",
+    "load",
+    "save",
+    "output_files",
+    "needs_external_data",
+    "sample_inputs",
+    "check",
+    "verify",
+]
