@@ -166,7 +166,9 @@ class _NumpyOps:
 
     @staticmethod
     def cast(x: Any, dtype: Any) -> Any:
-        return np.asarray(x).astype(dtype, copy=False)
+        # An overflow becomes inf, which the caller reports as a refused fold.
+        with np.errstate(over="ignore", invalid="ignore"):
+            return np.asarray(x).astype(dtype, copy=False)
 
     @staticmethod
     def from64(v: np.ndarray, like: Any, dtype: Any) -> Any:

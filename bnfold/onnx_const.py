@@ -92,9 +92,15 @@ class StoredWeight:
 class Constants:
     """Reads constant values of one model; results are cached per value."""
 
-    def __init__(self, model: ir.Model) -> None:
+    def __init__(
+        self,
+        model: ir.Model,
+        inferred_dtype: Callable[[ir.Value], ir.DataType | None] | None = None,
+    ) -> None:
         self.model = model
         self.overridable = (model.ir_version or 0) >= 4
+        # The type of a value the model does not annotate, by ONNX type inference.
+        self.inferred_dtype = inferred_dtype or (lambda value: None)
         self._cache: dict[ir.Value, np.ndarray] = {}
 
     # ----------------------------------------------------------------------------------------
@@ -257,6 +263,8 @@ class _Call:
     def input_dtype(self, i: int) -> np.dtype:
         value = self.node.inputs[i]
         dtype = None if value is None else value.dtype
+        if dtype is None and value is not None:
+            dtype = self.constants.inferred_dtype(value)
         if dtype is None:
             raise NotConstant(f"the type of {describe_node(self.node)}'s input {i} is not known")
         return _numpy_dtype(dtype)

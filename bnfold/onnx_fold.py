@@ -78,10 +78,10 @@ class _Context:
 
     def __init__(self, model: ir.Model) -> None:
         self.model = model
-        self.constants = Constants(model)
+        self.constants = Constants(model, self.dtype)
         self.legacy_inputs = (model.ir_version or 0) < 4  # IR 3 lists initializers as inputs
         self._names: set[str] | None = None
-        self._ranks: dict[str, int] | None = None
+        self._inferred: dict[str, tuple[int | None, int]] | None = None
 
     def unique(self, base: str) -> str:
         """A value name not used anywhere in the model, based on ``base``."""
@@ -101,9 +101,17 @@ class _Context:
             return None
         if value.shape is not None:
             return len(value.shape)
-        if self._ranks is None:
-            self._ranks = _inferred_ranks(self.model)
-        return self._ranks.get(value.name or "")
+        return self._inference(value)[0]
+
+    def dtype(self, value: ir.Value) -> ir.DataType | None:
+        """The element type of ``value`` by ONNX type inference (when it is not declared)."""
+        elem_type = self._inference(value)[1]
+        return ir.DataType(elem_type) if elem_type else None
+
+    def _inference(self, value: ir.Value) -> tuple[int | None, int]:
+        if self._inferred is None:
+            self._inferred = _inferred_types(self.model)
+        return self._inferred.get(value.name or "", (None, 0))
 
 
 def _all_names(model: ir.Model) -> set[str]:
@@ -118,9 +126,9 @@ def _all_names(model: ir.Model) -> set[str]:
     return names
 
 
-def _inferred_ranks(model: ir.Model) -> dict[str, int]:
-    """Ranks of the model's values by ONNX shape inference, on a copy without tensor data
-    (initializers become typed inputs), so nothing large is read or serialized."""
+def _inferred_types(model: ir.Model) -> dict[str, tuple[int | None, int]]:
+    """(rank, element type) of the model's values by ONNX shape inference, on a copy without
+    tensor data (initializers become typed inputs), so nothing large is read or serialized."""
     graph = model.graph
     proto = onnx.ModelProto(ir_version=model.ir_version or 8)
     for domain, version in model.opset_imports.items():
@@ -147,19 +155,19 @@ def _inferred_ranks(model: ir.Model) -> dict[str, int]:
         inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
     except Exception:  # noqa: BLE001 - inference is a hint; without it folds needing a rank stop
         return {}
-    ranks: dict[str, int] = {}
+    types: dict[str, tuple[int | None, int]] = {}
     graphs = [inferred.graph]
     while graphs:
         g = graphs.pop()
         for info in itertools.chain(g.input, g.value_info, g.output):
             t = info.type.tensor_type
-            if info.type.HasField("tensor_type") and t.HasField("shape"):
-                ranks[info.name] = len(t.shape.dim)
+            if info.type.HasField("tensor_type"):
+                types[info.name] = (len(t.shape.dim) if t.HasField("shape") else None, t.elem_type)
         for node in g.node:
             for attr in node.attribute:
                 graphs.extend([attr.g] if attr.HasField("g") else [])
                 graphs.extend(attr.graphs)
-    return ranks
+    return types
 
 
 # --------------------------------------------------------------------------------------------
@@ -247,6 +255,7 @@ def _walk_back(ctx: _Context, pair: _Pair) -> tuple[ir.Value | None, str]:
                 source = None if other is None else other.producer()
                 if (
                     source is not None
+                    and source.graph is pair.graph
                     and source.op_type in PRODUCER_OPS
                     and is_default_domain(source)
                     and _is_constant(ctx, node.inputs[const])
@@ -366,6 +375,13 @@ def _channel_axis(ctx: _Context, pair: _Pair, facts: dict[str, Any]) -> None:
     facts["axis_path"] = " -> ".join(track.steps)
     if pair.add is not None:
         _check_add(ctx, pair, facts)
+    if p.node.op_type == "Gemm" and p.bias is not None and facts.get("producer_params_constant", 1):
+        c = ctx.constants.value(p.bias)
+        if c.ndim > 2 or (c.ndim == 2 and c.shape[0] != 1):
+            facts["axis_problem"] = (
+                f"{describe_node(p.node)}'s C has shape {list(c.shape)}, a bias per row and "
+                "not per output channel"
+            )
 
 
 def _layout_axes(ctx: _Context, node: ir.Node) -> list[int] | None:
@@ -413,7 +429,10 @@ def _sharing(ctx: _Context, pair: _Pair, facts: dict[str, Any]) -> None:
     others: list[str] = []
     for step, reader in enumerate(readers):
         for use in value.uses():
-            if use.node is reader or not reads_data(use.node, use.idx):
+            # The step that leads to the producer is not a second reader; anything else is,
+            # also the producer reading the same tensor through another input (W @ W).
+            expected = use.idx == 0 if step < len(w.path) else use.idx == p.weight_index
+            if (use.node is reader and expected) or not reads_data(use.node, use.idx):
                 continue
             others.append(describe_node(use.node))
         if value.is_graph_output():
@@ -593,6 +612,8 @@ def _remove_batch_norm(ctx: _Context, bn: BatchNormCall, replacement: ir.Value) 
     if was_output and name:
         y.name = None
         replacement.name = name
+        replacement.doc_string = replacement.doc_string or y.doc_string
+        replacement.metadata_props.update(y.metadata_props)
 
 
 def _drop_unused(ctx: _Context, values: Iterable[ir.Value]) -> None:
