@@ -90,7 +90,8 @@ class StoredWeight:
 
 
 class Constants:
-    """Reads constant values of one model; results are cached per value."""
+    """Reads constant values of one model; results are cached per value until :meth:`clear`
+    (the cache may hold views of the model's memory-mapped data)."""
 
     def __init__(
         self,
@@ -102,6 +103,9 @@ class Constants:
         # The type of a value the model does not annotate, by ONNX type inference.
         self.inferred_dtype = inferred_dtype or (lambda value: None)
         self._cache: dict[ir.Value, np.ndarray] = {}
+
+    def clear(self) -> None:
+        self._cache.clear()
 
     # ----------------------------------------------------------------------------------------
     # Stored tensors
@@ -195,7 +199,12 @@ class Constants:
             op = _OPS.get(node.op_type) if is_default_domain(node) else None
             if op is None or len(node.outputs) != 1:
                 raise NotConstant(self.why_not_stored(value))
-            result = op(_Call(self, node, budget))
+            try:
+                result = op(_Call(self, node, budget))
+            except NotConstant:
+                raise
+            except Exception as e:  # an odd or damaged node: not a constant bnfold can read
+                raise NotConstant(f"{describe_node(node)} cannot be evaluated: {e}") from e
             if result.size > MAX_ELEMENTS:
                 raise NotConstant(f"{describe(value)} would have {result.size} elements")
         self._cache[value] = result

@@ -642,6 +642,10 @@ def _has_free_dims(model: ir.Model) -> bool:
     )
 
 
+# Random inputs --verify makes at most: more is a model declaring absurd static shapes.
+_MAX_INPUT_BYTES = 4 * 2**30
+
+
 def sample_inputs(model: ir.Model, seed: int = 0, dim_size: int = 16) -> dict[str, np.ndarray]:
     """Random values for the model's inputs (initializers are never fed).
 
@@ -659,7 +663,8 @@ def sample_inputs(model: ir.Model, seed: int = 0, dim_size: int = 16) -> dict[st
         for v in inputs
         if len(v.shape.dims) and isinstance(v.shape.dims[0], ir.SymbolicDim)
     }
-    result = {}
+    shapes = {}
+    total = 0
     for v in inputs:
         shape = []
         for axis, d in enumerate(v.shape.dims):
@@ -669,8 +674,19 @@ def sample_inputs(model: ir.Model, seed: int = 0, dim_size: int = 16) -> dict[st
                 shape.append(_LEADING_DIM_SIZE)
             else:
                 shape.append(dim_size)
-        result[v.name] = _random_array(v.dtype, shape, rng)
-    return result
+        shapes[v.name] = shape
+        # Declared shapes are checked before anything is allocated: a model may promise more
+        # than any machine holds.
+        if any(d < 0 for d in shape):
+            raise VerificationError(f"input {v.name!r} declares a negative dimension {shape}")
+        total += math.prod(shape) * max(v.dtype.itemsize, 1)
+        if total > _MAX_INPUT_BYTES:
+            raise VerificationError(
+                f"--verify would need {total / 2**30:.1f} GiB of random inputs (input "
+                f"{v.name!r} has shape {shape}); compare the models on inputs of your own with "
+                "bnfold.verify(original, folded, inputs)"
+            )
+    return {v.name: _random_array(v.dtype, shapes[v.name], rng) for v in inputs}
 
 
 def _check_input_kind(v: ir.Value) -> None:

@@ -342,11 +342,20 @@ def _producer_rank(ctx: _Context, pair: _Pair) -> int | None:
     for value in (out, x):
         if value is not None and value.shape is not None:
             return len(value.shape)
-    if pair.add is None and pair.chain and pair.chain[0].op_type == "Transpose":
+    if pair.chain and pair.chain[0].op_type == "Transpose":
         perm = pair.chain[0].attributes.get_ints("perm", None)
-        if perm is not None:
+        # The Transpose fixes the rank of what it reads: the producer's output, or the sum with
+        # the added constant, which has the producer's rank when the constant's is lower.
+        if perm is not None and (pair.add is None or _constant_rank(ctx, pair) < len(perm)):
             return len(perm)
     return ctx.rank(out) or ctx.rank(x)
+
+
+def _constant_rank(ctx: _Context, pair: _Pair) -> int:
+    assert pair.add is not None
+    value = pair.add.inputs[pair.add_const]
+    assert value is not None
+    return ctx.constants.value(value).ndim
 
 
 def _channel_axis(ctx: _Context, pair: _Pair, facts: dict[str, Any]) -> None:
@@ -467,7 +476,10 @@ def _compute(ctx: _Context, pair: _Pair) -> _Fold:
     )
     tensor = c.stored(w.source)
     assert tensor is not None
-    stored = np.asarray(tensor.numpy())
+    try:
+        stored = np.asarray(tensor.numpy())
+    except Exception as e:  # a damaged tensor (its data does not match its shape)
+        raise FoldRefused(f"the weight {describe(w.source)} cannot be read: {e}") from e
     in_place = (
         not pair.weight_shared and w.source.is_initializer() and (not w.perms or p.kind == "linear")
     )
@@ -653,6 +665,17 @@ def _drop_unused(ctx: _Context, values: Iterable[ir.Value]) -> None:
 def _fold_model(model: ir.Model, selected: set[str], apply: bool = True) -> FoldReport:
     """Fold every foldable BatchNorm of ``model`` in place; return the report."""
     ctx = _Context(model)
+    try:
+        entries = _fold_graphs(ctx, model, selected, apply)
+    finally:
+        ctx.constants.clear()  # it may hold views of the caller's memory-mapped tensors
+    entries.extend(_function_entries(model))
+    return FoldReport(entries, model=model.graph.name or "ONNX model")
+
+
+def _fold_graphs(
+    ctx: _Context, model: ir.Model, selected: set[str], apply: bool
+) -> list[FoldEntry]:
     entries: list[FoldEntry] = []
     for graph in list(model.graphs()):
         for node in list(graph):
@@ -674,8 +697,7 @@ def _fold_model(model: ir.Model, selected: set[str], apply: bool = True) -> Fold
             entries.append(_entry(pair, decision))
             if fold is not None and apply:
                 _apply(ctx, pair, fold)
-    entries.extend(_function_entries(model))
-    return FoldReport(entries, model=model.graph.name or "ONNX model")
+    return entries
 
 
 def _label(pair: _Pair) -> str:
