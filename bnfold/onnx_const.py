@@ -210,6 +210,20 @@ class Constants:
         self._cache[value] = result
         return result
 
+    def uniform(self, value: ir.Value) -> np.ndarray | None:
+        """The one value of ``Expand(c, shape)`` with a constant one-element ``c`` and a shape
+        known only at run time (as a 0-d array), or ``None``."""
+        node = value.producer()
+        if node is None or node.op_type != "Expand" or not is_default_domain(node):
+            return None
+        if not node.inputs or node.inputs[0] is None:
+            return None
+        try:
+            fill = self.value(node.inputs[0])
+        except NotConstant:
+            return None
+        return fill.reshape(()) if fill.size == 1 else None
+
     def shape(self, value: ir.Value, budget: list[int]) -> tuple[int, ...]:
         """The shape of a constant, reading a stored tensor's header only."""
         tensor = self.stored(value)

@@ -283,11 +283,25 @@ def _bn_constants(ctx: _Context, pair: _Pair, facts: dict[str, Any]) -> None:
         if v is None:
             continue
         try:
-            ctx.constants.value(v)
+            _bn_param(ctx, v)
         except NotConstant as e:
             facts["bn_params_constant"] = False
             facts["constant_detail"] = str(e)
             return
+
+
+def _bn_param(ctx: _Context, value: ir.Value) -> np.ndarray:
+    """A BatchNorm parameter: a constant, or one constant value spread over a shape known only
+    at run time, which is that value for every channel (the PyTorch exporter writes
+    ``Expand(CastLike(1, x), Shape(x))`` for the scale of a BatchNorm without affine
+    parameters)."""
+    try:
+        return ctx.constants.value(value)
+    except NotConstant:
+        fill = ctx.constants.uniform(value)
+        if fill is None:
+            raise
+        return fill
 
 
 def _producer_constants(ctx: _Context, pair: _Pair, facts: dict[str, Any]) -> None:
@@ -314,8 +328,10 @@ def _consumers(pair: _Pair, facts: dict[str, Any]) -> None:
     nexts = steps[1:] + [pair.bn.node]
     for node, following in zip(steps, nexts, strict=True):
         out = node.outputs[0]
-        others = [u for u in _users(out) if u is not following]
-        uses = len(_users(out))
+        # Readers of the shape or type only (Shape, CastLike's second input) see no change.
+        readers = [u.node for u in out.uses() if reads_data(u.node, u.idx)]
+        others = [u for u in readers if u is not following]
+        uses = len(readers)
         if out.is_graph_output() or others or uses != 1:
             described = [describe_node(u) for u in others[:3]]
             if out.is_graph_output():
@@ -471,9 +487,13 @@ def _compute(ctx: _Context, pair: _Pair) -> _Fold:
     bn, p, w = pair.bn, pair.producer, pair.weight
     assert p is not None and w is not None and pair.rank is not None
     c = ctx.constants
-    s, t = algebra.affine_factors(
-        c.value(bn.mean), c.value(bn.var), bn.eps, c.value(bn.scale), c.value(bn.bias)
+    mean, var, scale, shift = (_bn_param(ctx, v) for v in (bn.mean, bn.var, bn.scale, bn.bias))
+    n = mean.reshape(-1).shape[0]
+    mean, var, scale, shift = (
+        np.full(n, a.reshape(-1)[0]) if a.size == 1 and a.ndim != 1 else a
+        for a in (mean, var, scale, shift)
     )
+    s, t = algebra.affine_factors(mean, var, bn.eps, scale, shift)
     tensor = c.stored(w.source)
     assert tensor is not None
     try:
