@@ -1,0 +1,300 @@
+"""Traps of the ONNX frontend a reviewer found, one focused test each.
+
+Same style as ``test_onnx_fold``: tiny models built with ``onnx_models.Graph`` (non-trivial
+BatchNorm statistics), folded by ``check_fold``, which compares onnxruntime's outputs of the
+original and the folded model (ORT_DISABLE_ALL), runs the full checker and checks the report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import io
+import logging
+import warnings
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+import torch
+from onnx_models import (
+    BOOL,
+    DOUBLE,
+    Graph,
+    bn_nodes,
+    check_fold,
+    check_skip,
+    conv_model,
+    gemm_model,
+    initializer,
+    node_input,
+    rel_err,
+)
+from torch import nn
+
+import bnfold
+from bnfold import rules
+from bnfold.cli import main
+
+# --------------------------------------------------------------------------------------------
+# 1. One initializer as both operands of the producer
+
+
+@pytest.mark.parametrize("op", ["MatMul", "Gemm", "Gemm-transB"])
+def test_same_weight_as_both_operands(op):
+    """MatMul(W, W) / Gemm(A=W, B=W) -> BN: the folded weight is a new tensor; W, which is
+    also the activation, keeps its values (scaling it in place gave a relative error of 0.37)."""
+    c = 4
+    g = Graph(seed=11)
+    x = g.input("x", [c, c])
+    w = g.weight("w", [c, c])
+    attrs = {"transB": 1} if op == "Gemm-transB" else {}
+    y = g.node(op.split("-")[0], [w, w], name="mm", **attrs)
+    g.output(g.node("Add", [g.bn(y, c), x], name="add"))
+    model = g.model()
+    r = check_fold(model, {"bn": ("folded", "mm")})
+    np.testing.assert_array_equal(initializer(r.folded, "w"), initializer(model, "w"))
+    assert node_input(r.folded, "mm", 0) == "w"
+    assert node_input(r.folded, "mm", 1) != "w"
+
+
+# --------------------------------------------------------------------------------------------
+# 2. An Add in a subgraph over a producer of the outer graph
+
+
+def test_add_in_branch_over_outer_conv_refused():
+    """Conv in the main graph; in an If branch Add(conv_out, const) -> BN -> branch output: the
+    Conv is not in the BatchNorm's graph, so nothing is folded and the model runs both ways."""
+    c = 3
+    outer = Graph(seed=12)
+    x = outer.input("x", [1, c, 5, 5])
+    cond = outer.input("cond", [], BOOL)
+    conv = outer.node("Conv", [x, outer.weight("w", [c, c, 3, 3])], name="conv", pads=[1] * 4)
+    k = outer.init("k", outer.randn(c, 1, 1))
+    bn_params = outer.bn_params(c)
+
+    then = Graph(seed=13, name="then")
+    added = then.node("Add", [conv, k], name="add")
+    then.output(then.bn(added, c, params=bn_params), shape=[1, c, 5, 5])
+    other = Graph(seed=14, name="else")
+    other.output(other.node("Identity", [x], name="identity"), shape=[1, c, 5, 5])
+
+    out = outer.node("If", [cond], name="if", then_branch=then.graph(), else_branch=other.graph())
+    outer.output(out)
+    model = outer.model(opset=17)
+    feeds = [
+        {
+            "x": np.random.default_rng(s).standard_normal((1, c, 5, 5)).astype(np.float32),
+            "cond": np.array(bool(v)),
+        }
+        for s, v in enumerate((True, False))
+    ]
+    r = check_skip(model, rules.NO_PRODUCER, feeds=feeds)
+    assert "Add" in r.report.entry("bn").reason
+    assert len(bn_nodes(r.folded)) == 1
+
+
+# --------------------------------------------------------------------------------------------
+# 3. An onnx_ir model with memory-mapped external data, folded out of place
+
+
+def test_external_ir_model_usable_after_fold(tmp_path):
+    """After ``fold(ir_model)`` the input can still be saved with external data and verified
+    against the result, without a garbage collection (a cache held numpy views of the mmapped
+    data: BufferError)."""
+    model = conv_model(cin=16, cout=32, size=6, batch=1, seed=15)
+    path = tmp_path / "m.onnx"
+    external = onnx.ModelProto()
+    external.CopyFrom(model)  # save_model moves the tensors of what it saves out
+    onnx.save_model(
+        external, str(path), save_as_external_data=True, location="m.onnx.data", size_threshold=0
+    )
+    enabled = gc.isenabled()
+    gc.disable()  # a collection would hide the bug
+    try:
+        im = ir.load(path)
+        folded, report = bnfold.fold(im, return_report=True)
+        assert [e.action for e in report] == ["folded"]
+        ir.save(im, tmp_path / "copy.onnx", external_data="copy.onnx.data")
+        max_abs, max_rel = bnfold.verify(im, folded, None)
+        assert max_rel < 1e-5, (max_abs, max_rel)
+        ir.save(folded, tmp_path / "folded.onnx", external_data="folded.onnx.data")
+    finally:
+        if enabled:
+            gc.enable()
+    copy = onnx.load(tmp_path / "copy.onnx")
+    for name in ("w", "b", "bn.mean"):
+        np.testing.assert_array_equal(initializer(copy, name), initializer(model, name))
+    onnx.checker.check_model(onnx.load(tmp_path / "folded.onnx"), full_check=True)
+
+
+# --------------------------------------------------------------------------------------------
+# 4. --verify on a model whose input declares a huge static shape
+
+
+@pytest.mark.parametrize("shape", [[1, 3, 2**20, 2**20], [2**62, 3, 5, 5]], ids=["hw", "batch"])
+def test_verify_huge_declared_input_refused(shape, tmp_path, capsys):
+    """No random inputs of terabytes: the CLI says so in one line and returns 1; the API
+    raises VerificationError."""
+    g = Graph(seed=16)
+    x = g.input("x", shape)
+    y = g.node("Conv", [x, g.weight("w", [4, 3, 3, 3])], name="conv")
+    g.output(g.bn(y, 4))
+    model = g.model()
+    path = tmp_path / "huge.onnx"
+    onnx.save(model, path)
+    capsys.readouterr()
+    assert main([str(path), "--verify"]) == 1
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("bnfold: error:") and "Memory" not in err, err
+    folded = bnfold.fold(model)
+    with pytest.raises(bnfold.VerificationError):
+        bnfold.verify(model, folded, None)
+
+
+# --------------------------------------------------------------------------------------------
+# 5. Cast-1's string ``to`` attribute
+
+
+def test_cast1_string_to_feeding_conv_bias():
+    """Opset 5, IR 3: Cast-1 has a STRING ``to``; it makes the Conv's bias. Analyzing and
+    folding do not raise, the BatchNorm is reported and the result is valid."""
+    c = 3
+    g = Graph(seed=17)
+    x = g.input("x", [1, 3, 5, 5])
+    b = g.node("Cast", [g.init("b64", g.uniform(c, signed=True), DOUBLE)], name="cast", to="FLOAT")
+    y = g.node("Conv", [x, g.weight("w", [c, 3, 3, 3]), b], name="conv")
+    g.output(g.bn(y, c, is_test=1, consumed_inputs=[0, 0, 0, 1, 1]), shape=[1, c, 3, 3])
+    model = g.model(opset=5, ir_version=3, legacy_inputs=True)
+    cast = model.graph.node[0]
+    assert cast.attribute[0].type == onnx.AttributeProto.STRING
+    onnx.checker.check_model(model, full_check=True)
+    entry = bnfold.analyze(model).entry("bn")
+    expected = {"bn": ("folded", "conv") if entry.folded else ("skipped", entry.rule)}
+    check_fold(model, expected, numbers="none")  # onnxruntime does not run opset 5
+
+
+# --------------------------------------------------------------------------------------------
+# 6. A weight whose raw_data does not fit its dims
+
+
+def test_truncated_weight_raw_data_skipped():
+    model = conv_model(seed=18)
+    w = next(t for t in model.graph.initializer if t.name == "w")
+    w.raw_data = w.raw_data[:-8]
+    before = model.SerializeToString()
+    report = bnfold.analyze(model)
+    folded, folded_report = bnfold.fold(model, return_report=True)
+    assert model.SerializeToString() == before
+    assert report.to_list() == folded_report.to_list()
+    e = report.entry("bn")
+    assert e.action == "skipped" and e.rule == rules.VALID_VALUES, e
+    assert e.reason.strip()
+    assert [n.op_type for n in folded.graph.node] == ["Conv", "BatchNormalization"]
+    new_w = next(t for t in folded.graph.initializer if t.name == "w")
+    assert new_w.raw_data == w.raw_data
+
+
+# --------------------------------------------------------------------------------------------
+# 7. torch Linear on a flattened 3-D activation, transposed into BatchNorm1d
+
+
+class Lin3(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l, self.b = nn.Linear(8, 6), nn.BatchNorm1d(6)
+
+    def forward(self, x):  # (N, 8, H, W) -> (N, HW, 8) -> Linear -> (N, 6, HW) -> BN
+        return self.b(self.l(x.flatten(2).transpose(1, 2)).transpose(1, 2))
+
+
+def _export(
+    module: nn.Module, x: torch.Tensor, opset: int, dynamo: bool = False
+) -> onnx.ModelProto:
+    f = io.BytesIO()
+    loggers = [logging.getLogger(n) for n in ("torch", "torch.onnx", "onnxscript", "onnx_ir")]
+    levels = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            options = {"optimize": False} if dynamo else {"do_constant_folding": False}
+            torch.onnx.export(
+                module,
+                (x,),
+                f,
+                dynamo=dynamo,
+                opset_version=opset,
+                input_names=["x"],
+                **options,
+            )
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+    return onnx.load_from_string(f.getvalue())
+
+
+@pytest.mark.parametrize("opset", [11, 13])
+def test_torch_linear_3d_transpose_bn1d_folds(opset):
+    """The Reshape's computed shape leaves the MatMul's rank unknown to shape inference; the
+    Transpose's perm fixes it, so the BatchNorm folds into the MatMul."""
+    torch.manual_seed(0)
+    module = Lin3().eval()
+    with torch.no_grad():
+        module.b.weight.uniform_(0.5, 2)
+        module.b.bias.normal_()
+        module.b.running_mean.normal_()
+        module.b.running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 8, 5, 5)
+    model = _export(module, x, opset)
+    (bn,) = bn_nodes(model)
+    (mm,) = [n for n in model.graph.node if n.op_type == "MatMul"]
+    adds = {n.name for n in model.graph.node if n.op_type == "Add"}
+    feeds = [{"x": x.numpy()}, {"x": torch.randn(2, 8, 5, 5).numpy()}]
+    r = check_fold(model, {bn.name: ("folded", mm.name)}, feeds=feeds, may_remove=adds)
+    with torch.no_grad():
+        want = module(x).numpy()
+    assert rel_err([want], r.after[0]) < 1e-5
+
+
+# --------------------------------------------------------------------------------------------
+# 8. Gemm with a per-row C
+
+
+@pytest.mark.parametrize("c_shape", [(3, 4), (3, 1)], ids=["MxN", "Mx1"])
+def test_gemm_per_row_c_channel_axis(c_shape):
+    """C of shape (M, N) or (M, 1) varies along the rows, not the channels: kept, exactly,
+    with rule channel-axis."""
+    r = check_skip(gemm_model(c_shape=c_shape, seed=19), rules.CHANNEL_AXIS)
+    assert node_input(r.folded, "gemm", 2) == "c"
+    np.testing.assert_array_equal(initializer(r.folded, "c"), initializer(r.model, "c"))
+
+
+# --------------------------------------------------------------------------------------------
+# 9. A BatchNorm without affine parameters, as the dynamo exporter writes it
+
+
+def test_dynamo_batch_norm_without_affine_folds():
+    """The exporter's scale and bias are ``Expand(CastLike(1 or 0, y), Shape(y))`` of the conv
+    output ``y``: one value for every channel, and ``Shape``/``CastLike`` only read ``y``'s
+    shape and type, so the BatchNorm folds and that subgraph goes."""
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Conv2d(4, 6, 3), nn.BatchNorm2d(6, affine=False)).eval()
+    with torch.no_grad():
+        module[1].running_mean.normal_()
+        module[1].running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 4, 8, 8)
+    model = _export(module, x, 18, dynamo=True)
+    (bn,) = bn_nodes(model)
+    assert any(n.op_type == "Expand" for n in model.graph.node)
+    (conv,) = [n for n in model.graph.node if n.op_type == "Conv"]
+    feeds = [{"x": x.numpy()}, {"x": torch.randn(2, 4, 8, 8).numpy()}]
+    extra = {n.name for n in model.graph.node if n.op_type in ("Expand", "CastLike", "Shape")}
+    r = check_fold(model, {bn.name: ("folded", conv.name)}, feeds=feeds, may_remove=extra)
+    with torch.no_grad():
+        want = module(x).numpy()
+    assert rel_err([want], r.after[0]) < 1e-5
+    assert {n.op_type for n in r.folded.graph.node} == {"Conv"}
