@@ -30,6 +30,7 @@ import onnx_ir as ir
 from .checks import CheckResult, array_error, compare_arrays, is_floating
 from .errors import (
     BnfoldError,
+    InvalidArgumentError,
     ModelFileError,
     UnsupportedModelError,
     VerificationError,
@@ -879,15 +880,32 @@ def check(
     return compare_arrays([x for _, x in a], [y for _, y in b])
 
 
+def _feeds(model: ir.Model, inputs: Any) -> dict[str, np.ndarray] | None:
+    """``inputs`` as onnxruntime feeds: a dict by input name, or arrays in input order."""
+    if inputs is None or isinstance(inputs, dict):
+        return inputs
+    arrays = [inputs] if isinstance(inputs, np.ndarray) else inputs
+    names = [v.name for v in _fed_inputs(model)]
+    if not isinstance(arrays, (list, tuple)) or len(arrays) != len(names):
+        raise InvalidArgumentError(
+            f"inputs must be a dict of input name to array, or {len(names)} arrays in the "
+            f"order of the model's inputs ({', '.join(map(repr, names))})"
+        )
+    return {name: np.asarray(a) for name, a in zip(names, arrays, strict=True)}
+
+
 def verify(
     original: onnx.ModelProto | ir.Model,
     folded: onnx.ModelProto | ir.Model,
-    inputs: dict[str, np.ndarray] | None = None,
+    inputs: Any = None,
 ) -> tuple[float, float]:
-    """Run both models in onnxruntime on ``inputs`` (random ones when None); return
-    ``(max_abs_err, max_rel_err)`` over the floating-point outputs (over all outputs when
-    there is none), each output's relative error being ``max|a - b| / max|a|``."""
-    a, b = _run_both(_as_ir(original, "original"), None, _as_ir(folded, "folded"), inputs, 0)
+    """Run both models in onnxruntime on ``inputs`` (a dict of input name to array, arrays in
+    input order, or ``None`` for random ones); return ``(max_abs_err, max_rel_err)`` over the
+    floating-point outputs (over all outputs when there is none), each output's relative error
+    being ``max|a - b| / max|a|``."""
+    original_ir = _as_ir(original, "original")
+    feeds = _feeds(original_ir, inputs)
+    a, b = _run_both(original_ir, None, _as_ir(folded, "folded"), feeds, 0)
     pairs = [(x, y) for (_, x), (_, y) in zip(a, b, strict=True)]
     floats = [(x, y) for x, y in pairs if is_floating(x.dtype)] or pairs
     max_abs = max_rel = 0.0

@@ -18,7 +18,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 from bnfold import onnx_files
 from bnfold.checks import DISCRETE_MISMATCH_TOLERANCE, CheckResult, array_error
-from bnfold.errors import ModelFileError, UnsupportedModelError, VerificationError
+from bnfold.errors import (
+    InvalidArgumentError,
+    ModelFileError,
+    UnsupportedModelError,
+    VerificationError,
+)
 
 IR_VERSION = 10  # onnx 1.23 writes IR 14 by default, newer than onnxruntime 1.31 reads
 
@@ -694,6 +699,19 @@ def test_verify_with_model_proto_and_ir_model():
     assert onnx_files.verify(ir.serde.deserialize_model(model), model, x) == (0.0, 0.0)
     with pytest.raises(UnsupportedModelError):
         onnx_files.verify("model.onnx", model, x)
+
+
+def test_verify_takes_arrays_in_input_order():
+    model = _conv_model()
+    perturbed = _perturbed(model)
+    x = np.random.default_rng(0).normal(size=(1, 3, 5, 5)).astype(np.float32)
+    by_name = onnx_files.verify(model, perturbed, {"x": x})
+    assert by_name[1] > 0
+    assert onnx_files.verify(model, perturbed, x) == by_name
+    assert onnx_files.verify(model, perturbed, (x,)) == by_name
+    with pytest.raises(InvalidArgumentError) as excinfo:
+        onnx_files.verify(model, perturbed, (x, x))
+    _assert_one_line_error(excinfo, "'x'")
 
 
 def test_verify_refuses_a_model_proto_whose_data_it_cannot_find(tmp_path):
