@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -29,10 +30,16 @@ def model_format(path: str | os.PathLike[str]) -> str:
     does not read.
     """
     p = Path(path)
-    if not p.exists():
-        raise ModelFileError(f"{p}: no such file")
-    if p.is_dir():
+    try:
+        mode = p.stat().st_mode
+    except FileNotFoundError:
+        raise ModelFileError(f"{p}: no such file") from None
+    except OSError as e:  # a name too long, a loop of links, no permission
+        raise ModelFileError(f"cannot read {p}: {e.strerror or e}") from e
+    if stat.S_ISDIR(mode):
         raise ModelFileError(f"{p} is a directory, not a model file")
+    if not stat.S_ISREG(mode):  # a pipe or device would block or never end
+        raise ModelFileError(f"{p} is not a regular file")
     try:
         with p.open("rb") as f:
             head = f.read(4)
@@ -55,13 +62,40 @@ def output_target(path: str | os.PathLike[str]) -> Path:
     text = os.fspath(path)
     if text.endswith(("/", os.sep)):
         raise ModelFileError(f"cannot write {text}: a file name is needed, not a directory")
-    target = Path(os.path.realpath(text)) if os.path.islink(text) else Path(text)
-    directory = target.parent if str(target.parent) else Path(".")
+    try:
+        target = Path(os.path.realpath(text)) if os.path.islink(text) else Path(text)
+        directory = target.parent if str(target.parent) else Path(".")
+        directory.stat()
+        target_is_dir = target.is_dir()
+    except FileNotFoundError:
+        raise ModelFileError(
+            f"cannot write {text}: directory {Path(text).parent} does not exist"
+        ) from None
+    except OSError as e:  # a name too long, a loop of links, no permission
+        raise ModelFileError(f"cannot write {text}: {e.strerror or e}") from e
     if not directory.is_dir():
-        raise ModelFileError(f"cannot write {target}: directory {directory} does not exist")
-    if target.is_dir():
+        raise ModelFileError(f"cannot write {target}: {directory} is not a directory")
+    if target_is_dir:
         raise ModelFileError(f"cannot write {target}: it is a directory")
     return target
+
+
+def temp_prefix(target: Path) -> str:
+    """The prefix of a temporary file written beside ``target``: its name, shortened so that
+    the temporary name still fits the file system's limit (255 bytes)."""
+    return f".{target.name[:64]}."
+
+
+def result_permissions(path: str | os.PathLike[str], target: Path) -> None:
+    """Give the written file ``path`` the permissions of the file it replaces (as ``cp``
+    does: a private output stays private), or normal ones (0o666 less the umask)."""
+    try:
+        mode = os.stat(target).st_mode & 0o7777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o666 & ~umask  # temporary files are made private; a new result is normal
+    os.chmod(path, mode)
 
 
 def write_atomically(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]) -> None:
@@ -69,7 +103,7 @@ def write_atomically(path: str | os.PathLike[str], write: Callable[[BinaryIO], N
     target = output_target(path)
     directory = target.parent if str(target.parent) else Path(".")
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(target), suffix=".tmp", dir=directory)
     except OSError as e:
         raise ModelFileError(f"cannot write to {directory}: {e.strerror or e}") from e
     try:
@@ -77,9 +111,7 @@ def write_atomically(path: str | os.PathLike[str], write: Callable[[BinaryIO], N
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a result is a normal file
+        result_permissions(tmp, target)
         os.replace(tmp, target)
     except BaseException as e:
         with contextlib.suppress(OSError):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import math
 import os
 import shutil
@@ -27,6 +28,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from . import checks
 from .checks import CheckResult, array_error, compare_arrays, is_floating
 from .errors import (
     BnfoldError,
@@ -36,7 +38,7 @@ from .errors import (
     VerificationError,
     first_line,
 )
-from .files import output_target, write_atomically
+from .files import output_target, result_permissions, temp_prefix, write_atomically
 
 # A serialized ModelProto cannot exceed 2 GiB (protobuf's limit); tensors adding up to more
 # than this leave room for the graph itself and go to an external data file.
@@ -90,6 +92,11 @@ def load(path: str | os.PathLike[str]) -> ModelFile:
     base_dir = os.path.dirname(os.path.abspath(p))
     checker = _ProtoChecker(p, base_dir)
     checker.model(proto)
+    if _sparse_tensors(proto):
+        raise UnsupportedModelError(
+            f"{p} has sparse tensors, which bnfold cannot keep; store them as dense tensors "
+            "(onnx.numpy_helper) and try again"
+        )
     try:
         model = ir.serde.deserialize_model(proto)
     except Exception as e:
@@ -161,11 +168,6 @@ class _ProtoChecker:
 
     def graph(self, g: onnx.GraphProto, outer: list[set[str]]) -> bool:
         """Check a graph and its subgraphs; whether they use default-domain operators."""
-        if len(g.sparse_initializer):
-            raise UnsupportedModelError(
-                f"{self.path} has sparse initializers, which bnfold cannot keep; store them "
-                "as dense initializers (onnx.numpy_helper) and try again"
-            )
         defined = {v.name for v in g.input}
         for t in g.initializer:
             self.tensor(t, f"initializer {t.name!r}")
@@ -533,7 +535,7 @@ def _save_with_data(model: ir.Model, target: Path, data: Path) -> None:
     renamed into place, the data file first (the .onnx refers to it)."""
     directory = target.parent
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory))
+        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(target), suffix=".tmp", dir=directory))
     except OSError as e:
         raise ModelFileError(f"cannot write to {directory}: {e.strerror or e}") from e
     try:
@@ -548,8 +550,8 @@ def _save_with_data(model: ir.Model, target: Path, data: Path) -> None:
             )
         if not tmp_data.exists():
             tmp_data.touch()  # no tensor was large enough; still write what output_files says
-        for f in (tmp_data, tmp_model):
-            _finish(f)
+        for f, final in ((tmp_data, data), (tmp_model, target)):
+            _finish(f, final)
         _pin_mappings(model, data)
         existed = os.path.lexists(data)
         backup = _link_previous(data, tmp) if existed else None
@@ -574,13 +576,11 @@ def _save_with_data(model: ir.Model, target: Path, data: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _finish(path: Path) -> None:
-    """Flush a written file to disk and give it normal permissions (0o666 less the umask)."""
+def _finish(path: Path, target: Path) -> None:
+    """Flush a written file to disk and give it the permissions ``target`` should have."""
     with open(path, "rb") as f:
         os.fsync(f.fileno())
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    result_permissions(path, target)
 
 
 def _pin_mappings(model: ir.Model, data: Path) -> None:
@@ -785,20 +785,52 @@ def _to_numpy(name: str, value: Any) -> np.ndarray:
     return array
 
 
-def _as_ir(model: Any, which: str) -> ir.Model:
+def _sparse_tensors(proto: onnx.ModelProto) -> bool:
+    graphs = [proto.graph, *(g for f in proto.functions for n in f.node for g in _graphs_of(n))]
+    while graphs:
+        g = graphs.pop()
+        if len(g.sparse_initializer):
+            return True
+        for node in g.node:
+            if any(a.HasField("sparse_tensor") for a in node.attribute):
+                return True
+            graphs.extend(_graphs_of(node))
+    return False
+
+
+def _graphs_of(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    return [g for a in node.attribute for g in ([a.g] if a.HasField("g") else [*a.graphs])]
+
+
+def as_ir_model(model: Any, which: str = "") -> ir.Model:
+    """``model`` as an ``onnx_ir.Model``: an ir.Model as it is, a ModelProto wrapped (its tensors
+    are not copied). :class:`UnsupportedModelError` for what bnfold cannot read or keep: sparse
+    tensors, and external data a ModelProto does not hold (it does not know its directory, so
+    the data would be looked for in the current one)."""
+    which = f"the {which} " if which else "the "
     if isinstance(model, ir.Model):
         return model
     if isinstance(model, onnx.ModelProto):
-        converted = ir.serde.deserialize_model(model)
-        if _has_external(converted):
-            # A proto does not know its file's directory, so its data cannot be found.
+        if _sparse_tensors(model):
             raise UnsupportedModelError(
-                f"the {which} ModelProto refers to external data it cannot locate; load it "
-                "with onnx.load(path) (which reads external data) or pass onnx_ir.load(path)"
+                f"{which}model has sparse tensors, which bnfold cannot keep; store them as dense "
+                "tensors (onnx.numpy_helper) and try again"
+            )
+        try:
+            converted = ir.serde.deserialize_model(model)
+        except Exception as e:  # a malformed proto
+            raise UnsupportedModelError(
+                f"{which}model cannot be read as ONNX: {first_line(e)}"
+            ) from e
+        if _has_external(converted):
+            raise UnsupportedModelError(
+                f"{which}ModelProto refers to external data it does not hold; load it with "
+                "onnx.load(path) (which reads external data), pass onnx_ir.load(path), or fold "
+                "the file with the bnfold command"
             )
         return converted
     raise UnsupportedModelError(
-        f"the {which} model is a {type(model).__module__}.{type(model).__name__}; pass an "
+        f"{which}model is a {type(model).__module__}.{type(model).__name__}; pass an "
         "onnx.ModelProto or an onnx_ir.Model"
     )
 
@@ -877,7 +909,26 @@ def check(
         file = Path(original)
         model = load(file).model
     a, b = _run_both(model, file, folded, None, seed)
-    return compare_arrays([x for _, x in a], [y for _, y in b])
+    result = compare_arrays([x for _, x in a], [y for _, y in b])
+    # A model may compute in a lower precision than it returns (float16 inside, float32 at
+    # the edges): its folded weights' precision bounds the tolerance too.
+    inner = checks.tolerance(_weight_dtypes(folded))
+    if result.tolerance and inner > result.tolerance:
+        result = dataclasses.replace(result, tolerance=inner)
+    return result
+
+
+def _weight_dtypes(model: ir.Model) -> set[str]:
+    """The numpy names of the floating-point types the model's stored tensors have."""
+    names = set()
+    for tensor in _all_tensors(model):
+        try:
+            dtype = np.dtype(tensor.dtype.numpy())
+        except Exception:  # noqa: BLE001 - types numpy has no name for are not floats here
+            continue
+        if is_floating(dtype):
+            names.add(dtype.name)
+    return names
 
 
 def _feeds(model: ir.Model, inputs: Any) -> dict[str, np.ndarray] | None:
@@ -903,9 +954,9 @@ def verify(
     input order, or ``None`` for random ones); return ``(max_abs_err, max_rel_err)`` over the
     floating-point outputs (over all outputs when there is none), each output's relative error
     being ``max|a - b| / max|a|``."""
-    original_ir = _as_ir(original, "original")
+    original_ir = as_ir_model(original, "original")
     feeds = _feeds(original_ir, inputs)
-    a, b = _run_both(original_ir, None, _as_ir(folded, "folded"), feeds, 0)
+    a, b = _run_both(original_ir, None, as_ir_model(folded, "folded"), feeds, 0)
     pairs = [(x, y) for (_, x), (_, y) in zip(a, b, strict=True)]
     floats = [(x, y) for x, y in pairs if is_floating(x.dtype)] or pairs
     max_abs = max_rel = 0.0
@@ -925,4 +976,5 @@ __all__ = [
     "sample_inputs",
     "check",
     "verify",
+    "as_ir_model",
 ]

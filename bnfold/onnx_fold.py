@@ -24,7 +24,7 @@ import onnx
 import onnx_ir as ir
 
 from . import algebra, rules
-from .errors import FoldRefused, InvalidArgumentError, UnsupportedModelError
+from .errors import FoldRefused, InvalidArgumentError
 from .onnx_const import (
     Constants,
     NotConstant,
@@ -767,34 +767,10 @@ def _function_entries(model: ir.Model) -> list[FoldEntry]:
 
 
 def _working_model(model: Any, inplace: bool) -> ir.Model:
-    if isinstance(model, ir.Model):
-        return model if inplace else model.clone()
-    if isinstance(model, onnx.ModelProto):
-        _refuse_unloaded_external_data(model)
-        try:
-            return ir.serde.deserialize_model(model)
-        except Exception as e:
-            raise UnsupportedModelError(f"bnfold cannot read this ONNX model: {e}") from e
-    raise UnsupportedModelError(
-        f"the ONNX frontend takes an onnx.ModelProto or onnx_ir.Model, not {type(model).__name__}"
-    )
+    from .onnx_files import as_ir_model
 
-
-def _refuse_unloaded_external_data(model: onnx.ModelProto) -> None:
-    graphs = [model.graph]
-    while graphs:
-        g = graphs.pop()
-        for tensor in g.initializer:
-            if tensor.data_location == onnx.TensorProto.EXTERNAL:
-                raise UnsupportedModelError(
-                    f"initializer {tensor.name!r} is stored in an external data file that this "
-                    "ModelProto does not hold: load it with onnx.load(path) (which reads external "
-                    "data), or use onnx_ir.load(path), or fold the file with the bnfold command"
-                )
-        for node in g.node:
-            for attr in node.attribute:
-                graphs.extend([attr.g] if attr.HasField("g") else [])
-                graphs.extend(attr.graphs)
+    working = as_ir_model(model)
+    return working.clone() if isinstance(model, ir.Model) and not inplace else working
 
 
 def analyze(model: Any, example_inputs: Any = None, *, producers: Any = None) -> FoldReport:
