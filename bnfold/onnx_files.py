@@ -411,20 +411,35 @@ def _in_memory(tensor: ir.TensorProtocol) -> ir.TensorProtocol:
     return ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=tensor.name)
 
 
+class _InlineStrings(ir.StringTensor):
+    """A string tensor that ``ir.save`` keeps inline: ONNX stores strings only inline, but
+    onnx_ir would move a large one to the data file and fail."""
+
+    def __init__(self, tensor: ir.TensorProtocol) -> None:
+        super().__init__(tensor.string_data(), shape=tensor.shape, name=tensor.name)
+
+    @property
+    def nbytes(self) -> int:
+        return 0
+
+
 @contextlib.contextmanager
 def _external_tensors_inlined(model: ir.Model, initializers: bool) -> Iterator[None]:
     """Temporarily replace external tensors whose location would be wrong in the output:
     attribute tensors always (ir.save moves only initializers), initializers too when
-    ``initializers`` (an output without external data)."""
+    ``initializers`` (an output without external data); and keep string tensors inline."""
     undo: list[Any] = []
     try:
-        if initializers:
-            for graph in model.graphs():
-                for value in graph.initializers.values():
-                    old = value.const_value
-                    if isinstance(old, ir.ExternalTensor):
-                        value.const_value = _in_memory(old)
-                        undo.append(lambda v=value, t=old: setattr(v, "const_value", t))
+        for graph in model.graphs():
+            for value in graph.initializers.values():
+                old = value.const_value
+                if initializers and isinstance(old, ir.ExternalTensor):
+                    value.const_value = _in_memory(old)
+                elif old is not None and old.dtype == ir.DataType.STRING:
+                    value.const_value = _InlineStrings(old)
+                else:
+                    continue
+                undo.append(lambda v=value, t=old: setattr(v, "const_value", t))
         for node in _nodes(model):
             for name, attr in list(node.attributes.items()):
                 tensors = list(_attribute_tensors(attr))

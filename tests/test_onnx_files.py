@@ -730,3 +730,23 @@ def test_array_error_semantics():
     assert array_error(a, np.array([1.0, 2.0, 0.0, np.inf]))[1] == float("inf")
     assert array_error(np.zeros(3), np.zeros(3)) == (0.0, 0.0)
     assert array_error(np.zeros(0), np.zeros(0)) == (0.0, 0.0)
+
+
+def test_large_string_initializer_stays_inline_with_external_data(tmp_path):
+    """ONNX keeps strings only inline; a 27 KiB list of class labels must not go to the data
+    file (onnx_ir would try, and fail)."""
+    model = _conv_model()
+    labels = np.array([f"label{i:05d}".encode() * 3 for i in range(1000)], dtype=object)
+    model.graph.initializer.append(numpy_helper.from_array(labels, "labels"))
+    model.graph.node.append(helper.make_node("Identity", ["labels"], ["lab"], name="lab"))
+    model.graph.output.append(
+        helper.make_tensor_value_info("lab", TensorProto.STRING, [len(labels)])
+    )
+    src = _write(model, tmp_path / "m.onnx", external=True)
+    out = tmp_path / "out.onnx"
+    onnx_files.save(onnx_files.load(src).model, out, external_data=True)
+    saved = onnx.load(out, load_external_data=False)
+    (stored,) = [t for t in saved.graph.initializer if t.name == "labels"]
+    assert stored.data_location == TensorProto.DEFAULT and len(stored.string_data) == 1000
+    assert (tmp_path / "out.onnx.data").stat().st_size > 1024  # the weight went there
+    assert onnx_files.check(src, onnx_files.load(out).model).passed
