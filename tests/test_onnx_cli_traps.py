@@ -1,0 +1,352 @@
+"""ONNX traps found in review: external Constant tensors resolved against the current directory,
+sparse tensors, over-long file names, named pipes, --verify on models computing in another
+precision than their inputs and outputs, and the mode of an overwritten output.
+
+Every CLI run checks the exit status, that an error is one line on stderr, and what is (or is
+not) on disk afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from onnx.external_data_helper import convert_model_to_external_data, load_external_data_for_tensor
+
+import bnfold
+from bnfold import onnx_files
+from bnfold.cli import main
+
+IR_VERSION = 8  # onnxruntime 1.31 reads IR 8..10
+C = 8
+
+
+def _bn_inits(c: int, dtype=np.float32, seed: int = 0) -> list[TensorProto]:
+    rng = np.random.default_rng(seed)
+    return [
+        numpy_helper.from_array((rng.random(c) * 2 + 0.5).astype(dtype), "bn.scale"),
+        numpy_helper.from_array(rng.standard_normal(c).astype(dtype), "bn.bias"),
+        numpy_helper.from_array(rng.standard_normal(c).astype(dtype), "bn.mean"),
+        numpy_helper.from_array((rng.random(c) + 0.5).astype(dtype), "bn.var"),
+    ]
+
+
+def _bn(x: str, y: str) -> onnx.NodeProto:
+    return helper.make_node(
+        "BatchNormalization", [x, "bn.scale", "bn.bias", "bn.mean", "bn.var"], [y], name="bn"
+    )
+
+
+def _weight(shape, seed: int = 1, dtype=np.float32) -> np.ndarray:
+    return (np.random.default_rng(seed).standard_normal(shape) * 0.5).astype(dtype)
+
+
+def _model(nodes, inputs, outputs, inits, sparse=()) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "g", inputs, outputs, inits, sparse_initializer=list(sparse))
+    return helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=IR_VERSION
+    )
+
+
+def _vi(name: str, shape, dtype: int = TensorProto.FLOAT) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, dtype, shape)
+
+
+def _conv_bn(c: int = C, seed: int = 1) -> onnx.ModelProto:
+    """x -> Conv (initializer weight "w", > 1 KiB) -> BatchNormalization -> y."""
+    return _model(
+        [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"), _bn("c", "y")],
+        [_vi("x", [2, 3, 8, 8])],
+        [_vi("y", [2, c, 6, 6])],
+        [numpy_helper.from_array(_weight((c, 3, 3, 3), seed), "w"), *_bn_inits(c)],
+    )
+
+
+def _one_line_error(capsys, *words: str) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("bnfold: error:"), err
+    assert err.count("\n") == 1, err
+    for word in words:
+        assert word in err, err
+    return err
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. A Constant node's external tensor in a ModelProto without its data
+
+
+def _constant_weight_model(seed: int) -> onnx.ModelProto:
+    w = numpy_helper.from_array(_weight((C, 3, 3, 3), seed), "w_value")
+    return _model(
+        [
+            helper.make_node("Constant", [], ["w"], name="w_const", value=w),
+            helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+            _bn("c", "y"),
+        ],
+        [_vi("x", [2, 3, 8, 8])],
+        [_vi("y", [2, C, 6, 6])],
+        _bn_inits(C),
+    )
+
+
+def _save_all_external(model: onnx.ModelProto, path) -> None:
+    convert_model_to_external_data(
+        model,
+        all_tensors_to_one_file=True,
+        location="model.onnx.data",
+        size_threshold=0,
+        convert_attribute=True,
+    )
+    onnx.save(model, str(path))
+
+
+@pytest.mark.parametrize("decoy", [True, False], ids=["decoy-in-cwd", "nothing-in-cwd"])
+def test_unloaded_external_constant_is_refused_whatever_the_cwd(tmp_path, monkeypatch, decoy):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "other").mkdir()
+    _save_all_external(_constant_weight_model(seed=1), tmp_path / "model" / "model.onnx")
+    if decoy:  # another model's data file of the same (common) name in the current directory
+        _save_all_external(_constant_weight_model(seed=2), tmp_path / "other" / "model.onnx")
+    proto = onnx.load(str(tmp_path / "model" / "model.onnx"), load_external_data=False)
+    for t in proto.graph.initializer:  # the initializers are loaded, the Constant is not
+        load_external_data_for_tensor(t, str(tmp_path / "model"))
+        t.data_location = TensorProto.DEFAULT
+        del t.external_data[:]
+    (const,) = [n for n in proto.graph.node if n.op_type == "Constant"]
+    assert const.attribute[0].t.data_location == TensorProto.EXTERNAL
+    before = proto.SerializeToString()
+    monkeypatch.chdir(tmp_path / "other")
+    for api in (bnfold.fold, bnfold.analyze):
+        with pytest.raises(bnfold.UnsupportedModelError) as excinfo:
+            api(proto)
+        message = str(excinfo.value)
+        assert message and "\n" not in message
+        assert "external" in message, message
+    assert proto.SerializeToString() == before
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Sparse tensors: an initializer and a Constant's sparse_value
+
+
+def _sparse(name: str, shape) -> onnx.SparseTensorProto:
+    values = numpy_helper.from_array(np.array([1.5, 2.5], np.float32), name)
+    indices = numpy_helper.from_array(np.array([3, 17], np.int64), "")
+    return helper.make_sparse_tensor(values, indices, shape)
+
+
+def _sparse_initializer_model() -> onnx.ModelProto:
+    return _model(
+        [
+            helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+            _bn("c", "y"),
+            helper.make_node("Add", ["y", "sp"], ["z"], name="add"),
+        ],
+        [_vi("x", [2, 3, 8, 8])],
+        [_vi("z", [2, C, 6, 6])],
+        [numpy_helper.from_array(_weight((C, 3, 3, 3)), "w"), *_bn_inits(C)],
+        sparse=[_sparse("sp", [2, C, 6, 6])],
+    )
+
+
+def _sparse_constant_model() -> onnx.ModelProto:
+    return _model(
+        [
+            helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+            _bn("c", "y"),
+            helper.make_node(
+                "Constant", [], ["sp"], name="sp", sparse_value=_sparse("v", [2, C, 6, 6])
+            ),
+            helper.make_node("Add", ["y", "sp"], ["z"], name="add"),
+        ],
+        [_vi("x", [2, 3, 8, 8])],
+        [_vi("z", [2, C, 6, 6])],
+        [numpy_helper.from_array(_weight((C, 3, 3, 3)), "w"), *_bn_inits(C)],
+    )
+
+
+@pytest.mark.parametrize(
+    "make", [_sparse_initializer_model, _sparse_constant_model], ids=["initializer", "constant"]
+)
+def test_sparse_tensors_are_refused(tmp_path, capsys, make):
+    model = make()
+    onnx.checker.check_model(model)  # valid ONNX
+    with pytest.raises(bnfold.UnsupportedModelError) as excinfo:
+        bnfold.fold(model)
+    assert "\n" not in str(excinfo.value) and "sparse" in str(excinfo.value)
+
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    before = path.read_bytes()
+    assert main([str(path), "-o", str(tmp_path / "out.onnx"), "--verify"]) == 1
+    _one_line_error(capsys, "sparse")
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx"]
+    assert path.read_bytes() == before
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. File names too long for the file system
+
+
+def test_overlong_file_names_are_one_line_errors(tmp_path, capsys):
+    src = tmp_path / "m.onnx"
+    onnx.save(_conv_bn(), str(src))
+    listing = sorted(os.listdir(tmp_path))
+
+    long_input = tmp_path / ("b" * 295 + ".onnx")  # 300 bytes
+    assert main([str(long_input), "-o", str(tmp_path / "x.onnx")]) == 1
+    _one_line_error(capsys)
+    long_output = tmp_path / ("a" * 255 + ".onnx")  # 260 bytes
+    assert main([str(src), "-o", str(long_output)]) == 1
+    _one_line_error(capsys)
+    assert sorted(os.listdir(tmp_path)) == listing
+
+    # 240 bytes fits, and so must the temporary names bnfold writes first
+    ok = tmp_path / ("d" * 235 + ".onnx")
+    assert len(ok.name) == 240
+    assert main([str(src), "-o", str(ok)]) == 0
+    assert capsys.readouterr().err == ""
+    assert sorted(os.listdir(tmp_path)) == sorted([*listing, ok.name])
+    assert onnx_files.check(src, onnx_files.load(ok).model).passed
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. A named pipe as the model
+
+
+@pytest.mark.parametrize("name", ["m.onnx", "m.pt2", "model"])
+def test_named_pipe_is_refused_without_blocking(tmp_path, capsys, name):
+    fifo = tmp_path / name
+    os.mkfifo(fifo)
+    result: list[int] = []
+    thread = threading.Thread(
+        target=lambda: result.append(main([str(fifo), "-o", str(tmp_path / "out.onnx")])),
+        daemon=True,
+    )
+    thread.start()
+    thread.join(timeout=10)
+    if thread.is_alive():  # unblock the reader (an open for writing, then EOF) and fail
+        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        os.close(fd)
+        thread.join(timeout=10)
+        pytest.fail("bnfold blocked reading a named pipe")
+    assert result == [1]
+    _one_line_error(capsys)
+    assert sorted(os.listdir(tmp_path)) == [name]
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. --verify on models computing in a lower precision than their inputs and outputs
+
+
+def _cast_edges_model(inner: int, outer: int) -> onnx.ModelProto:
+    """x (outer) -> Cast(inner) -> Conv -> BN -> Relu -> Conv -> BN -> Cast(outer) -> y."""
+    np_inner = helper.tensor_dtype_to_np_dtype(inner)
+    c = 16
+    rng = np.random.default_rng(1)
+    stats = [
+        numpy_helper.from_array((rng.random(c) * 4 + 0.5).astype(np_inner), "s"),
+        numpy_helper.from_array(rng.standard_normal(c).astype(np_inner), "b"),
+        numpy_helper.from_array(rng.standard_normal(c).astype(np_inner), "mu"),
+        numpy_helper.from_array((rng.random(c) * 0.2 + 0.01).astype(np_inner), "var"),
+    ]
+    weights = [
+        numpy_helper.from_array(_weight((c, 3, 3, 3), 1, np_inner), "w"),
+        numpy_helper.from_array((_weight((c, c, 3, 3), 4) * 0.3).astype(np_inner), "w2"),
+    ]
+    bn_in = ["s", "b", "mu", "var"]
+    return _model(
+        [
+            helper.make_node("Cast", ["x"], ["xh"], name="cast_in", to=inner),
+            helper.make_node("Conv", ["xh", "w"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+            helper.make_node("BatchNormalization", ["c1", *bn_in], ["y1"], name="bn1"),
+            helper.make_node("Relu", ["y1"], ["r"], name="relu"),
+            helper.make_node("Conv", ["r", "w2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+            helper.make_node("BatchNormalization", ["c2", *bn_in], ["y2"], name="bn2"),
+            helper.make_node("Cast", ["y2"], ["y"], name="cast_out", to=outer),
+        ],
+        [_vi("x", [2, 3, 16, 16], outer)],
+        [_vi("y", [2, c, 16, 16], outer)],
+        weights + stats,
+    )
+
+
+@pytest.mark.parametrize(
+    "inner, outer",
+    [(TensorProto.FLOAT16, TensorProto.FLOAT), (TensorProto.FLOAT, TensorProto.DOUBLE)],
+    ids=["fp16-inside-fp32-io", "fp32-inside-fp64-io"],
+)
+def test_verify_tolerance_follows_the_weights_precision(tmp_path, capsys, inner, outer):
+    src, out = tmp_path / "m.onnx", tmp_path / "out.onnx"
+    onnx.save(_cast_edges_model(inner, outer), str(src))
+    assert main([str(src), "-o", str(out), "--verify"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and "verified in onnxruntime" in captured.out
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx", "out.onnx"]
+    folded = onnx.load(str(out))
+    assert not [n for n in folded.graph.node if n.op_type == "BatchNormalization"]
+
+    # A wrong fold (one folded weight 10% off) is still caught.
+    (conv2,) = [n for n in folded.graph.node if n.name == "conv2"]
+    for t in folded.graph.initializer:
+        if t.name == conv2.input[1]:
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * 1.1, t.name))
+    wrong = onnx_files.check(src, ir.serde.deserialize_model(folded))
+    assert not wrong.passed, wrong.summary()
+    right = onnx_files.check(src, onnx_files.load(out).model)
+    assert right.passed, right.summary()
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. The mode of the written files
+
+
+def _save_external(model: onnx.ModelProto, path) -> None:
+    onnx.save(
+        model,
+        str(path),
+        save_as_external_data=True,
+        location=os.path.basename(path) + ".data",
+        size_threshold=0,
+    )
+
+
+@pytest.mark.parametrize("external", [False, True], ids=["inline", "external-data"])
+def test_overwritten_output_keeps_its_mode_and_new_output_gets_umask(tmp_path, capsys, external):
+    src = tmp_path / "m.onnx"
+    if external:
+        _save_external(_conv_bn(), src)
+    else:
+        onnx.save(_conv_bn(), str(src))
+    out = tmp_path / "out.onnx"
+    existing = [out, tmp_path / "out.onnx.data"] if external else [out]
+    for path in existing:
+        path.write_bytes(b"old")
+        os.chmod(path, 0o600)
+    assert main([str(src), "-o", str(out)]) == 0
+    for path in existing:
+        assert path.stat().st_mode & 0o777 == 0o600, path
+        assert path.read_bytes() != b"old"
+    assert onnx_files.check(src, onnx_files.load(out).model).passed
+
+    new = tmp_path / "new.onnx"
+    assert main([str(src), "-o", str(new)]) == 0
+    created = [new, tmp_path / "new.onnx.data"] if external else [new]
+    expected_files = sorted(p.name for p in [src, *existing, *created])
+    if external:
+        expected_files = sorted([*expected_files, "m.onnx.data"])
+    assert sorted(os.listdir(tmp_path)) == expected_files
+    for path in created:
+        assert path.stat().st_mode & 0o777 == 0o666 & ~_umask(), path
+    capsys.readouterr()
