@@ -92,11 +92,7 @@ def load(path: str | os.PathLike[str]) -> ModelFile:
     base_dir = os.path.dirname(os.path.abspath(p))
     checker = _ProtoChecker(p, base_dir)
     checker.model(proto)
-    if _sparse_tensors(proto):
-        raise UnsupportedModelError(
-            f"{p} has sparse tensors, which bnfold cannot keep; store them as dense tensors "
-            "(onnx.numpy_helper) and try again"
-        )
+    _refuse_sparse(proto, str(p))
     try:
         model = ir.serde.deserialize_model(proto)
     except Exception as e:
@@ -800,6 +796,14 @@ def _to_numpy(name: str, value: Any) -> np.ndarray:
     return array
 
 
+def _refuse_sparse(proto: onnx.ModelProto, what: str) -> None:
+    if _sparse_tensors(proto):
+        raise UnsupportedModelError(
+            f"{what} has sparse tensors, which bnfold cannot keep; store them as dense tensors "
+            "(onnx.numpy_helper) and try again"
+        )
+
+
 def _sparse_tensors(proto: onnx.ModelProto) -> bool:
     graphs = [proto.graph, *(g for f in proto.functions for n in f.node for g in _graphs_of(n))]
     while graphs:
@@ -826,11 +830,7 @@ def as_ir_model(model: Any, which: str = "") -> ir.Model:
     if isinstance(model, ir.Model):
         return model
     if isinstance(model, onnx.ModelProto):
-        if _sparse_tensors(model):
-            raise UnsupportedModelError(
-                f"{which}model has sparse tensors, which bnfold cannot keep; store them as dense "
-                "tensors (onnx.numpy_helper) and try again"
-            )
+        _refuse_sparse(model, f"{which}model")
         try:
             converted = ir.serde.deserialize_model(model)
         except Exception as e:  # a malformed proto

@@ -691,3 +691,35 @@ def producer_model(kind: str, bias: bool, opset: int, dtype: int = FLOAT, seed: 
             c_shape=(4,) if bias else None, opset=opset, dtype=dtype, seed=seed, trans_b=1
         )
     return matmul_model(add="after" if bias else None, opset=opset, dtype=dtype, seed=seed)
+
+
+def export_torch(model, x, dynamo: bool, **kw) -> onnx.ModelProto:
+    """``model`` exported by ``torch.onnx.export`` without its chatter: ``dynamo=True`` with
+    ``optimize=False`` (the exporter's own fusions would hide the BatchNorms), or the
+    TorchScript exporter without constant folding (which fuses Conv+BN itself)."""
+    import contextlib
+    import io
+    import logging
+    import warnings
+
+    import torch
+
+    f = io.BytesIO()
+    loggers = [logging.getLogger(n) for n in ("torch", "torch.onnx", "onnxscript", "onnx_ir")]
+    levels = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            if dynamo:
+                program = torch.onnx.export(
+                    model, (x,), dynamo=True, optimize=False, verbose=False, **kw
+                )
+                return program.model_proto
+            kw.setdefault("input_names", ["x"])
+            torch.onnx.export(model, (x,), f, dynamo=False, do_constant_folding=False, **kw)
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+    return onnx.load_from_string(f.getvalue())

@@ -11,9 +11,6 @@ exporters.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 import warnings
 
 import numpy as np
@@ -38,6 +35,7 @@ from onnx_models import (
     check_structure,
     conv_model,
     convert,
+    export_torch,
     gemm_model,
     initializer,
     initializer_names,
@@ -1530,29 +1528,6 @@ def _randomize(model):
     return model
 
 
-def export(model, x, dynamo: bool, **kw) -> onnx.ModelProto:
-    f = io.BytesIO()
-    loggers = [logging.getLogger(n) for n in ("torch", "torch.onnx", "onnxscript", "onnx_ir")]
-    levels = [lg.level for lg in loggers]
-    try:
-        for lg in loggers:
-            lg.setLevel(logging.ERROR)
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            if dynamo:
-                program = torch.onnx.export(
-                    model, (x,), dynamo=True, optimize=False, verbose=False, **kw
-                )
-                return program.model_proto
-            torch.onnx.export(
-                model, (x,), f, dynamo=False, do_constant_folding=False, input_names=["x"], **kw
-            )
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
-    return onnx.load_from_string(f.getvalue())
-
-
 class SmallCNN(nn.Module):
     def __init__(self):
         super().__init__()
@@ -1630,7 +1605,7 @@ def test_torch_exported(cls, dynamo):
     torch.manual_seed(0)
     module = _randomize(cls()).eval()
     x = torch.randn(*INPUTS[cls])
-    model = export(module, x, dynamo)
+    model = export_torch(module, x, dynamo)
     report = bnfold.analyze(model)
     nodes = nodes_by_name(model)
     expected = {}
@@ -1665,7 +1640,7 @@ def test_torch_training_mode_export_refused():
     torch.manual_seed(0)
     module = _randomize(SmallCNN()).train()
     x = torch.randn(*INPUTS[SmallCNN])
-    model = export(module, x, dynamo=False, training=torch.onnx.TrainingMode.TRAINING)
+    model = export_torch(module, x, dynamo=False, training=torch.onnx.TrainingMode.TRAINING)
     bns = bn_nodes(model)
     assert len(bns) == 4
     check_fold(

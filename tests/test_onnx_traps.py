@@ -7,11 +7,7 @@ original and the folded model (ORT_DISABLE_ALL), runs the full checker and check
 
 from __future__ import annotations
 
-import contextlib
 import gc
-import io
-import logging
-import warnings
 
 import numpy as np
 import onnx
@@ -26,6 +22,7 @@ from onnx_models import (
     check_fold,
     check_skip,
     conv_model,
+    export_torch,
     gemm_model,
     initializer,
     node_input,
@@ -210,33 +207,6 @@ class Lin3(nn.Module):
         return self.b(self.l(x.flatten(2).transpose(1, 2)).transpose(1, 2))
 
 
-def _export(
-    module: nn.Module, x: torch.Tensor, opset: int, dynamo: bool = False
-) -> onnx.ModelProto:
-    f = io.BytesIO()
-    loggers = [logging.getLogger(n) for n in ("torch", "torch.onnx", "onnxscript", "onnx_ir")]
-    levels = [lg.level for lg in loggers]
-    try:
-        for lg in loggers:
-            lg.setLevel(logging.ERROR)
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            options = {"optimize": False} if dynamo else {"do_constant_folding": False}
-            torch.onnx.export(
-                module,
-                (x,),
-                f,
-                dynamo=dynamo,
-                opset_version=opset,
-                input_names=["x"],
-                **options,
-            )
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
-    return onnx.load_from_string(f.getvalue())
-
-
 @pytest.mark.parametrize("opset", [11, 13])
 def test_torch_linear_3d_transpose_bn1d_folds(opset):
     """The Reshape's computed shape leaves the MatMul's rank unknown to shape inference; the
@@ -249,7 +219,7 @@ def test_torch_linear_3d_transpose_bn1d_folds(opset):
         module.b.running_mean.normal_()
         module.b.running_var.uniform_(0.5, 2)
     x = torch.randn(2, 8, 5, 5)
-    model = _export(module, x, opset)
+    model = export_torch(module, x, False, opset_version=opset)
     (bn,) = bn_nodes(model)
     (mm,) = [n for n in model.graph.node if n.op_type == "MatMul"]
     adds = {n.name for n in model.graph.node if n.op_type == "Add"}
@@ -287,7 +257,7 @@ def test_dynamo_batch_norm_without_affine_folds():
         module[1].running_mean.normal_()
         module[1].running_var.uniform_(0.5, 2)
     x = torch.randn(2, 4, 8, 8)
-    model = _export(module, x, 18, dynamo=True)
+    model = export_torch(module, x, True, opset_version=18, input_names=["x"])
     (bn,) = bn_nodes(model)
     assert any(n.op_type == "Expand" for n in model.graph.node)
     (conv,) = [n for n in model.graph.node if n.op_type == "Conv"]
