@@ -182,6 +182,25 @@ class _NumpyOps:
         return bool(np.isfinite(x.min()) and np.isfinite(x.max()))
 
     @staticmethod
+    def item_bits(dtype: Any) -> int:
+        return np.dtype(dtype).itemsize * 8
+
+    @staticmethod
+    def underflow_share(weight: Any, out: Any, tiny: float) -> float:
+        normal = np.abs(np.asarray(weight, dtype=np.float32)) >= tiny
+        lost = normal & (np.abs(np.asarray(out, dtype=np.float32)) < tiny)
+        return float(lost.sum()) / max(int(normal.sum()), 1)
+
+    @staticmethod
+    def smallest_normal(dtype: Any) -> float:
+        try:
+            return float(np.finfo(dtype).smallest_normal)
+        except ValueError:
+            import ml_dtypes
+
+            return float(ml_dtypes.finfo(dtype).smallest_normal)
+
+    @staticmethod
     def max_finite(dtype: Any) -> float:
         try:
             return float(np.finfo(dtype).max)
@@ -226,6 +245,18 @@ class _TorchOps:
 
     def max_finite(self, dtype: Any) -> float:
         return float(self.torch.finfo(dtype).max)
+
+    @staticmethod
+    def item_bits(dtype: Any) -> int:
+        return dtype.itemsize * 8
+
+    def underflow_share(self, weight: Any, out: Any, tiny: float) -> float:
+        normal = weight.abs() >= tiny
+        lost = normal & (out.abs() < tiny)
+        return float(lost.sum()) / max(int(normal.sum()), 1)
+
+    def smallest_normal(self, dtype: Any) -> float:
+        return float(self.torch.finfo(dtype).smallest_normal)
 
     @staticmethod
     def is_float(dtype: Any) -> bool:
@@ -291,7 +322,26 @@ def scale_output_channels(weight: Any, s: np.ndarray, layout: OutputLayout) -> A
             f"folded weight overflows {_dtype_name(weight.dtype)} "
             f"(max {ops.max_finite(weight.dtype):g})"
         )
+    _refuse_underflow(ops, weight, out, s)
     return out
+
+
+# A 16-bit weight scaled below the smallest normal number keeps only a few significant bits;
+# when more than this share of its values would, the fold is refused (the unfolded model keeps
+# them: its BatchNorm scales activations, in their own precision).
+UNDERFLOW_SHARE = 0.01
+
+
+def _refuse_underflow(ops: Any, weight: Any, out: Any, s: np.ndarray) -> None:
+    if ops.item_bits(weight.dtype) > 16 or not (np.abs(s) < 1).any():
+        return  # float32/float64 have the range; nothing shrinks when no |s| < 1
+    tiny = ops.smallest_normal(weight.dtype)
+    share = ops.underflow_share(weight, out, tiny)
+    if share > UNDERFLOW_SHARE:
+        raise FoldRefused(
+            f"folded weight underflows {_dtype_name(weight.dtype)}: {share:.0%} of its values "
+            f"fall below {tiny:g} and lose precision the unfolded model keeps"
+        )
 
 
 def folded_bias(

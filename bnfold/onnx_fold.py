@@ -156,17 +156,27 @@ def _inferred_types(model: ir.Model) -> dict[str, tuple[int | None, int]]:
     except Exception:  # noqa: BLE001 - inference is a hint; without it folds needing a rank stop
         return {}
     types: dict[str, tuple[int | None, int]] = {}
+    # Sibling subgraphs (the branches of an If) may reuse a name for different values; such a
+    # name is ambiguous here and is left unknown rather than taken from the wrong branch.
+    ambiguous: set[str] = set()
     graphs = [inferred.graph]
     while graphs:
         g = graphs.pop()
+        here: dict[str, tuple[int | None, int]] = {}
         for info in itertools.chain(g.input, g.value_info, g.output):
             t = info.type.tensor_type
             if info.type.HasField("tensor_type"):
-                types[info.name] = (len(t.shape.dim) if t.HasField("shape") else None, t.elem_type)
+                here[info.name] = (len(t.shape.dim) if t.HasField("shape") else None, t.elem_type)
+        for name, found in here.items():
+            if name in types and types[name] != found:
+                ambiguous.add(name)
+            types[name] = found
         for node in g.node:
             for attr in node.attribute:
                 graphs.extend([attr.g] if attr.HasField("g") else [])
                 graphs.extend(attr.graphs)
+    for name in ambiguous:
+        del types[name]
     return types
 
 

@@ -245,3 +245,19 @@ def test_any_non_finite_weight_element_is_found(bad, framework):
     arr = w if framework == "torch" else w.numpy()
     with pytest.raises(FoldRefused, match="non-finite"):
         scale_output_channels(arr, np.linspace(0.5, 1.5, 6), CONV)
+
+
+@pytest.mark.parametrize("framework", ["numpy", "torch"])
+def test_low_precision_weights_scaled_into_subnormals_are_refused(framework):
+    """A float16 weight scaled below 6.1e-5 keeps only a few significant bits, which the
+    unfolded model (whose BatchNorm scales activations) does not lose."""
+    rng = np.random.default_rng(0)
+    w = (rng.normal(size=(4, 64)) * 0.05).astype(np.float16)
+    tiny, fine = np.full(4, 2e-5), np.full(4, 0.5)
+    if framework == "torch":
+        w = torch.from_numpy(w)
+    with pytest.raises(FoldRefused, match="underflows float16"):
+        scale_output_channels(w, tiny, OutputLayout(axis=0))
+    scale_output_channels(w, fine, OutputLayout(axis=0))
+    w32 = w.float() if framework == "torch" else w.astype(np.float32)
+    scale_output_channels(w32, tiny, OutputLayout(axis=0))  # float32 has the range

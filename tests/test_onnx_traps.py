@@ -27,6 +27,7 @@ from onnx_models import (
     initializer,
     node_input,
     rel_err,
+    run,
 )
 from torch import nn
 
@@ -268,3 +269,77 @@ def test_dynamo_batch_norm_without_affine_folds():
         want = module(x).numpy()
     assert rel_err([want], r.after[0]) < 1e-5
     assert {n.op_type for n in r.folded.graph.node} == {"Conv"}
+
+
+# --------------------------------------------------------------------------------------------
+# 10. Sibling branches reusing a value name
+
+
+def _branch(tag: str, x: str, w: str, reshape: bool) -> onnx.GraphProto:
+    from onnx import TensorProto
+    from onnx import helper as h
+
+    nodes = [
+        h.make_node("Identity", [x], ["xx"]),
+        h.make_node("MatMul", ["xx", w], ["mm"], name=f"mm{tag}"),
+        h.make_node(
+            "BatchNormalization",
+            ["mm", f"s{tag}", f"b{tag}", f"m{tag}", f"v{tag}"],
+            [f"y{tag}"],
+            name=f"bn{tag}",
+        ),
+    ]
+    out = f"y{tag}"
+    if reshape:
+        nodes.append(h.make_node("Reshape", [out, "shape"], [f"r{tag}"]))
+        out = f"r{tag}"
+    return h.make_graph(
+        nodes, f"g{tag}", [], [h.make_tensor_value_info(out, TensorProto.FLOAT, None)]
+    )
+
+
+@pytest.mark.parametrize("then_first", [True, False])
+def test_sibling_branches_do_not_lend_each_other_ranks(then_first):
+    """Both If branches name their MatMul output ``mm``: 2-D in one (foldable), 3-D in the other
+    (its BatchNorm normalises rows). Shape inference results are per scope, so the 3-D one is
+    never folded along the wrong axis (it was, with rel error 0.56)."""
+    from onnx import TensorProto
+    from onnx import helper as h
+
+    rng = np.random.default_rng(3)
+    c = 4
+    two_d, three_d = _branch("T", "x2", "Wa", False), _branch("E", "x3", "Wb", True)
+    branches = (two_d, three_d) if then_first else (three_d, two_d)
+    inits = [
+        onnx.numpy_helper.from_array(rng.standard_normal((6, c)).astype(np.float32), "Wa"),
+        onnx.numpy_helper.from_array(rng.standard_normal((6, c)).astype(np.float32), "Wb"),
+        onnx.numpy_helper.from_array(np.array([8, 4], np.int64), "shape"),
+    ]
+    for tag in "TE":
+        for name, values in (
+            ("s", rng.uniform(0.5, 2, c)),
+            ("b", rng.normal(size=c)),
+            ("m", rng.normal(size=c)),
+            ("v", rng.uniform(0.5, 2, c)),
+        ):
+            inits.append(onnx.numpy_helper.from_array(values.astype(np.float32), name + tag))
+    graph = h.make_graph(
+        [h.make_node("If", ["cond"], ["o"], then_branch=branches[0], else_branch=branches[1])],
+        "siblings",
+        [
+            h.make_tensor_value_info("x2", TensorProto.FLOAT, [3, 6]),
+            h.make_tensor_value_info("x3", TensorProto.FLOAT, [2, 4, 6]),
+            h.make_tensor_value_info("cond", TensorProto.BOOL, []),
+        ],
+        [h.make_tensor_value_info("o", TensorProto.FLOAT, None)],
+        inits,
+    )
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
+    folded, report = bnfold.fold(model, return_report=True)
+    assert not report.entry("bnE").folded
+    x2 = rng.standard_normal((3, 6)).astype(np.float32)
+    x3 = rng.standard_normal((2, 4, 6)).astype(np.float32)
+    for cond in (True, False):
+        feeds = {"x2": x2, "x3": x3, "cond": np.array(cond)}
+        before, after = run(model, feeds), run(folded, feeds)
+        assert rel_err(before, after) < 1e-5
