@@ -527,18 +527,41 @@ def save(
 
 
 def _save_inline(model: ir.Model, target: Path) -> None:
-    """One self-contained .onnx file, written by write_atomically."""
+    """One self-contained .onnx file, written by write_atomically.
+
+    The main graph's initializers are written one by one after the rest of the model, each as
+    a ``graph { initializer }`` message of its own, which protobuf merges into the one graph
+    when the file is read. So no second copy of all the weights (a full ModelProto and its
+    serialized bytes) is ever held in memory, only one tensor at a time.
+    """
+    graph = model.graph
     try:
         with _external_tensors_inlined(model, initializers=True):
-            proto = ir.serde.serialize_model(model)
-        content = proto.SerializeToString()
+            values = list(graph.initializers.values())
+            graph.initializers.clear()
+            try:
+                skeleton = ir.serde.serialize_model(model).SerializeToString()
+            finally:
+                for value in values:
+                    graph.initializers.add(value)
+            tensors = [(v.name, v.const_value) for v in values]
     except Exception as e:
         raise ModelFileError(
             f"cannot write {target}: the model cannot be serialized ({type(e).__name__}: "
             f"{first_line(e)})"
         ) from e
-    del proto
-    write_atomically(target, lambda f: f.write(content))
+
+    def write(f: Any) -> None:
+        f.write(skeleton)
+        for name, tensor in tensors:
+            chunk = onnx.ModelProto()
+            if tensor is not None:
+                proto = chunk.graph.initializer.add()
+                ir.serde.serialize_tensor_into(proto, tensor)
+                proto.name = name
+            f.write(chunk.SerializeToString())
+
+    write_atomically(target, write)
 
 
 def _save_with_data(model: ir.Model, target: Path, data: Path) -> None:

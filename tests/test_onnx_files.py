@@ -750,3 +750,22 @@ def test_large_string_initializer_stays_inline_with_external_data(tmp_path):
     assert stored.data_location == TensorProto.DEFAULT and len(stored.string_data) == 1000
     assert (tmp_path / "out.onnx.data").stat().st_size > 1024  # the weight went there
     assert onnx_files.check(src, onnx_files.load(out).model).passed
+
+
+def test_inline_save_streams_initializers_and_leaves_the_model_as_it_was(tmp_path):
+    """Initializers are written one message at a time after the rest of the model (protobuf
+    merges them into the one graph); the file reads back the same and the model is unchanged."""
+    model = _conv_model()
+    model.graph.initializer.append(numpy_helper.from_array(np.arange(3, dtype=np.int64), "k"))
+    loaded = onnx_files.load(_write(model, tmp_path / "m.onnx")).model
+    names = list(loaded.graph.initializers)
+    onnx_files.save(loaded, tmp_path / "out.onnx", external_data=False)
+    assert list(loaded.graph.initializers) == names
+    assert all(v.is_initializer() for v in loaded.graph.initializers.values())
+    saved = onnx.load(tmp_path / "out.onnx")
+    onnx.checker.check_model(saved)
+    assert [t.name for t in saved.graph.initializer] == names
+    for t in model.graph.initializer:
+        (back,) = [s for s in saved.graph.initializer if s.name == t.name]
+        assert np.array_equal(numpy_helper.to_array(back), numpy_helper.to_array(t))
+    assert not saved.graph.value_info
