@@ -326,11 +326,49 @@ def _constant(c: _Call) -> np.ndarray:
     raise NotConstant(f"{describe_node(c.node)} holds no numeric tensor")
 
 
+# Casts evaluated here: between these types numpy converts as onnxruntime does. Strings
+# (parsed differently), 4-bit and 8-bit floats (saturation, rounding) are left alone.
+_CASTABLE = {
+    ir.DataType.FLOAT,
+    ir.DataType.DOUBLE,
+    ir.DataType.FLOAT16,
+    ir.DataType.BFLOAT16,
+    ir.DataType.INT8,
+    ir.DataType.INT16,
+    ir.DataType.INT32,
+    ir.DataType.INT64,
+    ir.DataType.UINT8,
+    ir.DataType.UINT16,
+    ir.DataType.UINT32,
+    ir.DataType.UINT64,
+    ir.DataType.BOOL,
+}
+
+
+def _convert(c: _Call, x: np.ndarray, target: ir.DataType) -> np.ndarray:
+    source = ir.DataType.from_numpy(x.dtype) if x.dtype != object else ir.DataType.STRING
+    if source not in _CASTABLE or target not in _CASTABLE:
+        raise NotConstant(
+            f"bnfold does not evaluate {describe_node(c.node)} ({source.name} to {target.name})"
+        )
+    dtype = _numpy_dtype(target)
+    result = x.astype(dtype)
+    if x.dtype == np.float64 and (dtype == np.float16 or dtype.name == "bfloat16"):
+        # Rounding a double to 16 bits directly or through float32 can differ by one step;
+        # runtimes differ in which they do, so such a constant has no single value.
+        if not np.array_equal(result, x.astype(np.float32).astype(dtype), equal_nan=True):
+            raise NotConstant(
+                f"{describe_node(c.node)} rounds doubles to {target.name} differently in "
+                "different runtimes"
+            )
+    return result
+
+
 def _cast(c: _Call) -> np.ndarray:
-    to = c.int_attr("to")
-    if to is None:
-        raise NotConstant(f"{describe_node(c.node)} has no 'to' attribute")
-    return c.input(0).astype(_numpy_dtype(ir.DataType(to)))
+    to = c.node.attributes.get("to")
+    if to is None or to.type != ir.AttributeType.INT:
+        raise NotConstant(f"{describe_node(c.node)} has no integer 'to' attribute")
+    return _convert(c, c.input(0), ir.DataType(to.value))
 
 
 def _shape(c: _Call) -> np.ndarray:
@@ -384,7 +422,7 @@ def _unsqueeze(c: _Call) -> np.ndarray:
 def _squeeze(c: _Call) -> np.ndarray:
     x = c.input(0)
     axes = c.axes(13)
-    if axes is None:
+    if not axes:  # none, or an empty list, which onnxruntime also reads as "every 1-sized axis"
         return np.squeeze(x)
     return np.squeeze(x, axis=tuple(a + x.ndim if a < 0 else a for a in axes))
 
@@ -416,6 +454,14 @@ def _floating(c: _Call, *xs: np.ndarray) -> None:
             raise NotConstant(f"bnfold evaluates {c.node.op_type} on floating-point values only")
 
 
+def _wide(c: _Call, *xs: np.ndarray) -> None:
+    """Arithmetic on 16-bit floats is left alone: onnxruntime runs chains of such ops in float32
+    and rounds once at the end, numpy rounds after every op."""
+    for x in xs:
+        if x.dtype.itemsize < 4 and _is_float(x.dtype):
+            raise NotConstant(f"bnfold does not evaluate {describe_node(c.node)} in {x.dtype}")
+
+
 def _is_float(dtype: np.dtype) -> bool:
     return dtype.kind == "f" or "float" in dtype.name
 
@@ -427,6 +473,7 @@ def _binary(fn: Callable[[np.ndarray, np.ndarray], np.ndarray], floats_only: boo
             raise NotConstant(f"{describe_node(c.node)} mixes {a.dtype} and {b.dtype}")
         if floats_only:
             _floating(c, a)
+        _wide(c, a)
         shape = np.broadcast_shapes(a.shape, b.shape)
         _size_of(shape, c.node)
         with np.errstate(all="ignore"):
@@ -439,6 +486,7 @@ def _unary(fn: Callable[[np.ndarray], np.ndarray]):
     def op(c: _Call) -> np.ndarray:
         x = c.input(0)
         _floating(c, x)
+        _wide(c, x)
         with np.errstate(all="ignore"):
             return np.asarray(fn(x)).astype(x.dtype)
 
@@ -449,7 +497,7 @@ _OPS: dict[str, Callable[[_Call], np.ndarray]] = {
     "Constant": _constant,
     "Identity": lambda c: c.input(0),
     "Cast": _cast,
-    "CastLike": lambda c: c.input(0).astype(c.input_dtype(1)),
+    "CastLike": lambda c: _convert(c, c.input(0), ir.DataType.from_numpy(c.input_dtype(1))),
     "Shape": _shape,
     "Size": lambda c: np.array(math.prod(c.input_shape(0)), dtype=np.int64),
     "Expand": _expand,

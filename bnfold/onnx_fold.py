@@ -424,13 +424,14 @@ def _layout_axes(ctx: _Context, node: ir.Node) -> list[int] | None:
         return None
     if opset_version(ctx.model, node) < 13:
         axes = node.attributes.get_ints("axes", None)
-        return None if axes is None else [int(a) for a in axes]
+        return [int(a) for a in axes] if axes else None
     if len(node.inputs) < 2 or node.inputs[1] is None:
         return None
     try:
-        return [int(a) for a in ctx.constants.value(node.inputs[1]).reshape(-1)]
+        axes = [int(a) for a in ctx.constants.value(node.inputs[1]).reshape(-1)]
     except NotConstant:
         return None
+    return axes or None  # empty axes mean "every 1-sized axis" to onnxruntime: not followed
 
 
 def _check_add(ctx: _Context, pair: _Pair, facts: dict[str, Any]) -> None:
@@ -497,13 +498,6 @@ def _compute(ctx: _Context, pair: _Pair) -> _Fold:
     bn, p, w = pair.bn, pair.producer, pair.weight
     assert p is not None and w is not None and pair.rank is not None
     c = ctx.constants
-    mean, var, scale, shift = (_bn_param(ctx, v) for v in (bn.mean, bn.var, bn.scale, bn.bias))
-    n = mean.reshape(-1).shape[0]
-    mean, var, scale, shift = (
-        np.full(n, a.reshape(-1)[0]) if a.size == 1 and a.ndim != 1 else a
-        for a in (mean, var, scale, shift)
-    )
-    s, t = algebra.affine_factors(mean, var, bn.eps, scale, shift)
     tensor = c.stored(w.source)
     assert tensor is not None
     try:
@@ -513,23 +507,20 @@ def _compute(ctx: _Context, pair: _Pair) -> _Fold:
     in_place = (
         not pair.weight_shared and w.source.is_initializer() and (not w.perms or p.kind == "linear")
     )
-    if in_place:
-        axis = w.source_axis(p.weight_axis)
-        layout = (
-            algebra.conv_transpose_layout(p.groups)
-            if p.kind == "conv_transpose"
-            else algebra.OutputLayout(axis=axis)
-        )
-        new_weight = algebra.scale_output_channels(stored, s, layout)
+    weight = stored if in_place else w.operand(stored)
+    if p.kind == "conv_transpose":
+        layout = algebra.conv_transpose_layout(p.groups)
     else:
-        operand = w.operand(stored)
-        layout = (
-            algebra.conv_transpose_layout(p.groups)
-            if p.kind == "conv_transpose"
-            else algebra.OutputLayout(axis=p.weight_axis)
-        )
-        new_weight = algebra.scale_output_channels(operand, s, layout)
-    n = s.shape[0]
+        axis = w.source_axis(p.weight_axis) if in_place else p.weight_axis
+        layout = algebra.OutputLayout(axis=axis)
+    n = layout.out_channels(tuple(weight.shape))
+    # A parameter spread over a run-time shape (0-d here) is the same for every channel.
+    mean, var, scale, shift = (
+        np.full(n, a.reshape(())) if a.ndim == 0 else a
+        for a in (_bn_param(ctx, v) for v in (bn.mean, bn.var, bn.scale, bn.bias))
+    )
+    s, t = algebra.affine_factors(mean, var, bn.eps, scale, shift)
+    new_weight = algebra.scale_output_channels(weight, s, layout)
     total = np.zeros(n)
     dtype = stored.dtype
     if p.bias is not None:

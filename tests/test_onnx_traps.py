@@ -343,3 +343,151 @@ def test_sibling_branches_do_not_lend_each_other_ranks(then_first):
         feeds = {"x2": x2, "x3": x3, "cond": np.array(cond)}
         before, after = run(model, feeds), run(folded, feeds)
         assert rel_err(before, after) < 1e-5
+
+
+# --------------------------------------------------------------------------------------------
+# 11. Constant subgraphs the evaluator must read as onnxruntime does, or not at all
+
+
+def _const(name: str, array) -> onnx.NodeProto:
+    from onnx import helper as h
+
+    return h.make_node(
+        "Constant", [], [name], value=onnx.numpy_helper.from_array(np.asarray(array), name)
+    )
+
+
+def _conv_bn_with(mid: list, bn_in: str, params: dict, x_shape: tuple) -> onnx.ModelProto:
+    """Conv(x) -> y, then ``mid`` nodes, then BatchNormalization(bn_in) with parameters named
+    ``s``, ``b``, ``m``, ``v`` unless ``params`` maps them to values ``mid`` computes."""
+    from onnx import TensorProto
+    from onnx import helper as h
+
+    rng = np.random.default_rng(11)
+    c = 4
+    stored = {
+        "s": rng.uniform(0.5, 2, c),
+        "b": rng.normal(size=c),
+        "m": rng.normal(size=c),
+        "v": rng.uniform(0.5, 2, c),
+    }
+    names = [params.get(k, k) for k in "sbmv"]
+    inits = [onnx.numpy_helper.from_array(rng.normal(size=(c, x_shape[1], 1, 1)).astype("f4"), "w")]
+    inits += [
+        onnx.numpy_helper.from_array(stored[k].astype("f4"), k) for k in "sbmv" if k not in params
+    ]
+    nodes = [h.make_node("Conv", ["x", "w"], ["y"], name="conv"), *mid]
+    nodes.append(h.make_node("BatchNormalization", [bn_in, *names], ["z"], name="bn"))
+    graph = h.make_graph(
+        nodes,
+        "g",
+        [h.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
+        [h.make_tensor_value_info("z", TensorProto.FLOAT, None)],
+        inits,
+    )
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 21)], ir_version=10)
+
+
+def _cases():
+    from onnx import TensorProto
+    from onnx import helper as h
+
+    empty = _const("ax", np.array([], np.int64))
+    yield (
+        "squeeze-empty-axes-constant",
+        _conv_bn_with(
+            [
+                _const("c", np.ones((4, 1, 1), np.float32) * 0.7),
+                empty,
+                h.make_node("Squeeze", ["c", "ax"], ["cq"]),
+                h.make_node("Add", ["y", "cq"], ["ya"]),
+            ],
+            "ya",
+            {},
+            (2, 3, 5, 4),
+        ),
+    )
+    yield (
+        "squeeze-empty-axes-layout",
+        _conv_bn_with([empty, h.make_node("Squeeze", ["y", "ax"], ["yq"])], "yq", {}, (1, 3, 1, 4)),
+    )
+    strings = np.array([b"1_000", b"2e1x", b"0.5", b"-3"], dtype=object)
+    yield (
+        "cast-from-string",
+        _conv_bn_with(
+            [_const("bs", strings), h.make_node("Cast", ["bs"], ["bb"], to=TensorProto.FLOAT)],
+            "y",
+            {"b": "bb"},
+            (2, 3, 5, 4),
+        ),
+    )
+    doubles = np.array([2049.0001, 1 + 2**-11 + 2**-40, 0.5, -3.0])
+    yield (
+        "double-to-float16",
+        _conv_bn_with(
+            [
+                _const("md", doubles),
+                h.make_node("Cast", ["md"], ["mh"], to=TensorProto.FLOAT16),
+                h.make_node("Cast", ["mh"], ["mf"], to=TensorProto.FLOAT),
+            ],
+            "y",
+            {"m": "mf"},
+            (2, 3, 5, 4),
+        ),
+    )
+    half = np.array([300.0, 0.1, 2.0, 7.0], np.float16)
+    yield (
+        "float16-arithmetic",
+        _conv_bn_with(
+            [
+                _const("a", half),
+                h.make_node("Mul", ["a", "a"], ["aa"]),
+                h.make_node("Cast", ["aa"], ["vf"], to=TensorProto.FLOAT),
+            ],
+            "y",
+            {"v": "vf"},
+            (2, 3, 5, 4),
+        ),
+    )
+    yield (
+        "cast-to-int4",
+        _conv_bn_with(
+            [
+                _const("f", np.array([0.5, 2.5, -1.5, 3.7], np.float32)),
+                h.make_node("Cast", ["f"], ["i4"], to=TensorProto.INT4),
+                h.make_node("Cast", ["i4"], ["bi"], to=TensorProto.FLOAT),
+            ],
+            "y",
+            {"b": "bi"},
+            (2, 3, 5, 4),
+        ),
+    )
+    yield (
+        "uniform-mean",
+        _conv_bn_with(
+            [
+                _const("one", np.array(0.3, np.float32)),
+                h.make_node("Shape", ["y"], ["sh"], start=1, end=2),
+                h.make_node("Expand", ["one", "sh"], ["mu"]),
+            ],
+            "y",
+            {"m": "mu"},
+            (2, 3, 5, 4),
+        ),
+    )
+
+
+@pytest.mark.parametrize("name, model", list(_cases()), ids=[n for n, _ in _cases()])
+def test_constant_subgraphs_mean_what_onnxruntime_computes(name, model):
+    """Each folded or kept, never wrong: an empty Squeeze axes list squeezes every 1-sized
+    axis; string, int4 and float8 casts, double-to-float16 roundings and 16-bit arithmetic are
+    not evaluated (runtimes differ from numpy there); a mean spread over a run-time shape is
+    one value per channel (these were wrong by up to 131x, or refused)."""
+    folded, report = bnfold.fold(model, return_report=True)
+    x = np.random.default_rng(0).standard_normal(
+        [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    )
+    feeds = {"x": x.astype(np.float32)}
+    before, after = run(model, feeds), run(folded, feeds)
+    assert rel_err(before, after) < 1e-5
+    assert report.entry("bn").folded == (name == "uniform-mean")
