@@ -188,10 +188,6 @@ def _name(node: ir.Node) -> str:
     return node.name or (node.outputs[0].name if node.outputs else "") or node.op_type
 
 
-def _users(value: ir.Value) -> list[ir.Node]:
-    return [u.node for u in value.uses()]
-
-
 def _examine(ctx: _Context, graph: ir.Graph, bn: BatchNormCall) -> _Pair:
     """Find the producer behind ``bn`` and everything the rules need about the pair."""
     pair = _Pair(bn, graph)
