@@ -328,8 +328,10 @@ def scale_output_channels(weight: Any, s: np.ndarray, layout: OutputLayout) -> A
 
 # A 16-bit weight scaled below the smallest normal number keeps only a few significant bits;
 # when more than this share of its values would, the fold is refused (the unfolded model keeps
-# them: its BatchNorm scales activations, in their own precision).
-UNDERFLOW_SHARE = 0.01
+# them: its BatchNorm scales activations, in their own precision). Measured: a whole layer
+# underflowing (98 %) made the error 60x the unfolded model's; a few pruned or near-zero
+# channels (1-3 % of a weight, common in float16 exports) changed nothing measurable.
+UNDERFLOW_SHARE = 0.25
 
 
 def _refuse_underflow(ops: Any, weight: Any, out: Any, s: np.ndarray) -> None:

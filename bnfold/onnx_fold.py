@@ -218,6 +218,12 @@ def _examine(ctx: _Context, graph: ir.Graph, bn: BatchNormCall) -> _Pair:
         pair.producer = producer_call(node, weight_rank)
         if pair.producer is not None and pair.producer.problem:
             detail, pair.producer = pair.producer.problem, None
+        elif pair.weight is None and node.op_type == "MatMul" and _is_constant(ctx, node.inputs[0]):
+            detail, pair.producer = (
+                f"{describe_node(node)}, which multiplies a constant by the activation (W @ x); "
+                "bnfold folds into x @ W only",
+                None,
+            )
     if pair.producer is None:
         facts["producer_detail"] = detail
         pair.facts = rules.PairFacts(**facts)

@@ -261,3 +261,13 @@ def test_low_precision_weights_scaled_into_subnormals_are_refused(framework):
     scale_output_channels(w, fine, OutputLayout(axis=0))
     w32 = w.float() if framework == "torch" else w.astype(np.float32)
     scale_output_channels(w32, tiny, OutputLayout(axis=0))  # float32 has the range
+
+
+def test_a_few_near_zero_channels_of_a_float16_weight_still_fold():
+    """One pruned channel of eight (its values subnormal after the fold) is a negligible loss;
+    only a weight underflowing broadly is refused."""
+    w = (np.random.default_rng(1).normal(size=(8, 64)) * 0.05).astype(np.float16)
+    s = np.full(8, 0.7)
+    s[3] = 1e-5
+    out = scale_output_channels(w, s, OutputLayout(axis=0))
+    assert np.abs(out[3].astype(np.float32)).max() < 6.2e-5

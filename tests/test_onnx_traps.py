@@ -491,3 +491,36 @@ def test_constant_subgraphs_mean_what_onnxruntime_computes(name, model):
     before, after = run(model, feeds), run(folded, feeds)
     assert rel_err(before, after) < 1e-5
     assert report.entry("bn").folded == (name == "uniform-mean")
+
+
+def test_constant_on_the_left_of_a_matmul_is_named_as_such():
+    """``W @ x`` is not a layer bnfold folds into; the reason says so rather than calling the
+    activation a non-constant weight."""
+    from onnx import TensorProto
+    from onnx import helper as h
+
+    rng = np.random.default_rng(5)
+    c = 4
+    inits = [onnx.numpy_helper.from_array(rng.normal(size=(c, 6)).astype("f4"), "W")]
+    inits += [
+        onnx.numpy_helper.from_array(v.astype("f4"), k)
+        for k, v in (
+            ("s", rng.uniform(0.5, 2, c)),
+            ("b", rng.normal(size=c)),
+            ("m", rng.normal(size=c)),
+            ("v", rng.uniform(0.5, 2, c)),
+        )
+    ]
+    graph = h.make_graph(
+        [
+            h.make_node("MatMul", ["W", "x"], ["y"], name="wx"),
+            h.make_node("BatchNormalization", ["y", "s", "b", "m", "v"], ["z"], name="bn"),
+        ],
+        "g",
+        [h.make_tensor_value_info("x", TensorProto.FLOAT, [2, 6, 5])],
+        [h.make_tensor_value_info("z", TensorProto.FLOAT, [2, c, 5])],
+        inits,
+    )
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)], ir_version=10)
+    entry = bnfold.analyze(model).entry("bn")
+    assert entry.rule == rules.NO_PRODUCER and "W @ x" in entry.reason
