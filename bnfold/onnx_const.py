@@ -131,7 +131,8 @@ class Constants:
         if value.is_initializer() and value.is_graph_input() and self.overridable:
             return (
                 f"initializer {describe(value)} is also a graph input, so a caller may override "
-                "it (remove it from the graph inputs to fold it)"
+                "it; to fold, remove the initializers from the inputs (export with "
+                "keep_initializers_as_inputs=False, or onnx_ir's RemoveInitializersFromInputsPass)"
             )
         if value.is_initializer():
             return f"initializer {describe(value)} holds no data"
