@@ -585,14 +585,14 @@ def _apply(ctx: _Context, pair: _Pair, fold: _Fold) -> None:
         w.source.const_value = ir.Tensor(fold.weight, dtype=dtype, name=w.source.name)
     else:
         base = f"{w.source.name or _name(p.node)}_folded"
-        new = _new_initializer(ctx, p.node.graph or graph, base, fold.weight, dtype)
+        new = _new_initializer(ctx, graph, base, fold.weight, dtype)
         old = p.node.inputs[p.weight_index]
         p.node.replace_input_with(p.weight_index, new)
         if old is not None:
             dead.append(old)
     bias_value = _new_initializer(
         ctx,
-        p.node.graph or graph,
+        graph,
         _bias_name(w.source.name, p.node),
         fold.bias.reshape(fold.bias_shape),
         dtype,
@@ -628,11 +628,11 @@ def _apply(ctx: _Context, pair: _Pair, fold: _Fold) -> None:
         last = out
     if pair.chain:
         last = pair.chain[-1].outputs[0]
-    _remove_batch_norm(ctx, bn, last)
+    _remove_batch_norm(bn, last)
     _drop_unused(ctx, dead)
 
 
-def _remove_batch_norm(ctx: _Context, bn: BatchNormCall, replacement: ir.Value) -> None:
+def _remove_batch_norm(bn: BatchNormCall, replacement: ir.Value) -> None:
     y = bn.node.outputs[0]
     graph = bn.node.graph
     assert graph is not None
