@@ -101,7 +101,8 @@ def _file_parser() -> argparse.ArgumentParser:
         "--producers",
         type=_producers,
         metavar="KINDS",
-        help="only fold into these layer kinds (comma-separated: conv, conv_transpose, linear)",
+        help="only fold into these layer kinds (comma-separated: conv, conv_transpose, linear; "
+        "ONNX Gemm and MatMul are linear)",
     )
     p.add_argument("--seed", type=_seed, default=0, help="seed of --verify's inputs (default 0)")
     return p
