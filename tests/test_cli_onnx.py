@@ -1,0 +1,159 @@
+"""`bnfold model.onnx -o out.onnx [--verify] [--report] [--producers]` end to end."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto
+from onnx import helper as h
+from onnx import numpy_helper as nh
+
+from bnfold import algebra
+from bnfold.cli import main
+
+
+def _model() -> onnx.ModelProto:
+    """Conv -> BN -> ReLU -> GlobalAveragePool -> Flatten -> Gemm -> BN, random statistics."""
+    rng = np.random.default_rng(0)
+
+    def stats(prefix: str, c: int) -> list[TensorProto]:
+        values = {
+            "s": rng.uniform(0.5, 2, c),
+            "b": rng.normal(size=c),
+            "m": rng.normal(size=c),
+            "v": rng.uniform(0.5, 2, c),
+        }
+        return [nh.from_array(v.astype(np.float32), prefix + k) for k, v in values.items()]
+
+    def bn(prefix: str, x: str, y: str) -> onnx.NodeProto:
+        names = [prefix + k for k in "sbmv"]
+        return h.make_node("BatchNormalization", [x, *names], [y], name=prefix)
+
+    inits = [
+        nh.from_array(rng.normal(size=(16, 3, 3, 3)).astype(np.float32), "conv.weight"),
+        nh.from_array(rng.normal(size=(10, 16)).astype(np.float32), "fc.weight"),
+        nh.from_array(rng.normal(size=10).astype(np.float32), "fc.bias"),
+        *stats("bn1.", 16),
+        *stats("bn2.", 10),
+    ]
+    nodes = [
+        h.make_node("Conv", ["x", "conv.weight"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        bn("bn1.", "c", "b1"),
+        h.make_node("Relu", ["b1"], ["r"], name="relu"),
+        h.make_node("GlobalAveragePool", ["r"], ["p"], name="pool"),
+        h.make_node("Flatten", ["p"], ["f"], name="flatten"),
+        h.make_node("Gemm", ["f", "fc.weight", "fc.bias"], ["g"], name="fc", transB=1),
+        bn("bn2.", "g", "logits"),
+    ]
+    graph = h.make_graph(
+        nodes,
+        "cli",
+        [h.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 12, 12])],
+        [h.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
+        inits,
+    )
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 17)], ir_version=10)
+
+
+@pytest.fixture
+def model_file(tmp_path) -> str:
+    path = tmp_path / "model.onnx"
+    onnx.save(
+        _model(),
+        path,
+        save_as_external_data=True,
+        location="model.onnx.data",
+        size_threshold=256,
+    )
+    return str(path)
+
+
+def _digest(directory) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in directory.iterdir()}
+
+
+def _run(path, x: np.ndarray) -> np.ndarray:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options).run(None, {"x": x})[0]
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("bnfold: error:"), err
+    return err
+
+
+def test_fold_verify_report_with_external_data(tmp_path, model_file, capsys):
+    before = _digest(tmp_path)
+    out = tmp_path / "folded.onnx"
+    assert main([model_file, "-o", str(out), "--verify", "--report"]) == 0
+    text = capsys.readouterr().out
+    assert "2 of 2 BatchNorms folded" in text and "fc (Gemm)" in text
+    assert "verified in onnxruntime" in text
+    after = _digest(tmp_path)
+    assert {k: after[k] for k in before} == before  # the input and its data are untouched
+    assert set(after) - set(before) == {"folded.onnx", "folded.onnx.data"}
+    folded = onnx.load(out)
+    onnx.checker.check_model(folded, full_check=True)
+    assert not [n for n in folded.graph.node if n.op_type == "BatchNormalization"]
+    x = np.random.default_rng(1).normal(size=(2, 3, 12, 12)).astype(np.float32)
+    expected = _run(model_file, x)
+    assert np.abs(_run(out, x) - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+def test_without_output_nothing_is_written(tmp_path, model_file, capsys):
+    before = _digest(tmp_path)
+    assert main([model_file]) == 0
+    assert "2 of 2 BatchNorms folded" in capsys.readouterr().out
+    assert _digest(tmp_path) == before
+
+
+def test_producers_option(tmp_path, model_file, capsys):
+    assert main([model_file, "--producers", "linear", "--report"]) == 0
+    text = capsys.readouterr().out
+    assert "1 of 2 BatchNorms folded" in text and "[not-selected]" in text
+
+
+def test_output_over_the_input_itself(tmp_path, model_file, capsys):
+    x = np.random.default_rng(2).normal(size=(1, 3, 12, 12)).astype(np.float32)
+    expected = _run(model_file, x)
+    assert main([model_file, "-o", model_file]) == 0
+    assert np.abs(_run(model_file, x) - expected).max() <= 1e-5 * np.abs(expected).max()
+    assert not [n for n in onnx.load(model_file).graph.node if n.op_type == "BatchNormalization"]
+
+
+def test_a_wrong_fold_fails_verification_and_writes_nothing(
+    tmp_path, model_file, capsys, monkeypatch
+):
+    scale = algebra.scale_output_channels
+    monkeypatch.setattr(
+        algebra, "scale_output_channels", lambda w, s, layout: scale(w, s * 1.01, layout)
+    )
+    before = _digest(tmp_path)
+    assert main([model_file, "-o", str(tmp_path / "out.onnx"), "--verify"]) == 1
+    assert "verification failed" in _one_line_error(capsys)
+    assert _digest(tmp_path) == before
+
+
+@pytest.mark.parametrize("cut", [0.3, 0.9], ids=["third", "most"])
+def test_truncated_model_is_a_one_line_error(tmp_path, cut, capsys):
+    data = _model().SerializeToString()
+    path = tmp_path / "cut.onnx"
+    path.write_bytes(data[: int(len(data) * cut)])
+    assert main([str(path), "-o", str(tmp_path / "out.onnx"), "--verify"]) == 1
+    _one_line_error(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.onnx"]
+
+
+def test_random_bytes_are_a_one_line_error(tmp_path, capsys):
+    path = tmp_path / "noise.onnx"
+    path.write_bytes(np.random.default_rng(0).bytes(4096))
+    assert main([str(path), "-o", str(tmp_path / "out.onnx")]) == 1
+    _one_line_error(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["noise.onnx"]
