@@ -70,7 +70,8 @@ def _producers(text: str) -> list[str]:
 def _file_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="bnfold",
-        usage="bnfold MODEL [-o OUTPUT] [--verify] [--report] [--producers KINDS]\n"
+        usage="bnfold MODEL [-o OUTPUT] [--verify] [--report] [--producers KINDS] "
+        "[--remove-initializer-inputs]\n"
         "       bnfold demo [--seed N] [--batch N] [--size N]",
         description=_DESCRIPTION,
         epilog=_EPILOG,
@@ -105,6 +106,13 @@ def _file_parser() -> argparse.ArgumentParser:
         "ONNX Gemm and MatMul are linear)",
     )
     p.add_argument("--seed", type=_seed, default=0, help="seed of --verify's inputs (default 0)")
+    p.add_argument(
+        "--remove-initializer-inputs",
+        action="store_true",
+        help="ONNX: initializers also listed as graph inputs are defaults a caller may override, "
+        "so they are not folded; this removes them from the inputs first (as onnxruntime's "
+        "remove_initializer_from_input.py does), making them constants",
+    )
     return p
 
 
@@ -137,6 +145,8 @@ def _fold_file(args: argparse.Namespace) -> int:
         files.output_target(args.output)  # fail before the work, not after it
     if kind == "onnx":
         return _fold_onnx(args)
+    if args.remove_initializer_inputs:
+        raise UnsupportedModelError("--remove-initializer-inputs applies to ONNX models only")
     from . import torch_export as frontend
     from . import torch_pt2 as pt2
 
@@ -179,6 +189,9 @@ def _fold_onnx(args: argparse.Namespace) -> int:
             "pip install 'bnfold[onnx]'"
         ) from e
     loaded = onnx_files.load(args.model)
+    if args.remove_initializer_inputs:
+        removed = onnx_files.remove_initializer_inputs(loaded.model)
+        print(f"bnfold: removed {removed} initializers from the graph inputs")
     external = onnx_files.needs_external_data(loaded)
     start = time.perf_counter()
     folded, report = onnx_fold.fold(

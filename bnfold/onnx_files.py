@@ -394,6 +394,20 @@ def _has_external(model: ir.Model) -> bool:
     return any(isinstance(t, ir.ExternalTensor) for t in _all_tensors(model))
 
 
+def remove_initializer_inputs(model: ir.Model) -> int:
+    """Stop listing the main graph's initializers as graph inputs, so they are constants rather
+    than defaults a caller may override; return how many were removed. IR version 3 requires
+    the listing, so there nothing is removed (and nothing needs to be)."""
+    if (model.ir_version or 0) < 4:
+        return 0
+    graph = model.graph
+    kept = [v for v in graph.inputs if not v.is_initializer()]
+    removed = len(graph.inputs) - len(kept)
+    graph.inputs.clear()
+    graph.inputs.extend(kept)
+    return removed
+
+
 def needs_external_data(loaded: ModelFile) -> bool:
     """Whether the folded model should be written with external data: the input had it (keep
     the user's layout), or its tensors are too large for one protobuf message."""
@@ -1015,4 +1029,5 @@ __all__ = [
     "check",
     "verify",
     "as_ir_model",
+    "remove_initializer_inputs",
 ]

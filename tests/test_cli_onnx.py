@@ -157,3 +157,21 @@ def test_random_bytes_are_a_one_line_error(tmp_path, capsys):
     assert main([str(path), "-o", str(tmp_path / "out.onnx")]) == 1
     _one_line_error(capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["noise.onnx"]
+
+
+def test_initializers_listed_as_inputs_fold_only_when_removed_from_the_inputs(tmp_path, capsys):
+    """PyTorch's keep_initializers_as_inputs=True makes every weight an overridable input:
+    nothing folds, unless --remove-initializer-inputs makes them constants first."""
+    model = _model()
+    for t in model.graph.initializer:
+        model.graph.input.append(h.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    path = tmp_path / "kia.onnx"
+    onnx.save(model, path)
+    assert main([str(path), "--report"]) == 0
+    text = capsys.readouterr().out
+    assert "0 of 2 BatchNorms folded" in text and "also a graph input" in text
+    out = tmp_path / "out.onnx"
+    assert main([str(path), "-o", str(out), "--remove-initializer-inputs", "--verify"]) == 0
+    text = capsys.readouterr().out
+    assert "removed 11 initializers" in text and "2 of 2 BatchNorms folded" in text
+    assert [i.name for i in onnx.load(out).graph.input] == ["x"]
