@@ -327,23 +327,25 @@ def _constant(c: _Call) -> np.ndarray:
     raise NotConstant(f"{describe_node(c.node)} holds no numeric tensor")
 
 
-# Casts evaluated here: between these types numpy converts as onnxruntime does. Strings
-# (parsed differently), 4-bit and 8-bit floats (saturation, rounding) are left alone.
-_CASTABLE = {
-    ir.DataType.FLOAT,
-    ir.DataType.DOUBLE,
-    ir.DataType.FLOAT16,
-    ir.DataType.BFLOAT16,
-    ir.DataType.INT8,
-    ir.DataType.INT16,
-    ir.DataType.INT32,
-    ir.DataType.INT64,
-    ir.DataType.UINT8,
-    ir.DataType.UINT16,
-    ir.DataType.UINT32,
-    ir.DataType.UINT64,
-    ir.DataType.BOOL,
-}
+# The plain numeric types: numpy converts between them as onnxruntime does (strings parse
+# differently; 4-bit and 8-bit floats saturate and round differently, so casts to or from
+# anything else are left alone).
+FLOAT_TYPES = frozenset(
+    {ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.BFLOAT16}
+)
+INTEGER_TYPES = frozenset(
+    {
+        ir.DataType.INT8,
+        ir.DataType.INT16,
+        ir.DataType.INT32,
+        ir.DataType.INT64,
+        ir.DataType.UINT8,
+        ir.DataType.UINT16,
+        ir.DataType.UINT32,
+        ir.DataType.UINT64,
+    }
+)
+_CASTABLE = FLOAT_TYPES | INTEGER_TYPES | {ir.DataType.BOOL}
 
 
 def _convert(c: _Call, x: np.ndarray, target: ir.DataType) -> np.ndarray:

@@ -39,6 +39,7 @@ from .errors import (
     first_line,
 )
 from .files import output_target, result_permissions, temp_prefix, write_atomically
+from .onnx_const import FLOAT_TYPES, INTEGER_TYPES
 
 # A serialized ModelProto cannot exceed 2 GiB (protobuf's limit); tensors adding up to more
 # than this leave room for the graph itself and go to an external data file.
@@ -659,24 +660,6 @@ def _link_previous(data: Path, tmp: Path) -> Path | None:
 # Random inputs
 
 
-_FLOATS = {
-    ir.DataType.FLOAT,
-    ir.DataType.DOUBLE,
-    ir.DataType.FLOAT16,
-    ir.DataType.BFLOAT16,
-}
-_INTEGERS = {
-    ir.DataType.INT8,
-    ir.DataType.INT16,
-    ir.DataType.INT32,
-    ir.DataType.INT64,
-    ir.DataType.UINT8,
-    ir.DataType.UINT16,
-    ir.DataType.UINT32,
-    ir.DataType.UINT64,
-}
-
-
 def _fed_inputs(model: ir.Model) -> list[ir.Value]:
     """The graph inputs a caller feeds: an initializer listed as an input has a default value
     (IR >= 4), and IR 3 lists every initializer as an input; neither is fed."""
@@ -743,7 +726,9 @@ def _check_input_kind(v: ir.Value) -> None:
     kind = None
     if type(v.type) is not ir.TensorType:
         kind = "a non-tensor type" if v.type is None else f"type {v.type}"
-    elif v.dtype not in _FLOATS and v.dtype not in _INTEGERS and v.dtype != ir.DataType.BOOL:
+    elif (
+        v.dtype not in FLOAT_TYPES and v.dtype not in INTEGER_TYPES and v.dtype != ir.DataType.BOOL
+    ):
         kind = f"element type {v.dtype.name}"
     elif v.shape is None:
         kind = "no shape (unknown rank)"
@@ -758,7 +743,7 @@ def _check_input_kind(v: ir.Value) -> None:
 def _random_array(dtype: ir.DataType, shape: list[int], rng: np.random.Generator) -> np.ndarray:
     if dtype == ir.DataType.BOOL:
         return rng.random(shape) < 0.5
-    if dtype in _INTEGERS:
+    if dtype in INTEGER_TYPES:
         return rng.integers(0, 10, shape).astype(dtype.numpy())
     return rng.standard_normal(shape).astype(dtype.numpy())  # bfloat16 through ml_dtypes
 
