@@ -186,9 +186,10 @@ class _NumpyOps:
         return np.dtype(dtype).itemsize * 8
 
     @staticmethod
-    def underflow_share(weight: Any, out: Any, tiny: float) -> float:
+    def underflow_share(weight: Any, out: Any, tiny: float, factor: Any) -> float:
+        # A channel scaled by exactly 0 (gamma = 0, pruned) becomes exact zeros: no loss.
         normal = np.abs(np.asarray(weight, dtype=np.float32)) >= tiny
-        lost = normal & (np.abs(np.asarray(out, dtype=np.float32)) < tiny)
+        lost = normal & (np.abs(np.asarray(out, dtype=np.float32)) < tiny) & (factor != 0)
         return float(lost.sum()) / max(int(normal.sum()), 1)
 
     @staticmethod
@@ -250,9 +251,9 @@ class _TorchOps:
     def item_bits(dtype: Any) -> int:
         return dtype.itemsize * 8
 
-    def underflow_share(self, weight: Any, out: Any, tiny: float) -> float:
+    def underflow_share(self, weight: Any, out: Any, tiny: float, factor: Any) -> float:
         normal = weight.abs() >= tiny
-        lost = normal & (out.abs() < tiny)
+        lost = normal & (out.abs() < tiny) & (factor != 0)
         return float(lost.sum()) / max(int(normal.sum()), 1)
 
     def smallest_normal(self, dtype: Any) -> float:
@@ -313,8 +314,6 @@ def scale_output_channels(weight: Any, s: np.ndarray, layout: OutputLayout) -> A
         w = weight
     factor = ops.from64(s, weight, compute).reshape(bshape)
     out = ops.cast(ops.cast(w, compute) * factor, weight.dtype)
-    if layout._grouped_blocks:
-        out = out.reshape(shape)
     if not ops.all_finite(out):
         if not ops.all_finite(weight):
             raise FoldRefused("the layer's weight contains non-finite values")
@@ -322,7 +321,9 @@ def scale_output_channels(weight: Any, s: np.ndarray, layout: OutputLayout) -> A
             f"folded weight overflows {_dtype_name(weight.dtype)} "
             f"(max {ops.max_finite(weight.dtype):g})"
         )
-    _refuse_underflow(ops, weight, out, s)
+    _refuse_underflow(ops, w, out, s, factor)
+    if layout._grouped_blocks:
+        out = out.reshape(shape)
     return out
 
 
@@ -334,11 +335,12 @@ def scale_output_channels(weight: Any, s: np.ndarray, layout: OutputLayout) -> A
 UNDERFLOW_SHARE = 0.25
 
 
-def _refuse_underflow(ops: Any, weight: Any, out: Any, s: np.ndarray) -> None:
+def _refuse_underflow(ops: Any, weight: Any, out: Any, s: np.ndarray, factor: Any) -> None:
+    """``weight``, ``out`` and ``factor`` are in the working layout (``factor`` broadcasts)."""
     if ops.item_bits(weight.dtype) > 16 or not (np.abs(s) < 1).any():
         return  # float32/float64 have the range; nothing shrinks when no |s| < 1
     tiny = ops.smallest_normal(weight.dtype)
-    share = ops.underflow_share(weight, out, tiny)
+    share = ops.underflow_share(weight, out, tiny, factor)
     if share > UNDERFLOW_SHARE:
         raise FoldRefused(
             f"folded weight underflows {_dtype_name(weight.dtype)}: {share:.0%} of its values "

@@ -191,7 +191,14 @@ def _fold_onnx(args: argparse.Namespace) -> int:
     loaded = onnx_files.load(args.model)
     if args.remove_initializer_inputs:
         removed = onnx_files.remove_initializer_inputs(loaded.model)
-        print(f"bnfold: removed {removed} initializers from the graph inputs")
+        shown = ", ".join(removed[:5]) + (
+            f" and {len(removed) - 5} more" if len(removed) > 5 else ""
+        )
+        print(
+            f"bnfold: removed {len(removed)} initializer{'s' if len(removed) != 1 else ''} "
+            f"from the graph inputs{': ' + shown if removed else ''}"
+            + ("" if loaded.model.graph.inputs else "; the model now has no inputs")
+        )
     external = onnx_files.needs_external_data(loaded)
     start = time.perf_counter()
     folded, report = onnx_fold.fold(

@@ -395,15 +395,15 @@ def _has_external(model: ir.Model) -> bool:
     return any(isinstance(t, ir.ExternalTensor) for t in _all_tensors(model))
 
 
-def remove_initializer_inputs(model: ir.Model) -> int:
+def remove_initializer_inputs(model: ir.Model) -> list[str]:
     """Stop listing the main graph's initializers as graph inputs, so they are constants rather
-    than defaults a caller may override; return how many were removed. IR version 3 requires
-    the listing, so there nothing is removed (and nothing needs to be)."""
+    than defaults a caller may override; return the names removed. IR version 3 requires the
+    listing (and there it means nothing), so nothing is removed."""
     if (model.ir_version or 0) < 4:
-        return 0
+        return []
     graph = model.graph
+    removed = [v.name or "" for v in graph.inputs if v.is_initializer()]
     kept = [v for v in graph.inputs if not v.is_initializer()]
-    removed = len(graph.inputs) - len(kept)
     graph.inputs.clear()
     graph.inputs.extend(kept)
     return removed
@@ -553,7 +553,8 @@ def _save_inline(model: ir.Model, target: Path) -> None:
     try:
         with _external_tensors_inlined(model, initializers=True):
             values = list(graph.initializers.values())
-            graph.initializers.clear()
+            for name in list(graph.initializers):  # one by one: clear() is quadratic in onnx-ir
+                graph.initializers.pop(name)
             try:
                 skeleton = ir.serde.serialize_model(model).SerializeToString()
             finally:
@@ -572,7 +573,13 @@ def _save_inline(model: ir.Model, target: Path) -> None:
             chunk = onnx.ModelProto()
             if tensor is not None:
                 proto = chunk.graph.initializer.add()
-                ir.serde.serialize_tensor_into(proto, tensor)
+                try:
+                    ir.serde.serialize_tensor_into(proto, tensor)
+                except Exception as e:  # a tensor that cannot be read, or memory running out
+                    raise ModelFileError(
+                        f"cannot write {target}: initializer {name!r} cannot be serialized "
+                        f"({type(e).__name__}: {first_line(e)})"
+                    ) from e
                 proto.name = name
             f.write(chunk.SerializeToString())
 

@@ -54,7 +54,7 @@ def _error(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
         x, y = x.to(torch.uint8), y.to(torch.uint8)
     wide = torch.complex128 if (x.is_complex() or y.is_complex()) else torch.float64
     # Widened on the CPU first: numpy has no bfloat16, and some devices no float64.
-    x64, y64 = x.detach().to("cpu", wide), y.detach().to("cpu", wide)
+    x64, y64 = (t.detach().to("cpu", wide).resolve_conj().resolve_neg() for t in (x, y))
     return checks.array_error(x64.numpy(), y64.numpy())
 
 

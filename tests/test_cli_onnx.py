@@ -173,5 +173,29 @@ def test_initializers_listed_as_inputs_fold_only_when_removed_from_the_inputs(tm
     out = tmp_path / "out.onnx"
     assert main([str(path), "-o", str(out), "--remove-initializer-inputs", "--verify"]) == 0
     text = capsys.readouterr().out
-    assert "removed 11 initializers" in text and "2 of 2 BatchNorms folded" in text
+    assert (
+        "removed 11 initializers from the graph inputs: conv.weight" in text
+        and "2 of 2 BatchNorms folded" in text
+    )
     assert [i.name for i in onnx.load(out).graph.input] == ["x"]
+
+
+def test_a_tensor_failing_to_serialize_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    """The inline write serializes one initializer at a time; a failure on any of them (say
+    memory running out) is a file error, and nothing is written."""
+    import onnx_ir as ir
+
+    path = tmp_path / "inline.onnx"
+    onnx.save(_model(), path)
+    real, calls = ir.serde.serialize_tensor_into, []
+
+    def flaky(proto, tensor):
+        calls.append(tensor)
+        if len(calls) == 3:
+            raise MemoryError("out of memory")
+        return real(proto, tensor)
+
+    monkeypatch.setattr(ir.serde, "serialize_tensor_into", flaky)
+    assert main([str(path), "-o", str(tmp_path / "out.onnx")]) == 1
+    assert "cannot be serialized" in _one_line_error(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["inline.onnx"]
