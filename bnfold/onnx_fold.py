@@ -527,11 +527,7 @@ def _compute(ctx: _Context, pair: _Pair) -> _Fold:
     dtype = stored.dtype
     if p.bias is not None:
         b = c.value(p.bias).astype(np.float64)
-        if p.node.op_type == "Gemm":
-            if b.ndim == 2 and b.shape[0] != 1:
-                raise FoldRefused(
-                    f"{describe_node(p.node)}'s C has shape {list(b.shape)}: a bias per row"
-                )
+        if p.node.op_type == "Gemm":  # C per row is refused by _channel_axis
             b = p.gemm_beta * b.reshape(b.shape[-1:] if b.ndim else ())
         elif b.shape != (n,):
             raise FoldRefused(f"{describe_node(p.node)}'s bias has shape {list(b.shape)}")

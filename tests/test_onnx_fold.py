@@ -51,6 +51,7 @@ from onnx_models import (
 
 import bnfold
 from bnfold import rules
+from bnfold.demo import randomize_batchnorms
 
 FOLDED = {"bn": ("folded", "conv")}
 
@@ -1514,20 +1515,6 @@ def test_bn_output_used_inside_if_branches(as_output):
 nn = torch.nn
 
 
-def _randomize(model):
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                n = m.num_features
-                sign = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
-                m.weight.copy_(torch.empty(n).uniform_(0.5, 2, generator=g) * sign)
-                m.bias.copy_(torch.empty(n).uniform_(0.5, 2, generator=g) * sign.flip(0))
-                m.running_mean.copy_(torch.empty(n).uniform_(0.5, 2, generator=g) * sign)
-                m.running_var.copy_(torch.empty(n).uniform_(0.5, 2, generator=g))
-    return model
-
-
 class SmallCNN(nn.Module):
     def __init__(self):
         super().__init__()
@@ -1603,7 +1590,7 @@ def _module_of(node: onnx.NodeProto, model: onnx.ModelProto) -> str:
 @pytest.mark.parametrize("cls", [SmallCNN, Decoder, Sequence], ids=lambda c: c.__name__)
 def test_torch_exported(cls, dynamo):
     torch.manual_seed(0)
-    module = _randomize(cls()).eval()
+    module = randomize_batchnorms(cls()).eval()
     x = torch.randn(*INPUTS[cls])
     model = export_torch(module, x, dynamo)
     report = bnfold.analyze(model)
@@ -1638,7 +1625,7 @@ def _torch_may_remove(model: onnx.ModelProto) -> set[str]:
 
 def test_torch_training_mode_export_refused():
     torch.manual_seed(0)
-    module = _randomize(SmallCNN()).train()
+    module = randomize_batchnorms(SmallCNN()).train()
     x = torch.randn(*INPUTS[SmallCNN])
     model = export_torch(module, x, dynamo=False, training=torch.onnx.TrainingMode.TRAINING)
     bns = bn_nodes(model)
