@@ -684,3 +684,19 @@ def test_report_escapes_control_characters_in_names():
     text = str(bnfold.analyze(ep))
     assert "\x1b" not in text and len(text.splitlines()) == 4
     assert "conv\\nFAKE" in text
+
+
+def test_module_of_a_program_that_computes_nothing_is_a_graph_not_a_training_module():
+    # found by the random-network fuzzer: ep.module() is in training mode, and a program with
+    # no ATen op was taken for an eager module, which raised TrainingModeError
+    class Identity(torch.nn.Module):
+        def forward(self, x):
+            return (x,)
+
+    ep = torch.export.export(Identity().eval(), (torch.randn(2, 3),))
+    gm = ep.module()
+    assert gm.training
+    folded, report = bnfold.fold(gm, return_report=True)
+    assert len(report) == 0
+    x = torch.randn(2, 3)
+    torch.testing.assert_close(folded(x)[0], x, rtol=0, atol=0)

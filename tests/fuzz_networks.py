@@ -1,0 +1,864 @@
+"""Random networks, folded in every form bnfold supports, checked against a float64 reference.
+
+``draw_case`` builds a random network with hypothesis: sequential or branchy (residual adds,
+channel concatenation and slicing), Conv1d/2d/3d and ConvTranspose (grouped, depthwise, strided,
+dilated, padded), Linear heads on 2-D activations and on 3-D ones (acting on the last axis, or
+between two transposes), BatchNorm before and after layers, affine or not, ``eps`` from 0 to
+0.1, extreme running statistics (variance 1e-8 and 1e4, means far from 0, zero scales, and now
+and then invalid ones: NaN, negative variance, ``var + eps == 0``), modules called twice and
+activations used twice, in float32, float16 or bfloat16. ``check_case`` folds it as an eager
+module, a torch.export program (as exported or decomposed), the program's GraphModule, and an
+ONNX model (a ``ModelProto`` or an ``onnx_ir.Model``), and checks each result.
+
+**What "matches" means.** Every output is compared with the float64 evaluation of the original
+model (its weights as stored, computed in float64): ``err(m) = max|m - ref| / max|ref|``. A
+folded model passes when ``err(folded) <= 4 * err(original) + 32 * u * cond``: the fold may cost
+a few times the rounding the model already suffers in its dtype, plus a term for the one
+rounding the fold adds to each folded weight and bias (``u`` the dtype's unit roundoff: 2**-24,
+2**-11, 2**-8). ``cond`` is the condition of the folds: the largest ratio, over folded layers
+and outputs, of ``|s| * (|W| * |x|) + |t'|`` to ``max|y|`` — how much larger the magnitudes
+summed in a folded layer are than its result (a dot product that cancels loses more to a
+rounded weight), carried to the output by the downstream gain the float64 model measures.
+Where the reference is not finite (invalid statistics) the folded model must not be finite
+either; where the original overflowed, the folded model may too.
+
+Every BatchNorm must be either folded (gone from the result) or kept with a rule and a reason;
+``fold`` must not change its input (hashes of every tensor and of the graph before and after),
+and any exception must be a ``bnfold.BnfoldError``.
+
+``python tests/fuzz_networks.py --examples 10000 --jobs 2`` (``make fuzz``) runs many examples
+and prints the counts; ``tests/test_fuzz_networks.py`` runs a few in ``make test``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import math
+import multiprocessing
+import sys
+import time
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import seed as hypothesis_seed
+from hypothesis import strategies as st
+from torch import nn
+
+import bnfold
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+UNIT_ROUNDOFF = {"float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
+ORIGINAL_FACTOR = 4.0
+FOLD_FACTOR = 32.0
+FORMS = ("eager", "export", "graph_module", "onnx")
+MAX_CHANNELS = 12
+
+
+# --------------------------------------------------------------------------------------------
+# The network
+
+
+class Net(nn.Module):
+    """A network given as a list of steps over numbered values (value 0 is the input).
+
+    A step is ``(kind, arg, inputs)``: ``call`` runs ``layers[arg]`` (so a layer can be called
+    twice), the others are tensor functions. ``forward`` is a plain loop over constants, which
+    torch.fx, torch.export and the ONNX exporter all unroll.
+    """
+
+    def __init__(self, layers: dict[str, nn.Module], steps: list, outputs: list[int]) -> None:
+        super().__init__()
+        self.layers = nn.ModuleDict(layers)
+        self.steps = tuple(steps)
+        self.outputs = tuple(outputs)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        values = [x]
+        for kind, arg, ins in self.steps:
+            a = [values[i] for i in ins]
+            if kind == "call":
+                y = self.layers[arg](a[0])
+            elif kind == "add":
+                y = a[0] + a[1]
+            elif kind == "cat":
+                y = torch.cat([a[0], a[1]], 1)
+            elif kind == "slice":
+                y = a[0][:, arg[0] : arg[1]]
+            elif kind == "relu":
+                y = torch.relu(a[0])
+            elif kind == "tanh":
+                y = torch.tanh(a[0])
+            elif kind == "pool":
+                y = a[0].mean(dim=arg)
+            elif kind == "transpose":
+                y = a[0].transpose(1, 2)
+            else:
+                raise AssertionError(kind)
+            values.append(y)
+        return tuple(values[i] for i in self.outputs)
+
+
+@dataclass
+class Case:
+    """A generated network with its input and what it is made of (for the counts)."""
+
+    model: Net
+    x: torch.Tensor
+    dtype: str
+    features: list[str] = field(default_factory=list)
+    bad_stats: bool = False
+
+    def describe(self) -> str:
+        steps = "\n".join(f"  {s}" for s in self.model.steps)
+        return (
+            f"dtype {self.dtype}, input {tuple(self.x.shape)}, outputs {self.model.outputs}\n"
+            f"{self.model.layers}\nsteps:\n{steps}"
+        )
+
+
+_BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_CONV_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
+
+
+class _Builder:
+    """Draws steps one at a time, keeping every value's shape (without the batch axis)."""
+
+    def __init__(self, data: Any, rng: np.random.Generator) -> None:
+        self.data = data
+        self.rng = rng
+        self.shapes: list[tuple[int, ...]] = []
+        self.layers: dict[str, nn.Module] = {}
+        self.steps: list = []
+        self.features: list[str] = []
+        self.bad_stats = False
+
+    def draw(self, strategy: Any) -> Any:
+        return self.data.draw(strategy)
+
+    def add(self, kind: str, arg: Any, ins: list[int], shape: tuple[int, ...]) -> int:
+        self.steps.append((kind, arg, ins))
+        self.shapes.append(shape)
+        return len(self.shapes) - 1
+
+    def call(self, layer: nn.Module, prefix: str, src: int, shape: tuple[int, ...]) -> int:
+        name = f"{prefix}{len(self.layers)}"
+        self.layers[name] = layer
+        return self.add("call", name, [src], shape)
+
+    # -- layers --------------------------------------------------------------------------
+
+    def conv(self, src: int) -> int | None:
+        c, *sp = self.shapes[src]
+        r = len(sp)
+        groups = self.draw(st.sampled_from([g for g in range(1, c + 1) if c % g == 0]))
+        depthwise = groups == c and c > 1
+        cout = groups * self.draw(st.integers(1, max(1, MAX_CHANNELS // groups)))
+        k = self.draw(st.integers(1, 3))
+        stride = self.draw(st.sampled_from([1, 1, 2]))
+        dilation = self.draw(st.sampled_from([1, 1, 2]))
+        padding = self.draw(st.sampled_from([0, k // 2, k - 1]))
+        mode = self.draw(st.sampled_from(["zeros"] * 6 + ["reflect", "circular"]))
+        if mode != "zeros" and (padding == 0 or any(padding >= n for n in sp)):
+            mode = "zeros"
+        out = [(n + 2 * padding - dilation * (k - 1) - 1) // stride + 1 for n in sp]
+        if min(out) < 1:
+            return None
+        bias = self.draw(st.booleans())
+        layer = _CONV[r](c, cout, k, stride, padding, dilation, groups, bias, mode)
+        self.features.append(
+            f"conv{r}d" + ("-depthwise" if depthwise else "-grouped" * (groups > 1))
+        )
+        return self.call(layer, "conv", src, (cout, *out))
+
+    def conv_transpose(self, src: int) -> int | None:
+        c, *sp = self.shapes[src]
+        r = len(sp)
+        groups = self.draw(st.sampled_from([g for g in range(1, c + 1) if c % g == 0]))
+        cout = groups * self.draw(st.integers(1, max(1, MAX_CHANNELS // groups)))
+        k = self.draw(st.integers(1, 3))
+        stride = self.draw(st.sampled_from([1, 2])) if max(sp) <= 6 else 1
+        dilation = self.draw(st.sampled_from([1, 1, 2]))
+        padding = self.draw(st.integers(0, max(0, (k - 1) * dilation)))
+        output_padding = self.draw(st.integers(0, max(stride, dilation) - 1))
+        out = [(n - 1) * stride - 2 * padding + dilation * (k - 1) + output_padding + 1 for n in sp]
+        if min(out) < 1 or max(out) > 16:
+            return None
+        bias = self.draw(st.booleans())
+        layer = _CONV_T[r](c, cout, k, stride, padding, output_padding, groups, bias, dilation)
+        self.features.append(f"conv_transpose{r}d" + "-grouped" * (groups > 1))
+        return self.call(layer, "convt", src, (cout, *out))
+
+    def linear(self, src: int) -> int | None:
+        shape = self.shapes[src]
+        if len(shape) == 1:
+            f_out = self.draw(st.integers(1, MAX_CHANNELS))
+            layer = nn.Linear(shape[0], f_out, bias=self.draw(st.booleans()))
+            self.features.append("linear-2d")
+            return self.call(layer, "fc", src, (f_out,))
+        if len(shape) == 2:  # (C, L): on the last axis, or on the channels between transposes
+            c, n = shape
+            if self.draw(st.booleans()):
+                n_out = self.draw(st.integers(1, 8))
+                layer = nn.Linear(n, n_out, bias=self.draw(st.booleans()))
+                self.features.append("linear-3d-last-axis")
+                return self.call(layer, "fc", src, (c, n_out))
+            t = self.add("transpose", None, [src], (n, c))
+            c_out = self.draw(st.integers(1, MAX_CHANNELS))
+            layer = nn.Linear(c, c_out, bias=self.draw(st.booleans()))
+            self.features.append("linear-3d-transposed")
+            y = self.call(layer, "fc", t, (n, c_out))
+            return self.add("transpose", None, [y], (c_out, n))
+        return None
+
+    def batchnorm(self, src: int) -> int | None:
+        shape = self.shapes[src]
+        c = shape[0]
+        r = max(1, len(shape) - 1)
+        affine = self.draw(st.booleans()) or self.draw(st.booleans())
+        eps = self.draw(st.sampled_from([1e-5, 1e-5, 1e-3, 0.1, 0.0, -1.0]))
+        if eps < 0:  # any value in the range
+            eps = self.draw(st.floats(0.0, 0.1))
+        bn = _BN[r](c, eps=eps, affine=affine)
+        self._statistics(bn)
+        self.features.append(f"batchnorm{r}d" + "-no-affine" * (not affine))
+        return self.call(bn, "bn", src, shape)
+
+    def _statistics(self, bn: nn.modules.batchnorm._BatchNorm) -> None:
+        c = bn.num_features
+        rng = self.rng
+        kind = self.draw(
+            st.sampled_from(["normal"] * 6 + ["tiny-var", "huge-var", "far-mean", "mixed", "bad"])
+        )
+        mean = rng.normal(0, 0.5, c)
+        var = rng.uniform(0.2, 2.0, c)
+        if kind == "tiny-var":
+            var = np.full(c, 1e-8)
+        elif kind == "huge-var":
+            var = np.full(c, 1e4)
+        elif kind == "far-mean":
+            mean = rng.choice([-1.0, 1.0], c) * 10.0 ** rng.uniform(1, 3, c)
+        elif kind == "mixed":
+            var = rng.choice([1e-8, 1e-2, 1.0, 1e2, 1e4], c)
+            mean = rng.normal(0, 1, c) * rng.choice([1.0, 100.0], c)
+        elif kind == "bad":
+            bad = self.draw(st.sampled_from(["nan-mean", "inf-var", "negative-var", "zero-var"]))
+            i = int(rng.integers(c))
+            if bad == "nan-mean":
+                mean[i] = np.nan
+            elif bad == "inf-var":
+                var[i] = np.inf
+            elif bad == "negative-var":
+                var[i] = -0.5
+            else:
+                var[i] = -bn.eps if self.draw(st.booleans()) else 0.0
+                bn.eps = 0.0 if var[i] == 0.0 else bn.eps
+            self.bad_stats = True
+        self.features.append(f"stats-{kind}")
+        with torch.no_grad():
+            bn.running_mean.copy_(torch.from_numpy(mean))
+            bn.running_var.copy_(torch.from_numpy(var))
+            if bn.affine:
+                gamma = rng.uniform(0.5, 1.5, c) * rng.choice([-1.0, 1.0], c)
+                gamma[rng.random(c) < 0.1] = 0.0  # pruned channels
+                bn.weight.copy_(torch.from_numpy(gamma))
+                bn.bias.copy_(torch.from_numpy(rng.normal(0, 0.5, c)))
+
+    # -- reuse and tensor functions ------------------------------------------------------
+
+    def reuse(self, src: int) -> int | None:
+        """Call an existing layer again on another value of the shape it takes."""
+        shape = self.shapes[src]
+        for name, layer in self.layers.items():
+            out = self._output_shape(layer, shape)
+            if out is not None and self.draw(st.booleans()):
+                self.features.append(f"called-twice-{type(layer).__name__}")
+                return self.add("call", name, [src], out)
+        return None
+
+    def _output_shape(self, layer: nn.Module, shape: tuple[int, ...]) -> tuple[int, ...] | None:
+        if isinstance(layer, nn.modules.conv._ConvNd) and len(shape) != layer.weight.ndim - 1:
+            return None  # a conv also takes unbatched input, of one rank less
+        probe = torch.zeros(2, *shape)
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return tuple(layer.eval()(probe).shape[1:])
+        except Exception:  # noqa: BLE001 - the layer does not take this shape
+            return None
+
+    def elementwise(self, src: int) -> int:
+        kind = self.draw(st.sampled_from(["relu", "tanh"]))
+        return self.add(kind, None, [src], self.shapes[src])
+
+    def add_values(self, src: int) -> int | None:
+        same = [i for i, s in enumerate(self.shapes) if s == self.shapes[src]]
+        other = self.draw(st.sampled_from(same))  # may be src itself: x + x
+        self.features.append("residual-add")
+        return self.add("add", None, [src, other], self.shapes[src])
+
+    def concat(self, src: int) -> int | None:
+        c, *sp = self.shapes[src]
+        fits = [i for i, s in enumerate(self.shapes) if list(s[1:]) == sp and s[0] + c <= 16]
+        if not fits or not sp:
+            return None
+        other = self.draw(st.sampled_from(fits))
+        self.features.append("concat")
+        return self.add("cat", None, [src, other], (c + self.shapes[other][0], *sp))
+
+    def slice(self, src: int) -> int | None:
+        c, *sp = self.shapes[src]
+        if c < 2:
+            return None
+        lo = self.draw(st.integers(0, c - 1))
+        hi = self.draw(st.integers(lo + 1, c))
+        self.features.append("slice")
+        return self.add("slice", (lo, hi), [src], (hi - lo, *sp))
+
+    def pool(self, src: int) -> int | None:
+        c, *sp = self.shapes[src]
+        if not sp:
+            return None
+        self.features.append("global-pool")
+        return self.add("pool", tuple(range(2, 2 + len(sp))), [src], (c,))
+
+
+OPS = ["conv", "conv", "conv", "conv_transpose", "linear", "linear", "batchnorm", "reuse",
+       "elementwise", "add_values", "concat", "slice", "pool"]  # fmt: skip
+
+
+def draw_case(data: Any) -> Case:
+    """Draw a random network and input (``data`` is hypothesis' ``st.data()``)."""
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
+    b = _Builder(data, rng)
+    dtype = data.draw(st.sampled_from(["float32"] * 4 + ["float16", "bfloat16"]), label="dtype")
+    rank = data.draw(st.sampled_from([0, 1, 1, 2, 2, 2, 3]), label="rank")
+    c = data.draw(st.integers(1, 6))
+    size = data.draw(st.integers(2, 8 if rank < 3 else 5))
+    batch = data.draw(st.integers(1, 3))
+    b.shapes.append((c, *[size] * rank))
+    if data.draw(st.booleans()):  # BatchNorm on the input, before any layer
+        b.batchnorm(0)
+    n = data.draw(st.integers(1, 10), label="steps")
+    for _ in range(n):
+        src = data.draw(st.sampled_from(range(len(b.shapes))[-4:]))
+        op = data.draw(st.sampled_from(OPS))
+        if op in ("conv", "conv_transpose") and len(b.shapes[src]) == 1:
+            op = "linear"
+        y = getattr(b, op)(src)
+        if (
+            y is not None
+            and op in ("conv", "conv_transpose", "linear")
+            and data.draw(st.sampled_from([True, True, True, False]))
+        ):
+            b.batchnorm(y)  # the usual layer + BatchNorm pair
+    last = len(b.shapes) - 1
+    extra = data.draw(st.lists(st.integers(1, last), max_size=2)) if last > 0 else []
+    outputs = [last] + [i for i in extra if i != last]
+    model = Net(b.layers, b.steps, outputs).eval()
+    torch_dtype = DTYPES[dtype]
+    model = model.to(torch_dtype)
+    x = torch.from_numpy(rng.normal(0, 1, (batch, *b.shapes[0]))).to(torch_dtype)
+    return Case(model, x, dtype, sorted(set(b.features)), b.bad_stats)
+
+
+# --------------------------------------------------------------------------------------------
+# Checking
+
+
+class WrongResult(AssertionError):
+    """A folded model whose outputs are further from the reference than the tolerance."""
+
+
+def _outputs(result: Any) -> list[torch.Tensor]:
+    if isinstance(result, torch.Tensor):
+        return [result]
+    return [t for t in result]
+
+
+def _errors(ref: list[torch.Tensor], got: list[np.ndarray | torch.Tensor]) -> list[dict]:
+    """Per output: the relative error against the float64 reference, over the elements where
+    the reference is finite, and where non-finite values appear that the reference lacks."""
+    rows = []
+    for r, g in zip(ref, got, strict=True):
+        g64 = torch.as_tensor(np.asarray(g, dtype=np.float64) if not torch.is_tensor(g) else g)
+        g64 = g64.double()
+        assert g64.shape == r.shape, (g64.shape, r.shape)
+        finite = torch.isfinite(r)
+        scale = float(r[finite].abs().max()) if finite.any() else 0.0
+        diff = (g64 - r)[finite]
+        bad = ~torch.isfinite(diff)
+        err = float(diff[~bad].abs().max()) / scale if scale > 0 and (~bad).any() else 0.0
+        if scale == 0 and (~bad).any():
+            err = float(diff[~bad].abs().max())
+        rows.append(
+            {
+                "err": err,
+                "nonfinite_where_finite": bad,  # mask over the finite-reference elements
+                "finite_where_nonfinite": bool(torch.isfinite(g64[~finite]).any()),
+            }
+        )
+    return rows
+
+
+def _condition(case: Case, folded_producers: set[str]) -> float:
+    """The condition of the folds (see the module docstring), measured in float64: for each
+    folded layer, ``max(|W| * |x| + |b|) / max|W * x + b|`` over its calls."""
+    if not folded_producers:
+        return 1.0
+    model = _float64(case.model)
+    worst = [1.0]
+
+    def hook(layer: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        absolute = _absolute_layer(layer)(args[0].abs())
+        denom = float(out.abs().max())
+        if denom > 0 and math.isfinite(denom):
+            worst[0] = max(worst[0], float(absolute.max()) / denom)
+
+    handles = [
+        model.layers[n].register_forward_hook(hook) for n in folded_producers if n in model.layers
+    ]
+    try:
+        with torch.no_grad():
+            model(case.x.double())
+    finally:
+        for h in handles:
+            h.remove()
+    return worst[0]
+
+
+def _absolute_layer(layer: nn.Module) -> nn.Module:
+    """A float64 copy of ``layer`` with every weight and bias replaced by its magnitude."""
+    import copy
+
+    out = copy.deepcopy(layer)
+    out._forward_hooks.clear()  # the copy would run the hook that made it
+    with torch.no_grad():
+        for p in out.parameters():
+            p.abs_()
+    return out
+
+
+def _float64(model: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(model).double()
+
+
+def _hash_module(model: nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict(keep_vars=True).items()):
+        h.update(name.encode())
+        h.update(t.detach().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    h.update(str([m.training for m in model.modules()]).encode())
+    return h.hexdigest()
+
+
+def _hash_program(ep: Any) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted({**ep.state_dict, **ep.constants}.items()):
+        if torch.is_tensor(t):
+            h.update(name.encode())
+            h.update(t.detach().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    h.update(str(ep.graph).encode())
+    h.update(str(ep.graph_signature).encode())
+    return h.hexdigest()
+
+
+@dataclass
+class Outcome:
+    """What one form did with one case."""
+
+    form: str
+    folded: int = 0
+    refused: Counter = field(default_factory=Counter)
+    note: str = ""  # why the form did not run (an exporter that failed, say)
+    err: float = 0.0
+    tol: float = 0.0
+
+
+def _check_report(report: bnfold.FoldReport, form: str) -> None:
+    for e in report:
+        if e.folded:
+            assert e.target, (form, e)
+        else:
+            assert e.rule and e.reason, (form, e)
+
+
+def _compare(
+    form: str, case: Case, ref: list[torch.Tensor], original: list, folded: list, cond: float
+) -> tuple[float, float]:
+    """Raise :class:`WrongResult` unless ``folded`` is within the tolerance (module docstring)."""
+    u = UNIT_ROUNDOFF[case.dtype]
+    e_orig = _errors(ref, original)
+    e_fold = _errors(ref, folded)
+    worst_err = worst_tol = 0.0
+    for i, (o, f) in enumerate(zip(e_orig, e_fold, strict=True)):
+        tol = ORIGINAL_FACTOR * o["err"] + FOLD_FACTOR * u * cond
+        new_nonfinite = f["nonfinite_where_finite"] & ~o["nonfinite_where_finite"]
+        if new_nonfinite.any():
+            raise WrongResult(f"{form}: output {i} has non-finite values the original has not")
+        if f["finite_where_nonfinite"] and not o["finite_where_nonfinite"]:
+            raise WrongResult(f"{form}: output {i} is finite where the reference is not")
+        if f["err"] > tol:
+            raise WrongResult(
+                f"{form}: output {i} error {f['err']:.3g} > tolerance {tol:.3g} "
+                f"(original's error {o['err']:.3g}, cond {cond:.3g})"
+            )
+        if tol > 0:
+            if f["err"] / tol >= (worst_err / worst_tol if worst_tol else 0):
+                worst_err, worst_tol = f["err"], tol
+    return worst_err, worst_tol
+
+
+def _quiet() -> contextlib.ExitStack:
+    stack = contextlib.ExitStack()
+    stack.enter_context(warnings.catch_warnings())
+    warnings.simplefilter("ignore")
+    stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+    stack.enter_context(contextlib.redirect_stderr(io.StringIO()))
+    for name in ("torch", "torch.onnx", "torch.export", "onnxscript", "onnx_ir", "torch._dynamo"):
+        lg = logging.getLogger(name)
+        old = lg.level
+        lg.setLevel(logging.CRITICAL)
+        stack.callback(lg.setLevel, old)
+    return stack
+
+
+def _producers_of(report: bnfold.FoldReport) -> set[str]:
+    """Module names (``layers.conv3`` → ``conv3``) of the layers folds went into."""
+    names = set()
+    for e in report.folded:
+        target = str(e.target)
+        names.add(target.split(".")[-1])
+    return names
+
+
+def check_case(case: Case, forms: tuple[str, ...] = FORMS, draw: Any = None) -> list[Outcome]:
+    """Fold ``case`` in each form and check every result; return what each form did."""
+    model, x = case.model, case.x
+    with torch.no_grad():
+        ref = [t.double() for t in _outputs(_float64(model)(x.double()))]
+        eager_out = _outputs(model(x))
+    outcomes = []
+    exported: Any = None
+    cond_cache: dict[frozenset, float] = {}
+
+    def cond_for(report: bnfold.FoldReport) -> float:
+        key = frozenset(_producers_of(report))
+        if key not in cond_cache:
+            cond_cache[key] = _condition(case, set(key))
+        return cond_cache[key]
+
+    for form in forms:
+        oc = Outcome(form)
+        outcomes.append(oc)
+        if form == "eager":
+            with_example = draw is None or draw(st.booleans())
+            before = _hash_module(model)
+            with _quiet():
+                folded, report = bnfold.fold(
+                    model, (x,) if with_example else None, return_report=True
+                )
+            assert _hash_module(model) == before, "eager fold changed its input"
+            _check_eager_structure(model, folded, report)
+            with torch.no_grad():
+                got = _outputs(folded(x))
+            original = eager_out
+        elif form in ("export", "graph_module"):
+            if exported is None:
+                exported = _export(model, x, draw)
+            if isinstance(exported, str):
+                oc.note = exported
+                continue
+            ep, ep_module = exported
+            subject = ep if form == "export" else ep_module
+            before = _hash_program(ep)
+            with _quiet():
+                folded, report = bnfold.fold(subject, return_report=True)
+            assert _hash_program(ep) == before, f"{form} fold changed its input"
+            runner = folded.module() if form == "export" else folded
+            with torch.no_grad():
+                got = _outputs(runner(x))
+                original = _outputs(ep_module(x))
+            _check_graph_structure(folded, report, form)
+        else:
+            result = _onnx_form(case, draw)
+            if isinstance(result, str):
+                oc.note = result
+                continue
+            report, original, got = result
+        _check_report(report, form)
+        oc.folded = len(report.folded)
+        oc.refused = Counter(e.rule for e in report.skipped)
+        cond = cond_for(report) if report.folded else 1.0
+        oc.err, oc.tol = _compare(form, case, ref, original, got, cond)
+    return outcomes
+
+
+def _export(model: Net, x: torch.Tensor, draw: Any) -> Any:
+    """The program torch.export makes of ``model`` (decomposed now and then: decomposing is
+    slow), or why there is none."""
+    try:
+        with _quiet():
+            ep = torch.export.export(model, (x,))
+            if draw is not None and draw(st.sampled_from([False] * 19 + [True])):
+                ep = ep.run_decompositions()
+    except Exception as e:  # noqa: BLE001 - torch could not export this network
+        return f"torch.export failed: {type(e).__name__}"
+    return ep, ep.module()
+
+
+def _check_eager_structure(model: Net, folded: Net, report: bnfold.FoldReport) -> None:
+    bn_type = nn.modules.batchnorm._BatchNorm
+    for e in report:
+        name = e.bn.split(".")[-1]
+        layer = folded.layers[name]
+        if e.folded:
+            assert not isinstance(layer, bn_type), f"{e.bn} folded but still a BatchNorm"
+        else:
+            assert isinstance(layer, bn_type), f"{e.bn} kept but replaced"
+    names = {e.bn.split(".")[-1] for e in report}
+    assert names == {n for n, m in model.layers.items() if isinstance(m, bn_type)}
+
+
+def _check_graph_structure(folded: Any, report: bnfold.FoldReport, form: str) -> None:
+    gm = folded.graph_module if form == "export" else folded
+    kept = sum(
+        1 for n in gm.graph.nodes if n.op == "call_function" and "batch_norm" in str(n.target)
+    )
+    # a decomposed BatchNorm is one node: kept BatchNorms are exactly the skipped entries
+    assert kept == len(report.skipped), (kept, report.summary())
+
+
+_QUIET_RUN: Any = None
+
+
+def _onnx_form(case: Case, draw: Any) -> str | tuple:
+    """Export ``case`` to ONNX, fold (a ModelProto or an onnx_ir.Model), run both in
+    onnxruntime (through float32 for bfloat16, which it cannot run)."""
+    import onnx
+    import onnx_ir as ir
+    import onnxruntime as ort
+    from onnx_models import BFLOAT16, FLOAT16, convert, export_torch, session
+
+    global _QUIET_RUN
+    if _QUIET_RUN is None:  # a model onnxruntime rejects is counted, not printed
+        _QUIET_RUN = ort.RunOptions()
+        _QUIET_RUN.log_severity_level = 4
+
+    opset = draw(st.sampled_from([9, 13, 17, 18])) if draw is not None else 17
+    try:
+        with _quiet():
+            proto = export_torch(case.model, case.x, dynamo=False, opset_version=opset)
+    except Exception as e:  # noqa: BLE001 - the exporter could not export this network
+        return f"onnx export failed: {type(e).__name__}"
+    before = proto.SerializeToString()
+    as_ir = draw is not None and draw(st.sampled_from([False, False, True]))
+    with _quiet():
+        if as_ir:
+            model = ir.from_proto(proto)
+            folded_ir, report = bnfold.fold(model, return_report=True)
+            folded = ir.to_proto(folded_ir)
+        else:
+            folded, report = bnfold.fold(proto, return_report=True)
+    assert proto.SerializeToString() == before, "ONNX fold changed its input"
+    try:  # the exporter writes some invalid models (bfloat16 Relu before opset 14)
+        onnx.checker.check_model(proto, full_check=True)
+    except Exception:  # noqa: BLE001 - then the result cannot be held to the full check
+        pass
+    else:
+        onnx.checker.check_model(folded, full_check=True)
+    kept = sum(1 for n in folded.graph.node if n.op_type == "BatchNormalization")
+    assert kept == len(report.skipped), (kept, report.summary())
+    original_run, folded_run = proto, folded
+    if case.dtype == "bfloat16":
+        original_run, folded_run = convert(proto, BFLOAT16), convert(folded, BFLOAT16)
+    feeds_x = case.x.float().numpy()
+    if case.dtype == "float16":
+        feeds_x = feeds_x.astype(np.float16)
+    try:
+        s_orig = session(original_run)
+    except Exception:  # noqa: BLE001 - no float16 kernel for some op: run through float32
+        original_run, folded_run = convert(proto, FLOAT16), convert(folded, FLOAT16)
+        feeds_x = case.x.float().numpy()
+        s_orig = session(original_run)
+    name = s_orig.get_inputs()[0].name
+    try:
+        original = s_orig.run(None, {name: feeds_x}, _QUIET_RUN)
+    except Exception:  # noqa: BLE001 - torch allows output_padding < dilation, onnxruntime not
+        return "onnxruntime cannot run the exported model"
+    got = session(folded_run).run(None, {name: feeds_x}, _QUIET_RUN)
+    return report, original, got
+
+
+# --------------------------------------------------------------------------------------------
+# Running many
+
+
+@dataclass
+class Tally:
+    """Counts over a run: per form, models, folds done, folds refused by rule, problems."""
+
+    models: int = 0
+    seconds: float = 0.0
+    per_form: dict = field(default_factory=dict)
+    features: Counter = field(default_factory=Counter)
+    dtypes: Counter = field(default_factory=Counter)
+    worst: dict = field(default_factory=dict)
+
+    def add(self, case: Case, outcomes: list[Outcome]) -> None:
+        self.models += 1
+        self.dtypes[case.dtype] += 1
+        self.features.update(case.features)
+        for oc in outcomes:
+            f = self.per_form.setdefault(
+                oc.form, {"models": 0, "folded": 0, "refused": Counter(), "not run": Counter()}
+            )
+            if oc.note:
+                f["not run"][oc.note] += 1
+                continue
+            f["models"] += 1
+            f["folded"] += oc.folded
+            f["refused"].update(oc.refused)
+            if oc.tol > 0:
+                key = f"{oc.form}/{case.dtype}"
+                ratio = oc.err / oc.tol
+                if ratio >= self.worst.get(key, (0.0, 0.0, 0.0))[0]:
+                    self.worst[key] = (ratio, oc.err, oc.tol)
+
+    def to_json(self) -> dict:
+        return {
+            "models": self.models,
+            "seconds": self.seconds,
+            "per_form": {
+                k: {**v, "refused": dict(v["refused"]), "not run": dict(v["not run"])}
+                for k, v in self.per_form.items()
+            },
+            "features": dict(self.features),
+            "dtypes": dict(self.dtypes),
+            "worst": self.worst,
+        }
+
+
+def merge(parts: list[dict]) -> dict:
+    total: dict = {"models": 0, "seconds": 0.0, "per_form": {}, "features": Counter(),
+                   "dtypes": Counter(), "worst": {}}  # fmt: skip
+    for p in parts:
+        total["models"] += p["models"]
+        total["seconds"] = max(total["seconds"], p["seconds"])
+        total["features"].update(p["features"])
+        total["dtypes"].update(p["dtypes"])
+        for form, v in p["per_form"].items():
+            t = total["per_form"].setdefault(
+                form, {"models": 0, "folded": 0, "refused": Counter(), "not run": Counter()}
+            )
+            t["models"] += v["models"]
+            t["folded"] += v["folded"]
+            t["refused"].update(v["refused"])
+            t["not run"].update(v["not run"])
+        for k, w in p["worst"].items():
+            if w[0] >= total["worst"].get(k, (0.0,))[0]:
+                total["worst"][k] = w
+    return total
+
+
+def print_table(total: dict, wrong: int, errors: int, out: Any = sys.stdout) -> None:
+    p = lambda *a: print(*a, file=out)  # noqa: E731
+    p(f"random networks: {total['models']} models in {total['seconds']:.0f} s "
+      f"({', '.join(f'{k} {v}' for k, v in sorted(total['dtypes'].items()))})")  # fmt: skip
+    p("")
+    p(f"{'form':<13} {'models':>7} {'BNs folded':>11} {'BNs kept':>9}  kept by rule")
+    for form in FORMS:
+        v = total["per_form"].get(form)
+        if v is None:
+            continue
+        kept = sum(v["refused"].values())
+        rules = ", ".join(f"{r} {n}" for r, n in sorted(v["refused"].items(), key=lambda x: -x[1]))
+        p(f"{form:<13} {v['models']:>7} {v['folded']:>11} {kept:>9}  {rules}")
+        for note, n in sorted(v["not run"].items()):
+            p(f"{'':<13} {'':>7} not run: {n} ({note})")
+    p("")
+    p("closest to the tolerance (error / tolerance, error, tolerance):")
+    for k, (ratio, err, tol) in sorted(total["worst"].items()):
+        p(f"  {k:<24} {ratio:.3f}  {err:.3g}  {tol:.3g}")
+    p("")
+    p("features: " + ", ".join(f"{k} {v}" for k, v in sorted(total["features"].items())))
+    p("")
+    p(f"wrong results: {wrong}    exceptions: {errors}")
+
+
+def _worker(args: tuple[int, int, str]) -> dict:
+    n, seed, findings = args
+    tally = Tally()
+    start = time.perf_counter()
+    problems: list[str] = []
+
+    @hypothesis_seed(seed)
+    @settings(
+        max_examples=n,
+        deadline=None,
+        database=None,
+        derandomize=False,
+        suppress_health_check=list(HealthCheck),
+        print_blob=True,
+    )
+    @given(st.data())
+    def run(data: Any) -> None:
+        case = draw_case(data)
+        outcomes = check_case(case, draw=data.draw)
+        tally.add(case, outcomes)
+
+    try:
+        run()
+    except Exception as e:  # noqa: BLE001 - report the shrunk example, keep the counts
+        problems.append(f"{type(e).__name__}: {e}")
+        with open(findings, "a") as f:
+            f.write(f"seed {seed}: {type(e).__name__}: {e}\n")
+    tally.seconds = time.perf_counter() - start
+    result = tally.to_json()
+    result["problems"] = problems
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--examples", type=int, default=10_000)
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--findings", default="fuzz-network-findings.txt")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    per = [args.examples // args.jobs + (i < args.examples % args.jobs) for i in range(args.jobs)]
+    jobs = [(n, args.seed * 1000 + i, args.findings) for i, n in enumerate(per)]
+    if args.jobs == 1:
+        parts = [_worker(jobs[0])]
+    else:
+        with multiprocessing.get_context("spawn").Pool(args.jobs, initializer=_init) as pool:
+            parts = pool.map(_worker, jobs)
+    problems = [p for part in parts for p in part["problems"]]
+    total = merge(parts)
+    wrong = sum(1 for p in problems if p.startswith(("WrongResult", "AssertionError")))
+    print_table(total, wrong, len(problems) - wrong)
+    for p in problems:
+        print(f"\nPROBLEM: {p}")
+    print(json.dumps({"models": total["models"], "problems": len(problems)}))
+    return 1 if problems else 0
+
+
+def _init() -> None:
+    torch.set_num_threads(1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

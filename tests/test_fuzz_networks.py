@@ -1,0 +1,81 @@
+"""Random networks folded in every form (a few examples here; ``make fuzz`` runs 10,000).
+
+See ``fuzz_networks`` for what is generated and what a correct fold means.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from fuzz_networks import Case, Net, WrongResult, check_case, draw_case
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import bnfold
+
+EXAMPLES = 12
+
+
+@pytest.mark.parametrize("part", [0, 1])
+def test_random_networks_fold_exactly_in_every_form(part):
+    # two parts, so that two workers share the examples
+    @settings(
+        max_examples=EXAMPLES,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(st.data())
+    def run(data):
+        data.draw(st.just(part))
+        data.draw(st.integers(0, 1))
+        case = draw_case(data)
+        check_case(case, draw=data.draw)
+
+    run()
+
+
+def _small_case() -> Case:
+    layers = {"conv0": nn.Conv2d(3, 4, 3, padding=1), "bn1": nn.BatchNorm2d(4)}
+    steps = [("call", "conv0", [0]), ("call", "bn1", [1]), ("relu", None, [2])]
+    model = Net(layers, steps, [3])
+    with torch.no_grad():
+        model.layers["bn1"].running_mean.uniform_(-1, 1)
+        model.layers["bn1"].running_var.uniform_(0.5, 2)
+        model.layers["bn1"].weight.uniform_(0.5, 1.5)
+        model.layers["bn1"].bias.uniform_(-1, 1)
+    return Case(model.eval(), torch.randn(2, 3, 6, 6), "float32")
+
+
+def test_the_check_passes_a_correct_fold():
+    outcomes = check_case(_small_case())
+    assert [o.folded for o in outcomes] == [1, 1, 1, 1]
+
+
+def test_the_check_catches_a_fold_wrong_by_a_thousandth(monkeypatch):
+    real_fold = bnfold.fold
+
+    def slightly_wrong(model, *args, **kwargs):
+        folded, report = real_fold(model, *args, **kwargs)
+        with torch.no_grad():
+            folded.layers["conv0"].weight.mul_(1.001)
+        return folded, report
+
+    monkeypatch.setattr(bnfold, "fold", slightly_wrong)
+    with pytest.raises(WrongResult, match="eager: output 0 error"):
+        check_case(_small_case(), forms=("eager",))
+
+
+def test_the_check_catches_a_kept_batchnorm_reported_as_folded(monkeypatch):
+    real_fold = bnfold.fold
+
+    def lying(model, *args, **kwargs):
+        folded, report = real_fold(model, *args, **kwargs)
+        folded.layers["bn1"] = model.layers["bn1"]
+        return folded, report
+
+    monkeypatch.setattr(bnfold, "fold", lying)
+    with pytest.raises(AssertionError, match="folded but still a BatchNorm"):
+        check_case(_small_case(), forms=("eager",))
