@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 JOBS ?= 2
 
-.PHONY: all venv demo test lint clean
+.PHONY: all venv demo test fuzz lint clean
 
 all: test
 
@@ -24,6 +24,13 @@ demo: venv
 
 test: venv lint
 	$(BIN)/python -m pytest -q -n $(JOBS)
+
+# 10,000 random networks folded in every form, then 10,000 damaged model files through the CLI;
+# each prints its counts and fails on any wrong fold or crash.
+FUZZ_EXAMPLES ?= 10000
+fuzz: venv
+	$(BIN)/python tests/fuzz_networks.py --examples $(FUZZ_EXAMPLES) --jobs $(JOBS)
+	$(BIN)/python tests/fuzz_files.py --inputs $(FUZZ_EXAMPLES) --jobs $(JOBS)
 
 lint: venv
 	$(BIN)/ruff check bnfold tests

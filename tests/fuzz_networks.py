@@ -55,6 +55,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import bnfold
+from bnfold.errors import first_line
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 UNIT_ROUNDOFF = {"float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
@@ -575,6 +576,19 @@ def check_case(case: Case, forms: tuple[str, ...] = FORMS, draw: Any = None) -> 
             with torch.no_grad():
                 got = _outputs(folded(x))
             original = eager_out
+            example = (x,) if with_example else None
+            with _quiet():
+                analyzed = bnfold.analyze(model, example)
+            assert analyzed.to_list() == report.to_list(), "analyze disagrees with fold"
+            if draw is not None and draw(st.sampled_from([False, False, False, True])):
+                copy_ = _float64(model).to(DTYPES[case.dtype])
+                with _quiet():
+                    same = bnfold.fold(copy_, example, inplace=True)
+                assert same is copy_
+                with torch.no_grad():
+                    in_place = _outputs(same(x))
+                for a, b in zip(got, in_place, strict=True):
+                    torch.testing.assert_close(b, a, rtol=0, atol=0, equal_nan=True)
         elif form in ("export", "graph_module"):
             if exported is None:
                 exported = _export(model, x, draw)
@@ -799,7 +813,14 @@ def print_table(total: dict, wrong: int, errors: int, out: Any = sys.stdout) -> 
 
 
 def _worker(args: tuple[int, int, str]) -> dict:
+    """Run ``n`` examples with hypothesis seed ``seed``; a failing example is written to
+    ``findings`` with its network and counted, and the run goes on (no shrinking: it is slow
+    on these networks; the description is enough to rebuild the case)."""
     n, seed, findings = args
+    import traceback
+
+    from hypothesis import Phase
+
     tally = Tally()
     start = time.perf_counter()
     problems: list[str] = []
@@ -809,22 +830,25 @@ def _worker(args: tuple[int, int, str]) -> dict:
         max_examples=n,
         deadline=None,
         database=None,
-        derandomize=False,
+        phases=[Phase.generate],
         suppress_health_check=list(HealthCheck),
-        print_blob=True,
     )
     @given(st.data())
     def run(data: Any) -> None:
         case = draw_case(data)
-        outcomes = check_case(case, draw=data.draw)
+        try:
+            outcomes = check_case(case, draw=data.draw)
+        except Exception as e:  # noqa: BLE001 - every failure is a finding to count
+            kind = "wrong result" if isinstance(e, AssertionError) else "exception"
+            problems.append(f"{kind}: {type(e).__name__}: {first_line(e)}")
+            with open(findings, "a") as f:
+                f.write(f"=== {kind} (seed {seed}): {type(e).__name__}: {e}\n")
+                f.write(case.describe() + "\n")
+                f.write("".join(traceback.format_exception(e)[-6:]) + "\n")
+            return
         tally.add(case, outcomes)
 
-    try:
-        run()
-    except Exception as e:  # noqa: BLE001 - report the shrunk example, keep the counts
-        problems.append(f"{type(e).__name__}: {e}")
-        with open(findings, "a") as f:
-            f.write(f"seed {seed}: {type(e).__name__}: {e}\n")
+    run()
     tally.seconds = time.perf_counter() - start
     result = tally.to_json()
     result["problems"] = problems
@@ -836,9 +860,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--examples", type=int, default=10_000)
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--findings", default="fuzz-network-findings.txt")
+    ap.add_argument("--findings", default="fuzz-findings/networks.txt")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    import os
+
+    os.makedirs(os.path.dirname(os.path.abspath(args.findings)), exist_ok=True)
     per = [args.examples // args.jobs + (i < args.examples % args.jobs) for i in range(args.jobs)]
     jobs = [(n, args.seed * 1000 + i, args.findings) for i, n in enumerate(per)]
     if args.jobs == 1:
@@ -848,10 +875,12 @@ def main(argv: list[str] | None = None) -> int:
             parts = pool.map(_worker, jobs)
     problems = [p for part in parts for p in part["problems"]]
     total = merge(parts)
-    wrong = sum(1 for p in problems if p.startswith(("WrongResult", "AssertionError")))
+    wrong = sum(1 for p in problems if p.startswith("wrong result"))
     print_table(total, wrong, len(problems) - wrong)
     for p in problems:
-        print(f"\nPROBLEM: {p}")
+        print(f"PROBLEM: {p}")
+    if problems:
+        print(f"the failing networks are described in {args.findings}")
     print(json.dumps({"models": total["models"], "problems": len(problems)}))
     return 1 if problems else 0
 
