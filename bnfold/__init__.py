@@ -105,6 +105,9 @@ def fold(
     ``"conv"``, ``"conv_transpose"``, ``"linear"``). With ``return_report=True`` the result is
     ``(folded_model, report)``. Raises :class:`BnfoldError` subclasses with what to do.
     """
+    for name, value in (("inplace", inplace), ("return_report", return_report)):
+        if not isinstance(value, bool):  # "yes" would count as True and change the model
+            raise InvalidArgumentError(f"{name} must be True or False, not {value!r}")
     return _frontend(model).fold(
         model, example_inputs, inplace=inplace, producers=producers, return_report=return_report
     )

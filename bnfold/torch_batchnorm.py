@@ -181,6 +181,15 @@ def forward_changed_reason(m: nn.Module) -> str:
     return ""
 
 
+def _number(value: Any) -> float:
+    """``value`` as a float; NaN when it is not a real number (the fold is then refused as an
+    invalid value, as a NaN eps is)."""
+    try:
+        return float(value) if not isinstance(value, (str, bytes)) else float("nan")
+    except (TypeError, ValueError, OverflowError):
+        return float("nan")
+
+
 def batchnorm_spec(m: nn.Module, name: str) -> BatchNormSpec:
     """Read BatchNorm module ``m`` (called ``name`` in messages)."""
     if is_frozen_batchnorm(m):
@@ -195,7 +204,7 @@ def batchnorm_spec(m: nn.Module, name: str) -> BatchNormSpec:
             else:
                 spec.affine = measured
         return spec
-    spec = BatchNormSpec(m.running_mean, m.running_var, float(m.eps), m.weight, m.bias)
+    spec = BatchNormSpec(m.running_mean, m.running_var, _number(m.eps), m.weight, m.bias)
     if m.training:
         spec.uses_running_stats = (
             f"{name} is in training mode (batch statistics); call .eval() on it"

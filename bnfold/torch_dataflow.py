@@ -495,7 +495,7 @@ def output_ranks(
     """Run the model once and record the rank of every producer's output; change nothing."""
     ranks: dict[str, set[int]] = defaultdict(set)
     handles = []
-    with preserved_state(model, values=True):
+    with TRACE_LOCK, preserved_state(model, values=True):
         for path, m in producers.items():
 
             def hook(_m, _args, out, path=path):

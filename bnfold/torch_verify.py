@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from . import checks
-from .errors import InvalidArgumentError, UnsupportedModelError
+from .errors import InvalidArgumentError, UnsupportedModelError, first_line
+from .torch_state import TRACE_LOCK, preserved_state
 
 _PLAIN = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device)
 
@@ -79,11 +80,29 @@ def verify(original: nn.Module, folded: nn.Module, example_inputs: Any) -> tuple
     inputs = normalise_inputs(example_inputs)
     if inputs is None:
         raise InvalidArgumentError("verify needs example_inputs to run the models on")
-    with torch.no_grad():
-        # Each model gets its own copy of the inputs: a forward may write into them.
-        a = output_tensors(original(*fresh_copy(inputs)))
-        b = output_tensors(folded(*fresh_copy(inputs)))
-    return compare(a, b)
+    for which, m in (("original", original), ("folded", folded)):
+        if not isinstance(m, nn.Module):
+            raise UnsupportedModelError(
+                f"verify compares two PyTorch models, but the {which} one is a "
+                f"{type(m).__module__}.{type(m).__name__}"
+            )
+    return compare(_run(original, inputs, "original"), _run(folded, inputs, "folded"))
+
+
+def _run(model: nn.Module, inputs: tuple, which: str) -> list[tuple[str, torch.Tensor]]:
+    """The output tensors of ``model`` on a copy of ``inputs`` (a forward may write into
+    them), leaving the model as it was: a BatchNorm in training mode updates its statistics
+    when run, and verifying must change nothing."""
+    with TRACE_LOCK, preserved_state(model, values=True), torch.no_grad():
+        try:
+            out = output_tensors(model(*fresh_copy(inputs)))
+        except Exception as e:  # noqa: BLE001 - whatever the model raises for these inputs
+            raise InvalidArgumentError(
+                f"running the {which} model on example_inputs failed ({type(e).__name__}: "
+                f"{first_line(e)}): pass a tuple of the positional arguments forward() takes"
+            ) from e
+        # copies: an output may be a view of a buffer that is put back when the block ends
+        return [(where, t.clone()) for where, t in out]
 
 
 def fresh_copy(inputs: Any) -> Any:
