@@ -161,7 +161,11 @@ def _fold_file(args: argparse.Namespace) -> int:
             raise _verification_failed(args, result.summary())
         print(f"bnfold: verified on random inputs: {result.summary()}")
     if args.output is not None:
-        files.write_atomically(args.output, lambda f: pt2.save(folded, f, loaded.extra_files))
+        files.write_atomically(
+            args.output,
+            lambda f: pt2.save(folded, f, loaded.extra_files),
+            hold_back_errors=True,
+        )
         print(f"bnfold: wrote {os.fspath(args.output)}")
     return 0
 

@@ -8,12 +8,13 @@ touched unless the output names it.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from .errors import ModelFileError
 
@@ -98,8 +99,66 @@ def result_permissions(path: str | os.PathLike[str], target: Path) -> None:
     os.chmod(path, mode)
 
 
-def write_atomically(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]) -> None:
-    """Call ``write`` with a binary file, then put what it wrote at ``path`` in one step."""
+class _HeldBackErrors(io.RawIOBase):
+    """A binary file whose write failures are held back until the writer is done.
+
+    torch's zip writer cannot survive a failed write: it loses the error (raising its own
+    "unexpected pos" instead) and, destroyed half-written, aborts the process. So it is told
+    every write succeeded; the first failure (a full disk, Ctrl-C) is raised when it returns.
+    """
+
+    def __init__(self, f: BinaryIO) -> None:
+        super().__init__()
+        self._f = f
+        self._pos = f.tell()
+        self.error: BaseException | None = None
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos  # where the writer believes it is, even after a held-back failure
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if self.error is None:
+            try:
+                self._pos = self._f.seek(offset, whence)
+                return self._pos
+            except BaseException as e:  # noqa: BLE001 - raised once the writer returns
+                self.error = e
+        self._pos = offset if whence == io.SEEK_SET else self._pos + offset
+        return self._pos
+
+    def write(self, data: Any) -> int:
+        if self.error is None:
+            try:
+                self._f.write(data)
+            except BaseException as e:  # noqa: BLE001 - raised once the writer returns
+                self.error = e
+        n = memoryview(data).nbytes
+        self._pos += n
+        return n
+
+    def flush(self) -> None:
+        if self.error is None:
+            try:
+                self._f.flush()
+            except BaseException as e:  # noqa: BLE001 - raised once the writer returns
+                self.error = e
+
+
+def write_atomically(
+    path: str | os.PathLike[str],
+    write: Callable[[BinaryIO], None],
+    hold_back_errors: bool = False,
+) -> None:
+    """Call ``write`` with a binary file, then put what it wrote at ``path`` in one step.
+
+    With ``hold_back_errors`` a failing write does not interrupt ``write`` (for writers that
+    cannot recover from one, such as torch's zip writer); the failure is raised after it."""
     target = output_target(path)
     directory = target.parent if str(target.parent) else Path(".")
     try:
@@ -108,7 +167,13 @@ def write_atomically(path: str | os.PathLike[str], write: Callable[[BinaryIO], N
         raise ModelFileError(f"cannot write to {directory}: {e.strerror or e}") from e
     try:
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            if hold_back_errors:
+                held = _HeldBackErrors(f)
+                write(held)  # type: ignore[arg-type]
+                if held.error is not None:
+                    raise held.error
+            else:
+                write(f)
             f.flush()
             os.fsync(f.fileno())
         result_permissions(tmp, target)

@@ -977,19 +977,6 @@ def test_injection_points_are_harmless_when_nothing_fails(tmp_path, monkeypatch,
     assert _rel_err(want[0], got[0]) <= REL_TOL
 
 
-_PT2_WRITER = pytest.mark.xfail(
-    strict=True,
-    reason="FINDING: a write error inside torch.export.save breaks torch's C++ zip writer: "
-    "raised by the file object it is lost ('internal error: RuntimeError: [enforce fail at "
-    "inline_container.cc] unexpected pos', status 3, also for Ctrl-C); in a process of its "
-    "own (the reproducer) the half-written writer's destructor then aborts it (SIGABRT, C++ "
-    "stack dump), also for a real ENOSPC under the write buffer (torch_pt2.save given the "
-    "real file by files.write_atomically); "
-    "/tmp/reliability-findings/pt2_write_error_loses_cause.py",
-)
-
-
-@_PT2_WRITER
 @pytest.mark.parametrize("point", ["write-enospc", "write-interrupt"])
 def test_pt2_write_failure_keeps_its_cause(tmp_path, monkeypatch, capsys, point):
     d, src, out = _cli_setup(tmp_path, "pt2", "new")
