@@ -1,16 +1,23 @@
 """torch.export archives (``.pt2``) for the command line: read, write, random inputs, check.
 
-Reading refuses what would be silently mangled (several programs in one archive) or dangerous
-(an archive declaring far more data than it holds); extra files travel with the program.
+Reading checks the archive before torch does, and refuses what would be silently mangled
+(several programs in one archive) or dangerous: anything torch would unpickle or run as code,
+and declared sizes far beyond what the file holds. Extra files travel with the program.
 :func:`check` runs the original and the folded program on the same random inputs, each on its
 own copy of the inputs and of any state it writes.
 """
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import io
+import json
 import logging
 import os
+import re
+import shutil
+import tempfile
 import warnings
 import zipfile
 from collections.abc import Iterator
@@ -50,54 +57,582 @@ class ProgramFile:
     extra_files: dict[str, str]
 
 
-# A .pt2 stores weights uncompressed; an archive that declares far more data than it holds is
-# a zip bomb, refused before anything is inflated.
+# A .pt2 stores its members uncompressed, so an archive declaring far more data than it holds is
+# a zip bomb, refused before anything is inflated. The slack lets a small archive repacked with
+# compression (JSON shrinks well) through; it is not a budget for one deflated member.
 _MAX_INFLATION = 8
-_SMALL_ARCHIVE = 256 * 2**20
+_INFLATION_SLACK = 4 * 2**20
+
+_TRUST_HINT = (
+    "bnfold does not unpickle untrusted data (a pickle can run any code); if you trust the "
+    "file, fold it in Python: bnfold.fold(torch.export.load(path))"
+)
+
+# Member names inside the archive's directory, as torch >= 2.8 writes and reads them
+# (torch.export.pt2_archive.constants, not imported: older torch has no such module).
+_MODELS = "models/"
+_EXTRA = "extra/"
+_PROGRAM = "models/model.json"
+_WEIGHTS = "data/weights/"
+_CONSTANTS = "data/constants/"
+_WEIGHTS_CONFIG = "data/weights/model_weights_config.json"
+_CONSTANTS_CONFIG = "data/constants/model_constants_config.json"
+_SAMPLE_INPUTS = "data/sample_inputs/model.pt"
+_PICKLED_WEIGHTS = "data/weights/model.pt"  # torch 2.8 and 2.9
+_PICKLED_CONSTANTS = "data/constants/model.pt"
+_COMPILED = "data/aotinductor/"
+# torch < 2.8 wrote these at the root of the zip; torch.export.load still reads them.
+_LEGACY_VERSION = "version"
+_LEGACY_PROGRAM = "serialized_exported_program.json"
+_LEGACY_PICKLES = {
+    "serialized_state_dict.pt": "weights",
+    "serialized_state_dict.json": "weights",
+    "serialized_constants.pt": "constants",
+    "serialized_constants.json": "constants",
+}
+_LEGACY_SAMPLE_INPUTS = "serialized_example_inputs.pt"
+_LEGACY_EXTRA = "extra_files/"
 
 
-def _archive_contents(path: str | os.PathLike[str]) -> tuple[list[str], list[str]]:
-    """The program names and extra-file names a .pt2 archive holds (checked for sanity)."""
+def _inflation_limit(size: int) -> int:
+    """The most a zip of ``size`` bytes may declare before it counts as a zip bomb."""
+    return _MAX_INFLATION * size + _INFLATION_SLACK
+
+
+def _damaged(path: str | os.PathLike[str], why: str) -> ModelFileError:
+    return ModelFileError(f"{path} is a damaged torch.export archive (.pt2): {why}")
+
+
+def _read(path: str | os.PathLike[str], z: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
     try:
-        with zipfile.ZipFile(path) as z:
-            infos = z.infolist()
-    except (zipfile.BadZipFile, OSError, ValueError) as e:
-        raise ModelFileError(f"{path} is not a torch.export archive (.pt2): {first_line(e)}") from e
-    declared = sum(i.file_size for i in infos)
-    size = os.path.getsize(path)
-    if declared > max(_MAX_INFLATION * size, _SMALL_ARCHIVE):
+        return z.read(info)
+    except Exception as e:  # noqa: BLE001 - a bad CRC, an unknown compression, encryption
+        raise _damaged(path, f"cannot read {info.filename}: {first_line(e)}") from e
+
+
+def _read_json(path: str | os.PathLike[str], z: zipfile.ZipFile, info: zipfile.ZipInfo) -> Any:
+    try:
+        return json.loads(_read(path, z, info))
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise _damaged(path, f"{info.filename} is not JSON: {first_line(e)}") from e
+
+
+def _loads_as_weights(data: bytes) -> bool:
+    """Whether torch.load reads ``data`` with ``weights_only=True`` (tensors and plain
+    containers, no code), without inflating more than the bytes justify.
+
+    torch falls back to a full unpickling when this fails, so only data that passes here may
+    reach it. The pre-zip format of torch.save is refused: it allocates whatever storage size
+    its pickle declares before reading any of it.
+    """
+    if not data.startswith(b"PK\x03\x04"):
+        return False
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            if sum(i.file_size for i in z.infolist()) > _inflation_limit(len(data)):
+                return False
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.load(io.BytesIO(data), weights_only=True)
+    except Exception:  # noqa: BLE001 - whatever stops the weights-only reader
+        return False
+    return True
+
+
+# Strings of the program that torch turns into code: symbolic sizes go through sympy's parser
+# (an eval), guards are exec'd by ExportedProgram.module(), and names are pasted into the
+# Python that torch.fx generates for the graph. Each must be plain data.
+_NAME = re.compile(r"[\w.\-]*")
+_PATH_NAME = re.compile(r"[\w.\-]+")
+_LITERAL = re.compile(r"[\w.+\-]*")
+_SYMBOL = re.compile(r"[a-z][a-z0-9_]*[0-9]")
+_SYMPY_NAMES = frozenset(
+    """Add Mul Pow Mod Symbol Dummy Integer Rational Float Half One Zero NegativeOne Infinity
+    NegativeInfinity ComplexInfinity NaN oo zoo nan int_oo IntInfinity NegativeIntInfinity Max
+    Min Abs floor ceiling sign sqrt Eq Ne Lt Le Gt Ge Equality Unequality StrictLessThan
+    LessThan StrictGreaterThan GreaterThan And Or Not Xor true false True False None
+    BooleanTrue BooleanFalse Piecewise ExprCondPair ITE Tuple FloorDiv ModularIndexing Where
+    PythonMod CleanDiv CeilToInt FloorToInt CeilDiv IntTrueDiv FloatTrueDiv LShift RShift
+    IsNonOverlappingAndDenseIndicator TruncToFloat TruncToInt RoundToInt RoundDecimal ToFloat
+    FloatPow PowByNatural Identity""".split()
+)
+_SYMPY_FUNCTION = re.compile(r"(OpaqueUnaryFn|BitwiseFn)_[a-z_]+")
+_GUARD_NAMES = frozenset(
+    "L math torch int float bool abs min max round inf IsNonOverlappingAndDenseIndicator "
+    "cast_symbool_to_symint_guardless".split()
+)
+_TENSOR_METHODS = frozenset({"size", "stride", "storage_offset", "dim", "numel"})
+_EXPRESSION_NODES = (
+    ast.Expression,
+    ast.Call,
+    ast.keyword,
+    ast.BinOp,
+    ast.UnaryOp,
+    ast.BoolOp,
+    ast.Compare,
+    ast.Tuple,
+    ast.Name,
+    ast.Constant,
+    ast.Load,
+    ast.operator,
+    ast.unaryop,
+    ast.boolop,
+    ast.cmpop,
+)
+
+
+def _parse(text: str) -> ast.Expression | None:
+    if len(text) > 100_000:
+        return None
+    try:
+        return ast.parse(text, mode="eval")
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return None
+
+
+def _plain_constant(value: Any) -> bool:
+    if isinstance(value, str):
+        return _LITERAL.fullmatch(value) is not None
+    return value is None or isinstance(value, (bool, int, float, complex))
+
+
+def _is_sym_expr(text: str) -> bool:
+    """Whether ``text`` is a symbolic size as torch writes it (``srepr`` of sympy: calls of
+    sympy's and torch's classes on numbers and symbols), which sympy can parse harmlessly."""
+    tree = _parse(text)
+    if tree is None:
+        return False
+    for node in ast.walk(tree):
+        if not isinstance(node, _EXPRESSION_NODES):
+            return False
+        if isinstance(node, ast.Name):
+            name = node.id
+            if not (name in _SYMPY_NAMES or _SYMBOL.fullmatch(name)):
+                if not _SYMPY_FUNCTION.fullmatch(name):
+                    return False
+        elif isinstance(node, ast.Call) and not isinstance(node.func, ast.Name):
+            return False
+        elif isinstance(node, ast.keyword) and node.arg is None:
+            return False
+        elif isinstance(node, ast.Constant) and not _plain_constant(node.value):
+            return False
+    return True
+
+
+def _is_guard(text: str) -> bool:
+    """Whether ``text`` is a shape guard as torch writes it (``L['x'].size()[0] <= 64``).
+
+    torch pastes it into a string literal of generated code, so quotes, backslashes, comments
+    and line breaks are refused outright."""
+    if any(c in text for c in '"\\#') or not text.isprintable():
+        return False
+    tree = _parse(text)
+    if tree is None:
+        return False
+    for node in ast.walk(tree):
+        if not isinstance(node, (*_EXPRESSION_NODES, ast.Attribute, ast.Subscript, ast.IfExp)):
+            return False
+        if isinstance(node, ast.Name) and node.id not in _GUARD_NAMES:
+            return False
+        if isinstance(node, ast.Attribute):
+            base = node.value.id if isinstance(node.value, ast.Name) else None
+            if node.attr.startswith("_") or not (
+                base == "math"
+                or (base == "torch" and node.attr.startswith("sym_"))
+                or (base is None and node.attr in _TENSOR_METHODS)
+            ):
+                return False
+        elif isinstance(node, ast.Call) and (node.keywords or isinstance(node.func, ast.Call)):
+            return False
+        elif isinstance(node, ast.Constant) and not _plain_constant(node.value):
+            return False
+    return True
+
+
+def _code_in_data(path: str | os.PathLike[str], what: str, text: str) -> ModelFileError:
+    shown = text if len(text) <= 60 else text[:57] + "..."
+    return ModelFileError(
+        f"{path} holds {what} that is not plain data ({shown!r}); torch would run it as Python "
+        "code, so bnfold refuses the archive (a damaged or malicious file)"
+    )
+
+
+def _check_treespec(path: str | os.PathLike[str], key: str, text: str) -> None:
+    """Refuse an input/output structure (a pytree spec) whose keys or type names are not plain
+    names: torch.fx pastes the keys of keyword inputs into the generated ``forward``."""
+    stack: list[Any] = [text]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str):
+            if item[:1] in ("[", "{"):  # the spec nests JSON text (each node's context)
+                try:
+                    stack.append(json.loads(item))
+                    continue
+                except (ValueError, RecursionError):
+                    pass
+            if not _NAME.fullmatch(item):
+                raise _code_in_data(path, f"a name in the program's {key}", item)
+
+
+def _check_program(path: str | os.PathLike[str], program: Any) -> None:
+    """Refuse the serialized program if any string torch turns into code is not plain data."""
+    stack = [program]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+            continue
+        if not isinstance(node, dict):
+            continue
+        for key, value in node.items():
+            if isinstance(value, (dict, list)):
+                stack.append(value)
+            if key == "guards_code":
+                guards = value if isinstance(value, list) else [value]
+                for guard in guards:
+                    if not isinstance(guard, str) or not _is_guard(guard):
+                        raise _code_in_data(path, "a shape guard", str(guard))
+            elif key in ("in_spec", "out_spec") and isinstance(value, str):
+                _check_treespec(path, key, value)
+            elif key.endswith("names") and isinstance(value, list):  # forward_arg_names
+                for name in value:
+                    if not isinstance(name, str) or not _NAME.fullmatch(name):
+                        raise _code_in_data(path, f"a name ({key})", str(name))
+            elif not isinstance(value, str):
+                continue
+            elif key == "expr_str" and not _is_sym_expr(value):
+                raise _code_in_data(path, "a symbolic size", value)
+            elif key.endswith(("name", "fqn")) and not _NAME.fullmatch(value):
+                raise _code_in_data(path, f"a name ({key})", value)
+
+
+def _as_int(value: Any) -> int:
+    n = value["as_int"] if isinstance(value, dict) else value
+    if type(n) is not int or n < 0:
+        raise ValueError(f"{value!r} is not a size")
+    return n
+
+
+def _stored_bytes(tensor_meta: Any) -> int:
+    """The bytes a raw tensor's member must hold for its declared dtype, sizes, strides and
+    offset."""
+    from torch._export.serde.serialize import _SERIALIZE_TO_TORCH_DTYPE
+
+    dtype = _SERIALIZE_TO_TORCH_DTYPE[tensor_meta["dtype"]]
+    sizes = [_as_int(d) for d in tensor_meta["sizes"]]
+    strides = [_as_int(d) for d in tensor_meta["strides"]]
+    offset = _as_int(tensor_meta["storage_offset"])
+    if len(sizes) != len(strides):
+        raise ValueError("sizes and strides differ in length")
+    if 0 in sizes:
+        return 0
+    return (offset + sum((n - 1) * s for n, s in zip(sizes, strides, strict=True)) + 1) * (
+        dtype.itemsize
+    )
+
+
+class _Members:
+    """The members of a torch.export archive by their names inside its directory, looked up as
+    torch's reader looks them up: ignoring case (so two names differing only in case are
+    refused, as is a name Python's zipfile and torch's reader would read differently)."""
+
+    def __init__(self, path: str | os.PathLike[str], infos: list[zipfile.ZipInfo], top: str):
+        self.exact: dict[str, zipfile.ZipInfo] = {}
+        self._folded: dict[str, zipfile.ZipInfo] = {}
+        prefix = f"{top}/" if top else ""
+        for info in infos:
+            name = info.filename
+            if info.orig_filename != name:  # zipfile cut it at a NUL byte, torch does not
+                raise _damaged(path, f"the member name {info.orig_filename!r} is malformed")
+            if not name.startswith(prefix):
+                raise _damaged(path, f"{name} is outside the archive's directory {top}")
+            # torch's reader hands out uninitialized memory for the data of a directory entry
+            # (a name ending in "/" or the DOS directory attribute).
+            if (name.endswith("/") or info.external_attr & 0x10) and info.file_size:
+                raise _damaged(path, f"the directory entry {name} holds data")
+            relative = name[len(prefix) :]
+            if relative.lower() in self._folded:
+                raise _damaged(path, f"it holds two members named {relative}")
+            self.exact[relative] = info
+            self._folded[relative.lower()] = info
+
+    def find(self, name: str) -> zipfile.ZipInfo | None:
+        """The member torch's reader opens for ``name``."""
+        return self._folded.get(name.lower())
+
+
+@dataclass
+class _Plan:
+    """What reading an archive takes: its extra files, and the members torch must not read
+    (sample inputs that only unpickling could read), emptied in a copy."""
+
+    extra: list[str]
+    blank: list[zipfile.ZipInfo]
+
+
+def _payloads(
+    path: str | os.PathLike[str], z: zipfile.ZipFile, members: _Members, name: str
+) -> dict[str, dict[str, Any]]:
+    """The entries of a weights or constants config: {fully qualified name: payload meta}."""
+    info = members.find(name)
+    if info is None:
+        raise _damaged(path, f"{name} is missing")
+    config = _read_json(path, z, info)
+    entries = config.get("config") if isinstance(config, dict) else None
+    if not isinstance(entries, dict) or not all(isinstance(m, dict) for m in entries.values()):
+        raise _damaged(path, f"{name} is not a payload config")
+    for fqn in entries:
+        if not _NAME.fullmatch(fqn):
+            raise _code_in_data(path, "a name (a state key)", fqn)
+    return entries
+
+
+def _check_payloads(
+    path: str | os.PathLike[str],
+    members: _Members,
+    entries: dict[str, dict[str, Any]],
+    directory: str,
+    kind: str,
+) -> None:
+    """Refuse pickled payloads, and raw tensors declaring more bytes than their member holds
+    (torch allocates what the config declares when a member is empty)."""
+    widest: dict[str, tuple[int, str]] = {}  # member -> (most bytes a tensor in it uses, name)
+    for fqn, meta in entries.items():
+        file = meta.get("path_name")
+        if not isinstance(file, str) or not _PATH_NAME.fullmatch(file):
+            raise _damaged(path, f"the {kind} {fqn} has no valid path_name")
+        if meta.get("use_pickle") is not False:
+            raise ModelFileError(
+                f"{path} stores the {kind} {fqn} as a Python pickle ({directory}{file}), as "
+                f"torch does for tensor subclasses; {_TRUST_HINT}"
+            )
+        info = members.find(directory + file)
+        if info is None:
+            raise _damaged(path, f"{directory}{file} (the {kind} {fqn}) is missing")
+        try:
+            needed = _stored_bytes(meta["tensor_meta"])
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise _damaged(path, f"the {kind} {fqn} has no valid tensor_meta ({e})") from e
+        if needed > info.file_size:
+            raise _damaged(
+                path,
+                f"the {kind} {fqn} declares {needed} bytes but {directory}{file} stores "
+                f"{info.file_size}; refusing it rather than allocate the difference",
+            )
+        if needed >= widest.get(file, (0, ""))[0]:
+            widest[file] = (needed, fqn)
+    for file, (needed, fqn) in widest.items():
+        # torch.export.save stores a tensor without elements as an empty member; bytes under
+        # tensors that all have none are damage, and torch.export.save fails on them.
+        stored = members.find(directory + file)
+        if needed == 0 and stored is not None and stored.file_size:
+            raise _damaged(
+                path,
+                f"the {kind} {fqn} has no elements but {directory}{file} stores "
+                f"{stored.file_size} bytes",
+            )
+
+
+def _check_pickled_state(
+    path: str | os.PathLike[str], z: zipfile.ZipFile, info: zipfile.ZipInfo, what: str
+) -> None:
+    """Refuse weights or constants saved with torch.save unless they read as tensors with
+    ``weights_only=True`` (torch would otherwise retry with a full unpickling)."""
+    if not _loads_as_weights(_read(path, z, info)):
         raise ModelFileError(
-            f"{path} declares {declared / 2**20:.0f} MiB of contents in a "
-            f"{size / 2**20:.1f} MiB file; refusing to inflate it (a damaged or malicious archive)"
+            f"{path} stores its {what} ({info.filename}) as a pickle that only a full "
+            f"unpickling reads, not as plain tensors; {_TRUST_HINT}"
         )
-    programs, extra = [], []
-    for info in infos:
-        parts = info.filename.split("/")
-        if len(parts) == 3 and parts[1] == "models" and parts[2].endswith(".json"):
-            programs.append(parts[2][: -len(".json")])
-        elif len(parts) >= 3 and parts[1] == "extra" and not info.is_dir():
-            extra.append("/".join(parts[2:]))
-    return programs, extra
+
+
+def _inspect_package(
+    path: str | os.PathLike[str], z: zipfile.ZipFile, infos: list[zipfile.ZipInfo]
+) -> _Plan:
+    """Check an archive in the layout of torch >= 2.8 (all members in one directory)."""
+    top = infos[0].filename.split("/", 1)[0] if infos and "/" in infos[0].filename else ""
+    if not top:
+        raise ModelFileError(f"{path} is not a torch.export archive (.pt2): no archive directory")
+    members = _Members(path, infos, top)
+    names = members.exact
+    programs = sorted({n[len(_MODELS) : -len(".json")] for n in names if n.startswith(_MODELS)})
+    if len(programs) > 1 or (programs and programs != ["model"]):
+        raise ModelFileError(
+            f"{path} holds the programs {', '.join(programs)}; bnfold folds archives "
+            "of one program, as torch.export.save writes them (fold each program in Python "
+            "with bnfold.fold and package them again)"
+        )
+    if _PROGRAM not in names:
+        raise ModelFileError(f"{path} is not a torch.export archive (.pt2): it holds no program")
+    if any(n.lower().startswith(_COMPILED) for n in names):
+        raise ModelFileError(
+            f"{path} holds AOTInductor-compiled code, which torch.export.load would load and "
+            "run; bnfold reads archives of exported programs only (torch.export.save)"
+        )
+    # torch 2.8 and 2.9 stored the state as one torch.save pickle each; torch still reads
+    # them when the exact name is listed, and the per-tensor configs otherwise.
+    constants = names.get(_PICKLED_CONSTANTS)
+    if constants is not None:
+        _check_pickled_state(path, z, constants, "constants")
+    else:
+        entries = _payloads(path, z, members, _CONSTANTS_CONFIG)
+        for fqn, meta in entries.items():  # torch tells a constant's kind by its file name
+            file = meta.get("path_name")
+            if isinstance(file, str) and not file.startswith("tensor_"):
+                raise ModelFileError(
+                    f"{path} holds the constant {fqn}, an object that is not a tensor "
+                    f"({_CONSTANTS}{file}), which torch reads by unpickling; bnfold folds "
+                    f"programs whose constants are tensors, and {_TRUST_HINT}"
+                )
+        _check_payloads(path, members, entries, _CONSTANTS, "constant")
+    weights = names.get(_PICKLED_WEIGHTS)
+    if weights is not None:
+        _check_pickled_state(path, z, weights, "weights")
+    else:
+        entries = _payloads(path, z, members, _WEIGHTS_CONFIG)
+        _check_payloads(path, members, entries, _WEIGHTS, "weight")
+    _check_program(path, _read_json(path, z, names[_PROGRAM]))
+    blank = []
+    sample = members.find(_SAMPLE_INPUTS)
+    if sample is not None and sample.file_size and not _loads_as_weights(_read(path, z, sample)):
+        blank.append(sample)
+    extra = [n[len(_EXTRA) :] for n in names if n.startswith(_EXTRA) and not n.endswith("/")]
+    return _Plan(extra, blank)
+
+
+def _inspect_legacy(
+    path: str | os.PathLike[str], z: zipfile.ZipFile, infos: list[zipfile.ZipInfo]
+) -> _Plan:
+    """Check an archive in the layout of torch < 2.8 (members at the root of the zip), which
+    torch reads with torch.load, falling back to a full unpickling."""
+    members = _Members(path, infos, "")
+    blank = []
+    for name, info in members.exact.items():
+        if name == _LEGACY_PROGRAM:
+            _check_program(path, _read_json(path, z, info))
+        elif name in _LEGACY_PICKLES:
+            _check_pickled_state(path, z, info, _LEGACY_PICKLES[name])
+        elif name == _LEGACY_SAMPLE_INPUTS and not _loads_as_weights(_read(path, z, info)):
+            blank.append(info)
+    extra = [
+        n[len(_LEGACY_EXTRA) :]
+        for n in members.exact
+        if n.startswith(_LEGACY_EXTRA) and not n.endswith("/")
+    ]
+    return _Plan(extra, blank)
+
+
+def _inspect(path: str | os.PathLike[str]) -> _Plan:
+    """Check a .pt2 archive before torch reads it: nothing in it may make torch unpickle, run
+    code, or allocate far more memory than the file's size."""
+    try:
+        z = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        raise ModelFileError(f"{path} is not a torch.export archive (.pt2): {first_line(e)}") from e
+    with z:
+        infos = z.infolist()
+        declared = sum(i.file_size for i in infos)
+        size = os.path.getsize(path)
+        if declared > _inflation_limit(size):
+            raise ModelFileError(
+                f"{path} declares {declared / 2**20:.0f} MiB of contents in a "
+                f"{size / 2**20:.1f} MiB file; refusing to inflate it (a damaged or malicious "
+                "archive)"
+            )
+        if any(i.filename == _LEGACY_VERSION for i in infos):
+            return _inspect_legacy(path, z, infos)
+        return _inspect_package(path, z, infos)
+
+
+def _blanked_copy(path: str | os.PathLike[str], blank: list[zipfile.ZipInfo]) -> BinaryIO:
+    """A temporary copy of the archive with the ``blank`` members empty (torch reads an empty
+    sample-inputs member as none)."""
+    offsets = {i.header_offset for i in blank}
+    out = tempfile.TemporaryFile()
+    try:
+        with zipfile.ZipFile(path) as src, zipfile.ZipFile(out, "w") as dst:
+            for info in src.infolist():
+                copy = zipfile.ZipInfo(info.filename, date_time=info.date_time)
+                if info.header_offset in offsets:
+                    dst.writestr(copy, b"")
+                    continue
+                copy.file_size = info.file_size  # tells zipfile whether it needs zip64
+                with src.open(info) as r, dst.open(copy, "w") as w:
+                    shutil.copyfileobj(r, w, 2**20)
+        out.seek(0)
+    except Exception as e:
+        out.close()
+        if isinstance(e, OSError):
+            raise ModelFileError(f"cannot copy {path}: {e.strerror or e}") from e
+        raise _damaged(path, first_line(e)) from e
+    return out
+
+
+@contextlib.contextmanager
+def _torch_loads_weights_only() -> Iterator[None]:
+    """Make every torch.load read weights only, even one asking for ``weights_only=False``: a
+    second guard behind :func:`_inspect`, should torch grow a path it does not know."""
+    force, no_force = "TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
+    saved = {k: os.environ.get(k) for k in (force, no_force)}
+    os.environ[force] = "1"
+    os.environ.pop(no_force, None)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _check_state_matches_program(path: str | os.PathLike[str], ep: ExportedProgram) -> None:
+    """Refuse a weight stored with another dtype or shape than the program declares for it
+    (the stored config and the program are separate members; torch compares neither)."""
+    declared = {n.name: n.meta.get("val") for n in ep.graph.nodes if n.op == "placeholder"}
+    lifted = (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
+    for spec in ep.graph_signature.input_specs:
+        if spec.kind not in lifted or spec.target is None:
+            continue
+        value = ep.state_dict.get(spec.target, ep.constants.get(spec.target))
+        meta = declared.get(getattr(spec.arg, "name", ""))
+        if not isinstance(value, torch.Tensor) or not isinstance(meta, torch.Tensor):
+            continue
+        static = all(isinstance(d, int) for d in meta.shape)
+        if value.dtype != meta.dtype or (static and value.shape != meta.shape):
+            raise _damaged(
+                path,
+                f"{spec.target} is stored as {value.dtype} {list(value.shape)} but the program "
+                f"declares {meta.dtype} {list(meta.shape)}",
+            )
 
 
 def load(path: str | os.PathLike[str]) -> ProgramFile:
     """Read a torch.export archive (.pt2) holding one program, with its extra files.
 
-    Raises :class:`ModelFileError` for anything else: not an archive, damaged, several
-    programs (bnfold would silently drop all but one), or a program torch cannot read.
+    The archive is checked before torch reads it. Raises :class:`ModelFileError` for anything
+    else: not an archive, damaged, several programs (bnfold would silently drop all but one),
+    anything torch would unpickle or run as code, or a program torch cannot read. Sample inputs
+    that only unpickling could read are dropped (random inputs then come from the input specs).
     """
-    programs, extra_names = _archive_contents(path)
-    if len(programs) > 1 or (programs and programs != ["model"]):
-        raise ModelFileError(
-            f"{path} holds the programs {', '.join(sorted(programs))}; bnfold folds archives "
-            "of one program, as torch.export.save writes them (fold each program in Python "
-            "with bnfold.fold and package them again)"
-        )
-    extra = dict.fromkeys(extra_names, "")
+    plan = _inspect(path)
+    extra = dict.fromkeys(plan.extra, "")
     try:
-        with open(path, "rb") as f, _quiet_torch_export_logs(), warnings.catch_warnings():
+        with contextlib.ExitStack() as stack:
+            f = stack.enter_context(
+                _blanked_copy(path, plan.blank) if plan.blank else open(path, "rb")
+            )
+            stack.enter_context(_quiet_torch_export_logs())
+            stack.enter_context(_torch_loads_weights_only())
+            stack.enter_context(warnings.catch_warnings())
             warnings.simplefilter("ignore")
             ep = torch.export.load(f, extra_files=extra)
+    except ModelFileError:
+        raise
     except OSError as e:
         raise ModelFileError(f"cannot read {path}: {e.strerror or e}") from e
     except Exception as e:  # noqa: BLE001 - whatever a damaged archive makes torch raise
@@ -107,6 +642,16 @@ def load(path: str | os.PathLike[str]) -> ProgramFile:
         ) from e
     if not isinstance(ep, ExportedProgram):
         raise ModelFileError(f"{path} holds a {type(ep).__name__}, not an ExportedProgram")
+    _check_state_matches_program(path, ep)
+    # torch lists a directory entry under extra/ as a file named "" or "x/", which
+    # torch.export.save cannot write back; it is not a file.
+    extra = {k: v for k, v in extra.items() if k and not k.endswith("/")}
+    for name, value in ep.constants.items():
+        if not isinstance(value, torch.Tensor):
+            raise ModelFileError(
+                f"{path} holds the constant {name}, a {type(value).__name__} (not a tensor); "
+                "bnfold folds programs whose constants are tensors"
+            )
     return ProgramFile(ep, extra)
 
 

@@ -6,7 +6,11 @@ afterwards: a failed run writes nothing and never touches the input.
 
 from __future__ import annotations
 
+import io
+import json
 import os
+import pickle
+import re
 import zipfile
 
 import pytest
@@ -292,3 +296,448 @@ def test_newline_in_a_file_name_keeps_the_error_on_one_line(tmp_path, capsys):
     path.write_bytes(b"not a zip")
     assert main([str(path)]) == 1
     _one_line_error(capsys)
+
+
+# --- Archives that would make torch run code or allocate far more than their size -----------
+#
+# Each bad archive is a real torch.export.save archive with members changed. A pickle in them
+# creates the file PWNED in the working directory when unpickled: it stands for any code.
+
+PWNED = "bnfold-test-pwned"
+
+
+class _Pwn:
+    """Unpickled, creates PWNED in the working directory."""
+
+    def __reduce__(self) -> tuple:
+        return (open, (PWNED, "w"))
+
+
+def _raw_pickle() -> bytes:
+    return pickle.dumps(_Pwn())
+
+
+def _torch_pickle() -> bytes:
+    buf = io.BytesIO()
+    torch.save(_Pwn(), buf)
+    return buf.getvalue()
+
+
+def _members(path) -> list[tuple[str, bytes]]:
+    with zipfile.ZipFile(path) as z:
+        return [(i.filename, z.read(i)) for i in z.infolist()]
+
+
+def _pack(path, members, compression: int = zipfile.ZIP_STORED) -> str:
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in members:
+            info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = compression  # and no directory flag, even for "name/"
+            z.writestr(info, data)
+    return str(path)
+
+
+def _index(members, suffix: str) -> int:
+    return next(i for i, (name, _) in enumerate(members) if name.endswith(suffix))
+
+
+def _edit_json(members, suffix: str, edit) -> None:
+    i = _index(members, suffix)
+    value = json.loads(members[i][1])
+    edit(value)
+    members[i] = (members[i][0], json.dumps(value).encode())
+
+
+def _top(members) -> str:
+    return members[0][0].split("/")[0]
+
+
+def _run_refused(tmp_path, monkeypatch, path: str, capsys, *extra: str) -> str:
+    """Run bnfold on ``path`` (from tmp_path, where a pickle would drop PWNED): one error line,
+    exit 1, nothing written, no code run."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out.pt2"
+    assert main([path, "-o", str(out), "--verify", *extra]) == 1
+    err = _one_line_error(capsys)
+    assert not (tmp_path / PWNED).exists()
+    assert not out.exists()
+    return err
+
+
+def test_state_pickled_as_torch_2_8_saved_it_loads_when_it_is_plain_tensors(
+    tmp_path, program_file, capsys
+):
+    # torch 2.8 and 2.9 wrote data/weights/model.pt and data/constants/model.pt (torch.save).
+    serde = pytest.importorskip("torch._export.serde.serialize")
+    artifact = serde.serialize(torch_pt2.load(program_file).program)
+    members = [
+        (name, data)
+        for name, data in _members(program_file)
+        if "/data/weights/" not in name and "/data/constants/" not in name
+    ]
+    top = _top(members)
+    members.append((f"{top}/data/weights/model.pt", artifact.state_dict))
+    members.append((f"{top}/data/constants/model.pt", artifact.constants))
+    path, out = _pack(tmp_path / "in.pt2", members), tmp_path / "out.pt2"
+    assert main([path, "-o", str(out), "--verify"]) == 0
+    assert "verified on random inputs" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("payload", [_raw_pickle, _torch_pickle], ids=["pickle", "torch-save"])
+def test_pickled_sample_inputs_are_dropped_not_unpickled(
+    tmp_path, monkeypatch, program_file, payload, capsys
+):
+    members = _members(program_file)
+    i = _index(members, "data/sample_inputs/model.pt")
+    members[i] = (members[i][0], payload())
+    path = _pack(tmp_path / "in.pt2", members)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out.pt2"
+    assert main([path, "-o", str(out), "--verify"]) == 0  # random inputs from the input specs
+    assert "verified on random inputs" in capsys.readouterr().out
+    assert not (tmp_path / PWNED).exists()
+    assert torch_pt2.load(path).program.example_inputs is None
+    assert torch_pt2.load(str(out)).program.module() is not None
+
+
+def test_sample_inputs_found_whatever_the_case_of_their_name(tmp_path, monkeypatch, program_file):
+    # torch's zip reader looks names up ignoring case: the check must see what torch reads.
+    members = _members(program_file)
+    i = _index(members, "data/sample_inputs/model.pt")
+    members[i] = (
+        members[i][0].replace("sample_inputs/model", "Sample_Inputs/MODEL"),
+        _raw_pickle(),
+    )
+    path = _pack(tmp_path / "in.pt2", members)
+    monkeypatch.chdir(tmp_path)
+    assert main([path, "--verify"]) == 0
+    assert not (tmp_path / PWNED).exists()
+
+
+def test_members_whose_names_differ_only_in_case_are_refused(
+    tmp_path, monkeypatch, program_file, capsys
+):
+    members = _members(program_file)
+    members.append((f"{_top(members)}/data/Sample_Inputs/model.pt", _raw_pickle()))
+    path = _pack(tmp_path / "in.pt2", members)
+    assert "two members named" in _run_refused(tmp_path, monkeypatch, path, capsys)
+
+
+def test_weight_stored_as_a_pickle_is_refused(tmp_path, monkeypatch, program_file, capsys):
+    members = _members(program_file)
+    files = []
+
+    def use_pickle(config):
+        meta = config["config"]["bn1.running_mean"]
+        meta["use_pickle"] = True
+        files.append(meta["path_name"])
+
+    _edit_json(members, "model_weights_config.json", use_pickle)
+    i = _index(members, f"data/weights/{files[0]}")
+    members[i] = (members[i][0], _torch_pickle())
+    path = _pack(tmp_path / "in.pt2", members)
+    err = _run_refused(tmp_path, monkeypatch, path, capsys)
+    assert "bn1.running_mean as a Python pickle" in err and "does not unpickle" in err
+
+
+@pytest.mark.parametrize("kind", ["weights", "constants"])
+def test_state_pickled_as_torch_2_8_saved_it_is_refused_when_it_runs_code(
+    tmp_path, monkeypatch, program_file, kind, capsys
+):
+    members = _members(program_file)
+    members.append((f"{_top(members)}/data/{kind}/model.pt", _torch_pickle()))
+    path = _pack(tmp_path / "in.pt2", members)
+    assert "does not unpickle" in _run_refused(tmp_path, monkeypatch, path, capsys)
+
+
+@pytest.mark.parametrize(
+    "file, expected",
+    [
+        ("opaque_obj_0", "not a tensor"),
+        ("custom_obj_0", "not a tensor"),
+        ("tensor_0", "as a Python pickle"),
+    ],
+    ids=["opaque-object", "script-object", "pickled-tensor"],
+)
+def test_constants_read_by_unpickling_are_refused(
+    tmp_path, monkeypatch, program_file, file, expected, capsys
+):
+    members = _members(program_file)
+
+    def add(config):
+        config.setdefault("config", {})["evil"] = {
+            "path_name": file,
+            "is_param": False,
+            "use_pickle": True,
+            "tensor_meta": None,
+        }
+
+    _edit_json(members, "model_constants_config.json", add)
+    members.append((f"{_top(members)}/data/constants/{file}", _raw_pickle()))
+    path = _pack(tmp_path / "in.pt2", members)
+    err = _run_refused(tmp_path, monkeypatch, path, capsys)
+    assert "evil" in err and expected in err and "does not unpickle" in err
+
+
+def test_weight_declaring_more_bytes_than_stored_is_refused(
+    tmp_path, monkeypatch, program_file, capsys
+):
+    # torch fills an empty weight member with zeros of the declared size: 256 MiB here.
+    members = _members(program_file)
+    files = []
+
+    def grow(config):
+        meta = config["config"]["bn1.running_var"]
+        meta["tensor_meta"]["sizes"] = [{"as_int": 2**26}]
+        files.append(meta["path_name"])
+
+    _edit_json(members, "model_weights_config.json", grow)
+    i = _index(members, f"data/weights/{files[0]}")
+    members[i] = (members[i][0], b"")
+    path = _pack(tmp_path / "in.pt2", members)
+    err = _run_refused(tmp_path, monkeypatch, path, capsys)
+    assert f"declares {2**28} bytes" in err and "stores 0" in err
+
+
+def test_weight_without_elements_over_stored_bytes_is_refused(
+    tmp_path, monkeypatch, program_file, capsys
+):
+    # torch.export.save stores such a tensor as an empty member and fails to write this one back.
+    members = _members(program_file)
+
+    def empty(config):
+        config["config"]["bn1.bias"]["tensor_meta"]["sizes"] = [{"as_int": 0}]
+
+    _edit_json(members, "model_weights_config.json", empty)
+    path = _pack(tmp_path / "in.pt2", members)
+    assert "bn1.bias has no elements" in _run_refused(tmp_path, monkeypatch, path, capsys)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        {"dtype": 2},
+        {"sizes": [{"as_int": 4}, {"as_int": 2}], "strides": [{"as_int": 2}, {"as_int": 1}]},
+    ],
+    ids=["dtype", "shape"],
+)
+def test_weight_stored_unlike_the_program_declares_is_refused(
+    tmp_path, monkeypatch, program_file, edit, capsys
+):
+    # The program then runs (or is written) with a tensor its graph does not expect.
+    members = _members(program_file)
+    _edit_json(
+        members,
+        "model_weights_config.json",
+        lambda config: config["config"]["bn1.running_var"]["tensor_meta"].update(edit),
+    )
+    path = _pack(tmp_path / "in.pt2", members)
+    err = _run_refused(tmp_path, monkeypatch, path, capsys)
+    assert "bn1.running_var is stored as" in err and "the program declares torch.float32 [8]" in err
+
+
+def test_directory_entry_under_extra_is_not_an_extra_file(tmp_path, program_file):
+    # torch lists it as an extra file named "", which torch.export.save cannot write.
+    members = _members(program_file)
+    members.append((f"{_top(members)}/extra/", b""))
+    path, out = _pack(tmp_path / "in.pt2", members), tmp_path / "out.pt2"
+    assert main([path, "-o", str(out)]) == 0
+    assert torch_pt2.load(str(out)).extra_files == {}
+
+
+@pytest.mark.parametrize("flagged", [False, True], ids=["slash", "dos-attribute"])
+def test_directory_entry_holding_data_is_refused(
+    tmp_path, monkeypatch, program_file, flagged, capsys
+):
+    # torch's reader hands out uninitialized memory as its data: a different result each run.
+    path = tmp_path / "in.pt2"
+    members = _members(program_file)
+    _pack(path, members)
+    name = f"{_top(members)}/extra/" + ("notes.txt" if flagged else "")
+    with zipfile.ZipFile(path, "a") as z:
+        info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+        info.external_attr = 0x10 if flagged else 0
+        z.writestr(info, b"hello")
+    assert "directory entry" in _run_refused(tmp_path, monkeypatch, str(path), capsys)
+
+
+def test_deflated_extra_file_bomb_is_refused(tmp_path, monkeypatch, program_file, capsys):
+    path = tmp_path / "in.pt2"
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in _members(program_file):
+            z.writestr(name, data)
+        info = zipfile.ZipInfo(f"{_top(_members(program_file))}/extra/note.txt")
+        info.compress_type = zipfile.ZIP_DEFLATED
+        with z.open(info, "w") as f:
+            chunk = b"\0" * 2**20
+            for _ in range(64):  # 64 MiB of zeros in about 64 KiB
+                f.write(chunk)
+    assert path.stat().st_size < 2**20
+    assert "refusing to inflate" in _run_refused(tmp_path, monkeypatch, str(path), capsys)
+
+
+def test_an_archive_repacked_with_compression_still_loads(tmp_path, program_file, capsys):
+    path = _pack(tmp_path / "deflated.pt2", _members(program_file), zipfile.ZIP_DEFLATED)
+    assert main([path, "--verify"]) == 0
+
+
+def _expr_payload(program) -> None:
+    text = json.dumps(program)
+    symbol = re.search(r"Symbol\('s\d+'[^)]*\)", text).group(0)
+    evil = f"__import__('builtins').open('{PWNED}', 'w') and {symbol}"
+    program.clear()
+    program.update(json.loads(text.replace(json.dumps(symbol)[1:-1], json.dumps(evil)[1:-1], 1)))
+
+
+def _guard_payload(program) -> None:
+    program["guards_code"] = [f"__import__('builtins').open('{PWNED}', 'w') is not None"]
+
+
+_EVIL_NAME = f'x") if 0 else open("{PWNED}", "w") or ("'
+
+
+def _name_payload(program) -> None:
+    for spec in program["graph_module"]["signature"]["input_specs"]:
+        if spec.get("buffer", {}).get("buffer_name") == "bn1.running_mean":
+            spec["buffer"]["buffer_name"] = _EVIL_NAME
+
+
+def _argument_names_payload(program) -> None:
+    signature = program["graph_module"]["module_call_graph"][0]["signature"]
+    signature["forward_arg_names"] = [f"x:open('{PWNED}', 'w')"]
+
+
+@pytest.mark.parametrize(
+    "edit, what",
+    [
+        (_expr_payload, "a symbolic size"),
+        (_guard_payload, "a shape guard"),
+        (_name_payload, "a name"),
+        (_argument_names_payload, "a name (forward_arg_names)"),
+    ],
+    ids=["sympy-expression", "guard", "state-name", "argument-name"],
+)
+def test_program_strings_torch_runs_as_code_are_refused(
+    tmp_path, monkeypatch, program_file, edit, what, capsys
+):
+    # torch parses symbolic sizes with sympy (an eval), exec's guards in .module(), and pastes
+    # state names into the Python code torch.fx generates: each ran the payload before.
+    members = _members(program_file)
+    _edit_json(members, "models/model.json", edit)
+    if edit is _name_payload:
+
+        def rename(config):
+            config["config"][_EVIL_NAME] = config["config"].pop("bn1.running_mean")
+
+        _edit_json(members, "model_weights_config.json", rename)
+    path = _pack(tmp_path / "in.pt2", members)
+    err = _run_refused(tmp_path, monkeypatch, path, capsys)
+    assert what in err and "run it as Python code" in err
+
+
+def test_keyword_input_name_that_is_code_is_refused(tmp_path, monkeypatch, capsys):
+    # torch.fx pastes the keys of keyword inputs into the generated forward; without sample
+    # inputs, --verify calls it with those keys.
+    model = randomize_all(_Stateful(), seed=1).eval()
+    ep = torch.export.export(model, (torch.randn(1, 3, 4, 4),), {"shift": torch.randn(1)})
+    torch.export.save(ep, str(tmp_path / "kw.pt2"))
+    members = _members(tmp_path / "kw.pt2")
+    evil = f"shift'+str(open('{PWNED}', 'w'))+'"
+
+    def rename(program):
+        signature = program["graph_module"]["module_call_graph"][0]["signature"]
+        quoted = json.dumps(json.dumps(["shift"]))[1:-1]
+        signature["in_spec"] = signature["in_spec"].replace(
+            quoted, json.dumps(json.dumps([evil]))[1:-1]
+        )
+        assert evil in json.dumps(json.loads(signature["in_spec"]))
+
+    _edit_json(members, "models/model.json", rename)
+    i = _index(members, "data/sample_inputs/model.pt")
+    members[i] = (members[i][0], b"")
+    path = _pack(tmp_path / "in.pt2", members)
+    err = _run_refused(tmp_path, monkeypatch, path, capsys)
+    assert "a name in the program's in_spec" in err
+
+
+def test_archive_with_compiled_code_is_refused(tmp_path, monkeypatch, program_file, capsys):
+    members = _members(program_file)
+    members.append((f"{_top(members)}/data/aotinductor/model/model.so", b"\x7fELF"))
+    path = _pack(tmp_path / "in.pt2", members)
+    assert "AOTInductor" in _run_refused(tmp_path, monkeypatch, path, capsys)
+
+
+def _old_layout(path, ep, **replace: bytes) -> str:
+    """``ep`` in the layout torch < 2.8 wrote (members at the zip's root, pickled state)."""
+    serde = pytest.importorskip("torch._export.serde.serialize")
+    schema = pytest.importorskip("torch._export.serde.schema")
+    artifact = serde.serialize(ep)
+    members = {
+        "version": ".".join(map(str, schema.SCHEMA_VERSION)).encode(),
+        "serialized_exported_program.json": artifact.exported_program,
+        "serialized_state_dict.pt": artifact.state_dict,
+        "serialized_constants.pt": artifact.constants,
+        "serialized_example_inputs.pt": artifact.example_inputs,
+        "extra_files/labels.txt": b"cat",
+    }
+    members.update(replace)
+    return _pack(path, list(members.items()))
+
+
+def test_old_layout_archives_load_and_their_pickles_are_checked(
+    tmp_path, monkeypatch, program_file, capsys
+):
+    ep = torch_pt2.load(program_file).program
+    plain = _old_layout(tmp_path / "old.pt2", ep)
+    out = tmp_path / "old-out.pt2"
+    assert main([plain, "-o", str(out), "--verify"]) == 0
+    assert torch_pt2.load(str(out)).extra_files == {"labels.txt": "cat"}
+
+    inputs = _old_layout(
+        tmp_path / "inputs.pt2", ep, **{"serialized_example_inputs.pt": _raw_pickle()}
+    )
+    monkeypatch.chdir(tmp_path)
+    assert main([inputs, "--verify"]) == 0
+    assert not (tmp_path / PWNED).exists()
+
+    weights = _old_layout(
+        tmp_path / "weights.pt2", ep, **{"serialized_state_dict.pt": _torch_pickle()}
+    )
+    capsys.readouterr()
+    assert "does not unpickle" in _run_refused(tmp_path, monkeypatch, weights, capsys)
+
+
+class _Stateful(nn.Module):
+    """Conv + BN with a buffer, a lifted tensor constant and a keyword input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.register_buffer("scale", torch.linspace(0.5, 1.5, 4).view(1, 4, 1, 1))
+
+    def forward(self, x: torch.Tensor, *, shift: torch.Tensor) -> torch.Tensor:
+        offset = torch.tensor([0.25, -0.5, 1.0, 0.0]).view(1, 4, 1, 1)  # a lifted constant
+        return self.bn(self.conv(x)) * self.scale + offset + shift
+
+
+@pytest.mark.parametrize("decompose", [False, True], ids=["exported", "decomposed"])
+def test_ordinary_archives_keep_loading_with_their_example_inputs(tmp_path, decompose, capsys):
+    model = randomize_all(_Stateful(), seed=5).eval()
+    batch = torch.export.Dim("batch", min=1, max=32)
+    ep = torch.export.export(
+        model,
+        (torch.randn(2, 3, 6, 6),),
+        {"shift": torch.randn(1)},
+        dynamic_shapes={"x": {0: batch}, "shift": None},
+    )
+    if decompose:
+        ep = ep.run_decompositions()
+    assert ep.constants  # the lifted constant is stored as a raw tensor, not a pickle
+    src, out = tmp_path / "in.pt2", tmp_path / "out.pt2"
+    torch.export.save(ep, str(src), extra_files={"notes.txt": "kept"})
+    loaded = torch_pt2.load(str(src))
+    assert loaded.program.example_inputs is not None  # --verify uses them
+    assert loaded.extra_files == {"notes.txt": "kept"}
+    assert main([str(src), "-o", str(out), "--verify"]) == 0
+    assert "1 of 1 BatchNorm folded" in capsys.readouterr().out
