@@ -74,7 +74,11 @@ def _vector64(x: Any, name: str) -> np.ndarray:
     """A per-channel vector as a float64 numpy array (torch tensors on any device accepted)."""
     if hasattr(x, "detach"):  # torch tensor, without importing torch
         x = x.detach().to("cpu").double().numpy()
-    arr = np.asarray(x, dtype=np.float64)
+    if np.iscomplexobj(x):  # numpy would drop the imaginary part (with a warning)
+        raise FoldRefused(f"{name} is complex")
+    # A signalling NaN of bfloat16 warns as it converts; _require_finite reports it.
+    with np.errstate(invalid="ignore", over="ignore"):
+        arr = np.asarray(x, dtype=np.float64)
     if arr.ndim != 1:
         raise FoldRefused(f"{name} is not a vector (shape {tuple(arr.shape)})")
     return arr
@@ -115,7 +119,8 @@ def affine_factors(
     if not np.isfinite(eps64) or eps64 < 0:
         raise FoldRefused(f"BatchNorm eps is {eps64}; it must be finite and not negative")
     _require_positive_in_own_dtype(var, eps64)
-    denom = var64 + eps64
+    with np.errstate(over="ignore"):
+        denom = var64 + eps64
     if not (denom > 0).all():
         k = int(np.argmin(denom))
         raise FoldRefused(
@@ -140,7 +145,9 @@ def _require_positive_in_own_dtype(var: Any, eps: float) -> None:
         arr = np.asarray(var)
         if arr.dtype.kind != "f":
             return
-        own = (arr + arr.dtype.type(eps)).astype(np.float64)
+        # eps or the sum may overflow the variance's dtype: inf passes, as in the BatchNorm.
+        with np.errstate(over="ignore", invalid="ignore"):
+            own = (arr + arr.dtype.type(eps)).astype(np.float64)
     if not (own > 0).all():
         k = int(np.argmin(own))
         raise FoldRefused(
@@ -172,7 +179,9 @@ class _NumpyOps:
 
     @staticmethod
     def from64(v: np.ndarray, like: Any, dtype: Any) -> Any:
-        return v.astype(dtype)
+        # A factor too large for the dtype becomes inf, refused with the weight it scales.
+        with np.errstate(over="ignore", invalid="ignore"):
+            return v.astype(dtype)
 
     @staticmethod
     def all_finite(x: Any) -> bool:
@@ -313,7 +322,8 @@ def scale_output_channels(weight: Any, s: np.ndarray, layout: OutputLayout) -> A
         bshape[layout.axis] = n_out
         w = weight
     factor = ops.from64(s, weight, compute).reshape(bshape)
-    out = ops.cast(ops.cast(w, compute) * factor, weight.dtype)
+    with np.errstate(over="ignore", invalid="ignore"):  # inf and NaN are refused just below
+        out = ops.cast(ops.cast(w, compute) * factor, weight.dtype)
     if not ops.all_finite(out):
         if not ops.all_finite(weight):
             raise FoldRefused("the layer's weight contains non-finite values")

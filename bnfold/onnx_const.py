@@ -18,12 +18,17 @@ listing means nothing.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+
+from .errors import BnfoldError, UnsupportedModelError
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
 
@@ -31,6 +36,41 @@ DEFAULT_DOMAINS = ("", "ai.onnx")
 # a handful of nodes, and nothing large is ever materialised on the way.
 MAX_SUBGRAPH_NODES = 32
 MAX_ELEMENTS = 1 << 24
+# numpy holds at most 64 dimensions: longer shapes and axis lists are refused before a Python
+# list of them is made (a stored tensor of millions of "axes" would take gigabytes as one).
+MAX_RANK = 64
+# Bytes the arrays computed from constants may take until :meth:`Constants.clear` (the fold
+# clears after every BatchNorm). Stored tensors are the file's own data and do not count; what
+# a subgraph computes does, before it is allocated: a ~1 KB file can ask for Expand, Concat or
+# ConstantOfShape results of gigabytes, while real biases and statistics are per-channel vectors.
+MAX_COMPUTED_BYTES = 64 * 2**20
+
+
+_LIBRARIES = ("onnx", "onnx_ir")
+
+
+@contextlib.contextmanager
+def quiet_logs() -> Iterator[None]:
+    """Drop what onnx and onnx_ir log meanwhile: the command line promises one line of stderr,
+    and what they log about a model (a string attribute that is not UTF-8, as it is read and
+    written) is harmless to the fold or refused by bnfold with a message of its own.
+
+    A filter of this call's own, on the loggers that exist: overlapping calls in several threads
+    cannot undo each other."""
+
+    def drop(record: logging.LogRecord) -> bool:
+        return False
+
+    existing = list(logging.root.manager.loggerDict)
+    names = {*_LIBRARIES, *(n for n in existing if n.split(".")[0] in _LIBRARIES)}
+    loggers = [logging.getLogger(n) for n in names]
+    for logger in loggers:
+        logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(drop)
 
 
 class NotConstant(Exception):
@@ -61,6 +101,79 @@ def describe_node(node: ir.Node) -> str:
 
 def is_default_domain(node: ir.Node) -> bool:
     return node.domain in DEFAULT_DOMAINS
+
+
+_INVALID = "the model is invalid (onnxruntime refuses to load it)"
+
+
+def attribute(node: ir.Node, name: str, kind: ir.AttributeType, default: Any = None) -> Any:
+    """The value of ``node``'s attribute ``name``, which ONNX types ``kind``; ``default`` when
+    the node does not set it.
+
+    An attribute of another type, or one that refers to a function's attribute outside any
+    function (and so has no value), is not something to guess a meaning for:
+    :class:`UnsupportedModelError`.
+    """
+    attr = node.attributes.get(name)
+    if attr is None:
+        return default
+    if attr.is_ref():
+        raise UnsupportedModelError(
+            f"{describe_node(node)}'s attribute {name!r} refers to the attribute "
+            f"{attr.ref_attr_name!r} of a function, but the node is not in a function: {_INVALID}"
+        )
+    if attr.type != kind or attr.value is None:
+        raise UnsupportedModelError(
+            f"{describe_node(node)}'s attribute {name!r} is of type {attr.type.name}, not "
+            f"{kind.name}: {_INVALID}"
+        )
+    return attr.value
+
+
+_A = ir.AttributeType
+# The attributes bnfold reads, by operator, with the type every version of it gives them.
+# (Cast's ``to`` is not here: Cast-1 has a STRING ``to``, which the evaluator declines.)
+ATTRIBUTE_TYPES: dict[str, dict[str, ir.AttributeType]] = {
+    "BatchNormalization": {"epsilon": _A.FLOAT, "training_mode": _A.INT, "spatial": _A.INT},
+    "Conv": {"group": _A.INT},
+    "ConvTranspose": {"group": _A.INT},
+    "Gemm": {"transB": _A.INT, "beta": _A.FLOAT},
+    "Transpose": {"perm": _A.INTS},
+    "Squeeze": {"axes": _A.INTS},
+    "Unsqueeze": {"axes": _A.INTS},
+    "Concat": {"axis": _A.INT},
+    "Shape": {"start": _A.INT, "end": _A.INT},
+    "Reshape": {"allowzero": _A.INT},
+    "ConstantOfShape": {"value": _A.TENSOR},
+    "Constant": {
+        "value": _A.TENSOR,
+        "value_float": _A.FLOAT,
+        "value_floats": _A.FLOATS,
+        "value_int": _A.INT,
+        "value_ints": _A.INTS,
+    },
+}
+# Inputs an operator cannot run without, among those bnfold reads (the producers' weights).
+REQUIRED_INPUTS = {"Conv": 2, "ConvTranspose": 2, "Gemm": 2, "MatMul": 2}
+
+
+def check_nodes(graphs: Any) -> None:
+    """Refuse, before anything is changed, a node bnfold would read that no runtime accepts:
+    an attribute of the wrong type or without a value, a producer without its weight."""
+    for graph in graphs:
+        for node in graph:
+            if not is_default_domain(node):
+                continue
+            for name, kind in ATTRIBUTE_TYPES.get(node.op_type, {}).items():
+                attribute(node, name, kind)
+            required = REQUIRED_INPUTS.get(node.op_type, 0)
+            inputs = node.inputs
+            missing = [i for i in range(required) if i >= len(inputs) or inputs[i] is None]
+            if missing:
+                raise UnsupportedModelError(
+                    f"{describe_node(node)} lacks its required input {missing[0]} "
+                    f"({'the weight' if missing[0] == 1 else 'the activation'}): {_INVALID}"
+                )
 
 
 @dataclass(frozen=True)
@@ -103,9 +216,21 @@ class Constants:
         # The type of a value the model does not annotate, by ONNX type inference.
         self.inferred_dtype = inferred_dtype or (lambda value: None)
         self._cache: dict[ir.Value, np.ndarray] = {}
+        self._computed = 0  # bytes allocated for computed values since the last clear()
 
     def clear(self) -> None:
         self._cache.clear()
+        self._computed = 0
+
+    def allocate(self, nbytes: int, node: ir.Node) -> None:
+        """Account for ``nbytes`` that evaluating ``node`` is about to allocate; refuse when
+        that passes :data:`MAX_COMPUTED_BYTES` (checked before numpy allocates anything)."""
+        if self._computed + nbytes > MAX_COMPUTED_BYTES:
+            raise NotConstant(
+                f"{describe_node(node)} would compute {nbytes / 2**20:.1f} MiB, more than bnfold "
+                f"evaluates for constants ({MAX_COMPUTED_BYTES // 2**20} MiB)"
+            )
+        self._computed += nbytes
 
     # ----------------------------------------------------------------------------------------
     # Stored tensors
@@ -117,13 +242,8 @@ class Constants:
                 return None
             return value.const_value
         node = value.producer()
-        if (
-            node is not None
-            and node.op_type == "Constant"
-            and is_default_domain(node)
-            and "value" in node.attributes
-        ):
-            return node.attributes.get_tensor("value")
+        if node is not None and node.op_type == "Constant" and is_default_domain(node):
+            return attribute(node, "value", ir.AttributeType.TENSOR)
         return None
 
     def why_not_stored(self, value: ir.Value) -> str:
@@ -157,7 +277,7 @@ class Constants:
                 pass
             elif node.op_type == "Transpose":
                 rank = _rank_of_stored(self, node.inputs[0])
-                perm = node.attributes.get_ints("perm", None)
+                perm = attribute(node, "perm", ir.AttributeType.INTS)
                 if perm is None:
                     if rank is None:
                         raise NotConstant(self.why_not_stored(current))
@@ -202,7 +322,7 @@ class Constants:
                 raise NotConstant(self.why_not_stored(value))
             try:
                 result = op(_Call(self, node, budget))
-            except NotConstant:
+            except (NotConstant, BnfoldError):
                 raise
             except Exception as e:  # an odd or damaged node: not a constant bnfold can read
                 raise NotConstant(f"{describe_node(node)} cannot be evaluated: {e}") from e
@@ -296,13 +416,29 @@ class _Call:
     def axes(self, attribute_until: int) -> list[int] | None:
         """Axes given as an attribute (opsets before ``attribute_until``) or as input 1."""
         if self.version < attribute_until:
-            axes = self.node.attributes.get_ints("axes", None)
+            axes = self.attr("axes", ir.AttributeType.INTS)
             return None if axes is None else [int(a) for a in axes]
         given = self.optional(1)
-        return None if given is None else [int(a) for a in given.reshape(-1)]
+        if given is None:
+            return None
+        if given.size > MAX_RANK:
+            raise NotConstant(f"{describe_node(self.node)} has {given.size} axes")
+        return [int(a) for a in given.reshape(-1)]
+
+    def attr(self, name: str, kind: ir.AttributeType, default: Any = None) -> Any:
+        return attribute(self.node, name, kind, default)
 
     def int_attr(self, name: str, default: int | None = None) -> int | None:
-        return self.node.attributes.get_int(name, default)
+        return self.attr(name, ir.AttributeType.INT, default)
+
+    def allocate(self, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        """Refuse a result of ``shape`` and ``dtype`` too large to compute, before it is."""
+        n = math.prod(shape)
+        if any(d < 0 for d in shape):
+            raise NotConstant(f"{describe_node(self.node)} would make the shape {list(shape)}")
+        if n > MAX_ELEMENTS:
+            raise NotConstant(f"{describe_node(self.node)} would make {n} elements")
+        self.constants.allocate(n * np.dtype(dtype).itemsize, self.node)
 
 
 def _numpy_dtype(dtype: ir.DataType) -> np.dtype:
@@ -313,17 +449,16 @@ def _numpy_dtype(dtype: ir.DataType) -> np.dtype:
 
 
 def _constant(c: _Call) -> np.ndarray:
-    attrs = c.node.attributes
-    if "value" in attrs:
-        return np.asarray(attrs.get_tensor("value").numpy())
-    if "value_float" in attrs:
-        return np.array(attrs.get_float("value_float"), dtype=np.float32)
-    if "value_floats" in attrs:
-        return np.array(attrs.get_floats("value_floats"), dtype=np.float32)
-    if "value_int" in attrs:
-        return np.array(attrs.get_int("value_int"), dtype=np.int64)
-    if "value_ints" in attrs:
-        return np.array(attrs.get_ints("value_ints"), dtype=np.int64)
+    # "value" (a stored tensor) is read by Constants.stored; these are attribute lists.
+    for name, kind, dtype in (
+        ("value_float", ir.AttributeType.FLOAT, np.float32),
+        ("value_floats", ir.AttributeType.FLOATS, np.float32),
+        ("value_int", ir.AttributeType.INT, np.int64),
+        ("value_ints", ir.AttributeType.INTS, np.int64),
+    ):
+        found = c.attr(name, kind)
+        if found is not None:
+            return np.array(found, dtype=dtype)
     raise NotConstant(f"{describe_node(c.node)} holds no numeric tensor")
 
 
@@ -355,8 +490,11 @@ def _convert(c: _Call, x: np.ndarray, target: ir.DataType) -> np.ndarray:
             f"bnfold does not evaluate {describe_node(c.node)} ({source.name} to {target.name})"
         )
     dtype = _numpy_dtype(target)
+    c.allocate(x.shape, dtype)
     result = x.astype(dtype)
     if x.dtype == np.float64 and (dtype == np.float16 or dtype.name == "bfloat16"):
+        c.allocate(x.shape, np.float32)
+        c.allocate(x.shape, dtype)
         # Rounding a double to 16 bits directly or through float32 can differ by one step;
         # runtimes differ in which they do, so such a constant has no single value.
         if not np.array_equal(result, x.astype(np.float32).astype(dtype), equal_nan=True):
@@ -384,27 +522,32 @@ def _shape(c: _Call) -> np.ndarray:
     return np.array(shape[start:end], dtype=np.int64)
 
 
-def _size_of(shape: tuple[int, ...], node: ir.Node) -> None:
-    if math.prod(shape) > MAX_ELEMENTS:
-        raise NotConstant(f"{describe_node(node)} would make {math.prod(shape)} elements")
+def _shape_input(c: _Call, i: int) -> tuple[int, ...]:
+    """A shape given as input ``i``."""
+    dims = c.input(i).reshape(-1)
+    if dims.size > MAX_RANK:
+        raise NotConstant(f"{describe_node(c.node)} has a shape of {dims.size} dimensions")
+    return tuple(int(d) for d in dims)
 
 
 def _expand(c: _Call) -> np.ndarray:
     x = c.input(0)
-    target = tuple(int(d) for d in c.input(1).reshape(-1))
+    target = _shape_input(c, 1)
     try:
         shape = np.broadcast_shapes(x.shape, target)
     except ValueError as e:
         raise NotConstant(f"{describe_node(c.node)}: {e}") from e
-    _size_of(shape, c.node)
+    c.allocate(shape, x.dtype)
     return np.broadcast_to(x, shape).copy()
 
 
 def _reshape(c: _Call) -> np.ndarray:
     x = c.input(0)
-    shape = [int(d) for d in c.input(1).reshape(-1)]
+    shape = list(_shape_input(c, 1))
     if not c.int_attr("allowzero", 0):
         shape = [x.shape[i] if d == 0 and i < x.ndim else d for i, d in enumerate(shape)]
+    if not x.flags.c_contiguous:  # numpy copies to reshape a transposed or broadcast array
+        c.allocate(x.shape, x.dtype)
     try:
         return x.reshape(shape)
     except ValueError as e:
@@ -435,19 +578,24 @@ def _concat(c: _Call) -> np.ndarray:
     if axis is None:
         raise NotConstant(f"{describe_node(c.node)} has no axis")
     parts = [c.input(i) for i in range(len(c.node.inputs))]
+    if not parts:
+        raise NotConstant(f"{describe_node(c.node)} has no inputs")
+    c.allocate((sum(p.size for p in parts),), np.result_type(*parts))
     return np.concatenate(parts, axis=axis)
 
 
 def _constant_of_shape(c: _Call) -> np.ndarray:
-    shape = tuple(int(d) for d in c.input(0).reshape(-1))
-    _size_of(shape, c.node)
-    fill = c.node.attributes.get_tensor("value", None)
+    shape = _shape_input(c, 0)
+    fill = c.attr("value", ir.AttributeType.TENSOR)
     fill_value = np.zeros(1, np.float32) if fill is None else np.asarray(fill.numpy())
+    if fill_value.size != 1:
+        raise NotConstant(f"{describe_node(c.node)}'s value holds {fill_value.size} elements")
+    c.allocate(shape, fill_value.dtype)
     return np.full(shape, fill_value.reshape(-1)[0], dtype=fill_value.dtype)
 
 
 def _transpose(c: _Call) -> np.ndarray:
-    perm = c.node.attributes.get_ints("perm", None)
+    perm = c.attr("perm", ir.AttributeType.INTS)
     return np.transpose(c.input(0), None if perm is None else [int(p) for p in perm])
 
 
@@ -478,9 +626,9 @@ def _binary(fn: Callable[[np.ndarray, np.ndarray], np.ndarray], floats_only: boo
             _floating(c, a)
         _wide(c, a)
         shape = np.broadcast_shapes(a.shape, b.shape)
-        _size_of(shape, c.node)
+        c.allocate(shape, a.dtype)
         with np.errstate(all="ignore"):
-            return np.asarray(fn(a, b)).astype(a.dtype)
+            return np.asarray(fn(a, b)).astype(a.dtype, copy=False)
 
     return op
 
@@ -490,8 +638,9 @@ def _unary(fn: Callable[[np.ndarray], np.ndarray]):
         x = c.input(0)
         _floating(c, x)
         _wide(c, x)
+        c.allocate(x.shape, x.dtype)
         with np.errstate(all="ignore"):
-            return np.asarray(fn(x)).astype(x.dtype)
+            return np.asarray(fn(x)).astype(x.dtype, copy=False)
 
     return op
 

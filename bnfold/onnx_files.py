@@ -19,6 +19,8 @@ import os
 import shutil
 import stat
 import tempfile
+import threading
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +41,7 @@ from .errors import (
     first_line,
 )
 from .files import output_target, result_permissions, temp_prefix, write_atomically
-from .onnx_const import FLOAT_TYPES, INTEGER_TYPES
+from .onnx_const import FLOAT_TYPES, INTEGER_TYPES, quiet_logs
 
 # A serialized ModelProto cannot exceed 2 GiB (protobuf's limit); tensors adding up to more
 # than this leave room for the graph itself and go to an external data file.
@@ -95,7 +97,8 @@ def load(path: str | os.PathLike[str]) -> ModelFile:
     checker.model(proto)
     _refuse_sparse(proto, str(p))
     try:
-        model = ir.serde.deserialize_model(proto)
+        with quiet_libraries():
+            model = ir.serde.deserialize_model(proto)
     except Exception as e:
         raise ModelFileError(f"{p}: onnx_ir cannot read this model ({first_line(e)})") from e
     for tensor in _all_tensors(model):
@@ -105,6 +108,19 @@ def load(path: str | os.PathLike[str]) -> ModelFile:
     model.meta[_SOURCE_KEY] = source
     model.graph.meta[_SOURCE_KEY] = source
     return ModelFile(model, p, frozenset(checker.external_files))
+
+
+_WARNINGS_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """:func:`~bnfold.onnx_const.quiet_logs`, and no warnings either: onnx warns of unknown
+    external-data keys as onnx_ir reads a model (harmless: they are ignored). Warnings filters
+    are global state, so overlapping calls in several threads take turns."""
+    with quiet_logs(), _WARNINGS_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
 
 
 def _check_is_file(p: Path) -> None:
@@ -277,6 +293,18 @@ class _ProtoChecker:
         location = info.get("location", "")
         if not location:
             raise self.fail(f"{label} is stored externally but names no data file")
+        # protobuf hands over a string field that is not UTF-8 as bytes; no file has such a name
+        # in ONNX, and a NUL cannot be in a path at all.
+        if not isinstance(location, str):
+            raise self.fail(
+                f"{label} names its data file {location!r}, which is not UTF-8 text; the file "
+                "may be damaged"
+            )
+        if "\0" in location:
+            raise self.fail(
+                f"{label} names its data file {location!r}, which holds a NUL character; the "
+                "file may be damaged"
+            )
         if dtype == ir.DataType.STRING:
             raise self.fail(f"{label} is a string tensor stored externally, which ONNX forbids")
         if os.path.isabs(location) or location.startswith(("/", "\\")):
@@ -517,7 +545,17 @@ def save(
     input model itself (``source``, by default the file :func:`load` read the model from).
     A failure at any point leaves no partial or temporary file and the targets as they were.
     """
-    target = output_target(path)
+    with quiet_logs():
+        _save(model, output_target(path), external_data, reads_from, source)
+
+
+def _save(
+    model: ir.Model,
+    target: Path,
+    external_data: bool,
+    reads_from: frozenset[Path],
+    source: str | os.PathLike[str] | None,
+) -> None:
     if not external_data and _tensor_bytes(model) > _MAX_INLINE_BYTES:
         external_data = True  # one protobuf message cannot hold it
     reading = {os.path.realpath(p) for p in reads_from}
@@ -610,9 +648,9 @@ def _save_with_data(model: ir.Model, target: Path, data: Path) -> None:
             _finish(f, final)
         _pin_mappings(model, data)
         existed = os.path.lexists(data)
-        backup = _link_previous(data, tmp) if existed else None
-        os.replace(tmp_data, data)
+        backup = _keep_previous(data, tmp) if existed else None
         try:
+            os.replace(tmp_data, data)
             os.replace(tmp_model, target)
         except BaseException:
             # Undo the first rename: the old .onnx (if any) needs the old data file.
@@ -652,14 +690,15 @@ def _pin_mappings(model: ir.Model, data: Path) -> None:
             tensor.numpy()
 
 
-def _link_previous(data: Path, tmp: Path) -> Path | None:
-    """A second name for the existing data file, in ``tmp``, so that a failure between the two
-    renames can put it back; None where hard links are not possible."""
+def _keep_previous(data: Path, tmp: Path) -> Path:
+    """A name in ``tmp`` for the existing data file, so that a failure between the two renames
+    can put it back: a hard link (the old file stays in place throughout), or, where the file
+    system has none, the file itself moved there (put back on any failure)."""
     backup = tmp / ".previous"
     try:
         os.link(data, backup, follow_symlinks=False)
     except OSError:
-        return None
+        os.replace(data, backup)
     return backup
 
 
@@ -681,8 +720,12 @@ def _has_free_dims(model: ir.Model) -> bool:
     )
 
 
-# Random inputs --verify makes at most: more is a model declaring absurd static shapes.
-_MAX_INPUT_BYTES = 4 * 2**30
+# Random inputs --verify makes at most. A check on random values needs no more than this, and
+# the model's own activations grow with the inputs: a file declaring a huge static shape must
+# not cost gigabytes (verify on real inputs of your own through bnfold.verify instead).
+_MAX_INPUT_BYTES = 128 * 2**20
+# Elements made at a time for 16-bit floats, so that their float32 draw stays small.
+_CHUNK = 1 << 20
 
 
 def sample_inputs(model: ir.Model, seed: int = 0, dim_size: int = 16) -> dict[str, np.ndarray]:
@@ -721,9 +764,10 @@ def sample_inputs(model: ir.Model, seed: int = 0, dim_size: int = 16) -> dict[st
         total += math.prod(shape) * max(v.dtype.itemsize, 1)
         if total > _MAX_INPUT_BYTES:
             raise VerificationError(
-                f"--verify would need {total / 2**30:.1f} GiB of random inputs (input "
-                f"{v.name!r} has shape {shape}); compare the models on inputs of your own with "
-                "bnfold.verify(original, folded, inputs)"
+                f"the model input {v.name!r} is declared with the shape {shape}, too large to "
+                f"verify: that is {total / 2**30:.2f} GiB of random inputs, and --verify makes "
+                f"at most {_MAX_INPUT_BYTES // 2**20} MiB; fold without --verify, and compare "
+                "the models on inputs of your own with bnfold.verify(original, folded, inputs)"
             )
     return {v.name: _random_array(v.dtype, shapes[v.name], rng) for v in inputs}
 
@@ -748,11 +792,19 @@ def _check_input_kind(v: ir.Value) -> None:
 
 
 def _random_array(dtype: ir.DataType, shape: list[int], rng: np.random.Generator) -> np.ndarray:
+    """Made in its own dtype: no float64 draw twice or eight times its size first."""
     if dtype == ir.DataType.BOOL:
-        return rng.random(shape) < 0.5
+        return rng.integers(0, 2, shape, dtype=np.bool_)
     if dtype in INTEGER_TYPES:
-        return rng.integers(0, 10, shape).astype(dtype.numpy())
-    return rng.standard_normal(shape).astype(dtype.numpy())  # bfloat16 through ml_dtypes
+        return rng.integers(0, 10, shape, dtype=dtype.numpy())
+    if dtype in (ir.DataType.FLOAT, ir.DataType.DOUBLE):
+        return rng.standard_normal(shape, dtype=dtype.numpy())
+    out = np.empty(shape, dtype=dtype.numpy())  # float16, bfloat16 (ml_dtypes): from float32
+    flat = out.reshape(-1)
+    for start in range(0, flat.size, _CHUNK):
+        end = min(start + _CHUNK, flat.size)
+        flat[start:end] = rng.standard_normal(end - start, dtype=np.float32)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -861,7 +913,8 @@ def as_ir_model(model: Any, which: str = "") -> ir.Model:
     if isinstance(model, onnx.ModelProto):
         _refuse_sparse(model, f"{which}model")
         try:
-            converted = ir.serde.deserialize_model(model)
+            with quiet_libraries():
+                converted = ir.serde.deserialize_model(model)
         except Exception as e:  # a malformed proto
             raise UnsupportedModelError(
                 f"{which}model cannot be read as ONNX: {first_line(e)}"
@@ -891,18 +944,23 @@ def _run_both(
     with contextlib.ExitStack() as stack:
         try:
             session = _open_session(original_file or original, stack)
-        except BnfoldError:
+        except (BnfoldError, MemoryError):
             raise
         except Exception as e:
             raise _cannot_run_original(e) from e
         sizes = _DIM_SIZES if inputs is None and _has_free_dims(original) else _DIM_SIZES[:1]
         a, error = None, None
         for size in sizes:
-            feeds = inputs if inputs is not None else sample_inputs(original, seed, size)
+            try:
+                feeds = inputs if inputs is not None else sample_inputs(original, seed, size)
+            except VerificationError:
+                if error is None:
+                    raise
+                break  # a larger retry is too large: report why the smaller inputs failed
             try:
                 a = _run(session, feeds)
                 break
-            except BnfoldError:
+            except (BnfoldError, MemoryError):
                 raise
             except Exception as e:  # onnxruntime's errors: a kernel refusing a size, say
                 error = e
@@ -911,7 +969,7 @@ def _run_both(
         del session
         try:
             b = _run(_open_session(folded, stack), feeds)
-        except BnfoldError:
+        except (BnfoldError, MemoryError):
             raise
         except Exception as e:
             raise VerificationError(
@@ -952,8 +1010,9 @@ def check(
     else:
         file = Path(original)
         model = load(file).model
-    a, b = _run_both(model, file, folded, None, seed)
-    result = compare_arrays([x for _, x in a], [y for _, y in b])
+    with _memory_is_an_error(), quiet_logs():
+        a, b = _run_both(model, file, folded, None, seed)
+        result = compare_arrays([x for _, x in a], [y for _, y in b])
     # A model may compute in a lower precision than it returns (float16 inside, float32 at
     # the edges): its folded weights' precision bounds the tolerance too.
     inner = checks.tolerance(_weight_dtypes(folded))
@@ -1000,14 +1059,29 @@ def verify(
     being ``max|a - b| / max|a|``."""
     original_ir = as_ir_model(original, "original")
     feeds = _feeds(original_ir, inputs)
-    a, b = _run_both(original_ir, None, as_ir_model(folded, "folded"), feeds, 0)
-    pairs = [(x, y) for (_, x), (_, y) in zip(a, b, strict=True)]
-    floats = [(x, y) for x, y in pairs if is_floating(x.dtype)] or pairs
-    max_abs = max_rel = 0.0
-    for x, y in floats:
-        err, rel = array_error(x, y)
-        max_abs, max_rel = max(max_abs, err), max(max_rel, rel)
+    with _memory_is_an_error(), quiet_logs():
+        a, b = _run_both(original_ir, None, as_ir_model(folded, "folded"), feeds, 0)
+        pairs = [(x, y) for (_, x), (_, y) in zip(a, b, strict=True)]
+        floats = [(x, y) for x, y in pairs if is_floating(x.dtype)] or pairs
+        max_abs = max_rel = 0.0
+        for x, y in floats:
+            err, rel = array_error(x, y)
+            max_abs, max_rel = max(max_abs, err), max(max_rel, rel)
     return max_abs, max_rel
+
+
+@contextlib.contextmanager
+def _memory_is_an_error() -> Iterator[None]:
+    """Running out of memory while running or comparing the models is a verification that
+    cannot be done here, not a bnfold bug."""
+    try:
+        yield
+    except MemoryError:
+        raise VerificationError(
+            "ran out of memory running the models in onnxruntime on random inputs of the shapes "
+            "they declare: fold without --verify, and compare the models on smaller inputs of "
+            "your own with bnfold.verify(original, folded, inputs)"
+        ) from None
 
 
 __all__ = [

@@ -24,15 +24,19 @@ import onnx
 import onnx_ir as ir
 
 from . import algebra, rules
-from .errors import FoldRefused, InvalidArgumentError
+from .errors import FoldRefused, InvalidArgumentError, UnsupportedModelError, first_line
 from .onnx_const import (
+    MAX_RANK,
     Constants,
     NotConstant,
     StoredWeight,
+    attribute,
+    check_nodes,
     describe,
     describe_node,
     is_default_domain,
     opset_version,
+    quiet_logs,
     reads_data,
 )
 from .onnx_ops import (
@@ -128,7 +132,15 @@ def _all_names(model: ir.Model) -> set[str]:
 
 def _inferred_types(model: ir.Model) -> dict[str, tuple[int | None, int]]:
     """(rank, element type) of the model's values by ONNX shape inference, on a copy without
-    tensor data (initializers become typed inputs), so nothing large is read or serialized."""
+    tensor data (initializers become typed inputs), so nothing large is read or serialized.
+
+    Without ``data_prop``: ranks and types are all the fold reads, and data propagation only
+    refines dimension sizes (the rank of a Reshape or Expand output is the length of its shape
+    input, known without it; measured on Reshape/Expand/Squeeze/Unsqueeze/Tile/ConstantOfShape
+    of ``Shape`` arithmetic at opsets 11 to 17: no rank it adds). It costs time and memory in
+    the length of every static 1-D tensor on the way, whatever its data: a 906-byte model with
+    ``Mul(Expand(c, [2**24]))`` took 3.4 GiB and 17 s.
+    """
     graph = model.graph
     proto = onnx.ModelProto(ir_version=model.ir_version or 8)
     for domain, version in model.opset_imports.items():
@@ -152,7 +164,7 @@ def _inferred_types(model: ir.Model) -> dict[str, tuple[int | None, int]]:
             g.output.append(ir.serde.serialize_value(v))
         for function in model.functions.values():
             proto.functions.append(ir.serde.serialize_function(function))
-        inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=False)
     except Exception:  # noqa: BLE001 - inference is a hint; without it folds needing a rank stop
         return {}
     types: dict[str, tuple[int | None, int]] = {}
@@ -371,7 +383,7 @@ def _producer_rank(ctx: _Context, pair: _Pair) -> int | None:
         if value is not None and value.shape is not None:
             return len(value.shape)
     if pair.chain and pair.chain[0].op_type == "Transpose":
-        perm = pair.chain[0].attributes.get_ints("perm", None)
+        perm = attribute(pair.chain[0], "perm", ir.AttributeType.INTS)
         # The Transpose fixes the rank of what it reads: the producer's output, or the sum with
         # the added constant, which has the producer's rank when the constant's is lower.
         if perm is not None and (pair.add is None or _constant_rank(ctx, pair) < len(perm)):
@@ -425,14 +437,17 @@ def _layout_axes(ctx: _Context, node: ir.Node) -> list[int] | None:
     if node.op_type not in ("Unsqueeze", "Squeeze"):
         return None
     if opset_version(ctx.model, node) < 13:
-        axes = node.attributes.get_ints("axes", None)
+        axes = attribute(node, "axes", ir.AttributeType.INTS)
         return [int(a) for a in axes] if axes else None
     if len(node.inputs) < 2 or node.inputs[1] is None:
         return None
     try:
-        axes = [int(a) for a in ctx.constants.value(node.inputs[1]).reshape(-1)]
+        given = ctx.constants.value(node.inputs[1])
     except NotConstant:
         return None
+    if given.size > MAX_RANK:
+        return None
+    axes = [int(a) for a in given.reshape(-1)]
     return axes or None  # empty axes mean "every 1-sized axis" to onnxruntime: not followed
 
 
@@ -517,30 +532,21 @@ def _compute(ctx: _Context, pair: _Pair) -> _Fold:
         layout = algebra.OutputLayout(axis=axis)
     n = layout.out_channels(tuple(weight.shape))
     # A parameter spread over a run-time shape (0-d here) is the same for every channel.
-    mean, var, scale, shift = (
-        np.full(n, a.reshape(())) if a.ndim == 0 else a
-        for a in (_bn_param(ctx, v) for v in (bn.mean, bn.var, bn.scale, bn.bias))
-    )
+    params = []
+    for name, v in (("mean", bn.mean), ("var", bn.var), ("scale", bn.scale), ("B", bn.bias)):
+        a = _bn_param(ctx, v)
+        if a.ndim != 0 and a.shape != (n,):  # before the float64 copies of affine_factors
+            raise FoldRefused(
+                f"{describe_node(bn.node)}'s {name} has shape {list(a.shape)}, not one value "
+                f"for each of the {n} channels of {_name(p.node)}"
+            )
+        params.append(np.full(n, a.reshape(())) if a.ndim == 0 else a)
+    mean, var, scale, shift = params
     s, t = algebra.affine_factors(mean, var, bn.eps, scale, shift)
     new_weight = algebra.scale_output_channels(weight, s, layout)
-    total = np.zeros(n)
-    dtype = stored.dtype
-    if p.bias is not None:
-        b = c.value(p.bias).astype(np.float64)
-        if p.node.op_type == "Gemm":  # C per row is refused by _channel_axis
-            b = p.gemm_beta * b.reshape(b.shape[-1:] if b.ndim else ())
-        elif b.shape != (n,):
-            raise FoldRefused(f"{describe_node(p.node)}'s bias has shape {list(b.shape)}")
-        total = total + np.broadcast_to(b, (n,))
-    if pair.add is not None:
-        a = c.value(pair.add.inputs[pair.add_const]).astype(np.float64)
-        vector = np.full(n, a.reshape(-1)[0]) if a.size == 1 else a.reshape(-1)
-        if vector.shape != (n,):
-            raise FoldRefused(f"the constant added after the layer has shape {list(a.shape)}")
-        total = total + vector
-    if not np.isfinite(total).all():
-        raise FoldRefused("the layer's bias is not finite")
-    new_bias = algebra.folded_bias(None, s, s * total + t, like=stored, dtype=dtype)
+    # Sums and products that overflow become inf or NaN, which the checks below refuse.
+    with np.errstate(over="ignore", invalid="ignore"):
+        new_bias = _folded_bias(ctx, pair, n, s, t, stored)
     keep_add = pair.add is not None and p.bias_index is None
     if keep_add and p.channel_last:
         bias_shape: tuple[int, ...] = (n,)
@@ -549,6 +555,40 @@ def _compute(ctx: _Context, pair: _Pair) -> _Fold:
     else:
         bias_shape = (n,)
     return _Fold(new_weight, in_place, new_bias, bias_shape)
+
+
+def _folded_bias(
+    ctx: _Context, pair: _Pair, n: int, s: np.ndarray, t: np.ndarray, like: np.ndarray
+) -> np.ndarray:
+    """``s * b + t`` in ``like``'s dtype, ``b`` being the layer's bias plus the constant added after
+    it; their shapes are checked before anything is converted to float64."""
+    p, c = pair.producer, ctx.constants
+    assert p is not None
+    total = np.zeros(n)
+    if p.bias is not None:
+        b = c.value(p.bias)
+        if p.node.op_type == "Gemm":  # C per row is refused by _channel_axis
+            if b.shape[-1:] not in ((), (1,), (n,)):
+                raise FoldRefused(
+                    f"{describe_node(p.node)}'s C has shape {list(b.shape)}, which is neither "
+                    f"one value nor one per output channel ({n})"
+                )
+            b = p.gemm_beta * b.astype(np.float64).reshape(b.shape[-1:])
+        elif b.shape != (n,):
+            raise FoldRefused(f"{describe_node(p.node)}'s bias has shape {list(b.shape)}")
+        else:
+            b = b.astype(np.float64)
+        total = total + np.broadcast_to(b, (n,))
+    if pair.add is not None:
+        a = c.value(pair.add.inputs[pair.add_const])
+        if a.size not in (1, n):
+            raise FoldRefused(f"the constant added after the layer has shape {list(a.shape)}")
+        a = a.astype(np.float64)
+        vector = np.full(n, a.reshape(-1)[0]) if a.size == 1 else a.reshape(-1)
+        total = total + vector
+    if not np.isfinite(total).all():
+        raise FoldRefused("the layer's bias is not finite")
+    return algebra.folded_bias(None, s, s * total + t, like=like, dtype=like.dtype)
 
 
 def _new_initializer(
@@ -683,6 +723,8 @@ def _drop_unused(ctx: _Context, values: Iterable[ir.Value]) -> None:
 
 def _fold_model(model: ir.Model, selected: set[str], apply: bool = True) -> FoldReport:
     """Fold every foldable BatchNorm of ``model`` in place; return the report."""
+    # An invalid node is refused before anything is changed (fold(inplace=True) included).
+    check_nodes(model.graphs())
     ctx = _Context(model)
     try:
         entries = _fold_graphs(ctx, model, selected, apply)
@@ -716,6 +758,8 @@ def _fold_graphs(
             entries.append(_entry(pair, decision))
             if fold is not None and apply:
                 _apply(ctx, pair, fold)
+            # Its memory budget is per BatchNorm, and an applied fold changed what it read.
+            ctx.constants.clear()
     return entries
 
 
@@ -769,14 +813,23 @@ def _working_model(model: Any, inplace: bool) -> ir.Model:
     from .onnx_files import as_ir_model
 
     working = as_ir_model(model)
-    return working.clone() if isinstance(model, ir.Model) and not inplace else working
+    if not isinstance(model, ir.Model) or inplace:
+        return working
+    try:
+        return working.clone()
+    except Exception as e:  # noqa: BLE001 - onnx-ir refuses graphs it cannot copy
+        raise UnsupportedModelError(
+            f"this onnx_ir.Model cannot be copied ({type(e).__name__}: {first_line(e)[:200]}): "
+            "a node reads a value that no node, input or initializer of the model defines"
+        ) from e
 
 
 def analyze(model: Any, example_inputs: Any = None, *, producers: Any = None) -> FoldReport:
     """What :func:`fold` would do to ``model``; nothing is changed."""
     selected = rules.selected_kinds(producers)
-    working = _working_model(model, inplace=False)
-    return _fold_model(working, selected)
+    with quiet_logs():
+        working = _working_model(model, inplace=False)
+        return _fold_model(working, selected)
 
 
 def fold(
@@ -794,14 +847,15 @@ def fold(
     selected = rules.selected_kinds(producers)
     if not isinstance(inplace, bool):
         raise InvalidArgumentError(f"inplace must be True or False, not {inplace!r}")
-    working = _working_model(model, inplace)
-    report = _fold_model(working, selected)
-    result: Any = working
-    if isinstance(model, onnx.ModelProto):
-        result = ir.serde.serialize_model(working)
-        if inplace:
-            model.CopyFrom(result)
-            result = model
+    with quiet_logs():
+        working = _working_model(model, inplace)
+        report = _fold_model(working, selected)
+        result: Any = working
+        if isinstance(model, onnx.ModelProto):
+            result = ir.serde.serialize_model(working)
+            if inplace:
+                model.CopyFrom(result)
+                result = model
     return (result, report) if return_report else result
 
 

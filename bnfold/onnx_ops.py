@@ -12,10 +12,12 @@ from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
-from .onnx_const import describe_node, is_default_domain
+from .onnx_const import attribute, describe_node, is_default_domain
 
 # BatchNormalization's default epsilon in every version.
 DEFAULT_EPSILON = 1e-5
+
+_FLOAT, _INT, _INTS = ir.AttributeType.FLOAT, ir.AttributeType.INT, ir.AttributeType.INTS
 
 
 @dataclass
@@ -39,12 +41,11 @@ def batch_norm_call(node: ir.Node, version: int) -> BatchNormCall | None:
     if node.op_type != "BatchNormalization" or not is_default_domain(node):
         return None
     inputs = list(node.inputs) + [None] * (5 - len(node.inputs))
-    attrs = node.attributes
-    eps = attrs.get_float("epsilon", DEFAULT_EPSILON)
+    eps = attribute(node, "epsilon", _FLOAT, DEFAULT_EPSILON)
     call = BatchNormCall(node, version, *inputs[:5], eps=float(eps))
     extra = [v for v in node.outputs[1:] if v is not None and v.name != ""]
     if version >= 14:
-        if attrs.get_int("training_mode", 0):
+        if attribute(node, "training_mode", _INT, 0):
             call.not_inference = (
                 f"{describe_node(node)} has training_mode=1: it normalises with the statistics "
                 "of each batch (export the model in eval mode)"
@@ -61,7 +62,7 @@ def batch_norm_call(node: ir.Node, version: int) -> BatchNormCall | None:
             f"{describe_node(node)} is BatchNormalization-{version} (operator set < 7), which "
             "bnfold does not read; convert the model to a newer opset"
         )
-    elif version < 9 and attrs.get_int("spatial", 1) == 0:
+    elif version < 9 and attribute(node, "spatial", _INT, 1) == 0:
         call.unsupported = (
             f"{describe_node(node)} has spatial=0: its statistics are per activation, not per "
             "channel"
@@ -126,9 +127,8 @@ def producer_call(node: ir.Node, weight_rank: int | None) -> ProducerCall | None
     """
     if node.op_type not in PRODUCER_OPS or not is_default_domain(node):
         return None
-    attrs = node.attributes
     if node.op_type in ("Conv", "ConvTranspose"):
-        groups = attrs.get_int("group", 1)
+        groups = attribute(node, "group", _INT, 1)
         transpose = node.op_type == "ConvTranspose"
         call = ProducerCall(
             node,
@@ -146,7 +146,7 @@ def producer_call(node: ir.Node, weight_rank: int | None) -> ProducerCall | None
             call.problem = f"{describe_node(node)} has group={groups}"
         return call
     if node.op_type == "Gemm":
-        trans_b = attrs.get_int("transB", 0)
+        trans_b = attribute(node, "transB", _INT, 0)
         call = ProducerCall(
             node,
             "linear",
@@ -155,7 +155,7 @@ def producer_call(node: ir.Node, weight_rank: int | None) -> ProducerCall | None
             bias_index=2,
             rank=2,
             channel_last=True,
-            gemm_beta=float(attrs.get_float("beta", 1.0)),
+            gemm_beta=float(attribute(node, "beta", _FLOAT, 1.0)),
         )
         return call
     # MatMul: x @ W with a 2-D constant W of shape (K, N); the output's last axis is N.
@@ -193,7 +193,7 @@ def follow(track: AxisTrack, node: ir.Node, axes: list[int] | None) -> str:
     if op == "Identity":
         return ""
     if op == "Transpose":
-        perm = node.attributes.get_ints("perm", None)
+        perm = attribute(node, "perm", _INTS)
         perm = list(reversed(range(track.rank))) if perm is None else [int(p) for p in perm]
         if sorted(perm) != list(range(track.rank)):
             return f"{describe_node(node)} has perm {perm}, not a permutation of {track.rank} axes"

@@ -659,7 +659,15 @@ def save(ep: ExportedProgram, f: BinaryIO, extra_files: dict[str, str] | None = 
     """Write ``ep`` (and ``extra_files``) as a torch.export archive to the binary file ``f``."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.export.save(ep, f, extra_files=extra_files or None)
+        try:
+            torch.export.save(ep, f, extra_files=extra_files or None)
+        except OSError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a program torch read but cannot write back
+            raise ModelFileError(
+                f"torch.export.save cannot write this program ({type(e).__name__}: "
+                f"{first_line(e)}); the archive holds values torch does not round-trip"
+            ) from e
 
 
 def _random_like(t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -93,7 +95,9 @@ def _run(model: nn.Module, inputs: tuple, which: str) -> list[tuple[str, torch.T
     """The output tensors of ``model`` on a copy of ``inputs`` (a forward may write into
     them), leaving the model as it was: a BatchNorm in training mode updates its statistics
     when run, and verifying must change nothing."""
-    with TRACE_LOCK, preserved_state(model, values=True), torch.no_grad():
+    kept = _kept_buffers(model) if isinstance(model, torch.jit.ScriptModule) else None
+    state = contextlib.nullcontext() if kept else preserved_state(model, values=True)
+    with TRACE_LOCK, state, kept or contextlib.nullcontext(), torch.no_grad():
         try:
             out = output_tensors(model(*fresh_copy(inputs)))
         except Exception as e:  # noqa: BLE001 - whatever the model raises for these inputs
@@ -103,6 +107,19 @@ def _run(model: nn.Module, inputs: tuple, which: str) -> list[tuple[str, torch.T
             ) from e
         # copies: an output may be a view of a buffer that is put back when the block ends
         return [(where, t.clone()) for where, t in out]
+
+
+@contextlib.contextmanager
+def _kept_buffers(model: torch.jit.ScriptModule) -> Iterator[None]:
+    """Put a TorchScript module's buffers back after a block (its attributes cannot be
+    restored the way an eager module's are; its buffers are what running it changes)."""
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for k, v in model.state_dict().items():
+                v.copy_(saved[k])
 
 
 def fresh_copy(inputs: Any) -> Any:

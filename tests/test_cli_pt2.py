@@ -741,3 +741,20 @@ def test_ordinary_archives_keep_loading_with_their_example_inputs(tmp_path, deco
     assert loaded.extra_files == {"notes.txt": "kept"}
     assert main([str(src), "-o", str(out), "--verify"]) == 0
     assert "1 of 1 BatchNorm folded" in capsys.readouterr().out
+
+
+def test_a_program_torch_cannot_write_back_is_a_one_line_error(
+    tmp_path, program_file, monkeypatch, capsys
+):
+    # found by the file fuzzer: a damaged archive torch reads but whose program its serializer
+    # rejects (SerializeError) ended as an internal error
+    def cannot_serialize(*args, **kwargs):
+        raise RuntimeError("as_int -> -1")
+
+    monkeypatch.setattr(torch.export, "save", cannot_serialize)
+    out = tmp_path / "out.pt2"
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main([str(program_file), "-o", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot write this program" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

@@ -350,3 +350,214 @@ def test_overwritten_output_keeps_its_mode_and_new_output_gets_umask(tmp_path, c
     for path in created:
         assert path.stat().st_mode & 0o777 == 0o666 & ~_umask(), path
     capsys.readouterr()
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Files the fuzzer (tests/fuzz_files.py) made bnfold fail on with an internal error, too much
+#    memory or more than one line of stderr
+
+
+def _gemm_bn() -> onnx.ModelProto:
+    """x -> Gemm "fc" (w, c) -> BatchNormalization "bn" -> y."""
+    return _model(
+        [helper.make_node("Gemm", ["x", "w", "c"], ["g"], name="fc"), _bn("g", "y")],
+        [_vi("x", [2, 5])],
+        [_vi("y", [2, C])],
+        [
+            numpy_helper.from_array(_weight((5, C)), "w"),
+            numpy_helper.from_array(_weight((C,), 2), "c"),
+            *_bn_inits(C),
+        ],
+    )
+
+
+def _set_attribute(model: onnx.ModelProto, node: str, attr: onnx.AttributeProto):
+    (n,) = [n for n in model.graph.node if n.name == node]
+    kept = [a for a in n.attribute if a.name != attr.name]
+    del n.attribute[:]
+    n.attribute.extend([*kept, attr])
+    return model
+
+
+def _opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
+    model.opset_import[0].version = version
+    return model
+
+
+_GRAPH = helper.make_graph([], "empty", [], [])
+_BAD_ATTRIBUTES = {
+    "bn-epsilon-int": (_conv_bn, "bn", helper.make_attribute("epsilon", 3)),
+    "bn-epsilon-string": (_conv_bn, "bn", helper.make_attribute("epsilon", "1e-5")),
+    "bn-epsilon-floats": (_conv_bn, "bn", helper.make_attribute("epsilon", [1e-5, 1e-3])),
+    "bn-epsilon-graph": (_conv_bn, "bn", helper.make_attribute("epsilon", _GRAPH)),
+    "bn-epsilon-undefined": (_conv_bn, "bn", onnx.AttributeProto(name="epsilon", f=0.5)),
+    "bn-training_mode-float": (_conv_bn, "bn", helper.make_attribute("training_mode", 1.0)),
+    "conv-group-ints": (_conv_bn, "conv", helper.make_attribute("group", [1])),
+    "conv-group-string": (_conv_bn, "conv", helper.make_attribute("group", "1")),
+    "gemm-transB-float": (_gemm_bn, "fc", helper.make_attribute("transB", 0.0)),
+    "gemm-beta-int": (_gemm_bn, "fc", helper.make_attribute("beta", 1)),
+    # An attribute referring to a function's attribute has no value outside a function.
+    "bn-epsilon-ref": (
+        _conv_bn,
+        "bn",
+        onnx.AttributeProto(name="epsilon", ref_attr_name="eps", type=onnx.AttributeProto.FLOAT),
+    ),
+    "conv-group-ref": (
+        _conv_bn,
+        "conv",
+        onnx.AttributeProto(name="group", ref_attr_name="g", type=onnx.AttributeProto.INT),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(_BAD_ATTRIBUTES))
+def test_malformed_attribute_is_one_line_error(tmp_path, capsys, case):
+    """onnxruntime refuses such a model; bnfold said 'internal error: TypeError' (exit 3)."""
+    make, node, attr = _BAD_ATTRIBUTES[case]
+    src, out = tmp_path / "m.onnx", tmp_path / "out.onnx"
+    onnx.save(_set_attribute(_opset(make(), 17), node, attr), str(src))
+    assert main([str(src), "-o", str(out), "--report"]) == 1
+    _one_line_error(capsys, repr(node), repr(attr.name), "invalid")
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx"]
+
+
+@pytest.mark.parametrize("make", [_conv_bn, _gemm_bn], ids=["conv", "gemm"])
+@pytest.mark.parametrize("how", ["dropped", "empty-name"])
+def test_producer_without_weight_is_one_line_error(tmp_path, capsys, make, how):
+    """A Conv or Gemm without its weight input hit an assert in the fold (exit 3)."""
+    model = make()
+    producer = model.graph.node[0]
+    if how == "dropped":
+        del producer.input[1:]
+    else:
+        producer.input[1] = ""
+    src = tmp_path / "m.onnx"
+    onnx.save(model, str(src))
+    assert main([str(src), "-o", str(tmp_path / "out.onnx")]) == 1
+    _one_line_error(capsys, repr(producer.name), "weight")
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx"]
+
+
+@pytest.mark.parametrize("byte", [b"\xdc", b"\x00"], ids=["not-utf8", "nul"])
+def test_external_location_that_is_no_file_name_is_one_line_error(tmp_path, capsys, byte):
+    """An external-data location of bytes that are not UTF-8 (protobuf hands over bytes) or that
+    hold a NUL (os.path.realpath raises ValueError) made an internal error."""
+    src = tmp_path / "m.onnx"
+    _save_external(_conv_bn(), src)
+    data = src.read_bytes()
+    assert data.count(b"m.onnx.data") >= 1
+    src.write_bytes(data.replace(b"m.onnx.data", b"m.onnx" + byte + b"data"))
+    assert main([str(src), "-o", str(tmp_path / "out.onnx")]) == 1
+    _one_line_error(capsys, "data file", "damaged")
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx", "m.onnx.data"]
+
+
+def _peak_growth(call):
+    """``call()`` and how far it raised the process's peak resident memory (VmHWM), in bytes."""
+
+    def hwm() -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # the peak starts again from the current size
+    base = hwm()
+    result = call()
+    return result, hwm() - base
+
+
+def test_verify_refuses_inputs_too_large_to_check(tmp_path, capsys):
+    """An input declared [2, 3, 4096, 4096] (384 MiB of float32): --verify made it through a
+    float64 array twice that size (up to 4 GiB was allowed; +3 GiB and 9 s, or MemoryError)."""
+    model = _conv_bn()
+    model.graph.input[0].type.tensor_type.shape.dim[2].dim_value = 4096
+    model.graph.input[0].type.tensor_type.shape.dim[3].dim_value = 4096
+    model.graph.output[0].type.tensor_type.shape.dim[2].dim_value = 4094
+    model.graph.output[0].type.tensor_type.shape.dim[3].dim_value = 4094
+    src = tmp_path / "m.onnx"
+    onnx.save(model, str(src))
+    status, growth = _peak_growth(
+        lambda: main([str(src), "-o", str(tmp_path / "o.onnx"), "--verify"])
+    )
+    assert status == 1
+    _one_line_error(capsys, "'x'", "too large to verify", "without --verify")
+    assert growth < 64 * 2**20, f"{growth / 2**20:.0f} MiB"
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx"]
+
+
+def test_random_inputs_are_made_in_their_own_dtype():
+    """No float64 draw first: a float16 input cost five times its size."""
+    import tracemalloc
+
+    inputs = [
+        _vi("h", [4, 2048, 1024], TensorProto.FLOAT16),
+        _vi("i", [4, 2048, 1024], TensorProto.INT8),
+        _vi("b", [4, 2048, 1024], TensorProto.BOOL),
+    ]
+    model = _model([], inputs, inputs, [])
+    tracemalloc.start()
+    try:
+        arrays = onnx_files.sample_inputs(ir.serde.deserialize_model(model))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    total = sum(a.nbytes for a in arrays.values())
+    assert total == 4 * 2**23
+    assert peak < total + 8 * 2**20, f"{peak / 2**20:.0f} MiB for {total / 2**20:.0f} MiB"
+    assert {k: a.dtype.name for k, a in arrays.items()} == {
+        "h": "float16",
+        "i": "int8",
+        "b": "bool",
+    }
+    h = arrays["h"].astype(np.float32)
+    assert abs(float(h.mean())) < 0.01 and abs(float(h.std()) - 1) < 0.01
+
+
+def test_running_out_of_memory_in_verify_is_one_line_error(tmp_path, capsys, monkeypatch):
+    """A MemoryError while the models run or are compared was an internal error (exit 3)."""
+    src = tmp_path / "m.onnx"
+    onnx.save(_conv_bn(), str(src))
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError()
+
+    monkeypatch.setattr(onnx_files, "_run", no_memory)
+    assert main([str(src), "-o", str(tmp_path / "out.onnx"), "--verify"]) == 1
+    _one_line_error(capsys, "out of memory", "without --verify")
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx"]
+
+
+def _attribute_not_utf8(path) -> None:
+    """A Conv with a string attribute whose bytes are not UTF-8 (a custom tag, say)."""
+    model = _set_attribute(_conv_bn(), "conv", helper.make_attribute("tag", "xyzzy"))
+    onnx.save(model, str(path))
+    path.write_bytes(path.read_bytes().replace(b"xyzzy", b"xy\xffzy"))
+
+
+def _unknown_external_key(path) -> None:
+    model = _conv_bn()
+    _save_external(model, path)
+    saved = onnx.load(str(path), load_external_data=False)
+    for t in saved.graph.initializer:
+        entry = t.external_data.add()
+        entry.key, entry.value = "checksum_v2", "0"
+    onnx.save(saved, str(path))
+
+
+@pytest.mark.parametrize("make", [_attribute_not_utf8, _unknown_external_key])
+def test_library_complaints_stay_off_stderr(tmp_path, capsys, caplog, make):
+    """onnx_ir logs 'Attribute ... contains invalid UTF-8 bytes' and onnx warns about unknown
+    external-data keys while a model is read: on stderr they came before bnfold's one line (or
+    on a success). The model is readable, so it folds."""
+    import logging
+    import warnings
+
+    src = tmp_path / "m.onnx"
+    make(src)
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.DEBUG):
+        warnings.simplefilter("always")
+        assert main([str(src), "-o", str(tmp_path / "out.onnx")]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and "1 of 1 BatchNorm folded" in captured.out
+    assert not [r for r in caplog.records if r.name.startswith("onnx")], caplog.records
+    assert not caught, [str(w.message) for w in caught]

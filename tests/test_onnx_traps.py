@@ -8,15 +8,19 @@ original and the folded model (ORT_DISABLE_ALL), runs the full checker and check
 from __future__ import annotations
 
 import gc
+import warnings
 
+import ml_dtypes
 import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
 import torch
 from onnx_models import (
+    BFLOAT16,
     BOOL,
     DOUBLE,
+    INT64,
     Graph,
     bn_nodes,
     check_fold,
@@ -524,3 +528,233 @@ def test_constant_on_the_left_of_a_matmul_is_named_as_such():
     model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)], ir_version=10)
     entry = bnfold.analyze(model).entry("bn")
     assert entry.rule == rules.NO_PRODUCER and "W @ x" in entry.reason
+
+
+# --------------------------------------------------------------------------------------------
+# 12. Found by the file fuzzer (tests/fuzz_files.py): malformed nodes, constants that would take
+#     gigabytes, shape inference that would, and warnings of handled overflows
+
+
+def _peak_growth(call):
+    """``call()`` and how far it raised the process's peak resident memory (VmHWM), in bytes."""
+
+    def hwm() -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # the peak starts again from the current size
+    base = hwm()
+    result = call()
+    return result, hwm() - base
+
+
+def _two_conv_bns(seed: int = 21) -> onnx.ModelProto:
+    g = Graph(seed=seed)
+    x = g.input("x", [2, 3, 6, 6])
+    y = g.bn(g.node("Conv", [x, g.weight("w1", [4, 3, 3, 3])], name="conv1"), 4, name="bn1")
+    z = g.node("Conv", [y, g.weight("w2", [4, 4, 1, 1])], name="conv2")
+    g.output(g.bn(z, 4, name="bn2"))
+    return g.model()
+
+
+def test_invalid_attribute_refused_before_anything_changes():
+    """A wrong-typed attribute on a node bnfold reads (here the second BatchNorm's epsilon) is an
+    invalid model: UnsupportedModelError naming it, raised before the first BatchNorm is folded
+    (it was a TypeError from onnx_ir, after an ``inplace=True`` fold had changed the model)."""
+    model = _two_conv_bns()
+    (bn2,) = [n for n in model.graph.node if n.name == "bn2"]
+    del bn2.attribute[:]
+    bn2.attribute.append(onnx.helper.make_attribute("epsilon", "1e-5"))
+    with pytest.raises(bnfold.UnsupportedModelError, match="'epsilon' is of type STRING"):
+        bnfold.analyze(model)
+    im = ir.serde.deserialize_model(model)
+    with pytest.raises(bnfold.UnsupportedModelError, match="bn2"):
+        bnfold.fold(im, inplace=True)
+    assert [n.op_type for n in im.graph].count("BatchNormalization") == 2
+
+
+@pytest.mark.parametrize("c_shape", [(7,), (1, 7)])
+def test_gemm_c_of_another_length_is_kept(c_shape):
+    """A Gemm C that fits neither one value nor one per output channel is kept with a reason
+    (np.broadcast_to raised ValueError)."""
+    model = gemm_model(n=4)
+    c = next(t for t in model.graph.initializer if t.name == "c")
+    c.CopyFrom(onnx.numpy_helper.from_array(np.ones(c_shape, np.float32), "c"))
+    folded, report = bnfold.fold(model, return_report=True)
+    entry = report.entry("bn")
+    assert entry.rule == rules.VALID_VALUES and "C has shape" in entry.reason, entry
+    assert len(bn_nodes(folded)) == 1
+
+
+def _big_constant_cases():
+    from onnx import TensorProto
+    from onnx import helper as h
+
+    def expand(name: str, n: int, dtype=np.float32) -> list[onnx.NodeProto]:
+        return [
+            _const(f"{name}_fill", np.array(1.5, dtype)),
+            _const(f"{name}_shape", np.array([n], np.int64)),
+            h.make_node("Expand", [f"{name}_fill", f"{name}_shape"], [name]),
+        ]
+
+    parts = [f"e{i}" for i in range(16)]
+    concat = [n for p in parts for n in expand(p, 2**22)]
+    yield "concat", [*concat, h.make_node("Concat", parts, ["vv"], axis=0)]
+    fill = onnx.numpy_helper.from_array(np.array([1.5]), "fill")
+    yield (
+        "constant-of-shape",
+        [
+            _const("sh", np.array([2**24], np.int64)),
+            h.make_node("ConstantOfShape", ["sh"], ["vd"], value=fill),
+            h.make_node("Cast", ["vd"], ["vv"], to=TensorProto.FLOAT),
+        ],
+    )
+    yield (
+        "cast",
+        [
+            *expand("e", 2**23),
+            h.make_node("Cast", ["e"], ["ed"], to=TensorProto.DOUBLE),
+            h.make_node("Cast", ["ed"], ["vv"], to=TensorProto.FLOAT),
+        ],
+    )
+    yield (
+        "add-chain",
+        [
+            *expand("e", 2**23),
+            h.make_node("Add", ["e", "e"], ["a1"]),
+            h.make_node("Add", ["a1", "a1"], ["a2"]),
+            h.make_node("Add", ["a2", "a2"], ["vv"]),
+        ],
+    )
+
+
+@pytest.mark.parametrize(
+    "name, mid", list(_big_constant_cases()), ids=[n for n, _ in _big_constant_cases()]
+)
+def test_constant_subgraphs_cannot_take_gigabytes(name, mid):
+    """A few hundred bytes of Expand, Concat, ConstantOfShape, Cast or Add make a "constant" of
+    hundreds of MiB: bnfold evaluates at most 64 MiB of computed values per BatchNorm, refusing
+    before it allocates (every intermediate was cached up to 2**24 elements: +1 GiB from a
+    1.4 KB file, and Concat allocated before its size was checked)."""
+    import tracemalloc
+
+    model = _conv_bn_with(mid, "y", {"v": "vv"}, (2, 3, 5, 4))
+    tracemalloc.start()
+    try:
+        report = bnfold.analyze(model)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    entry = report.entry("bn")
+    assert entry.rule == rules.CONSTANT_PARAMS and "MiB" in entry.reason, entry
+    assert peak < 80 * 2**20, f"{peak / 2**20:.0f} MiB"
+
+
+def _count_shape_inference(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    infer = onnx.shape_inference.infer_shapes
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return infer(*args, **kwargs)
+
+    monkeypatch.setattr(onnx.shape_inference, "infer_shapes", counted)
+    return calls
+
+
+def test_shape_inference_does_not_expand_large_constants(monkeypatch):
+    """A 1 KB model whose conv weight is ``Cast(Mul(Expand(c, [2**22])))``: the rank of the second
+    conv's input comes from ONNX shape inference, which with data propagation walked every
+    element of the 1-D tensor (at 2**24: 3.4 GiB and 17 s)."""
+    from onnx import TensorProto
+
+    g = Graph(seed=22)
+    x = g.input("x", [1, 2, 5, 5])
+    fill = g.node("Constant", [], name="fill", value=onnx.numpy_helper.from_array(np.array(0.5)))
+    n = onnx.numpy_helper.from_array(np.array([2**22]))
+    d = g.node("Expand", [fill, g.node("Constant", [], name="n", value=n)], name="expand")
+    w = g.node("Cast", [g.node("Mul", [d, d], name="mul")], name="cast", to=TensorProto.FLOAT)
+    y = g.bn(g.node("Conv", [x, w], name="conv1"), 2, name="bn1")
+    g.output(g.bn(g.node("Conv", [y, w], name="conv2"), 2, name="bn2"), shape=[1, 2, 5, 5])
+    model = g.model(infer=False)
+    calls = _count_shape_inference(monkeypatch)
+    report, growth = _peak_growth(lambda: bnfold.analyze(model))
+    assert calls, "the test needs a rank only shape inference gives"
+    assert [e.rule for e in report] == [rules.CONSTANT_PARAMS] * 2
+    assert growth < 150 * 2**20, f"{growth / 2**20:.0f} MiB"
+
+
+def test_rank_through_reshape_of_shape_arithmetic_still_inferred(monkeypatch):
+    """Without data propagation, shape inference still gives the rank of a Reshape whose shape
+    is computed from Shape (how exporters flatten), which a MatMul fold needs."""
+    g = Graph(seed=23)
+    x = g.input("x", [2, 3, 4])
+    sh = g.node("Shape", [x], name="shape")
+    st, en = g.constant("st", np.array([2]), INT64), g.constant("en", np.array([3]), INT64)
+    tail = g.node("Slice", [sh, st, en], name="slice")
+    head = g.constant("head", np.array([-1]), INT64)
+    r = g.node("Reshape", [x, g.node("Concat", [head, tail], name="concat", axis=0)], name="r")
+    y = g.node("MatMul", [r, g.weight("w", [4, 5])], name="mm")
+    g.output(g.bn(y, 5))
+    model = g.model(opset=17)
+    calls = _count_shape_inference(monkeypatch)
+    assert bnfold.analyze(model).entry("bn").folded
+    assert calls, "the test needs a rank only shape inference gives"
+    monkeypatch.undo()
+    check_fold(model, {"bn": ("folded", "mm")})
+
+
+def _stats(g: Graph, *values) -> list[str]:
+    return [g.init(n, np.array(a)) for n, a in zip("sbmv", values, strict=True)]
+
+
+def _overflow_cases():
+    g = Graph(seed=24)  # float32 weights of 1e30 scaled by 1e10: the float32 product overflows
+    x = g.input("x", [2, 3, 5, 5])
+    y = g.node("Conv", [x, g.init("w", np.full((4, 3, 1, 1), 1e30))], name="conv")
+    params = _stats(g, [1e10] * 4, [0] * 4, [0] * 4, [1] * 4)
+    g.output(g.bn(y, 4, params=params))
+    yield "weight-product", g.model()
+
+    g = Graph(seed=25)  # a float64 BatchNorm scale of 1e300 does not fit the float32 weight
+    x = g.input("x", [2, 3, 5, 5])
+    y = g.node("Conv", [x, g.weight("w", [4, 3, 1, 1])], name="conv")
+    params = [g.init("s", np.full(4, 1e300), DOUBLE), g.init("b", np.zeros(4), DOUBLE)]
+    params += [g.init(n, np.full(4, v)) for n, v in (("m", 0.0), ("v", 1.0))]
+    g.output(g.bn(y, 4, params=params))
+    yield "float64-scale", g.model(infer=False)
+
+    g = Graph(BFLOAT16, seed=26)  # a signalling NaN of bfloat16 warned as it became float64
+    x = g.input("x", [2, 3, 5, 5])
+    y = g.node("Conv", [x, g.weight("w", [4, 3, 1, 1])], name="conv")
+    nan = np.full(4, 0x7F81, np.uint16).view(ml_dtypes.bfloat16)
+    g.output(g.bn(y, 4, params=_stats(g, [1] * 4, [0] * 4, nan, [1] * 4)))
+    yield "bfloat16-nan", g.model(infer=False)
+
+    model = gemm_model(dtype=DOUBLE)  # float64: s * C overflows, the weights do not
+    for t in model.graph.initializer:
+        if t.name in ("c", "bn.scale"):
+            value = 1e10 if t.name == "c" else 1e300
+            t.CopyFrom(onnx.numpy_helper.from_array(np.full(4, value), t.name))
+    yield "gemm-bias", model
+
+    model = conv_model()  # complex statistics: numpy dropped the imaginary part, with a warning
+    for t in model.graph.initializer:
+        if t.name == "bn.mean":
+            t.CopyFrom(onnx.numpy_helper.from_array(np.full(6, 1 + 2j, np.complex64), t.name))
+    yield "complex-mean", model
+
+
+@pytest.mark.parametrize(
+    "name, model", list(_overflow_cases()), ids=[n for n, _ in _overflow_cases()]
+)
+def test_overflowing_folds_are_refused_without_warnings(name, model):
+    """Overflows and odd numbers bnfold refuses (valid-values) print no RuntimeWarning: the
+    command line's stderr carried numpy's 'overflow encountered in multiply / cast' and
+    'invalid value encountered in cast' on success."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        folded, report = bnfold.fold(model, return_report=True)
+    assert report.entry("bn").rule == rules.VALID_VALUES, report.entry("bn")
+    assert len(bn_nodes(folded)) == 1

@@ -991,13 +991,6 @@ def test_pt2_write_failure_keeps_its_cause(tmp_path, monkeypatch, capsys, point)
         assert status == 130 and err == "bnfold: interrupted\n", err
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="FINDING: with external data and no hard links (os.link fails: some file systems), "
-    "a failure between the two renames leaves the new data file beside the old .onnx "
-    "(onnx_files._save_with_data / _link_previous); "
-    "/tmp/reliability-findings/external_data_without_hard_links.py",
-)
 @pytest.mark.parametrize("target", ["existing", "input"])
 def test_failed_rename_without_hard_links_leaves_the_directory_as_it_was(
     tmp_path, monkeypatch, capsys, target
@@ -1109,17 +1102,6 @@ def _xfail(reason: str, repro: str):
     )
 
 
-_ONNX_RAW = _xfail(
-    "a malformed ONNX node makes fold/analyze raise AssertionError/TypeError/ValueError from "
-    "deep inside (onnx_fold._compute, onnx_ops.batch_norm_call via onnx_ir attribute getters)",
-    "onnx_malformed_raw_exceptions.py",
-)
-_CLONE_RAW = _xfail(
-    "an onnx_ir.Model with a dangling value raises onnx_ir's RuntimeError from Model.clone() "
-    "(onnx_fold._working_model)",
-    "onnx_ir_dangling_value.py",
-)
-
 INV, UNS, VER, TRN = (
     bnfold.InvalidArgumentError,
     bnfold.UnsupportedModelError,
@@ -1204,19 +1186,12 @@ ERROR_CASES = [
     _case("onnx-no-external-data", UNS, lambda: _fold(_no_external_data())),
     _case("onnx-sparse-initializer", UNS, lambda: _fold(_sparse())),
     _case("onnx-duplicate-output", UNS, lambda: _fold(_onnx_edit(_relu_into)())),
-    _case("onnx-conv-no-weight", UNS, lambda: _fold(_onnx_edit(_drop_conv_inputs)()), _ONNX_RAW),
-    _case(
-        "onnx-eps-string", UNS, lambda: _fold(_onnx_edit(_set_attr(1, "epsilon", "x"))()), _ONNX_RAW
-    ),
-    _case(
-        "onnx-eps-int", UNS, lambda: _analyze(_onnx_edit(_set_attr(1, "epsilon", 3))()), _ONNX_RAW
-    ),
-    _case(
-        "onnx-group-string", UNS, lambda: _fold(_onnx_edit(_set_attr(0, "group", "x"))()), _ONNX_RAW
-    ),
-    _case("onnx-gemm-c-7-of-4", UNS, lambda: _fold(_gemm_c7()), _ONNX_RAW),
-    _case("onnx-ir-dangling-value", UNS, lambda: _fold(_dangling()), _CLONE_RAW),
-    _case("onnx-ir-dangling-analyze", UNS, lambda: _analyze(_dangling()), _CLONE_RAW),
+    _case("onnx-conv-no-weight", UNS, lambda: _fold(_onnx_edit(_drop_conv_inputs)())),
+    _case("onnx-eps-string", UNS, lambda: _fold(_onnx_edit(_set_attr(1, "epsilon", "x"))())),
+    _case("onnx-eps-int", UNS, lambda: _analyze(_onnx_edit(_set_attr(1, "epsilon", 3))())),
+    _case("onnx-group-string", UNS, lambda: _fold(_onnx_edit(_set_attr(0, "group", "x"))())),
+    _case("onnx-ir-dangling-value", UNS, lambda: _fold(_dangling())),
+    _case("onnx-ir-dangling-analyze", UNS, lambda: _analyze(_dangling())),
     # verify
     _case("verify-no-inputs-eager", INV, lambda: _verify(_e("eager"), _e("eager"), None)),
     _case("verify-no-inputs-program", INV, lambda: _verify(_e("program"), _e("program"), None)),
@@ -1289,3 +1264,18 @@ def test_example_inputs_are_run_only_when_a_fold_needs_shapes():
     assert report.entry("bn").folded
     x = torch.randn(2, 4, 7, 7)
     torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_gemm_c_of_another_length_is_kept_with_a_reason():
+    folded, report = bnfold.fold(_gemm_c7(), return_report=True)
+    assert [e.rule for e in report] == [rules.VALID_VALUES], report
+    assert sum(n.op_type == "BatchNormalization" for n in folded.graph.node) == 1
+
+
+def test_verify_puts_back_the_buffers_of_a_scripted_model_in_training_mode():
+    model = randomize_all(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), seed=5)
+    scripted = torch.jit.script(model).train()
+    before = {k: v.clone() for k, v in scripted.state_dict().items()}
+    bnfold.verify(model, scripted, (torch.randn(2, 3, 8, 8),))
+    after = scripted.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
