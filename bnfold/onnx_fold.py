@@ -24,7 +24,7 @@ import onnx
 import onnx_ir as ir
 
 from . import algebra, rules
-from .errors import FoldRefused, InvalidArgumentError, UnsupportedModelError, first_line
+from .errors import FoldRefused, UnsupportedModelError, first_line
 from .onnx_const import (
     MAX_RANK,
     Constants,
@@ -845,8 +845,6 @@ def fold(
     ``example_inputs`` is not needed: ONNX models carry their own shapes.
     """
     selected = rules.selected_kinds(producers)
-    if not isinstance(inplace, bool):
-        raise InvalidArgumentError(f"inplace must be True or False, not {inplace!r}")
     with quiet_logs():
         working = _working_model(model, inplace)
         report = _fold_model(working, selected)
