@@ -303,6 +303,21 @@ def convert(model: onnx.ModelProto, src: int = FLOAT16, dst: int = FLOAT) -> onn
     return m
 
 
+def peak_growth(call):
+    """``call()`` and how far it raised the process's peak resident memory (VmHWM), in bytes
+    (Linux: the peak is reset to the current size first)."""
+
+    def hwm() -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = hwm()
+    result = call()
+    return result, hwm() - base
+
+
 # --------------------------------------------------------------------------------------------
 # Inspecting
 

@@ -17,6 +17,7 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx.external_data_helper import convert_model_to_external_data, load_external_data_for_tensor
+from onnx_models import peak_growth
 
 import bnfold
 from bnfold import onnx_files
@@ -452,20 +453,6 @@ def test_external_location_that_is_no_file_name_is_one_line_error(tmp_path, caps
     assert sorted(os.listdir(tmp_path)) == ["m.onnx", "m.onnx.data"]
 
 
-def _peak_growth(call):
-    """``call()`` and how far it raised the process's peak resident memory (VmHWM), in bytes."""
-
-    def hwm() -> int:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # the peak starts again from the current size
-    base = hwm()
-    result = call()
-    return result, hwm() - base
-
-
 def test_verify_refuses_inputs_too_large_to_check(tmp_path, capsys):
     """An input declared [2, 3, 4096, 4096] (384 MiB of float32): --verify made it through a
     float64 array twice that size (up to 4 GiB was allowed; +3 GiB and 9 s, or MemoryError)."""
@@ -476,7 +463,7 @@ def test_verify_refuses_inputs_too_large_to_check(tmp_path, capsys):
     model.graph.output[0].type.tensor_type.shape.dim[3].dim_value = 4094
     src = tmp_path / "m.onnx"
     onnx.save(model, str(src))
-    status, growth = _peak_growth(
+    status, growth = peak_growth(
         lambda: main([str(src), "-o", str(tmp_path / "o.onnx"), "--verify"])
     )
     assert status == 1

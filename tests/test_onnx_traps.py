@@ -30,6 +30,7 @@ from onnx_models import (
     gemm_model,
     initializer,
     node_input,
+    peak_growth,
     rel_err,
     run,
 )
@@ -535,20 +536,6 @@ def test_constant_on_the_left_of_a_matmul_is_named_as_such():
 #     gigabytes, shape inference that would, and warnings of handled overflows
 
 
-def _peak_growth(call):
-    """``call()`` and how far it raised the process's peak resident memory (VmHWM), in bytes."""
-
-    def hwm() -> int:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # the peak starts again from the current size
-    base = hwm()
-    result = call()
-    return result, hwm() - base
-
-
 def _two_conv_bns(seed: int = 21) -> onnx.ModelProto:
     g = Graph(seed=seed)
     x = g.input("x", [2, 3, 6, 6])
@@ -679,7 +666,7 @@ def test_shape_inference_does_not_expand_large_constants(monkeypatch):
     g.output(g.bn(g.node("Conv", [y, w], name="conv2"), 2, name="bn2"), shape=[1, 2, 5, 5])
     model = g.model(infer=False)
     calls = _count_shape_inference(monkeypatch)
-    report, growth = _peak_growth(lambda: bnfold.analyze(model))
+    report, growth = peak_growth(lambda: bnfold.analyze(model))
     assert calls, "the test needs a rank only shape inference gives"
     assert [e.rule for e in report] == [rules.CONSTANT_PARAMS] * 2
     assert growth < 150 * 2**20, f"{growth / 2**20:.0f} MiB"
