@@ -29,6 +29,8 @@ __all__ = [
     "affine_factors",
     "fold_into_producer",
     "fold_affine_into_producer",
+    "checked_fold",
+    "ScaledWeight",
     "scale_output_channels",
     "folded_bias",
 ]
@@ -230,6 +232,22 @@ class _NumpyOps:
     def to64(x: Any) -> np.ndarray:
         return np.asarray(x, dtype=np.float64)
 
+    @staticmethod
+    def size(x: Any) -> int:
+        return int(np.size(x))
+
+    @staticmethod
+    def max_abs(x: Any) -> float:
+        return _max_abs(float(np.min(x)), float(np.max(x)))
+
+    @staticmethod
+    def mul_into(target: Any, factor: Any) -> None:
+        np.multiply(target, factor, out=target)
+
+    @staticmethod
+    def copy_into(target: Any, value: Any) -> None:
+        np.copyto(target, value)
+
 
 class _TorchOps:
     def __init__(self) -> None:
@@ -276,6 +294,29 @@ class _TorchOps:
     def to64(x: Any) -> np.ndarray:
         return x.detach().to("cpu").double().numpy()
 
+    @staticmethod
+    def size(x: Any) -> int:
+        return int(x.numel())
+
+    def max_abs(self, x: Any) -> float:
+        lo, hi = self.torch.aminmax(x)  # one pass over the weight
+        return _max_abs(float(lo), float(hi))
+
+    @staticmethod
+    def mul_into(target: Any, factor: Any) -> None:
+        target.mul_(factor)
+
+    @staticmethod
+    def copy_into(target: Any, value: Any) -> None:
+        target.copy_(value)
+
+
+def _max_abs(lo: float, hi: float) -> float:
+    """max(|lo|, |hi|) for the extremes of an array; inf when either is not finite (NaN too)."""
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return float("inf")
+    return max(-lo, hi, 0.0)
+
 
 def _ops_for(x: Any) -> Any:
     if isinstance(x, np.ndarray):
@@ -297,44 +338,99 @@ def scale_output_channels(weight: Any, s: np.ndarray, layout: OutputLayout) -> A
     weight's dtype. Raises :class:`FoldRefused` if the result is not finite in that dtype
     (a non-finite weight, or an overflow such as float16 beyond 65504).
     """
-    ops = _ops_for(weight)
-    if not ops.is_float(weight.dtype):
-        raise FoldRefused(f"weight dtype {weight.dtype} is not a floating-point type")
-    shape = tuple(weight.shape)
-    n_out = layout.out_channels(shape)
-    if s.shape != (n_out,):
-        raise FoldRefused(
-            f"BatchNorm has {s.shape[0]} channels but the layer has {n_out} output channels"
-        )
-    compute = ops.compute_dtype(weight.dtype)
-    ndim = len(shape)
-    if layout._grouped_blocks:
-        g = layout.groups
-        if shape[0] % g:
-            raise FoldRefused(f"weight axis 0 ({shape[0]}) is not divisible by groups={g}")
-        work_shape = (g, shape[0] // g) + shape[1:]
-        bshape = [1] * (ndim + 1)
-        bshape[0] = g
-        bshape[layout.axis + 1] = shape[layout.axis]
-        w = weight.reshape(work_shape)
-    else:
-        bshape = [1] * ndim
-        bshape[layout.axis] = n_out
-        w = weight
-    factor = ops.from64(s, weight, compute).reshape(bshape)
-    with np.errstate(over="ignore", invalid="ignore"):  # inf and NaN are refused just below
-        out = ops.cast(ops.cast(w, compute) * factor, weight.dtype)
-    if not ops.all_finite(out):
-        if not ops.all_finite(weight):
+    return ScaledWeight(weight, s, layout).value()
+
+
+class ScaledWeight:
+    """A checked scaling of ``weight``'s output channels by ``s``: the fold's big write.
+
+    Constructing it validates everything (it raises :class:`FoldRefused` exactly as
+    :func:`scale_output_channels` does), so that a frontend can check every fold of a model
+    before it changes any weight. The product is formed later, by :meth:`value` (a new tensor)
+    or by :meth:`write_into` (in place: one read and one write of the weight, no new memory).
+    Both give the same bits.
+    """
+
+    def __init__(self, weight: Any, s: np.ndarray, layout: OutputLayout) -> None:
+        ops = _ops_for(weight)
+        if not ops.is_float(weight.dtype):
+            raise FoldRefused(f"weight dtype {weight.dtype} is not a floating-point type")
+        shape = tuple(weight.shape)
+        n_out = layout.out_channels(shape)
+        if s.shape != (n_out,):
+            raise FoldRefused(
+                f"BatchNorm has {s.shape[0]} channels but the layer has {n_out} output channels"
+            )
+        compute = ops.compute_dtype(weight.dtype)
+        ndim = len(shape)
+        if layout._grouped_blocks:
+            g = layout.groups
+            if shape[0] % g:
+                raise FoldRefused(f"weight axis 0 ({shape[0]}) is not divisible by groups={g}")
+            self._work_shape: tuple[int, ...] | None = (g, shape[0] // g) + shape[1:]
+            bshape = [1] * (ndim + 1)
+            bshape[0] = g
+            bshape[layout.axis + 1] = shape[layout.axis]
+        else:
+            self._work_shape = None
+            bshape = [1] * ndim
+            bshape[layout.axis] = n_out
+        self._ops, self._weight, self._shape, self._compute = ops, weight, shape, compute
+        self._factor = ops.from64(s, weight, compute).reshape(bshape)
+        self._result: Any = None
+        if ops.item_bits(weight.dtype) <= 16 or not self._cannot_overflow():
+            # 16-bit weights are rounded from a float32 product and may underflow; a product
+            # that might overflow is formed now to see whether it does.
+            out = self._product()
+            if not ops.all_finite(out):
+                if not ops.all_finite(weight):
+                    raise FoldRefused("the layer's weight contains non-finite values")
+                raise FoldRefused(
+                    f"folded weight overflows {_dtype_name(weight.dtype)} "
+                    f"(max {ops.max_finite(weight.dtype):g})"
+                )
+            _refuse_underflow(ops, self._work(weight), out, s, self._factor)
+            self._result = out
+
+    def _work(self, weight: Any) -> Any:
+        return weight if self._work_shape is None else weight.reshape(self._work_shape)
+
+    def _product(self) -> Any:
+        ops = self._ops
+        with np.errstate(over="ignore", invalid="ignore"):  # inf and NaN are refused
+            w = ops.cast(self._work(self._weight), self._compute)
+            return ops.cast(w * self._factor, self._weight.dtype)
+
+    def _cannot_overflow(self) -> bool:
+        """A finite weight whose largest |value| times the largest |factor| fits the dtype
+        cannot overflow (float32/float64, computed in their own dtype): one read, no product.
+        Raises when the weight is not finite."""
+        ops = self._ops
+        if ops.size(self._weight) == 0:
+            return True
+        big_w = ops.max_abs(self._weight)
+        if not np.isfinite(big_w):
             raise FoldRefused("the layer's weight contains non-finite values")
-        raise FoldRefused(
-            f"folded weight overflows {_dtype_name(weight.dtype)} "
-            f"(max {ops.max_finite(weight.dtype):g})"
-        )
-    _refuse_underflow(ops, w, out, s, factor)
-    if layout._grouped_blocks:
-        out = out.reshape(shape)
-    return out
+        big_f = ops.max_abs(self._factor)
+        limit = ops.max_finite(self._weight.dtype)
+        # The float64 product is within a few ulps of the exact one; the margin covers it.
+        return bool(np.isfinite(big_f)) and big_w * big_f <= limit * (1 - 1e-9)
+
+    def value(self) -> Any:
+        """The scaled weight as a new array or tensor, in the weight's shape and dtype."""
+        out = self._result if self._result is not None else self._product()
+        return out if self._work_shape is None else out.reshape(self._shape)
+
+    def write_into(self, target: Any) -> None:
+        """Write the scaled weight into ``target``, the weight itself or a tensor like it.
+
+        Multiplies in place when ``target`` is the weight and nothing had to be computed ahead;
+        else copies the product in. The caller makes sure nothing else reads ``target``'s memory.
+        """
+        if self._result is None and target is self._weight and self._work_shape is None:
+            self._ops.mul_into(target, self._factor)
+        else:
+            self._ops.copy_into(target, self.value())
 
 
 # A 16-bit weight scaled below the smallest normal number keeps only a few significant bits;
@@ -413,11 +509,22 @@ def fold_affine_into_producer(
 
     For BatchNorm-like layers whose factors are known directly rather than as statistics.
     """
+    scaled, new_bias = checked_fold(weight, bias, s, t, layout)
+    return scaled.value(), new_bias
+
+
+def checked_fold(
+    weight: Any, bias: Any | None, s: np.ndarray, t: np.ndarray, layout: OutputLayout = CONV
+) -> tuple[ScaledWeight, Any]:
+    """Check the fold of ``y = s*x + t`` into a producer without forming the new weight yet.
+
+    Returns the checked :class:`ScaledWeight` and the new bias; raises :class:`FoldRefused`
+    as :func:`fold_affine_into_producer` does.
+    """
     _require_finite(s, "per-channel scale")
     _require_finite(t, "per-channel shift")
     new_bias = folded_bias(bias, s, t, like=weight)
-    new_weight = scale_output_channels(weight, s, layout)
-    return new_weight, new_bias
+    return ScaledWeight(weight, s, layout), new_bias
 
 
 def _dtype_name(dtype: Any) -> str:

@@ -190,6 +190,11 @@ def _number(value: Any) -> float:
         return float("nan")
 
 
+def spec_runs_forward(m: nn.Module) -> bool:
+    """Whether :func:`batchnorm_spec` runs or traces ``m``'s forward to read it."""
+    return is_frozen_batchnorm(m) or not is_torch_class(defining_class(type(m), "forward"))
+
+
 def batchnorm_spec(m: nn.Module, name: str) -> BatchNormSpec:
     """Read BatchNorm module ``m`` (called ``name`` in messages)."""
     if is_frozen_batchnorm(m):

@@ -21,11 +21,17 @@ import torch
 from torch import nn
 
 from . import rules
-from .algebra import fold_affine_into_producer
+from .algebra import ScaledWeight, checked_fold
 from .errors import FoldRefused, TrainingModeError, UnsupportedModelError, first_line
 from .report import FoldEntry, FoldReport
 from .rules import PairFacts
-from .torch_batchnorm import BatchNormSpec, batchnorm_spec, carry_plain_attributes, is_batchnorm
+from .torch_batchnorm import (
+    BatchNormSpec,
+    batchnorm_spec,
+    carry_plain_attributes,
+    is_batchnorm,
+    spec_runs_forward,
+)
 from .torch_dataflow import Dataflow, ModuleCalls, module_dataflow, output_ranks
 from .torch_producers import (
     custom_forward_reason,
@@ -130,7 +136,10 @@ def _plan(
     flow = module_dataflow(model, example_inputs, paths)
     prod_modules = {p: m for p, m in modules.items() if producer_kind(m)}
     shared = _names_of_state(model)
-    with TRACE_LOCK, preserved_state(model, values=True):  # reading a custom forward runs it
+    if any(spec_runs_forward(modules[bn]) for bn in bns):
+        with TRACE_LOCK, preserved_state(model, values=True):  # reading it runs forward
+            specs = {bn: batchnorm_spec(modules[bn], bn) for bn in bns}
+    else:
         specs = {bn: batchnorm_spec(modules[bn], bn) for bn in bns}
     _note_hidden_calls(model, modules, flow)
     facts_of = {bn: _pair_facts(bn, specs[bn], modules, prod_modules, flow, shared) for bn in bns}
@@ -315,11 +324,11 @@ class FoldedBatchNorm(nn.Module):
 
 @dataclass
 class _Folded:
-    """The new values of one fold, computed from the original model's tensors."""
+    """The new values of one fold, checked against the original model's tensors."""
 
     bn: str
     producer: str
-    weight: torch.Tensor
+    weight: ScaledWeight  # formed when applied: in place, or as a new tensor for a copy
     bias: torch.Tensor
     replacement: nn.Module  # what takes the BatchNorm's place
 
@@ -346,7 +355,7 @@ def _compute(model: nn.Module, plan: _Plan) -> tuple[list[_Folded], FoldReport]:
             prod = modules[fold.producer]
             try:
                 s, t = fold.spec.factors()
-                w, b = fold_affine_into_producer(prod.weight, prod.bias, s, t, output_layout(prod))
+                w, b = checked_fold(prod.weight, prod.bias, s, t, output_layout(prod))
             except FoldRefused as refusal:
                 outcome[fold.bn] = dataclasses.replace(
                     outcome[fold.bn],
@@ -374,7 +383,7 @@ def _copy_folded(model: nn.Module, folds: list[_Folded]) -> nn.Module:
     memo: dict[int, Any] = {}
     for f in folds:
         prod = model.get_submodule(f.producer)
-        memo[id(prod.weight)] = _new_param(f.weight, prod.weight)
+        memo[id(prod.weight)] = _new_param(f.weight.value(), prod.weight)
         if prod.bias is not None:
             memo[id(prod.bias)] = _new_param(f.bias, prod.bias)
         # Copied with the same memo, so modules it shares with the model stay shared.
@@ -408,15 +417,46 @@ def _become(obj: nn.Module, new: nn.Module) -> None:
 
 def _fold_in_place(model: nn.Module, folds: list[_Folded]) -> None:
     """Write the folds into ``model``; the Parameter and module objects are kept."""
-    for f in folds:
-        prod = model.get_submodule(f.producer)
-        # Keep the Parameter objects: optimizers and other references see the new values.
-        prod.weight.data = f.weight
-        if prod.bias is None:
-            prod.register_parameter("bias", _new_param(f.bias, prod.weight))
-        else:
-            prod.bias.data = f.bias
-        _become(model.get_submodule(f.bn), f.replacement)
+    private = _private_memory(model)
+    with torch.no_grad():
+        for f in folds:
+            prod = model.get_submodule(f.producer)
+            # Keep the Parameter objects: optimizers and other references see the new values.
+            if id(prod.weight) in private:
+                f.weight.write_into(prod.weight)  # one read and one write, no new memory
+            else:
+                prod.weight.data = f.weight.value()
+            if prod.bias is None:
+                prod.register_parameter("bias", _new_param(f.bias, prod.weight))
+            else:
+                prod.bias.data = f.bias
+            _become(model.get_submodule(f.bn), f.replacement)
+
+
+def _private_memory(model: nn.Module) -> set[int]:
+    """ids of the model's parameters whose memory no other tensor of the model reaches.
+
+    Only those are multiplied in place: a parameter viewing a shared buffer (tied through a
+    view, or a slice of one flat tensor) keeps the other tensors' values by getting new memory.
+    Inference tensors (made under ``torch.inference_mode``) cannot be written outside it.
+    """
+    tensors = {}
+    for m in model.modules():
+        for t in [*m._parameters.values(), *m._buffers.values()]:
+            if t is not None:
+                tensors[id(t)] = t
+    users: dict[int, int] = defaultdict(int)
+    for t in tensors.values():
+        users[t.untyped_storage().data_ptr()] += 1
+    return {
+        i
+        for i, t in tensors.items()
+        if isinstance(t, nn.Parameter)
+        and type(t.data) is torch.Tensor
+        and not t.is_inference()
+        and users[t.untyped_storage().data_ptr()] == 1
+        and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    }
 
 
 # --------------------------------------------------------------------------------------------
