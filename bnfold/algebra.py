@@ -72,10 +72,16 @@ def conv_transpose_layout(groups: int) -> OutputLayout:
 # Per-channel factors (float64, numpy)
 
 
+_NUMPY_FLOATS = frozenset({"torch.float16", "torch.float32", "torch.float64"})
+
+
 def _vector64(x: Any, name: str) -> np.ndarray:
     """A per-channel vector as a float64 numpy array (torch tensors on any device accepted)."""
     if hasattr(x, "detach"):  # torch tensor, without importing torch
-        x = x.detach().to("cpu").double().numpy()
+        x = x.detach().to("cpu")
+        # numpy widens float16/32 exactly and faster than a float64 tensor would; bfloat16
+        # and other dtypes numpy lacks go through torch.
+        x = x.numpy() if str(x.dtype) in _NUMPY_FLOATS else x.double().numpy()
     if np.iscomplexobj(x):  # numpy would drop the imaginary part (with a warning)
         raise FoldRefused(f"{name} is complex")
     # A signalling NaN of bfloat16 warns as it converts; _require_finite reports it.
@@ -376,6 +382,7 @@ class ScaledWeight:
             bshape = [1] * ndim
             bshape[layout.axis] = n_out
         self._ops, self._weight, self._shape, self._compute = ops, weight, shape, compute
+        self._s = s
         self._factor = ops.from64(s, weight, compute).reshape(bshape)
         self._result: Any = None
         if ops.item_bits(weight.dtype) <= 16 or not self._cannot_overflow():
@@ -411,10 +418,12 @@ class ScaledWeight:
         big_w = ops.max_abs(self._weight)
         if not np.isfinite(big_w):
             raise FoldRefused("the layer's weight contains non-finite values")
-        big_f = ops.max_abs(self._factor)
+        # The factor is s rounded to the compute dtype (at most one ulp, 2**-23 relative for
+        # float32, up); the float64 product is within a few ulps of the exact one. The margin
+        # covers both.
+        big_f = float(np.max(np.abs(self._s))) if self._s.size else 0.0
         limit = ops.max_finite(self._weight.dtype)
-        # The float64 product is within a few ulps of the exact one; the margin covers it.
-        return bool(np.isfinite(big_f)) and big_w * big_f <= limit * (1 - 1e-9)
+        return bool(np.isfinite(big_f)) and big_w * big_f * (1 + 2**-20) <= limit
 
     def value(self) -> Any:
         """The scaled weight as a new array or tensor, in the weight's shape and dtype."""

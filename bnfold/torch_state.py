@@ -42,6 +42,7 @@ def _version(t: torch.Tensor) -> int | None:
         return None
 
 
+@functools.cache
 def _slot_names(cls: type) -> list[str]:
     names = []
     for klass in cls.__mro__:
@@ -175,11 +176,20 @@ class ModelState:
             for key, value in [*attrs.items(), *slots.items()]:
                 if key not in internals:
                     self.holders.record(value)
-        self.tensors = [
-            (name, t, _version(t))
-            for name, t in [*model.named_parameters(), *model.named_buffers()]
-        ]
+        self.tensors = [(name, t, _version(t)) for name, t in self._named_tensors()]
         self.values = [(b, _version(b), b.clone()) for b in model.buffers()] if values else []
+
+    def _named_tensors(self) -> list[tuple[str, torch.Tensor]]:
+        """Every parameter, then every buffer, once, under its first name (as
+        ``named_parameters`` and ``named_buffers`` give them, without walking the tree again)."""
+        named, seen = [], set()
+        for table in ("_parameters", "_buffers"):
+            for path, m in self.modules:
+                for name, t in getattr(m, table).items():
+                    if t is not None and id(t) not in seen:
+                        seen.add(id(t))
+                        named.append((f"{path}.{name}" if path else name, t))
+        return named
 
     def restore(self) -> None:
         """Put every module back as it was when the record was made."""
