@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 JOBS ?= 2
 
-.PHONY: all venv demo test fuzz lint clean
+.PHONY: all venv demo test fuzz bench lint clean
 
 all: test
 
@@ -32,9 +32,24 @@ fuzz: venv
 	$(BIN)/python tests/fuzz_networks.py --examples $(FUZZ_EXAMPLES) --jobs $(JOBS)
 	$(BIN)/python tests/fuzz_files.py --inputs $(FUZZ_EXAMPLES) --jobs $(JOBS)
 
+# Fold time and memory against torch.fx / onnxscript / onnxruntime / onnxoptimizer / onnxsim,
+# scaling to 10,000 blocks, and inference latency; tables on stdout, docs/benchmarks.png.
+$(BIN)/.bench-installed: $(BIN)/.installed
+	$(BIN)/python -m pip install --quiet -e '.[torch,onnx,bench]'
+	$(BIN)/python -m pip install --quiet onnxoptimizer || echo "onnxoptimizer does not install here: its rows are skipped"
+	$(BIN)/python -m pip install --quiet onnxsim || echo "onnxsim does not install here: its rows are skipped"
+	touch $@
+
+bench: $(BIN)/.bench-installed
+	$(BIN)/python -m benchmarks.fold_torch
+	$(BIN)/python -m benchmarks.fold_onnx
+	$(BIN)/python -m benchmarks.scaling
+	$(BIN)/python -m benchmarks.latency
+	$(BIN)/python -m benchmarks.plot
+
 lint: venv
-	$(BIN)/ruff check bnfold tests
-	$(BIN)/ruff format --check bnfold tests
+	$(BIN)/ruff check bnfold tests benchmarks
+	$(BIN)/ruff format --check bnfold tests benchmarks
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

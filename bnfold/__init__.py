@@ -20,6 +20,7 @@ from .errors import (
     UnsupportedModelError,
     VerificationError,
 )
+from .gc_pause import gc_paused
 from .report import FoldEntry, FoldReport
 
 __version__ = "0.1.0"
@@ -108,16 +109,20 @@ def fold(
     for name, value in (("inplace", inplace), ("return_report", return_report)):
         if not isinstance(value, bool):  # "yes" would count as True and change the model
             raise InvalidArgumentError(f"{name} must be True or False, not {value!r}")
-    return _frontend(model).fold(
-        model, example_inputs, inplace=inplace, producers=producers, return_report=return_report
-    )
+    frontend = _frontend(model)
+    with gc_paused():
+        return frontend.fold(
+            model, example_inputs, inplace=inplace, producers=producers, return_report=return_report
+        )
 
 
 def analyze(
     model: Any, example_inputs: Any = None, *, producers: Iterable[str] | str | None = None
 ) -> FoldReport:
     """Return the :class:`FoldReport` that :func:`fold` would produce, changing nothing."""
-    return _frontend(model).analyze(model, example_inputs, producers=producers)
+    frontend = _frontend(model)
+    with gc_paused():
+        return frontend.analyze(model, example_inputs, producers=producers)
 
 
 def verify(original: Any, folded: Any, example_inputs: Any) -> tuple[float, float]:

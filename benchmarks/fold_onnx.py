@@ -1,0 +1,260 @@
+"""Fold time and peak memory on ONNX files: bnfold against the tools users have today.
+
+Each benchmark model is exported once with ``torch.onnx.export`` (TorchScript exporter, opset
+17, BatchNorms kept as ``BatchNormalization`` nodes) to ``benchmarks/out/onnx/``. Every method
+then goes from that file to a new file, as a user would:
+
+- ``bnfold cli``: ``bnfold model.onnx -o folded.onnx`` (checked loading, atomic write);
+- ``bnfold api``: ``onnx.load``, ``bnfold.fold``, ``onnx.save``;
+- ``onnxscript``: ``onnx_ir.load``, onnxscript's rewriter with its three BatchNorm fusion rules,
+  ``onnx_ir.save``;
+- ``ort basic``: an onnxruntime session at ``ORT_ENABLE_BASIC`` writing its optimized model
+  (``optimized_model_filepath``); it also does onnxruntime's other basic rewrites;
+- ``onnxoptimizer``: ``onnxoptimizer.optimize(model, ["fuse_bn_into_conv"])``;
+- ``onnxsim``: ``onnxsim.simplify`` (it also folds constants and runs the model to check);
+- ``load + save``: ``onnx.load`` and ``onnx.save`` alone, what any of them pays at least.
+
+Timing runs all methods on one model in interleaved rounds in one process (after a warm-up
+round); peak memory is measured in a process per method. Each output is checked once: the
+BatchNormalization nodes left, and the largest error against the original in onnxruntime
+(relative to the output's size). Tools that are not installed are reported as such.
+
+Run ``python -m benchmarks.fold_onnx`` (``--models``, ``--runs``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from . import common
+
+METHODS = [
+    "bnfold cli",
+    "bnfold api",
+    "onnxscript",
+    "ort basic",
+    "onnxoptimizer",
+    "onnxsim",
+    "load + save",
+]
+
+
+def export(name: str) -> Path:
+    """The benchmark model ``name`` as an ONNX file with its BatchNorms (made once)."""
+    path = common.OUT / "onnx" / f"{name}.onnx"
+    if path.exists():
+        return path
+    import torch
+
+    from . import models
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = models.build(name)
+    tmp = path.with_suffix(".tmp")
+    with torch.no_grad():
+        torch.onnx.export(
+            model,
+            (torch.randn(1, 3, 224, 224),),
+            str(tmp),
+            dynamo=False,
+            opset_version=17,
+            do_constant_folding=False,  # constant folding would fuse Conv+BN during export
+            input_names=["input"],
+            output_names=["output"],
+        )
+    tmp.replace(path)
+    return path
+
+
+def _available(method: str) -> bool:
+    module = {"onnxoptimizer": "onnxoptimizer", "onnxsim": "onnxsim", "onnxscript": "onnxscript"}
+    if method not in module:
+        return True
+    try:
+        __import__(module[method])
+    except ImportError:
+        return False
+    return True
+
+
+def _fold(method: str, src: Path, dst: Path) -> None:
+    import onnx
+
+    if method == "bnfold cli":
+        from bnfold import cli
+
+        with contextlib.redirect_stdout(io.StringIO()):
+            status = cli.main([str(src), "-o", str(dst)])
+        if status != 0:
+            raise RuntimeError(f"bnfold exited with {status}")
+    elif method == "bnfold api":
+        import bnfold
+
+        onnx.save(bnfold.fold(onnx.load(str(src))), str(dst))
+    elif method == "onnxscript":
+        import onnx_ir as ir
+        from onnxscript.rewriter import rewrite
+        from onnxscript.rewriter.rules.common import (
+            fuse_batchnorm_into_conv_rule,
+            fuse_batchnorm_into_conv_transpose_rule,
+            fuse_batchnorm_into_gemm_rule,
+        )
+
+        model = ir.load(str(src))
+        rules = [
+            fuse_batchnorm_into_conv_rule,
+            fuse_batchnorm_into_conv_transpose_rule,
+            fuse_batchnorm_into_gemm_rule,
+        ]
+        ir.save(rewrite(model, pattern_rewrite_rules=rules), str(dst))
+    elif method == "ort basic":
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        options.optimized_model_filepath = str(dst)
+        options.log_severity_level = 3
+        ort.InferenceSession(str(src), options, providers=["CPUExecutionProvider"])
+    elif method == "onnxoptimizer":
+        import onnxoptimizer
+
+        onnx.save(onnxoptimizer.optimize(onnx.load(str(src)), ["fuse_bn_into_conv"]), str(dst))
+    elif method == "onnxsim":
+        import onnxsim
+
+        with contextlib.redirect_stdout(io.StringIO()):
+            model, ok = onnxsim.simplify(onnx.load(str(src)))
+        if not ok:
+            raise RuntimeError("onnxsim could not validate its result")
+        onnx.save(model, str(dst))
+    elif method == "load + save":
+        onnx.save(onnx.load(str(src)), str(dst))
+    else:
+        raise ValueError(method)
+
+
+def check(src: Path, dst: Path) -> dict[str, Any]:
+    """BatchNormalization nodes left in ``dst`` and its error against ``src`` in onnxruntime."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    left = sum(
+        n.op_type == "BatchNormalization"
+        for n in onnx.load(str(dst), load_external_data=False).graph.node
+    )
+    x = np.random.default_rng(1).standard_normal((1, 3, 224, 224), dtype=np.float32)
+    outs = []
+    for path in (src, dst):
+        options = ort.SessionOptions()
+        # Compare the files as written: onnxruntime must not fold the original itself.
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        outs.append(session.run(None, {session.get_inputs()[0].name: x})[0])
+    want, got = outs
+    return {"bn_left": int(left), "err": float(np.abs(got - want).max() / np.abs(want).max())}
+
+
+def work(job: dict[str, Any]) -> dict[str, Any]:
+    src = Path(job["src"])
+    with tempfile.TemporaryDirectory(dir=common.OUT) as tmp:
+        if job["kind"] == "time":
+            methods = job["methods"]
+            times: dict[str, list[float]] = {m: [] for m in methods}
+            for round_ in range(job["runs"] + 1):
+                for m in methods:
+                    dst = Path(tmp) / f"{round_}-{methods.index(m)}.onnx"
+                    _, seconds, _ = common.measure(lambda m=m, dst=dst: _fold(m, src, dst))
+                    if round_:
+                        times[m].append(seconds)
+                    dst.unlink()
+            return {"times": times}
+        method = job["method"]
+        dst = Path(tmp) / "warm.onnx"
+        _fold(method, src, dst)
+        dst.unlink()
+        dst = Path(tmp) / "out.onnx"
+        _, _, peak = common.measure(lambda: _fold(method, src, dst))
+        import onnx
+
+        before = sum(n.op_type == "BatchNormalization" for n in onnx.load(str(src)).graph.node)
+        return {"peak": peak, "bn_before": before, **check(src, dst)}
+
+
+def run(model_names: list[str], runs: int, methods: list[str] = METHODS) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    usable = [m for m in methods if _available(m)]
+    for name in model_names:
+        src = export(name)
+        timed = common.run_worker(
+            "fold_onnx", {"kind": "time", "src": str(src), "methods": usable, "runs": runs}
+        )
+        results[name] = {"size_mib": src.stat().st_size / common.MIB}
+        for method in methods:
+            if method not in usable:
+                results[name][method] = {"error": "not installed"}
+                continue
+            job = {"kind": "memory", "src": str(src), "method": method}
+            r = common.run_worker("fold_onnx", job)
+            if "error" in timed or "error" in r:
+                r = {"error": timed.get("error") or r["error"]}
+                print(f"{name} / {method}: {r['error']}")
+            else:
+                r["times"] = timed["times"][method]
+            results[name][method] = r
+    return results
+
+
+def report(results: dict[str, Any]) -> str:
+    out = []
+    for name, by_method in results.items():
+        by_method = dict(by_method)
+        size = by_method.pop("size_mib")
+        ms = {m: common.median_ms(r["times"]) for m, r in by_method.items() if "times" in r}
+        base = ms.get("bnfold api")
+        rows = []
+        for m, r in by_method.items():
+            if "times" not in r:
+                rows.append([m, r.get("error", "failed").splitlines()[0][:40], "", "", "", "", ""])
+                continue
+            lo, hi = min(r["times"]) * 1e3, max(r["times"]) * 1e3
+            rows.append(
+                [
+                    m,
+                    common.fmt_ms(ms[m]),
+                    f"{common.fmt_ms(lo)}–{common.fmt_ms(hi)}",
+                    common.fmt_ratio(ms[m] / base if base else None),
+                    common.fmt_mib(r["peak"]),
+                    f"{r['bn_left']} of {r['bn_before']}",
+                    f"{r['err']:.1e}",
+                ]
+            )
+        headers = ["method", "median ms", "range ms", "÷ bnfold api", "peak MiB"]
+        headers += ["BNs left", "max rel err"]
+        out.append(f"**{name}** ({size:,.0f} MiB)\n")
+        out.append(common.table(headers, rows, right=[1, 2, 3, 4, 5, 6]))
+        out.append("")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from . import models
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(models.MODELS))
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--runs", type=int, default=5)
+    args = parser.parse_args(argv)
+    results = run(args.models.split(","), args.runs, args.methods.split(","))
+    common.save("fold_onnx", {"machine": common.machine(), "runs": args.runs, "results": results})
+    print(f"## Fold time, ONNX files ({common.machine()})\n")
+    print(report(results))
+
+
+if __name__ == "__main__" and not common.worker_main(work):
+    main()
