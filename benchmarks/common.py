@@ -73,22 +73,6 @@ def measure(call: Callable[[], Any]) -> tuple[Any, float, float | None]:
     return result, elapsed, extra
 
 
-def repeat(
-    prepare: Callable[[], Any], call: Callable[[Any], Any], runs: int
-) -> tuple[list[float], list[float | None], Any]:
-    """One warm-up call, then ``runs`` measured ones, each on a fresh ``prepare()`` (made
-    outside the clock). Returns times (s), peaks (MiB) and the warm-up's result."""
-    first = call(prepare())
-    times, peaks = [], []
-    for _ in range(runs):
-        arg = prepare()
-        result, seconds, peak = measure(lambda arg=arg: call(arg))
-        times.append(seconds)
-        peaks.append(peak)
-        del result, arg
-    return times, peaks, first
-
-
 def run_worker(module: str, job: dict[str, Any], timeout: float = 900) -> dict[str, Any]:
     """Run ``python -m benchmarks.<module> --worker JOB`` and return the JSON it prints last."""
     env = dict(

@@ -14,10 +14,12 @@ then goes from that file to a new file, as a user would:
 - ``onnxsim``: ``onnxsim.simplify`` (it also folds constants and runs the model to check);
 - ``load + save``: ``onnx.load`` and ``onnx.save`` alone, what any of them pays at least.
 
-Timing runs all methods on one model in interleaved rounds in one process (after a warm-up
-round); peak memory is measured in a process per method. Each output is checked once: the
-BatchNormalization nodes left, and the largest error against the original in onnxruntime
-(relative to the output's size). Tools that are not installed are reported as such.
+Each model file is measured in a process of its own: every method once on a small model (to
+import it and warm its caches), then ``--runs`` rounds in which every method runs once,
+interleaved, each call from a trimmed heap with the peak counter reset (``common.measure``), so
+each call's peak memory is its own. Medians are reported. The first round's outputs are
+checked: the BatchNormalization nodes left, and the largest error against the original in
+onnxruntime (relative to the output's size). Tools that are not installed are reported so.
 
 Run ``python -m benchmarks.fold_onnx`` (``--models``, ``--runs``).
 """
@@ -161,29 +163,36 @@ def check(src: Path, dst: Path) -> dict[str, Any]:
 
 
 def work(job: dict[str, Any]) -> dict[str, Any]:
-    src = Path(job["src"])
-    with tempfile.TemporaryDirectory(dir=common.OUT) as tmp:
-        if job["kind"] == "time":
-            methods = job["methods"]
-            times: dict[str, list[float]] = {m: [] for m in methods}
-            for round_ in range(job["runs"] + 1):
-                for m in methods:
-                    dst = Path(tmp) / f"{round_}-{methods.index(m)}.onnx"
-                    _, seconds, _ = common.measure(lambda m=m, dst=dst: _fold(m, src, dst))
-                    if round_:
-                        times[m].append(seconds)
-                    dst.unlink()
-            return {"times": times}
-        method = job["method"]
-        dst = Path(tmp) / "warm.onnx"
-        _fold(method, src, dst)
-        dst.unlink()
-        dst = Path(tmp) / "out.onnx"
-        _, _, peak = common.measure(lambda: _fold(method, src, dst))
-        import onnx
+    """A worker for one model file: every method once on a small model (imports, first-call
+    caches), then ``runs`` interleaved rounds of every method on the file, each call from a
+    trimmed heap with the peak counter reset. The first round's outputs are checked."""
+    import onnx
 
-        before = sum(n.op_type == "BatchNormalization" for n in onnx.load(str(src)).graph.node)
-        return {"peak": peak, "bn_before": before, **check(src, dst)}
+    src = Path(job["src"])
+    methods = job["methods"]
+    out: dict[str, Any] = {m: {"times": [], "peaks": []} for m in methods}
+    before = sum(n.op_type == "BatchNormalization" for n in onnx.load(str(src)).graph.node)
+    with tempfile.TemporaryDirectory(dir=common.OUT) as tmp:
+        small = Path(tmp) / "small.onnx"
+        onnx.save(_small_model(), str(small))
+        for m in methods:
+            _fold(m, small, Path(tmp) / "small-out.onnx")
+        for round_ in range(job["runs"]):
+            for m in methods:
+                dst = Path(tmp) / f"{methods.index(m)}.onnx"
+                _, seconds, peak = common.measure(lambda m=m, dst=dst: _fold(m, src, dst))
+                out[m]["times"].append(seconds)
+                out[m]["peaks"].append(peak)
+                if round_ == 0:
+                    out[m].update(bn_before=before, **check(src, dst))
+                dst.unlink()
+    return out
+
+
+def _small_model() -> Any:
+    from .scaling import onnx_chain
+
+    return onnx_chain(4)
 
 
 def run(model_names: list[str], runs: int, methods: list[str] = METHODS) -> dict[str, Any]:
@@ -191,22 +200,14 @@ def run(model_names: list[str], runs: int, methods: list[str] = METHODS) -> dict
     usable = [m for m in methods if _available(m)]
     for name in model_names:
         src = export(name)
-        timed = common.run_worker(
-            "fold_onnx", {"kind": "time", "src": str(src), "methods": usable, "runs": runs}
-        )
+        job = {"src": str(src), "methods": usable, "runs": runs}
+        r = common.run_worker("fold_onnx", job)
+        if "error" in r:
+            print(f"{name}: {r['error']}")
         results[name] = {"size_mib": src.stat().st_size / common.MIB}
-        for method in methods:
-            if method not in usable:
-                results[name][method] = {"error": "not installed"}
-                continue
-            job = {"kind": "memory", "src": str(src), "method": method}
-            r = common.run_worker("fold_onnx", job)
-            if "error" in timed or "error" in r:
-                r = {"error": timed.get("error") or r["error"]}
-                print(f"{name} / {method}: {r['error']}")
-            else:
-                r["times"] = timed["times"][method]
-            results[name][method] = r
+        for m in methods:
+            missing = {"error": "not installed" if m not in usable else r.get("error")}
+            results[name][m] = r.get(m, missing)
     return results
 
 
@@ -229,7 +230,7 @@ def report(results: dict[str, Any]) -> str:
                     common.fmt_ms(ms[m]),
                     f"{common.fmt_ms(lo)}–{common.fmt_ms(hi)}",
                     common.fmt_ratio(ms[m] / base if base else None),
-                    common.fmt_mib(r["peak"]),
+                    common.fmt_mib(common.median_peak(r["peaks"])),
                     f"{r['bn_left']} of {r['bn_before']}",
                     f"{r['err']:.1e}",
                 ]

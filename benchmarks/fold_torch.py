@@ -1,7 +1,9 @@
 """Fold time and peak memory on PyTorch eager models: bnfold against the alternatives.
 
-Per model, each method runs in its own process: one warm-up call, then ``--runs`` measured calls
-(median reported), each on a fresh model where the method changes it. The methods:
+Each model is measured in a process of its own: a warm-up round, then ``--runs`` rounds in which
+every method runs once, interleaved, each call on a fresh model where the method changes it.
+Before each call the heap is trimmed and the peak counter reset (``common.measure``), so each
+call's peak memory is its own. Medians are reported. The methods:
 
 - ``bnfold``: ``bnfold.fold(model)``, the default: a new model, the input untouched;
 - ``bnfold inplace``: ``bnfold.fold(model, inplace=True)``;
@@ -11,8 +13,8 @@ Per model, each method runs in its own process: one warm-up call, then ``--runs`
 - ``floor``: the least a fold can do: one ``torch.fx.symbolic_trace`` to find the data flow,
   then one in-place multiply of each folded weight (no checks, no bias, no report).
 
-Each result is checked once, outside the clock: the BatchNorm calls left per forward, and the
-largest error against the original model on a random input, relative to the output's size.
+The warm-up results are checked, outside the clock: the BatchNorm calls left per forward, and
+the largest error against the original model on a random input, relative to the output's size.
 
 Run ``python -m benchmarks.fold_torch`` (``--models``, ``--runs``).
 """
@@ -90,55 +92,47 @@ def check(original: Any, result: Any) -> dict[str, Any]:
 
 
 def work(job: dict[str, Any]) -> dict[str, Any]:
-    """A worker: ``time`` runs every method on one model in interleaved rounds (after a warm-up
-    round), so that the machine's slow and fast moments fall on all of them alike; ``memory``
-    runs one method once after a warm-up, alone in its process, and checks its result."""
+    """A worker for one model: a warm-up round, then ``runs`` rounds in which every method runs
+    once, interleaved (the machine's slow and fast moments fall on all methods alike). Each call
+    gets a fresh model where the method changes it and starts from a trimmed heap with the peak
+    counter reset, so its peak memory is its own. The warm-up's results are checked."""
     import torch
 
     from . import models
 
     torch.set_num_threads(2)
     model = models.build(job["model"])
+    reference = copy.deepcopy(model)
+    before = check(reference, reference)["bn_calls"]
 
     def fresh(method: str) -> Any:
         return copy.deepcopy(model) if method in INPLACE else model
 
-    if job["kind"] == "time":
-        methods = job["methods"]
-        times: dict[str, list[float]] = {m: [] for m in methods}
-        for round_ in range(job["runs"] + 1):
-            for m in methods:
-                arg = fresh(m)
-                _, seconds, _ = common.measure(lambda m=m, arg=arg: _method(m)(arg))
-                if round_:  # round 0 warms up
-                    times[m].append(seconds)
-                del arg
-        return {"times": times}
-    method = job["method"]
-    reference = copy.deepcopy(model) if method in INPLACE else model
-    _method(method)(fresh(method))
-    arg = fresh(method)
-    result, _, peak = common.measure(lambda: _method(method)(arg))
-    # deepcopy and the floor do not fold (the floor leaves the BatchNorms in): nothing to check
-    checked = {} if method in ("deepcopy", "floor") else check(reference, result)
-    return {"peak": peak, "bn_before": check(reference, reference)["bn_calls"], **checked}
+    out: dict[str, Any] = {}
+    for m in job["methods"]:
+        first = _method(m)(fresh(m))
+        # deepcopy and the floor do not fold (the floor leaves the BatchNorms in)
+        checked = {} if m in ("deepcopy", "floor") else check(reference, first)
+        out[m] = {"times": [], "peaks": [], "bn_before": before, **checked}
+        del first
+    for _ in range(job["runs"]):
+        for m in job["methods"]:
+            arg = fresh(m)
+            result, seconds, peak = common.measure(lambda m=m, arg=arg: _method(m)(arg))
+            out[m]["times"].append(seconds)
+            out[m]["peaks"].append(peak)
+            del arg, result
+    return out
 
 
 def run(model_names: list[str], runs: int, methods: list[str] = METHODS) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for name in model_names:
-        timed = common.run_worker(
-            "fold_torch", {"kind": "time", "model": name, "methods": methods, "runs": runs}
-        )
-        results[name] = {}
-        for method in methods:
-            r = common.run_worker("fold_torch", {"kind": "memory", "model": name, "method": method})
-            if "error" in timed or "error" in r:
-                r = {"error": timed.get("error") or r["error"]}
-                print(f"{name} / {method}: {r['error']}")
-            else:
-                r["times"] = timed["times"][method]
-            results[name][method] = r
+        job = {"model": name, "methods": methods, "runs": runs}
+        r = common.run_worker("fold_torch", job)
+        if "error" in r:
+            print(f"{name}: {r['error']}")
+        results[name] = {m: r.get(m, {"error": r.get("error")}) for m in methods}
     return results
 
 
@@ -164,7 +158,7 @@ def report(results: dict[str, Any]) -> str:
                     common.fmt_ms(ms[m]),
                     f"{common.fmt_ms(lo)}–{common.fmt_ms(hi)}",
                     common.fmt_ratio(ratio),
-                    common.fmt_mib(r["peak"]),
+                    common.fmt_mib(common.median_peak(r["peaks"])),
                     left,
                     err,
                 ]
@@ -225,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(models.MODELS))
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args(argv)
     results = run(args.models.split(","), args.runs, args.methods.split(","))
     common.save("fold_torch", {"machine": common.machine(), "runs": args.runs, "results": results})

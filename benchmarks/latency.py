@@ -5,11 +5,13 @@ Three variants of each model: ``unfolded`` (as trained, BatchNorms in eval mode)
 holding exactly the folded weights, see ``models.floor_like``). Three runtimes:
 
 - ``eager``: PyTorch eager under ``torch.inference_mode``;
-- ``compile``: ``torch.compile`` (Inductor, default mode, static shapes); compiling costs about
-  15 s per model, variant and shape here, so by default only some models are compiled;
+- ``compile``: ``torch.compile`` (Inductor, default mode, static shapes); compiling costs 10 to
+  30 s per model, variant and shape here, so by default only ResNet-18 is compiled
+  (``--compile-models``);
 - ``ort``: onnxruntime with default options (``ORT_ENABLE_ALL``: it fuses Conv+BatchNorm
-  itself), and ``ort noopt`` with graph optimizations off, as a runtime without that fusion
-  runs the file; models exported by ``torch.onnx.export`` (TorchScript exporter, opset 17).
+  itself), and ``ort noopt`` with graph optimizations off, as a runtime without that fusion runs
+  the file. ``unfolded`` and ``floor`` are exported by ``torch.onnx.export`` (TorchScript
+  exporter, opset 17, BatchNorms kept); ``folded`` is bnfold's fold of the unfolded file.
 
 Batch 1 at 224x224 and batch 32 at ``--size32`` (64x64 by default: 32 images at 224x224 take
 1 to 6 s per forward pass on two cores). Each worker (one per model and runtime) warms every
@@ -32,8 +34,8 @@ from . import common
 
 VARIANTS = ["unfolded", "folded", "floor"]
 RUNTIMES = ["eager", "compile", "ort"]  # "ort" runs both onnxruntime configurations
-ROUNDS_1, ROUNDS_32 = 15, 9
-COMPILE_MODELS = ["resnet18", "mobilenet_v2"]
+ROUNDS_1, ROUNDS_32 = 11, 7
+COMPILE_MODELS = ["resnet18"]
 
 
 def _variants(name: str) -> dict[str, Any]:
@@ -46,13 +48,39 @@ def _variants(name: str) -> dict[str, Any]:
     return {"unfolded": unfolded, "folded": folded, "floor": models.floor_like(name, folded)}
 
 
-def _runners(nets: dict[str, Any], runtime: str, x: Any, tmp: Path) -> dict[tuple, Any]:
+def _onnx_files(nets: dict[str, Any], tmp: Path, dynamic: bool) -> dict[str, Path]:
+    """The variants as ONNX files: ``unfolded`` and ``floor`` exported by torch.onnx.export,
+    ``folded`` made by bnfold from the unfolded file (what an ONNX user runs). With ``dynamic``
+    the batch and image sizes are free; else they are fixed at batch 1, 224x224."""
+    import onnx
+    import torch
+
+    import bnfold
+
+    paths = {k: tmp / f"{k}.onnx" for k in nets}
+    axes = {"input": {0: "batch", 2: "height", 3: "width"}, "output": {0: "batch"}}
+    for k in ("unfolded", "floor"):
+        with torch.no_grad():
+            torch.onnx.export(
+                nets[k],
+                (torch.randn(1, 3, 224, 224),),
+                str(paths[k]),
+                dynamo=False,
+                opset_version=17,
+                do_constant_folding=False,  # it would fuse Conv+BatchNorm during export
+                input_names=["input"],
+                output_names=["output"],
+                dynamic_axes=axes if dynamic else None,
+            )
+    onnx.save(bnfold.fold(onnx.load(str(paths["unfolded"]))), str(paths["folded"]))
+    return paths
+
+
+def _runners(nets: dict[str, Any], runtime: str, x: Any, files: dict[str, Path]) -> dict:
     """(runtime, variant) -> a function running one forward pass on ``x``.
 
-    For ``ort`` both onnxruntime configurations are made from one export per variant and
-    shape (static shapes: VGG's adaptive pooling exports for one input size only). Spinning
-    worker threads are off: with several sessions taking turns, one session's spinning threads
-    would slow the next one down.
+    For ``ort`` both onnxruntime configurations run the same files. Spinning worker threads are
+    off: with several sessions taking turns, one session's spinning threads would slow the next.
     """
     import torch
 
@@ -69,20 +97,8 @@ def _runners(nets: dict[str, Any], runtime: str, x: Any, tmp: Path) -> dict[tupl
     import onnxruntime as ort
 
     runners = {}
-    for k, net in nets.items():
-        path = tmp / f"{k}.onnx"
-        with torch.no_grad():
-            torch.onnx.export(
-                net,
-                (x,),
-                str(path),
-                dynamo=False,
-                opset_version=17,
-                do_constant_folding=False,  # it would fuse Conv+BatchNorm during export
-                input_names=["input"],
-                output_names=["output"],
-            )
-        feed = {"input": x.numpy()}
+    feed = {"input": x.numpy()}
+    for k, path in files.items():
         for config in ("ort", "ort noopt"):
             options = ort.SessionOptions()
             options.log_severity_level = 3
@@ -90,8 +106,7 @@ def _runners(nets: dict[str, Any], runtime: str, x: Any, tmp: Path) -> dict[tupl
             if config == "ort noopt":
                 options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
             session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-            runners[config, k] = lambda s=session, feed=feed: s.run(None, feed)
-        path.unlink()
+            runners[config, k] = lambda s=session: s.run(None, feed)
     return runners
 
 
@@ -101,28 +116,38 @@ def work(job: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(2)
     torch.manual_seed(0)
     result: dict[str, Any] = {}
+    runtime = job["runtime"]
+    configs = ("ort", "ort noopt") if runtime == "ort" else (runtime,)
     nets = _variants(job["model"])
-    if job["runtime"] == "compile":
+    if runtime == "compile":
         nets = {k: torch.compile(v) for k, v in nets.items()}
     with tempfile.TemporaryDirectory() as tmp:
+        files: dict[str, Path] = {}
+        static = False
+        if runtime == "ort":
+            try:
+                files = _onnx_files(nets, Path(tmp), dynamic=True)
+            except torch.onnx.errors.OnnxExporterError:
+                # VGG's adaptive pooling (to 7x7) exports for the 224x224 input only
+                files, static = _onnx_files(nets, Path(tmp), dynamic=False), True
         for batch, size, rounds in job["shapes"]:
             shape = f"{batch}x{size}"
             x = torch.randn(batch, 3, size, size)
+            runners = _runners(nets, runtime, x, files)
+            first_s = {}
             try:
-                runners = _runners(nets, job["runtime"], x, Path(tmp))
+                for key, forward in runners.items():
+                    start = time.perf_counter()
+                    forward()  # compiles (torch.compile) or allocates (onnxruntime)
+                    first_s[key] = time.perf_counter() - start
+                    forward()
             except Exception as e:  # noqa: BLE001 - reported in the table, the rest goes on
-                message = f"{type(e).__name__}: {str(e).splitlines()[0][:150]}"
-                for config in (
-                    ("ort", "ort noopt") if job["runtime"] == "ort" else (job["runtime"],)
-                ):
+                message = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+                if static and (batch, size) != (1, 224):
+                    message = "exported for 224x224 only (adaptive pooling to 7x7)"
+                for config in configs:
                     result.setdefault(config, {})[shape] = {"error": message}
                 continue
-            first_s = {}
-            for key, forward in runners.items():
-                start = time.perf_counter()
-                forward()  # compiles (torch.compile) or allocates (onnxruntime) for this shape
-                first_s[key] = time.perf_counter() - start
-                forward()
             times: dict[tuple, list[float]] = {key: [] for key in runners}
             for _ in range(rounds):
                 for key, forward in runners.items():
@@ -130,9 +155,8 @@ def work(job: dict[str, Any]) -> dict[str, Any]:
                     forward()
                     times[key].append(time.perf_counter() - start)
             for (config, variant), t in times.items():
-                entry = result.setdefault(config, {}).setdefault(
-                    shape, {"times": {}, "first_s": {}}
-                )
+                by_shape = result.setdefault(config, {})
+                entry = by_shape.setdefault(shape, {"times": {}, "first_s": {}})
                 entry["times"][variant] = t
                 entry["first_s"][variant] = first_s[config, variant]
             del runners
