@@ -73,23 +73,23 @@ def test_inplace_fold_gives_the_bits_of_the_copying_fold(dtype):
 
 
 class _FlatWeights(nn.Module):
-    """Two convs whose weights are views of one flat tensor, each followed by a BatchNorm."""
+    """Convs whose weights are views of one flat tensor; ``reader``'s weight is a Parameter of
+    its own over ``a``'s memory (what tying through ``.data`` or a flat buffer makes)."""
 
     def __init__(self) -> None:
         super().__init__()
+        n = 4 * 3 * 3 * 3
+        flat = torch.randn(2 * n)
         self.a = nn.Conv2d(3, 4, 3, bias=False)
         self.b = nn.Conv2d(3, 4, 3, bias=False)
-        flat = torch.randn(2 * 4 * 3 * 3 * 3)
-        n = 4 * 3 * 3 * 3
         self.a.weight = nn.Parameter(flat[:n].view(4, 3, 3, 3))
         self.b.weight = nn.Parameter(flat[n:].view(4, 3, 3, 3))
+        self.reader = nn.Conv2d(3, 4, 3)
+        self.reader.weight = nn.Parameter(flat[:n].view(4, 3, 3, 3))
         self.bn_a, self.bn_b = nn.BatchNorm2d(4), nn.BatchNorm2d(4)
-        self.b_only = nn.Conv2d(3, 4, 3)  # reads b's weight memory through a view below
-        with torch.no_grad():
-            self.b_only.weight = nn.Parameter(self.b.weight.detach()[:, :, :, :])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bn_a(self.a(x)) + self.b_only(x)
+        return self.bn_a(self.a(x)) + self.bn_b(self.b(x)) + self.reader(x)
 
 
 def test_weights_sharing_memory_get_new_memory_and_keep_the_other_readers_exact():
@@ -100,11 +100,10 @@ def test_weights_sharing_memory_get_new_memory_and_keep_the_other_readers_exact(
     x = _x()
     with torch.no_grad():
         want = net(x)
-    before_b_only = net.b_only.weight.detach().clone()
+    reader = net.reader.weight.detach().clone()
     folded, report = bnfold.fold(net, inplace=True, return_report=True)
-    assert {e.bn: e.action for e in report.entries}["bn_a"] == "folded"
-    # b_only's weight shares storage with b (and the flat tensor with a): nothing of it moved.
-    assert torch.equal(net.b_only.weight, before_b_only)
+    assert {e.bn: e.action for e in report.entries} == {"bn_a": "folded", "bn_b": "folded"}
+    assert torch.equal(net.reader.weight, reader)  # a's memory was not written
     with torch.no_grad():
         got = folded(x)
     assert float((got - want).abs().max() / want.abs().max()) < 1e-5
