@@ -41,6 +41,7 @@ $(BIN)/.bench-installed: $(BIN)/.installed
 	touch $@
 
 bench: $(BIN)/.bench-installed
+	rm -rf benchmarks/out/onnx
 	$(BIN)/python -m benchmarks.fold_torch
 	$(BIN)/python -m benchmarks.fold_onnx
 	$(BIN)/python -m benchmarks.scaling

@@ -48,30 +48,21 @@ def _variants(name: str) -> dict[str, Any]:
     return {"unfolded": unfolded, "folded": folded, "floor": models.floor_like(name, folded)}
 
 
-def _onnx_files(nets: dict[str, Any], tmp: Path, dynamic: bool) -> dict[str, Path]:
-    """The variants as ONNX files: ``unfolded`` and ``floor`` exported by torch.onnx.export,
-    ``folded`` made by bnfold from the unfolded file (what an ONNX user runs). With ``dynamic``
-    the batch and image sizes are free; else they are fixed at batch 1, 224x224."""
+def _onnx_files(name: str, nets: dict[str, Any], tmp: Path) -> dict[str, Path]:
+    """The variants as ONNX files: ``unfolded`` and ``floor`` exported by torch.onnx.export
+    (once, shared with fold_onnx, see ``models.onnx_file``), ``folded`` made by bnfold from the
+    unfolded file (what an ONNX user runs)."""
     import onnx
-    import torch
 
     import bnfold
 
-    paths = {k: tmp / f"{k}.onnx" for k in nets}
-    axes = {"input": {0: "batch", 2: "height", 3: "width"}, "output": {0: "batch"}}
-    for k in ("unfolded", "floor"):
-        with torch.no_grad():
-            torch.onnx.export(
-                nets[k],
-                (torch.randn(1, 3, 224, 224),),
-                str(paths[k]),
-                dynamo=False,
-                opset_version=17,
-                do_constant_folding=False,  # it would fuse Conv+BatchNorm during export
-                input_names=["input"],
-                output_names=["output"],
-                dynamic_axes=axes if dynamic else None,
-            )
+    from . import models
+
+    paths = {
+        "unfolded": models.onnx_file(name),
+        "folded": tmp / "folded.onnx",
+        "floor": models.onnx_file(name, "floor", nets["floor"]),
+    }
     onnx.save(bnfold.fold(onnx.load(str(paths["unfolded"]))), str(paths["folded"]))
     return paths
 
@@ -120,16 +111,15 @@ def work(job: dict[str, Any]) -> dict[str, Any]:
     configs = ("ort", "ort noopt") if runtime == "ort" else (runtime,)
     nets = _variants(job["model"])
     if runtime == "compile":
-        nets = {k: torch.compile(v) for k, v in nets.items()}
+        nets = {k: torch.compile(v, dynamic=False) for k, v in nets.items()}
     with tempfile.TemporaryDirectory() as tmp:
         files: dict[str, Path] = {}
         static = False
         if runtime == "ort":
-            try:
-                files = _onnx_files(nets, Path(tmp), dynamic=True)
-            except torch.onnx.errors.OnnxExporterError:
-                # VGG's adaptive pooling (to 7x7) exports for the 224x224 input only
-                files, static = _onnx_files(nets, Path(tmp), dynamic=False), True
+            from . import models
+
+            files = _onnx_files(job["model"], nets, Path(tmp))
+            static = models.onnx_is_static(files["unfolded"])
         for batch, size, rounds in job["shapes"]:
             shape = f"{batch}x{size}"
             x = torch.randn(batch, 3, size, size)

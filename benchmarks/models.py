@@ -16,6 +16,7 @@ latency comparison sees only the structure, never different numbers (denormals, 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -314,3 +315,54 @@ def floor_like(name: str, folded: nn.Module) -> nn.Module:
         raise RuntimeError(f"{name}: folded model and floor do not line up")
     floor.load_state_dict({n: t for (n, _), (_, t) in zip(theirs, ours, strict=True)})
     return floor
+
+
+# --------------------------------------------------------------------------------------------
+# ONNX files
+
+
+def onnx_file(name: str, variant: str = "unfolded", net: nn.Module | None = None) -> Path:
+    """The network as an ONNX file, exported once and kept in ``benchmarks/out/onnx``.
+
+    ``variant`` is ``unfolded`` (``build(name)``) or a name for ``net`` (the floor, say).
+    Exported by ``torch.onnx.export`` (TorchScript exporter, opset 17, no constant folding,
+    which would fuse Conv+BatchNorm during export), batch and image size free; a network whose
+    adaptive pooling cannot export so (VGG: 7x7 from any size) is fixed at batch 1, 224x224.
+    """
+    from .common import OUT
+
+    path = OUT / "onnx" / f"{name}-{variant}.onnx"
+    if path.exists():
+        return path
+    net = build(name) if net is None else net
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    dynamic = {"input": {0: "batch", 2: "height", 3: "width"}, "output": {0: "batch"}}
+    for axes in (dynamic, None):
+        try:
+            with torch.no_grad():
+                torch.onnx.export(
+                    net,
+                    (torch.randn(1, 3, 224, 224),),
+                    str(tmp),
+                    dynamo=False,
+                    opset_version=17,
+                    do_constant_folding=False,
+                    input_names=["input"],
+                    output_names=["output"],
+                    dynamic_axes=axes,
+                )
+            break
+        except torch.onnx.errors.OnnxExporterError:
+            if axes is None:
+                raise
+    tmp.replace(path)
+    return path
+
+
+def onnx_is_static(path: Path) -> bool:
+    """Whether the file's input shape is fixed (exported for 224x224 only)."""
+    import onnx
+
+    dims = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape
+    return all(d.HasField("dim_value") for d in dims.dim)

@@ -14,7 +14,7 @@ import copy
 import dataclasses
 import inspect
 import warnings
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 from typing import Any
 
 import torch
@@ -141,14 +141,25 @@ class Store:
         node.meta["val"] = val
         node.meta["tensor_meta"] = _extract_tensor_metadata(val)
 
-    def unique_key(self, hint: str, taken: Iterable[str]) -> str:
-        taken = set(taken)
+    def unique_key(self, hint: str, taken: Container[str]) -> str:
+        """``hint``, or ``hint_2``, ``hint_3``, ... : the first name not in ``taken`` (looked
+        up, never copied: a fold adds one name per BatchNorm, so copying made it quadratic)."""
         if hint not in taken:
             return hint
         k = 2
         while f"{hint}_{k}" in taken:
             k += 1
         return f"{hint}_{k}"
+
+
+class _Attributes:
+    """The attribute names of a module, as a container (what ``dir`` lists, without listing)."""
+
+    def __init__(self, owner: nn.Module) -> None:
+        self.owner = owner
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and hasattr(self.owner, name)
 
 
 def _storage_key(value: torch.Tensor | None) -> tuple | None:
@@ -396,8 +407,7 @@ class ModuleStore(Store):
         owner, _ = self._owner(like.target)
         prefix = like.target.rpartition(".")[0]
         attr = key_hint.rpartition(".")[2]
-        taken = set(dir(owner))
-        attr = self.unique_key(attr, taken)
+        attr = self.unique_key(attr, _Attributes(owner))
         target = f"{prefix}.{attr}" if prefix else attr
         value = _new_value(value, old)
         self._attach(target, value, old, like.target)
