@@ -337,25 +337,23 @@ def onnx_file(name: str, variant: str = "unfolded", net: nn.Module | None = None
     net = build(name) if net is None else net
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
+    # The TorchScript exporter turns adaptive pooling into a fixed-size pooling: pooling to
+    # more than 1x1 (VGG's 7x7) exports for the example's image size only.
+    pools = [m.output_size for m in net.modules() if isinstance(m, nn.AdaptiveAvgPool2d)]
+    free = all(size in (1, (1, 1)) for size in pools)
     dynamic = {"input": {0: "batch", 2: "height", 3: "width"}, "output": {0: "batch"}}
-    for axes in (dynamic, None):
-        try:
-            with torch.no_grad():
-                torch.onnx.export(
-                    net,
-                    (torch.randn(1, 3, 224, 224),),
-                    str(tmp),
-                    dynamo=False,
-                    opset_version=17,
-                    do_constant_folding=False,
-                    input_names=["input"],
-                    output_names=["output"],
-                    dynamic_axes=axes,
-                )
-            break
-        except torch.onnx.errors.OnnxExporterError:
-            if axes is None:
-                raise
+    with torch.no_grad():
+        torch.onnx.export(
+            net,
+            (torch.randn(1, 3, 224, 224),),
+            str(tmp),
+            dynamo=False,
+            opset_version=17,
+            do_constant_folding=False,
+            input_names=["input"],
+            output_names=["output"],
+            dynamic_axes=dynamic if free else None,
+        )
     tmp.replace(path)
     return path
 

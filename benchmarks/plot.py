@@ -1,4 +1,6 @@
-"""Draw ``docs/benchmarks.png`` and write ``benchmarks/out/tables.md`` from the last results.
+"""Draw ``docs/benchmarks.png`` and refresh the tables in ``docs/benchmarks.md`` from the last
+results (between ``<!-- begin:NAME -->`` and ``<!-- end:NAME -->`` markers; the prose around
+them is left alone), and write every table to ``benchmarks/out/tables.md``.
 
 Reads the JSON files the other scripts leave in ``benchmarks/out/``; any that is missing is left
 out. The figure has two panels: fold time against model size (the five models and the scaling
@@ -43,37 +45,44 @@ def figure(path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fold, scaling, latency = _load("fold_torch"), _load("scaling"), _load("latency")
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(17, 5))
     if fold is not None:
         sizes = _parameters()
         names = [n for n in fold["results"] if n in sizes]
-        order = sorted(names, key=lambda n: sizes[n])
-        for method, style in (
-            ("bnfold inplace", "o-"),
-            ("bnfold", "s-"),
-            ("fx fuse", "^--"),
-            ("fx fuse inplace", "v--"),
-            ("floor", "k:"),
+        for method, marker in (
+            ("bnfold inplace", "o"),
+            ("bnfold", "s"),
+            ("fx fuse", "^"),
+            ("fx fuse inplace", "v"),
+            ("deepcopy", "x"),
+            ("floor", "_"),
         ):
             xs, ys = [], []
-            for n in order:
+            for n in names:
                 r = fold["results"][n].get(method, {})
                 if "times" in r:
                     xs.append(sizes[n] / 1e6)
                     ys.append(statistics.median(r["times"]) * 1e3)
             if xs:
-                left.plot(xs, ys, style, label=method)
-        for n in order:
-            left.annotate(n, (sizes[n] / 1e6, 4), rotation=60, fontsize=7, ha="center")
+                left.scatter(xs, ys, marker=marker, s=45, label=method)
+        for n in names:
+            left.annotate(
+                n,
+                (sizes[n] / 1e6, left.get_ylim()[0]),
+                fontsize=7,
+                rotation=90,
+                ha="center",
+                va="bottom",
+                alpha=0.6,
+            )
         left.set_xscale("log")
         left.set_yscale("log")
         left.set_xlabel("parameters (millions)")
         left.set_ylabel("fold time, median (ms)")
-        left.set_title("Fold time, PyTorch eager")
+        left.set_title("Fold time by model, PyTorch eager")
         left.legend(fontsize=8)
         left.grid(True, which="both", alpha=0.3)
     if scaling is not None:
-        inset = left.inset_axes([0.62, 0.08, 0.35, 0.3])
         for form, by_n in scaling["results"].items():
             pts = [
                 (int(n), statistics.median(r["times"]) / int(n) * 1e6)
@@ -81,11 +90,14 @@ def figure(path: Path) -> None:
                 if "times" in r
             ]
             if pts:
-                inset.plot(*zip(*sorted(pts), strict=True), "o-", ms=3, label=form)
-        inset.set_xscale("log")
-        inset.set_ylim(bottom=0)
-        inset.set_title("µs per conv/BN block vs N", fontsize=7)
-        inset.tick_params(labelsize=6)
+                middle.plot(*zip(*sorted(pts), strict=True), "o-", label=form)
+        middle.set_xscale("log")
+        middle.set_ylim(bottom=0)
+        middle.set_xlabel("conv/BatchNorm blocks N")
+        middle.set_ylabel("fold time per block (µs)")
+        middle.set_title("Scaling: flat = linear")
+        middle.legend(fontsize=8)
+        middle.grid(True, which="both", alpha=0.3)
     if latency is not None and "eager" in latency["results"]:
         rows = latency["results"]["eager"]
         names = [n for n, r in rows.items() if "times" in r.get("1x224", {})]
@@ -104,14 +116,14 @@ def figure(path: Path) -> None:
     fig.suptitle(f"bnfold benchmarks — {machine}", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
 
 
-def tables() -> str:
-    """Every table of the last results, as Markdown."""
+def _tables() -> dict[str, str]:
+    """Script name -> its tables of the last results, as Markdown."""
     from . import fold_onnx, fold_torch, latency, scaling
 
-    parts = []
+    found = {}
     for name, module in (
         ("fold_torch", fold_torch),
         ("fold_onnx", fold_onnx),
@@ -120,14 +132,34 @@ def tables() -> str:
     ):
         data = _load(name)
         if data is not None:
-            parts.append(f"## {name} ({data['machine']})\n\n{module.report(data['results'])}\n")
-    return "\n".join(parts)
+            found[name] = f"Measured on {data['machine']}.\n\n{module.report(data['results'])}"
+    return found
+
+
+def update_docs(path: Path, tables: dict[str, str]) -> list[str]:
+    """Replace each marked table block of ``path``; returns the names replaced."""
+    text = path.read_text()
+    done = []
+    for name, table in tables.items():
+        begin, end = f"<!-- begin:{name} -->", f"<!-- end:{name} -->"
+        if begin in text and end in text:
+            head, rest = text.split(begin, 1)
+            _, tail = rest.split(end, 1)
+            text = f"{head}{begin}\n{table}\n{end}{tail}"
+            done.append(name)
+    path.write_text(text)
+    return done
 
 
 def main() -> None:
     figure(DOCS / "benchmarks.png")
-    (common.OUT / "tables.md").write_text(tables())
-    print(f"wrote {DOCS / 'benchmarks.png'} and {common.OUT / 'tables.md'}")
+    tables = _tables()
+    common.OUT.mkdir(parents=True, exist_ok=True)
+    (common.OUT / "tables.md").write_text("\n\n".join(tables.values()))
+    doc = DOCS / "benchmarks.md"
+    updated = update_docs(doc, tables) if doc.exists() else []
+    print(f"wrote {DOCS / 'benchmarks.png'}, {common.OUT / 'tables.md'}; tables in {doc.name}: ")
+    print(", ".join(updated) or "none")
 
 
 if __name__ == "__main__":
