@@ -34,7 +34,7 @@ from . import common
 
 VARIANTS = ["unfolded", "folded", "floor"]
 RUNTIMES = ["eager", "compile", "ort"]  # "ort" runs both onnxruntime configurations
-ROUNDS_1, ROUNDS_32 = 9, 5
+ROUNDS_1, ROUNDS_32 = 7, 5
 COMPILE_MODELS = ["resnet18"]
 
 
