@@ -40,46 +40,47 @@ def conv_norm(
 
 
 class BasicBlock(nn.Module):
+    """ResNet's two 3x3 convolutions, added to the input (projected where its shape changes)."""
+
     expansion = 1
 
     def __init__(self, cin: int, width: int, stride: int, norm: bool) -> None:
         super().__init__()
         cout = width * self.expansion
-        self.body = nn.Sequential(
-            *conv_norm(cin, width, 3, norm, stride),
-            nn.ReLU(inplace=True),
-            *conv_norm(width, cout, 3, norm),
-        )
+        self.body = nn.Sequential(*self.layers(cin, width, cout, stride, norm))
         self.shortcut = (
             nn.Sequential(*conv_norm(cin, cout, 1, norm, stride))
             if stride != 1 or cin != cout
             else nn.Identity()
         )
         self.relu = nn.ReLU(inplace=True)
+
+    @staticmethod
+    def layers(cin: int, width: int, cout: int, stride: int, norm: bool) -> list[nn.Module]:
+        return [
+            *conv_norm(cin, width, 3, norm, stride),
+            nn.ReLU(inplace=True),
+            *conv_norm(width, cout, 3, norm),
+        ]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.relu(self.body(x) + self.shortcut(x))
 
 
 class Bottleneck(BasicBlock):
+    """1x1 reduce, 3x3, 1x1 expand (4x), added to the input."""
+
     expansion = 4
 
-    def __init__(self, cin: int, width: int, stride: int, norm: bool) -> None:
-        nn.Module.__init__(self)
-        cout = width * self.expansion
-        self.body = nn.Sequential(
+    @staticmethod
+    def layers(cin: int, width: int, cout: int, stride: int, norm: bool) -> list[nn.Module]:
+        return [
             *conv_norm(cin, width, 1, norm),
             nn.ReLU(inplace=True),
             *conv_norm(width, width, 3, norm, stride),
             nn.ReLU(inplace=True),
             *conv_norm(width, cout, 1, norm),
-        )
-        self.shortcut = (
-            nn.Sequential(*conv_norm(cin, cout, 1, norm, stride))
-            if stride != 1 or cin != cout
-            else nn.Identity()
-        )
-        self.relu = nn.ReLU(inplace=True)
+        ]
 
 
 class ResNet(nn.Module):
