@@ -157,7 +157,7 @@ def report(results: dict[str, Any]) -> str:
         row.append(f"{common.fmt_ratio(growth)} ({top[0]:,} → {top[1]:,})" if growth else "–")
         rows.append(row)
     headers = ["form", *(f"N = {n:,}" for n in sizes), "µs/block growth"]
-    note = "\nRuns per size (median): " + ", ".join(f"{n:,}: {runs_for(n)}" for n in sizes) + "."
+    note = "\n\nRuns per size (median): " + ", ".join(f"{n:,}: {runs_for(n)}" for n in sizes) + "."
     return common.table(headers, rows, right=range(1, len(sizes) + 2)) + note
 
 
