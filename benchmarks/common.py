@@ -9,6 +9,7 @@ held before it: what the call cost, not what the model already occupied.
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import gc
 import json
@@ -142,6 +143,28 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], right: Iterable
 
     rule = ["-" * (w - 1) + ":" if i in right else "-" * w for i, w in enumerate(widths)]
     return "\n".join([line(headers), "| " + " | ".join(rule) + " |", *map(line, rows)])
+
+
+def parser(doc: str | None, models: bool = True) -> argparse.ArgumentParser:
+    """A script's argument parser, described by its docstring's first line, with ``--models``
+    (every benchmark network by default) unless ``models`` is False."""
+    result = argparse.ArgumentParser(description=(doc or "").splitlines()[0])
+    if models:
+        from .models import MODELS
+
+        result.add_argument("--models", default=",".join(MODELS))
+    return result
+
+
+def publish(
+    name: str, title: str, results: Any, report: Callable[[Any], str], **extra: Any
+) -> None:
+    """Save a script's results (``benchmarks/out/NAME.json``, with the machine) and print its
+    tables under ``title``."""
+    here = machine()
+    save(name, {"machine": here, **extra, "results": results})
+    print(f"## {title} ({here})\n")
+    print(report(results))
 
 
 def save(name: str, data: Any) -> Path:

@@ -26,7 +26,6 @@ Run ``python -m benchmarks.fold_onnx`` (``--models``, ``--runs``).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import tempfile
@@ -239,10 +238,7 @@ def report(results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from . import models
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default=",".join(models.MODELS))
+    parser = common.parser(__doc__)
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument(
@@ -250,9 +246,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     results = run(args.models.split(","), args.runs, args.methods.split(","), args.big_files)
-    common.save("fold_onnx", {"machine": common.machine(), "runs": args.runs, "results": results})
-    print(f"## Fold time, ONNX files ({common.machine()})\n")
-    print(report(results))
+    common.publish("fold_onnx", "Fold time, ONNX files", results, report, runs=args.runs)
 
 
 if __name__ == "__main__" and not common.worker_main(work):

@@ -21,7 +21,6 @@ Run ``python -m benchmarks.fold_torch`` (``--models``, ``--runs``).
 
 from __future__ import annotations
 
-import argparse
 import copy
 from typing import Any
 
@@ -214,17 +213,12 @@ def report(results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from . import models
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default=",".join(models.MODELS))
+    parser = common.parser(__doc__)
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args(argv)
     results = run(args.models.split(","), args.runs, args.methods.split(","))
-    common.save("fold_torch", {"machine": common.machine(), "runs": args.runs, "results": results})
-    print(f"## Fold time, PyTorch eager ({common.machine()})\n")
-    print(report(results))
+    common.publish("fold_torch", "Fold time, PyTorch eager", results, report, runs=args.runs)
 
 
 if __name__ == "__main__" and not common.worker_main(work):

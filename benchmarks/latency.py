@@ -23,7 +23,6 @@ Run ``python -m benchmarks.latency`` (``--models``, ``--runtimes``, ``--compile-
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 import time
@@ -211,10 +210,7 @@ def report(results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from . import models
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default=",".join(models.MODELS))
+    parser = common.parser(__doc__)
     parser.add_argument("--runtimes", default=",".join(RUNTIMES))
     parser.add_argument("--compile-models", default=",".join(COMPILE_MODELS))
     parser.add_argument("--size32", type=int, default=64)
@@ -225,9 +221,7 @@ def main(argv: list[str] | None = None) -> None:
         args.compile_models.split(","),
         args.size32,
     )
-    common.save("latency", {"machine": common.machine(), "results": results})
-    print(f"## Inference latency ({common.machine()})\n")
-    print(report(results))
+    common.publish("latency", "Inference latency", results, report)
 
 
 if __name__ == "__main__" and not common.worker_main(work):

@@ -18,7 +18,6 @@ its time budget). Run ``python -m benchmarks.scaling`` (``--sizes``, ``--forms``
 
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 from typing import Any
@@ -162,15 +161,13 @@ def report(results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = common.parser(__doc__, models=False)
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)))
     parser.add_argument("--forms", default=",".join(FORMS))
     parser.add_argument("--all", action="store_true", help="every form at every size")
     args = parser.parse_args(argv)
     results = run([int(n) for n in args.sizes.split(",")], args.forms.split(","), not args.all)
-    common.save("scaling", {"machine": common.machine(), "results": results})
-    print(f"## Scaling: fold time per block ({common.machine()})\n")
-    print(report(results))
+    common.publish("scaling", "Scaling: fold time per block", results, report)
 
 
 if __name__ == "__main__" and not common.worker_main(work):
