@@ -87,7 +87,8 @@ def _file_parser() -> argparse.ArgumentParser:
         "-o",
         "--output",
         metavar="OUTPUT",
-        help="where to write the folded model (written atomically; without it nothing is "
+        help="where to write the folded model, in the input's format: a new name or a regular "
+        "file, never the input's data files (written atomically; without it nothing is "
         "written and bnfold only reports what it would fold)",
     )
     p.add_argument(
@@ -142,7 +143,7 @@ def _fold_file(args: argparse.Namespace) -> int:
 
     kind = files.model_format(args.model)
     if args.output is not None:
-        files.output_target(args.output)  # fail before the work, not after it
+        files.check_output(args.output, kind)  # fail before the work, not after it
     if kind == "onnx":
         return _fold_onnx(args)
     if args.remove_initializer_inputs:
@@ -193,6 +194,9 @@ def _fold_onnx(args: argparse.Namespace) -> int:
             "pip install 'bnfold[onnx]'"
         ) from e
     loaded = onnx_files.load(args.model)
+    external = onnx_files.needs_external_data(loaded)
+    if args.output is not None:  # the output's data file may be the input: known once loaded
+        onnx_files.check_output(loaded, args.output, external)
     if args.remove_initializer_inputs:
         removed = onnx_files.remove_initializer_inputs(loaded.model)
         shown = ", ".join(removed[:5]) + (
@@ -203,7 +207,6 @@ def _fold_onnx(args: argparse.Namespace) -> int:
             f"from the graph inputs{': ' + shown if removed else ''}"
             + ("" if loaded.model.graph.inputs else "; the model now has no inputs")
         )
-    external = onnx_files.needs_external_data(loaded)
     start = time.perf_counter()
     folded, report = onnx_fold.fold(
         loaded.model, inplace=True, producers=args.producers, return_report=True

@@ -57,9 +57,47 @@ def model_format(path: str | os.PathLike[str]) -> str:
     )
 
 
+_SUFFIX_FORMATS = {".onnx": "onnx", ".pt2": "pt2"}
+_FORMAT_NAMES = {"onnx": "an ONNX model (.onnx)", "pt2": "a torch.export archive (.pt2)"}
+
+
+def _kind_of(mode: int) -> str:
+    """What a file that is not a regular file is, in words."""
+    kinds = (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a named pipe (FIFO)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    )
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
+
+
+def check_replaceable(path: Path, what: str = "") -> None:
+    """Refuse to write ``path`` when something other than a regular file is there (after
+    following symbolic links): the result is renamed over it, so a device such as /dev/null
+    or a named pipe would be replaced by a regular file. Nothing there is fine."""
+    label = f"{path} ({what})" if what else str(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return  # a new file, or a symbolic link to one
+    except OSError as e:  # a loop of links, no permission
+        raise ModelFileError(f"cannot write {label}: {e.strerror or e}") from e
+    if stat.S_ISDIR(mode):
+        raise ModelFileError(f"cannot write {label}: it is a directory")
+    if not stat.S_ISREG(mode):
+        raise ModelFileError(
+            f"cannot write {label}: it is {_kind_of(mode)}, not a regular file, and bnfold "
+            "writes its result by renaming a new file over the old one; name a regular file "
+            "or a new one"
+        )
+
+
 def output_target(path: str | os.PathLike[str]) -> Path:
     """Where writing ``path`` puts the file (a symbolic link is followed, as ``cp`` does);
-    :class:`ModelFileError` if it cannot be a file there. Checked before any work is done."""
+    :class:`ModelFileError` if it cannot be a file there, or if something other than a regular
+    file is there (:func:`check_replaceable`). Checked before any work is done."""
     text = os.fspath(path)
     if text.endswith(("/", os.sep)):
         raise ModelFileError(f"cannot write {text}: a file name is needed, not a directory")
@@ -67,7 +105,6 @@ def output_target(path: str | os.PathLike[str]) -> Path:
         target = Path(os.path.realpath(text)) if os.path.islink(text) else Path(text)
         directory = target.parent if str(target.parent) else Path(".")
         directory.stat()
-        target_is_dir = target.is_dir()
     except FileNotFoundError:
         raise ModelFileError(
             f"cannot write {text}: directory {Path(text).parent} does not exist"
@@ -76,8 +113,25 @@ def output_target(path: str | os.PathLike[str]) -> Path:
         raise ModelFileError(f"cannot write {text}: {e.strerror or e}") from e
     if not directory.is_dir():
         raise ModelFileError(f"cannot write {target}: {directory} is not a directory")
-    if target_is_dir:
-        raise ModelFileError(f"cannot write {target}: it is a directory")
+    check_replaceable(target)
+    return target
+
+
+def check_output(path: str | os.PathLike[str], fmt: str) -> Path:
+    """:func:`output_target` for a result in format ``fmt`` (``"onnx"`` or ``"pt2"``), also
+    refusing a name whose suffix (``.onnx``, ``.pt2``; the link's and its target's) says the
+    other format. A name without either suffix is fine."""
+    target = output_target(path)
+    for name in dict.fromkeys((Path(os.fspath(path)).name, target.name)):
+        suffix = Path(name).suffix.lower()
+        named = _SUFFIX_FORMATS.get(suffix)
+        if named is not None and named != fmt:
+            wanted = next(s for s, f in _SUFFIX_FORMATS.items() if f == fmt)
+            raise ModelFileError(
+                f"cannot write {os.fspath(path)}: {name} is named like {_FORMAT_NAMES[named]}, "
+                f"but the result is {_FORMAT_NAMES[fmt]}, the input's format; give the output "
+                f"the suffix {wanted} (bnfold does not convert between formats)"
+            )
     return target
 
 

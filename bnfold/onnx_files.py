@@ -40,7 +40,13 @@ from .errors import (
     VerificationError,
     first_line,
 )
-from .files import output_target, result_permissions, temp_prefix, write_atomically
+from .files import (
+    check_replaceable,
+    output_target,
+    result_permissions,
+    temp_prefix,
+    write_atomically,
+)
 from .onnx_const import FLOAT_TYPES, INTEGER_TYPES, quiet_logs
 
 # A serialized ModelProto cannot exceed 2 GiB (protobuf's limit); tensors adding up to more
@@ -520,12 +526,58 @@ def _same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
         return False
 
 
-def _is_source(model: ir.Model, target: Path, source: str | os.PathLike[str] | None) -> bool:
-    """Whether ``target`` is the file the model was read from (an in-place write)."""
+def _input_models(model: ir.Model, source: str | os.PathLike[str] | None) -> list[str]:
+    """The file the model was read from: ``source``, or the one :func:`load` noted."""
     if source is not None:
-        return _same_file(source, target)
+        return [os.fspath(source)]
     noted = (model.meta.get(_SOURCE_KEY), model.graph.meta.get(_SOURCE_KEY))
-    return any(s is not None and _same_file(s, target) for s in noted)
+    return [s for s in dict.fromkeys(noted) if s is not None]
+
+
+def _read_files(model: ir.Model, reads_from: frozenset[Path]) -> list[Path]:
+    """The input's data files: those it was read from, and any a tensor still reads."""
+    still = {Path(t.path) for t in _all_tensors(model) if isinstance(t, ir.ExternalTensor)}
+    return sorted({*reads_from, *still})
+
+
+def _check_outputs(
+    target: Path, data: Path | None, inputs: list[str], reads_from: list[Path]
+) -> None:
+    """Refuse to write files that are the input: the output's files (``target``, and ``data``
+    when written) may be neither the input model (``inputs``) nor one of its data files
+    (``reads_from``), compared as files (a symbolic or hard link to one is one), except that
+    writing over the input model itself, with its data file, is a wanted in-place write (the
+    weights still read are mapped first). Temporary files get new names, so never collide."""
+    if any(_same_file(target, f) for f in reads_from):
+        raise ModelFileError(
+            f"cannot write {target}: the input model's weights are stored in that file; "
+            "choose another output file name"
+        )
+    if data is None:
+        return
+    check_replaceable(data, "the model's data file")
+    if any(_same_file(target, s) for s in inputs):
+        return  # in place: the user named the input
+    if any(_same_file(data, f) for f in reads_from):
+        raise ModelFileError(
+            f"cannot write {data}: the input model reads its weights from that file, and "
+            "writing this output would replace it; choose another output file name (or "
+            "write over the input model itself)"
+        )
+    if any(_same_file(data, s) for s in inputs):
+        raise ModelFileError(
+            f"cannot write {data} (the data file of {target.name}): it is the input model, "
+            "which writing this output would replace; choose another output file name"
+        )
+
+
+def check_output(loaded: ModelFile, path: str | os.PathLike[str], external_data: bool) -> None:
+    """Refuse, before any work, an output :func:`save` would refuse for ``loaded``: a target
+    that is not a regular file, or output files that would replace the input model or its
+    data files (writing over the input model itself is allowed)."""
+    target = output_target(path)
+    data = _data_path(target) if external_data else None
+    _check_outputs(target, data, [os.fspath(loaded.path)], sorted(loaded.external_files))
 
 
 def save(
@@ -542,7 +594,8 @@ def save(
 
     ``reads_from`` are the input model's external data files, still memory-mapped and read
     from: replacing one would destroy the input, so that is refused unless ``path`` is the
-    input model itself (``source``, by default the file :func:`load` read the model from).
+    input model itself (``source``, by default the file :func:`load` read the model from);
+    so is a data file that would replace the input model (:func:`check_output`).
     A failure at any point leaves no partial or temporary file and the targets as they were.
     """
     with quiet_logs():
@@ -558,25 +611,12 @@ def _save(
 ) -> None:
     if not external_data and _tensor_bytes(model) > _MAX_INLINE_BYTES:
         external_data = True  # one protobuf message cannot hold it
-    reading = {os.path.realpath(p) for p in reads_from}
-    if os.path.realpath(target) in reading:
-        raise ModelFileError(
-            f"cannot write {target}: the input model's weights are stored in that file; "
-            "choose another output file name"
-        )
-    if not external_data:
+    data = _data_path(target) if external_data else None
+    _check_outputs(target, data, _input_models(model, source), _read_files(model, reads_from))
+    if data is None:
         _save_inline(model, target)
-        return
-    data = _data_path(target)
-    if data.is_dir() and not data.is_symlink():
-        raise ModelFileError(f"cannot write {data} (the model's data file): it is a directory")
-    if os.path.realpath(data) in reading and not _is_source(model, target, source):
-        raise ModelFileError(
-            f"cannot write {data}: the input model reads its weights from that file, and "
-            "writing this output would replace it; choose another output file name (or "
-            "write over the input model itself)"
-        )
-    _save_with_data(model, target, data)
+    else:
+        _save_with_data(model, target, data)
 
 
 def _save_inline(model: ir.Model, target: Path) -> None:
@@ -1090,6 +1130,7 @@ __all__ = [
     "load",
     "save",
     "output_files",
+    "check_output",
     "needs_external_data",
     "sample_inputs",
     "check",

@@ -7,13 +7,15 @@ bytes, splicing), protobuf-aware for ONNX (absurd dims, bad element types, raw d
 size, bogus external data, undefined names, cycles, bad attributes, constant subgraphs that
 promise huge values, ...) and zip/JSON-aware for ``.pt2`` (members corrupted, deleted,
 duplicated; JSON mutated; zip directory sizes that promise far more than the file holds;
-weights mutated; pickles that would run code).
+weights mutated; pickles that would run code); and for both, output names that collide with
+the input (its data file, a data file that is the input, a named pipe, the other format).
 
 Every input goes through ``bnfold.cli.main(argv)`` in-process, and the run must keep the
 command line's promises for a bad file: no exception escapes, the exit status is 0 or 1, a
 failure prints exactly one ``bnfold: error:`` line and leaves no output file (nor data or
 temporary file), the input is unchanged, an output written with status 0 loads, and the run
-finishes in seconds without allocating memory the file does not justify.
+finishes in seconds without allocating memory the file does not justify. An output named in
+the input directory may change only its own files, never the input's (unless it is the input).
 
 As a script (``python tests/fuzz_files.py --inputs 10000 --seed 0``) the inputs run in worker
 subprocesses, so that a native crash (a segfault in protobuf, onnxruntime or torch) is recorded
@@ -395,6 +397,8 @@ class Case:
     # ("symlink", name, target), ("hardlink", name, existing), ("mkdir", name, ""),
     # ("fifo", name, "")
     links: list[tuple[str, str, str]] = field(default_factory=list)
+    # The output's name in the input directory (m_output_collision), else out/folded.<fmt>.
+    output: str = ""
 
     @property
     def size(self) -> int:
@@ -584,6 +588,62 @@ def m_suffix(rng: random.Random, seed: Seed, corpus: list[Seed], case: Case) -> 
     case.main = name
     case.files[name] = data
     case.detail = f"named {name!r}, {note}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Output names colliding with the input (both formats)
+
+Link = tuple[str, str, str]
+
+
+def _output_collisions(case: Case) -> dict[str, tuple[str, list[Link], str]]:
+    """Outputs that collide with an input or name no file to replace, by name: (the output's
+    name in the input directory, links to make there, a new name for the input model or "")."""
+    main, out = case.main, f"out.{case.fmt}"
+    ops: dict[str, tuple[str, list[Link], str]] = {
+        "fifo": (out, [("fifo", out, "")], ""),
+        "fifo_link": (out, [("fifo", "pipe", ""), ("symlink", out, "pipe")], ""),
+        "other_suffix": ("out.pt2" if case.fmt == "onnx" else "out.onnx", [], ""),
+        "in_place": (main, [], ""),
+        "link_to_input": (out, [("symlink", out, main)], ""),
+        "hardlink_to_input": (out, [("hardlink", out, main)], ""),
+    }
+    if case.fmt != "onnx":
+        return ops
+    data = out + ".data"  # the output's data file, written when the model has external data
+    ops.update(
+        {
+            "data_fifo": (out, [("fifo", data, "")], ""),
+            "data_is_input": ("a.onnx", [], "a.onnx.data"),
+            "data_link_to_input": (out, [("symlink", data, main)], ""),
+            "data_hardlink_to_input": (out, [("hardlink", data, main)], ""),
+        }
+    )
+    stored = sorted(n for n in case.files if n != main)
+    if stored:  # the seed's external data file
+        ops["input_data"] = (stored[0], [], "")
+        ops["link_to_input_data"] = (out, [("symlink", out, stored[0])], "")
+        if stored[0].endswith(".data"):  # an output named like the input, the input renamed
+            ops["shares_data"] = (stored[0].removesuffix(".data"), [], "a.onnx")
+    return ops
+
+
+def output_collision(case: Case, op: str) -> None:
+    """Give ``case`` the output ``op`` of :func:`_output_collisions` (tests pick one by name)."""
+    output, links, rename = _output_collisions(case)[op]
+    if rename:
+        case.files[rename] = case.files.pop(case.main)
+        case.main = rename
+    case.links.extend(links)
+    case.output = output
+    case.detail = f"output {output!r}: {op}"
+
+
+def m_output_collision(rng: random.Random, seed: Seed, corpus: list[Seed], case: Case) -> None:
+    """An intact model whose output collides with an input or names no file to replace (a
+    named pipe, a name of the other format): the run must refuse, or write only the output's
+    own files (see :func:`_may_write`)."""
+    output_collision(case, _pick(rng, sorted(_output_collisions(case))))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2098,6 +2158,7 @@ _SHARED: dict[str, Mutator] = {
     "random_magic": m_random_magic,
     "splice": m_splice,
     "suffix": m_suffix,
+    "output_collision": m_output_collision,
 }
 ONNX_STRATEGIES: dict[str, Mutator] = {
     **_SHARED,
@@ -2319,6 +2380,35 @@ def _snapshot(root: Path, skip: Path) -> dict[str, str]:
     return out
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _may_write(case: Case, in_dir: Path, out: Path, case_dir: Path) -> set[str]:
+    """The snapshot entries a successful run may change or add for an output in the input
+    directory: the output (its link followed) and its data file, but never one that is a file
+    of the input (the same file, by any link) or a pipe, unless the output is the input model
+    itself. Computed before the run, while the entries are what the case made."""
+    if not case.output:
+        return set()
+    target = Path(os.path.realpath(out))
+    written = [target, target.with_name(target.name + ".data")]
+    in_place = _same_file(target, in_dir / case.main)
+    inputs = [in_dir / name for name in case.files]
+    root = Path(os.path.realpath(case_dir))
+    keys = set()
+    for p in written:
+        special = p.exists() and not p.is_file()
+        if not in_place and (special or any(_same_file(p, i) for i in inputs)):
+            continue
+        with contextlib.suppress(ValueError):  # outside the case directory: never allowed
+            keys.add(str(p.relative_to(root)))
+    return keys
+
+
 def _output_loads(path: Path, fmt: str) -> str | None:
     """Why the output at ``path`` does not load, or None."""
     try:
@@ -2388,7 +2478,8 @@ def run_case(case: Case, root: Path, save_dir: Path | None = None) -> Outcome:
     before = _snapshot(case_dir, out_dir)
     cwd_before = set(os.listdir("."))
     suffix = "pt2" if case.fmt == "pt2" else "onnx"
-    out = out_dir / f"folded.{suffix}"
+    out = in_dir / case.output if case.output else out_dir / f"folded.{suffix}"
+    may_write = _may_write(case, in_dir, out, case_dir) if case.write_output else set()
     argv = [os.fspath(in_dir / case.main)]
     if case.write_output:
         argv += ["-o", os.fspath(out)]
@@ -2452,8 +2543,9 @@ def run_case(case: Case, root: Path, save_dir: Path | None = None) -> Outcome:
                     findings.append("bad_output")
                     extra.append(f"output does not load: {why}")
     after = _snapshot(case_dir, out_dir)
-    changed = [k for k in before if after.get(k) != before[k]]
-    added = [k for k in after if k not in before]
+    written = may_write if not failed else set()
+    changed = [k for k in before if after.get(k) != before[k] and k not in written]
+    added = [k for k in after if k not in before and k not in written]
     if changed:
         findings.append("input_changed")
         extra.append(f"changed or removed: {changed}")
@@ -2529,6 +2621,8 @@ def save_finding(
             if p.is_file() and p.stat().st_size <= 2**20:  # large outputs are the problem
                 shutil.copy2(p, target / "out" / p.name)
     out_name = f"out/folded.{'pt2' if case.fmt == 'pt2' else 'onnx'}"
+    if case.output:
+        out_name = f"in/{case.output}"
     cmd = ["bnfold", f"in/{case.main}"] + (["-o", out_name] if case.write_output else [])
     cmd += case.args
     lines = [

@@ -1,9 +1,16 @@
-"""The command line: `bnfold demo`, errors as one line and a non-zero status."""
+"""The command line: `bnfold demo`, errors as one line and a non-zero status, and what `-o` may
+name (for ONNX models and .pt2 archives alike)."""
 
 from __future__ import annotations
 
+import hashlib
+import os
+import stat
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from bnfold.cli import main
 
@@ -51,3 +58,144 @@ def test_demo_arguments_are_validated_as_usage_errors(capsys):
         assert main(["demo", *argv]) == 2
         err = capsys.readouterr().err
         assert err.startswith("bnfold: error: argument") and err.count("\n") == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Output targets: what -o may name, for both formats
+
+
+@pytest.fixture(scope="module")
+def model_bytes() -> dict[str, bytes]:
+    """A Conv + BatchNorm network as an ONNX model and as a torch.export archive."""
+    import io
+
+    import numpy as np
+    import onnx
+    import torch
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    stats = [rng.uniform(0.5, 2, 4), rng.normal(size=4), rng.normal(size=4), rng.uniform(1, 2, 4)]
+    inits = [numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "w")]
+    inits += [
+        numpy_helper.from_array(a.astype(np.float32), n) for n, a in zip("sbmv", stats, strict=True)
+    ]
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+            helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["y"], name="bn"),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 6, 6])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4, 4, 4])],
+        inits,
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).eval()
+    buffer = io.BytesIO()
+    torch.export.save(torch.export.export(net, (torch.randn(1, 3, 6, 6),)), buffer)
+    return {"onnx": proto.SerializeToString(), "pt2": buffer.getvalue()}
+
+
+def _input(tmp_path: Path, model_bytes: dict[str, bytes], fmt: str) -> Path:
+    src = tmp_path / f"in.{fmt}"
+    src.write_bytes(model_bytes[fmt])
+    return src
+
+
+def _listing(directory: Path) -> dict[str, tuple[int, str]]:
+    """Every entry's type, and a regular file's content hash."""
+    out = {}
+    for p in sorted(directory.iterdir()):
+        st = p.lstat()
+        digest = hashlib.sha256(p.read_bytes()).hexdigest() if stat.S_ISREG(st.st_mode) else ""
+        out[p.name] = (stat.S_IFMT(st.st_mode), digest)
+    return out
+
+
+def _refused_before_any_work(capsys, *words: str) -> str:
+    captured = capsys.readouterr()
+    assert captured.err.startswith("bnfold: error:") and captured.err.count("\n") == 1
+    assert captured.out == "", "the output was checked after the fold"
+    for word in words:
+        assert word in captured.err, captured.err
+    return captured.err
+
+
+def _special(path: Path, kind: str) -> None:
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:  # the null device's numbers, made in a temporary directory: never the real one
+        try:
+            os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        except PermissionError:
+            pytest.skip("making a device needs root")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "char-device"])
+@pytest.mark.parametrize("fmt", ["onnx", "pt2"])
+@pytest.mark.parametrize("via", ["named", "symlink"])
+def test_output_that_is_not_a_regular_file_is_refused_before_any_work(
+    tmp_path, capsys, model_bytes, fmt, kind, via
+):
+    src = _input(tmp_path, model_bytes, fmt)
+    special = tmp_path / f"special.{fmt}"
+    _special(special, kind)
+    out = special
+    if via == "symlink":
+        out = tmp_path / f"link.{fmt}"
+        out.symlink_to(special.name)
+    before = _listing(tmp_path)
+    assert main([str(src), "-o", str(out)]) == 1
+    _refused_before_any_work(capsys, "not a regular file")
+    assert _listing(tmp_path) == before  # the pipe or device is still one, nothing added
+
+
+@pytest.mark.parametrize(
+    "fmt, name", [("onnx", "out.pt2"), ("onnx", "out.PT2"), ("pt2", "out.onnx")]
+)
+def test_output_suffix_of_the_other_format_is_refused(tmp_path, capsys, model_bytes, fmt, name):
+    src = _input(tmp_path, model_bytes, fmt)
+    before = _listing(tmp_path)
+    assert main([str(src), "-o", str(tmp_path / name)]) == 1
+    _refused_before_any_work(capsys, "does not convert between formats")
+    assert _listing(tmp_path) == before
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "pt2"])
+def test_symlink_to_a_name_of_the_other_format_is_refused(tmp_path, capsys, model_bytes, fmt):
+    src = _input(tmp_path, model_bytes, fmt)
+    other = "pt2" if fmt == "onnx" else "onnx"
+    (tmp_path / "out").symlink_to(f"target.{other}")
+    before = _listing(tmp_path)
+    assert main([str(src), "-o", str(tmp_path / "out")]) == 1
+    _refused_before_any_work(capsys, f"target.{other}")
+    assert _listing(tmp_path) == before
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "pt2"])
+def test_output_without_a_known_suffix_is_written(tmp_path, capsys, model_bytes, fmt):
+    src = _input(tmp_path, model_bytes, fmt)
+    out = tmp_path / "folded.bin"
+    assert main([str(src), "-o", str(out)]) == 0
+    assert "1 of 1 BatchNorm folded" in capsys.readouterr().out
+    assert out.read_bytes().startswith(b"PK\x03\x04" if fmt == "pt2" else b"\x08")
+
+
+@pytest.mark.parametrize("how", ["symlink", "hardlink"])
+def test_pt2_output_linked_to_the_input(tmp_path, capsys, model_bytes, how):
+    """A symbolic link to the input is a write over the input (the link is followed, as for
+    any output); a hard link is another name, replaced while the input keeps its content."""
+    src = _input(tmp_path, model_bytes, "pt2")
+    out = tmp_path / "out.pt2"
+    if how == "symlink":
+        out.symlink_to(src.name)
+    else:
+        os.link(src, out)
+    assert main([str(src), "-o", str(out)]) == 0
+    assert "1 of 1 BatchNorm folded" in capsys.readouterr().out
+    if how == "symlink":
+        assert out.is_symlink() and src.read_bytes() != model_bytes["pt2"]
+    else:
+        assert src.read_bytes() == model_bytes["pt2"] and out.read_bytes() != src.read_bytes()
+    assert sorted(os.listdir(tmp_path)) == ["in.pt2", "out.pt2"]

@@ -9,6 +9,7 @@ allocating what the file does not hold.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import fuzz_files as ff
@@ -192,6 +193,53 @@ def test_pt2_zip64_directory_claims_2_62_bytes(corpus, tmp_path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Output names colliding with the input
+
+# The seeds collisions are tried on: format and files (the input model first).
+_COLLISION_SEEDS = {
+    "conv_bn": ("onnx", ["model.onnx"]),
+    "external": ("onnx", ["model.onnx", "model.onnx.data"]),
+    "pt2_conv": ("pt2", ["model.pt2"]),
+}
+# The collisions a run must refuse; the others (an output that is the input or a link to it, or
+# whose data file is not written because the model has no external data) are written.
+_REFUSED = {"fifo", "fifo_link", "other_suffix"}
+_REFUSED_WITH_DATA = {
+    "data_fifo",
+    "data_is_input",
+    "data_link_to_input",
+    "data_hardlink_to_input",
+    "input_data",
+    "link_to_input_data",
+    "shares_data",
+}
+
+
+def _collisions(seed: str) -> list[str]:
+    fmt, names = _COLLISION_SEEDS[seed]
+    case = ff.Case(0, fmt, "", seed, names[0], dict.fromkeys(names, b""))
+    return sorted(ff._output_collisions(case))
+
+
+def test_collision_seeds_are_the_corpus_seeds(corpus) -> None:
+    for s in corpus:
+        if s.name in _COLLISION_SEEDS:
+            assert (s.fmt, [s.main, *sorted(set(s.files) - {s.main})]) == _COLLISION_SEEDS[s.name]
+
+
+@pytest.mark.parametrize(
+    "seed, op", [(seed, op) for seed in _COLLISION_SEEDS for op in _collisions(seed)]
+)
+def test_output_colliding_with_the_input(corpus, tmp_path, seed, op) -> None:
+    """Refused with one line and nothing touched, or written changing only the output's own
+    files (ff._may_write): never a pipe replaced or an input overwritten."""
+    outcome = _run(corpus, tmp_path, seed, lambda case: ff.output_collision(case, op))
+    refused = op in _REFUSED or (seed == "external" and op in _REFUSED_WITH_DATA)
+    assert outcome.rc == (1 if refused else 0), _show([outcome])
+    assert not outcome.findings, _show([outcome])
+
+
+# ---------------------------------------------------------------------------------------------
 # The harness itself
 
 
@@ -221,3 +269,27 @@ def test_harness_notices_broken_promises(corpus, tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(bnfold.cli, "main", raising_main)
     outcome = ff.run_case(case, tmp_path)
     assert "escaped" in outcome.findings
+
+
+@pytest.mark.parametrize(
+    "seed, op", [("conv_bn", "fifo"), ("conv_bn", "fifo_link"), ("external", "data_is_input")]
+)
+def test_harness_notices_an_output_written_over_an_input(corpus, tmp_path, monkeypatch, seed, op):
+    """A command line that renames its output and data file over whatever is there (a pipe,
+    the input model) and succeeds is caught."""
+    import bnfold.cli
+
+    def replace(path: Path, data: bytes) -> None:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+
+    def careless_main(argv: list[str]) -> int:
+        out = Path(argv[2])
+        replace(out, b"model")
+        replace(out.with_name(out.name + ".data"), b"data")
+        return 0
+
+    monkeypatch.setattr(bnfold.cli, "main", careless_main)
+    outcome = _run(corpus, tmp_path, seed, lambda case: ff.output_collision(case, op))
+    assert "input_changed" in outcome.findings, _show([outcome])

@@ -1,6 +1,7 @@
 """ONNX traps found in review: external Constant tensors resolved against the current directory,
 sparse tensors, over-long file names, named pipes, --verify on models computing in another
-precision than their inputs and outputs, and the mode of an overwritten output.
+precision than their inputs and outputs, the mode of an overwritten output, and output files
+that are the input model or its data files.
 
 Every CLI run checks the exit status, that an error is one line on stderr, and what is (or is
 not) on disk afterwards.
@@ -8,7 +9,9 @@ not) on disk afterwards.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import stat
 import threading
 
 import numpy as np
@@ -548,3 +551,125 @@ def test_library_complaints_stay_off_stderr(tmp_path, capsys, caplog, make):
     assert captured.err == "" and "1 of 1 BatchNorm folded" in captured.out
     assert not [r for r in caplog.records if r.name.startswith("onnx")], caplog.records
     assert not caught, [str(w.message) for w in caught]
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. Output files that are the input model or its data files
+
+
+def _save_data_in(model: onnx.ModelProto, path, location: str) -> None:
+    """Save ``model`` at ``path`` with every tensor in the data file ``location``."""
+    onnx.save(model, str(path), save_as_external_data=True, location=location, size_threshold=0)
+
+
+def _entries(directory) -> dict[str, tuple[int, str]]:
+    """Every entry's type, and a regular file's content hash."""
+    out = {}
+    for p in sorted(directory.iterdir()):
+        st = p.lstat()
+        digest = hashlib.sha256(p.read_bytes()).hexdigest() if stat.S_ISREG(st.st_mode) else ""
+        out[p.name] = (stat.S_IFMT(st.st_mode), digest)
+    return out
+
+
+def _refused_before_any_work(capsys, *words: str) -> None:
+    captured = capsys.readouterr()
+    assert captured.err.startswith("bnfold: error:") and captured.err.count("\n") == 1
+    for word in words:
+        assert word in captured.err, captured.err
+    assert captured.out == "", "the output files were checked after the fold"
+
+
+@pytest.mark.parametrize("how", ["named", "symlink", "hardlink"])
+def test_output_data_file_that_is_the_input_model_is_refused(tmp_path, capsys, how):
+    """`bnfold m.onnx.data -o m.onnx` (the weights in w.bin) wrote the output's data file over
+    the input model; a link to the input under the data file's name is the same file."""
+    if how == "named":
+        src, out = tmp_path / "m.onnx.data", tmp_path / "m.onnx"
+    else:
+        src, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    _save_data_in(_conv_bn(), src, "w.bin")
+    if how == "symlink":
+        (tmp_path / "out.onnx.data").symlink_to(src.name)
+    elif how == "hardlink":
+        os.link(src, tmp_path / "out.onnx.data")
+    before = _entries(tmp_path)
+    assert main([str(src), "-o", str(out)]) == 1
+    _refused_before_any_work(capsys, "it is the input model")
+    assert _entries(tmp_path) == before
+
+
+@pytest.mark.parametrize("how", ["named", "symlink"])
+def test_output_that_is_an_input_data_file_is_refused_before_any_work(tmp_path, capsys, how):
+    src = tmp_path / "m.onnx"
+    _save_data_in(_conv_bn(), src, "w.bin")
+    out = tmp_path / "w.bin"
+    if how == "symlink":
+        out = tmp_path / "link.onnx"
+        out.symlink_to("w.bin")
+    before = _entries(tmp_path)
+    assert main([str(src), "-o", str(out)]) == 1
+    _refused_before_any_work(capsys, "weights are stored in that file")
+    assert _entries(tmp_path) == before
+
+
+def test_output_whose_data_file_is_an_input_data_file_is_refused_before_any_work(tmp_path, capsys):
+    src = tmp_path / "a.onnx"
+    _save_data_in(_conv_bn(), src, "b.onnx.data")
+    before = _entries(tmp_path)
+    assert main([str(src), "-o", str(tmp_path / "b.onnx"), "--verify"]) == 1
+    _refused_before_any_work(capsys, "reads its weights from that file")
+    assert _entries(tmp_path) == before
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "symlink-to-fifo"])
+def test_output_data_file_that_is_not_a_regular_file_is_refused(tmp_path, capsys, kind):
+    src = tmp_path / "m.onnx"
+    _save_external(_conv_bn(), src)
+    data = tmp_path / "out.onnx.data"
+    if kind == "directory":
+        data.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(data)
+    else:
+        os.mkfifo(tmp_path / "pipe")
+        data.symlink_to("pipe")
+    before = _entries(tmp_path)
+    assert main([str(src), "-o", str(tmp_path / "out.onnx")]) == 1
+    _refused_before_any_work(capsys, "the model's data file")
+    assert _entries(tmp_path) == before
+
+
+@pytest.mark.parametrize("how", ["named", "symlink"])
+def test_writing_over_the_input_itself_stays_allowed(tmp_path, capsys, how):
+    """-o naming the input (or a link to it) is an in-place write, whatever the input's name;
+    the input's data file w.bin is left as it was."""
+    original = tmp_path / "original"
+    original.mkdir()
+    _save_data_in(_conv_bn(), original / "m.onnx.data", "w.bin")
+    src = tmp_path / "m.onnx.data"
+    _save_data_in(_conv_bn(), src, "w.bin")
+    weights = (tmp_path / "w.bin").read_bytes()
+    out = src
+    if how == "symlink":
+        out = tmp_path / "link.onnx"
+        out.symlink_to(src.name)
+    assert main([str(src), "-o", str(out)]) == 0
+    assert "1 of 1 BatchNorm folded" in capsys.readouterr().out
+    assert (tmp_path / "w.bin").read_bytes() == weights
+    folded = onnx_files.load(src)
+    assert not [n for n in folded.model.graph if n.op_type == "BatchNormalization"]
+    assert onnx_files.check(original / "m.onnx.data", folded.model).passed
+
+
+def test_save_refuses_a_data_file_that_is_the_input_model(tmp_path):
+    """The library's save checks what the command line checks before the fold."""
+    src = tmp_path / "m.onnx.data"
+    _save_data_in(_conv_bn(), src, "w.bin")
+    loaded = onnx_files.load(src)
+    before = _entries(tmp_path)
+    with pytest.raises(bnfold.ModelFileError, match="it is the input model"):
+        onnx_files.save(
+            loaded.model, tmp_path / "m.onnx", external_data=True, reads_from=loaded.external_files
+        )
+    assert _entries(tmp_path) == before
