@@ -37,8 +37,16 @@ _CONV_T_OPS = {"conv_transpose1d": 1, "conv_transpose2d": 2, "conv_transpose3d":
 
 # Ops that pass a weight through unchanged in value (possibly permuted): the weight of a
 # decomposed linear reaches aten.mm / aten.addmm as ``permute(weight, [1, 0])``.
-_PASS_THROUGH = {"alias", "detach", "clone", "lift_fresh_copy"}
-_TRANSPOSE_OPS = {"permute", "t", "transpose", "numpy_T"}
+# ``detach_`` writes autograd metadata only: a ``torch.tensor(...)`` made in forward reaches
+# the graph as ``lift_fresh_copy`` then ``detach_``, and its values are as constant as before.
+_PASS_THROUGH = {"alias", "detach", "detach_", "clone", "lift_fresh_copy"}
+_TRANSPOSE_OPS = {"permute", "t", "transpose", "numpy_T", "mT"}
+_METADATA_ONLY_WRITES = {"detach_"}
+
+# Ops between a producer and its BatchNorm that keep every value and only move axes (or copy
+# the values unchanged); reshapes are followed where they keep the channel axis (below).
+_ACTIVATION_COPIES = {"alias", "detach", "clone", "contiguous"}
+_RESHAPES = {"view", "reshape", "_unsafe_view", "_reshape_alias"}
 
 # Ops that return views of their input without saying so in their schema.
 _UNANNOTATED_VIEWS = {
@@ -145,7 +153,7 @@ def may_be_written(node: Node) -> bool:
             bn = batch_norm_call(user)
             if bn is not None and bn.training is not False and current in (bn.mean, bn.var):
                 return True  # aten.batch_norm updates its running statistics unannotated
-            if t._opname in _UNANNOTATED_VIEWS:
+            if t._opname in _UNANNOTATED_VIEWS or t._opname in _METADATA_ONLY_WRITES:
                 work.append(user)
                 continue
             for i, a in enumerate(t._schema.arguments):
@@ -365,6 +373,11 @@ def trace_back(value: Any, axis: int) -> tuple[list[Node], int] | None:
 
 def _source_axis(node: Node, op: str, axis: int, src_rank: int | None) -> int | None:
     """Axis of ``node``'s input that becomes ``axis`` of its output."""
+    if op == "mT":  # swaps the last two axes
+        if src_rank is None or src_rank < 2 or not 0 <= axis < src_rank:
+            return None
+        last = src_rank - 1
+        return last - 1 if axis == last else last if axis == last - 1 else axis
     if op in ("t", "numpy_T"):
         if src_rank is None or src_rank > 2:
             return None if op == "numpy_T" else 1 - axis
@@ -384,6 +397,99 @@ def _source_axis(node: Node, op: str, axis: int, src_rank: int | None) -> int | 
         d0, d1 = d0 % src_rank, d1 % src_rank
         return d1 if axis == d0 else d0 if axis == d1 else axis
     return None
+
+
+def uses(value: Node, user: Node) -> int:
+    """How many argument positions of ``user`` hold ``value`` (``mm(w, w)`` uses ``w`` twice)."""
+    count = 0
+
+    def seen(n: Node) -> Node:
+        nonlocal count
+        count += n is value
+        return n
+
+    torch.fx.node.map_arg((user.args, user.kwargs), seen)
+    return count
+
+
+def other_uses(value: Node, but: Node) -> list[Node]:
+    """The users of ``value`` once for every argument position that holds it, less one use
+    by ``but`` (the one the caller accounts for)."""
+    found: list[Node] = []
+    for user in value.users:
+        n = uses(value, user) - (user is but)
+        found += [user] * max(n, 0)
+    return found
+
+
+def _source(node: Node) -> Any:
+    return node.args[0] if node.args else node.kwargs.get("self")
+
+
+def activation_steps(value: Any) -> tuple[Any, list[Node]]:
+    """Walk back from a BatchNorm's input through layout ops (transposes, copies, reshapes).
+
+    Returns the value they start from and the ops in graph order; whether the channels can
+    be followed through them is :func:`follow_channel_axis`'s question.
+    """
+    steps: list[Node] = []
+    node = value
+    while isinstance(node, Node):
+        op = aten_name(node)
+        if op not in _TRANSPOSE_OPS and op not in _ACTIVATION_COPIES and op not in _RESHAPES:
+            break
+        steps.insert(0, node)
+        node = _source(node)
+    return node, steps
+
+
+@dataclass(frozen=True)
+class AxisTrack:
+    """Where a producer's channel axis arrives after layout ops: ``axis``, or ``None`` and
+    ``problem``; ``reshaped`` when a reshape lost it (the channels are then mixed with other
+    axes, which is no producer at all rather than a wrong axis)."""
+
+    axis: int | None
+    problem: str = ""
+    reshaped: bool = False
+
+
+def follow_channel_axis(steps: list[Node], axis: int, src_rank: int) -> AxisTrack:
+    """Follow axis ``axis`` of a ``src_rank``-D value through ``steps``."""
+    for step in steps:
+        op = aten_name(step)
+        out_rank = rank(step)
+        if op in _ACTIVATION_COPIES:
+            continue
+        if op in _RESHAPES:
+            moved = _reshaped_axis(_source(step), step, axis)
+            if moved is None:
+                return AxisTrack(None, f"{describe(step)} reshapes axis {axis}", reshaped=True)
+        elif out_rank is None:
+            return AxisTrack(None, f"{describe(step)} has no shape metadata")
+        else:
+            found = [j for j in range(out_rank) if _source_axis(step, op, j, src_rank) == axis]
+            if len(found) != 1:
+                return AxisTrack(None, f"{describe(step)} does not keep axis {axis} as one axis")
+            moved = found[0]
+        axis, src_rank = moved, out_rank if out_rank is not None else src_rank
+    return AxisTrack(axis)
+
+
+def _reshaped_axis(source: Any, step: Node, axis: int) -> int | None:
+    """The output axis of a reshape that holds input axis ``axis`` unchanged, when that axis
+    is the last one on both sides (a Linear on 3-D input decomposes into reshapes around a
+    2-D ``addmm``); ``None`` otherwise."""
+    before = source.meta.get("val") if isinstance(source, Node) else None
+    after = step.meta.get("val")
+    if not isinstance(before, torch.Tensor) or not isinstance(after, torch.Tensor):
+        return None
+    if axis != before.dim() - 1 or after.dim() == 0 or before.dim() == 0:
+        return None
+    a, b = before.shape[-1], after.shape[-1]
+    # Row-major: with equal last sizes, element (..., c) stays at (..., c).
+    same = a == b if isinstance(a, int) and isinstance(b, int) else str(a) == str(b)
+    return after.dim() - 1 if same else None
 
 
 def is_pass_through(node: Node) -> bool:

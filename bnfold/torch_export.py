@@ -32,12 +32,16 @@ from .rules import PairFacts
 from .torch_aten import (
     BatchNormCall,
     ProducerCall,
+    activation_steps,
     arguments,
     batch_norm_call,
     describe,
+    follow_channel_axis,
     is_pass_through,
     layout,
+    may_be_written,
     module_path,
+    other_uses,
     producer_call,
     set_argument,
     trace_back,
@@ -54,6 +58,14 @@ from .torch_graph_store import (
 from .torch_verify import verify as verify_modules
 
 _RANK_HINT = "export the model again so that its nodes carry shapes (node.meta['val'])"
+
+# What a fold may materialise for a weight stored smaller than it is (an expanded tensor,
+# strides 0: torch.export.save writes its few distinct values only). Folding makes it dense,
+# so a 12 KB file could ask for gigabytes. Such folds together may create at most
+# max(MATERIALISE_FLOOR_BYTES, MATERIALISE_FACTOR * bytes the program stores) of new tensors,
+# counted by logical size (numel * itemsize); beyond that they are refused (valid-values).
+MATERIALISE_FLOOR_BYTES = 64 << 20
+MATERIALISE_FACTOR = 4
 
 
 # --------------------------------------------------------------------------------------------
@@ -74,6 +86,7 @@ class _Pair:
     weight_chain: list[Node] | None = None
     bias_chain: list[Node] | None = None
     weight_axis: int = 0
+    bn_sources: dict[str, Node] = dataclasses.field(default_factory=dict)
     new_weight: torch.Tensor | None = None
     new_bias: torch.Tensor | None = None
 
@@ -97,11 +110,6 @@ def _op_label(node: Node) -> str:
     return f"aten.{t._opname}" if isinstance(t, torch._ops.OpOverload) else str(t)
 
 
-def _is_constant(store: Store, value: Any) -> bool:
-    """Whether ``value`` is a constant tensor node the program never writes."""
-    return isinstance(value, Node) and store.tensor(value) is not None and not store.mutated(value)
-
-
 def _operand_chain(store: Store, value: Any, axis: int) -> tuple[list[Node] | None, int, str]:
     """The chain from a constant to a producer operand, the constant's output axis, and what
     the operand is when it is not constant ("" when it is)."""
@@ -113,25 +121,51 @@ def _operand_chain(store: Store, value: Any, axis: int) -> tuple[list[Node] | No
         return None, axis, describe(chain[0])
     if store.mutated(chain[0]):
         return None, axis, f"{describe(chain[0])}, which the program changes while it runs"
+    written = _written_copy(chain)
+    if written:
+        return None, axis, written
     return chain, source_axis, ""
 
 
-def _other_users(node: Node, but: Node) -> str:
-    others = [("the graph output" if u.op == "output" else describe(u)) for u in node.users]
-    return ", ".join(o for u, o in zip(node.users, others, strict=True) if u is not but)
+def _written_copy(chain: list[Node]) -> str:
+    """Why a copy in the chain is not constant ("" if none is written): ``w = p.clone();
+    w[2:4] = 0`` writes the copy, not ``p``, and a fold rebuilding the chain on a folded
+    ``p`` would lose that write."""
+    for n in chain[1:]:
+        if may_be_written(n):
+            return f"{describe(n)}, computed from {describe(chain[0])} and written in place"
+    return ""
+
+
+def _constant_source(store: Store, value: Any) -> tuple[Node | None, str]:
+    """The constant node a BatchNorm operand reads through pass-through ops (a statistic made
+    by ``torch.tensor`` in forward arrives through ``lift_fresh_copy``), or why it is not."""
+    chain, _, what = _operand_chain(store, value, 0)
+    return (chain[0], "") if chain is not None else (None, what)
+
+
+def _describe_use(user: Node) -> str:
+    return "the graph output" if user.op == "output" else describe(user)
+
+
+def _other_users(node: Node, but: Node) -> list[str]:
+    """Uses of ``node`` besides one by ``but``: every argument position counts."""
+    return [_describe_use(u) for u in other_uses(node, but)]
 
 
 def _shared_uses(store: Store, chain: list[Node] | None, producer: Node) -> str:
-    """Who else uses the tensors of a producer's weight or bias chain ("" if nobody)."""
+    """Who else uses the tensors of a producer's weight or bias chain ("" if nobody): other
+    nodes, the producer's other operands (``mm(w, w)``), and modules holding the tensor."""
     if chain is None:
         return ""
     others: list[str] = []
     for i, n in enumerate(chain):
         nxt = chain[i + 1] if i + 1 < len(chain) else producer
-        others += [describe(u) for u in n.users if u is not nxt]
+        others += _other_users(n, nxt)
     for other in store.aliases(chain[0]):
         if other is not chain[0]:
             others += [describe(u) for u in other.users]
+    others += store.readers(chain[0])
     return ", ".join(others)
 
 
@@ -161,7 +195,8 @@ def _plan(
     bn_names = dict(names or {})
     missing = [c.node for c in bns if c.node not in bn_names]
     bn_names.update(_names(missing, "BatchNorm"))
-    producer_nodes = {c.input for c in bns if isinstance(c.input, Node)}
+    sources = (activation_steps(c.input)[0] for c in bns)
+    producer_nodes = {n for n in sources if isinstance(n, Node)}
     prod_calls = {n: producer_call(n) for n in producer_nodes}
     prod_names = _names([n for n in graph.nodes if prod_calls.get(n) is not None], "")
     pairs: list[_Pair] = []
@@ -187,7 +222,12 @@ def _chained(p: _Pass) -> bool:
     """Whether a BatchNorm left in this pass reads the output of one folded in it (conv ->
     bn1 -> bn2): after the fold it sits on the conv, so another pass can fold it."""
     outputs = {pair.bn.output for pair in p.pairs}
-    return any(not p.entries[n].folded and p.calls[n].input in outputs for n in p.entries)
+
+    def reads_folded(c: BatchNormCall) -> bool:
+        source, steps = activation_steps(c.input)
+        return source in outputs or any(s in outputs for s in steps)
+
+    return any(not p.entries[n].folded and reads_folded(p.calls[n]) for n in p.entries)
 
 
 def _fold_graph(
@@ -245,9 +285,17 @@ def _decide(
     prod_names: dict[Node, tuple[str, str]],
     boundaries: list[str],
 ) -> _Pair:
-    bn_constant = all(v is None or _is_constant(store, v) for v in (c.weight, c.bias)) and all(
-        _is_constant(store, v) for v in (c.mean, c.var)
-    )
+    bn_sources: dict[str, Node] = {}
+    not_constant: list[str] = []
+    for role, v in (("weight", c.weight), ("bias", c.bias), ("mean", c.mean), ("var", c.var)):
+        if v is None and role in ("weight", "bias"):
+            continue
+        source, what = _constant_source(store, v)
+        if source is None:
+            not_constant.append(f"its {role} is {what}")
+        else:
+            bn_sources[role] = source
+    bn_constant = not not_constant
     not_inference = ""
     if c.training is not False:
         not_inference = (
@@ -274,11 +322,15 @@ def _decide(
         can_unshare=True,
         rank_hint=_RANK_HINT,
     )
-    p = prod_calls.get(c.input) if isinstance(c.input, Node) else None
+    source, steps = activation_steps(c.input)
+    p = prod_calls.get(source) if isinstance(source, Node) else None
+    axis_facts = _axis_facts(p, steps) if p is not None else None
+    if axis_facts is None:
+        p = None
     if p is None:
         detail = describe(c.input) if isinstance(c.input, Node) else "a constant"
         facts = PairFacts(**bn_facts, producer=None, producer_detail=detail)
-        return _Pair(c, name, bn_type, None, None, "", facts)
+        return _Pair(c, name, bn_type, None, None, "", facts, bn_sources=bn_sources)
     target, target_type = prod_names[p.node]
     target_type = target_type or _op_label(p.node)
     w_chain, w_axis, w_what = _operand_chain(store, p.weight, p.weight_axis)
@@ -286,14 +338,21 @@ def _decide(
     b_what = ""
     if p.bias is not None:
         b_chain, _, b_what = _operand_chain(store, p.bias, 0)
+    path = [*steps, c.node]
+    others = [u for i, n in enumerate([p.node, *steps]) for u in _other_users(n, path[i])]
+    if not_constant:
+        bn_facts["constant_detail"] = "; ".join(not_constant)
+    elif w_what or b_what:
+        bn_facts["constant_detail"] = f"its {'weight' if w_what else 'bias'} is {w_what or b_what}"
     facts = PairFacts(
         **bn_facts,
+        **axis_facts,
         producer=target,
         producer_kind=p.kind,
         producer_spatial_dims=p.spatial_dims,
         producer_custom_forward=p.problem,
-        producer_output_users=len(p.node.users),
-        producer_other_users=_other_users(p.node, c.node),
+        producer_output_users=1 + len(others),
+        producer_other_users=", ".join(others),
         producer_params_constant=not w_what and not b_what,
         producer_params_shared=_shared_uses(store, w_chain, p.node)
         or _shared_uses(store, b_chain, p.node),
@@ -302,7 +361,31 @@ def _decide(
             (f"module {f}" for f in boundaries if _inside(p.node, f) != _inside(c.node, f)), ""
         ),
     )
-    return _Pair(c, name, bn_type, p, target, target_type, facts, w_chain, b_chain, w_axis)
+    return _Pair(
+        c, name, bn_type, p, target, target_type, facts, w_chain, b_chain, w_axis, bn_sources
+    )
+
+
+def _axis_facts(p: ProducerCall, steps: list[Node]) -> dict[str, Any] | None:
+    """Where the producer's channels arrive at the BatchNorm through layout ops between them
+    (a Linear on ``(B, L, C)``, ``transpose(1, 2)``, BatchNorm1d); nothing without such ops
+    (the rules then read the producer's output rank). ``None`` when a reshape mixes the
+    channels with other axes: the BatchNorm's input is then no producer's output."""
+    if not steps:
+        return {}
+    if p.output_rank is None:
+        return {"axis_problem": f"the rank of {describe(p.node)}'s output is unknown; {_RANK_HINT}"}
+    if p.kind == "linear":
+        axis = p.output_rank - 1
+    else:
+        axis = p.output_rank - p.spatial_dims - 1
+    track = follow_channel_axis(steps, axis, p.output_rank)
+    via = " -> ".join(_op_label(n) for n in steps)
+    if track.reshaped:
+        return None
+    if track.axis is None:
+        return {"axis_problem": f"bnfold cannot follow the channels through {via}: {track.problem}"}
+    return {"channel_axis": track.axis, "axis_path": via}
 
 
 def _entry(pair: _Pair, selected: set[str]) -> FoldEntry:
@@ -319,15 +402,17 @@ def _compute(store: Store, pair: _Pair) -> None:
     c, p = pair.bn, pair.producer
     assert p is not None and pair.weight_chain is not None
 
-    def value(v: Any) -> torch.Tensor | None:
-        return None if v is None else store.tensor(v)
+    def value(role: str) -> torch.Tensor | None:
+        source = pair.bn_sources.get(role)
+        return None if source is None else store.tensor(source)
 
+    weight = store.tensor(pair.weight_chain[0])
+    bias = store.tensor(pair.bias_chain[0]) if pair.bias_chain is not None else None
+    _charge_materialised(store, pair, weight, bias)
     with torch.no_grad():
         s, t = affine_factors(
-            value(c.mean), value(c.var), float(c.eps), value(c.weight), value(c.bias)
+            value("mean"), value("var"), float(c.eps), value("weight"), value("bias")
         )
-        weight = store.tensor(pair.weight_chain[0])
-        bias = store.tensor(pair.bias_chain[0]) if pair.bias_chain is not None else None
         if bias is not None and bias.dim() != 1:
             raise FoldRefused(
                 f"{pair.target}'s bias has shape {tuple(bias.shape)}, not one value per "
@@ -335,6 +420,47 @@ def _compute(store: Store, pair: _Pair) -> None:
             )
         w, b = fold_affine_into_producer(weight, bias, s, t, layout(p, pair.weight_axis))
     pair.new_weight, pair.new_bias = w, b
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n} bytes"
+
+
+def _logical_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _stored_smaller(t: torch.Tensor | None) -> bool:
+    """Whether ``t`` occupies less memory than its values (stride 0, an expanded tensor)."""
+    if t is None or t.is_meta or t.layout != torch.strided:
+        return False
+    try:
+        return t.untyped_storage().nbytes() < _logical_bytes(t)
+    except (RuntimeError, NotImplementedError):  # tensor subclasses without storage
+        return False
+
+
+def _charge_materialised(
+    store: Store, pair: _Pair, weight: torch.Tensor, bias: torch.Tensor | None
+) -> None:
+    """Refuse (before allocating) a fold whose dense results would exceed what may be
+    materialised for weights stored smaller than they are (see MATERIALISE_FLOOR_BYTES)."""
+    if not (_stored_smaller(weight) or _stored_smaller(bias)):
+        return
+    out = layout(pair.producer, pair.weight_axis).out_channels(tuple(weight.shape))
+    new = _logical_bytes(weight) + out * weight.element_size()  # the weight and a bias
+    budget = max(MATERIALISE_FLOOR_BYTES, MATERIALISE_FACTOR * store.stored_bytes())
+    spent = store.materialised
+    if spent + new > budget:
+        raise FoldRefused(
+            f"{pair.target}'s weight {tuple(weight.shape)} is stored in "
+            f"{_mib(weight.untyped_storage().nbytes())} (an expanded tensor) and folding would "
+            f"make it dense: {_mib(new)} of new values, more than the {_mib(budget - spent)} "
+            f"left of what bnfold makes dense for such weights (the larger of "
+            f"{_mib(MATERIALISE_FLOOR_BYTES)} and {MATERIALISE_FACTOR}x the "
+            f"{_mib(store.stored_bytes())} the program stores)"
+        )
+    store.materialised = spent + new
 
 
 def _nested_entries(root: nn.Module, graph: torch.fx.Graph) -> list[FoldEntry]:
@@ -380,13 +506,14 @@ def _nested_entries(root: nn.Module, graph: torch.fx.Graph) -> list[FoldEntry]:
 # Rewriting the graph
 
 
-def _sole_use(chain: list[Node], producer: Node) -> bool:
-    """Whether every node of the chain feeds only the next one (and the last the producer)."""
+def _sole_use(store: Store, chain: list[Node], producer: Node) -> bool:
+    """Whether every node of the chain feeds only the next one, in one argument position
+    (and the last the producer), and no module holding the tensor is read elsewhere."""
     for i, n in enumerate(chain):
         nxt = chain[i + 1] if i + 1 < len(chain) else producer
-        if len(n.users) != 1 or nxt not in n.users:
+        if nxt not in n.users or other_uses(n, nxt):
             return False
-    return True
+    return not store.readers(chain[0])
 
 
 def _rebuild_chain(store: Store, chain: list[Node], source: Node, before: Node) -> Node:
@@ -413,7 +540,7 @@ def _set_operand(
     old tensor, else through a new constant (and copies of the view ops in between).
     Returns the key the value is stored under."""
     prod = pair.producer.node
-    if chain is not None and _sole_use(chain, prod) and _is_only_alias(store, chain[0]):
+    if chain is not None and _sole_use(store, chain, prod) and _is_only_alias(store, chain[0]):
         store.replace(chain[0], value)
         return store.key(chain[0])
     like = chain[0] if chain is not None else pair.weight_chain[0]
@@ -476,8 +603,8 @@ def _apply(store: Store, pairs: list[_Pair]) -> dict[Node, Node]:
             else:
                 set_argument(p.node, p.bias_arg, bias)
         out = c.output
-        replaced[out] = p.node
-        out.replace_all_uses_with(p.node)
+        replaced[out] = c.input  # the producer, or the last layout op between them
+        out.replace_all_uses_with(c.input)
         for user in list(c.node.users):
             store.graph.erase_node(user)
         touched += [v for v in (c.weight, c.bias, c.mean, c.var) if isinstance(v, Node)]

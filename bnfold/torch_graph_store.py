@@ -43,6 +43,8 @@ class Store:
         self._by_tensor: dict[int, list[Node]] | None = None
         self._by_storage: dict[tuple, list[Node]] | None = None
         self._mutated: dict[Node, bool] = {}
+        self._stored_bytes: int | None = None
+        self.materialised = 0  # bytes folds of expanded weights have made dense so far
 
     def tensor(self, node: Node) -> torch.Tensor | None:
         """The constant tensor ``node`` stands for; ``None`` if it is not one."""
@@ -63,6 +65,25 @@ class Store:
     def changed(self) -> None:
         """Forget what was learnt from the graph: it has been rewritten."""
         self._mutated.clear()
+
+    def readers(self, node: Node) -> list[str]:
+        """What reads ``node``'s tensor other than through constant nodes (a submodule that
+        the graph runs or hands on); empty when nothing does."""
+        return []
+
+    def stored_bytes(self) -> int:
+        """Bytes the graph's constants really occupy: each memory once, however many tensors
+        view it (an expanded weight is as small as the values it repeats). Measured once,
+        before any fold adds tensors."""
+        if self._stored_bytes is None:
+            sizes: dict[tuple, int] = {}
+            for node in self.constant_nodes():
+                value = self.tensor(node)
+                key = _storage_key(value)
+                if key is not None:
+                    sizes[key] = value.untyped_storage().nbytes()
+            self._stored_bytes = sum(sizes.values())
+        return self._stored_bytes
 
     def _written(self, node: Node) -> bool:
         raise NotImplementedError
@@ -365,6 +386,40 @@ class ModuleStore(Store):
         # tensors with the ExportedProgram and the eager model it came from, which still apply
         # their BatchNorms. Folded values go into new tensors bound to the module's attributes.
         self._owners: dict[str, nn.Module] = {}
+        self._readers: dict[int | tuple, list[str]] | None = None
+
+    def changed(self) -> None:
+        super().changed()
+        self._readers = None
+
+    def readers(self, node: Node) -> list[str]:
+        """Nodes that run or hand on a module holding ``node``'s tensor (``call_module`` of
+        its owner, ``get_attr`` of the owner or a parent): a mixed graph may still call the
+        module whose parameter an ATen op reads, and rebinding it would change that call."""
+        if self._readers is None:
+            self._readers = self._module_readers()
+        value = self.tensor(node)
+        if value is None:
+            return []
+        found = self._readers.get(id(value), []) + self._readers.get(_storage_key(value), [])
+        return list(dict.fromkeys(found))
+
+    def _module_readers(self) -> dict[int | tuple, list[str]]:
+        """Tensor ids and memories -> the nodes that read a module holding them."""
+        readers: dict[int | tuple, list[str]] = {}
+        for n in self.graph.nodes:
+            if n.op not in ("call_module", "get_attr") or not isinstance(n.target, str):
+                continue
+            try:
+                module = self.gm.get_submodule(n.target)
+            except AttributeError:
+                continue  # a get_attr of a tensor, not of a module
+            what = f"{'module call' if n.op == 'call_module' else 'module'} {n.target or 'root'}"
+            for value in module_tensors(module).values():
+                for k in (id(value), _storage_key(value)):
+                    if k is not None:
+                        readers.setdefault(k, []).append(what)
+        return readers
 
     def _owner(self, target: str) -> tuple[nn.Module, str]:
         prefix, _, attr = target.rpartition(".")
@@ -432,8 +487,9 @@ class ModuleStore(Store):
     def drop(self, node: Node) -> None:
         target = node.target
         others = [n for n in self.aliases(node) if n is not node and n.target == target]
+        read = self.readers(node)  # a module call still needs its own attribute
         self.graph.erase_node(node)
-        if others:
+        if others or read:
             return
         owner, attr = self._owner(target)
         if attr in owner._parameters:
