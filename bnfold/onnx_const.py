@@ -39,11 +39,16 @@ MAX_ELEMENTS = 1 << 24
 # numpy holds at most 64 dimensions: longer shapes and axis lists are refused before a Python
 # list of them is made (a stored tensor of millions of "axes" would take gigabytes as one).
 MAX_RANK = 64
-# Bytes the arrays computed from constants may take until :meth:`Constants.clear` (the fold
-# clears after every BatchNorm). Stored tensors are the file's own data and do not count; what
-# a subgraph computes does, before it is allocated: a ~1 KB file can ask for Expand, Concat or
+# Bytes the arrays computed from constants may take in one fold of a model (until
+# :meth:`Constants.clear`). Stored tensors are the file's own data and do not count; what a
+# subgraph computes does, before it is allocated: a ~1 KB file can ask for Expand, Concat or
 # ConstantOfShape results of gigabytes, while real biases and statistics are per-channel vectors.
+# Per model, not per BatchNorm: computed values stay cached for the whole fold, so a subgraph
+# that many BatchNorms share is computed once and its size counted once.
 MAX_COMPUTED_BYTES = 64 * 2**20
+# Stored tensors read as arrays are cached up to this size; a larger one (a weight on the left
+# of a MatMul) is read again when asked for, so the cache holds no copies of whole weights.
+_MAX_CACHED_STORED_BYTES = 2**20
 
 
 _LIBRARIES = ("onnx", "onnx_ir")
@@ -155,11 +160,23 @@ ATTRIBUTE_TYPES: dict[str, dict[str, ir.AttributeType]] = {
 }
 # Inputs an operator cannot run without, among those bnfold reads (the producers' weights).
 REQUIRED_INPUTS = {"Conv": 2, "ConvTranspose": 2, "Gemm": 2, "MatMul": 2}
+# The ranks the specification allows the operands bnfold indexes: input position -> (name,
+# lowest rank, highest rank). Checked where the operand is stored (its header tells the rank),
+# so that the fold never indexes a shape too short for it.
+_PARAMS_1D = {i: (name, 1, 1) for i, name in enumerate(("scale", "B", "mean", "var"), 1)}
+OPERAND_RANKS: dict[str, dict[int, tuple[str, int, int]]] = {
+    "Conv": {1: ("the weight", 3, MAX_RANK)},
+    "ConvTranspose": {1: ("the weight", 3, MAX_RANK)},
+    "Gemm": {0: ("A", 2, 2), 1: ("B", 2, 2)},
+    "MatMul": {0: ("A", 1, MAX_RANK), 1: ("B", 1, MAX_RANK)},
+    "BatchNormalization": _PARAMS_1D,
+}
 
 
-def check_nodes(graphs: Any) -> None:
+def check_nodes(graphs: Any, constants: Constants) -> None:
     """Refuse, before anything is changed, a node bnfold would read that no runtime accepts:
-    an attribute of the wrong type or without a value, a producer without its weight."""
+    an attribute of the wrong type or without a value, a producer without its weight, a stored
+    operand of a rank the operator does not take."""
     for graph in graphs:
         for node in graph:
             if not is_default_domain(node):
@@ -174,6 +191,28 @@ def check_nodes(graphs: Any) -> None:
                     f"{describe_node(node)} lacks its required input {missing[0]} "
                     f"({'the weight' if missing[0] == 1 else 'the activation'}): {_INVALID}"
                 )
+            _check_operand_ranks(node, constants)
+
+
+def _check_operand_ranks(node: ir.Node, constants: Constants) -> None:
+    ranks = OPERAND_RANKS.get(node.op_type, {})
+    if node.op_type == "BatchNormalization" and not _per_channel_batch_norm(node, constants):
+        return  # read by nobody: bnfold keeps it with a reason of its own
+    for i, (role, low, high) in ranks.items():
+        rank = _rank_of_stored(constants, node.inputs[i] if i < len(node.inputs) else None)
+        if rank is not None and not low <= rank <= high:
+            allowed = f"{low}-D" if low == high else f"at least {low}-D"
+            raise UnsupportedModelError(
+                f"{describe_node(node)}'s input {i} ({role}) is {rank}-D, but "
+                f"{node.op_type} takes {allowed}: {_INVALID}"
+            )
+
+
+def _per_channel_batch_norm(node: ir.Node, constants: Constants) -> bool:
+    """Whether the BatchNorm's parameters are one value per channel by its specification (not
+    the per-activation ``spatial=0`` form of version 7, nor the versions before it)."""
+    version = opset_version(constants.model, node)
+    return version >= 9 or (version >= 7 and attribute(node, "spatial", _A.INT, 1) != 0)
 
 
 @dataclass(frozen=True)
@@ -204,7 +243,8 @@ class StoredWeight:
 
 class Constants:
     """Reads constant values of one model; results are cached per value until :meth:`clear`
-    (the cache may hold views of the model's memory-mapped data)."""
+    (the cache may hold views of the model's memory-mapped data), or until :meth:`changed` says
+    a stored tensor they were computed from was rewritten."""
 
     def __init__(
         self,
@@ -217,18 +257,48 @@ class Constants:
         self.inferred_dtype = inferred_dtype or (lambda value: None)
         self._cache: dict[ir.Value, np.ndarray] = {}
         self._computed = 0  # bytes allocated for computed values since the last clear()
+        # Which stored values each computed value was made from, and the reverse.
+        self._sources: dict[ir.Value, frozenset[ir.Value]] = {}
+        self._dependents: dict[ir.Value, set[ir.Value]] = {}
 
     def clear(self) -> None:
         self._cache.clear()
+        self._sources.clear()
+        self._dependents.clear()
         self._computed = 0
+
+    def changed(self, value: ir.Value) -> None:
+        """Forget ``value`` (whose stored tensor was replaced) and what was computed from it.
+        The bytes they took stay counted: the budget only grows within a fold."""
+        self._cache.pop(value, None)
+        for dependent in self._dependents.pop(value, ()):
+            self._cache.pop(dependent, None)
+            self._sources.pop(dependent, None)
+
+    def _remember(self, value: ir.Value, node: ir.Node, result: np.ndarray) -> None:
+        """Cache a computed ``result`` with the stored values it was made from."""
+        sources: set[ir.Value] = set()
+        for v in node.inputs:
+            if v is None:
+                continue
+            if v in self._sources:
+                sources |= self._sources[v]
+            elif self.stored(v) is not None:
+                sources.add(v)
+        self._sources[value] = frozenset(sources)
+        for source in sources:
+            self._dependents.setdefault(source, set()).add(value)
+        self._cache[value] = result
 
     def allocate(self, nbytes: int, node: ir.Node) -> None:
         """Account for ``nbytes`` that evaluating ``node`` is about to allocate; refuse when
         that passes :data:`MAX_COMPUTED_BYTES` (checked before numpy allocates anything)."""
         if self._computed + nbytes > MAX_COMPUTED_BYTES:
+            used = f", {_size(self._computed)} of it used already" if self._computed else ""
             raise NotConstant(
-                f"{describe_node(node)} would compute {nbytes / 2**20:.1f} MiB, more than bnfold "
-                f"evaluates for constants ({MAX_COMPUTED_BYTES // 2**20} MiB)"
+                f"{describe_node(node)} would compute {_size(nbytes)}, past the "
+                f"{MAX_COMPUTED_BYTES // 2**20} MiB bnfold evaluates for the constants of a "
+                f"model{used}"
             )
         self._computed += nbytes
 
@@ -308,27 +378,29 @@ class Constants:
         tensor = self.stored(value)
         if tensor is not None:
             result = _as_array(tensor, value)
-        else:
-            node = value.producer()
-            if node is None or value.is_graph_input() or value.is_initializer():
-                raise NotConstant(self.why_not_stored(value))
-            budget[0] += 1
-            if budget[0] > MAX_SUBGRAPH_NODES:
-                raise NotConstant(
-                    f"{describe(value)} is computed by more than {MAX_SUBGRAPH_NODES} nodes"
-                )
-            op = _OPS.get(node.op_type) if is_default_domain(node) else None
-            if op is None or len(node.outputs) != 1:
-                raise NotConstant(self.why_not_stored(value))
-            try:
-                result = op(_Call(self, node, budget))
-            except (NotConstant, BnfoldError):
-                raise
-            except Exception as e:  # an odd or damaged node: not a constant bnfold can read
-                raise NotConstant(f"{describe_node(node)} cannot be evaluated: {e}") from e
-            if result.size > MAX_ELEMENTS:
-                raise NotConstant(f"{describe(value)} would have {result.size} elements")
-        self._cache[value] = result
+            if result.nbytes <= _MAX_CACHED_STORED_BYTES:
+                self._cache[value] = result
+            return result
+        node = value.producer()
+        if node is None or value.is_graph_input() or value.is_initializer():
+            raise NotConstant(self.why_not_stored(value))
+        budget[0] += 1
+        if budget[0] > MAX_SUBGRAPH_NODES:
+            raise NotConstant(
+                f"{describe(value)} is computed by more than {MAX_SUBGRAPH_NODES} nodes"
+            )
+        op = _OPS.get(node.op_type) if is_default_domain(node) else None
+        if op is None or len(node.outputs) != 1:
+            raise NotConstant(self.why_not_stored(value))
+        try:
+            result = op(_Call(self, node, budget))
+        except (NotConstant, BnfoldError):
+            raise
+        except Exception as e:  # an odd or damaged node: not a constant bnfold can read
+            raise NotConstant(f"{describe_node(node)} cannot be evaluated: {e}") from e
+        if result.size > MAX_ELEMENTS:
+            raise NotConstant(f"{describe(value)} would have {result.size} elements")
+        self._remember(value, node, result)
         return result
 
     def uniform(self, value: ir.Value) -> np.ndarray | None:
@@ -351,6 +423,10 @@ class Constants:
         if tensor is not None:
             return tuple(int(d) for d in tensor.shape)
         return tuple(self._value(value, budget).shape)
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.1f} MiB" if nbytes >= 2**17 else f"{nbytes} bytes"
 
 
 def _rank_of_stored(constants: Constants, value: ir.Value | None) -> int | None:
@@ -491,7 +567,8 @@ def _convert(c: _Call, x: np.ndarray, target: ir.DataType) -> np.ndarray:
         )
     dtype = _numpy_dtype(target)
     c.allocate(x.shape, dtype)
-    result = x.astype(dtype)
+    with np.errstate(over="ignore", invalid="ignore"):  # inf, as onnxruntime casts too
+        result = x.astype(dtype)
     if x.dtype == np.float64 and (dtype == np.float16 or dtype.name == "bfloat16"):
         c.allocate(x.shape, np.float32)
         c.allocate(x.shape, dtype)

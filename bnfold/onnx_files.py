@@ -325,14 +325,17 @@ class _ProtoChecker:
                 "to read it (put the data file beside the model)"
             )
         file = os.path.join(self.base_dir, normal)
-        real = os.path.realpath(file)
+        # Where the OS opens the location as written: it follows a symbolic link before the
+        # ".." after it, so "d/up/../x.bin" with d/up -> .. leaves the directory though its
+        # normalized form "d/x.bin" does not.
+        real = os.path.realpath(os.path.join(self.base_dir, location))
         real_base = os.path.realpath(self.base_dir)
         if not real.startswith(real_base.rstrip(os.sep) + os.sep):
             # onnx_ir refuses to read through such a link; say so now, not in the middle of a fold
             raise self.fail(
-                f"{label} is stored in {location!r}, a symbolic link to {real}, outside the "
-                "model's directory; onnx_ir refuses to read it (copy the data file beside the "
-                "model)"
+                f"{label} is stored in {location!r}, which a symbolic link leads to {real}, "
+                "outside the model's directory; onnx_ir refuses to read it (copy the data file "
+                "beside the model)"
             )
         try:
             offset = int(info.get("offset", "0"))

@@ -100,11 +100,14 @@ class _Context:
         return name
 
     def rank(self, value: ir.Value | None) -> int | None:
-        """The rank of ``value``: declared, or found by ONNX shape inference (run once)."""
+        """The rank of ``value`` by ONNX shape inference from the declared inputs (run once).
+
+        A shape the model annotates (``value_info``, a graph output's type) is not taken: the
+        checker does not tie it to the operators, and onnxruntime runs a model whose annotation
+        says 2-D for a 3-D value; :func:`_annotation_problem` refuses a fold such a claim
+        contradicts."""
         if value is None:
             return None
-        if value.shape is not None:
-            return len(value.shape)
         return self._inference(value)[0]
 
     def dtype(self, value: ir.Value) -> ir.DataType | None:
@@ -160,8 +163,9 @@ def _inferred_types(model: ir.Model) -> dict[str, tuple[int | None, int]]:
     try:
         for node in graph:
             g.node.append(ir.serde.serialize_node(node))
-        for v in graph.outputs:
-            g.output.append(ir.serde.serialize_value(v))
+            _drop_annotations(g.node[-1])
+        # The outputs' declared types are claims to check, not premises: inference fills them.
+        g.output.extend(onnx.ValueInfoProto(name=v.name) for v in graph.outputs)
         for function in model.functions.values():
             proto.functions.append(ir.serde.serialize_function(function))
         inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=False)
@@ -190,6 +194,22 @@ def _inferred_types(model: ir.Model) -> dict[str, tuple[int | None, int]]:
     for name in ambiguous:
         del types[name]
     return types
+
+
+def _drop_annotations(node: onnx.NodeProto) -> None:
+    """Clear what ``node``'s subgraphs (and theirs) annotate: ``value_info``, the outputs' types
+    and the inputs' shapes (a Loop or Scan body's inputs get theirs from the node's inputs), so
+    that inference derives every rank from the main graph's declared inputs."""
+    for attr in node.attribute:
+        for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+            del sub.value_info[:]
+            for out in sub.output:
+                out.ClearField("type")
+            for info in sub.input:
+                if info.type.HasField("tensor_type"):
+                    info.type.tensor_type.ClearField("shape")
+            for inner in sub.node:
+                _drop_annotations(inner)
 
 
 # --------------------------------------------------------------------------------------------
@@ -314,18 +334,18 @@ def _bn_constants(ctx: _Context, pair: _Pair, facts: dict[str, Any]) -> None:
             return
 
 
-def _bn_param(ctx: _Context, value: ir.Value) -> np.ndarray:
-    """A BatchNorm parameter: a constant, or one constant value spread over a shape known only
-    at run time, which is that value for every channel (the PyTorch exporter writes
-    ``Expand(CastLike(1, x), Shape(x))`` for the scale of a BatchNorm without affine
-    parameters)."""
+def _bn_param(ctx: _Context, value: ir.Value) -> tuple[np.ndarray, bool]:
+    """A BatchNorm parameter and whether it is spread: a constant, or one constant value spread
+    over a shape known only at run time, which is that value for every channel (the PyTorch
+    exporter writes ``Expand(CastLike(1, x), Shape(x))`` for the scale of a BatchNorm without
+    affine parameters), returned 0-d."""
     try:
-        return ctx.constants.value(value)
+        return ctx.constants.value(value), False
     except NotConstant:
         fill = ctx.constants.uniform(value)
         if fill is None:
             raise
-        return fill
+        return fill, True
 
 
 def _producer_constants(ctx: _Context, pair: _Pair, facts: dict[str, Any]) -> None:
@@ -379,9 +399,6 @@ def _producer_rank(ctx: _Context, pair: _Pair) -> int | None:
         return p.rank
     out = p.node.outputs[0]
     x = p.node.inputs[0] if p.node.inputs else None
-    for value in (out, x):
-        if value is not None and value.shape is not None:
-            return len(value.shape)
     if pair.chain and pair.chain[0].op_type == "Transpose":
         perm = attribute(pair.chain[0], "perm", ir.AttributeType.INTS)
         # The Transpose fixes the rank of what it reads: the producer's output, or the sum with
@@ -411,6 +428,9 @@ def _channel_axis(ctx: _Context, pair: _Pair, facts: dict[str, Any]) -> None:
     if track.axis < 0:
         facts["axis_problem"] = f"{_name(p.node)}'s output is {rank}-D"
         return
+    x = p.node.inputs[0] if p.node.inputs else None
+    ranks = [(x, rank), (p.node.outputs[0], rank)]  # a producer's activation has its rank
+    ranks += [(pair.add.outputs[0], rank)] if pair.add is not None else []
     for node in pair.chain:
         axes = _layout_axes(ctx, node)
         problem = follow(track, node, axes)
@@ -420,6 +440,12 @@ def _channel_axis(ctx: _Context, pair: _Pair, facts: dict[str, Any]) -> None:
                 f"{_name(pair.bn.node)}: {problem}"
             )
             return
+        ranks.append((node.outputs[0], track.rank))
+    ranks.append((pair.bn.node.outputs[0], track.rank))
+    problem = _annotation_problem(ranks)
+    if problem:
+        facts["axis_problem"] = problem
+        return
     facts["channel_axis"] = track.axis
     facts["axis_path"] = " -> ".join(track.steps)
     if pair.add is not None:
@@ -431,6 +457,22 @@ def _channel_axis(ctx: _Context, pair: _Pair, facts: dict[str, Any]) -> None:
                 f"{describe_node(p.node)}'s C has shape {list(c.shape)}, a bias per row and "
                 "not per output channel"
             )
+
+
+def _annotation_problem(ranks: list[tuple[ir.Value | None, int]]) -> str:
+    """Why the fold cannot go on when the model annotates a value on its path (``value_info``,
+    a graph output's type, a subgraph's declared input) with a rank other than the one the
+    operators give it from the declared inputs; ``""`` when none does."""
+    for value, rank in ranks:
+        if value is None or value.shape is None or len(value.shape) == rank:
+            continue
+        return (
+            f"the model annotates {describe(value)} as {len(value.shape)}-D, but from its "
+            f"declared inputs and weights it is {rank}-D; bnfold does not fold where a model's "
+            "own shapes contradict each other (onnx.checker.check_model(model, "
+            "full_check=True) reports it): correct or remove the value_info and output shapes"
+        )
+    return ""
 
 
 def _layout_axes(ctx: _Context, node: ir.Node) -> list[int] | None:
@@ -531,16 +573,17 @@ def _compute(ctx: _Context, pair: _Pair) -> _Fold:
         axis = w.source_axis(p.weight_axis) if in_place else p.weight_axis
         layout = algebra.OutputLayout(axis=axis)
     n = layout.out_channels(tuple(weight.shape))
-    # A parameter spread over a run-time shape (0-d here) is the same for every channel.
+    # A parameter spread over a run-time shape is the same for every channel; any other must
+    # have one value per channel (a computed 0-d one is invalid: onnxruntime refuses it).
     params = []
     for name, v in (("mean", bn.mean), ("var", bn.var), ("scale", bn.scale), ("B", bn.bias)):
-        a = _bn_param(ctx, v)
-        if a.ndim != 0 and a.shape != (n,):  # before the float64 copies of affine_factors
+        a, spread = _bn_param(ctx, v)
+        if not spread and a.shape != (n,):  # before the float64 copies of affine_factors
             raise FoldRefused(
                 f"{describe_node(bn.node)}'s {name} has shape {list(a.shape)}, not one value "
                 f"for each of the {n} channels of {_name(p.node)}"
             )
-        params.append(np.full(n, a.reshape(())) if a.ndim == 0 else a)
+        params.append(np.full(n, a.reshape(())) if spread else a)
     mean, var, scale, shift = params
     s, t = algebra.affine_factors(mean, var, bn.eps, scale, shift)
     new_weight = algebra.scale_output_channels(weight, s, layout)
@@ -619,6 +662,8 @@ def _apply(ctx: _Context, pair: _Pair, fold: _Fold) -> None:
     dead: list[ir.Value] = [v for v in (bn.scale, bn.bias, bn.mean, bn.var) if v is not None]
     if fold.weight_in_place:
         w.source.const_value = ir.Tensor(fold.weight, dtype=dtype, name=w.source.name)
+        # The other values stay cached: the rewrite touches no other constant's data.
+        ctx.constants.changed(w.source)
     else:
         base = f"{w.source.name or _name(p.node)}_folded"
         new = _new_initializer(ctx, graph, base, fold.weight, dtype)
@@ -724,8 +769,8 @@ def _drop_unused(ctx: _Context, values: Iterable[ir.Value]) -> None:
 def _fold_model(model: ir.Model, selected: set[str], apply: bool = True) -> FoldReport:
     """Fold every foldable BatchNorm of ``model`` in place; return the report."""
     # An invalid node is refused before anything is changed (fold(inplace=True) included).
-    check_nodes(model.graphs())
     ctx = _Context(model)
+    check_nodes(model.graphs(), ctx.constants)
     try:
         entries = _fold_graphs(ctx, model, selected, apply)
     finally:
@@ -758,8 +803,6 @@ def _fold_graphs(
             entries.append(_entry(pair, decision))
             if fold is not None and apply:
                 _apply(ctx, pair, fold)
-            # Its memory budget is per BatchNorm, and an applied fold changed what it read.
-            ctx.constants.clear()
     return entries
 
 

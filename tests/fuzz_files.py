@@ -1375,6 +1375,97 @@ def m_onnx_const_graph(rng: random.Random, seed: Seed, corpus: list[Seed], case:
     _store(case, m)
 
 
+_PRODUCERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def _bn_after_producer(g: Any) -> tuple[Any, Any]:
+    """The first BatchNorm of ``g`` fed straight by a producer, with that producer."""
+    producers = {o: n for n in g.node if n.op_type in _PRODUCERS for o in n.output}
+    for n in g.node:
+        if n.op_type == "BatchNormalization" and len(n.input) == 5 and n.input[0] in producers:
+            return producers[n.input[0]], n
+    raise Skip("no BatchNorm right after a producer")
+
+
+def m_onnx_shared_const(rng: random.Random, seed: Seed, corpus: list[Seed], case: Case) -> None:
+    """Many BatchNorms whose parameter reads one expensive constant subgraph they share:
+    ``Div(n, n)`` with ``n = Cast(Shape(Expand(1, [big])))``. The seed's producer + BatchNorm
+    pair is repeated ``k`` times (each copy with a scale of its own) and the copies summed into
+    the BatchNorm's output; every BatchNorm's scale, bias, mean or var then reads the shared
+    value. The subgraph must be evaluated once per fold, within one budget, not once per
+    BatchNorm (1,000 pairs took 12 s)."""
+    import numpy as np
+    from onnx import helper
+
+    m = _proto(seed)
+    g = m.graph
+    producer, bn = _bn_after_producer(g)
+    scale = next((t for t in g.initializer if t.name == bn.input[1]), None)
+    if scale is None or len(scale.dims) != 1:
+        raise Skip("the BatchNorm's scale is not a stored vector")
+    elem = scale.data_type
+    np_dtype = helper.tensor_dtype_to_np_dtype(elem)
+    k = _pick(rng, (2, 30, 100, 300))  # within SLOW_SECONDS on a busy machine
+    big = _pick(rng, (2**10, 2**20, 2**22, 2**24, 2**24 + 1, 2**40))
+    param = _pick(rng, (1, 2, 3, 4))  # which BatchNorm input reads the shared value
+    p = "sc_"
+    shared = [
+        helper.make_node(
+            "Constant",
+            [],
+            [p + "fill"],
+            name=p + "fill",
+            value=_tensor_proto("", np.array(1.0, np.float32)),
+        ),
+        helper.make_node(
+            "Constant",
+            [],
+            [p + "size"],
+            name=p + "size",
+            value=_tensor_proto("", np.array([big], np.int64)),
+        ),
+        helper.make_node("Expand", [p + "fill", p + "size"], [p + "big"], name=p + "expand"),
+        helper.make_node("Shape", [p + "big"], [p + "n"], name=p + "shape"),
+        helper.make_node("Cast", [p + "n"], [p + "nf"], name=p + "cast", to=elem),
+        helper.make_node("Div", [p + "nf", p + "nf"], [p + "one"], name=p + "one"),
+        helper.make_node("Sub", [p + "one", p + "one"], [p + "zero"], name=p + "zero"),
+    ]
+    # scale and var times one, bias and mean plus zero: the same numbers, computed
+    op, other = ("Mul", p + "one") if param in (1, 4) else ("Add", p + "zero")
+    out = bn.output[0]
+    bn.output[0] = p + "y0"
+    first = helper.make_node(op, [bn.input[param], other], [p + "param0"], name=p + "param0")
+    bn.input[param] = p + "param0"
+    copies: list[Any] = []
+    total = p + "y0"
+    for i in range(1, k):
+        values = np.full(scale.dims[0], rng.uniform(0.5, 1.5) * rng.choice((-1, 1)), np_dtype)
+        g.initializer.append(_tensor_proto(f"{p}scale{i}", values))
+        params = [f"{p}scale{i}", *bn.input[2:]]
+        params[param - 1] = f"{p}param{i}"
+        source = f"{p}scale{i}" if param == 1 else bn.input[param]
+        copy = helper.make_node(producer.op_type, producer.input, [f"{p}c{i}"], name=f"{p}p{i}")
+        copy.attribute.extend(producer.attribute)
+        bn_i = helper.make_node(
+            "BatchNormalization", [f"{p}c{i}", *params], [f"{p}y{i}"], name=f"{p}bn{i}"
+        )
+        bn_i.attribute.extend(bn.attribute)
+        last = out if i == k - 1 else f"{p}s{i}"
+        copies += [
+            helper.make_node(op, [source, other], [f"{p}param{i}"], name=f"{p}param{i}"),
+            copy,
+            bn_i,
+            helper.make_node("Add", [total, f"{p}y{i}"], [last], name=f"{p}sum{i}"),
+        ]
+        total = last
+    nodes = list(g.node)
+    at = nodes.index(bn)
+    del g.node[:]
+    g.node.extend([*shared, *nodes[:at], first, bn, *copies, *nodes[at + 1 :]])
+    case.detail = f"{k} BatchNorms' input {param} read Expand(1, [{big}]), shared"
+    _store(case, m)
+
+
 def m_onnx_value_info(rng: random.Random, seed: Seed, corpus: list[Seed], case: Case) -> None:
     """Declared types and shapes: absurd input dims (which --verify would allocate), value_info
     that contradicts the graph, non-tensor types."""
@@ -2173,6 +2264,7 @@ ONNX_STRATEGIES: dict[str, Mutator] = {
     "onnx_bn": m_onnx_bn,
     "onnx_constant": m_onnx_constant,
     "onnx_const_graph": m_onnx_const_graph,
+    "onnx_shared_const": m_onnx_shared_const,
     "onnx_value_info": m_onnx_value_info,
     "onnx_subgraph": m_onnx_subgraph,
     "onnx_generic": m_onnx_generic,

@@ -738,3 +738,25 @@ def export_torch(model, x, dynamo: bool, **kw) -> onnx.ModelProto:
         for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)
     return onnx.load_from_string(f.getvalue())
+
+
+def shared_scale_model(pairs: int, elements: int, channels: int = 2, seed: int = 0):
+    """``pairs`` Conv + BatchNorm branches off one input, summed, whose BatchNorm scales all
+    read one shared constant subgraph that materialises ``elements`` floats:
+    ``scale_i = gamma_i * Div(n, n)`` with ``n = Cast(Shape(Expand(1, [elements])))``."""
+    g = Graph(seed=seed)
+    x = g.input("x", [1, channels, 3, 3])
+    fill = g.constant("fill", np.array(1.0))
+    size = g.constant("size", np.array([elements]), INT64)
+    big = g.node("Expand", [fill, size], name="expand")
+    n = g.node("Cast", [g.node("Shape", [big], name="shape")], name="cast", to=FLOAT)
+    one = g.node("Div", [n, n], name="one")
+    total = None
+    for i in range(pairs):
+        y = g.node("Conv", [x, g.weight(f"w{i}", [channels, channels, 1, 1])], name=f"conv{i}")
+        params = g.bn_params(channels, f"bn{i}")
+        params[0] = g.node("Mul", [one, params[0]], name=f"scale{i}")
+        y = g.bn(y, channels, name=f"bn{i}", params=params)
+        total = y if total is None else g.node("Add", [total, y], name=f"sum{i}")
+    g.output(total, shape=[1, channels, 3, 3])
+    return g.model(infer=False)

@@ -371,6 +371,26 @@ def test_refuses_bad_external_data(tmp_path):
     assert loaded.external_files == frozenset({(tmp_path / "t.bin").resolve()})
 
 
+def test_external_data_path_resolved_as_the_os_does(tmp_path):
+    """``d/up/../x.bin`` with ``d/up -> ..``: the OS follows the link before the ``..`` and
+    opens a file outside the model's directory, while the collapsed path ``d/x.bin`` is inside;
+    bnfold checked the collapsed one, passed, and failed later ("cannot write"). Refused up
+    front now, and a link that stays inside reads the file the OS opens."""
+    model_dir = tmp_path / "m"
+    (model_dir / "d").mkdir(parents=True)
+    (model_dir / "d" / "x.bin").write_bytes(b"\0" * 64)  # what the collapsed path names
+    (tmp_path / "x.bin").write_bytes(b"\0" * 64)  # what the OS opens
+    os.symlink("..", model_dir / "d" / "up")
+    path = _with_tensor(model_dir, _external("t", [4], "d/up/../x.bin"))
+    message = _refused(path, "'t'", "d/up/../x.bin", "symbolic link", "outside")
+    assert str(tmp_path / "x.bin") in message
+    # d/self -> . keeps "d/self/../x.bin" inside: it is m/x.bin, not the collapsed m/d/x.bin
+    os.symlink(".", model_dir / "d" / "self")
+    (model_dir / "x.bin").write_bytes(b"\0" * 64)
+    loaded = onnx_files.load(_with_tensor(model_dir, _external("t", [4], "d/self/../x.bin")))
+    assert loaded.external_files == frozenset({(model_dir / "x.bin").resolve()})
+
+
 def test_refuses_sparse_initializers(tmp_path):
     model = _conv_model()
     sparse = helper.make_sparse_tensor(

@@ -31,8 +31,10 @@ from onnx_models import (
     initializer,
     node_input,
     peak_growth,
+    random_feeds,
     rel_err,
     run,
+    shared_scale_model,
 )
 from torch import nn
 
@@ -745,3 +747,267 @@ def test_overflowing_folds_are_refused_without_warnings(name, model):
         folded, report = bnfold.fold(model, return_report=True)
     assert report.entry("bn").rule == rules.VALID_VALUES, report.entry("bn")
     assert len(bn_nodes(folded)) == 1
+
+
+# --------------------------------------------------------------------------------------------
+# Shapes the model annotates are claims, not premises: ranks come from the declared inputs
+
+
+def _annotate(graph: onnx.GraphProto, name: str, shape) -> None:
+    """Add a value_info entry to ``graph`` claiming ``name`` has ``shape``."""
+    info = onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, shape)
+    graph.value_info.append(info)
+
+
+def _kept_unchanged(model: onnx.ModelProto, feeds: list[dict]) -> bnfold.FoldReport:
+    """Fold a model that the full checker refuses (so no check_fold): its BatchNorm must be kept
+    with a reason about the annotation, and onnxruntime's outputs stay bit-exact."""
+    onnx.checker.check_model(model)
+    folded, report = bnfold.fold(model, return_report=True)
+    entry = report.entry("bn")
+    assert entry.rule == rules.CHANNEL_AXIS and "annotates" in entry.reason, entry
+    assert len(bn_nodes(folded)) == 1
+    for f in feeds:
+        for a, b in zip(run(model, f), run(folded, f), strict=True):
+            np.testing.assert_array_equal(a, b)
+    return report
+
+
+def _matmul_bn(x_shape: list[int], out_shape=None, seed: int = 30) -> onnx.ModelProto:
+    g = Graph(seed=seed)
+    x = g.input("x", x_shape)
+    c = g.node("MatMul", [x, g.weight("w", [4, 4])], name="mm", outputs=["c"])
+    g.output(g.bn(c, 4), shape=out_shape)
+    return g.model(infer=out_shape is None)
+
+
+def test_value_info_of_a_lower_rank_does_not_make_a_fold():
+    """x [2, 4, 4] -> MatMul 'c', annotated [4, 4] in value_info, -> BatchNorm: the annotation
+    made 'c' 2-D, the channels axis 1, and the fold wrong (relative error 1.09); from the
+    declared input 'c' is 3-D, its channels last, and the BatchNorm's on axis 1."""
+    model = _matmul_bn([2, 4, 4], out_shape=[2, 4, 4])
+    _annotate(model.graph, "c", [4, 4])
+    feeds = [random_feeds(model, s) for s in (0, 1)]
+    _kept_unchanged(model, feeds)
+
+
+@pytest.mark.parametrize("where", ["value_info", "output"])
+def test_annotation_contradicting_a_foldable_rank_refused(where):
+    """x [3, 4] -> MatMul -> BatchNorm folds (2-D, channels last); an annotation saying 'c' or
+    the BatchNorm's output is 3-D contradicts the declared input: kept, with the reason."""
+    if where == "output":
+        model = _matmul_bn([3, 4], out_shape=[3, 4, 1])
+    else:
+        model = _matmul_bn([3, 4], out_shape=[3, 4])
+        _annotate(model.graph, "c", [3, 4, 1])
+    feeds = [random_feeds(model, s) for s in (0, 1)]
+    report = _kept_unchanged(model, feeds)
+    assert "'c'" in report.entry("bn").reason or where == "output"
+    # the same model without the wrong annotation folds
+    check_fold(_matmul_bn([3, 4], out_shape=[3, 4]), {"bn": ("folded", "mm")})
+
+
+def test_annotation_inside_an_if_branch_not_trusted():
+    """The same trap inside an If branch: the branch's value_info says the MatMul output is 2-D
+    while the outer input makes it 3-D; the branch's BatchNorm is kept."""
+    outer = Graph(seed=31)
+    x = outer.input("x", [2, 4, 4])
+    cond = outer.input("cond", [], BOOL)
+    then = Graph(seed=32, name="then")
+    c = then.node("MatMul", [x, then.weight("w", [4, 4])], name="mm", outputs=["c"])
+    then.output(then.bn(c, 4), shape=[2, 4, 4])
+    other = Graph(seed=33, name="else")
+    other.output(other.node("Identity", [x], name="identity"), shape=[2, 4, 4])
+    then_graph = then.graph()
+    _annotate(then_graph, "c", [4, 4])
+    out = outer.node("If", [cond], name="if", then_branch=then_graph, else_branch=other.graph())
+    outer.output(out, shape=[2, 4, 4])
+    model = outer.model(opset=17, infer=False)
+    rng = np.random.default_rng(0)
+    feeds = [
+        {"x": rng.standard_normal((2, 4, 4)).astype(np.float32), "cond": np.array(v)}
+        for v in (True, False)
+    ]
+    _kept_unchanged(model, feeds)
+
+
+def test_annotations_that_agree_still_fold():
+    """value_info that agrees with the declared inputs (what exporters write) changes nothing."""
+    g = Graph(seed=34)
+    x = g.input("x", [2, 3, 4])
+    c = g.node("MatMul", [x, g.weight("w", [4, 4])], name="mm", outputs=["c"])
+    t = g.node("Transpose", [c], name="t", outputs=["t"], perm=[0, 2, 1])
+    g.output(g.bn(t, 4), shape=[2, 4, 3])
+    model = g.model(infer=False)
+    _annotate(model.graph, "c", [2, 3, 4])
+    _annotate(model.graph, "t", [2, "C", 3])
+    check_fold(model, {"bn": ("folded", "mm")})
+
+
+# --------------------------------------------------------------------------------------------
+# Operands of a rank the operator does not take: the model is invalid, said before indexing
+
+
+def _with_operand(op: str, w_shape: list[int], param: str = "", p_shape=()) -> onnx.ModelProto:
+    """``op`` -> BatchNorm with a weight of ``w_shape``, or BatchNorm parameter ``param``
+    (scale, bias, mean, var) of ``p_shape``."""
+    x_shape = {"Gemm": [2, 4], "MatMul": [2, 3, 4]}.get(op, [2, 4, 5, 5])
+    g = Graph(seed=35)
+    x = g.input("x", x_shape)
+    y = g.node(op, [x, g.weight("w", w_shape)], name="p")
+    params = g.bn_params(4)
+    if param:
+        i = ["scale", "bias", "mean", "var"].index(param)
+        params[i] = g.init(f"bad.{param}", np.ones(p_shape))
+    g.output(g.bn(y, 4, params=params))
+    return g.model(infer=False)
+
+
+_INVALID_OPERANDS = {
+    "gemm-b-1d": ("Gemm", [4], "", ()),
+    "gemm-b-0d": ("Gemm", [], "", ()),
+    "gemm-b-3d": ("Gemm", [4, 4, 4], "", ()),
+    "conv-w-2d": ("Conv", [4, 4], "", ()),
+    "conv-transpose-w-1d": ("ConvTranspose", [4], "", ()),
+    "matmul-w-0d": ("MatMul", [], "", ()),
+    "bn-scale-0d": ("Conv", [4, 4, 1, 1], "scale", ()),
+    "bn-mean-2d": ("Conv", [4, 4, 1, 1], "mean", (4, 1)),
+    "bn-var-0d": ("Conv", [4, 4, 1, 1], "var", ()),
+}
+
+
+@pytest.mark.parametrize("case", list(_INVALID_OPERANDS))
+def test_operand_of_a_rank_the_operator_refuses(case, tmp_path, capsys):
+    """A Gemm with a 1-D or 0-D B raised IndexError (the command line: internal error, exit 3),
+    and a 1-D B folded into a model onnxruntime refuses anyway; a 0-D BatchNorm scale folded.
+    Every such operand is now UnsupportedModelError, from fold, analyze and the command line."""
+    op, w_shape, param, p_shape = _INVALID_OPERANDS[case]
+    model = _with_operand(op, w_shape, param, p_shape)
+    with pytest.raises(Exception, match="ONNXRuntimeError"):
+        run(model, random_feeds(model))  # the model is invalid indeed
+    for call in (bnfold.fold, bnfold.analyze):
+        with pytest.raises(bnfold.UnsupportedModelError, match=r"-D, but .* takes") as e:
+            call(model)
+        assert "\n" not in str(e.value)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    assert main([str(path), "-o", str(tmp_path / "out.onnx")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("bnfold: error:") and err.count("\n") == 1 and "-D, but" in err, err
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_matmul_by_a_vector_is_valid_and_kept():
+    """A MatMul by a 1-D constant is valid ONNX (x @ v drops an axis): kept, not an error."""
+    g = Graph(seed=36)
+    x = g.input("x", [2, 3, 4, 4])
+    y = g.node("MatMul", [x, g.weight("w", [4])], name="p")
+    g.output(g.bn(y, 3))
+    check_skip(g.model(), rules.NO_PRODUCER)
+
+
+def test_computed_zero_d_batch_norm_parameter_refused():
+    """A BatchNorm scale computed as a 0-d constant (not stored, so not checked up front) is
+    not taken as one value for every channel: only an Expand over a run-time shape is."""
+    model = _with_operand("Conv", [4, 4, 1, 1])
+    scale = next(n for n in model.graph.node if n.op_type == "BatchNormalization").input[1]
+    value = onnx.numpy_helper.from_array(np.array(1.5, np.float32))
+    k = onnx.helper.make_node("Constant", [], ["k"], name="k", value=value)
+    square = onnx.helper.make_node("Mul", ["k", "k"], [scale + "_0d"], name="square")
+    model.graph.node.insert(0, square)
+    model.graph.node.insert(0, k)
+    bn = next(n for n in model.graph.node if n.op_type == "BatchNormalization")
+    bn.input[1] = scale + "_0d"
+    folded, report = bnfold.fold(model, return_report=True)
+    entry = report.entry("bn")
+    assert entry.rule == rules.VALID_VALUES and "scale has shape []" in entry.reason, entry
+    assert len(bn_nodes(folded)) == 1
+
+
+# --------------------------------------------------------------------------------------------
+# A constant subgraph many BatchNorms share is evaluated once, within one budget per model
+
+
+def _count_evaluations(monkeypatch, op: str) -> list[int]:
+    from bnfold import onnx_const
+
+    calls: list[int] = []
+    evaluate = onnx_const._OPS[op]
+
+    def counted(c):
+        calls.append(1)
+        return evaluate(c)
+
+    monkeypatch.setitem(onnx_const._OPS, op, counted)
+    return calls
+
+
+def test_shared_constant_subgraph_evaluated_once(monkeypatch):
+    """200 Conv + BatchNorm pairs whose scales read one Expand of 2**22 floats: the evaluator's
+    cache was cleared after every BatchNorm, so the Expand was computed 200 times (1,000 pairs
+    of 2**24 took 44 s); it is computed once per fold."""
+    pairs = 200
+    model = shared_scale_model(pairs, 2**22)
+    calls = _count_evaluations(monkeypatch, "Expand")
+    report = bnfold.analyze(model)
+    assert len(calls) == 1, len(calls)
+    assert len(report.folded) == pairs, report
+    monkeypatch.undo()
+    expected = {f"bn{i}": ("folded", f"conv{i}") for i in range(pairs)}
+    check_fold(model, expected, seeds=(0,))
+
+
+def test_shared_constant_over_the_budget_refused_once(monkeypatch):
+    """The same with 2**24 floats: the Expand takes the whole 64 MiB; every BatchNorm is kept
+    with the budget as its reason, and the Expand is still computed only once."""
+    model = shared_scale_model(20, 2**24)
+    calls = _count_evaluations(monkeypatch, "Expand")
+    report = bnfold.analyze(model)
+    assert len(calls) == 1, len(calls)
+    for entry in report:
+        assert entry.rule == rules.CONSTANT_PARAMS and "64 MiB" in entry.reason, entry
+
+
+def test_constant_budget_is_per_model():
+    """Two BatchNorms, each scale from its own Expand of 40 MiB: within a budget per BatchNorm
+    both folded; per model the second is kept, with the budget as its reason."""
+    g = Graph(seed=37)
+    x = g.input("x", [1, 2, 3, 3])
+    fill = g.constant("fill", np.array(1.0))
+    total = []
+    for i in range(2):
+        size = g.constant(f"size{i}", np.array([10 * 2**20]), INT64)
+        big = g.node("Expand", [fill, size], name=f"expand{i}")
+        n = g.node("Cast", [g.node("Shape", [big], name=f"shape{i}")], name=f"cast{i}", to=1)
+        one = g.node("Div", [n, n], name=f"one{i}")
+        params = g.bn_params(2, f"bn{i}")
+        params[0] = g.node("Mul", [one, params[0]], name=f"scale{i}")
+        y = g.node("Conv", [x, g.weight(f"w{i}", [2, 2, 1, 1])], name=f"conv{i}")
+        total.append(g.bn(y, 2, name=f"bn{i}", params=params))
+    g.output(g.node("Add", total, name="sum"), shape=[1, 2, 3, 3])
+    r = check_fold(
+        g.model(infer=False),
+        {"bn0": ("folded", "conv0"), "bn1": ("skipped", rules.CONSTANT_PARAMS)},
+        seeds=(0,),
+    )
+    assert "past the 64 MiB" in r.report.entry("bn1").reason, r.report.entry("bn1")
+
+
+def test_constants_forget_what_was_computed_from_a_rewritten_tensor():
+    """After a fold rewrites a stored weight in place, what the cache computed from it is
+    computed again from the new data (the cache now lives for the whole fold)."""
+    from bnfold.onnx_const import Constants
+
+    g = Graph(seed=38)
+    x = g.input("x", [2])
+    w = g.init("w", np.array([1.0, 2.0]))
+    doubled = g.node("Add", [w, w], name="double")
+    g.output(g.node("Mul", [x, doubled], name="use"), shape=[2])
+    model = ir.serde.deserialize_model(g.model(infer=False))
+    constants = Constants(model)
+    stored = model.graph.initializers["w"]
+    value = next(n for n in model.graph if n.name == "double").outputs[0]
+    np.testing.assert_array_equal(constants.value(value), [2.0, 4.0])
+    stored.const_value = ir.Tensor(np.array([3.0, 5.0], np.float32), name="w")
+    constants.changed(stored)
+    np.testing.assert_array_equal(constants.value(value), [6.0, 10.0])
