@@ -4,7 +4,8 @@ Reading checks the archive before torch does, and refuses what would be silently
 (several programs in one archive) or dangerous: anything torch would unpickle or run as code,
 and declared sizes far beyond what the file holds. Extra files travel with the program.
 :func:`check` runs the original and the folded program on the same random inputs, each on its
-own copy of the inputs and of any state it writes.
+own copy of the inputs and of any state it writes, and only once every op of both programs is
+on the allowlist of :mod:`bnfold.torch_safe_ops` (a program read from a file is untrusted input).
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ import contextlib
 import io
 import json
 import logging
+import math
 import os
 import re
 import shutil
 import tempfile
 import warnings
+import weakref
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,8 +33,15 @@ from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
 
 from .checks import CheckResult
-from .errors import ModelFileError, UnsupportedModelError, first_line
+from .errors import (
+    BnfoldError,
+    ModelFileError,
+    UnsupportedModelError,
+    VerificationError,
+    first_line,
+)
 from .torch_graph_store import ProgramStore, copy_quietly, copy_tensors, module_tensors
+from .torch_safe_ops import check_program
 from .torch_verify import compare, fresh_copy, output_tensors, tolerance
 
 
@@ -47,6 +57,19 @@ def _quiet_torch_export_logs() -> Iterator[None]:
     finally:
         for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)
+
+
+# Programs :func:`load` read from files: running one (``--verify``, :func:`check`,
+# ``bnfold.verify``) first passes :func:`bnfold.torch_safe_ops.check_program`.
+_FROM_FILES: weakref.WeakSet[ExportedProgram] = weakref.WeakSet()
+
+# --verify's random inputs may take this much in all (as for ONNX models).
+_MAX_INPUT_BYTES = 128 * 2**20
+
+
+def from_file(program: ExportedProgram) -> bool:
+    """Whether ``program`` was read from a file by :func:`load` (so it is untrusted)."""
+    return program in _FROM_FILES
 
 
 @dataclass
@@ -531,7 +554,8 @@ def _inspect(path: str | os.PathLike[str]) -> _Plan:
     code, or allocate far more memory than the file's size."""
     try:
         z = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+    # NotImplementedError: a member needing a newer zip version than Python reads.
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as e:
         raise ModelFileError(f"{path} is not a torch.export archive (.pt2): {first_line(e)}") from e
     with z:
         infos = z.infolist()
@@ -617,7 +641,9 @@ def load(path: str | os.PathLike[str]) -> ProgramFile:
     The archive is checked before torch reads it. Raises :class:`ModelFileError` for anything
     else: not an archive, damaged, several programs (bnfold would silently drop all but one),
     anything torch would unpickle or run as code, or a program torch cannot read. Sample inputs
-    that only unpickling could read are dropped (random inputs then come from the input specs).
+    that only unpickling could read, or unlike the program's input specs, are dropped (random
+    inputs then come from the input specs). The program is marked as read from a file: it is
+    run only after :func:`bnfold.torch_safe_ops.check_program`.
     """
     plan = _inspect(path)
     extra = dict.fromkeys(plan.extra, "")
@@ -652,6 +678,11 @@ def load(path: str | os.PathLike[str]) -> ProgramFile:
                 f"{path} holds the constant {name}, a {type(value).__name__} (not a tensor); "
                 "bnfold folds programs whose constants are tensors"
             )
+    if ep.example_inputs is not None and not _examples_fit(ep):
+        # torch.export pairs them with the program's inputs (ep.module() binds them to its
+        # signature): sample inputs unlike the declared ones would break it. They are only data.
+        ep.example_inputs = None
+    _FROM_FILES.add(ep)
     return ProgramFile(ep, extra)
 
 
@@ -670,29 +701,23 @@ def save(ep: ExportedProgram, f: BinaryIO, extra_files: dict[str, str] | None = 
             ) from e
 
 
-def _random_like(t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Random values of ``t``'s shape and dtype; integer and bool tensors are kept (they are
-    often indices or masks that random values would break)."""
-    if t.is_floating_point():
-        return torch.randn(t.shape, generator=gen).to(t.device, t.dtype)
-    if t.is_complex():
-        return torch.randn(t.shape, generator=gen, dtype=torch.complex64).to(t.device, t.dtype)
-    return t.clone()
-
-
-def _random_values(shape: list[int], dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+def _random_values(
+    shape: list[int], dtype: torch.dtype, device: torch.device, gen: torch.Generator
+) -> torch.Tensor:
     """Random values for an input the program kept no example of.
 
     Floats are normal; 8-bit integers (images) span their range; bools are random; wider
     integers, often indices, are 0 or 1, which every index range holds.
     """
-    if dtype.is_floating_point or dtype.is_complex:
-        return _random_like(torch.zeros(shape, dtype=dtype), gen)
+    if dtype.is_floating_point:
+        return torch.randn(shape, generator=gen).to(device, dtype)
+    if dtype.is_complex:
+        return torch.randn(shape, generator=gen, dtype=torch.complex64).to(device, dtype)
     if dtype == torch.bool:
-        return torch.randint(0, 2, shape, generator=gen).bool()
+        return torch.randint(0, 2, shape, generator=gen).bool().to(device)
     info = torch.iinfo(dtype)
     low, high = (info.min, info.max + 1) if info.bits == 8 else (0, 2)
-    return torch.randint(low, high, shape, generator=gen).to(dtype)
+    return torch.randint(low, high, shape, generator=gen).to(device, dtype)
 
 
 def _size(d: Any, ep: ExportedProgram) -> int:
@@ -717,43 +742,182 @@ def _size(d: Any, ep: ExportedProgram) -> int:
     return int(expr.subs(values))
 
 
-def sample_inputs(ep: ExportedProgram, seed: int = 0) -> tuple[tuple, dict]:
-    """Random ``(args, kwargs)`` for ``ep.module()``: shaped like the program's example inputs
-    when it kept them, else built from its input specs (symbolic sizes at small values)."""
-    import torch.utils._pytree as pytree
+def _in_range(d: torch.SymInt, n: int, ep: ExportedProgram) -> bool:
+    """Whether ``n`` may stand for the symbolic size ``d`` (a bare symbol within its range;
+    sizes derived from others are left to the program's own checks)."""
+    expr = d.node.expr
+    vr = ep.range_constraints.get(expr) if expr.is_Symbol else None
+    if vr is None:
+        return n >= 0
+    return bool(vr.lower <= n) and bool(n <= vr.upper)
+
+
+@dataclass(frozen=True)
+class _Input:
+    """How to make one user input: a tensor (shape, dtype, device, and an integer example to
+    keep), or a plain value."""
+
+    shape: tuple[int, ...] = ()
+    dtype: torch.dtype | None = None
+    device: torch.device | None = None
+    example: torch.Tensor | None = None
+    value: Any = None
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize if self.dtype is not None else 0
+
+    def make(self, gen: torch.Generator) -> Any:
+        if self.dtype is None:
+            return self.value
+        if self.example is not None:
+            return self.example.clone()
+        return _random_values(list(self.shape), self.dtype, self.device, gen)
+
+
+def _declared_inputs(ep: ExportedProgram) -> list[tuple[str, Any]]:
+    """(name, declared value) of each user input in call order: a tensor's fake value, a
+    symbolic or static int, or a constant argument's value."""
     from torch.export.graph_signature import ConstantArgument
 
-    gen = torch.Generator().manual_seed(seed)
-    if ep.example_inputs is not None:
-        args, kwargs = ep.example_inputs
-        return pytree.tree_map_only(torch.Tensor, lambda t: _random_like(t, gen), (args, kwargs))
     vals = {n.name: n.meta.get("val") for n in ep.graph.nodes if n.op == "placeholder"}
-    flat: list[Any] = []
+    declared: list[tuple[str, Any]] = []
     for spec in ep.graph_signature.input_specs:
         if spec.kind != InputKind.USER_INPUT:
             continue
         arg = spec.arg
         if isinstance(arg, ConstantArgument):
-            flat.append(arg.value)
+            declared.append((arg.name, arg.value))
             continue
         val = vals.get(arg.name)
-        if isinstance(val, torch.Tensor):
-            shape = [_size(d, ep) for d in val.shape]
-            flat.append(_random_values(shape, val.dtype, gen).to(val.device))
-        elif isinstance(val, torch.SymInt):
-            flat.append(_size(val, ep))
-        else:
+        if isinstance(val, torch.Tensor) and val.device.type == "meta":
+            raise VerificationError(
+                f"cannot verify: the program input {arg.name} is on the meta device, which "
+                "holds no values to compare; fold without --verify"
+            )
+        if not isinstance(val, (torch.Tensor, torch.SymInt, int)):
             raise UnsupportedModelError(
                 f"cannot make a random value for the program input {arg.name} "
                 f"({type(val).__name__}); verify it in Python with bnfold.verify"
             )
+        declared.append((arg.name, val))
+    return declared
+
+
+def _example_fits(want: Any, got: Any, ep: ExportedProgram) -> bool:
+    """Whether the stored example ``got`` is a value the program declares as ``want``."""
+    if isinstance(want, torch.Tensor):
+        if type(got) not in (torch.Tensor, nn.Parameter) or got.layout != torch.strided:
+            return False
+        if (got.dtype, got.device, got.dim()) != (want.dtype, want.device, want.dim()):
+            return False
+        return all(
+            n == d if isinstance(d, int) else _in_range(d, n, ep)
+            for d, n in zip(want.shape, got.shape, strict=True)
+        )
+    if isinstance(want, torch.SymInt):
+        return type(got) is int and _in_range(want, got, ep)
+    return type(got) is type(want) and got == want
+
+
+def _from_examples(ep: ExportedProgram, declared: list[tuple[str, Any]]) -> list[_Input] | None:
+    """Inputs shaped like the program's stored examples, or ``None`` when it kept none or they
+    are not what its input specs declare (an archive's sample inputs are only data)."""
+    import torch.utils._pytree as pytree
+
+    if ep.example_inputs is None:
+        return None
+    try:
+        leaves, spec = pytree.tree_flatten(ep.example_inputs)
+        if spec != ep.call_spec.in_spec or len(leaves) != len(declared):
+            return None
+    except Exception:  # noqa: BLE001 - whatever the weights-only reader produced
+        return None
+    inputs = []
+    for (_, want), got in zip(declared, leaves, strict=True):
+        if not _example_fits(want, got, ep):
+            return None
+        if not isinstance(got, torch.Tensor):
+            inputs.append(_Input(value=got))
+            continue
+        keep = not (got.is_floating_point() or got.is_complex())  # indices and masks
+        inputs.append(_Input(tuple(got.shape), got.dtype, got.device, got if keep else None))
+    return inputs
+
+
+def _examples_fit(ep: ExportedProgram) -> bool:
+    """Whether the program's stored example inputs are what its input specs declare."""
+    try:
+        return _from_examples(ep, _declared_inputs(ep)) is not None
+    except BnfoldError:  # inputs bnfold cannot describe: no example can be checked
+        return False
+
+
+def _from_specs(ep: ExportedProgram, declared: list[tuple[str, Any]]) -> list[_Input]:
+    """Inputs built from the input specs, symbolic sizes at small values inside their ranges."""
+    inputs = []
+    for name, val in declared:
+        try:
+            if isinstance(val, torch.Tensor):
+                shape = tuple(_size(d, ep) for d in val.shape)
+                if any(n < 0 for n in shape):
+                    raise ValueError(f"negative size {list(shape)}")
+                inputs.append(_Input(shape, val.dtype, val.device))
+            elif isinstance(val, (torch.SymInt, int)):
+                inputs.append(_Input(value=_size(val, ep)))
+            else:
+                inputs.append(_Input(value=val))
+        except (TypeError, ValueError, AttributeError, OverflowError) as e:
+            raise VerificationError(
+                f"cannot verify: no size for the program input {name} follows from its "
+                f"declared shape ({first_line(e)}); fold without --verify"
+            ) from e
+    return inputs
+
+
+def _within_budget(inputs: list[_Input]) -> bool:
+    return sum(i.nbytes for i in inputs) <= _MAX_INPUT_BYTES
+
+
+def sample_inputs(ep: ExportedProgram, seed: int = 0) -> tuple[tuple, dict]:
+    """Random ``(args, kwargs)`` for ``ep.module()``: shaped like the program's example inputs
+    when it kept ones matching its input specs (and within --verify's budget), else built from
+    its input specs (symbolic sizes at small values).
+
+    Nothing is allocated before the inputs' sizes are known to total at most 128 MiB; beyond
+    that :class:`VerificationError` is raised.
+    """
+    import torch.utils._pytree as pytree
+
+    declared = _declared_inputs(ep)
+    inputs = _from_examples(ep, declared)
+    if inputs is None or not _within_budget(inputs):
+        inputs = _from_specs(ep, declared)
+    if not _within_budget(inputs):
+        total = sum(i.nbytes for i in inputs)
+        biggest = max((i for i in inputs if i.dtype is not None), key=lambda i: i.nbytes)
+        raise VerificationError(
+            f"cannot verify: the program's inputs take {total / 2**30:.2f} GiB (one is "
+            f"{biggest.dtype} {list(biggest.shape)}), and --verify makes at most "
+            f"{_MAX_INPUT_BYTES // 2**20} MiB of random inputs; fold without --verify, and "
+            "compare the programs on inputs of your own with bnfold.verify(original, folded, "
+            "inputs)"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    flat = [i.make(gen) for i in inputs]
     args, kwargs = pytree.tree_unflatten(flat, ep.call_spec.in_spec)
     return tuple(args), dict(kwargs)
 
 
-def runnable(program: ExportedProgram) -> nn.Module:
+def runnable(program: ExportedProgram, untrusted: bool | None = None) -> nn.Module:
     """``program.module()``, with its own copy of any state the program writes while it runs
-    (so verifying never changes the program, nor the eager model it shares tensors with)."""
+    (so verifying never changes the program, nor the eager model it shares tensors with).
+
+    An ``untrusted`` program (by default: one :func:`load` read from a file) must pass
+    :func:`bnfold.torch_safe_ops.check_program` first, or :class:`VerificationError` is raised.
+    """
+    if untrusted if untrusted is not None else from_file(program):
+        check_program(program)
     module = program.module()
     store = ProgramStore(program, program.graph_module.graph)
     written = [store.tensor(n) for n in store.written_state()]
@@ -764,12 +928,37 @@ def runnable(program: ExportedProgram) -> nn.Module:
     return copy_quietly(module, memo)
 
 
-def check(original: ExportedProgram, folded: ExportedProgram, seed: int = 0) -> CheckResult:
-    """Run both programs on the same random inputs (each on its own copy) and compare."""
-    args, kwargs = sample_inputs(original, seed)
-    with torch.no_grad():
-        a = output_tensors(runnable(original)(*fresh_copy(args), **fresh_copy(kwargs)))
-        b = output_tensors(runnable(folded)(*fresh_copy(args), **fresh_copy(kwargs)))
+def _cannot_run_original(e: BaseException) -> VerificationError:
+    return VerificationError(
+        f"cannot verify: the original program fails on random inputs shaped as it declares "
+        f"({type(e).__name__}: {first_line(e)}); fold without --verify, and compare the "
+        "programs on inputs of your own with bnfold.verify(original, folded, inputs)"
+    )
+
+
+def _outputs(
+    module: nn.Module, args: tuple, kwargs: dict, folded: bool
+) -> list[tuple[str, torch.Tensor]]:
+    """The output tensors of ``module`` on its own copy of the inputs; a failure is a one-line
+    :class:`VerificationError` (the inputs are made here, so a failure is no bnfold bug unless
+    the folded program fails where the original ran)."""
+    try:
+        with torch.no_grad():
+            return output_tensors(module(*fresh_copy(args), **fresh_copy(kwargs)))
+    except (BnfoldError, MemoryError):
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever the program raises on these inputs
+        if not folded:
+            raise _cannot_run_original(e) from e
+        raise VerificationError(
+            f"the folded program fails on inputs the original runs ({type(e).__name__}: "
+            f"{first_line(e)}); please report this bnfold bug with the program"
+        ) from e
+
+
+def _compare(a: list[tuple[str, torch.Tensor]], b: list[tuple[str, torch.Tensor]]) -> CheckResult:
+    """Relative error over the floating-point outputs, share of differing elements over the
+    rest."""
     floats = [i for i, (_, t) in enumerate(a) if t.is_floating_point() or t.is_complex()]
     discrete = [i for i in range(len(a)) if i not in floats]
     max_abs = max_rel = 0.0
@@ -791,4 +980,43 @@ def check(original: ExportedProgram, folded: ExportedProgram, seed: int = 0) -> 
     )
 
 
-__all__ = ["ProgramFile", "load", "save", "sample_inputs", "check", "CheckResult", "runnable"]
+def check(original: ExportedProgram, folded: ExportedProgram, seed: int = 0) -> CheckResult:
+    """Run both programs on the same random inputs (each on its own copy) and compare.
+
+    When either was read from a file, both must pass the allowlist before either runs. A
+    program that cannot be run or compared on the inputs bnfold can make raises a one-line
+    :class:`VerificationError`.
+    """
+    untrusted = from_file(original) or from_file(folded)
+    modules = []
+    for program in (original, folded):
+        try:
+            modules.append(runnable(program, untrusted))
+        except (BnfoldError, MemoryError):
+            raise
+        except Exception as e:  # noqa: BLE001 - a program torch read but cannot make runnable
+            raise _cannot_run_original(e) from e
+    args, kwargs = sample_inputs(original, seed)
+    a = _outputs(modules[0], args, kwargs, folded=False)
+    b = _outputs(modules[1], args, kwargs, folded=True)
+    try:
+        return _compare(a, b)
+    except (BnfoldError, MemoryError):
+        raise
+    except Exception as e:  # noqa: BLE001 - outputs that cannot be compared (meta tensors)
+        raise VerificationError(
+            f"cannot verify: the programs' outputs cannot be compared ({type(e).__name__}: "
+            f"{first_line(e)}); fold without --verify"
+        ) from e
+
+
+__all__ = [
+    "ProgramFile",
+    "load",
+    "save",
+    "sample_inputs",
+    "check",
+    "CheckResult",
+    "runnable",
+    "from_file",
+]

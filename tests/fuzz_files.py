@@ -76,7 +76,15 @@ FINDINGS = (
     "code_exec",
     "slow",
     "memory",
+    "outside_changed",
+    "unsafe_ran",
 )
+
+# Files a run may never touch: OUTSIDE holds VICTIM (which must stay as it is) and must never
+# gain a file (a program's from_file or custom op aims there, outside every scratch directory).
+OUTSIDE = Path(tempfile.gettempdir()) / "bnfold-fuzz-outside"
+VICTIM = "victim.bin"
+VICTIM_BYTES = b"bnfold fuzz: must stay unchanged\n"
 
 
 # =============================================================================================
@@ -397,6 +405,8 @@ class Case:
     # ("symlink", name, target), ("hardlink", name, existing), ("mkdir", name, ""),
     # ("fifo", name, "")
     links: list[tuple[str, str, str]] = field(default_factory=list)
+    # A program given side-effecting ops (m_pt2_side_effect): --verify must refuse it.
+    unsafe: bool = False
     # The output's name in the input directory (m_output_collision), else out/folded.<fmt>.
     output: str = ""
 
@@ -2238,6 +2248,177 @@ def m_pt2_pickle(rng: random.Random, seed: Seed, corpus: list[Seed], case: Case)
 
 
 # ---------------------------------------------------------------------------------------------
+# Programs that would touch the world when run, and sample inputs that promise huge tensors
+
+SIDE_EFFECTS = (
+    "from_file_write",
+    "from_file_create",
+    "print",
+    "custom_op",
+    "record_function",
+    "input_mutation",
+    "view_mutation",
+    "random",
+)
+
+
+def fuzz_ops() -> Any:
+    """The custom op ``bnfold_fuzz::touch(x, path)``, which creates ``path`` when it runs
+    (registered once per process; a program naming it loads only where it is registered)."""
+    import torch
+
+    op = (
+        getattr(torch.ops.bnfold_fuzz, "touch", None) if hasattr(torch.ops, "bnfold_fuzz") else None
+    )
+    if op is not None:
+        return op.default
+
+    # The schema is spelled out: this module's annotations are strings (__future__).
+    @torch.library.custom_op(
+        "bnfold_fuzz::touch", mutates_args=(), schema="(Tensor x, str path) -> Tensor"
+    )
+    def touch(x: torch.Tensor, path: str) -> torch.Tensor:
+        Path(path).touch()
+        return x.clone()
+
+    @touch.register_fake
+    def _(x: torch.Tensor, path: str) -> torch.Tensor:
+        return torch.empty_like(x)
+
+    return torch.ops.bnfold_fuzz.touch.default
+
+
+def inject_side_effect(ep: Any, kind: str, path: str) -> None:
+    """Put the side effect ``kind`` (one of SIDE_EFFECTS) into the program ``ep`` in place,
+    aimed at ``path``; a tensor-valued one replaces the first user input where it is used."""
+    import torch
+
+    aten, g = torch.ops.aten, ep.graph
+    user = [s.arg.name for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
+    x = next(n for n in g.nodes if n.op == "placeholder" and n.name == user[0])
+    first = next(n for n in g.nodes if n.op != "placeholder")
+
+    def call(op: Any, args: tuple, val: Any, **kwargs: Any) -> Any:
+        with g.inserting_before(first):
+            node = g.call_function(op, args, kwargs)
+        node.meta["val"] = val
+        return node
+
+    fake = x.meta["val"]
+    if kind.startswith("from_file"):
+        mapped = call(aten.from_file.default, (path,), torch.empty(16), shared=True, size=16)
+        call(aten.fill_.Scalar, (mapped, 7.0), torch.empty(16))
+        return
+    if kind == "print":
+        call(aten._print.default, ("bnfold fuzz: printed",), None)
+        return
+    if kind == "record_function":
+        call(torch.ops.profiler._record_function_enter.default, ("fuzz", None), torch.empty(0))
+        return
+    if kind == "random":
+        call(aten.randn.default, ([4],), torch.empty(4))
+        return
+    if kind == "custom_op":
+        new = call(fuzz_ops(), (x, path), fake)
+    elif kind == "input_mutation":
+        new = call(aten.add_.Tensor, (x, 1.0), fake)
+    else:  # view_mutation: through a view of the input
+        view = call(aten.select.int, (x, 0, 0), fake[0])
+        call(aten.mul_.Tensor, (view, 2.0), fake[0])
+        return
+    x.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+
+
+def _outside_target(kind: str) -> str:
+    """The file outside every scratch directory a side effect aims at."""
+    return os.fspath(OUTSIDE / (VICTIM if kind == "from_file_write" else f"created-{kind}"))
+
+
+def m_pt2_side_effect(rng: random.Random, seed: Seed, corpus: list[Seed], case: Case) -> None:
+    """A program given an op that reads or writes a file outside the scratch directory, runs
+    a custom op, prints, profiles, draws random numbers or writes into its input: folding must
+    not run it, and --verify must refuse it (unsafe_ran, outside_changed)."""
+    import torch
+
+    kind = _pick(rng, SIDE_EFFECTS)
+    fuzz_ops()
+    with warnings.catch_warnings(), _quiet_logs():
+        warnings.simplefilter("ignore")
+        ep = torch.export.load(io.BytesIO(seed.data))
+        inject_side_effect(ep, kind, _outside_target(kind))
+        buf = io.BytesIO()
+        torch.export.save(ep, buf)
+    case.files[case.main] = _pack(_members(buf.getvalue()))  # fixed dates: deterministic
+    case.unsafe = True
+    if rng.random() < 0.7:
+        case.args.append("--verify")
+    case.detail = kind
+
+
+_SAMPLE_INPUTS = (
+    "expanded_huge",
+    "expanded_huge_rank",
+    "wrong_shape",
+    "extra_argument",
+    "int64",
+    "meta",
+    "not_a_tuple",
+)
+
+
+def _sample_inputs(op: str, like: Any) -> Any:
+    """Sample inputs ``(args, kwargs)`` for the strategy ``op``, from an example tensor."""
+    import torch
+
+    if op == "expanded_huge":  # 14 KB on disk, 1 GiB as a tensor
+        return (torch.zeros(1).expand(16384, 16384),), {}
+    if op == "expanded_huge_rank":  # the right rank, far too many elements
+        return (torch.zeros(1).expand(2**24, *like.shape[1:]),), {}
+    if op == "wrong_shape":
+        return (torch.randn(*[d + 1 for d in like.shape]),), {}
+    if op == "extra_argument":
+        return (like, like), {}
+    if op == "int64":
+        return (torch.ones(like.shape, dtype=torch.int64),), {}
+    if op == "meta":
+        return (torch.empty(like.shape, device="meta"),), {}
+    return like
+
+
+def m_pt2_sample_inputs(rng: random.Random, seed: Seed, corpus: list[Seed], case: Case) -> None:
+    """Sample inputs (read weights-only) unlike what the program declares: huge expanded
+    tensors that cost bytes on disk and gigabytes as random inputs, wrong shapes, dtypes,
+    devices or counts. --verify must check them against the program first."""
+    import torch
+
+    members = _members(seed.data)
+    i = _pick(rng, _member_index(members, r"sample_inputs/model\.pt$"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        (like, *_), _ = torch.load(io.BytesIO(members[i][1]), weights_only=True)
+        op = _pick(rng, _SAMPLE_INPUTS)
+        buf = io.BytesIO()
+        torch.save(_sample_inputs(op, like), buf)
+    members[i] = (members[i][0], buf.getvalue())
+    case.files[case.main] = _pack(members)
+    if rng.random() < 0.7:
+        case.args.append("--verify")
+    case.detail = op
+
+
+def _outside_state() -> dict[str, str]:
+    """OUTSIDE's files by content hash (VICTIM created first if missing)."""
+    OUTSIDE.mkdir(exist_ok=True)
+    victim = OUTSIDE / VICTIM
+    if not victim.exists():
+        victim.write_bytes(VICTIM_BYTES)
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "other"
+        for p in OUTSIDE.iterdir()
+    }
+
+
+# ---------------------------------------------------------------------------------------------
 # The schedule
 
 _SHARED: dict[str, Mutator] = {
@@ -2277,6 +2458,8 @@ PT2_STRATEGIES: dict[str, Mutator] = {
     "pt2_weights": m_pt2_weights,
     "pt2_zip_header": m_pt2_zip_header,
     "pt2_pickle": m_pt2_pickle,
+    "pt2_side_effect": m_pt2_side_effect,
+    "pt2_sample_inputs": m_pt2_sample_inputs,
 }
 # Strategies that need a particular kind of seed.
 _SEED_FILTER: dict[str, Callable[[Seed], bool]] = {
@@ -2569,6 +2752,9 @@ def run_case(case: Case, root: Path, save_dir: Path | None = None) -> Outcome:
     materialize(case, in_dir)
     before = _snapshot(case_dir, out_dir)
     cwd_before = set(os.listdir("."))
+    if case.unsafe:
+        fuzz_ops()  # the program names it: loading it needs it registered
+    outside_before = _outside_state()
     suffix = "pt2" if case.fmt == "pt2" else "onnx"
     out = in_dir / case.output if case.output else out_dir / f"folded.{suffix}"
     may_write = _may_write(case, in_dir, out, case_dir) if case.write_output else set()
@@ -2659,6 +2845,16 @@ def run_case(case: Case, root: Path, save_dir: Path | None = None) -> Outcome:
         else:
             with contextlib.suppress(OSError):
                 p.unlink()
+    outside_after = _outside_state()
+    if (
+        outside_after != outside_before
+        or outside_after[VICTIM] != hashlib.sha256(VICTIM_BYTES).hexdigest()
+    ):
+        findings.append("outside_changed")
+        extra.append(f"files outside the scratch directory changed: {sorted(outside_after)}")
+    if case.unsafe and "--verify" in case.args and rc == 0:
+        findings.append("unsafe_ran")
+        extra.append(f"--verify ran a program with {case.detail}")
     if elapsed > SLOW_SECONDS:
         findings.append("slow")
     if growth > MEMORY_SLACK + case.size:

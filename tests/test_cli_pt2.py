@@ -758,3 +758,14 @@ def test_a_program_torch_cannot_write_back_is_a_one_line_error(
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot write this program" in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_archive_needing_a_newer_zip_version_is_a_one_line_error(tmp_path, program_file, capsys):
+    data = bytearray(open(program_file, "rb").read())
+    end = data.rindex(b"PK\x05\x06")  # the end record says where the central directory is
+    central = int.from_bytes(data[end + 16 : end + 20], "little")
+    data[central + 6 : central + 8] = (128).to_bytes(2, "little")  # "needs zip version 12.8"
+    path = tmp_path / "new_zip.pt2"
+    path.write_bytes(bytes(data))
+    assert main([str(path)]) == 1
+    assert "not a torch.export archive" in _one_line_error(capsys)
