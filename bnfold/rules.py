@@ -8,7 +8,7 @@ and the layer feeding it) and calls :func:`decide`. Each rule is a small functio
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -22,10 +22,15 @@ def selected_kinds(producers: Iterable[str] | str | None) -> set[str]:
     """The producer kinds a ``producers=`` argument selects (all when ``None``)."""
     if producers is None:
         return set(PRODUCER_KINDS)
-    try:
-        given = [producers] if isinstance(producers, str) else list(producers)
-    except TypeError:
-        given = [producers]  # not iterable: reported as an unknown kind below
+    if isinstance(producers, (bytes, bytearray, Mapping)) or not isinstance(
+        producers, (str, Iterable)
+    ):
+        # bytes iterate as numbers and a dict as its keys: neither is a list of kinds
+        raise InvalidArgumentError(
+            "producers must be a kind or a list, tuple or set of kinds "
+            f"({', '.join(PRODUCER_KINDS)}), not {type(producers).__name__}"
+        )
+    given = [producers] if isinstance(producers, str) else list(producers)
     unknown = [k for k in given if not isinstance(k, str) or k not in PRODUCER_KINDS]
     if unknown:
         raise InvalidArgumentError(

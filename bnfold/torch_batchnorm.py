@@ -171,14 +171,52 @@ def carry_plain_attributes(bn: nn.Module, new: nn.Module) -> nn.Module:
     return new
 
 
+# The methods through which calling a module reaches its forward: a class that overrides one
+# of them (``def __call__(self, x): return relu(super().__call__(x))``) computes more than its
+# forward, and torch.fx, which stops at the call, shows the extra work as if it came after.
+_CALL_METHODS = ("__call__", "_wrapped_call_impl", "_call_impl")
+
+
+def call_changed_reason(m: nn.Module) -> str:
+    """Why calling ``m`` may do more than its forward: forward hooks, or a call method
+    overridden by a class or set on the instance. Empty when neither."""
+    name = type(m).__name__
+    for method in _CALL_METHODS:
+        owner = defining_class(type(m), method)
+        if owner is not None and not is_torch_class(owner):
+            return f"{name} overrides {method}(), which runs around its forward()"
+        if method != "__call__" and method in vars(m):  # looked up on the instance by torch
+            return f"{name} has {method}() set on the instance, which runs around its forward()"
+    if m._forward_hooks or m._forward_pre_hooks:
+        pruned = pruned_tensors(m)
+        if pruned:
+            return (
+                f"{name}'s {' and '.join(pruned)} is pruned (torch.nn.utils.prune): its forward "
+                "pre-hook recomputes it on every call; make the pruning permanent with "
+                f"torch.nn.utils.prune.remove(module, {pruned[0]!r}) before folding"
+            )
+        return f"{name} has forward hooks, which may change what it computes"
+    return ""
+
+
+def pruned_tensors(m: nn.Module) -> list[str]:
+    """The tensors of ``m`` that torch.nn.utils.prune recomputes in a forward pre-hook."""
+    from torch.nn.utils.prune import BasePruningMethod
+
+    return [
+        hook._tensor_name
+        for hook in m._forward_pre_hooks.values()
+        if isinstance(hook, BasePruningMethod)
+    ]
+
+
 def forward_changed_reason(m: nn.Module) -> str:
-    """Why ``m`` may not compute what its class's forward says: hooks, or a forward set on the
-    instance (by a hook library, or ``m.forward = ...``). Empty when neither."""
+    """Why ``m`` may not compute what its class's forward says: hooks, an overridden call
+    method, or a forward set on the instance (by a hook library, or ``m.forward = ...``).
+    Empty when none of these."""
     if "forward" in vars(m):
         return f"{type(m).__name__} has a forward() set on the instance, which bnfold cannot see"
-    if m._forward_hooks or m._forward_pre_hooks:
-        return f"{type(m).__name__} has forward hooks, which may change what it computes"
-    return ""
+    return call_changed_reason(m)
 
 
 def _number(value: Any) -> float:

@@ -26,7 +26,7 @@ from .errors import InvalidArgumentError, TracingError, first_line
 from .torch_batchnorm import BufferProxyTracer, is_batchnorm, reads_metadata_only
 from .torch_producers import producer_kind
 from .torch_state import TRACE_LOCK, preserved_state
-from .torch_verify import output_tensors
+from .torch_verify import fresh_copy, output_tensors
 
 
 @dataclass
@@ -65,6 +65,8 @@ class Dataflow:
     calls: dict[str, ModuleCalls]
     outside_uses: dict[str, list[str]]  # module path -> users of its tensors outside its calls
     note: str = ""  # a caveat on how the data flow was found
+    # Other modules called whole, their forward unseen (torch.nn modules torch.fx keeps as leaves)
+    opaque_calls: list[str] = field(default_factory=list)
 
     def renamed(self, rename: Callable[[str], str]) -> Dataflow:
         """The same data flow with every module path passed through ``rename``."""
@@ -75,7 +77,7 @@ class Dataflow:
             for path, c in self.calls.items()
         }
         outside = {rename(path): uses for path, uses in self.outside_uses.items()}
-        return Dataflow(calls, outside, self.note)
+        return Dataflow(calls, outside, self.note, [rename(p) for p in self.opaque_calls])
 
     def merged(self, other: Dataflow) -> Dataflow:
         """The data flow of two traces of one model, as conservative as either."""
@@ -85,7 +87,8 @@ class Dataflow:
         outside = {k: list(v) for k, v in self.outside_uses.items()}
         for k, v in other.outside_uses.items():
             outside.setdefault(k, []).extend(u for u in v if u not in outside[k])
-        return Dataflow(calls, outside, self.note or other.note)
+        opaque = self.opaque_calls + [p for p in other.opaque_calls if p not in self.opaque_calls]
+        return Dataflow(calls, outside, self.note or other.note, opaque)
 
 
 EXPORT_NOTE = (
@@ -126,7 +129,10 @@ def _fx_dataflow(
     interesting = set(paths.values())
     calls: dict[str, ModuleCalls] = defaultdict(ModuleCalls)
     outside: dict[str, list[str]] = defaultdict(list)
+    opaque: dict[str, None] = {}
     for node in graph.nodes:
+        if node.op == "call_module" and node.target not in interesting:
+            opaque[str(node.target)] = None
         if node.op == "call_module" and node.target in interesting:
             c = calls[node.target]
             c.calls += 1
@@ -150,7 +156,7 @@ def _fx_dataflow(
             owner = _owner(str(node.target), interesting)
             if owner is not None and not all(reads_metadata_only(u) for u in node.users):
                 outside[owner].append(f"forward() reading {node.target}")
-    return Dataflow(dict(calls), dict(outside))
+    return Dataflow(dict(calls), dict(outside), opaque_calls=list(opaque))
 
 
 def _owner(qualname: str, paths: set[str]) -> str | None:
@@ -180,7 +186,7 @@ def _export_dataflow(
     ep: torch.export.ExportedProgram,
     paths: dict[int, str],
     prefix: str = "",
-    aliases: dict[str, str] | None = None,
+    aliases: _Aliases | None = None,
 ) -> Dataflow:
     """Data flow from a non-strict torch.export trace, mapped back to modules.
 
@@ -204,8 +210,9 @@ def _export_dataflow(
         for key, (path, _type) in stack.items():
             # The stack names a module by the name it was called under: map every alias of a
             # module to one name, so that calls under two names count as two calls.
-            if aliases and path.startswith(prefix) and path[len(prefix) :] in aliases:
-                path = prefix + aliases[path[len(prefix) :]]
+            if aliases is not None and path.startswith(prefix):
+                canonical = aliases[path[len(prefix) :]]
+                path = prefix + canonical if canonical is not None else path
             if path in interesting:
                 group[node] = key
                 path_of_key[key] = path
@@ -379,6 +386,14 @@ def module_dataflow(
             f"{first_line(fx_error)}); pass example_inputs so that bnfold can trace it "
             "with torch.export instead"
         ) from fx_error
+    names, unique = count_module_names(model)
+    if names > max(_MAX_EXPORT_NAMES, 4 * unique):
+        raise TracingError(
+            f"torch.fx could not trace {type(model).__name__} ({first_line(fx_error)}), and "
+            f"torch.export, which bnfold would use instead, visits every name of every module: "
+            f"modules registered under several names at many levels give this model {names:.3g} "
+            "names. Make forward traceable by torch.fx, or register each module once"
+        ) from fx_error
     try:
         with TRACE_LOCK, preserved_state(model, values=True) as state:
             with warnings.catch_warnings(record=True) as caught:
@@ -396,7 +411,7 @@ def module_dataflow(
             "traceable submodules one by one"
         ) from export_error
     prefix = _TensorOutputs.PREFIX + "."
-    aliases = _aliases(model, paths)
+    aliases = _Aliases(model, paths)
     flow = _export_dataflow(ep, {k: prefix + p for k, p in paths.items()}, prefix, aliases)
     flow = flow.renamed(lambda path: path.removeprefix(prefix))
     _note_changed_in_place(flow, changed, set(paths.values()))
@@ -407,6 +422,30 @@ def module_dataflow(
         for path in paths.values():
             flow.outside_uses.setdefault(path, []).append(use)
     return flow
+
+
+# torch.export walks named_parameters(remove_duplicate=False) and gives the program an input
+# per name: its time and graph grow with the names, not the modules.
+_MAX_EXPORT_NAMES = 10_000
+
+
+def count_module_names(model: nn.Module) -> tuple[int, int]:
+    """How many names ``named_modules(remove_duplicate=False)`` would give, counted without
+    walking them (a module held under two names at each of N levels has 2**N), and how many
+    modules there are."""
+    counts: dict[int, int] = {}
+
+    def names(m: nn.Module, active: frozenset[int]) -> int:
+        if id(m) in counts:
+            return counts[id(m)]
+        if id(m) in active:  # a cycle: torch would recurse without end
+            return 1 << 62
+        inner = active | {id(m)}
+        total = 1 + sum(names(c, inner) for c in m._modules.values() if c is not None)
+        counts[id(m)] = total
+        return total
+
+    return names(model, frozenset()), len(counts)
 
 
 def _assigned_during_export(caught: list[warnings.WarningMessage]) -> list[str]:
@@ -423,13 +462,26 @@ def _assigned_during_export(caught: list[warnings.WarningMessage]) -> list[str]:
     return names
 
 
-def _aliases(model: nn.Module, paths: dict[int, str]) -> dict[str, str]:
-    """Every name of a module in ``paths`` -> the name bnfold uses for it."""
-    return {
-        name: paths[id(m)]
-        for name, m in model.named_modules(remove_duplicate=False)
-        if id(m) in paths and name
-    }
+class _Aliases(dict):
+    """A module's name as the program calls it -> the name bnfold uses for it (or ``None``).
+
+    Names are resolved when asked, by walking the model along the name: listing every name of
+    every module up front would walk every path of the module tree, and a module registered
+    under two names at each of N levels has 2**N paths.
+    """
+
+    def __init__(self, model: nn.Module, paths: dict[int, str]) -> None:
+        super().__init__()
+        self.model = model
+        self.paths = paths
+
+    def __missing__(self, name: str) -> str | None:
+        try:
+            m = self.model.get_submodule(name) if name else None
+        except (AttributeError, TypeError):  # not a plain path ("slice(None, -1, None).0")
+            m = None
+        self[name] = self.paths.get(id(m)) if m is not None else None
+        return self[name]
 
 
 def _watched_tensors(model: nn.Module, paths: set[str]) -> dict[int, tuple[str, str]]:
@@ -505,7 +557,7 @@ def output_ranks(
             handles.append(m.register_forward_hook(hook))
         try:
             with torch.no_grad():
-                model(*example_inputs)
+                model(*fresh_copy(example_inputs))  # forward may write into its inputs
         except Exception as e:
             raise InvalidArgumentError(
                 f"running {type(model).__name__} on example_inputs failed ({type(e).__name__}: "

@@ -15,7 +15,7 @@ import warnings
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -28,6 +28,7 @@ from .rules import PairFacts
 from .torch_batchnorm import (
     BatchNormSpec,
     batchnorm_spec,
+    call_changed_reason,
     carry_plain_attributes,
     is_batchnorm,
     spec_runs_forward,
@@ -61,13 +62,39 @@ class _Plan:
 
 
 def _names_of_state(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
-    """id(parameter or buffer) -> every (owning module, qualified name) it is reachable under."""
+    """id(parameter or buffer) -> every module that owns it, with one qualified name each.
+
+    Each module is visited once, under its first name: a module registered under several names
+    (at every level of a deep tree, the paths multiply) owns its tensors once.
+    """
     names: dict[int, list[tuple[nn.Module, str]]] = defaultdict(list)
-    for mpath, m in model.named_modules(remove_duplicate=False):
+    for mpath, m in model.named_modules():
         for pname, p in list(m._parameters.items()) + list(m._buffers.items()):
             if p is not None:
                 names[id(p)].append((m, f"{mpath}.{pname}" if mpath else pname))
     return names
+
+
+def _around_every_call(model: nn.Module) -> str:
+    """Why code bnfold does not trace runs around the model's own calls, or ``""``.
+
+    torch.fx traces the root's ``forward`` only: the root's hooks and an overridden
+    ``__call__`` run around it unseen, and global module hooks run around every module call;
+    any of them may read a layer's weights or a BatchNorm's statistics.
+    """
+    from torch.nn.modules import module as torch_module
+
+    root = call_changed_reason(model)
+    if root:
+        return f"the model: {root}, which may read or change any layer"
+    tables = ("_global_forward_hooks", "_global_forward_pre_hooks")
+    if any(getattr(torch_module, t, None) for t in tables):
+        return (
+            "global module forward hooks are registered (torch.nn.modules.module."
+            "register_module_forward_hook / _pre_hook): they run on every module call and may "
+            "change what any layer computes"
+        )
+    return ""
 
 
 def _check_model(model: Any) -> None:
@@ -88,6 +115,11 @@ def _check_model(model: Any) -> None:
         raise UnsupportedModelError(
             f"{type(model).__name__} is a torch.compile wrapper: fold the module it compiles "
             "(model._orig_mod), or fold before compiling, then compile the folded model"
+        )
+    if type(model).forward is nn.Module.forward:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has no forward(), so it has no data flow to follow: fold "
+            "the model that calls its modules, or each of its modules that has a forward()"
         )
     if "forward" in vars(model):
         raise UnsupportedModelError(
@@ -141,8 +173,13 @@ def _plan(
             specs = {bn: batchnorm_spec(modules[bn], bn) for bn in bns}
     else:
         specs = {bn: batchnorm_spec(modules[bn], bn) for bn in bns}
-    _note_hidden_calls(model, modules, flow)
-    facts_of = {bn: _pair_facts(bn, specs[bn], modules, prod_modules, flow, shared) for bn in bns}
+    holders = _holders(model, modules, flow)
+    _note_hidden_calls(holders, flow)
+    around = _around_every_call(model)
+    facts_of = {
+        bn: _pair_facts(bn, specs[bn], modules, prod_modules, flow, shared, holders, around)
+        for bn in bns
+    }
     observed_rank = _observe_ranks(model, example_inputs, facts_of, prod_modules)
     if flow.note:
         report.notes.append(flow.note)
@@ -210,8 +247,14 @@ def _pair_facts(
     prod_modules: dict[str, nn.Module],
     flow: Dataflow,
     shared: dict[int, list[tuple[nn.Module, str]]],
+    holders: dict[str, list[_Holder]],
+    around: str,
 ) -> PairFacts:
-    """Translate what the model and its data flow say about one BatchNorm into rule facts."""
+    """Translate what the model and its data flow say about one BatchNorm into rule facts.
+
+    ``around`` says why code bnfold cannot see runs around the model's calls (hooks on the
+    root, global hooks): it keeps every BatchNorm.
+    """
     bn = modules[bn_path]
     call = flow.calls.get(bn_path, ModuleCalls())
     bn_facts = dict(
@@ -219,7 +262,7 @@ def _pair_facts(
         bn_uses_running_stats=not spec.uses_running_stats,
         bn_not_inference_reason=spec.uses_running_stats,
         bn_calls=max(call.calls, 1),
-        bn_custom_forward=spec.not_foldable,
+        bn_custom_forward=spec.not_foldable or around,
         bn_params_constant=not params_not_constant(bn),
         bn_state_used_elsewhere=", ".join(flow.outside_uses.get(bn_path, [])),
         bn_input_ranks=spec.input_ranks,
@@ -227,11 +270,11 @@ def _pair_facts(
     prod_path = call.input_from if call.calls and call.input_from in prod_modules else None
     if prod_path is None:
         if call.calls == 0:
-            owner = _enclosing_layer(bn_path, modules)
-            if owner is not None:
+            if holders.get(bn_path):
+                h = holders[bn_path][0]
                 bn_facts["bn_custom_forward"] = (
-                    f"it belongs to {owner} ({type(modules[owner]).__name__}), a layer whose "
-                    "forward() bnfold treats as a whole; folding inside a layer is not attempted"
+                    f"it belongs to {h.layer} ({h.kind}), a layer whose forward() bnfold treats "
+                    "as a whole; folding inside a layer is not attempted"
                 )
             detail = "nothing: forward() never calls it"
         else:
@@ -263,29 +306,56 @@ def _pair_facts(
     )
 
 
-def _note_hidden_calls(model: nn.Module, modules: dict[str, nn.Module], flow: Dataflow) -> None:
-    """A producer or BatchNorm that is also reachable inside another one (say a conv a
-    BatchNorm subclass's forward calls) may be called where the trace does not look: record
-    that as a use the data flow cannot see, so that no fold relies on its single call."""
+class _Holder(NamedTuple):
+    layer: str  # the path of the layer that holds it
+    kind: str  # that layer's class name
+    name: str  # the holder's path to it
+
+
+def _holders(
+    model: nn.Module, modules: dict[str, nn.Module], flow: Dataflow
+) -> dict[str, list[_Holder]]:
+    """For each producer and BatchNorm: the layers that hold it below them and whose forward
+    bnfold does not look into, with the name it has there.
+
+    Those are the producers and BatchNorms themselves (a conv that a BatchNorm subclass's
+    forward calls) and the modules torch.fx kept whole (``nn.MultiheadAttention`` reads its
+    ``out_proj.weight`` without calling ``out_proj``). Each layer's subtree is walked once, so a
+    module registered under many names costs no more than one.
+    """
     path_of = {id(m): p for p, m in modules.items()}
-    for path, m in model.named_modules(remove_duplicate=False):
-        own = path_of.get(id(m))
-        holder = None if own is None else _enclosing_layer(path, modules)
-        seen_calls = flow.calls[own].calls if own in flow.calls else 0
-        if holder is not None and seen_calls > 0:
-            flow.outside_uses.setdefault(own, []).append(
-                f"{holder}'s own forward(), which may call it as {path}"
-            )
+    containers = dict(modules)
+    for path in flow.opaque_calls:
+        containers[path] = model.get_submodule(path)
+    found: dict[str, list[_Holder]] = defaultdict(list)
+    for cpath, container in containers.items():
+        seen = {id(container)}
+        stack = [(cpath, container)]
+        while stack:
+            prefix, m = stack.pop()
+            for name, child in m._modules.items():
+                if child is None or id(child) in seen:
+                    continue
+                seen.add(id(child))
+                sub = f"{prefix}.{name}"
+                own = path_of.get(id(child))
+                if own is not None and own != cpath:
+                    found[own].append(_Holder(cpath, type(container).__name__, sub))
+                stack.append((sub, child))
+    return found
 
 
-def _enclosing_layer(path: str, modules: dict[str, nn.Module]) -> str | None:
-    """The producer or BatchNorm module that contains the module at ``path``, if any."""
-    parts = path.split(".")
-    for i in range(len(parts) - 1, 0, -1):
-        prefix = ".".join(parts[:i])
-        if prefix in modules:
-            return prefix
-    return None
+def _note_hidden_calls(holders: dict[str, list[_Holder]], flow: Dataflow) -> None:
+    """A producer or BatchNorm held inside a layer bnfold does not trace into may be called, or
+    its tensors read, where the trace does not look: record that as a use the data flow cannot
+    see, so that no fold relies on its single call."""
+    for own, places in holders.items():
+        if own in flow.calls and flow.calls[own].calls > 0:
+            for h in places:
+                flow.outside_uses.setdefault(own, []).append(
+                    f"the forward() of {h.layer} ({h.kind}), which bnfold does not trace and "
+                    f"which may call it or read its tensors as {h.name}"
+                )
 
 
 # --------------------------------------------------------------------------------------------

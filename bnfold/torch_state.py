@@ -160,11 +160,10 @@ class ModelState:
     def __init__(self, model: nn.Module, values: bool) -> None:
         self.model = model
         self.modules: list[tuple[str, nn.Module]] = []
-        seen: set[int] = set()
-        for path, m in model.named_modules(remove_duplicate=False):
-            if id(m) not in seen:
-                seen.add(id(m))
-                self.modules.append((path, m))
+        # Each module once, under its first name (named_modules skips a module seen before and
+        # everything below it, so a tree of aliases costs no more than the modules it holds).
+        for path, m in model.named_modules():
+            self.modules.append((path, m))
         internals = _module_internals()
         self.holders = _Holders()
         self.saved = []

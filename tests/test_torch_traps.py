@@ -814,3 +814,240 @@ def test_flags_are_traced_both_ways_and_other_values_are_noted():
     assert report.notes and "mode" in report.notes[0]
     for call in [(x,), (x, True), (x, False, "relu")]:
         _close(model, folded, *call)
+
+
+# --------------------------------------------------------------------------------------------
+# Code that runs around a layer's forward: overridden call methods, hooks on the root, global
+# hooks. torch.fx stops at a layer's call, so it never sees them.
+
+
+class ReLUOnCall2d(nn.BatchNorm2d):
+    def __call__(self, x):
+        return torch.relu(super().__call__(x))
+
+
+class ReLUOnCallImpl2d(nn.BatchNorm2d):
+    def _call_impl(self, *args, **kwargs):
+        return torch.relu(super()._call_impl(*args, **kwargs))
+
+
+class ClampsOnCall(nn.Conv2d):
+    def __call__(self, x):
+        with torch.no_grad():
+            self.weight.clamp_(-0.1, 0.1)  # invisible to torch.fx: it stops at the call
+        return super().__call__(x)
+
+
+def _instance_call_impl() -> nn.Module:
+    bn = nn.BatchNorm2d(8)
+    plain = bn._call_impl
+    bn._call_impl = lambda *a, **k: torch.tanh(plain(*a, **k))
+    return bn
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda m: setattr(m, "bn", ReLUOnCall2d(8)),
+        lambda m: setattr(m, "bn", ReLUOnCallImpl2d(8)),
+        lambda m: setattr(m, "bn", _instance_call_impl()),
+        lambda m: setattr(m, "conv", ClampsOnCall(3, 8, 3, padding=1)),
+    ],
+    ids=["bn-__call__", "bn-_call_impl", "bn-instance-_call_impl", "conv-__call__"],
+)
+@pytest.mark.parametrize("inplace", [False, True])
+def test_a_layer_whose_call_does_more_than_forward_is_not_folded(make, inplace):
+    base = ConvBN()
+    make(base)
+    model = _setup(base.eval())
+    reference = copy.deepcopy(model)
+    x = _x(2, 3, 6, 6)
+    folded, report = bnfold.fold(model, (x,), inplace=inplace, return_report=True)
+    assert report.entry("bn").rule == rules.STANDARD_FORWARD
+    assert "runs around its forward()" in report.entry("bn").reason
+    _close(reference, folded, x)
+
+
+class AttentionThenBN(nn.Module):
+    """Runs MultiheadAttention, then its out_proj again, by hand, into a BatchNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.bn = nn.BatchNorm1d(8)
+
+    def forward(self, q):
+        a, _ = self.mha(q, q, q)
+        return a, self.bn(self.mha.out_proj(a.mean(1)))
+
+
+class EncoderThenBN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, batch_first=True)
+        self.bn = nn.BatchNorm1d(8)
+
+    def forward(self, x):
+        y = self.enc(x)
+        return y, self.bn(self.enc.linear2(torch.relu(self.enc.linear1(y.mean(1)))))
+
+
+@pytest.mark.parametrize("cls", [AttentionThenBN, EncoderThenBN])
+def test_a_producer_inside_a_torch_nn_leaf_module_is_not_folded_into(cls):
+    model = _setup(cls().eval())
+    x = _x(2, 5, 8)
+    folded, report = bnfold.fold(model, (x,), return_report=True)
+    entry = report.entry("bn")
+    assert entry.action == "skipped"
+    if cls is AttentionThenBN:  # linear2 also runs inside the layer, on 3-D values
+        assert entry.rule == rules.UNSHARED, entry
+        assert "which bnfold does not trace" in entry.reason
+    _close(model, folded, x)
+
+
+class RootHookNet(nn.Sequential):
+    def __init__(self) -> None:
+        super().__init__(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
+
+
+def test_forward_hooks_on_the_root_keep_every_batchnorm():
+    model = _setup(RootHookNet().eval())
+    model.register_forward_hook(lambda mod, _args, out: out + mod[0].weight.sum())
+    x = _x(2, 3, 6, 6)
+    folded, report = bnfold.fold(model, (x,), return_report=True)
+    assert report.entry("1").rule == rules.STANDARD_FORWARD
+    assert "the model" in report.entry("1").reason
+    _close(model, folded, x)
+
+
+def test_a_root_hook_reading_statistics_does_not_break_the_folded_model():
+    model = _setup(RootHookNet().eval())
+    model.register_forward_pre_hook(lambda mod, args: (args[0] + mod[1].running_var.mean(),))
+    x = _x(2, 3, 6, 6)
+    folded = bnfold.fold(model, (x,))
+    _close(model, folded, x)
+
+
+@pytest.mark.parametrize("kind", ["forward", "pre"])
+def test_global_module_hooks_keep_every_batchnorm(kind):
+    from torch.nn.modules import module as torch_module
+
+    def hook(mod, _args, out=None):
+        if kind == "pre":
+            return None
+        return out * 2 if isinstance(mod, nn.BatchNorm2d) else out
+
+    def pre_hook(mod, args):
+        return (args[0] * 3,) if isinstance(mod, nn.Conv2d) else None
+
+    model = _setup(ConvBN().eval())
+    x = _x(2, 3, 6, 6)
+    register = (
+        torch_module.register_module_forward_hook
+        if kind == "forward"
+        else torch_module.register_module_forward_pre_hook
+    )
+    handle = register(hook if kind == "forward" else pre_hook)
+    try:
+        folded, report = bnfold.fold(model, (x,), return_report=True)
+        assert report.entry("bn").rule == rules.STANDARD_FORWARD
+        assert "global module forward hooks" in report.entry("bn").reason
+        _close(model, folded, x)
+    finally:
+        handle.remove()
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs, aliases, arguments
+
+
+class WritesIntoInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 6)
+        self.bn = nn.BatchNorm1d(6)
+
+    def forward(self, v):
+        v.mul_(2)
+        return self.bn(self.fc(v))
+
+
+@pytest.mark.parametrize("call", ["fold", "analyze"])
+def test_the_callers_example_inputs_are_never_written_into(call):
+    model = _setup(WritesIntoInput().eval())
+    v = _x(3, 4)
+    before = v.clone()
+    getattr(bnfold, call)(model, (v,))  # Linear + BatchNorm1d: the rank is probed by a run
+    assert torch.equal(v, before)
+
+
+class Twice(nn.Module):
+    """Holds one child under two names, as models that alias a block do."""
+
+    def __init__(self, child: nn.Module) -> None:
+        super().__init__()
+        self.a = child
+        self.b = child
+
+    def forward(self, x):
+        return self.a(x)
+
+
+class ShapeDependentConvBN(ConvBN):
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        return y if x.shape[0] > 1 else -y  # torch.fx cannot trace this: torch.export
+
+
+def _aliased(inner: nn.Module, depth: int) -> nn.Module:
+    for _ in range(depth):
+        inner = Twice(inner)
+    return _setup(inner.eval())
+
+
+def test_modules_aliased_at_every_level_are_walked_once(monkeypatch):
+    depth = 16  # 65,536 paths to the conv: walking every path would take minutes
+    model = _aliased(ConvBN(), depth)
+    yielded = 0
+    plain = nn.Module.named_modules
+
+    def counting(self, *args, **kwargs):
+        nonlocal yielded
+        for item in plain(self, *args, **kwargs):
+            yielded += 1
+            yield item
+
+    x = _x(2, 3, 6, 6)
+    monkeypatch.setattr(nn.Module, "named_modules", counting)
+    folded, report = bnfold.fold(model, (x,), return_report=True)
+    monkeypatch.undo()
+    assert yielded < 100 * (depth + 3), yielded
+    assert report.folded and len(report.entries) == 1
+    _close(model, folded, x)
+
+
+def test_aliases_under_the_export_fallback_fold_or_are_a_clear_error():
+    x = _x(2, 3, 6, 6)
+    model = _aliased(ShapeDependentConvBN(), 4)  # 16 names: torch.export takes it
+    folded, report = bnfold.fold(model, (x,), return_report=True)
+    assert report.folded
+    _close(model, folded, x)
+    # torch.export would give the program an input per name: 2**30 of them
+    with pytest.raises(bnfold.TracingError, match="names"):
+        bnfold.fold(_aliased(ShapeDependentConvBN(), 30), (x,))
+
+
+@pytest.mark.parametrize("producers", [b"conv", bytearray(b"conv"), {"conv": 1}, 5])
+def test_producers_must_be_kinds_not_bytes_or_a_dict(producers):
+    with pytest.raises(bnfold.InvalidArgumentError, match="producers must be"):
+        bnfold.fold(_setup(ConvBN().eval()), producers=producers)
+
+
+@pytest.mark.parametrize("container", [nn.ModuleList, nn.ModuleDict])
+def test_a_container_without_forward_is_a_clear_error(container):
+    layers = [nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)]
+    model = container(
+        layers if container is nn.ModuleList else dict(zip("ab", layers, strict=True))
+    )
+    with pytest.raises(bnfold.UnsupportedModelError, match="has no forward"):
+        bnfold.fold(model.eval(), (_x(2, 3, 6, 6),))
