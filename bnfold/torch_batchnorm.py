@@ -94,22 +94,26 @@ _SYM_SIZE_OPS = (
 def measure_affine(m: nn.Module, channels: int, rank: int = 4) -> tuple[Any, Any] | str:
     """Measure ``m`` as a per-channel affine map over axis 1, in float64, or say why it is not.
 
-    A float64 copy of ``m`` is run on probes: ``t = m(0)``, ``s = m(1) - m(0)``, then a random
-    input checks that ``m(x) == s*x + t`` everywhere (a nonlinearity or a different channel axis
-    shows up as a mismatch). The factors are exactly what ``m``'s own formula computes, eps and
-    all, without trusting its attribute names.
+    A float64 copy of ``m`` is run on probes: ``t = m(0)``, ``s = m(1) - m(0)``, then an input
+    of random values and of values at extreme magnitudes (tiny, the float16 and float32 limits,
+    far beyond them), with mixed signs in every channel, checks that ``m(x) == s*x + t``
+    element by element. The factors are exactly what ``m``'s own formula computes, eps and all,
+    without trusting its attribute names.
+
+    No finite set of probes proves an arbitrary forward affine (``clamp(-1e3, 1e3)`` looks
+    affine on small inputs), so the operations forward runs are checked too: recorded by
+    ``make_fx`` on the probe input, in float64 and in the module's own dtype, every operation
+    that the input's values flow through must be one that keeps a per-channel affine map affine
+    (add, sub, mul or div by values not computed from the input, views, casts, an inference
+    batch_norm). A clamp, ``where``, ``max``, ``abs``, an activation: the module is not folded.
     """
     try:
         probe = copy.deepcopy(m).double()
         shape = (1, channels) + (1,) * (rank - 2)
+        x = _affinity_probe(channels, rank)
         with torch.no_grad():
             t = probe(torch.zeros(shape, dtype=torch.float64))
             s = probe(torch.ones(shape, dtype=torch.float64)) - t
-            g = torch.Generator().manual_seed(0)
-            x = (
-                torch.randn((3, channels) + (3,) * (rank - 2), generator=g, dtype=torch.float64)
-                * 10
-            )
             y = probe(x)
     except Exception as e:  # noqa: BLE001 - a module we cannot run is a module we cannot fold
         return f"running it on a probe input failed ({type(e).__name__})"
@@ -118,11 +122,118 @@ def measure_affine(m: nn.Module, channels: int, rank: int = 4) -> tuple[Any, Any
     s, t = s.reshape(-1), t.reshape(-1)
     if not (bool(torch.isfinite(s).all()) and bool(torch.isfinite(t).all())):
         return s.numpy(), t.numpy()  # invalid numbers: the algebra refuses them with a reason
-    expected = s.reshape(shape) * x + t.reshape(shape)
-    scale = float(expected.abs().max()) + 1e-300
-    if not bool(torch.isfinite(y).all()) or float((y - expected).abs().max()) > 1e-9 * scale:
+    scaled = s.reshape(shape) * x
+    expected = scaled + t.reshape(shape)
+    checked = torch.isfinite(expected)  # s times the largest probes may overflow even float64
+    tolerance = 1e-9 * (scaled.abs() + t.abs().reshape(shape)) + 1e-300
+    error = (y - expected).abs()
+    if not bool((checked <= (error <= tolerance)).all()):
         return "it does not compute a per-channel affine map of its input"
+    why = _non_affine_operations(probe, x)
+    dtype = next((b.dtype for b in m.buffers() if b.is_floating_point()), torch.float64)
+    if not why and dtype != torch.float64:
+        why = _non_affine_operations(copy.deepcopy(m), x.to(dtype).nan_to_num())
+    if why:
+        return why
     return s.numpy(), t.numpy()
+
+
+# Magnitudes an activation may have: tiny, ordinary, around the float16 and float32 limits, and
+# beyond float32 (a float64 model).
+_PROBE_MAGNITUDES = (1e-30, 1e-3, 0.5, 3.0, 1e2, 1e4, 65504.0, 1e8, 1e15, 1e30, 3.4e38, 1e100)
+
+
+def _affinity_probe(channels: int, rank: int) -> torch.Tensor:
+    """Random values, then each magnitude of :data:`_PROBE_MAGNITUDES` (slightly varied) with
+    random signs, in every channel: one float64 batch."""
+    g = torch.Generator().manual_seed(0)
+    spatial = (3,) * (rank - 2)
+    n = 3 + len(_PROBE_MAGNITUDES)
+    x = torch.randn((n, channels) + spatial, generator=g, dtype=torch.float64) * 10
+    size = (channels,) + spatial
+    for i, magnitude in enumerate(_PROBE_MAGNITUDES):
+        signs = torch.randint(0, 2, size, generator=g).to(torch.float64) * 2 - 1
+        jitter = 1 + 0.01 * torch.rand(size, generator=g, dtype=torch.float64)
+        x[3 + i] = signs * magnitude * jitter
+    return x
+
+
+def _non_affine_operations(probe: nn.Module, x: torch.Tensor) -> str:
+    """Why the operations ``probe`` runs on ``x`` may not be affine in ``x``, or ``""``."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    try:
+        with torch.no_grad():
+            graph = make_fx(probe)(x).graph
+    except Exception as e:  # noqa: BLE001 - what cannot be recorded cannot be checked
+        return f"its forward cannot be recorded to check its operations ({type(e).__name__})"
+    aten = torch.ops.aten
+    tainted: set[torch.fx.Node] = set()
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            tainted.add(node)
+            continue
+        if node.op != "call_function":
+            continue
+        flat: list[torch.fx.Node] = []
+        torch.fx.node.map_arg((node.args, node.kwargs), flat.append)
+        from_x = [a for a in flat if a in tainted]
+        if not from_x:
+            continue
+        tainted.add(node)
+        target = node.target
+        packet = getattr(target, "overloadpacket", None)
+        first_only = node.args[:1] and node.args[0] in tainted and len(from_x) == 1
+        if target is operator.getitem or packet in _AFFINE_PASS_THROUGH:
+            continue
+        if packet in (aten.add, aten.sub):
+            continue  # sums of affine maps are affine (alpha is a number)
+        if packet is aten.mul and len(from_x) == 1:
+            continue
+        if packet is aten.div and first_only:
+            continue
+        if packet in _INFERENCE_BATCH_NORMS and first_only and _not_training(node):
+            continue
+        name = getattr(packet, "__name__", str(target))
+        return (
+            f"its forward applies {name} to values computed from its input, which is not "
+            "affine (probes cannot show it is affine for every input)"
+        )
+    return ""
+
+
+def _not_training(node: torch.fx.Node) -> bool:
+    if node.target is torch.ops.aten._native_batch_norm_legit_no_training.default:
+        return True
+    return len(node.args) > 5 and node.args[5] is False
+
+
+_AFFINE_PASS_THROUGH = frozenset(
+    {
+        torch.ops.aten.view,
+        torch.ops.aten.reshape,
+        torch.ops.aten._unsafe_view,
+        torch.ops.aten.expand,
+        torch.ops.aten.unsqueeze,
+        torch.ops.aten.squeeze,
+        torch.ops.aten.alias,
+        torch.ops.aten.clone,
+        torch.ops.aten.contiguous,
+        torch.ops.aten.detach,
+        torch.ops.aten._to_copy,
+        torch.ops.aten.to,
+        torch.ops.aten.neg,
+        torch.ops.aten.lift_fresh_copy,
+    }
+)
+_INFERENCE_BATCH_NORMS = frozenset(
+    {
+        torch.ops.aten.batch_norm,
+        torch.ops.aten.native_batch_norm,
+        torch.ops.aten._native_batch_norm_legit_no_training,
+        torch.ops.aten._native_batch_norm_legit,
+    }
+)
 
 
 @dataclass

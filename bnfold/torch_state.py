@@ -154,6 +154,52 @@ def find_proxies(value: Any, depth: int = 0) -> list[torch.fx.Proxy]:
     return [p for child in children for p in find_proxies(child, depth + 1)]
 
 
+def reachable_tensors(model: nn.Module) -> list[tuple[nn.Module, str, str, torch.Tensor]]:
+    """Every tensor the model's modules hold: ``(module, key, qualified name, tensor)``.
+
+    Registered parameters and buffers, plain tensor attributes and slots (``self.w =
+    conv.weight.detach()``, a ``bias`` that is a plain tensor), and tensors in the holders
+    (dicts, lists, tuples, sets, namespaces) those attributes hold, to the depth the state walk
+    searches. ``key`` is the attribute's name on the module, ``""`` for a holder's content.
+    Each module once, under its first name.
+    """
+    internals = _module_internals()
+    found: list[tuple[nn.Module, str, str, torch.Tensor]] = []
+
+    def walk(m: nn.Module, name: str, value: Any, depth: int, seen: set[int]) -> None:
+        if isinstance(value, torch.Tensor):
+            found.append((m, "", name, value))
+            return
+        if depth >= _MAX_DEPTH or id(value) in seen or isinstance(value, nn.Module):
+            return
+        children = _children(value)
+        if children is None and isinstance(value, tuple):
+            children = list(value)
+        if not children:
+            return
+        seen.add(id(value))
+        for i, child in enumerate(children):
+            if type(child) not in _SCALARS:
+                walk(m, f"{name}[{i}]", child, depth + 1, seen)
+
+    for path, m in model.named_modules():
+        prefix = f"{path}." if path else ""
+        for table in (m._parameters, m._buffers):
+            for key, t in table.items():
+                if t is not None:
+                    found.append((m, key, prefix + key, t))
+        slots = {n: getattr(m, n) for n in _slot_names(type(m)) if hasattr(m, n)}
+        seen: set[int] = set()
+        for key, value in [*vars(m).items(), *slots.items()]:
+            if key in internals:
+                continue
+            if isinstance(value, torch.Tensor):
+                found.append((m, key, prefix + key, value))
+            else:
+                walk(m, prefix + key, value, 0, seen)
+    return found
+
+
 class ModelState:
     """A record of every module's attributes, slots, holders and tensor versions."""
 
