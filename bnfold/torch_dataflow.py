@@ -25,7 +25,7 @@ from torch.overrides import TorchFunctionMode
 from .errors import InvalidArgumentError, TracingError, first_line
 from .torch_batchnorm import BufferProxyTracer, is_batchnorm, reads_metadata_only
 from .torch_producers import producer_kind
-from .torch_state import TRACE_LOCK, preserved_state
+from .torch_state import TRACE_LOCK, find_proxies, preserved_state
 from .torch_verify import fresh_copy, output_tensors
 
 
@@ -61,12 +61,21 @@ class ModuleCalls:
 
 
 @dataclass
+class Trace:
+    """One torch.fx trace of forward: how it was called and the shape of its graph."""
+
+    args: dict[str, Any] | None  # the arguments fixed to values (``concrete_args``)
+    shape: list[tuple]  # graph_shape() of the graph
+
+
+@dataclass
 class Dataflow:
     calls: dict[str, ModuleCalls]
     outside_uses: dict[str, list[str]]  # module path -> users of its tensors outside its calls
     note: str = ""  # a caveat on how the data flow was found
     # Other modules called whole, their forward unseen (torch.nn modules torch.fx keeps as leaves)
     opaque_calls: list[str] = field(default_factory=list)
+    traces: list[Trace] = field(default_factory=list)  # the torch.fx traces it came from
 
     def renamed(self, rename: Callable[[str], str]) -> Dataflow:
         """The same data flow with every module path passed through ``rename``."""
@@ -77,7 +86,8 @@ class Dataflow:
             for path, c in self.calls.items()
         }
         outside = {rename(path): uses for path, uses in self.outside_uses.items()}
-        return Dataflow(calls, outside, self.note, [rename(p) for p in self.opaque_calls])
+        opaque = [rename(p) for p in self.opaque_calls]
+        return Dataflow(calls, outside, self.note, opaque, self.traces)
 
     def merged(self, other: Dataflow) -> Dataflow:
         """The data flow of two traces of one model, as conservative as either."""
@@ -88,7 +98,7 @@ class Dataflow:
         for k, v in other.outside_uses.items():
             outside.setdefault(k, []).extend(u for u in v if u not in outside[k])
         opaque = self.opaque_calls + [p for p in other.opaque_calls if p not in self.opaque_calls]
-        return Dataflow(calls, outside, self.note or other.note, opaque)
+        return Dataflow(calls, outside, self.note or other.note, opaque, self.traces + other.traces)
 
 
 EXPORT_NOTE = (
@@ -99,16 +109,93 @@ EXPORT_NOTE = (
 
 
 class _LeafTracer(BufferProxyTracer):
-    """Symbolic tracer that stops at producers and BatchNorms (subclasses included).
+    """Symbolic tracer that stops at producers and BatchNorms (subclasses included), and at
+    the modules in ``leaves`` (ids).
 
     Buffers are proxied like parameters, so that forward reading a BatchNorm's statistics
     elsewhere shows up in the graph, and in-place updates of buffers are recorded, not run.
     """
 
+    def __init__(self, leaves: frozenset[int] = frozenset()) -> None:
+        super().__init__()
+        self.leaves = leaves
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if producer_kind(m) is not None or is_batchnorm(m):
+        if producer_kind(m) is not None or is_batchnorm(m) or id(m) in self.leaves:
             return True
         return super().is_leaf_module(m, qualname)
+
+
+class _Ref(int):
+    """A node of a graph shape, by position."""
+
+
+def graph_shape(graph: torch.fx.Graph) -> list[tuple]:
+    """What a traced graph computes, independent of node names: each node's kind, target and
+    arguments, with nodes given by position. Two traces of the same Python code on the same
+    structure have equal shapes."""
+    index: dict[torch.fx.Node, _Ref] = {}
+    shape = []
+    for node in graph.nodes:
+        index[node] = _Ref(len(index))
+        target = node.target if node.op == "call_function" else str(node.target)
+        args = torch.fx.node.map_arg(node.args, index.__getitem__)
+        kwargs = torch.fx.node.map_arg(node.kwargs, index.__getitem__)
+        shape.append((node.op, target, args, kwargs))
+    return shape
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equality for graph-shape entries: NaN equals NaN, containers elementwise, anything that
+    cannot be compared by value by identity."""
+    if a is b:
+        return True
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, float):
+        return a == b or (a != a and b != b)
+    if isinstance(a, slice):
+        return _same((a.start, a.stop, a.step), (b.start, b.stop, b.step))
+    if isinstance(a, torch.Tensor):
+        return False  # a tensor literal of each trace: nothing to compare but identity
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - an object without a usable ==
+        return False
+
+
+def _entry_text(entry: tuple) -> str:
+    op, target, _, _ = entry
+    name = getattr(target, "__name__", str(target))
+    return f"{op} {name}"
+
+
+def trace_difference(model: nn.Module, traces: list[Trace], leaves: frozenset[int]) -> str:
+    """How ``model`` traces differently from ``traces`` (made from another model that should
+    behave the same), or ``""``. Modules in ``leaves`` are kept whole, as producers and
+    BatchNorms are."""
+    with TRACE_LOCK, preserved_state(model, values=True) as state:
+        for trace in traces:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    args = fresh_arguments(trace.args)
+                    graph = _LeafTracer(leaves).trace(model, concrete_args=args)
+            except Exception as e:  # noqa: BLE001 - any failure is a difference
+                return f"the trace fails ({type(e).__name__}: {first_line(e)})"
+            finally:
+                state.restore()
+            shape = graph_shape(graph)
+            for i, (a, b) in enumerate(itertools.zip_longest(trace.shape, shape)):
+                if a is None or b is None or not _same(a, b):
+                    was = _entry_text(a) if a is not None else "nothing"
+                    now = _entry_text(b) if b is not None else "nothing"
+                    return f"the trace differs at step {i}: {was} became {now}"
+    return ""
 
 
 def _describe(node: torch.fx.Node) -> str:
@@ -261,6 +348,16 @@ def _export_dataflow(
         c.output_users = len(users) if len(outputs) == 1 else len(users) + 1
         c.other_users = [_describe(u) for u in users]
         calls[path] = c
+
+    def canonical(fqn: str) -> str:
+        """A parameter's name under the name bnfold uses for its module."""
+        owner, _, attr = fqn.rpartition(".")
+        if aliases is not None and owner.startswith(prefix):
+            name = aliases[owner[len(prefix) :]]
+            owner = prefix + name if name is not None else owner
+        return f"{owner}.{attr}"
+
+    state_of = {name: canonical(fqn) for name, fqn in state_of.items()}
     # Parameters or buffers read outside the calls of the module that owns them.
     for node in graph.nodes:
         if node.name not in state_of:
@@ -271,7 +368,54 @@ def _export_dataflow(
         for u in node.users:
             if group.get(u) is None or path_of_key[group[u]] != owner:
                 outside[owner].append(_describe(u))
+    # Every call must compute with the module's own tensors: torch.func.functional_call, or
+    # forward assigning another Parameter to conv.weight for one call, computes with others.
+    for key, members in members_of.items():
+        path = path_of_key[key]
+        for problem in _foreign_operands(members, path, state_of):
+            outside[path].append(problem)
     return Dataflow(calls, dict(outside), note=EXPORT_NOTE)
+
+
+_OWN_OPERANDS = {
+    "producer": ("weight", "bias"),
+    "batch_norm": ("weight", "bias", "mean", "var"),
+}
+
+
+def _foreign_operands(
+    members: list[torch.fx.Node], path: str, state_of: dict[str, str]
+) -> list[str]:
+    """What in one call of the module at ``path`` is computed from tensors not its own.
+
+    A producer's weight and bias, and a BatchNorm's statistics and affine parameters, must be
+    the module's own parameters and buffers (reached through value-preserving views): the fold
+    rewrites those, so a call computing with anything else would not see the fold, or would see
+    it where it does not belong.
+    """
+    from .torch_aten import batch_norm_call, producer_call, trace_back
+
+    problems = []
+    for node in members:
+        call: Any = producer_call(node)
+        kind = "producer"
+        if call is None:
+            call, kind = batch_norm_call(node), "batch_norm"
+        if call is None:
+            continue
+        for operand in _OWN_OPERANDS[kind]:
+            value = getattr(call, operand)
+            if value is None:
+                continue  # no bias, no affine parameters: nothing to rewrite
+            chain = trace_back(value, 0)
+            source = chain[0][0] if chain else value
+            name = state_of.get(source.name) if isinstance(source, torch.fx.Node) else None
+            if name is None or name.rpartition(".")[0] != path:
+                what = f"{name}" if name else _describe(source) if chain else repr(value)
+                problems.append(
+                    f"forward() running it with {what} as its {operand}, not its own tensor"
+                )
+    return problems
 
 
 def _concrete_args(model: nn.Module, example_inputs: tuple | None) -> dict[str, Any]:
@@ -295,7 +439,58 @@ def _concrete_args(model: nn.Module, example_inputs: tuple | None) -> dict[str, 
                 concrete[p.name] = given[i]
         elif p.default is not p.empty:
             concrete[p.name] = p.default
-    return concrete
+    return fresh_arguments(concrete) or {}
+
+
+def fresh_arguments(args: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``args`` with every container (tuples, lists, dicts, ...) copied and every tensor cloned.
+
+    torch.fx runs forward on concrete arguments as they are: ``batch["img"].sub_(0.5)`` or
+    ``batch["feat"] = y`` would change the caller's example inputs (or a default value of
+    forward's signature). Each trace gets its own copy, which :func:`input_side_uses` then
+    searches for what forward stored in it. torch.fx rebuilds a dict, list or tuple argument
+    (with ``pytree.tree_map``) before forward sees it, and what forward writes into the rebuilt
+    one is lost: those are handed over as subclasses that pytree passes as they are.
+    """
+    if args is None:
+        return None
+    return {k: _handed_as_is(fresh_copy(v)) for k, v in args.items()}
+
+
+class _DictArgument(dict):
+    """A dict argument torch.fx hands to forward itself (see :func:`fresh_arguments`)."""
+
+
+class _ListArgument(list):
+    """A list argument torch.fx hands to forward itself."""
+
+
+class _TupleArgument(tuple):
+    """A tuple argument torch.fx hands to forward itself."""
+
+    __slots__ = ()
+
+
+for _kind, _name in ((_DictArgument, "dict"), (_ListArgument, "list"), (_TupleArgument, "tuple")):
+    _kind.__name__ = _kind.__qualname__ = _name  # as messages name the caller's value
+
+
+def _handed_as_is(value: Any) -> Any:
+    kind = {dict: _DictArgument, list: _ListArgument, tuple: _TupleArgument}.get(type(value))
+    return value if kind is None else kind(value)
+
+
+def input_side_uses(args: dict[str, Any] | None) -> list[tuple[str, torch.fx.Proxy]]:
+    """torch.fx proxies that a trace left in the (copied) concrete arguments ``args``.
+
+    forward writing a layer's output into a container it was given (``batch["feat"] = y``)
+    hands that value to the caller, a use of it the graph does not show.
+    """
+    return [
+        (f"the argument {name!r}", proxy)
+        for name, value in (args or {}).items()
+        for proxy in find_proxies(value)
+    ]
 
 
 _TENSOR = object()  # in a variant: leave the argument to torch.fx as a tensor proxy
@@ -323,7 +518,8 @@ def _variants(concrete: dict[str, Any]) -> list[dict[str, Any] | None]:
             choices.append([(name, value)])
     variants: list[dict[str, Any] | None] = []
     for combo in itertools.islice(itertools.product(*choices), _MAX_VARIANTS):
-        args = {k: v for k, v in combo if v is not _TENSOR}
+        # Each variant its own copy: what one trace writes into it is not seen by the next.
+        args = fresh_arguments({k: v for k, v in combo if v is not _TENSOR})
         variants.append(args or None)
     if None not in variants:
         # Every argument a tensor proxy: if this traces, no `if` depends on the fixed ones.
@@ -348,6 +544,7 @@ def module_dataflow(
         for i, args in enumerate(variants):
             if i > 0 and not flows:
                 break  # the example call itself cannot be traced: torch.export instead
+            pristine = fresh_arguments(args)  # forward may write into the ones it is given
             try:
                 with warnings.catch_warnings(), _RealTensorUses(watched) as real_uses:
                     # fx warns that it cannot guard a specialised argument; the report's note
@@ -361,7 +558,9 @@ def module_dataflow(
                 state.restore()
                 continue
             side_uses = {proxy.node: where for where, proxy in state.leaked_proxies()}
+            side_uses.update({p.node: where for where, p in input_side_uses(args)})
             flow = _fx_dataflow(graph, paths, side_uses)
+            flow.traces.append(Trace(pristine, graph_shape(graph)))
             _note_changed_in_place(flow, state.changed_in_place(), set(paths.values()))
             for owner, use in real_uses.found:
                 flow.outside_uses.setdefault(owner, []).append(use)

@@ -33,15 +33,21 @@ from .torch_batchnorm import (
     is_batchnorm,
     spec_runs_forward,
 )
-from .torch_dataflow import Dataflow, ModuleCalls, module_dataflow, output_ranks
+from .torch_dataflow import (
+    Dataflow,
+    ModuleCalls,
+    module_dataflow,
+    output_ranks,
+    trace_difference,
+)
 from .torch_producers import (
     custom_forward_reason,
     output_layout,
     params_not_constant,
     producer_kind,
 )
-from .torch_state import TRACE_LOCK, preserved_state
-from .torch_verify import normalise_inputs, verify
+from .torch_state import TRACE_LOCK, preserved_state, reachable_tensors
+from .torch_verify import compare, normalise_inputs, run_model, tolerance, verify
 
 # --------------------------------------------------------------------------------------------
 # Facts and decisions
@@ -59,20 +65,32 @@ class _PlannedFold:
 class _Plan:
     report: FoldReport
     folds: list[_PlannedFold]  # pairs that pass every rule; the algebra has the last word
+    flow: Dataflow | None = None  # how the data flow was found (None: no BatchNorm)
+    example_inputs: tuple | None = None
 
 
-def _names_of_state(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
-    """id(parameter or buffer) -> every module that owns it, with one qualified name each.
+def _names_of_state(model: nn.Module) -> dict[int, list[tuple[nn.Module | None, str]]]:
+    """id(tensor) -> every place of the model that holds it, with one qualified name each.
+
+    A place is a module's parameter, buffer or plain tensor attribute (a ``bias`` that is a plain
+    tensor, shared by two convs), given with that module; or a tensor attribute of another name
+    or a holder's content (``self.w = conv.weight``, ``self.cache = [conv.bias]``), given with
+    ``None``: code bnfold does not trace may read it, so it counts as a second user of the tensor
+    even on the producer itself. Memory shared by different tensor objects (a view of a weight)
+    is no sharing here: a fold gives the layer new memory then (see :func:`_private_memory`).
 
     Each module is visited once, under its first name: a module registered under several names
     (at every level of a deep tree, the paths multiply) owns its tensors once.
     """
-    names: dict[int, list[tuple[nn.Module, str]]] = defaultdict(list)
-    for mpath, m in model.named_modules():
-        for pname, p in list(m._parameters.items()) + list(m._buffers.items()):
-            if p is not None:
-                names[id(p)].append((m, f"{mpath}.{pname}" if mpath else pname))
+    names: dict[int, list[tuple[nn.Module | None, str]]] = defaultdict(list)
+    for m, key, name, t in reachable_tensors(model):
+        own = key in m._parameters or key in m._buffers or key in _LAYER_TENSORS
+        names[id(t)].append((m if own else None, name))
     return names
+
+
+# A layer's own tensors when they are plain attributes rather than parameters.
+_LAYER_TENSORS = frozenset({"weight", "bias"})
 
 
 def _around_every_call(model: nn.Module) -> str:
@@ -205,7 +223,7 @@ def _plan(
             folds.append(
                 _PlannedFold(bn_path, prod_path, specs[bn_path], observed_rank.get(bn_path))
             )
-    return _Plan(report, folds)
+    return _Plan(report, folds, flow, example_inputs)
 
 
 def _observe_ranks(
@@ -440,36 +458,160 @@ def _compute(model: nn.Module, plan: _Plan) -> tuple[list[_Folded], FoldReport]:
 
 
 def _new_param(value: torch.Tensor, like: torch.Tensor) -> nn.Parameter:
-    return nn.Parameter(value, requires_grad=like.requires_grad)
+    """A Parameter holding ``value``, with ``like``'s requires_grad.
+
+    Made outside inference mode: the fold may run under the caller's ``torch.inference_mode``,
+    whose tensors could not be used by autograd or changed in place outside it, where the
+    model's own parameters can.
+    """
+    with torch.inference_mode(False):
+        return nn.Parameter(_normal_tensor(value), requires_grad=like.requires_grad)
 
 
-def _copy_folded(model: nn.Module, folds: list[_Folded]) -> nn.Module:
+def _normal_tensor(value: torch.Tensor) -> torch.Tensor:
+    """``value``, or a copy made outside inference mode when it is an inference tensor."""
+    if not value.is_inference():
+        return value
+    with torch.inference_mode(False):
+        return value.clone()
+
+
+class _CopyMismatch(Exception):
+    """Copying the model did not give the copy bnfold folded (a ``__deepcopy__`` of its own)."""
+
+
+def _copy_folded(
+    model: nn.Module, folds: list[_Folded], share: bool = False, scaled: bool = True
+) -> nn.Module:
     """Deep-copy ``model`` with the folds applied, without copying what the folds replace.
 
     The folded parameters and the replaced BatchNorms are put into deepcopy's memo: every
     reference to them, in module slots or anywhere else, gets the new object, and the copy costs
-    one copy of the unchanged part of the model only.
+    one copy of the unchanged part of the model only. With ``share``, the copy's other
+    parameters and buffers are the model's own, and without ``scaled`` its folded weights
+    hold the old values: light copies, to check, never returned.
+
+    Raises :class:`_CopyMismatch` when a folded layer of the copy is not what the memo put
+    there: a module's own ``__deepcopy__`` that ignores the memo, or rebuilds the module.
     """
     memo: dict[int, Any] = {}
+    if share:
+        for m in model.modules():
+            for t in [*m._parameters.values(), *m._buffers.values()]:
+                if t is not None:
+                    memo[id(t)] = t
+    expected = []
     for f in folds:
         prod = model.get_submodule(f.producer)
-        memo[id(prod.weight)] = _new_param(f.weight.value(), prod.weight)
+        weight = _new_param(f.weight.value(), prod.weight) if scaled else prod.weight
+        memo[id(prod.weight)] = weight
         if prod.bias is not None:
             memo[id(prod.bias)] = _new_param(f.bias, prod.bias)
         # Copied with the same memo, so modules it shares with the model stay shared.
-        memo[id(model.get_submodule(f.bn))] = copy.deepcopy(f.replacement, memo)
+        with torch.inference_mode(False):
+            replacement = copy.deepcopy(f.replacement, memo)
+        memo[id(model.get_submodule(f.bn))] = replacement
+        expected.append((f, weight, replacement))
     try:
-        target = copy.deepcopy(model, memo)
+        with torch.inference_mode(False):  # a clone made under inference mode would be one
+            target = copy.deepcopy(model, memo)
     except Exception as e:
         raise UnsupportedModelError(
             f"could not copy {type(model).__name__} ({type(e).__name__}: {first_line(e)}); "
             "pass inplace=True to fold it in place instead"
         ) from e
-    for f in folds:
-        prod = target.get_submodule(f.producer)
+    for f, weight, replacement in expected:
+        try:
+            prod, bn = target.get_submodule(f.producer), target.get_submodule(f.bn)
+        except AttributeError:
+            prod = bn = None
+        if prod is None or prod.weight is not weight or bn is not replacement:
+            raise _CopyMismatch(
+                f"copying {type(model).__name__} did not give the copy of {f.producer} and "
+                f"{f.bn} that bnfold folded (a __deepcopy__ of its own that rebuilds modules "
+                "or ignores deepcopy's memo)"
+            )
         if prod.bias is None:
             prod.register_parameter("bias", _new_param(f.bias, prod.weight))
     return target
+
+
+# --------------------------------------------------------------------------------------------
+# Checking the folded model behaves as the model does
+
+
+def _structure_problem(model: nn.Module, plan: _Plan, folds: list[_Folded]) -> str:
+    """Why the model with ``folds`` applied would not run as the model does, or ``""``.
+
+    forward may look at the layers instead of only calling them: ``if self.conv.bias is
+    None``, ``isinstance(m, nn.BatchNorm2d)``, ``self.bn.weight.dtype``, a method of the
+    BatchNorm. A light copy with the folds applied is traced the way the model was, and its
+    graph must be the model's; on the torch.export path, where there is one trace of the
+    example inputs, the copy is run on them and its outputs compared with the model's.
+    """
+    flow = plan.flow
+    if flow is None or not folds:
+        return ""
+    try:
+        light = _copy_folded(model, folds, share=True, scaled=not flow.traces)
+    except _CopyMismatch as e:
+        return f"bnfold checks folds on a copy of the model, and {e}"
+    if flow.traces:
+        leaves = frozenset(id(light.get_submodule(f.bn)) for f in folds)
+        difference = trace_difference(light, flow.traces, leaves)
+        return f"with this fold {difference}; {_LOOKS}" if difference else ""
+    inputs = plan.example_inputs or ()
+    reference = run_model(model, inputs, "original")
+    try:
+        folded = run_model(light, inputs, "folded")
+        _, rel = compare(reference, folded)
+    except Exception as e:  # noqa: BLE001 - the folded model failing is the difference
+        return f"with this fold the model fails on the example inputs ({first_line(e)}); {_LOOKS}"
+    # A fold's rounding is far below the dtype's tolerance, a changed computation far above.
+    if not rel <= tolerance([t for _, t in reference]):
+        return (
+            "with this fold the model's outputs on the example inputs change (relative error "
+            f"{rel:.2g}); {_LOOKS}"
+        )
+    return ""
+
+
+_LOOKS = (
+    "forward() looks at the layers instead of only calling them (a bias tested for None, a "
+    "type checked, a BatchNorm attribute read), or reaches them where a copy does not"
+)
+
+
+def _settle(
+    model: nn.Module, plan: _Plan, folds: list[_Folded], report: FoldReport
+) -> tuple[list[_Folded], FoldReport]:
+    """Keep the folds with which the model still behaves as it did (see
+    :func:`_structure_problem`); the others become skips with the reason."""
+    problem = _structure_problem(model, plan, folds)
+    if not problem:
+        return folds, report
+    refused = {}
+    for f in folds:  # which folds: each on its own, then what is left together
+        alone = _structure_problem(model, plan, [f])
+        if alone:
+            refused[f.bn] = alone
+    kept = [f for f in folds if f.bn not in refused]
+    together = _structure_problem(model, plan, kept) if kept and refused else problem
+    if together:
+        refused.update({f.bn: together for f in kept})
+        kept = []
+    entries = [
+        dataclasses.replace(
+            e,
+            action="skipped",
+            rule=rules.STANDARD_FORWARD,
+            reason=refused[e.bn],
+        )
+        if e.bn in refused
+        else e
+        for e in report.entries
+    ]
+    return kept, FoldReport(entries, report.model, report.notes)
 
 
 def _become(obj: nn.Module, new: nn.Module) -> None:
@@ -477,55 +619,116 @@ def _become(obj: nn.Module, new: nn.Module) -> None:
 
     A BatchNorm may be held outside module slots (a plain list of layers, a dict): rebinding the
     slots would leave those references calling the old BatchNorm after a folded producer.
+    The class is changed first: when Python refuses (see :func:`_become_problem`), ``obj`` is
+    left as it was.
     """
+    object.__setattr__(obj, "__class__", new.__class__)
     obj.__dict__.clear()
     obj.__dict__.update(new.__dict__)
-    obj.__class__ = new.__class__
     if isinstance(obj, torch.fx.GraphModule):
         obj.graph = new.graph  # the graph's owning module must be obj itself
 
 
-def _fold_in_place(model: nn.Module, folds: list[_Folded]) -> None:
-    """Write the folds into ``model``; the Parameter and module objects are kept."""
+def _become_problem(obj: nn.Module, new: nn.Module) -> str:
+    """Why :func:`_become` cannot turn ``obj`` into ``new``, or ``""``.
+
+    Python changes an object's class only between classes of the same memory layout: a
+    BatchNorm subclass declaring ``__slots__`` (or built on a C type) has another one than
+    ``nn.Identity``, and no class that is not a BatchNorm can have it. Tried on ``obj`` itself,
+    and undone.
+    """
+    old = type(obj)
+    try:
+        object.__setattr__(obj, "__class__", type(new))
+    except TypeError as e:
+        return (
+            f"{old.__name__} cannot be replaced in place ({first_line(e)}; a class declaring "
+            "__slots__ has another memory layout than the module replacing it): fold with "
+            "inplace=False"
+        )
+    object.__setattr__(obj, "__class__", old)
+    return ""
+
+
+def _fold_in_place(
+    model: nn.Module, folds: list[_Folded], report: FoldReport | None = None
+) -> FoldReport | None:
+    """Write the folds into ``model``; the Parameter and module objects are kept.
+
+    Every BatchNorm is first checked to be replaceable in place (:func:`_become_problem`),
+    before any weight is written: the folds of those that are not become skips in ``report``,
+    returned updated (without a report, they raise :class:`UnsupportedModelError`, the model
+    untouched). The new values are made outside the caller's inference mode (see
+    :func:`_new_param`).
+    """
+    refused = {
+        f.bn: why
+        for f in folds
+        if (why := _become_problem(model.get_submodule(f.bn), f.replacement))
+    }
+    if refused and report is None:
+        raise UnsupportedModelError(f"BatchNorm {next(iter(refused.values()))}")
+    if refused and report is not None:
+        report = FoldReport(
+            [
+                dataclasses.replace(
+                    e, action="skipped", rule=rules.STANDARD_FORWARD, reason=refused[e.bn]
+                )
+                if e.bn in refused
+                else e
+                for e in report.entries
+            ],
+            report.model,
+            report.notes,
+        )
     private = _private_memory(model)
-    with torch.no_grad():
+    # inference_mode(False) turns grad mode back on: no_grad inside it.
+    with torch.inference_mode(False), torch.no_grad():
         for f in folds:
+            if f.bn in refused:
+                continue
             prod = model.get_submodule(f.producer)
             # Keep the Parameter objects: optimizers and other references see the new values.
             if id(prod.weight) in private:
                 f.weight.write_into(prod.weight)  # one read and one write, no new memory
             else:
-                prod.weight.data = f.weight.value()
+                prod.weight.data = _normal_tensor(f.weight.value())
             if prod.bias is None:
                 prod.register_parameter("bias", _new_param(f.bias, prod.weight))
             else:
-                prod.bias.data = f.bias
+                prod.bias.data = _normal_tensor(f.bias)
             _become(model.get_submodule(f.bn), f.replacement)
+    return report
 
 
 def _private_memory(model: nn.Module) -> set[int]:
     """ids of the model's parameters whose memory no other tensor of the model reaches.
 
     Only those are multiplied in place: a parameter viewing a shared buffer (tied through a
-    view, or a slice of one flat tensor) keeps the other tensors' values by getting new memory.
-    Inference tensors (made under ``torch.inference_mode``) cannot be written outside it.
+    view, or a slice of one flat tensor), or viewed by a plain tensor attribute or a tensor in a
+    holder (``self.w = conv.weight.detach()``), keeps the other tensors' values by getting new
+    memory. Inference tensors (made under ``torch.inference_mode``) cannot be written outside
+    it.
     """
-    tensors = {}
-    for m in model.modules():
-        for t in [*m._parameters.values(), *m._buffers.values()]:
-            if t is not None:
-                tensors[id(t)] = t
+    storage: dict[int, tuple[int, int]] = {}  # id(tensor) -> (data pointer, bytes)
+    for _, _, _, t in reachable_tensors(model):
+        try:
+            storage[id(t)] = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        except (RuntimeError, NotImplementedError):  # no storage of its own (a subclass)
+            continue
     users: dict[int, int] = defaultdict(int)
-    for t in tensors.values():
-        users[t.untyped_storage().data_ptr()] += 1
+    for ptr, _ in storage.values():
+        users[ptr] += 1
+    tensors = {id(t): t for _, _, _, t in reachable_tensors(model)}
     return {
         i
         for i, t in tensors.items()
         if isinstance(t, nn.Parameter)
         and type(t.data) is torch.Tensor
         and not t.is_inference()
-        and users[t.untyped_storage().data_ptr()] == 1
-        and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+        and i in storage
+        and users[storage[i][0]] == 1
+        and storage[i][1] == t.numel() * t.element_size()
     }
 
 
@@ -545,7 +748,7 @@ def analyze(
     overflowing) are reported exactly as :func:`fold` would.
     """
     plan = _plan(model, normalise_inputs(example_inputs), producers)
-    return _compute(model, plan)[1]
+    return _settle(model, plan, *_compute(model, plan))[1]
 
 
 def fold(
@@ -562,12 +765,15 @@ def fold(
     ``(model, report)`` with ``return_report=True``.
     """
     plan = _plan(model, normalise_inputs(example_inputs), producers)
-    folds, report = _compute(model, plan)
+    folds, report = _settle(model, plan, *_compute(model, plan))
     if inplace:
-        _fold_in_place(model, folds)
+        report = _fold_in_place(model, folds, report)
         target = model
     else:
-        target = _copy_folded(model, folds)
+        try:
+            target = _copy_folded(model, folds)
+        except _CopyMismatch as e:  # copying behaved otherwise when the folds were checked
+            raise UnsupportedModelError(f"{e}: fold it with inplace=True") from e
     return (target, report) if return_report else target
 
 

@@ -88,10 +88,10 @@ def verify(original: nn.Module, folded: nn.Module, example_inputs: Any) -> tuple
                 f"verify compares two PyTorch models, but the {which} one is a "
                 f"{type(m).__module__}.{type(m).__name__}"
             )
-    return compare(_run(original, inputs, "original"), _run(folded, inputs, "folded"))
+    return compare(run_model(original, inputs, "original"), run_model(folded, inputs, "folded"))
 
 
-def _run(model: nn.Module, inputs: tuple, which: str) -> list[tuple[str, torch.Tensor]]:
+def run_model(model: nn.Module, inputs: tuple, which: str) -> list[tuple[str, torch.Tensor]]:
     """The output tensors of ``model`` on a copy of ``inputs`` (a forward may write into
     them), leaving the model as it was: a BatchNorm in training mode updates its statistics
     when run, and verifying must change nothing."""
