@@ -10,9 +10,11 @@ once on the example inputs, and only when a fold needs them.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import inspect
 import itertools
 import warnings
+import weakref
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -119,11 +121,33 @@ class _LeafTracer(BufferProxyTracer):
     def __init__(self, leaves: frozenset[int] = frozenset()) -> None:
         super().__init__()
         self.leaves = leaves
+        self.produced: list[weakref.ref] = []  # the proxies of the producers' outputs
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if producer_kind(m) is not None or is_batchnorm(m) or id(m) in self.leaves:
             return True
         return super().is_leaf_module(m, qualname)
+
+    def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
+        out = super().call_module(m, forward, args, kwargs)
+        if producer_kind(m) is not None and isinstance(out, torch.fx.Proxy):
+            self.produced.append(weakref.ref(out))
+        return out
+
+    def kept_outputs(self, known: set[torch.fx.Node]) -> list[torch.fx.Node]:
+        """The producer calls whose output proxy outlived the trace somewhere other than
+        ``known`` places: forward kept it in an object, a global or a closure.
+
+        Once the trace has returned, nothing of torch.fx holds a proxy: one still alive was
+        stored by forward. (A reference cycle may keep one alive a little longer: collected
+        first, and only when something is left.)
+        """
+        alive = [p for r in self.produced if (p := r()) is not None and p.node not in known]
+        if alive:
+            del alive
+            gc.collect()
+            alive = [p for r in self.produced if (p := r()) is not None and p.node not in known]
+        return [p.node for p in alive]
 
 
 class _Ref(int):
@@ -551,7 +575,8 @@ def module_dataflow(
                     # says what was fixed when only that trace succeeds. (Under the lock: no
                     # other trace is running.)
                     warnings.filterwarnings("ignore", "Was not able to add assertion")
-                    graph = _LeafTracer().trace(model, concrete_args=args)
+                    tracer = _LeafTracer()
+                    graph = tracer.trace(model, concrete_args=args)
             except Exception as e:  # noqa: BLE001 - fx fails on data-dependent Python code
                 errors.append(e)
                 untraced.append(args)
@@ -559,11 +584,14 @@ def module_dataflow(
                 continue
             side_uses = {proxy.node: where for where, proxy in state.leaked_proxies()}
             side_uses.update({p.node: where for where, p in input_side_uses(args)})
+            for node in tracer.kept_outputs(set(side_uses)):
+                side_uses[node] = "a place outside the model (an object, a global, a closure)"
             flow = _fx_dataflow(graph, paths, side_uses)
             flow.traces.append(Trace(pristine, graph_shape(graph)))
             _note_changed_in_place(flow, state.changed_in_place(), set(paths.values()))
             for owner, use in real_uses.found:
                 flow.outside_uses.setdefault(owner, []).append(use)
+            _note_state_dependent_calls(flow, state.changed_attributes(), set(paths.values()))
             flows.append(flow)
             state.restore()
     if flows:
@@ -722,6 +750,22 @@ class _RealTensorUses(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _note_state_dependent_calls(flow: Dataflow, changed: list[str], paths: set[str]) -> None:
+    """forward changed the model's own Python state (a call counter, a flag) and left some
+    layer uncalled: which layers a call runs may depend on that state (``self.bns[self.step %
+    2]``), and the next call may take the layer this trace did not. No fold relies on this
+    trace then."""
+    uncalled = sorted(p for p in paths if flow.calls.get(p, ModuleCalls()).calls == 0)
+    if not changed or not uncalled:
+        return
+    use = (
+        f"forward() changing {', '.join(changed[:3])} on every call while leaving "
+        f"{', '.join(uncalled[:3])} uncalled: other calls may run other layers"
+    )
+    for path in paths:
+        flow.outside_uses.setdefault(path, []).append(use)
+
+
 def _note_changed_in_place(flow: Dataflow, names: list[str], paths: set[str]) -> None:
     """Parameters and buffers that forward changes in place are used outside the graph: a
     fold that rewrote them would be rewritten again on every call."""
@@ -766,3 +810,131 @@ def output_ranks(
             for h in handles:
                 h.remove()
     return ranks
+
+
+# What reads only a tensor's metadata, which a fold does not change.
+_METADATA_READS = frozenset(
+    f"torch.Tensor.{name}"
+    for name in (
+        "shape.__get__",
+        "dtype.__get__",
+        "device.__get__",
+        "ndim.__get__",
+        "layout.__get__",
+        "is_cuda.__get__",
+        "requires_grad.__get__",
+        "dim",
+        "size",
+        "numel",
+        "ndimension",
+        "nelement",
+        "is_contiguous",
+        "__len__",
+        "is_floating_point",
+    )
+)
+
+
+class _RunWatch(TorchFunctionMode):
+    """While the model runs: which torch operations take a producer's output, outside the
+    BatchNorm call it is meant to feed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.outputs: dict[int, tuple[str, torch.Tensor]] = {}  # held: ids stay unique
+        self.inside = 0  # depth of watched BatchNorm calls
+        self.uses: dict[str, list[str]] = defaultdict(list)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.outputs and not self.inside:
+            name = torch.overrides.resolve_name(func) or getattr(func, "__name__", str(func))
+            if name not in _METADATA_READS:
+                for leaf in torch.utils._pytree.tree_leaves((args, kwargs)):
+                    hit = self.outputs.get(id(leaf)) if isinstance(leaf, torch.Tensor) else None
+                    if hit is not None:
+                        self.uses[hit[0]].append(name.removeprefix("torch.Tensor."))
+        return func(*args, **kwargs)
+
+
+def run_differences(
+    model: nn.Module, example_inputs: tuple, pairs: dict[str, str]
+) -> dict[str, str]:
+    """Run the model once on a copy of ``example_inputs`` and say, for each BatchNorm of
+    ``pairs`` (BatchNorm path -> producer path), how the run differs from what the trace
+    showed: each called once, the producer's output handed to the BatchNorm and used by
+    nothing else, not returned, not kept after forward returns. Empty for the pairs that
+    behave as traced.
+
+    torch.fx traces with proxies, not tensors, so forward code that asks what its values are
+    (``isinstance(y, torch.Tensor)``, ``torch.is_tensor``) or counts its calls can take
+    another path when it really runs.
+    """
+    watch = _RunWatch()
+    calls: dict[str, int] = defaultdict(int)
+    fed: dict[str, int | None] = {}
+    produced: dict[str, int] = {}
+    handles = []
+
+    def on_output(path: str) -> Callable:
+        def hook(_m: nn.Module, _args: Any, out: Any) -> None:
+            calls[path] += 1
+            if isinstance(out, torch.Tensor):
+                produced[path] = id(out)
+                watch.outputs[id(out)] = (path, out)
+
+        return hook
+
+    def on_bn_input(path: str) -> Callable:
+        def hook(_m: nn.Module, args: Any) -> None:
+            calls[path] += 1
+            fed[path] = id(args[0]) if args and isinstance(args[0], torch.Tensor) else None
+            watch.inside += 1
+
+        return hook
+
+    def on_bn_output(_m: nn.Module, _args: Any, _out: Any) -> None:
+        watch.inside -= 1
+
+    kept: dict[str, weakref.ref] = {}
+    with TRACE_LOCK, preserved_state(model, values=True):
+        try:
+            for bn, prod in pairs.items():
+                handles.append(model.get_submodule(prod).register_forward_hook(on_output(prod)))
+                b = model.get_submodule(bn)
+                handles.append(b.register_forward_pre_hook(on_bn_input(bn)))
+                handles.append(b.register_forward_hook(on_bn_output))
+            with torch.no_grad(), watch:
+                out = model(*fresh_copy(example_inputs))
+            returned = {id(t) for _, t in output_tensors(out)}
+            for path, t in watch.outputs.values():
+                if id(t) in returned:
+                    watch.uses[path].append("the model's output")
+                kept[path] = weakref.ref(t)
+            t = None  # noqa: F841 - the loop variable would keep the last output alive
+        except Exception as e:
+            raise InvalidArgumentError(
+                f"running {type(model).__name__} on example_inputs failed ({type(e).__name__}: "
+                f"{first_line(e)}): pass a tuple of the positional arguments forward() takes"
+            ) from e
+        finally:
+            for h in handles:
+                h.remove()
+    watch.outputs.clear()
+    out = returned = None
+    if any(r() is not None for r in kept.values()):
+        gc.collect()  # a reference cycle of forward's may hold one a little longer
+    problems = {}
+    for bn, prod in pairs.items():
+        if calls[prod] != 1 or calls[bn] != 1:
+            what = f"{prod} ran {calls[prod]} times and {bn} {calls[bn]} times"
+        elif fed.get(bn) != produced.get(prod):
+            what = f"{bn} was not given {prod}'s output"
+        elif watch.uses.get(prod):
+            what = f"{prod}'s output also went to {', '.join(sorted(set(watch.uses[prod])))}"
+        elif prod in kept and kept[prod]() is not None:
+            what = f"forward() kept {prod}'s output somewhere after returning"
+        else:
+            continue
+        problems[bn] = f"run on the example inputs, the model differs from its trace: {what}"
+    return problems

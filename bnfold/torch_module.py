@@ -38,6 +38,7 @@ from .torch_dataflow import (
     ModuleCalls,
     module_dataflow,
     output_ranks,
+    run_differences,
     trace_difference,
 )
 from .torch_producers import (
@@ -199,6 +200,8 @@ def _plan(
         for bn in bns
     }
     observed_rank = _observe_ranks(model, example_inputs, facts_of, prod_modules)
+    if example_inputs is not None and flow.traces:
+        _check_against_a_run(model, example_inputs, facts_of, selected)
     if flow.note:
         report.notes.append(flow.note)
         warnings.warn(flow.note, stacklevel=4)
@@ -256,6 +259,24 @@ def _observe_ranks(
             facts_of[bn] = dataclasses.replace(facts_of[bn], output_rank=rank)
             observed[bn] = rank
     return observed
+
+
+def _check_against_a_run(
+    model: nn.Module, example_inputs: tuple, facts_of: dict[str, PairFacts], selected: set[str]
+) -> None:
+    """Run the model on the example inputs and keep the BatchNorms of the folds the run does
+    not bear out (see :func:`bnfold.torch_dataflow.run_differences`); updates ``facts_of``."""
+    pairs = {
+        bn: f.producer
+        for bn, f in facts_of.items()
+        if f.producer is not None and rules.decide(f, selected).ok
+    }
+    if not pairs:
+        return
+    for bn, problem in run_differences(model, example_inputs, pairs).items():
+        facts_of[bn] = dataclasses.replace(
+            facts_of[bn], producer_output_users=2, producer_other_users=problem
+        )
 
 
 def _pair_facts(

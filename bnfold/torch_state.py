@@ -23,7 +23,7 @@ from torch import nn
 # torch.fx patches nn.Module.__call__ while it traces: one trace at a time in this process.
 TRACE_LOCK = threading.RLock()
 
-_MAX_DEPTH = 4
+_MAX_DEPTH = 6
 _SEQUENCES = (list, collections.deque)
 _SCALARS = frozenset({int, float, bool, str, bytes, complex, type(None)})
 
@@ -51,13 +51,36 @@ def _slot_names(cls: type) -> list[str]:
     return [n for n in names if n not in ("__dict__", "__weakref__")]
 
 
+_NOT_HOLDERS = (
+    type,
+    types.ModuleType,
+    types.FunctionType,
+    types.BuiltinFunctionType,
+    types.MethodType,
+    functools.partial,
+    nn.Module,
+    torch.Tensor,
+    torch.fx.Proxy,
+)
+
+
+def _is_plain_object(value: Any) -> bool:
+    """An object of a user's class whose attributes live in its ``__dict__`` (a config, a box
+    that forward stores values in): a holder like a namespace."""
+    return (
+        isinstance(getattr(value, "__dict__", None), dict)
+        and not isinstance(value, _NOT_HOLDERS)
+        and not type(value).__module__.startswith(("torch", "builtins", "numpy"))
+    )
+
+
 def _children(value: Any) -> list[Any] | None:
     """The values a mutable holder holds, or None for anything else."""
     if isinstance(value, dict):
         return list(dict.values(value))
     if isinstance(value, (*_SEQUENCES, set)):
         return list(value)
-    if isinstance(value, types.SimpleNamespace):
+    if isinstance(value, types.SimpleNamespace) or _is_plain_object(value):
         return list(vars(value).values())
     return None
 
@@ -79,12 +102,17 @@ class _Holders:
             return
         if depth >= _MAX_DEPTH or id(value) in self.saved:
             return
+        if type(value) is tuple:  # not a holder itself, but it may hold some
+            for child in value:
+                if type(child) not in _SCALARS:
+                    self.record(child, depth + 1)
+            return
         children = _children(value)
         if children is None:
             return
         if isinstance(value, dict):
             contents: Any = list(dict.items(value))
-        elif isinstance(value, types.SimpleNamespace):
+        elif not isinstance(value, (*_SEQUENCES, set)):  # a namespace or plain object
             contents = dict(vars(value))
         else:
             contents = list(value)
@@ -104,7 +132,7 @@ class _Holders:
             if isinstance(holder, dict):
                 dict.clear(holder)
                 dict.update(holder, contents)
-            elif isinstance(holder, types.SimpleNamespace):
+            elif not isinstance(holder, (*_SEQUENCES, set)):  # a namespace or plain object
                 vars(holder).clear()
                 vars(holder).update(contents)
             elif isinstance(holder, list):
@@ -125,7 +153,7 @@ def _signature(holder: Any) -> tuple:
     """What a holder holds, by identity (compared in C, without calling elements' ``__eq__``)."""
     if isinstance(holder, dict):
         return tuple(dict.keys(holder)), tuple(map(id, dict.values(holder)))
-    if isinstance(holder, types.SimpleNamespace):
+    if not isinstance(holder, (*_SEQUENCES, set)):  # a namespace or plain object
         return tuple(vars(holder)), tuple(map(id, vars(holder).values()))
     return tuple(map(id, holder))
 
@@ -291,6 +319,21 @@ class ModelState:
                 found += [(where, p) for p in find_proxies(value)]
         return found
 
+    def changed_attributes(self) -> list[str]:
+        """Plain attributes of the modules (counters, flags, holders) that now hold other
+        values than when the record was made."""
+        internals = _module_internals()
+        changed = {id(h) for h in self.holders.changed()}
+        names = []
+        for (path, m), (_, attrs, _, _) in zip(self.modules, self.saved, strict=True):
+            for key, value in m.__dict__.items():
+                if key in internals:
+                    continue
+                before = attrs.get(key, _MISSING)
+                if before is not value or _changed_within(value, changed):
+                    names.append(f"{path + '.' if path else ''}{key}")
+        return names
+
     def stored_tensors(self) -> list[str]:
         """Attributes that now hold tensors they did not hold when the record was made."""
         internals = _module_internals()
@@ -331,6 +374,8 @@ def _changed_within(value: Any, changed: set[int], depth: int = 0) -> bool:
     if id(value) in changed:
         return True
     children = _children(value)
+    if children is None and type(value) is tuple:
+        children = list(value)
     return bool(children) and any(
         _changed_within(c, changed, depth + 1) for c in children if type(c) not in _SCALARS
     )

@@ -1474,3 +1474,87 @@ def test_a_copy_that_still_calls_the_original_layers_is_not_folded(how):
     folded, report = bnfold.fold(model, (x,), return_report=True)
     assert report.entry("bn").action == "skipped"
     _close(model, folded, x)
+
+
+# --------------------------------------------------------------------------------------------
+# Where forward keeps a value, and what differs between its trace and a real run
+
+
+class Box:
+    pass
+
+
+STORE: dict = {}
+
+
+class KeepsOutput(ConvBN):
+    def __init__(self, where: str) -> None:
+        super().__init__()
+        self.where = where
+        self.box = Box()
+        self.feats = ([],)
+        self.deep = {"a": {"b": {"c": {"d": {"e": []}}}}}
+
+    def forward(self, x):
+        y = self.conv(x)
+        if self.where == "object":
+            self.box.feat = y
+        elif self.where == "tuple":
+            self.feats[0].append(y)
+        elif self.where == "deep":
+            self.deep["a"]["b"]["c"]["d"]["e"].append(y)
+        else:
+            STORE["y"] = y
+        return self.bn(y)
+
+
+@pytest.mark.parametrize("where", ["object", "tuple", "deep", "global"])
+def test_an_output_kept_anywhere_is_a_use(where):
+    model = _setup(KeepsOutput(where).eval())
+    x = _x(2, 3, 6, 6)
+    folded, report = bnfold.fold(model, (x,), return_report=True)
+    assert report.entry("bn").rule == rules.SINGLE_CONSUMER, report.entry("bn")
+    _close(model, folded, x)
+    if where != "global":  # the model's own holders are put back as they were
+        assert not hasattr(model.box, "feat") and model.feats == ([],)
+        assert model.deep["a"]["b"]["c"]["d"]["e"] == []
+    STORE.clear()
+
+
+class AsksWhatItHolds(ConvBN):
+    def forward(self, x):
+        y = self.conv(x)
+        out = self.bn(y)
+        if isinstance(y, torch.Tensor):  # False on a torch.fx proxy
+            out = out + y
+        return out
+
+
+class AsksAboutItsInput(ConvBN):
+    def forward(self, x):
+        if torch.is_tensor(x):
+            y = self.conv(x)
+            return self.bn(y) + y.mean()
+        return self.bn(self.conv(x[0]))
+
+
+class CountsCalls(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bns = nn.ModuleList([nn.BatchNorm2d(8), nn.BatchNorm2d(8)])
+        self.step = 0
+
+    def forward(self, x):
+        self.step += 1
+        return self.bns[self.step % 2](self.conv(x))
+
+
+@pytest.mark.parametrize("cls", [AsksWhatItHolds, AsksAboutItsInput, CountsCalls])
+def test_a_forward_whose_run_differs_from_its_trace_is_not_folded(cls):
+    model = _setup(cls().eval())
+    x = _x(2, 3, 6, 6)
+    folded, report = bnfold.fold(model, (x,), return_report=True)
+    assert not report.folded, report
+    for _ in range(2):
+        _close(model, folded, x)
