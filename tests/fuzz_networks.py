@@ -103,6 +103,15 @@ class Net(nn.Module):
                 y = a[0].mean(dim=arg)
             elif kind == "transpose":
                 y = a[0].transpose(1, 2)
+            elif kind == "probe":  # forward looking at a layer, not only calling it
+                layer = self.layers[arg[0]]
+                if arg[1] == "isinstance":
+                    flag = isinstance(layer, nn.modules.batchnorm._BatchNorm)
+                else:
+                    flag = getattr(layer, "bias", None) is None
+                y = a[0] * 2 if flag else a[0]
+            elif kind == "is_tensor":  # False on a torch.fx proxy: the trace takes another path
+                y = a[0] + a[0] if isinstance(a[0], torch.Tensor) else a[0]
             else:
                 raise AssertionError(kind)
             values.append(y)
@@ -128,6 +137,18 @@ class Case:
 
 
 _BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+
+
+class _ReLUOnCall:
+    """Mixed into a BatchNorm class: calling it applies a ReLU after its forward."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return torch.relu(super().__call__(*args, **kwargs))
+
+
+_BN_RELU_ON_CALL = {
+    r: type(f"ReLUOnCall{cls.__name__}", (_ReLUOnCall, cls), {}) for r, cls in _BN.items()
+}
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _CONV_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 
@@ -230,9 +251,12 @@ class _Builder:
         eps = self.draw(st.sampled_from([1e-5, 1e-5, 1e-3, 0.1, 0.0, -1.0]))
         if eps < 0:  # any value in the range
             eps = self.draw(st.floats(0.0, 0.1))
-        bn = _BN[r](c, eps=eps, affine=affine)
+        relu_on_call = self.draw(st.sampled_from([False] * 15 + [True]))
+        bn = (_BN_RELU_ON_CALL if relu_on_call else _BN)[r](c, eps=eps, affine=affine)
         self._statistics(bn)
         self.features.append(f"batchnorm{r}d" + "-no-affine" * (not affine))
+        if relu_on_call:
+            self.features.append("batchnorm-overriding-__call__")
         return self.call(bn, "bn", src, shape)
 
     def _statistics(self, bn: nn.modules.batchnorm._BatchNorm) -> None:
@@ -326,6 +350,33 @@ class _Builder:
         self.features.append("slice")
         return self.add("slice", (lo, hi), [src], (hi - lo, *sp))
 
+    # -- forward code a user writes around the layers -------------------------------------
+
+    def probe(self, src: int) -> int | None:
+        """Look at a layer (its type, whether it has a bias) and compute differently."""
+        if not self.layers:
+            return None
+        name = self.draw(st.sampled_from(sorted(self.layers)))
+        what = self.draw(st.sampled_from(["isinstance", "bias"]))
+        self.features.append(f"forward-reads-{what}")
+        return self.add("probe", (name, what), [src], self.shapes[src])
+
+    def is_tensor(self, src: int) -> int | None:
+        self.features.append("forward-asks-isinstance-tensor")
+        return self.add("is_tensor", None, [src], self.shapes[src])
+
+    def alias(self, src: int) -> int | None:
+        """Register a layer under a second name and call it by that name."""
+        shape = self.shapes[src]
+        for layer in list(self.layers.values()):
+            out = self._output_shape(layer, shape)
+            if out is not None and self.draw(st.booleans()):
+                second = f"alias{len(self.layers)}"
+                self.layers[second] = layer
+                self.features.append("layer-under-two-names")
+                return self.add("call", second, [src], out)
+        return None
+
     def pool(self, src: int) -> int | None:
         c, *sp = self.shapes[src]
         if not sp:
@@ -336,6 +387,8 @@ class _Builder:
 
 OPS = ["conv", "conv", "conv", "conv_transpose", "linear", "linear", "batchnorm", "reuse",
        "elementwise", "add_values", "concat", "slice", "pool"]  # fmt: skip
+# Now and then, forward code that looks at the layers or at its values (rarer: they keep folds)
+HOSTILE_OPS = ["probe", "is_tensor", "alias"]
 
 
 def draw_case(data: Any) -> Case:
@@ -353,7 +406,8 @@ def draw_case(data: Any) -> Case:
     n = data.draw(st.integers(1, 10), label="steps")
     for _ in range(n):
         src = data.draw(st.sampled_from(range(len(b.shapes))[-4:]))
-        op = data.draw(st.sampled_from(OPS))
+        hostile = data.draw(st.sampled_from([False] * 11 + [True]))
+        op = data.draw(st.sampled_from(HOSTILE_OPS if hostile else OPS))
         if op in ("conv", "conv_transpose") and len(b.shapes[src]) == 1:
             op = "linear"
         y = getattr(b, op)(src)
@@ -367,6 +421,16 @@ def draw_case(data: Any) -> Case:
     extra = data.draw(st.lists(st.integers(1, last), max_size=2)) if last > 0 else []
     outputs = [last] + [i for i in extra if i != last]
     model = Net(b.layers, b.steps, outputs).eval()
+    if data.draw(st.sampled_from([False] * 31 + [True])):  # a hook on the root module
+        first = next(iter(b.layers))
+        model.register_forward_hook(
+            lambda m, _args, out: (
+                (out[0] + m.layers[first].weight.mean(), *out[1:])
+                if getattr(m.layers[first], "weight", None) is not None
+                else out
+            )
+        )
+        b.features.append("root-forward-hook")
     torch_dtype = DTYPES[dtype]
     model = model.to(torch_dtype)
     x = torch.from_numpy(rng.normal(0, 1, (batch, *b.shapes[0]))).to(torch_dtype)
@@ -642,8 +706,8 @@ def _check_eager_structure(model: Net, folded: Net, report: bnfold.FoldReport) -
             assert not isinstance(layer, bn_type), f"{e.bn} folded but still a BatchNorm"
         else:
             assert isinstance(layer, bn_type), f"{e.bn} kept but replaced"
-    names = {e.bn.split(".")[-1] for e in report}
-    assert names == {n for n, m in model.layers.items() if isinstance(m, bn_type)}
+    bns = {id(m) for m in model.layers.values() if isinstance(m, bn_type)}
+    assert len(report.entries) == len(bns), "a BatchNorm missing from the report, or twice"
 
 
 def _check_graph_structure(folded: Any, report: bnfold.FoldReport, form: str) -> None:
