@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 
 from .errors import BnfoldError, UnsupportedModelError
@@ -108,6 +109,53 @@ def is_default_domain(node: ir.Node) -> bool:
     return node.domain in DEFAULT_DOMAINS
 
 
+def defining_graph(value: ir.Value) -> ir.Graph | None:
+    """The graph (scope) that defines ``value``: its producer's, or the one it is an input or
+    initializer of."""
+    node = value.producer()
+    if node is not None:
+        return node.graph
+    return value.graph
+
+
+def _subgraphs(node: ir.Node) -> list[ir.Graph]:
+    found: list[ir.Graph] = []
+    for attr in node.attributes.values():
+        if attr.is_ref() or attr.value is None:
+            continue
+        if attr.type == ir.AttributeType.GRAPH:
+            found.append(attr.value)
+        elif attr.type == ir.AttributeType.GRAPHS:
+            found.extend(attr.value)
+    return found
+
+
+def shadowed_values(graph: ir.Graph) -> set[ir.Value]:
+    """The values of ``graph`` and its subgraphs whose name a subgraph defines again while the
+    outer value is in scope: both the inner and the outer definitions. Runtimes disagree which
+    one a subgraph's reader gets (onnxruntime binds an outer initializer, onnx_ir and the
+    reference evaluator the inner one), so neither has one meaning to fold with."""
+    shadowed: set[ir.Value] = set()
+    work: list[tuple[ir.Graph, dict[str, list[ir.Value]]]] = [(graph, {})]
+    while work:
+        g, outer = work.pop()
+        local: dict[str, list[ir.Value]] = {}
+        values = [*g.inputs, *g.initializers.values()]
+        values += [o for node in g for o in node.outputs]
+        for v in values:
+            if v.name:
+                local.setdefault(v.name, []).append(v)
+        scope = {name: list(vs) for name, vs in outer.items()}
+        for name, vs in local.items():
+            if name in outer:
+                shadowed.update(vs)
+                shadowed.update(outer[name])
+            scope.setdefault(name, []).extend(vs)
+        for node in g:
+            work.extend((sub, scope) for sub in _subgraphs(node))
+    return shadowed
+
+
 _INVALID = "the model is invalid (onnxruntime refuses to load it)"
 
 
@@ -158,8 +206,23 @@ ATTRIBUTE_TYPES: dict[str, dict[str, ir.AttributeType]] = {
         "value_ints": _A.INTS,
     },
 }
-# Inputs an operator cannot run without, among those bnfold reads (the producers' weights).
-REQUIRED_INPUTS = {"Conv": 2, "ConvTranspose": 2, "Gemm": 2, "MatMul": 2}
+# The operators whose inputs and outputs bnfold indexes (the producers, the layout operators
+# between them and a BatchNorm, the constant Add after a producer, the evaluator's operators):
+# each must have the inputs and outputs its specification requires, checked once up front.
+READ_OPS = frozenset(
+    {
+        "BatchNormalization",
+        "Conv",
+        "ConvTranspose",
+        "Gemm",
+        "MatMul",
+        "Identity",
+        "Transpose",
+        "Unsqueeze",
+        "Squeeze",
+        "Add",
+    }
+)
 # The ranks the specification allows the operands bnfold indexes: input position -> (name,
 # lowest rank, highest rank). Checked where the operand is stored (its header tells the rank),
 # so that the fold never indexes a shape too short for it.
@@ -175,23 +238,45 @@ OPERAND_RANKS: dict[str, dict[int, tuple[str, int, int]]] = {
 
 def check_nodes(graphs: Any, constants: Constants) -> None:
     """Refuse, before anything is changed, a node bnfold would read that no runtime accepts:
-    an attribute of the wrong type or without a value, a producer without its weight, a stored
-    operand of a rank the operator does not take."""
+    an attribute of the wrong type or without a value, fewer inputs or outputs than its
+    specification requires (so that nothing later indexes a missing one), a stored operand of a
+    rank the operator does not take."""
     for graph in graphs:
         for node in graph:
             if not is_default_domain(node):
                 continue
             for name, kind in ATTRIBUTE_TYPES.get(node.op_type, {}).items():
                 attribute(node, name, kind)
-            required = REQUIRED_INPUTS.get(node.op_type, 0)
-            inputs = node.inputs
-            missing = [i for i in range(required) if i >= len(inputs) or inputs[i] is None]
-            if missing:
-                raise UnsupportedModelError(
-                    f"{describe_node(node)} lacks its required input {missing[0]} "
-                    f"({'the weight' if missing[0] == 1 else 'the activation'}): {_INVALID}"
-                )
+            if node.op_type in READ_OPS or node.op_type in _OPS:
+                _check_arity(node, opset_version(constants.model, node))
             _check_operand_ranks(node, constants)
+
+
+def _check_arity(node: ir.Node, version: int) -> None:
+    """The inputs and outputs the specification of ``node``'s operator requires are there."""
+    try:
+        schema = onnx.defs.get_schema(node.op_type, max(version, 1), "")
+    except Exception:  # noqa: BLE001 - an opset with no such operator: onnxruntime refuses it
+        raise UnsupportedModelError(
+            f"{describe_node(node)} is not an operator of ONNX operator set {version}: {_INVALID}"
+        ) from None
+    inputs = node.inputs
+    missing = [i for i in range(schema.min_input) if i >= len(inputs) or inputs[i] is None]
+    if missing:
+        i = missing[0]
+        role = repr(schema.inputs[min(i, len(schema.inputs) - 1)].name)
+        if node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+            role = f"{role}, {'the weight' if i == 1 else 'the activation'}"
+        raise UnsupportedModelError(
+            f"{describe_node(node)} lacks its required input {i} ({role}; "
+            f"{node.op_type}-{schema.since_version} takes at least {schema.min_input}): "
+            f"{_INVALID}"
+        )
+    if len([o for o in node.outputs if o is not None]) < max(schema.min_output, 1):
+        raise UnsupportedModelError(
+            f"{describe_node(node)} has no output ({node.op_type}-{schema.since_version} "
+            f"gives at least {max(schema.min_output, 1)}): {_INVALID}"
+        )
 
 
 def _check_operand_ranks(node: ir.Node, constants: Constants) -> None:
@@ -260,8 +345,17 @@ class Constants:
         # Which stored values each computed value was made from, and the reverse.
         self._sources: dict[ir.Value, frozenset[ir.Value]] = {}
         self._dependents: dict[ir.Value, set[ir.Value]] = {}
+        self._shadowed: set[ir.Value] | None = None
+
+    def shadowed(self, value: ir.Value) -> bool:
+        """Whether ``value``'s name is defined both in a subgraph and in a scope enclosing it
+        (:func:`shadowed_values`): not a constant, and never folded into."""
+        if self._shadowed is None:
+            self._shadowed = shadowed_values(self.model.graph)
+        return value in self._shadowed
 
     def clear(self) -> None:
+        self._shadowed = None
         self._cache.clear()
         self._sources.clear()
         self._dependents.clear()
@@ -307,6 +401,8 @@ class Constants:
 
     def stored(self, value: ir.Value) -> ir.TensorProtocol | None:
         """The tensor stored for ``value`` (an initializer or a ``Constant`` tensor), if any."""
+        if self.shadowed(value):
+            return None
         if value.is_initializer():
             if value.is_graph_input() and self.overridable:
                 return None
@@ -318,6 +414,12 @@ class Constants:
 
     def why_not_stored(self, value: ir.Value) -> str:
         """Why ``value`` is not a stored constant, in words."""
+        if self.shadowed(value):
+            return (
+                f"{describe(value)} is defined both in a subgraph and in a scope enclosing it; "
+                "runtimes disagree which of the two the subgraph reads (onnxruntime takes the "
+                "outer one, onnx_ir the inner one), so bnfold folds with neither (rename one)"
+            )
         if value.is_initializer() and value.is_graph_input() and self.overridable:
             return (
                 f"initializer {describe(value)} is also a graph input, so a caller may override "
@@ -341,7 +443,7 @@ class Constants:
         current = value
         while self.stored(current) is None:
             node = current.producer()
-            if node is None or not is_default_domain(node):
+            if node is None or not is_default_domain(node) or self.shadowed(current):
                 raise NotConstant(self.why_not_stored(current))
             if node.op_type == "Identity":
                 pass
@@ -372,6 +474,8 @@ class Constants:
         return self._value(value, [0])
 
     def _value(self, value: ir.Value, budget: list[int]) -> np.ndarray:
+        if self.shadowed(value):
+            raise NotConstant(self.why_not_stored(value))
         cached = self._cache.get(value)
         if cached is not None:
             return cached
@@ -567,9 +671,22 @@ def _convert(c: _Call, x: np.ndarray, target: ir.DataType) -> np.ndarray:
         )
     dtype = _numpy_dtype(target)
     c.allocate(x.shape, dtype)
+    sixteen = dtype == np.float16 or dtype.name == "bfloat16"
+    if sixteen and source in INTEGER_TYPES:
+        # onnxruntime casts an integer to a 16-bit float through float32, rounding twice, and
+        # numpy (ml_dtypes) in one step: they agree only where float32 holds the integers
+        # exactly, so that only the step to 16 bits rounds.
+        if x.size and (int(x.max()) > 2**24 or int(x.min()) < -(2**24)):
+            raise NotConstant(
+                f"{describe_node(c.node)} casts integers beyond 2**24 to {target.name}, which "
+                "onnxruntime rounds through float32 (twice) and numpy in one step"
+            )
+        c.allocate(x.shape, np.float32)
+        with np.errstate(over="ignore"):
+            return x.astype(np.float32).astype(dtype)
     with np.errstate(over="ignore", invalid="ignore"):  # inf, as onnxruntime casts too
         result = x.astype(dtype)
-    if x.dtype == np.float64 and (dtype == np.float16 or dtype.name == "bfloat16"):
+    if x.dtype == np.float64 and sixteen:
         c.allocate(x.shape, np.float32)
         c.allocate(x.shape, dtype)
         # Rounding a double to 16 bits directly or through float32 can differ by one step;

@@ -155,6 +155,13 @@ def _node_label(n: onnx.NodeProto) -> str:
     return f"node {n.name!r} ({n.op_type})" if n.name else f"a {n.op_type} node"
 
 
+def _digits(text: Any) -> bool:
+    """Whether ``text`` is a number as onnxruntime reads an external-data offset or length:
+    ASCII decimal digits only (Python's ``int`` also takes spaces, signs, underscores and
+    other scripts' digits)."""
+    return isinstance(text, str) and text != "" and text.isascii() and text.isdigit()
+
+
 class _ProtoChecker:
     """Checks a ModelProto's structure and tensor sizes without reading tensor data."""
 
@@ -330,6 +337,11 @@ class _ProtoChecker:
         # normalized form "d/x.bin" does not.
         real = os.path.realpath(os.path.join(self.base_dir, location))
         real_base = os.path.realpath(self.base_dir)
+        if real == real_base or normal == os.curdir:
+            raise self.fail(
+                f"{label} is stored in {location!r}, which names the model's directory itself, "
+                "not a data file in it; the file may be damaged"
+            )
         if not real.startswith(real_base.rstrip(os.sep) + os.sep):
             # onnx_ir refuses to read through such a link; say so now, not in the middle of a fold
             raise self.fail(
@@ -337,17 +349,18 @@ class _ProtoChecker:
                 "outside the model's directory; onnx_ir refuses to read it (copy the data file "
                 "beside the model)"
             )
-        try:
-            offset = int(info.get("offset", "0"))
-            length = int(info["length"]) if "length" in info else None
-        except ValueError:
+        offset_text = info.get("offset", "0")
+        if isinstance(offset_text, str) and offset_text[:1] == "-" and _digits(offset_text[1:]):
+            raise self.fail(f"{label} has the negative external data offset {offset_text}")
+        if not _digits(offset_text) or ("length" in info and not _digits(info["length"])):
             raise self.fail(
-                f"{label} has an external data offset or length that is not a number "
-                f"({info.get('offset')!r}, {info.get('length')!r}); the file may be damaged"
-            ) from None
+                f"{label} has an external data offset or length that is not a number of plain "
+                f"decimal digits ({info.get('offset')!r}, {info.get('length')!r}); the file may "
+                "be damaged"
+            )
+        offset = int(offset_text)
+        length = int(info["length"]) if "length" in info else None
         expected = _expected_nbytes(n, dtype)
-        if offset < 0:
-            raise self.fail(f"{label} has the negative external data offset {offset}")
         if length is not None and length != expected:
             raise self.fail(
                 f"{label} declares {length} bytes at offset {offset} of {location!r}, but its "
@@ -676,7 +689,7 @@ def _save_with_data(model: ir.Model, target: Path, data: Path) -> None:
     except OSError as e:
         raise ModelFileError(f"cannot write to {directory}: {e.strerror or e}") from e
     try:
-        tmp_model, tmp_data = tmp / target.name, tmp / data.name
+        tmp_model, tmp_data = tmp / target.name, _data_in(tmp, data.name)
         with _external_tensors_inlined(model, initializers=False):
             ir.save(
                 model,
@@ -685,10 +698,15 @@ def _save_with_data(model: ir.Model, target: Path, data: Path) -> None:
                 external_data=data.name,
                 size_threshold_bytes=_EXTERNAL_THRESHOLD,
             )
-        if not tmp_data.exists():
-            tmp_data.touch()  # no tensor was large enough; still write what output_files says
+        # No tensor large enough for the data file (onnx_ir leaves an empty one): none is
+        # written, and a file already there is left as it is.
+        written = tmp_data.exists() and tmp_data.stat().st_size > 0
         for f, final in ((tmp_data, data), (tmp_model, target)):
-            _finish(f, final)
+            if f is tmp_model or written:
+                _finish(f, final)
+        if not written:
+            os.replace(tmp_model, target)
+            return
         _pin_mappings(model, data)
         existed = os.path.lexists(data)
         backup = _keep_previous(data, tmp) if existed else None
@@ -711,6 +729,24 @@ def _save_with_data(model: ir.Model, target: Path, data: Path) -> None:
         raise ModelFileError(f"cannot write {target}: {type(e).__name__}: {first_line(e)}") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# onnx_ir writes a data file through a temporary directory named after it (a dot, the name, a
+# dot and 8 random characters) beside it; a name too long for that is written through a link.
+_TEMP_NAME_EXTRA = 10
+_NAME_MAX = 255
+
+
+def _data_in(tmp: Path, name: str) -> Path:
+    """Where the data file ``name`` is written in the temporary directory ``tmp``: there under
+    its own name, or, when onnx_ir's temporary name for it would pass the file system's limit,
+    under a short name that a link ``name`` leads to (onnx_ir writes a link's target, and the
+    model still refers to ``name``)."""
+    if len(os.fsencode(name)) + _TEMP_NAME_EXTRA <= _NAME_MAX:
+        return tmp / name
+    short = tmp / "data"
+    os.symlink(short.name, tmp / name)
+    return short
 
 
 def _finish(path: Path, target: Path) -> None:
@@ -854,14 +890,49 @@ def _random_array(dtype: ir.DataType, shape: list[int], rng: np.random.Generator
 # Running in onnxruntime
 
 
+# How long one run of a model in onnxruntime may take, and how much memory its intermediate
+# values may take (the model's own tensors do not count), when --verify or verify() run a model:
+# a file of a few hundred bytes can ask for a Loop of 2**62 iterations or an Expand to gigabytes.
+VERIFY_TIME_LIMIT = 60.0
+VERIFY_MEMORY_LIMIT = 2**30
+_ARENA_LOCK = threading.Lock()
+_arena_limit: int | None = None  # the limit of the arena registered in onnxruntime's environment
+
+
+def _bounded_arena() -> bool:
+    """Register (once per limit) a CPU arena of at most :data:`VERIFY_MEMORY_LIMIT` bytes in
+    onnxruntime's environment, for sessions that ask for it; whether there is one. Sessions
+    that do not ask (the caller's own) are not affected."""
+    global _arena_limit
+    import onnxruntime as ort
+
+    with _ARENA_LOCK:
+        if _arena_limit == VERIFY_MEMORY_LIMIT:
+            return True
+        try:
+            info = ort.OrtMemoryInfo(
+                "Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT
+            )
+            ort.create_and_register_allocator(
+                info, ort.OrtArenaCfg({"max_mem": int(VERIFY_MEMORY_LIMIT)})
+            )
+        except Exception:  # noqa: BLE001 - an onnxruntime without it: time is still bounded
+            return False
+        _arena_limit = VERIFY_MEMORY_LIMIT
+        return True
+
+
 def _open_session(model: ir.Model | Path, stack: contextlib.ExitStack) -> Any:
     """An onnxruntime CPU session without graph optimizations (so that onnxruntime's own
-    fusions cannot hide a wrong fold): from bytes when the model fits in one message, else from
+    fusions cannot hide a wrong fold), allocating its intermediate values from the bounded
+    arena of :func:`_bounded_arena`: from bytes when the model fits in one message, else from
     a copy with external data in a temporary directory, which ``stack`` removes."""
     import onnxruntime as ort
 
     ort.set_default_logger_severity(3)  # errors only: its warnings are noise here
     options = ort.SessionOptions()
+    if _bounded_arena():
+        options.add_session_config_entry("session.use_env_allocators", "1")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
@@ -874,12 +945,44 @@ def _open_session(model: ir.Model | Path, stack: contextlib.ExitStack) -> Any:
         save(model, path, external_data=True)
         source = os.fspath(path)
     else:
-        source = ir.serde.serialize_model(model).SerializeToString()
+        try:
+            source = ir.serde.serialize_model(model).SerializeToString()
+        except Exception as e:  # noqa: BLE001 - a model onnx_ir cannot write cannot be run
+            raise VerificationError(
+                f"cannot verify: the model cannot be serialized for onnxruntime "
+                f"({type(e).__name__}: {first_line(e)[:200]})"
+            ) from e
     return ort.InferenceSession(source, sess_options=options, providers=["CPUExecutionProvider"])
 
 
-def _run(session: Any, inputs: dict[str, np.ndarray]) -> list[tuple[str, np.ndarray]]:
-    """Run a session; its outputs as (name, array). bfloat16 goes through OrtValues, which
+def _over_limit(which: str, e: BaseException, timed_out: bool) -> VerificationError | None:
+    """The error to raise when a run failed on a limit of :func:`_run`, else ``None``."""
+    if timed_out:
+        return VerificationError(
+            f"cannot verify: onnxruntime ran the {which} model for more than "
+            f"{VERIFY_TIME_LIMIT:g} s (the time limit of one run), so it was stopped; fold "
+            "without --verify, and compare the models on inputs of your own with "
+            "bnfold.verify(original, folded, inputs)"
+        )
+    text = str(e)
+    if "Available memory of" in text or "Failed to allocate memory" in text:
+        return VerificationError(
+            f"cannot verify: the {which} model needs more than "
+            f"{VERIFY_MEMORY_LIMIT / 2**30:g} GiB for its intermediate values on random inputs "
+            "(the memory limit of one run), so onnxruntime stopped; fold without --verify, and "
+            "compare the models on inputs of your own with bnfold.verify(original, folded, "
+            "inputs)"
+        )
+    return None
+
+
+def _run(
+    session: Any, inputs: dict[str, np.ndarray], which: str = "original"
+) -> list[tuple[str, np.ndarray]]:
+    """Run a session within :data:`VERIFY_TIME_LIMIT` (a timer sets onnxruntime's terminate
+    flag, which it checks between nodes and loop iterations) and, with the arena of
+    :func:`_bounded_arena`, :data:`VERIFY_MEMORY_LIMIT` (memory given back to the arena after
+    the run); its outputs as (name, array). bfloat16 goes through OrtValues, which
     onnxruntime's numpy conversion does not handle."""
     import onnxruntime as ort
 
@@ -897,7 +1000,25 @@ def _run(session: Any, inputs: dict[str, np.ndarray]) -> list[tuple[str, np.ndar
     # A failed run is raised with the same message; its log line on stderr is only noise
     # (and the size retries of check() expect failures).
     run_options.log_severity_level = 4
-    values = session.run_with_ort_values(names, feeds, run_options)
+    run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+    fired = threading.Event()
+
+    def stop() -> None:
+        fired.set()
+        run_options.terminate = True
+
+    timer = threading.Timer(VERIFY_TIME_LIMIT, stop)
+    timer.daemon = True
+    timer.start()
+    try:
+        values = session.run_with_ort_values(names, feeds, run_options)
+    except Exception as e:
+        limit = _over_limit(which, e, fired.is_set())
+        if limit is not None:
+            raise limit from None
+        raise
+    finally:
+        timer.cancel()
     return [(name, _to_numpy(name, v)) for name, v in zip(names, values, strict=True)]
 
 
@@ -941,6 +1062,37 @@ def _sparse_tensors(proto: onnx.ModelProto) -> bool:
     return False
 
 
+def _check_tensor_types(proto: onnx.ModelProto, what: str) -> None:
+    """Refuse a tensor of an element type onnx_ir does not know before it is wrapped: onnx_ir
+    reads it lazily and fails only when the model is serialized (or a runtime loads it)."""
+    graphs = [proto.graph]
+    nodes = [n for f in proto.functions for n in f.node]
+    while graphs or nodes:
+        if graphs:
+            g = graphs.pop()
+            tensors = [(t, f"initializer {t.name!r}") for t in g.initializer]
+            nodes.extend(g.node)
+        else:
+            tensors = []
+        while nodes:
+            n = nodes.pop()
+            for a in n.attribute:
+                label = f"the tensor in attribute {a.name!r} of {_node_label(n)}"
+                tensors += [(a.t, label)] if a.HasField("t") else []
+                tensors += [(t, label) for t in a.tensors]
+            graphs.extend(_graphs_of(n))
+        for t, label in tensors:
+            try:
+                known = ir.DataType(t.data_type) != ir.DataType.UNDEFINED
+            except ValueError:
+                known = False
+            if not known:
+                raise UnsupportedModelError(
+                    f"{what}'s {label} has the unknown element type {t.data_type}; it may be "
+                    "damaged, or written by a newer ONNX"
+                )
+
+
 def _graphs_of(node: onnx.NodeProto) -> list[onnx.GraphProto]:
     return [g for a in node.attribute for g in ([a.g] if a.HasField("g") else [*a.graphs])]
 
@@ -955,6 +1107,7 @@ def as_ir_model(model: Any, which: str = "") -> ir.Model:
         return model
     if isinstance(model, onnx.ModelProto):
         _refuse_sparse(model, f"{which}model")
+        _check_tensor_types(model, f"{which}model")
         try:
             with quiet_libraries():
                 converted = ir.serde.deserialize_model(model)
@@ -1011,14 +1164,11 @@ def _run_both(
             raise _cannot_run_original(error) from error
         del session
         try:
-            b = _run(_open_session(folded, stack), feeds)
+            b = _run(_open_session(folded, stack), feeds, "folded")
         except (BnfoldError, MemoryError):
             raise
         except Exception as e:
-            raise VerificationError(
-                "onnxruntime runs the original model but not the folded one "
-                f"({first_line(e)}); please report this bnfold bug with the model"
-            ) from e
+            raise _folded_failed(original, folded, e) from e
     if len(a) != len(b):
         raise VerificationError(
             f"the folded model has {len(b)} outputs, the original {len(a)}; the fold is wrong"
@@ -1030,6 +1180,29 @@ def _run_both(
                 f"original's {x.dtype}{list(x.shape)}; the fold is wrong"
             )
     return a, b
+
+
+def _batch_norms(model: ir.Model) -> int:
+    return sum(
+        1
+        for node in _nodes(model)
+        if node.op_type == "BatchNormalization" and node.domain in _DEFAULT_DOMAINS
+    )
+
+
+def _folded_failed(original: ir.Model, folded: ir.Model, e: BaseException) -> VerificationError:
+    """What to say when onnxruntime ran the original but not the folded model: a bnfold bug
+    when BatchNorms were folded (each fold removes one), else not something the fold did."""
+    if _batch_norms(folded) < _batch_norms(original):
+        return VerificationError(
+            "onnxruntime runs the original model but not the folded one "
+            f"({first_line(e)}); please report this bnfold bug with the model"
+        )
+    return VerificationError(
+        "cannot verify: onnxruntime ran the original model, then failed on the same inputs "
+        f"running the result, in which bnfold folded no BatchNorm ({first_line(e)}); fold "
+        "without --verify"
+    )
 
 
 def _cannot_run_original(e: BaseException) -> VerificationError:

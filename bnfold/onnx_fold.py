@@ -32,6 +32,7 @@ from .onnx_const import (
     StoredWeight,
     attribute,
     check_nodes,
+    defining_graph,
     describe,
     describe_node,
     is_default_domain,
@@ -85,7 +86,7 @@ class _Context:
         self.constants = Constants(model, self.dtype)
         self.legacy_inputs = (model.ir_version or 0) < 4  # IR 3 lists initializers as inputs
         self._names: set[str] | None = None
-        self._inferred: dict[str, tuple[int | None, int]] | None = None
+        self._inferred: dict[tuple[ir.Graph, str], tuple[int | None, int]] | None = None
 
     def unique(self, base: str) -> str:
         """A value name not used anywhere in the model, based on ``base``."""
@@ -116,9 +117,15 @@ class _Context:
         return ir.DataType(elem_type) if elem_type else None
 
     def _inference(self, value: ir.Value) -> tuple[int | None, int]:
+        """What inference derived for ``value`` in the graph that defines it: a name is looked
+        up in its own scope only (sibling branches of an If reuse names for other values, and a
+        rank inference found for one says nothing about the other)."""
         if self._inferred is None:
             self._inferred = _inferred_types(self.model)
-        return self._inferred.get(value.name or "", (None, 0))
+        scope = defining_graph(value)
+        if scope is None or not value.name:
+            return (None, 0)
+        return self._inferred.get((scope, value.name), (None, 0))
 
 
 def _all_names(model: ir.Model) -> set[str]:
@@ -133,9 +140,11 @@ def _all_names(model: ir.Model) -> set[str]:
     return names
 
 
-def _inferred_types(model: ir.Model) -> dict[str, tuple[int | None, int]]:
-    """(rank, element type) of the model's values by ONNX shape inference, on a copy without
-    tensor data (initializers become typed inputs), so nothing large is read or serialized.
+def _inferred_types(model: ir.Model) -> dict[tuple[ir.Graph, str], tuple[int | None, int]]:
+    """(rank, element type) of the model's values by ONNX shape inference, keyed by the graph
+    that defines them and their name, on a copy without tensor data (initializers become typed
+    inputs), so nothing large is read or serialized. A value inference did not type in its own
+    graph is absent, whatever another scope says of the same name.
 
     Without ``data_prop``: ranks and types are all the fold reads, and data propagation only
     refines dimension sizes (the rank of a Reshape or Expand output is the length of its shape
@@ -171,28 +180,29 @@ def _inferred_types(model: ir.Model) -> dict[str, tuple[int | None, int]]:
         inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=False)
     except Exception:  # noqa: BLE001 - inference is a hint; without it folds needing a rank stop
         return {}
-    types: dict[str, tuple[int | None, int]] = {}
-    # Sibling subgraphs (the branches of an If) may reuse a name for different values; such a
-    # name is ambiguous here and is left unknown rather than taken from the wrong branch.
-    ambiguous: set[str] = set()
-    graphs = [inferred.graph]
-    while graphs:
-        g = graphs.pop()
-        here: dict[str, tuple[int | None, int]] = {}
+    types: dict[tuple[ir.Graph, str], tuple[int | None, int]] = {}
+    # Each inferred graph is read as the scope of the ir.Graph it was serialized from (nodes and
+    # their graph attributes are serialized in order, so the two trees are walked side by side).
+    pairs: list[tuple[ir.Graph, onnx.GraphProto]] = [(graph, inferred.graph)]
+    while pairs:
+        ir_graph, g = pairs.pop()
         for info in itertools.chain(g.input, g.value_info, g.output):
             t = info.type.tensor_type
             if info.type.HasField("tensor_type"):
-                here[info.name] = (len(t.shape.dim) if t.HasField("shape") else None, t.elem_type)
-        for name, found in here.items():
-            if name in types and types[name] != found:
-                ambiguous.add(name)
-            types[name] = found
-        for node in g.node:
-            for attr in node.attribute:
-                graphs.extend([attr.g] if attr.HasField("g") else [])
-                graphs.extend(attr.graphs)
-    for name in ambiguous:
-        del types[name]
+                rank = len(t.shape.dim) if t.HasField("shape") else None
+                types[(ir_graph, info.name)] = (rank, t.elem_type)
+        if len(g.node) != len(ir_graph):
+            continue  # not the graph serialized: nothing of its subgraphs is trusted
+        for node, proto_node in zip(ir_graph, g.node, strict=True):
+            protos = {a.name: a for a in proto_node.attribute}
+            for name, attr in node.attributes.items():
+                found = protos.get(name)
+                if found is None or attr.is_ref():
+                    continue
+                if attr.type == ir.AttributeType.GRAPH and found.HasField("g"):
+                    pairs.append((attr.value, found.g))
+                elif attr.type == ir.AttributeType.GRAPHS and len(attr.value) == len(found.graphs):
+                    pairs.extend(zip(attr.value, found.graphs, strict=True))
     return types
 
 
@@ -867,6 +877,15 @@ def _working_model(model: Any, inplace: bool) -> ir.Model:
         ) from e
 
 
+def _root_cause(e: BaseException) -> BaseException:
+    """The innermost exception of a chain (onnx_ir wraps the one that says what is wrong)."""
+    seen = {id(e)}
+    while e.__cause__ is not None and id(e.__cause__) not in seen:
+        e = e.__cause__
+        seen.add(id(e))
+    return e
+
+
 def analyze(model: Any, example_inputs: Any = None, *, producers: Any = None) -> FoldReport:
     """What :func:`fold` would do to ``model``; nothing is changed."""
     selected = rules.selected_kinds(producers)
@@ -893,7 +912,13 @@ def fold(
         report = _fold_model(working, selected)
         result: Any = working
         if isinstance(model, onnx.ModelProto):
-            result = ir.serde.serialize_model(working)
+            try:
+                result = ir.serde.serialize_model(working)
+            except Exception as e:  # noqa: BLE001 - whatever onnx_ir cannot write back
+                raise UnsupportedModelError(
+                    "the folded model cannot be written back as a ModelProto "
+                    f"({type(e).__name__}: {first_line(_root_cause(e))[:200]})"
+                ) from e
             if inplace:
                 model.CopyFrom(result)
                 result = model

@@ -330,7 +330,7 @@ def _save_external(model: onnx.ModelProto, path) -> None:
 def test_overwritten_output_keeps_its_mode_and_new_output_gets_umask(tmp_path, capsys, external):
     src = tmp_path / "m.onnx"
     if external:
-        _save_external(_conv_bn(), src)
+        _save_external(_conv_bn(c=16), src)  # a weight over 1 KiB: a data file is written
     else:
         onnx.save(_conv_bn(), str(src))
     out = tmp_path / "out.onnx"
@@ -673,3 +673,120 @@ def test_save_refuses_a_data_file_that_is_the_input_model(tmp_path):
             loaded.model, tmp_path / "m.onnx", external_data=True, reads_from=loaded.external_files
         )
     assert _entries(tmp_path) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# Malformed nodes, --verify's limits, long data file names
+
+
+@pytest.mark.parametrize("op", ["Identity", "Transpose"])
+def test_layout_node_without_inputs_is_exit_1(tmp_path, capsys, op):
+    """An Identity/Transpose with no input in front of a MatMul weight: IndexError, exit 3."""
+    model = _model(
+        [
+            helper.make_node(op, [], ["wt"], name="wt"),
+            helper.make_node("MatMul", ["x", "wt"], ["y"], name="mm"),
+        ],
+        [_vi("x", [2, 3])],
+        [_vi("y", [2, 4])],
+        [],
+    )
+    src = tmp_path / "m.onnx"
+    onnx.save(model, str(src))
+    listing = sorted(os.listdir(tmp_path))
+    assert main([str(src), "-o", str(tmp_path / "out.onnx")]) == 1
+    _one_line_error(capsys, "lacks its required input 0", op)
+    assert sorted(os.listdir(tmp_path)) == listing
+
+
+def _loop_forever() -> onnx.ModelProto:
+    """255 bytes: a Loop of 2**62 iterations doubling a value."""
+    body = helper.make_graph(
+        [
+            helper.make_node("Identity", ["c_in"], ["c_out"]),
+            helper.make_node("Add", ["v_in", "v_in"], ["v_out"]),
+        ],
+        "body",
+        [_vi("i", [], TensorProto.INT64), _vi("c_in", [], TensorProto.BOOL), _vi("v_in", [1])],
+        [_vi("c_out", [], TensorProto.BOOL), _vi("v_out", [1])],
+    )
+    return _model(
+        [helper.make_node("Loop", ["n", "t", "x"], ["y"], body=body)],
+        [_vi("x", [1])],
+        [_vi("y", [1])],
+        [
+            numpy_helper.from_array(np.array(2**62, np.int64), "n"),
+            numpy_helper.from_array(np.array(True), "t"),
+        ],
+    )
+
+
+def _expand_to(n: int) -> onnx.ModelProto:
+    """Expand a 1-element input to ``n`` elements, then ReduceSum: ~120 bytes asking for 4n."""
+    return _model(
+        [
+            helper.make_node("Expand", ["x", "shape"], ["e"]),
+            helper.make_node("ReduceSum", ["e"], ["y"], keepdims=0),
+        ],
+        [_vi("x", [1])],
+        [_vi("y", [])],
+        [numpy_helper.from_array(np.array([n], np.int64), "shape")],
+    )
+
+
+def test_verify_stops_a_run_past_the_time_limit(tmp_path, capsys, monkeypatch):
+    """--verify ran a Loop of 2**62 iterations for ever; now each run is stopped after
+    VERIFY_TIME_LIMIT seconds (onnxruntime's terminate flag), one line, exit 1."""
+    import time
+
+    monkeypatch.setattr(onnx_files, "VERIFY_TIME_LIMIT", 1.0)
+    src = tmp_path / "loop.onnx"
+    onnx.save(_loop_forever(), str(src))
+    start = time.monotonic()
+    assert main([str(src), "--verify", "-o", str(tmp_path / "out.onnx")]) == 1
+    assert time.monotonic() - start < 30
+    _one_line_error(capsys, "cannot verify", "1 s", "time limit")
+    assert not (tmp_path / "out.onnx").exists()
+    with pytest.raises(bnfold.VerificationError, match="cannot verify"):
+        bnfold.verify(_loop_forever(), _loop_forever(), None)
+
+
+def test_verify_stops_a_run_past_the_memory_limit(tmp_path, capsys, monkeypatch):
+    """A 121-byte model expanding to 2**29 floats took 2.3 GB in --verify. Intermediate values
+    come from an arena of at most VERIFY_MEMORY_LIMIT bytes: one line, exit 1 (here 64 MiB and
+    a 128 MiB Expand, so that the test is cheap even if the cap did not hold)."""
+    monkeypatch.setattr(onnx_files, "VERIFY_MEMORY_LIMIT", 64 * 2**20)
+    src = tmp_path / "big.onnx"
+    onnx.save(_expand_to(2**25), str(src))
+    assert main([str(src), "--verify"]) == 1
+    err = _one_line_error(capsys, "cannot verify", "memory limit", "0.0625 GiB")
+    assert "bnfold bug" not in err
+    # within the limit the same kind of model verifies
+    onnx.save(_expand_to(2**20), str(src))
+    assert main([str(src), "--verify"]) == 0
+
+
+def test_folded_model_failing_when_nothing_was_folded_is_not_called_a_bnfold_bug():
+    """'onnxruntime runs the original model but not the folded one ... bnfold bug' was said
+    when no BatchNorm had been folded (the two models the same)."""
+    model = onnx_files.as_ir_model(_conv_bn())
+    folded = bnfold.fold(model)
+    error = RuntimeError("out of something")
+    same = onnx_files._folded_failed(model, model, error)
+    assert str(same).startswith("cannot verify") and "bug" not in str(same)
+    assert "folded no BatchNorm" in str(same)
+    assert "bnfold bug" in str(onnx_files._folded_failed(model, folded, error))
+
+
+def test_long_output_name_with_external_data_fits(tmp_path, capsys):
+    """-o of 245 characters with external data: OUT.data (250) fits NAME_MAX, but onnx_ir's
+    temporary name for it (a dot, the name, a dot and 8 characters) did not."""
+    src = tmp_path / "m.onnx"
+    _save_external(_conv_bn(c=16), src)  # the weight, 1728 bytes, goes to the data file
+    out = tmp_path / ("e" * 240 + ".onnx")
+    assert main([str(src), "-o", str(out), "--verify"]) == 0
+    assert capsys.readouterr().err == ""
+    data = out.with_name(out.name + ".data")
+    assert data.stat().st_size > 1024
+    assert sorted(os.listdir(tmp_path)) == sorted(["m.onnx", "m.onnx.data", out.name, data.name])
+    assert onnx_files.check(src, onnx_files.load(out).model).passed

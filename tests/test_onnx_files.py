@@ -699,7 +699,9 @@ def test_check_raises_when_only_the_folded_model_fails():
     broken.graph.node[0].op_type = "NoSuchOp"
     with pytest.raises(VerificationError) as excinfo:
         onnx_files.check(ir.serde.deserialize_model(model), ir.serde.deserialize_model(broken))
-    _assert_one_line_error(excinfo, "not the folded one")
+    # No BatchNorm was folded: not called a bnfold bug (test_onnx_cli_traps has the other case)
+    message = _assert_one_line_error(excinfo, "cannot verify", "failed on", "folded no BatchNorm")
+    assert "bug" not in message
 
 
 def test_check_from_path_with_external_data(tmp_path):
@@ -788,3 +790,48 @@ def test_inline_save_streams_initializers_and_leaves_the_model_as_it_was(tmp_pat
         (back,) = [s for s in saved.graph.initializer if s.name == t.name]
         assert np.array_equal(numpy_helper.to_array(back), numpy_helper.to_array(t))
     assert not saved.graph.value_info
+
+
+# ---------------------------------------------------------------------------------------------
+# External data: no empty data file, the location ".", offsets as onnxruntime reads them
+
+
+def test_no_empty_data_file_when_no_tensor_goes_there(tmp_path):
+    """A model with external data whose tensors are all under 1 KiB got a 0-byte OUT.data."""
+    src = _write(_conv_model(channels=4), tmp_path / "in.onnx")  # w: 432 bytes
+    onnx.save(
+        onnx.load(src),
+        src,
+        save_as_external_data=True,
+        location="in.onnx.data",
+        size_threshold=0,
+    )
+    loaded = onnx_files.load(src)
+    assert onnx_files.needs_external_data(loaded)
+    out = tmp_path / "out.onnx"
+    onnx_files.save(loaded.model, out, external_data=True)
+    assert sorted(os.listdir(tmp_path)) == ["in.onnx", "in.onnx.data", "out.onnx"]
+    x = np.random.default_rng(2).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    np.testing.assert_array_equal(_ort_outputs(src, x)[0], _ort_outputs(out, x)[0])
+
+
+@pytest.mark.parametrize("location", [".", "./", "sub/.."])
+def test_location_naming_the_model_directory(tmp_path, location):
+    """The location "." was refused as "a symbolic link leads to ... outside the model's
+    directory", with no link anywhere."""
+    (tmp_path / "sub").mkdir()
+    message = _refused(_with_tensor(tmp_path, _external("t", [4], location)), "'t'")
+    assert "model's directory itself" in message
+    assert "symbolic link" not in message
+
+
+@pytest.mark.parametrize("text", [" 16", "+16", "1_6", "16 ", "\u0661\u0666", "0x10", ""])
+def test_external_offset_and_length_are_plain_decimal_digits(tmp_path, text):
+    """Python's int() took " 16", "+16", "1_6" and Arabic-Indic digits; onnxruntime does not."""
+    (tmp_path / "t.bin").write_bytes(b"\0" * 64)
+    for key in (1, 2):
+        tensor = _external("t", [4], "t.bin", length=16)
+        tensor.external_data[key].value = text
+        _refused(_with_tensor(tmp_path, tensor), "'t'", "plain decimal digits")
+    tensor = _external("t", [4], "t.bin", length=16, offset=16)
+    onnx_files.load(_with_tensor(tmp_path, tensor))
