@@ -119,9 +119,20 @@ def set_argument(node: Node, name: str, value: Any) -> None:
     node.args = tuple(node.args) + tuple(a.default_value for a in gap) + (value,)
 
 
+# Set in a node's meta by bnfold.torch_pt2 when a program read from a file carries shape
+# metadata for the node that bnfold could not check against what the program computes (the node
+# depends on an op bnfold does not run, even on fake tensors): its shape counts as unknown.
+UNCHECKED_SHAPE = "bnfold_unchecked_shape"
+
+
+def shape_value(node: Node) -> Any:
+    """``node.meta["val"]``, or ``None`` when it is unknown or could not be checked."""
+    return None if node.meta.get(UNCHECKED_SHAPE) else node.meta.get("val")
+
+
 def rank(node: Node) -> int | None:
     """Rank of the tensor ``node`` produces, from ``node.meta["val"]``; ``None`` if unknown."""
-    val = node.meta.get("val")
+    val = shape_value(node)
     return val.dim() if isinstance(val, torch.Tensor) else None
 
 
@@ -480,8 +491,8 @@ def _reshaped_axis(source: Any, step: Node, axis: int) -> int | None:
     """The output axis of a reshape that holds input axis ``axis`` unchanged, when that axis
     is the last one on both sides (a Linear on 3-D input decomposes into reshapes around a
     2-D ``addmm``); ``None`` otherwise."""
-    before = source.meta.get("val") if isinstance(source, Node) else None
-    after = step.meta.get("val")
+    before = shape_value(source) if isinstance(source, Node) else None
+    after = shape_value(step)
     if not isinstance(before, torch.Tensor) or not isinstance(after, torch.Tensor):
         return None
     if axis != before.dim() - 1 or after.dim() == 0 or before.dim() == 0:

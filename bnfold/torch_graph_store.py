@@ -28,6 +28,7 @@ from torch.export.graph_signature import (
 )
 from torch.fx import GraphModule, Node
 
+from .errors import BnfoldError, UnsupportedModelError, first_line
 from .torch_aten import may_be_written
 
 _CONSTANT_KINDS = (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
@@ -302,7 +303,14 @@ class ProgramStore(Store):
     def drop(self, node: Node) -> None:
         spec = self._spec_of.pop(node)
         del self._spec_by_node[node]
-        self._holder(spec).pop(spec.target, None)
+        holder = self._holder(spec)
+        # A state key may be named by several placeholders (a crafted file does it; torch
+        # loads and runs it): the tensor stays while another input spec still names it.
+        if not any(
+            s.target == spec.target and self._holder(s) is holder
+            for s in self._spec_by_node.values()
+        ):
+            holder.pop(spec.target, None)
         if self._last_of_kind.get(spec.kind) is node:
             self._last_of_kind[spec.kind] = node.prev
         self.graph.erase_node(node)
@@ -357,11 +365,31 @@ class ProgramStore(Store):
             kwargs["verifiers"] = self.ep.verifiers
         elif "verifier" in params:  # torch < 2.5
             kwargs["verifier"] = self.ep.verifier
-        program = ExportedProgram(**kwargs)
+        try:
+            program = ExportedProgram(**kwargs)
+        except Exception as e:  # noqa: BLE001 - torch's verifier rejects the folded program
+            raise _rejected(self.ep, e) from e
         meta = program.graph_module.meta
         if meta is not root.meta:  # a cache of the unfolded program must not travel along
             meta.pop("unflattened_module", None)
         return program
+
+
+def _rejected(ep: ExportedProgram, e: Exception) -> BnfoldError:
+    """The error for a folded program torch's verifier rejects: the input's fault when torch
+    rejects the input as well (a crafted or damaged program), else a bnfold bug."""
+    what = f"{type(e).__name__}: {first_line(e)}"
+    try:
+        ep.validate()
+    except Exception as original:  # noqa: BLE001 - whatever torch's verifier raises
+        return UnsupportedModelError(
+            f"torch's verifier rejects the program itself ({type(original).__name__}: "
+            f"{first_line(original)}), so bnfold cannot build a folded one ({what})"
+        )
+    return UnsupportedModelError(
+        f"torch's verifier rejects the folded program ({what}) although it accepts the "
+        "original; please report this bnfold bug with the program"
+    )
 
 
 _PLAIN_MODULE_ATTRS = frozenset(vars(nn.Module()))

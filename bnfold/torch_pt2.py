@@ -16,6 +16,7 @@ import io
 import json
 import logging
 import math
+import operator
 import os
 import re
 import shutil
@@ -40,8 +41,9 @@ from .errors import (
     VerificationError,
     first_line,
 )
+from .torch_aten import UNCHECKED_SHAPE
 from .torch_graph_store import ProgramStore, copy_quietly, copy_tensors, module_tensors
-from .torch_safe_ops import check_program
+from .torch_safe_ops import check_program, runs_on_fake_tensors
 from .torch_verify import compare, fresh_copy, output_tensors, tolerance
 
 
@@ -219,6 +221,108 @@ def _plain_constant(value: Any) -> bool:
     return value is None or isinstance(value, (bool, int, float, complex))
 
 
+# What evaluating an expression may cost. sympy and Python compute with integers of any size,
+# so a short string can ask for unbounded work (``Pow(Integer(10), Integer(30000000))``,
+# ``9**9**9**9``, ``1 << 10**18``, ``round(5, -10**18)``): literals are bounded, exponents and
+# shifts must be small literals, powers do not nest, and an expression is at most 10,000
+# characters (torch writes a few hundred).
+_MAX_EXPRESSION_CHARS = 10_000
+_MAX_LITERAL = 2**64
+_MAX_EXPONENT = 64
+_MAX_PRECISION = 1024  # bits of a sympy Float (torch writes 53)
+# Calls and operators whose second operand is an exponent, a shift or a number of digits.
+_POWER_CALLS = frozenset("Pow PowByNatural FloatPow LShift RShift RoundDecimal round pow".split())
+_POWER_OPERATORS = (ast.Pow, ast.BitXor, ast.LShift, ast.RShift)  # sympy reads ^ as **
+_MATH_FUNCTIONS = frozenset(
+    """floor ceil trunc sqrt inf nan exp log log2 log10 sin cos tan asin acos atan sinh cosh
+    tanh asinh acosh atanh fabs""".split()
+)
+
+
+def _literal_value(node: ast.AST) -> Any:
+    """The number a literal node stands for (``-3``, ``Integer(3)``, ``3``), else ``None``."""
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        value = _literal_value(node.operand)
+        return -value if isinstance(node.op, ast.USub) and value is not None else value
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and len(node.args) == 1:
+        if node.func.id in ("Integer", "int") and not node.keywords:
+            return _literal_value(node.args[0])
+    if isinstance(node, ast.Constant) and type(node.value) is int:
+        return node.value
+    return None
+
+
+def _small(node: ast.AST, bound: int) -> bool:
+    value = _literal_value(node)
+    return value is not None and abs(value) <= bound
+
+
+def _is_power(node: ast.AST) -> bool:
+    if isinstance(node, ast.BinOp):
+        return isinstance(node.op, _POWER_OPERATORS)
+    return (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id in _POWER_CALLS
+    )
+
+
+def _numeric_string_ok(text: str) -> bool:
+    """A number written as a string (``Integer('12')``, ``Float('1e-5')``) within bounds."""
+    try:
+        value = float(text)
+    except ValueError:
+        return True  # not a number: a symbol's name
+    if math.isnan(value) or (math.isinf(value) and text.strip("+-").lower() in ("inf", "infinity")):
+        return True
+    if not math.isfinite(value):
+        return False
+    try:
+        return abs(int(text)) <= _MAX_LITERAL
+    except ValueError:  # a float literal: its size is bounded by float's range
+        return True
+
+
+def _cost_is_bounded(text: str) -> bool:
+    """Whether evaluating ``text`` (in sympy or Python) takes bounded time and memory."""
+    tree = _parse(text) if len(text) <= _MAX_EXPRESSION_CHARS else None
+    if tree is None:
+        return False
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant):
+            value = node.value
+            if type(value) is int and abs(value) > _MAX_LITERAL:
+                return False
+            if isinstance(value, str) and not _numeric_string_ok(value):
+                return False
+        elif _is_power(node):
+            if isinstance(node, ast.BinOp):
+                base, exponent = node.left, node.right
+            else:
+                if len(node.args) < 2 and not node.keywords:
+                    continue  # round(x): no digits
+                if len(node.args) != 2 or node.keywords:
+                    return False
+                base, exponent = node.args
+            if not _small(exponent, _MAX_EXPONENT):
+                return False
+            if any(_is_power(inner) for inner in ast.walk(base)):
+                return False  # nested powers multiply their exponents
+        elif isinstance(node, ast.BinOp) and isinstance(node.op, ast.Mult):
+            # sequence repetition ("a" * n, (1,) * n) allocates n copies
+            for side in (node.left, node.right):
+                if isinstance(side, (ast.Tuple, ast.List)) or (
+                    isinstance(side, ast.Constant) and isinstance(side.value, (str, bytes))
+                ):
+                    return False
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+            if node.func.id == "Float":
+                digits = node.args[1:] + [k.value for k in node.keywords]
+                if not all(_small(d, _MAX_PRECISION) for d in digits):
+                    return False
+    return True
+
+
 def _is_sym_expr(text: str) -> bool:
     """Whether ``text`` is a symbolic size as torch writes it (``srepr`` of sympy: calls of
     sympy's and torch's classes on numbers and symbols), which sympy can parse harmlessly."""
@@ -260,7 +364,7 @@ def _is_guard(text: str) -> bool:
         if isinstance(node, ast.Attribute):
             base = node.value.id if isinstance(node.value, ast.Name) else None
             if node.attr.startswith("_") or not (
-                base == "math"
+                (base == "math" and node.attr in _MATH_FUNCTIONS)
                 or (base == "torch" and node.attr.startswith("sym_"))
                 or (base is None and node.attr in _TENSOR_METHODS)
             ):
@@ -277,6 +381,17 @@ def _code_in_data(path: str | os.PathLike[str], what: str, text: str) -> ModelFi
     return ModelFileError(
         f"{path} holds {what} that is not plain data ({shown!r}); torch would run it as Python "
         "code, so bnfold refuses the archive (a damaged or malicious file)"
+    )
+
+
+def _costly(path: str | os.PathLike[str], what: str, text: str) -> ModelFileError:
+    shown = text if len(text) <= 60 else text[:57] + "..."
+    return ModelFileError(
+        f"{path} holds {what} that could take unbounded time or memory to evaluate "
+        f"({shown!r}, {len(text)} characters); torch computes it while reading or running the "
+        f"program, and bnfold accepts only literals up to 2**64, exponents, shifts and digit "
+        f"counts up to {_MAX_EXPONENT}, no nested powers and at most "
+        f"{_MAX_EXPRESSION_CHARS} characters (a damaged or malicious file)"
     )
 
 
@@ -320,6 +435,8 @@ def _check_program(path: str | os.PathLike[str], program: Any) -> None:
                 for guard in guards:
                     if not isinstance(guard, str) or not _is_guard(guard):
                         raise _code_in_data(path, "a shape guard", str(guard))
+                    if not _cost_is_bounded(guard):
+                        raise _costly(path, "a shape guard", guard)
             elif key in ("in_spec", "out_spec") and isinstance(value, str):
                 _check_treespec(path, key, value)
             elif key.endswith("names") and isinstance(value, list):  # forward_arg_names
@@ -330,6 +447,8 @@ def _check_program(path: str | os.PathLike[str], program: Any) -> None:
                 continue
             elif key == "expr_str" and not _is_sym_expr(value):
                 raise _code_in_data(path, "a symbolic size", value)
+            elif key == "expr_str" and not _cost_is_bounded(value):
+                raise _costly(path, "a symbolic size", value)
             elif key.endswith(("name", "fqn")) and not _NAME.fullmatch(value):
                 raise _code_in_data(path, f"a name ({key})", value)
 
@@ -635,6 +754,379 @@ def _check_state_matches_program(path: str | os.PathLike[str], ep: ExportedProgr
             )
 
 
+# --------------------------------------------------------------------------------------------
+# Running a program on fake tensors: shapes and sizes without computing or allocating anything.
+# The shape metadata of a file (node.meta["val"]) is data like any other: bnfold checks it
+# against what the program computes from its inputs and weights, and --verify bounds the memory
+# the program would take from what it computes, never from what the file says.
+
+# --verify refuses a program any of whose values would take more than this (a tensor, or the
+# tensors of a node returning several), or whose intermediate values alive at one time would.
+_MAX_VALUE_BYTES = 2**30
+_MAX_LIVE_BYTES = 2 * 2**30
+
+
+# The value of a node the fake run did not compute: its op is off the allowlist (an op off
+# it might act even on fake tensors), or it depends on such a node.
+_UNKNOWN = object()
+
+
+class _FakeRun(torch.fx.Interpreter):
+    """Runs a graph on fake tensors and keeps every node's value (:data:`_UNKNOWN` for nodes
+    that depend on ops off the allowlist, which are not run)."""
+
+    def __init__(self, gm: torch.fx.GraphModule) -> None:
+        super().__init__(gm, garbage_collect_values=True)
+        self.values: dict[torch.fx.Node, Any] = {}
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        if n.op != "output" and (
+            not runs_on_fake_tensors(n, self.module)
+            or any(self.values.get(a) is _UNKNOWN for a in n.all_input_nodes)
+        ):
+            result = _UNKNOWN
+        else:
+            result = super().run_node(n)
+        self.values[n] = result
+        return result
+
+
+def _fake_mode() -> Any:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    return FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=False)
+
+
+def _fake_state(ep: ExportedProgram, mode: Any) -> list[Any] | None:
+    """Fake copies of the program's state tensors, one per placeholder before the user inputs
+    (in input-spec order); ``None`` for a program with inputs of another kind."""
+    lifted = (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
+    state = []
+    for spec in ep.graph_signature.input_specs:
+        if spec.kind == InputKind.USER_INPUT:
+            continue
+        if spec.kind not in lifted:
+            return None
+        value = ep.state_dict.get(spec.target, ep.constants.get(spec.target))
+        if not isinstance(value, torch.Tensor):
+            return None
+        state.append(mode.from_tensor(value, static_shapes=True))
+    return state
+
+
+def _placeholder_args(ep: ExportedProgram, state: list[Any], user: list[Any]) -> list[Any]:
+    """The values of the graph's placeholders, in input-spec order."""
+    state_it, user_it = iter(state), iter(user)
+    return [
+        next(user_it) if spec.kind == InputKind.USER_INPUT else next(state_it)
+        for spec in ep.graph_signature.input_specs
+    ]
+
+
+def _fake_run(ep: ExportedProgram, mode: Any, args: list[Any]) -> dict[torch.fx.Node, Any]:
+    return _fake_run_graph(ep.graph_module, mode, args)
+
+
+def _concrete(d: Any, bindings: dict[Any, int]) -> int | None:
+    """A size as a number: an int, or a symbolic size whose symbols are all bound."""
+    if isinstance(d, int):
+        return d
+    if isinstance(d, torch.SymInt):
+        expr = d.node.expr
+        if isinstance(expr, int):
+            return expr
+        expr = expr.xreplace(bindings)
+        return int(expr) if getattr(expr, "is_Integer", False) else None
+    return None
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"{value.dtype} {list(value.shape)}"
+    if isinstance(value, (list, tuple)):
+        return f"({', '.join(_shown(v) for v in value)})"
+    return type(value).__name__
+
+
+def _agrees(stored: Any, computed: Any, bindings: dict[Any, int]) -> bool:
+    """Whether the stored metadata of a node says what the program computes there: ranks,
+    dtypes, and every size known on both sides (symbolic ones at the inputs' sizes)."""
+    if computed is _UNKNOWN:
+        return True  # not computed: the node's shape counts as unknown
+    if isinstance(stored, torch.Tensor):
+        if not isinstance(computed, torch.Tensor):
+            return False
+        if stored.dim() != computed.dim() or stored.dtype != computed.dtype:
+            return False
+        pairs = zip(stored.shape, computed.shape, strict=True)
+        return all(
+            a is None or b is None or a == b
+            for a, b in ((_concrete(x, bindings), _concrete(y, {})) for x, y in pairs)
+        )
+    if isinstance(stored, (list, tuple)):
+        if not isinstance(computed, (list, tuple)) or len(stored) != len(computed):
+            return False
+        return all(_agrees(a, b, bindings) for a, b in zip(stored, computed, strict=True))
+    if isinstance(stored, (int, torch.SymInt)) and not isinstance(stored, bool):
+        a, b = _concrete(stored, bindings), _concrete(computed, {})
+        return a is None or b is None or a == b
+    return True
+
+
+def _spec_inputs(ep: ExportedProgram, mode: Any) -> tuple[list[Any], dict[Any, int]]:
+    """Fake user inputs shaped as the input specs declare (symbolic sizes as --verify picks
+    them), and the values given to the symbols of the declared sizes."""
+    from torch.export.graph_signature import ConstantArgument
+
+    vals = {n.name: n.meta.get("val") for n in ep.graph.nodes if n.op == "placeholder"}
+    user: list[Any] = []
+    bindings: dict[Any, int] = {}
+
+    def size(d: Any) -> int:
+        n = _size(d, ep)
+        if isinstance(d, torch.SymInt) and d.node.expr.is_Symbol:
+            bindings[d.node.expr] = n
+        return n
+
+    for spec in ep.graph_signature.input_specs:
+        if spec.kind != InputKind.USER_INPUT:
+            continue
+        if isinstance(spec.arg, ConstantArgument):
+            user.append(spec.arg.value)
+            continue
+        val = vals.get(spec.arg.name)
+        if isinstance(val, torch.Tensor):
+            shape = [size(d) for d in val.shape]
+            with mode:
+                user.append(torch.empty(shape, dtype=val.dtype, device=val.device))
+        elif isinstance(val, (torch.SymInt, int)) and not isinstance(val, bool):
+            user.append(size(val))
+        else:
+            user.append(val)
+    return user, bindings
+
+
+def _check_shapes(path: str | os.PathLike[str], ep: ExportedProgram) -> None:
+    """Refuse a program whose shape metadata says otherwise than the program computes.
+
+    bnfold decides folds from ``node.meta["val"]`` (a Linear's output rank decides where its
+    channels are), and a file's metadata is not checked by torch: the graph is run on fake
+    tensors (no values, nothing allocated) from the input specs and the stored weights, and
+    every node's stored value must agree with the computed one.
+    """
+    mode = _fake_mode()
+    try:
+        state = _fake_state(ep, mode)
+        if state is None:
+            return  # inputs of other kinds (tokens, script objects): nothing is folded from them
+        user, bindings = _spec_inputs(ep, mode)
+        computed = _fake_run(ep, mode, _placeholder_args(ep, state, user))
+    except (BnfoldError, MemoryError, RecursionError):
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever the program makes torch raise
+        raise ModelFileError(
+            f"{path} holds a program bnfold cannot check: it fails on fake inputs shaped as it "
+            f"declares ({type(e).__name__}: {first_line(e)}), so its shape metadata cannot be "
+            "trusted"
+        ) from e
+    for node, value in computed.items():
+        stored = node.meta.get("val")
+        if value is _UNKNOWN:
+            node.meta[UNCHECKED_SHAPE] = True  # its shape counts as unknown (no fold relies on it)
+        elif stored is not None and not _agrees(stored, value, bindings):
+            raise _damaged(
+                path,
+                f"its metadata declares node {node.name} as {_shown(stored)}, but the program "
+                f"computes {_shown(value)} there; bnfold decides folds from shapes and refuses "
+                "metadata that disagrees with the program",
+            )
+
+
+def _upper(d: Any, shape_env: Any) -> int | None:
+    """The most a size can be: its value, or for a size that depends on the data (``nonzero``,
+    ``item``) the upper end of its range; ``None`` when nothing bounds it."""
+    n = _concrete(d, {})
+    if n is not None or not isinstance(d, torch.SymInt):
+        return n
+    from torch.utils._sympy.value_ranges import bound_sympy
+
+    try:
+        upper = bound_sympy(d.node.expr, shape_env.var_to_range).upper
+        return int(upper) if upper.is_finite else None
+    except Exception:  # noqa: BLE001 - a range sympy cannot bound
+        return None
+
+
+def _value_bytes(value: Any, shape_env: Any) -> int | None:
+    """Bytes of the tensors in a node's value (``None``: unbounded)."""
+    if value is _UNKNOWN:
+        return None
+    if isinstance(value, torch.Tensor):
+        numel = 1
+        for d in value.shape:
+            n = _upper(d, shape_env)
+            if n is None:
+                return None
+            numel *= n
+        return numel * value.dtype.itemsize
+    if isinstance(value, (list, tuple)):
+        total = 0
+        for v in value:
+            n = _value_bytes(v, shape_env)
+            if n is None:
+                return None
+            total += n
+        return total
+    return 0
+
+
+def _is_view(node: torch.fx.Node) -> bool:
+    """Whether ``node`` returns views of its arguments (its value takes no new memory)."""
+    t = node.target
+    if t is operator.getitem:
+        return True
+    return isinstance(t, torch._ops.OpOverload) and any(
+        r.alias_info is not None for r in t._schema.returns
+    )
+
+
+def _subgraph_calls(
+    node: torch.fx.Node, gm: torch.fx.GraphModule, values: dict[torch.fx.Node, Any]
+) -> list[tuple[torch.fx.GraphModule, list[Any]]] | None:
+    """The graphs a higher-order op runs at ``node`` with the fake values it runs them on
+    (one iteration of a loop over slices); ``None`` for an op bnfold cannot follow."""
+
+    def graph(arg: Any) -> torch.fx.GraphModule:
+        return getattr(gm, arg.target)
+
+    def val(arg: Any) -> Any:
+        if isinstance(arg, torch.fx.Node):
+            return values[arg]
+        if isinstance(arg, (list, tuple)):
+            return [val(a) for a in arg]
+        return arg
+
+    def first_slices(xs: Any) -> list[Any]:
+        return [x.select(0, 0) if isinstance(x, torch.Tensor) else x for x in val(xs)]
+
+    name = node.target.name()
+    a = node.args
+    if name == "cond":
+        operands = val(a[3])
+        return [(graph(a[1]), operands), (graph(a[2]), operands)]
+    if name == "invoke_subgraph":
+        return [(graph(a[0]), val(list(a[2:])))]
+    if name == "wrap_with_set_grad_enabled":
+        return [(graph(a[1]), val(list(a[2:])))]
+    if name == "wrap_with_autocast":
+        return [(graph(a[4]), val(list(a[5:])))]
+    if name == "map_impl":
+        return [(graph(a[0]), first_slices(a[1]) + val(a[2]))]
+    if name == "scan":
+        return [(graph(a[0]), val(a[1]) + first_slices(a[2]) + val(a[3]))]
+    return None
+
+
+class _TooLarge(Exception):
+    def __init__(self, why: str) -> None:
+        super().__init__(why)
+        self.why = why
+
+
+def _peak_bytes(
+    gm: torch.fx.GraphModule, values: dict[torch.fx.Node, Any], mode: Any, where: str
+) -> int:
+    """The most memory the intermediate values of ``gm``'s graph take at one time (placeholders
+    excluded: inputs and state exist already); raises :class:`_TooLarge`."""
+    nodes = list(gm.graph.nodes)
+    last_use: dict[torch.fx.Node, torch.fx.Node] = {}
+    for node in nodes:
+        for arg in node.all_input_nodes:
+            last_use[arg] = node
+    sizes: dict[torch.fx.Node, int] = {}
+    live = peak = 0
+    for node in nodes:
+        if node.op == "call_function":
+            value = values.get(node)
+            n = 0 if _is_view(node) else _value_bytes(value, mode.shape_env)
+            if n is None:
+                raise _TooLarge(
+                    f"the size of node {where}{node.name} ({_shown(value)}) depends on the data "
+                    "and nothing bounds it"
+                )
+            if n > _MAX_VALUE_BYTES:
+                raise _TooLarge(
+                    f"node {where}{node.name} makes {_shown(value)}, {n / 2**30:.2f} GiB, and "
+                    f"--verify runs programs whose values take at most "
+                    f"{_MAX_VALUE_BYTES // 2**30} GiB each"
+                )
+            inner = 0
+            if isinstance(node.target, torch._ops.HigherOrderOperator):
+                calls = _subgraph_calls(node, gm, values)
+                if calls is None:
+                    raise _TooLarge(f"bnfold cannot bound what node {where}{node.name} allocates")
+                for sub, args in calls:
+                    sub_values = _fake_run_graph(sub, mode, args)
+                    inner = max(inner, _peak_bytes(sub, sub_values, mode, f"{where}{node.name}."))
+            sizes[node] = n
+            live += n
+            peak = max(peak, live + inner)
+            if peak > _MAX_LIVE_BYTES:
+                raise _TooLarge(
+                    f"its intermediate values would take {peak / 2**30:.2f} GiB at once (at node "
+                    f"{where}{node.name}), and --verify runs programs whose values take at most "
+                    f"{_MAX_LIVE_BYTES // 2**30} GiB at a time"
+                )
+        for arg in node.all_input_nodes:
+            if last_use.get(arg) is node:
+                live -= sizes.pop(arg, 0)
+    return peak
+
+
+def _fake_run_graph(gm: torch.fx.GraphModule, mode: Any, args: list[Any]) -> dict:
+    with warnings.catch_warnings(), mode:
+        warnings.simplefilter("ignore")
+        run = _FakeRun(gm)
+        run.run(*args, enable_io_processing=False)
+    return run.values
+
+
+def check_memory(program: ExportedProgram, args: tuple, kwargs: dict) -> None:
+    """Raise :class:`VerificationError` if running ``program`` on ``(args, kwargs)`` would make
+    a value over 1 GiB, or intermediate values over 2 GiB at one time, found by running it on
+    fake tensors of the inputs' shapes (nothing computed, nothing allocated)."""
+    import torch.utils._pytree as pytree
+
+    mode = _fake_mode()
+    try:
+        state = _fake_state(program, mode)
+        if state is None:
+            raise VerificationError(
+                "cannot verify: the program takes inputs other than tensors and its state"
+            )
+        leaves = pytree.tree_flatten((args, kwargs))[0]
+        user = [
+            mode.from_tensor(x, static_shapes=True) if isinstance(x, torch.Tensor) else x
+            for x in leaves
+        ]
+        values = _fake_run(program, mode, _placeholder_args(program, state, user))
+        _peak_bytes(program.graph_module, values, mode, "")
+    except _TooLarge as e:
+        raise VerificationError(
+            f"cannot verify: {e.why}; fold without --verify, and compare the programs on inputs "
+            "of your own with bnfold.verify(original, folded, inputs)"
+        ) from e
+    except (BnfoldError, MemoryError, RecursionError):
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever the program makes torch raise
+        raise VerificationError(
+            f"cannot verify: the program fails on fake inputs of the shapes --verify would use "
+            f"({type(e).__name__}: {first_line(e)}), so bnfold cannot bound the memory it takes; "
+            "fold without --verify"
+        ) from e
+
+
 def load(path: str | os.PathLike[str]) -> ProgramFile:
     """Read a torch.export archive (.pt2) holding one program, with its extra files.
 
@@ -669,6 +1161,7 @@ def load(path: str | os.PathLike[str]) -> ProgramFile:
     if not isinstance(ep, ExportedProgram):
         raise ModelFileError(f"{path} holds a {type(ep).__name__}, not an ExportedProgram")
     _check_state_matches_program(path, ep)
+    _check_shapes(path, ep)
     # torch lists a directory entry under extra/ as a file named "" or "x/", which
     # torch.export.save cannot write back; it is not a file.
     extra = {k: v for k, v in extra.items() if k and not k.endswith("/")}
@@ -997,6 +1490,9 @@ def check(original: ExportedProgram, folded: ExportedProgram, seed: int = 0) -> 
         except Exception as e:  # noqa: BLE001 - a program torch read but cannot make runnable
             raise _cannot_run_original(e) from e
     args, kwargs = sample_inputs(original, seed)
+    if untrusted:
+        for program in (original, folded):
+            check_memory(program, args, kwargs)
     a = _outputs(modules[0], args, kwargs, folded=False)
     b = _outputs(modules[1], args, kwargs, folded=True)
     try:
@@ -1019,4 +1515,5 @@ __all__ = [
     "CheckResult",
     "runnable",
     "from_file",
+    "check_memory",
 ]

@@ -116,9 +116,12 @@ PURE_ATEN_OPS = frozenset(
 # Higher-order operators whose bodies are graphs of the program (checked like the rest).
 # Grad mode and autocast are thread-local settings the operator restores when it returns.
 PURE_HIGHER_ORDER_OPS = frozenset(
-    "cond while_loop scan map_impl invoke_subgraph wrap_with_set_grad_enabled "
-    "wrap_with_autocast".split()
+    "cond scan map_impl invoke_subgraph wrap_with_set_grad_enabled wrap_with_autocast".split()
 )
+
+# Pure, but running as long as the data says: nothing bounds how often the body runs
+# (``while i < 10**15``), so a program read from a file with one of these is not run.
+UNBOUNDED_HIGHER_ORDER_OPS = frozenset({"while_loop", "while_loop_stack_output"})
 
 # Python functions torch.export puts in graphs for symbolic sizes (what its reader restores).
 PURE_PYTHON_FUNCTIONS = frozenset(
@@ -208,6 +211,8 @@ def _refusal(node: fx.Node, inputs: dict[fx.Node, str]) -> str:
     if isinstance(target, torch._ops.OpOverload):
         return _refusal_of_aten(node, target, inputs)
     if isinstance(target, torch._ops.HigherOrderOperator):
+        if target.name() in UNBOUNDED_HIGHER_ORDER_OPS:
+            return "loops as long as its condition holds, and no bound on that is known"
         return "" if target.name() in PURE_HIGHER_ORDER_OPS else "is not on the list"
     try:
         if target in PURE_PYTHON_FUNCTIONS:
@@ -262,6 +267,26 @@ def _check_graph(gm: fx.GraphModule, caller_inputs: set[str] | None) -> None:
             inputs[node] = source
 
 
+def runs_on_fake_tensors(node: fx.Node, owner: fx.GraphModule) -> bool:
+    """Whether ``node`` (of ``owner``'s graph) may run on fake tensors, which compute shapes
+    only: its op is on the allowlist, nested graphs included; a loop may, since on fake tensors
+    its body runs once. An op off the list might do what it does even there."""
+    if node.op != "call_function":
+        return node.op in ("placeholder", "output", "get_attr")
+    target = node.target
+    if not isinstance(target, torch._ops.HigherOrderOperator):
+        return _refusal(node, {}) == ""
+    if target.name() not in PURE_HIGHER_ORDER_OPS | UNBOUNDED_HIGHER_ORDER_OPS:
+        return False
+    for arg in node.all_input_nodes:
+        sub = getattr(owner, arg.target, None) if arg.op == "get_attr" else None
+        if isinstance(sub, fx.GraphModule) and not all(
+            runs_on_fake_tensors(n, sub) for n in sub.graph.nodes
+        ):
+            return False
+    return True
+
+
 def _unsafe(what: str) -> VerificationError:
     return VerificationError(
         f"cannot verify: the program {what}; bnfold runs a program read from a file only when "
@@ -298,5 +323,7 @@ __all__ = [
     "PURE_ATEN_OPS",
     "PURE_HIGHER_ORDER_OPS",
     "PURE_PYTHON_FUNCTIONS",
+    "UNBOUNDED_HIGHER_ORDER_OPS",
     "check_program",
+    "runs_on_fake_tensors",
 ]

@@ -11,6 +11,8 @@ import json
 import os
 import pickle
 import re
+import subprocess
+import sys
 import zipfile
 
 import pytest
@@ -769,3 +771,163 @@ def test_archive_needing_a_newer_zip_version_is_a_one_line_error(tmp_path, progr
     path.write_bytes(bytes(data))
     assert main([str(path)]) == 1
     assert "not a torch.export archive" in _one_line_error(capsys)
+
+
+# --- Programs whose signature, metadata or expressions a crafted file changed -----------------
+
+
+class TwoConvs(nn.Module):
+    """(b(c(x)), c2(x)): a conv with a BatchNorm beside one without."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c, self.b = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3)
+        self.c2 = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.b(self.c(x)), self.c2(x)
+
+
+@pytest.mark.parametrize(
+    "renamed, to", [("c2.weight", "c.weight"), ("b.bias", "c2.bias")], ids=["conv", "bn"]
+)
+def test_two_inputs_naming_one_state_key_fold_and_verify(tmp_path, renamed, to, capsys):
+    # A crafted file gave two placeholders' specs the same state key (torch loads and runs it);
+    # dropping the folded one's tensor took it from the other: SpecViolationError, exit 3.
+    src = tmp_path / "two.pt2"
+    ep = torch.export.export(randomize_all(TwoConvs(), seed=1).eval(), _inputs())
+    torch.export.save(ep, str(src))
+    members = _members(src)
+
+    def share(program) -> None:
+        for spec in program["graph_module"]["signature"]["input_specs"]:
+            if spec.get("parameter", {}).get("parameter_name") == renamed:
+                spec["parameter"]["parameter_name"] = to
+
+    _edit_json(members, "models/model.json", share)
+    path = _pack(tmp_path / "shared.pt2", members)
+    out = tmp_path / "out.pt2"
+    assert main([path, "-o", str(out), "--verify", "--report"]) == 0
+    assert "b          BatchNorm2d  folded" in capsys.readouterr().out
+    original = torch_pt2.load(path).program
+    folded = bnfold.fold(original)
+    assert to in folded.state_dict  # still read by the other placeholder
+    x = _inputs(seed=5)[0]
+    for a, b in zip(original.module()(x), torch.export.load(str(out)).module()(x), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_a_folded_program_torch_rejects_is_a_one_line_error(program_file, monkeypatch, capsys):
+    from torch._export.verifier import SpecViolationError
+
+    from bnfold import torch_graph_store
+
+    def rejects(**kwargs):
+        raise SpecViolationError("Parameter c.weight is not in the state dict.")
+
+    monkeypatch.setattr(torch_graph_store, "ExportedProgram", rejects)
+    with pytest.raises(bnfold.UnsupportedModelError, match="please report this bnfold bug"):
+        bnfold.fold(torch_pt2.load(program_file).program)
+    assert main([program_file]) == 1
+    assert "torch's verifier rejects the folded program" in _one_line_error(capsys)
+
+
+class LinearOn3d(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.l, self.b = nn.Linear(5, 4), nn.BatchNorm1d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.l(x))
+
+
+def test_shape_metadata_disagreeing_with_the_program_is_refused(tmp_path, capsys):
+    # The Linear's output is (2, 4, 4): BatchNorm1d normalises axis 1, not the Linear's
+    # channels. A file claiming it is 2-D made bnfold fold it (max rel err 1.06, exit 0).
+    src = tmp_path / "lin3.pt2"
+    ep = torch.export.export(randomize_all(LinearOn3d(), seed=2).eval(), (torch.randn(2, 4, 5),))
+    torch.export.save(ep, str(src))
+    assert main([str(src), "--report"]) == 0
+    assert "channel-axis" in capsys.readouterr().out
+    members = _members(src)
+
+    def lie(program) -> None:
+        value = program["graph_module"]["graph"]["tensor_values"]["linear"]
+        value["sizes"] = [{"as_int": 8}, {"as_int": 4}]
+        value["strides"] = [{"as_int": 4}, {"as_int": 1}]
+
+    _edit_json(members, "models/model.json", lie)
+    path = _pack(tmp_path / "lie.pt2", members)
+    out = tmp_path / "out.pt2"
+    assert main([path, "-o", str(out)]) == 1
+    err = _one_line_error(capsys)
+    assert "node linear as torch.float32 [8, 4]" in err and "[2, 4, 4]" in err, err
+    assert not out.exists()
+
+
+def _set_first_expr(program, expr: str) -> None:
+    text = json.dumps(program)
+    found = re.search(r'"expr_str": "([^"]*)"', text)
+    text = text[: found.start(1)] + expr + text[found.end(1) :]
+    program.clear()
+    program.update(json.loads(text))
+
+
+@pytest.mark.parametrize(
+    "expr, guard",
+    [
+        ("Pow(Integer(10), Integer(30000000))", None),
+        (None, "L['x'].size()[0] <= 9**9**9**9"),
+    ],
+    ids=["sympy-power", "guard-power"],
+)
+def test_expressions_too_costly_to_evaluate_are_refused(tmp_path, program_file, expr, guard):
+    # sympy computed Pow(10, 30000000) while torch read the file (a 15 KB file never finished
+    # loading); --verify evaluated 9**9**9**9 in a guard. Run in a process of its own, so a
+    # regression fails on the timeout rather than hanging the suite.
+    members = _members(program_file)
+
+    def edit(program) -> None:
+        if expr is not None:
+            _set_first_expr(program, expr)
+        else:
+            program["guards_code"] = [guard]
+
+    _edit_json(members, "models/model.json", edit)
+    path = _pack(tmp_path / "costly.pt2", members)
+    code = "import sys; from bnfold.cli import main; sys.exit(main(sys.argv[1:]))"
+    out = tmp_path / "out.pt2"
+    run = subprocess.run(
+        [sys.executable, "-c", code, path, "-o", str(out), "--verify"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 1, run.stderr
+    assert run.stderr.count("\n") == 1, run.stderr
+    assert "could take unbounded time or memory to evaluate" in run.stderr, run.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "text, bounded",
+    [
+        ("Pow(Symbol('s0', integer=True, positive=True), Integer(2))", True),
+        ("Mul(Integer(-1), Pow(Symbol('s0', integer=True), Integer(-1)))", True),
+        ("Float('1.0000000000000000', precision=53)", True),
+        ("L['x'].size()[0] <= 64 and 2 <= L['x'].size()[0]", True),
+        ("L['x'].size()[0] ** 2 <= 4096", True),
+        ("Pow(Pow(Integer(10), Integer(60)), Integer(60))", False),  # nested powers
+        ("PowByNatural(Integer(2), Symbol('s0'))", False),  # exponent not a literal
+        ("10^300000000", False),  # sympy reads ^ as **
+        ("Mul(Integer(99999999999999999999999999), Symbol('s0'))", False),  # literal > 2**64
+        ("TruncToInt(Float('1e400000000', precision=53))", False),
+        ("Float('1.0', precision=99999999)", False),
+        ("L['x'].size()[0] <= 1 << 999999999999", False),
+        ("L['x'].size()[0] <= round(5, -999999999999999999)", False),
+        ("L['x'].size()[0] <= max('a' * 999999999999)", False),  # sequence repetition
+        ("Add(" + ", ".join(["Integer(1)"] * 1000) + ")", False),  # over 10,000 characters
+    ],
+)
+def test_expression_cost_bounds(text, bounded):
+    assert torch_pt2._cost_is_bounded(text) is bounded

@@ -290,3 +290,85 @@ def test_sample_inputs_unlike_the_program_are_ignored(tmp_path, sample, capsys):
 def test_matching_sample_inputs_are_kept(tmp_path):
     src = _save(_export(ConvBn(), (_x(),)), tmp_path / "m.pt2")
     assert torch_pt2.load(src).program.example_inputs is not None
+
+
+# --------------------------------------------------------------------------------------------
+# D: --verify's work is bounded: no loop without a bound, no value over 1 GiB, no more than
+# 2 GiB of intermediate values at once (found on fake tensors before anything runs)
+
+
+class Loops(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c, self.b = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch._higher_order_ops.while_loop import while_loop
+
+        def cond(i, y):
+            return i < 10**15  # ran forever under --verify
+
+        def body(i, y):
+            return i + 1, y * 1.0
+
+        _, y = while_loop(cond, body, (torch.zeros((), dtype=torch.int64), x))
+        return self.b(self.c(y))
+
+
+def test_a_program_looping_without_bound_is_folded_but_not_run(tmp_path, capsys):
+    path = _save(_export(Loops(), (_x(),)), tmp_path / "loop.pt2")
+    assert main([path]) == 0
+    assert "1 of 1 BatchNorm folded" in capsys.readouterr().out
+    out = tmp_path / "out.pt2"
+    assert main([path, "--verify", "-o", str(out)]) == 1
+    err = _error(capsys)
+    assert "higher_order.while_loop" in err and "loops as long as" in err
+    assert not out.exists()
+
+
+class Allocates(nn.Module):
+    def __init__(self, shapes: list[tuple[int, ...]]) -> None:
+        super().__init__()
+        self.shapes = shapes
+        self.c, self.b = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        made = [torch.ones(s) for s in self.shapes]  # literal sizes: a byte in the file
+        return self.b(self.c(x)) + sum(m.sum() for m in made)
+
+
+@pytest.mark.parametrize(
+    "shapes, expected",
+    [
+        ([(1024, 1024, 4096)], "16.00 GiB, and --verify runs programs whose values take at most"),
+        ([(1024, 1024, 200)] * 3, "would take 2.34 GiB at once"),
+    ],
+    ids=["one-value", "alive-at-once"],
+)
+def test_a_program_allocating_beyond_the_budget_is_not_run(tmp_path, shapes, expected, capsys):
+    # export runs on fake tensors: the 16 GiB are never made, here nor by bnfold
+    path = _save(_export(Allocates(shapes), (_x(),)), tmp_path / "big.pt2")
+    assert os.path.getsize(path) < 64 * 2**10
+    out = tmp_path / "out.pt2"
+    assert main([path, "--verify", "-o", str(out)]) == 1
+    err = _error(capsys)
+    assert "cannot verify" in err and expected in err, err
+    assert not out.exists()
+
+
+def test_allocations_within_the_budget_still_verify(tmp_path, capsys):
+    path = _save(_export(Allocates([(256, 1024, 256)]), (_x(),)), tmp_path / "ok.pt2")
+    assert main([path, "--verify"]) == 0, capsys.readouterr()
+
+
+def test_shapes_after_an_op_off_the_allowlist_are_unknown(tmp_path):
+    # bnfold checks a file's shape metadata by running the graph on fake tensors, but not an
+    # op off the allowlist (it might act even there): what depends on one is not trusted.
+    from bnfold.torch_aten import UNCHECKED_SHAPE
+
+    ep = _export(ConvBn(), (_x(),))
+    ff.inject_side_effect(ep, "from_file_write", str(tmp_path / "victim"))
+    program = torch_pt2.load(_save(ep, tmp_path / "evil.pt2")).program
+    unchecked = {n.name for n in program.graph.nodes if n.meta.get(UNCHECKED_SHAPE)}
+    assert unchecked == {"from_file_default", "fill__scalar"}
+    assert not (tmp_path / "victim").exists()
