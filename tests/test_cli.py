@@ -3,7 +3,6 @@ name (for ONNX models and .pt2 archives alike)."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
 import subprocess
@@ -11,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_support import listing, refused_before_any_work
 
 from bnfold.cli import main
 
@@ -103,25 +103,6 @@ def _input(tmp_path: Path, model_bytes: dict[str, bytes], fmt: str) -> Path:
     return src
 
 
-def _listing(directory: Path) -> dict[str, tuple[int, str]]:
-    """Every entry's type, and a regular file's content hash."""
-    out = {}
-    for p in sorted(directory.iterdir()):
-        st = p.lstat()
-        digest = hashlib.sha256(p.read_bytes()).hexdigest() if stat.S_ISREG(st.st_mode) else ""
-        out[p.name] = (stat.S_IFMT(st.st_mode), digest)
-    return out
-
-
-def _refused_before_any_work(capsys, *words: str) -> str:
-    captured = capsys.readouterr()
-    assert captured.err.startswith("bnfold: error:") and captured.err.count("\n") == 1
-    assert captured.out == "", "the output was checked after the fold"
-    for word in words:
-        assert word in captured.err, captured.err
-    return captured.err
-
-
 def _special(path: Path, kind: str) -> None:
     if kind == "fifo":
         os.mkfifo(path)
@@ -145,10 +126,10 @@ def test_output_that_is_not_a_regular_file_is_refused_before_any_work(
     if via == "symlink":
         out = tmp_path / f"link.{fmt}"
         out.symlink_to(special.name)
-    before = _listing(tmp_path)
+    before = listing(tmp_path)
     assert main([str(src), "-o", str(out)]) == 1
-    _refused_before_any_work(capsys, "not a regular file")
-    assert _listing(tmp_path) == before  # the pipe or device is still one, nothing added
+    refused_before_any_work(capsys, "not a regular file")
+    assert listing(tmp_path) == before  # the pipe or device is still one, nothing added
 
 
 @pytest.mark.parametrize(
@@ -156,10 +137,10 @@ def test_output_that_is_not_a_regular_file_is_refused_before_any_work(
 )
 def test_output_suffix_of_the_other_format_is_refused(tmp_path, capsys, model_bytes, fmt, name):
     src = _input(tmp_path, model_bytes, fmt)
-    before = _listing(tmp_path)
+    before = listing(tmp_path)
     assert main([str(src), "-o", str(tmp_path / name)]) == 1
-    _refused_before_any_work(capsys, "does not convert between formats")
-    assert _listing(tmp_path) == before
+    refused_before_any_work(capsys, "does not convert between formats")
+    assert listing(tmp_path) == before
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "pt2"])
@@ -167,10 +148,10 @@ def test_symlink_to_a_name_of_the_other_format_is_refused(tmp_path, capsys, mode
     src = _input(tmp_path, model_bytes, fmt)
     other = "pt2" if fmt == "onnx" else "onnx"
     (tmp_path / "out").symlink_to(f"target.{other}")
-    before = _listing(tmp_path)
+    before = listing(tmp_path)
     assert main([str(src), "-o", str(tmp_path / "out")]) == 1
-    _refused_before_any_work(capsys, f"target.{other}")
-    assert _listing(tmp_path) == before
+    refused_before_any_work(capsys, f"target.{other}")
+    assert listing(tmp_path) == before
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "pt2"])

@@ -9,15 +9,14 @@ not) on disk afterwards.
 
 from __future__ import annotations
 
-import hashlib
 import os
-import stat
 import threading
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+from cli_support import listing, refused_before_any_work
 from onnx import TensorProto, helper, numpy_helper
 from onnx.external_data_helper import convert_model_to_external_data, load_external_data_for_tensor
 from onnx_models import peak_growth
@@ -562,24 +561,6 @@ def _save_data_in(model: onnx.ModelProto, path, location: str) -> None:
     onnx.save(model, str(path), save_as_external_data=True, location=location, size_threshold=0)
 
 
-def _entries(directory) -> dict[str, tuple[int, str]]:
-    """Every entry's type, and a regular file's content hash."""
-    out = {}
-    for p in sorted(directory.iterdir()):
-        st = p.lstat()
-        digest = hashlib.sha256(p.read_bytes()).hexdigest() if stat.S_ISREG(st.st_mode) else ""
-        out[p.name] = (stat.S_IFMT(st.st_mode), digest)
-    return out
-
-
-def _refused_before_any_work(capsys, *words: str) -> None:
-    captured = capsys.readouterr()
-    assert captured.err.startswith("bnfold: error:") and captured.err.count("\n") == 1
-    for word in words:
-        assert word in captured.err, captured.err
-    assert captured.out == "", "the output files were checked after the fold"
-
-
 @pytest.mark.parametrize("how", ["named", "symlink", "hardlink"])
 def test_output_data_file_that_is_the_input_model_is_refused(tmp_path, capsys, how):
     """`bnfold m.onnx.data -o m.onnx` (the weights in w.bin) wrote the output's data file over
@@ -593,10 +574,10 @@ def test_output_data_file_that_is_the_input_model_is_refused(tmp_path, capsys, h
         (tmp_path / "out.onnx.data").symlink_to(src.name)
     elif how == "hardlink":
         os.link(src, tmp_path / "out.onnx.data")
-    before = _entries(tmp_path)
+    before = listing(tmp_path)
     assert main([str(src), "-o", str(out)]) == 1
-    _refused_before_any_work(capsys, "it is the input model")
-    assert _entries(tmp_path) == before
+    refused_before_any_work(capsys, "it is the input model")
+    assert listing(tmp_path) == before
 
 
 @pytest.mark.parametrize("how", ["named", "symlink"])
@@ -607,19 +588,19 @@ def test_output_that_is_an_input_data_file_is_refused_before_any_work(tmp_path, 
     if how == "symlink":
         out = tmp_path / "link.onnx"
         out.symlink_to("w.bin")
-    before = _entries(tmp_path)
+    before = listing(tmp_path)
     assert main([str(src), "-o", str(out)]) == 1
-    _refused_before_any_work(capsys, "weights are stored in that file")
-    assert _entries(tmp_path) == before
+    refused_before_any_work(capsys, "weights are stored in that file")
+    assert listing(tmp_path) == before
 
 
 def test_output_whose_data_file_is_an_input_data_file_is_refused_before_any_work(tmp_path, capsys):
     src = tmp_path / "a.onnx"
     _save_data_in(_conv_bn(), src, "b.onnx.data")
-    before = _entries(tmp_path)
+    before = listing(tmp_path)
     assert main([str(src), "-o", str(tmp_path / "b.onnx"), "--verify"]) == 1
-    _refused_before_any_work(capsys, "reads its weights from that file")
-    assert _entries(tmp_path) == before
+    refused_before_any_work(capsys, "reads its weights from that file")
+    assert listing(tmp_path) == before
 
 
 @pytest.mark.parametrize("kind", ["fifo", "directory", "symlink-to-fifo"])
@@ -634,10 +615,10 @@ def test_output_data_file_that_is_not_a_regular_file_is_refused(tmp_path, capsys
     else:
         os.mkfifo(tmp_path / "pipe")
         data.symlink_to("pipe")
-    before = _entries(tmp_path)
+    before = listing(tmp_path)
     assert main([str(src), "-o", str(tmp_path / "out.onnx")]) == 1
-    _refused_before_any_work(capsys, "the model's data file")
-    assert _entries(tmp_path) == before
+    refused_before_any_work(capsys, "the model's data file")
+    assert listing(tmp_path) == before
 
 
 @pytest.mark.parametrize("how", ["named", "symlink"])
@@ -667,12 +648,12 @@ def test_save_refuses_a_data_file_that_is_the_input_model(tmp_path):
     src = tmp_path / "m.onnx.data"
     _save_data_in(_conv_bn(), src, "w.bin")
     loaded = onnx_files.load(src)
-    before = _entries(tmp_path)
+    before = listing(tmp_path)
     with pytest.raises(bnfold.ModelFileError, match="it is the input model"):
         onnx_files.save(
             loaded.model, tmp_path / "m.onnx", external_data=True, reads_from=loaded.external_files
         )
-    assert _entries(tmp_path) == before
+    assert listing(tmp_path) == before
 
 
 # ---------------------------------------------------------------------------------------------
