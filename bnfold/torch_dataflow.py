@@ -9,6 +9,7 @@ once on the example inputs, and only when a fold needs them.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import gc
 import inspect
@@ -25,10 +26,165 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .errors import InvalidArgumentError, TracingError, first_line
-from .torch_batchnorm import BufferProxyTracer, is_batchnorm, reads_metadata_only
+from .torch_batchnorm import (
+    BufferProxyTracer,
+    forward_changed_reason,
+    is_batchnorm,
+    reads_metadata_only,
+)
 from .torch_producers import producer_kind
 from .torch_state import TRACE_LOCK, find_proxies, preserved_state
 from .torch_verify import fresh_copy, output_tensors
+
+# --------------------------------------------------------------------------------------------
+# What may stand between a producer and its BatchNorm
+
+# One step between them: ("module", path) for a module that passes its input through unchanged,
+# ("transpose", d0, d1), ("permute", dims) or ("mT",) for an op that only reorders the axes.
+Step = tuple
+
+# Modules that are the identity in eval mode (Dropout), or always (Identity); exactly these
+# classes, whose forward bnfold knows.
+_PASS_THROUGH_TYPES = (
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+)
+
+
+def pass_through_modules(model: nn.Module) -> dict[str, str]:
+    """Every ``nn.Identity`` and Dropout module of ``model``, under the name torch.fx calls it
+    by: ``""`` when calling it returns its input unchanged (a plain torch class, no hooks, no
+    forward of its own on the instance, a Dropout in eval mode), or why not."""
+    found = {}
+    for path, m in model.named_modules():
+        if path and type(m) in _PASS_THROUGH_TYPES:
+            why = forward_changed_reason(m)
+            if not why and m.training and not isinstance(m, nn.Identity):
+                why = f"{type(m).__name__} in training mode"
+            found[path] = why
+    return found
+
+
+# Ops that only reorder a tensor's axes: name (a Tensor method, a torch function) -> the step's
+# kind and the names of its dimension arguments.
+_LAYOUT_OPS = {"transpose": ("dim0", "dim1"), "swapdims": ("dim0", "dim1")}
+_LAYOUT_OPS["swapaxes"] = ("axis0", "axis1")
+_LAYOUT_FUNCTIONS = {
+    torch.transpose: "transpose",
+    torch.swapaxes: "swapaxes",
+    torch.swapdims: "swapdims",
+    torch.permute: "permute",
+}
+
+
+def _layout_call(name: str, args: tuple, kwargs: dict) -> tuple[Any, Step] | None:
+    """``(source, step)`` for a call of layout op ``name`` (``"transpose"``, ``"permute"``,
+    ``"mT"``, ...) with these arguments, the source first; ``None`` for anything else (a
+    dimension that is not a plain int, an argument bnfold does not know)."""
+    if not args:
+        return None
+    source, rest, kw = args[0], list(args[1:]), dict(kwargs)
+    if name == "mT":
+        return (source, ("mT",)) if not rest and not kw else None
+    if name == "permute":
+        dims: Any = rest[0] if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest
+        if not rest:
+            dims = kw.pop("dims", None)
+        if kw or not isinstance(dims, (list, tuple)) or not all(type(d) is int for d in dims):
+            return None
+        return source, ("permute", tuple(dims))
+    names = _LAYOUT_OPS.get(name)
+    if names is None:
+        return None
+    for k in names[len(rest) :]:
+        if k in kw:
+            rest.append(kw.pop(k))
+    if kw or len(rest) != 2 or not all(type(d) is int for d in rest):
+        return None
+    return source, ("transpose", rest[0], rest[1])
+
+
+def _fx_layout_step(node: torch.fx.Node) -> tuple[Any, Step] | None:
+    """``(source, step)`` when graph node ``node`` only reorders its source's axes."""
+    if node.op == "call_function" and node.target is getattr:
+        mt = len(node.args) == 2 and node.args[1] == "mT" and not node.kwargs
+        return (node.args[0], ("mT",)) if mt else None
+    if node.op == "call_method" and isinstance(node.target, str):
+        name = node.target
+    elif node.op == "call_function":
+        try:
+            name = _LAYOUT_FUNCTIONS.get(node.target, "")  # type: ignore[call-overload]
+        except TypeError:  # a callable object that cannot be hashed
+            name = ""
+    else:
+        return None
+    return _layout_call(name, node.args, node.kwargs) if name else None
+
+
+def _run_layout_step(name: str, args: tuple, kwargs: dict) -> tuple[Any, Step] | None:
+    """``(source, step)`` when a torch function called while the model runs (``name`` as
+    ``torch.overrides.resolve_name`` gives it) only reorders its source's axes."""
+    if name == "torch.Tensor.mT.__get__":
+        return _layout_call("mT", args, kwargs)
+    short = name.removeprefix("torch.Tensor.").removeprefix("torch.")
+    if short in _LAYOUT_OPS or short == "permute":
+        return _layout_call(short, args, kwargs)
+    return None
+
+
+def moved_axis(step: Step, axis: int, rank: int) -> int | None:
+    """Where axis ``axis`` (``0 <= axis < rank``) of a ``rank``-D tensor is after ``step``;
+    ``None`` when the step does not apply to that rank."""
+    kind = step[0]
+    if kind == "module":
+        return axis
+    if kind == "permute":
+        dims = step[1]
+        if len(dims) != rank or not all(-rank <= d < rank for d in dims):
+            return None
+        dims = [d % rank for d in dims]
+        return dims.index(axis) if sorted(dims) == list(range(rank)) else None
+    if kind == "mT":
+        if rank < 2:
+            return None
+        d0, d1 = rank - 2, rank - 1
+    else:
+        d0, d1 = step[1], step[2]
+        if not (-rank <= d0 < rank and -rank <= d1 < rank):
+            return None
+        d0, d1 = d0 % rank, d1 % rank
+    return d1 if axis == d0 else d0 if axis == d1 else axis
+
+
+def follow_steps(steps: tuple[Step, ...], axis: int, rank: int) -> tuple[int | None, str]:
+    """Where axis ``axis`` of a ``rank``-D value arrives after ``steps`` (all keep the rank),
+    or ``None`` and why not."""
+    for step in steps:
+        moved = moved_axis(step, axis, rank)
+        if moved is None:
+            return None, f"{step_text(step)} does not apply to a {rank}-D value"
+        axis = moved
+    return axis, ""
+
+
+def step_text(step: Step) -> str:
+    if step[0] == "module":
+        return f"module {step[1]}"
+    if step[0] == "mT":
+        return ".mT"
+    if step[0] == "permute":
+        return f"permute{step[1]}"
+    return f"transpose({step[1]}, {step[2]})"
+
+
+def layout_text(steps: tuple[Step, ...]) -> str:
+    """The layout ops of ``steps``, for messages (the pass-through modules left out)."""
+    return " -> ".join(step_text(s) for s in steps if s[0] != "module")
 
 
 @dataclass
@@ -40,6 +196,12 @@ class ModuleCalls:
     input_detail: str = ""  # what the input is otherwise
     output_users: int = 0  # consumers of the output (first call); the graph output counts
     other_users: list[str] = field(default_factory=list)
+    # Between input_from and this module: the pass-through modules and layout ops the input
+    # went through (see :func:`_walk_back`), the first of them as input_from's users name it,
+    # and the other users of the values in between.
+    through: tuple[Step, ...] = ()
+    via: str = ""
+    through_users: list[str] = field(default_factory=list)
 
     def merged(self, other: ModuleCalls) -> ModuleCalls:
         """What holds in both of two traces: the more calls, every user of either, one input.
@@ -47,7 +209,7 @@ class ModuleCalls:
         Users are told apart by description, so a user seen in one trace only counts: an output
         that feeds only the BatchNorm in one trace and the model output in the other has two.
         """
-        same_input = self.input_from == other.input_from
+        same_input = self.input_from == other.input_from and self.through == other.through
         users = sorted(set(self.other_users) | set(other.other_users))
         return ModuleCalls(
             calls=max(self.calls, other.calls),
@@ -59,6 +221,9 @@ class ModuleCalls:
             ),
             output_users=max(self.output_users, other.output_users, len(users)),
             other_users=users,
+            through=self.through if same_input else (),
+            via=self.via if same_input else "",
+            through_users=sorted(set(self.through_users) | set(other.through_users)),
         )
 
 
@@ -83,7 +248,11 @@ class Dataflow:
         """The same data flow with every module path passed through ``rename``."""
         calls = {
             rename(path): dataclasses.replace(
-                c, input_from=None if c.input_from is None else rename(c.input_from)
+                c,
+                input_from=None if c.input_from is None else rename(c.input_from),
+                through=tuple(
+                    ("module", rename(s[1])) if s[0] == "module" else s for s in c.through
+                ),
             )
             for path, c in self.calls.items()
         }
@@ -130,13 +299,21 @@ class _LeafTracer(BufferProxyTracer):
 
     def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
         out = super().call_module(m, forward, args, kwargs)
-        if producer_kind(m) is not None and isinstance(out, torch.fx.Proxy):
+        passes = type(m) in _PASS_THROUGH_TYPES  # may stand between a producer and its BatchNorm
+        if (producer_kind(m) is not None or passes) and isinstance(out, torch.fx.Proxy):
             self.produced.append(weakref.ref(out))
         return out
 
+    def create_proxy(self, kind: str, target: Any, args: Any, kwargs: Any, *rest, **more) -> Any:
+        proxy = super().create_proxy(kind, target, args, kwargs, *rest, **more)
+        if kind in ("call_method", "call_function") and _fx_layout_step(proxy.node):
+            self.produced.append(weakref.ref(proxy))  # layout ops too (see kept_outputs)
+        return proxy
+
     def kept_outputs(self, known: set[torch.fx.Node]) -> list[torch.fx.Node]:
-        """The producer calls whose output proxy outlived the trace somewhere other than
-        ``known`` places: forward kept it in an object, a global or a closure.
+        """The producer calls (and pass-through modules and layout ops, which may stand
+        between a producer and its BatchNorm) whose output proxy outlived the trace somewhere
+        other than ``known`` places: forward kept it in an object, a global or a closure.
 
         Once the trace has returned, nothing of torch.fx holds a proxy: one still alive was
         stored by forward. (A reference cycle may keep one alive a little longer: collected
@@ -234,13 +411,22 @@ def _describe(node: torch.fx.Node) -> str:
 
 
 def _fx_dataflow(
-    graph: torch.fx.Graph, paths: dict[int, str], side_uses: dict[torch.fx.Node, str]
+    graph: torch.fx.Graph,
+    paths: dict[int, str],
+    side_uses: dict[torch.fx.Node, str],
+    pass_through: dict[str, str] | None = None,
 ) -> Dataflow:
-    """Data flow from a symbolic trace; ``side_uses`` are values forward stored on the side."""
+    """Data flow from a symbolic trace; ``side_uses`` are values forward stored on the side,
+    ``pass_through`` what :func:`pass_through_modules` says of the model's modules."""
     interesting = set(paths.values())
     calls: dict[str, ModuleCalls] = defaultdict(ModuleCalls)
     outside: dict[str, list[str]] = defaultdict(list)
     opaque: dict[str, None] = {}
+    module_calls = collections.Counter(n.target for n in graph.nodes if n.op == "call_module")
+    passes = {
+        path: why or (f"called {module_calls[path]} times" if module_calls[path] > 1 else "")
+        for path, why in (pass_through or {}).items()
+    }
     for node in graph.nodes:
         if node.op == "call_module" and node.target not in interesting:
             opaque[str(node.target)] = None
@@ -250,14 +436,20 @@ def _fx_dataflow(
             if c.calls > 1:
                 continue
             src = node.args[0] if node.args else next(iter(node.kwargs.values()), None)
+            start, steps, first, between = _walk_back(node, src, passes, side_uses, interesting)
             if (
-                isinstance(src, torch.fx.Node)
-                and src.op == "call_module"
-                and src.target in interesting
+                isinstance(start, torch.fx.Node)
+                and start.op == "call_module"
+                and start.target in interesting
             ):
-                c.input_from = src.target
-            elif isinstance(src, torch.fx.Node):
-                c.input_detail = _describe(src)
+                c.input_from = start.target
+                if steps:
+                    c.through, c.via, c.through_users = tuple(steps), _describe(first), between
+            if isinstance(start, torch.fx.Node) and (steps or c.input_from is None):
+                stopped = passes.get(start.target, "") if start.op == "call_module" else ""
+                c.input_detail = _describe(start) + (f" ({stopped})" if stopped else "")
+                if steps:
+                    c.input_detail += f" through {' -> '.join(map(step_text, steps))}"
             users = [_describe(u) for u in node.users if not reads_metadata_only(u)]
             if node in side_uses:
                 users.append(f"forward() storing it in {side_uses[node]}")
@@ -268,6 +460,43 @@ def _fx_dataflow(
             if owner is not None and not all(reads_metadata_only(u) for u in node.users):
                 outside[owner].append(f"forward() reading {node.target}")
     return Dataflow(dict(calls), dict(outside), opaque_calls=list(opaque))
+
+
+def _walk_back(
+    node: torch.fx.Node,
+    src: Any,
+    passes: dict[str, str],
+    side_uses: dict[torch.fx.Node, str],
+    interesting: set[str],
+) -> tuple[Any, list[Step], torch.fx.Node, list[str]]:
+    """Walk back from ``node``'s input ``src`` through modules that pass their input through
+    unchanged (``passes[path] == ""``) and ops that only reorder its axes.
+
+    Returns where the walk stopped, the steps passed (in the order they run), the first of
+    them (``node`` when none), and the other users of the values between: everything that
+    reads one of them besides the next step, and forward storing one on the side.
+    """
+    steps: list[Step] = []
+    between: list[str] = []
+    after = node
+    while isinstance(src, torch.fx.Node) and not (
+        src.op == "call_module" and src.target in interesting
+    ):
+        if src.op == "call_module" and passes.get(src.target) == "":
+            one_input = len(src.args) == 1 and not src.kwargs
+            found = (src.args[0], ("module", src.target)) if one_input else None
+        else:
+            found = _fx_layout_step(src)
+        if found is None or not isinstance(found[0], torch.fx.Node):
+            break
+        between += [
+            _describe(u) for u in src.users if u is not after and not reads_metadata_only(u)
+        ]
+        if src in side_uses:
+            between.append(f"forward() storing it in {side_uses[src]}")
+        steps.insert(0, found[1])
+        after, src = src, found[0]
+    return src, steps, after, between
 
 
 def _owner(qualname: str, paths: set[str]) -> str | None:
@@ -564,6 +793,7 @@ def module_dataflow(
     variants = _variants(concrete)
     untraced: list[dict[str, Any] | None] = []
     watched = _watched_tensors(model, set(paths.values()))
+    passes = pass_through_modules(model)
     with TRACE_LOCK, preserved_state(model, values=True) as state:
         for i, args in enumerate(variants):
             if i > 0 and not flows:
@@ -586,7 +816,7 @@ def module_dataflow(
             side_uses.update({p.node: where for where, p in input_side_uses(args)})
             for node in tracer.kept_outputs(set(side_uses)):
                 side_uses[node] = "a place outside the model (an object, a global, a closure)"
-            flow = _fx_dataflow(graph, paths, side_uses)
+            flow = _fx_dataflow(graph, paths, side_uses, passes)
             flow.traces.append(Trace(pristine, graph_shape(graph)))
             _note_changed_in_place(flow, state.changed_in_place(), set(paths.values()))
             for owner, use in real_uses.found:
@@ -835,30 +1065,79 @@ _METADATA_READS = frozenset(
 )
 
 
-class _RunWatch(TorchFunctionMode):
-    """While the model runs: which torch operations take a producer's output, outside the
-    BatchNorm call it is meant to feed."""
+@dataclass
+class _Head:
+    """What a producer's output has become on its way to its BatchNorm while the model runs."""
 
-    def __init__(self) -> None:
+    tensor: int  # id of the value (the output, or what a layout op made of it)
+    axis: int | None  # where the producer's channels are in it, when followed
+    done: bool = False  # the BatchNorm has taken it: whatever comes after is a use
+
+
+class _RunWatch(TorchFunctionMode):
+    """While the model runs: which torch operations take a producer's output (or a value it
+    became on its way to its BatchNorm), outside the BatchNorm and pass-through calls it is
+    meant to go through.
+
+    For the producers in ``follow``, an op that only reorders the axes of the value their
+    output has become so far (their head) is a step on the way, not a use: its result becomes
+    the head, and where the channels are is followed.
+    """
+
+    def __init__(self, follow: frozenset[str] = frozenset()) -> None:
         super().__init__()
         self.outputs: dict[int, tuple[str, torch.Tensor]] = {}  # held: ids stay unique
-        self.inside = 0  # depth of watched BatchNorm calls
+        self.inside = 0  # depth of watched BatchNorm and pass-through calls
         self.uses: dict[str, list[str]] = defaultdict(list)
+        self.follow = follow
+        self.heads: dict[str, _Head] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if self.outputs and not self.inside:
             name = torch.overrides.resolve_name(func) or getattr(func, "__name__", str(func))
             if name not in _METADATA_READS:
+                on_the_way = self._layout_step_of_a_head(name, args, kwargs)
+                if on_the_way is not None:
+                    path, source, step = on_the_way
+                    out = func(*args, **kwargs)
+                    if isinstance(out, torch.Tensor):
+                        axis = self.heads[path].axis
+                        moved = None if axis is None else moved_axis(step, axis, source.dim())
+                        self.outputs[id(out)] = (path, out)
+                        self.heads[path] = _Head(id(out), moved)
+                    else:
+                        self.uses[path].append(name.removeprefix("torch.Tensor."))
+                    return out
                 for leaf in torch.utils._pytree.tree_leaves((args, kwargs)):
                     hit = self.outputs.get(id(leaf)) if isinstance(leaf, torch.Tensor) else None
                     if hit is not None:
                         self.uses[hit[0]].append(name.removeprefix("torch.Tensor."))
         return func(*args, **kwargs)
 
+    def _layout_step_of_a_head(
+        self, name: str, args: tuple, kwargs: dict
+    ) -> tuple[str, torch.Tensor, Step] | None:
+        """``(producer, source, step)`` when this call only reorders the axes of a followed
+        producer's head (its other arguments are plain ints)."""
+        found = _run_layout_step(name, args, kwargs)
+        if found is None or not isinstance(found[0], torch.Tensor):
+            return None
+        hit = self.outputs.get(id(found[0]))
+        if hit is None or hit[0] not in self.follow:
+            return None
+        head = self.heads.get(hit[0])
+        if head is None or head.done or head.tensor != id(found[0]):
+            return None
+        return hit[0], found[0], found[1]
+
 
 def run_differences(
-    model: nn.Module, example_inputs: tuple, pairs: dict[str, str]
+    model: nn.Module,
+    example_inputs: tuple,
+    pairs: dict[str, str],
+    through: dict[str, tuple[Step, ...]] | None = None,
+    channels_from_end: dict[str, int] | None = None,
 ) -> dict[str, str]:
     """Run the model once on a copy of ``example_inputs`` and say, for each BatchNorm of
     ``pairs`` (BatchNorm path -> producer path), how the run differs from what the trace
@@ -866,51 +1145,97 @@ def run_differences(
     nothing else, not returned, not kept after forward returns. Empty for the pairs that
     behave as traced.
 
+    ``through`` gives, for a BatchNorm, the steps the trace found between its producer and it
+    (see :func:`_walk_back`): each pass-through module must run once, in eval mode, on what the
+    producer's output has become, and what they and the layout ops make of it is what the
+    BatchNorm must be given; calls inside those modules are not uses. With layout ops, the
+    producer's channels (at ``channels_from_end[bn]`` from the end of its output's axes) must
+    arrive on the BatchNorm's axis 1.
+
     torch.fx traces with proxies, not tensors, so forward code that asks what its values are
     (``isinstance(y, torch.Tensor)``, ``torch.is_tensor``) or counts its calls can take
     another path when it really runs.
     """
-    watch = _RunWatch()
+    through = through or {}
+    channels_from_end = channels_from_end or {}
+    layout_of = {bn: layout_text(through.get(bn, ())) for bn in pairs}
+    follow = frozenset(pairs[bn] for bn in pairs if layout_of[bn])
+    from_end = {pairs[bn]: channels_from_end.get(bn) for bn in pairs}
+    chain_of = {s[1]: pairs[bn] for bn in pairs for s in through.get(bn, ()) if s[0] == "module"}
+    watch = _RunWatch(follow)
     calls: dict[str, int] = defaultdict(int)
-    fed: dict[str, int | None] = {}
-    produced: dict[str, int] = {}
+    fed: dict[str, tuple[bool, int | None]] = {}
+    took: dict[str, bool] = {}
+    trained: set[str] = set()
     handles = []
 
     def on_output(path: str) -> Callable:
         def hook(_m: nn.Module, _args: Any, out: Any) -> None:
             calls[path] += 1
             if isinstance(out, torch.Tensor):
-                produced[path] = id(out)
+                end = from_end.get(path)
+                axis = out.dim() + end if end is not None and out.dim() + end >= 0 else None
                 watch.outputs[id(out)] = (path, out)
+                watch.heads[path] = _Head(id(out), axis)
 
         return hook
 
-    def on_bn_input(path: str) -> Callable:
+    def on_bn_input(path: str, prod: str) -> Callable:
         def hook(_m: nn.Module, args: Any) -> None:
             calls[path] += 1
-            fed[path] = id(args[0]) if args and isinstance(args[0], torch.Tensor) else None
+            head = watch.heads.get(prod)
+            given = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            if head is not None:
+                fed[path] = (given is not None and id(given) == head.tensor, head.axis)
+                head.done = True
             watch.inside += 1
+
+        return hook
+
+    def on_pass_input(path: str) -> Callable:
+        def hook(m: nn.Module, args: Any) -> None:
+            calls[path] += 1
+            head = watch.heads.get(chain_of[path])
+            given = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            took[path] = head is not None and not head.done and id(given) == head.tensor
+            if m.training:
+                trained.add(path)
+            watch.inside += 1
+
+        return hook
+
+    def on_pass_output(path: str) -> Callable:
+        def hook(_m: nn.Module, _args: Any, out: Any) -> None:
+            watch.inside -= 1
+            prod = chain_of[path]
+            if took.get(path) and isinstance(out, torch.Tensor):
+                watch.outputs[id(out)] = (prod, out)
+                watch.heads[prod] = _Head(id(out), watch.heads[prod].axis)
 
         return hook
 
     def on_bn_output(_m: nn.Module, _args: Any, _out: Any) -> None:
         watch.inside -= 1
 
-    kept: dict[str, weakref.ref] = {}
+    kept: dict[str, list[weakref.ref]] = defaultdict(list)
     with TRACE_LOCK, preserved_state(model, values=True):
         try:
             for bn, prod in pairs.items():
                 handles.append(model.get_submodule(prod).register_forward_hook(on_output(prod)))
                 b = model.get_submodule(bn)
-                handles.append(b.register_forward_pre_hook(on_bn_input(bn)))
+                handles.append(b.register_forward_pre_hook(on_bn_input(bn, prod)))
                 handles.append(b.register_forward_hook(on_bn_output))
+            for path in chain_of:
+                m = model.get_submodule(path)
+                handles.append(m.register_forward_pre_hook(on_pass_input(path)))
+                handles.append(m.register_forward_hook(on_pass_output(path)))
             with torch.no_grad(), watch:
                 out = model(*fresh_copy(example_inputs))
             returned = {id(t) for _, t in output_tensors(out)}
             for path, t in watch.outputs.values():
                 if id(t) in returned:
                     watch.uses[path].append("the model's output")
-                kept[path] = weakref.ref(t)
+                kept[path].append(weakref.ref(t))
             t = None  # noqa: F841 - the loop variable would keep the last output alive
         except Exception as e:
             raise InvalidArgumentError(
@@ -922,17 +1247,37 @@ def run_differences(
                 h.remove()
     watch.outputs.clear()
     out = returned = None
-    if any(r() is not None for r in kept.values()):
+
+    def alive(path: str) -> bool:
+        return any(r() is not None for r in kept.get(path, ()))
+
+    if any(alive(path) for path in kept):
         gc.collect()  # a reference cycle of forward's may hold one a little longer
     problems = {}
     for bn, prod in pairs.items():
+        modules = [s[1] for s in through.get(bn, ()) if s[0] == "module"]
+        way = f" through {layout_of[bn]}" if layout_of[bn] else ""
+        given, axis = fed.get(bn, (False, None))
         if calls[prod] != 1 or calls[bn] != 1:
             what = f"{prod} ran {calls[prod]} times and {bn} {calls[bn]} times"
-        elif fed.get(bn) != produced.get(prod):
-            what = f"{bn} was not given {prod}'s output"
+        elif bad := next((p for p in modules if calls[p] != 1), None):
+            what = f"{bad}, between {prod} and {bn}, ran {calls[bad]} times"
+        elif bad := next((p for p in modules if p in trained or not took.get(p)), None):
+            state = (
+                "in training mode" if bad in trained else f"on another value than {prod}'s output"
+            )
+            what = f"{bad}, between {prod} and {bn}, ran {state}"
+        elif not given:
+            what = f"{bn} was not given {prod}'s output{way}"
+        elif layout_of[bn] and axis != 1:
+            where = "an axis bnfold could not follow" if axis is None else f"axis {axis}"
+            what = (
+                f"{prod}'s channels reached {bn} on {where}, not on axis 1 (the trace has "
+                f"{layout_of[bn]} between them)"
+            )
         elif watch.uses.get(prod):
             what = f"{prod}'s output also went to {', '.join(sorted(set(watch.uses[prod])))}"
-        elif prod in kept and kept[prod]() is not None:
+        elif alive(prod):
             what = f"forward() kept {prod}'s output somewhere after returning"
         else:
             continue

@@ -36,6 +36,8 @@ from .torch_batchnorm import (
 from .torch_dataflow import (
     Dataflow,
     ModuleCalls,
+    follow_steps,
+    layout_text,
     module_dataflow,
     output_ranks,
     run_differences,
@@ -199,9 +201,9 @@ def _plan(
         bn: _pair_facts(bn, specs[bn], modules, prod_modules, flow, shared, holders, around)
         for bn in bns
     }
-    observed_rank = _observe_ranks(model, example_inputs, facts_of, prod_modules)
+    observed_rank = _observe_ranks(model, example_inputs, facts_of, prod_modules, flow)
     if example_inputs is not None and flow.traces:
-        _check_against_a_run(model, example_inputs, facts_of, selected)
+        _check_against_a_run(model, example_inputs, facts_of, selected, flow)
     if flow.note:
         report.notes.append(flow.note)
         warnings.warn(flow.note, stacklevel=4)
@@ -234,11 +236,14 @@ def _observe_ranks(
     example_inputs: tuple | None,
     facts_of: dict[str, PairFacts],
     prod_modules: dict[str, nn.Module],
+    flow: Dataflow,
 ) -> dict[str, int]:
     """Settle the folds that only the activation's rank decides, from the example inputs.
 
     Updates ``facts_of`` and returns, for each such BatchNorm, the rank seen: a fold decided this
-    way is exact for that rank only, so it gets a rank check in place of the BatchNorm.
+    way is exact for that rank only, so it gets a rank check in place of the BatchNorm. With
+    layout ops between the producer and the BatchNorm (``transpose(1, 2)``), the rank says
+    where they take the producer's channels (see :func:`_layout_facts`).
     """
     if example_inputs is None:
         return {}
@@ -256,13 +261,41 @@ def _observe_ranks(
         seen = ranks.get(facts_of[bn].producer, set())
         if len(seen) == 1:
             rank = next(iter(seen))
-            facts_of[bn] = dataclasses.replace(facts_of[bn], output_rank=rank)
-            observed[bn] = rank
+            steps = flow.calls[bn].through
+            facts_of[bn] = dataclasses.replace(
+                facts_of[bn], output_rank=rank, **_layout_facts(facts_of[bn], steps, rank)
+            )
+            observed[bn] = rank  # every step keeps the rank: the BatchNorm sees this one too
     return observed
 
 
+def _layout_facts(f: PairFacts, steps: tuple, rank: int | None) -> dict[str, Any]:
+    """Where the producer's channels arrive at the BatchNorm through the layout ops between
+    them, as the graph frontends say it (``channel_axis``, ``axis_path``, ``axis_problem``);
+    nothing without layout ops. A ``rank`` of ``None`` (unknown) cannot be followed."""
+    via = layout_text(steps)
+    if not via:
+        return {}
+    if rank is None:
+        return {
+            "axis_problem": f"the rank of {f.producer}'s output is unknown, so bnfold cannot "
+            f"follow its channels through {via} to {f.bn}; {f.rank_hint}"
+        }
+    assert f.producer_kind is not None
+    start = rules.producer_channel_axis(f.producer_kind, rank, f.producer_spatial_dims)
+    axis, problem = follow_steps(steps, start, rank) if start >= 0 else (None, "")
+    if axis is None:
+        why = problem or f"{f.producer}'s {rank}-D output has no channel axis"
+        return {"axis_problem": f"bnfold cannot follow the channels through {via}: {why}"}
+    return {"channel_axis": axis, "axis_path": via, "axis_problem": ""}
+
+
 def _check_against_a_run(
-    model: nn.Module, example_inputs: tuple, facts_of: dict[str, PairFacts], selected: set[str]
+    model: nn.Module,
+    example_inputs: tuple,
+    facts_of: dict[str, PairFacts],
+    selected: set[str],
+    flow: Dataflow,
 ) -> None:
     """Run the model on the example inputs and keep the BatchNorms of the folds the run does
     not bear out (see :func:`bnfold.torch_dataflow.run_differences`); updates ``facts_of``."""
@@ -273,7 +306,13 @@ def _check_against_a_run(
     }
     if not pairs:
         return
-    for bn, problem in run_differences(model, example_inputs, pairs).items():
+    through = {bn: flow.calls[bn].through for bn in pairs if flow.calls[bn].through}
+    from_end = {
+        bn: -1 if f.producer_kind == "linear" else -f.producer_spatial_dims - 1
+        for bn, f in facts_of.items()
+        if bn in through
+    }
+    for bn, problem in run_differences(model, example_inputs, pairs, through, from_end).items():
         facts_of[bn] = dataclasses.replace(
             facts_of[bn], producer_output_users=2, producer_other_users=problem
         )
@@ -331,18 +370,23 @@ def _pair_facts(
         if owner is not prod  # the same module under a second name is not sharing
     ]
     others += flow.outside_uses.get(prod_path, [])
-    return PairFacts(
+    # With pass-through modules or layout ops between them, the first of them takes the
+    # BatchNorm's place among the producer's users, and what reads the values between is a user.
+    first = call.via if call.through else f"module {bn_path}"
+    users = [u for u in pcall.other_users if u != first] + call.through_users
+    facts = PairFacts(
         **bn_facts,
         producer=prod_path,
         producer_kind=kind,
         producer_spatial_dims=len(prod.kernel_size) if kind != "linear" else 0,
         producer_custom_forward=custom_forward_reason(prod),
         producer_calls=pcall.calls,
-        producer_output_users=pcall.output_users,
-        producer_other_users=", ".join(u for u in pcall.other_users if u != f"module {bn_path}"),
+        producer_output_users=pcall.output_users + len(call.through_users),
+        producer_other_users=", ".join(users),
         producer_params_constant=not params_not_constant(prod),
         producer_params_shared=", ".join(others),
     )
+    return dataclasses.replace(facts, **_layout_facts(facts, call.through, None))
 
 
 class _Holder(NamedTuple):

@@ -1558,3 +1558,269 @@ def test_a_forward_whose_run_differs_from_its_trace_is_not_folded(cls):
     assert not report.folded, report
     for _ in range(2):
         _close(model, folded, x)
+
+
+# Layers and layout ops between a producer and its BatchNorm
+
+
+class ThroughModule(nn.Module):
+    """conv -> a module that passes its input through in eval -> bn."""
+
+    def __init__(self, middle: nn.Module) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.mid = middle
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return self.bn(self.mid(self.conv(x)))
+
+
+PASS_THROUGH = {
+    "identity": nn.Identity,
+    "dropout": lambda: nn.Dropout(0.5),
+    "dropout-inplace": lambda: nn.Dropout(0.5, inplace=True),
+    "dropout2d": lambda: nn.Dropout2d(0.3),
+    "alpha-dropout": lambda: nn.AlphaDropout(0.2),
+    "two": lambda: nn.Sequential(nn.Dropout(0.1), nn.Identity()),
+}
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("example", [None, "given"])
+@pytest.mark.parametrize("middle", sorted(PASS_THROUGH))
+def test_fold_through_identity_and_eval_dropout(middle, example, inplace):
+    model = _setup(ThroughModule(PASS_THROUGH[middle]()))
+    reference = copy.deepcopy(model)
+    x = _x(2, 3, 6, 6)
+    folded, report = bnfold.fold(
+        model, None if example is None else (x,), inplace=inplace, return_report=True
+    )
+    assert report.entry("bn").folded and report.entry("bn").target == "conv", report
+    assert type(folded.mid) is type(reference.mid)  # the identity in eval: it stays
+    assert type(folded.bn) is nn.Identity
+    _close(reference, folded, x)
+    _close(reference, folded, _x(3, 3, 5, 7, seed=1))
+
+
+def test_linear_dropout_bn1d_is_decided_by_the_example_rank_as_without_dropout():
+    model = _setup(nn.Sequential(nn.Linear(8, 6), nn.Dropout(0.2), nn.BatchNorm1d(6)))
+    report = bnfold.analyze(model)
+    assert report.entry("2").rule == rules.CHANNEL_AXIS, report
+    folded = bnfold.fold(model, (_x(4, 8),))
+    assert isinstance(folded[2], FoldedBatchNorm) and isinstance(folded[1], nn.Dropout)
+    _close(model, folded, _x(5, 8, seed=1))
+
+
+def test_dropout_in_training_mode_inside_an_eval_model_is_kept():
+    model = _setup(ThroughModule(nn.Dropout(0.5)))
+    model.mid.train()
+    x = _x(2, 3, 6, 6)
+    folded, report = bnfold.fold(model, (x,), return_report=True)
+    entry = report.entry("bn")
+    assert entry.rule == rules.NO_PRODUCER and "training mode" in entry.reason, entry
+    assert type(folded.bn) is nn.BatchNorm2d
+    model.mid.eval()
+    folded.mid.eval()  # dropout is random in training mode: compare without it
+    _close(model, folded, x)
+
+
+class IdentityUsedTwice(ThroughModule):
+    def __init__(self) -> None:
+        super().__init__(nn.Identity())
+
+    def forward(self, x):
+        y = self.mid(self.conv(x))
+        return self.bn(y) + y
+
+
+class IdentityCalledTwice(ThroughModule):
+    def __init__(self) -> None:
+        super().__init__(nn.Identity())
+
+    def forward(self, x):
+        return self.bn(self.mid(self.conv(x))) + self.mid(x).mean()
+
+
+class IdentityWithHook(ThroughModule):
+    def __init__(self) -> None:
+        super().__init__(nn.Identity())
+        self.mid.register_forward_hook(lambda m, args, out: out * 2)
+
+
+class RunUsesIdentityOutput(ThroughModule):
+    def __init__(self) -> None:
+        super().__init__(nn.Dropout(0.5))
+
+    def forward(self, x):
+        y = self.mid(self.conv(x))
+        out = self.bn(y)
+        if isinstance(y, torch.Tensor):  # False on a torch.fx proxy
+            out = out + y
+        return out
+
+
+@pytest.mark.parametrize(
+    "cls, rule",
+    [
+        (IdentityUsedTwice, rules.SINGLE_CONSUMER),
+        (IdentityCalledTwice, rules.NO_PRODUCER),
+        (IdentityWithHook, rules.NO_PRODUCER),
+        (RunUsesIdentityOutput, rules.SINGLE_CONSUMER),
+    ],
+)
+def test_a_pass_through_module_that_is_not_only_between_them_is_kept(cls, rule):
+    model = _setup(cls())
+    x = _x(2, 3, 6, 6)
+    folded, report = bnfold.fold(model, (x,), return_report=True)
+    assert report.entry("bn").rule == rule, report.entry("bn")
+    _close(model, folded, x)
+
+
+class LinearTransposeBN(nn.Module):
+    """Linear on (B, L, C), a layout op to (B, C, L), BatchNorm1d over C (Conformer style)."""
+
+    def __init__(self, how: str, middle: nn.Module | None = None) -> None:
+        super().__init__()
+        self.how = how
+        self.lin = nn.Linear(4, 8)
+        self.mid = middle if middle is not None else nn.Identity()
+        self.bn = nn.BatchNorm1d(8)
+
+    def forward(self, x):
+        y = self.mid(self.lin(x))
+        if self.how == "method":
+            y = y.transpose(1, 2)
+        elif self.how == "keywords":
+            y = y.transpose(dim0=-1, dim1=-2)
+        elif self.how == "function":
+            y = torch.transpose(y, 1, 2)
+        elif self.how == "permute":
+            y = y.permute(0, 2, 1)
+        elif self.how == "mT":
+            y = y.mT
+        elif self.how == "twice":  # channels leave axis 1 and come back
+            y = y.permute(2, 0, 1).transpose(0, 1)
+        elif self.how == "elsewhere":  # (B, L, C) -> (L, B, C): channels stay last
+            y = y.transpose(0, 1)
+        return self.bn(y)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("how", ["method", "keywords", "function", "permute", "mT", "twice"])
+def test_linear_transpose_bn1d_folds_with_example_inputs(how, inplace):
+    model = _setup(LinearTransposeBN(how, nn.Dropout(0.1) if how == "permute" else None))
+    reference = copy.deepcopy(model)
+    x = _x(2, 5, 4)
+    folded, report = bnfold.fold(model, (x,), inplace=inplace, return_report=True)
+    assert report.entry("bn").folded and report.entry("bn").target == "lin", report
+    assert isinstance(folded.bn, FoldedBatchNorm) and folded.bn.rank == 3
+    _close(reference, folded, x)
+    _close(reference, folded, _x(3, 7, 4, seed=1))
+
+
+def test_linear_transpose_bn1d_without_example_inputs_is_kept_with_the_hint():
+    model = _setup(LinearTransposeBN("method"))
+    folded, report = bnfold.fold(model, return_report=True)
+    entry = report.entry("bn")
+    assert entry.rule == rules.CHANNEL_AXIS and "example_inputs" in entry.reason, entry
+    assert "transpose(1, 2)" in entry.reason
+    _close(model, folded, _x(2, 5, 4))
+
+
+def test_a_layout_op_that_leaves_the_channels_elsewhere_is_kept():
+    model = LinearTransposeBN("elsewhere")
+    model.bn = nn.BatchNorm1d(2)  # (B=2, L, C) -> (L, B, C): normalises B
+    model = _setup(model)
+    x = _x(2, 3, 4)
+    folded, report = bnfold.fold(model, (x,), return_report=True)
+    entry = report.entry("bn")
+    assert entry.rule == rules.CHANNEL_AXIS and "axis 2" in entry.reason, entry
+    _close(model, folded, x)
+
+
+class Conv1dTransposeBN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(3, 8, 1)
+        self.bn = nn.BatchNorm1d(6)
+
+    def forward(self, x):  # (B, C, L) -> (B, L, C): the BatchNorm normalises L
+        return self.bn(self.conv(x).transpose(1, 2))
+
+
+def test_conv1d_transposed_away_from_axis_1_is_kept():
+    model = _setup(Conv1dTransposeBN())
+    x = _x(2, 3, 6)
+    folded, report = bnfold.fold(model, (x,), return_report=True)
+    assert report.entry("bn").rule == rules.CHANNEL_AXIS, report.entry("bn")
+    _close(model, folded, x)
+
+
+class ConvChannelsLastAndBack(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x):  # (N, C, H, W) -> (N, H, W, C) -> (N, C, H, W)
+        return self.bn(self.conv(x).permute(0, 2, 3, 1).permute(0, 3, 1, 2))
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_conv_channels_brought_back_to_axis_1_fold(inplace):
+    model = _setup(ConvChannelsLastAndBack())
+    reference = copy.deepcopy(model)
+    x = _x(2, 3, 6, 6)
+    assert bnfold.analyze(model).entry("bn").rule == rules.CHANNEL_AXIS
+    folded, report = bnfold.fold(model, (x,), inplace=inplace, return_report=True)
+    assert report.entry("bn").folded, report
+    _close(reference, folded, x)
+
+
+class RunSkipsTheTranspose(LinearTransposeBN):
+    def __init__(self) -> None:
+        super().__init__("none")
+        self.lin = nn.Linear(4, 5)
+        self.bn = nn.BatchNorm1d(5)
+
+    def forward(self, x):
+        y = self.lin(x)
+        if not isinstance(y, torch.Tensor):  # only the torch.fx trace transposes
+            y = y.transpose(1, 2)
+        return self.bn(y)
+
+
+class RunUsesTheTransposed(LinearTransposeBN):
+    def __init__(self) -> None:
+        super().__init__("none")
+
+    def forward(self, x):
+        y = self.lin(x).transpose(1, 2)
+        out = self.bn(y)
+        if isinstance(y, torch.Tensor):
+            out = out + y
+        return out
+
+
+@pytest.mark.parametrize("cls", [RunSkipsTheTranspose, RunUsesTheTransposed])
+def test_a_run_that_does_not_bear_out_the_traced_transpose_is_kept(cls):
+    model = _setup(cls())
+    x = _x(2, 5, 4)
+    folded, report = bnfold.fold(model, (x,), return_report=True)
+    assert report.entry("bn").rule == rules.SINGLE_CONSUMER, report.entry("bn")
+    _close(model, folded, x)
+
+
+@pytest.mark.parametrize("how", ["method", "mT"])
+def test_a_folded_transpose_model_given_another_rank_fails_loudly(how):
+    model = _setup(LinearTransposeBN(how))
+    folded = bnfold.fold(model, (_x(2, 5, 4),))
+    for x in (_x(8, 4, seed=1), _x(2, 3, 5, 4, seed=2)):
+        with torch.no_grad(), pytest.raises((AssertionError, RuntimeError, IndexError)):
+            folded(x)
+    if how == "mT":  # (8, 4) -> (8, 8) -> .mT: the original normalises the batch axis...
+        with torch.no_grad():
+            model(_x(8, 4, seed=1))
+            with pytest.raises(AssertionError, match="3-D activations"):
+                folded(_x(8, 4, seed=1))  # ...where the fold would be wrong: it says so
