@@ -980,20 +980,28 @@ class _RealTensorUses(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _note_state_dependent_calls(flow: Dataflow, changed: list[str], paths: set[str]) -> None:
-    """forward changed the model's own Python state (a call counter, a flag) and left some
-    layer uncalled: which layers a call runs may depend on that state (``self.bns[self.step %
-    2]``), and the next call may take the layer this trace did not. No fold relies on this
-    trace then."""
-    uncalled = sorted(p for p in paths if flow.calls.get(p, ModuleCalls()).calls == 0)
-    if not changed or not uncalled:
-        return
-    use = (
-        f"forward() changing {', '.join(changed[:3])} on every call while leaving "
-        f"{', '.join(uncalled[:3])} uncalled: other calls may run other layers"
-    )
-    for path in paths:
-        flow.outside_uses.setdefault(path, []).append(use)
+def _note_state_dependent_calls(
+    flow: Dataflow, changed: list[tuple[str, str, bool]], paths: set[str]
+) -> None:
+    """What forward changes on the model's own Python objects as it runs.
+
+    A producer's or BatchNorm's attribute set in forward (``self.bn.eps = 0.1``) is what that
+    layer computes with from then on, not what bnfold read before: the layer is not folded. A
+    counter or flag anywhere (``self.step += 1``) means later calls may compute differently
+    from the call bnfold traced (``self.bns[self.step % 2]``, ``if self.step > 1: ...``): no
+    fold relies on that trace.
+    """
+    for path, key, _ in changed:
+        if path in paths:
+            flow.outside_uses.setdefault(path, []).append(f"forward() setting {path}.{key}")
+    counters = [f"{p + '.' if p else ''}{k}" for p, k, scalar in changed if scalar]
+    if counters:
+        use = (
+            f"forward() changing {', '.join(counters[:3])} on every call (later calls may "
+            "compute differently from the one traced)"
+        )
+        for path in paths:
+            flow.outside_uses.setdefault(path, []).append(use)
 
 
 def _note_changed_in_place(flow: Dataflow, names: list[str], paths: set[str]) -> None:
@@ -1020,7 +1028,7 @@ def output_ranks(
     """Run the model once and record the rank of every producer's output; change nothing."""
     ranks: dict[str, set[int]] = defaultdict(set)
     handles = []
-    with TRACE_LOCK, preserved_state(model, values=True):
+    with TRACE_LOCK, preserved_state(model, values=True, run=True):
         for path, m in producers.items():
 
             def hook(_m, _args, out, path=path):
@@ -1091,11 +1099,25 @@ class _RunWatch(TorchFunctionMode):
         self.uses: dict[str, list[str]] = defaultdict(list)
         self.follow = follow
         self.heads: dict[str, _Head] = {}
+        # The layers' own tensors: id -> (layer, name, any read counts). A BatchNorm's are
+        # gone after the fold (even a dtype read fails); a producer's change in value.
+        self.own: dict[int, tuple[str, str, bool]] = {}
+        self.running: list[str] = []  # the watched layers whose call is under way
+        self.outside: dict[str, list[str]] = defaultdict(list)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self.outputs and not self.inside:
+        name = ""
+        if self.own:
             name = torch.overrides.resolve_name(func) or getattr(func, "__name__", str(func))
+            for leaf in torch.utils._pytree.tree_leaves((args, kwargs)):
+                hit = self.own.get(id(leaf)) if isinstance(leaf, torch.Tensor) else None
+                if hit is None or hit[0] in self.running:
+                    continue
+                if hit[2] or name not in _METADATA_READS:
+                    self.outside[hit[0]].append(f"{hit[1]} ({name.removeprefix('torch.')})")
+        if self.outputs and not self.inside:
+            name = name or torch.overrides.resolve_name(func) or getattr(func, "__name__", "")
             if name not in _METADATA_READS:
                 on_the_way = self._layout_step_of_a_head(name, args, kwargs)
                 if on_the_way is not None:
@@ -1169,6 +1191,19 @@ def run_differences(
     trained: set[str] = set()
     handles = []
 
+    def on_start(path: str) -> Callable:
+        def hook(_m: nn.Module, _args: Any) -> None:
+            watch.running.append(path)
+
+        return hook
+
+    def on_end(path: str) -> Callable:
+        def hook(_m: nn.Module, _args: Any, _out: Any) -> None:
+            if path in watch.running:
+                watch.running.remove(path)
+
+        return hook
+
     def on_output(path: str) -> Callable:
         def hook(_m: nn.Module, _args: Any, out: Any) -> None:
             calls[path] += 1
@@ -1218,9 +1253,16 @@ def run_differences(
         watch.inside -= 1
 
     kept: dict[str, list[weakref.ref]] = defaultdict(list)
-    with TRACE_LOCK, preserved_state(model, values=True):
+    with TRACE_LOCK, preserved_state(model, values=True, run=True):
         try:
             for bn, prod in pairs.items():
+                for path, is_bn in ((prod, False), (bn, True)):
+                    layer = model.get_submodule(path)
+                    for key, t in [*layer._parameters.items(), *layer._buffers.items()]:
+                        if t is not None:
+                            watch.own[id(t)] = (path, f"{path}.{key}", is_bn)
+                    handles.append(layer.register_forward_pre_hook(on_start(path)))
+                    handles.append(layer.register_forward_hook(on_end(path)))
                 handles.append(model.get_submodule(prod).register_forward_hook(on_output(prod)))
                 b = model.get_submodule(bn)
                 handles.append(b.register_forward_pre_hook(on_bn_input(bn, prod)))
@@ -1260,6 +1302,8 @@ def run_differences(
         given, axis = fed.get(bn, (False, None))
         if calls[prod] != 1 or calls[bn] != 1:
             what = f"{prod} ran {calls[prod]} times and {bn} {calls[bn]} times"
+        elif reads := watch.outside.get(prod, []) + watch.outside.get(bn, []):
+            what = f"forward() used {', '.join(sorted(set(reads))[:3])} outside their layer's call"
         elif bad := next((p for p in modules if calls[p] != 1), None):
             what = f"{bad}, between {prod} and {bn}, ran {calls[bad]} times"
         elif bad := next((p for p in modules if p in trained or not took.get(p)), None):

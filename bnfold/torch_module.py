@@ -22,7 +22,13 @@ from torch import nn
 
 from . import rules
 from .algebra import ScaledWeight, checked_fold
-from .errors import FoldRefused, TrainingModeError, UnsupportedModelError, first_line
+from .errors import (
+    BnfoldError,
+    FoldRefused,
+    TrainingModeError,
+    UnsupportedModelError,
+    first_line,
+)
 from .report import FoldEntry, FoldReport
 from .rules import PairFacts
 from .torch_batchnorm import (
@@ -70,6 +76,7 @@ class _Plan:
     folds: list[_PlannedFold]  # pairs that pass every rule; the algebra has the last word
     flow: Dataflow | None = None  # how the data flow was found (None: no BatchNorm)
     example_inputs: tuple | None = None
+    references: list | None = None  # inputs and the model's outputs, for checking folds
 
 
 def _names_of_state(model: nn.Module) -> dict[int, list[tuple[nn.Module | None, str]]]:
@@ -560,11 +567,9 @@ def _copy_folded(
     there: a module's own ``__deepcopy__`` that ignores the memo, or rebuilds the module.
     """
     memo: dict[int, Any] = {}
-    if share:
-        for m in model.modules():
-            for t in [*m._parameters.values(), *m._buffers.values()]:
-                if t is not None:
-                    memo[id(t)] = t
+    if share:  # every tensor the modules hold, plain attributes too: a light copy is cheap
+        for _, _, _, t in reachable_tensors(model):
+            memo[id(t)] = t
     expected = []
     for f in folds:
         prod = model.get_submodule(f.producer)
@@ -577,14 +582,18 @@ def _copy_folded(
             replacement = copy.deepcopy(f.replacement, memo)
         memo[id(model.get_submodule(f.bn))] = replacement
         expected.append((f, weight, replacement))
+    planned = dict(memo)  # deepcopy adds what it copied, also when it fails halfway
     try:
         with torch.inference_mode(False):  # a clone made under inference mode would be one
             target = copy.deepcopy(model, memo)
     except Exception as e:
-        raise UnsupportedModelError(
-            f"could not copy {type(model).__name__} ({type(e).__name__}: {first_line(e)}); "
-            "pass inplace=True to fold it in place instead"
-        ) from e
+        if share:  # a lock, a file: the modules alone are enough to check the folds on
+            target = _module_tree_copy(model, planned)
+        else:
+            raise UnsupportedModelError(
+                f"could not copy {type(model).__name__} ({type(e).__name__}: "
+                f"{first_line(e)}); pass inplace=True to fold it in place instead"
+            ) from e
     for f, weight, replacement in expected:
         try:
             prod, bn = target.get_submodule(f.producer), target.get_submodule(f.bn)
@@ -599,6 +608,26 @@ def _copy_folded(
         if prod.bias is None:
             prod.register_parameter("bias", _new_param(f.bias, prod.weight))
     return target
+
+
+def _module_tree_copy(model: nn.Module, memo: dict[int, Any]) -> nn.Module:
+    """The modules of ``model`` copied one by one (their own tables of parameters, buffers and
+    children), every other attribute shared; what ``memo`` maps is replaced. For checking
+    folds on a model that cannot be deep-copied."""
+
+    def clone(m: nn.Module) -> nn.Module:
+        if id(m) in memo:
+            return memo[id(m)]
+        new = copy.copy(m)
+        memo[id(m)] = new
+        for table in ("_parameters", "_buffers"):
+            tensors = {k: memo.get(id(t), t) for k, t in getattr(m, table).items()}
+            object.__setattr__(new, table, tensors)
+        children = {k: c if c is None else clone(c) for k, c in m._modules.items()}
+        object.__setattr__(new, "_modules", children)
+        return new
+
+    return clone(model)
 
 
 # --------------------------------------------------------------------------------------------
@@ -625,20 +654,39 @@ def _structure_problem(model: nn.Module, plan: _Plan, folds: list[_Folded]) -> s
         leaves = frozenset(id(light.get_submodule(f.bn)) for f in folds)
         difference = trace_difference(light, flow.traces, leaves)
         return f"with this fold {difference}; {_LOOKS}" if difference else ""
-    inputs = plan.example_inputs or ()
-    reference = run_model(model, inputs, "original")
-    try:
-        folded = run_model(light, inputs, "folded")
-        _, rel = compare(reference, folded)
-    except Exception as e:  # noqa: BLE001 - the folded model failing is the difference
-        return f"with this fold the model fails on the example inputs ({first_line(e)}); {_LOOKS}"
-    # A fold's rounding is far below the dtype's tolerance, a changed computation far above.
-    if not rel <= tolerance([t for _, t in reference]):
-        return (
-            "with this fold the model's outputs on the example inputs change (relative error "
-            f"{rel:.2g}); {_LOOKS}"
-        )
+    for inputs, reference in _references(model, plan):
+        try:
+            folded = run_model(light, inputs, "folded")
+            _, rel = compare(reference, folded)
+        except Exception as e:  # noqa: BLE001 - the folded model failing is the difference
+            return f"with this fold the model fails when run ({first_line(e)}); {_LOOKS}"
+        # A fold's rounding is far below the dtype's tolerance, a changed computation far above.
+        if not rel <= tolerance([t for _, t in reference]):
+            return (
+                "with this fold the model's outputs on the example inputs (or on them scaled) "
+                f"change (relative error {rel:.2g}); {_LOOKS}"
+            )
     return ""
+
+
+def _references(model: nn.Module, plan: _Plan) -> list[tuple[tuple, list]]:
+    """The inputs the torch.export path checks folds on, with the model's outputs, computed
+    once per fold call: the example inputs, and the same with their floating-point tensors
+    scaled by 30 and by 1/1000 (a branch on the layers may only show on larger or smaller
+    values: ``if isinstance(self.bn, BatchNorm2d): y = y.clamp(-20, 20)``). Scaled inputs the
+    model rejects are left out."""
+    if plan.references is None:
+        example = plan.example_inputs or ()
+        plan.references = [(example, run_model(model, example, "original"))]
+        for factor in (30.0, 1e-3):
+            scaled = torch.utils._pytree.tree_map_only(
+                torch.Tensor, lambda t, k=factor: t * k if t.is_floating_point() else t, example
+            )
+            try:
+                plan.references.append((scaled, run_model(model, scaled, "original")))
+            except BnfoldError:
+                continue
+    return plan.references
 
 
 _LOOKS = (
@@ -647,22 +695,28 @@ _LOOKS = (
 )
 
 
+def _refused_folds(model: nn.Module, plan: _Plan, folds: list[_Folded]) -> dict[str, str]:
+    """The folds that make the model behave differently, with the reason: found by halving
+    (one bad fold among N costs about 2*log2(N) checks, not N)."""
+    problem = _structure_problem(model, plan, folds)
+    if not problem:
+        return {}
+    if len(folds) == 1:
+        return {folds[0].bn: problem}
+    half = len(folds) // 2
+    bad = {**_refused_folds(model, plan, folds[:half]), **_refused_folds(model, plan, folds[half:])}
+    return bad or {f.bn: problem for f in folds}  # only the halves together misbehave
+
+
 def _settle(
     model: nn.Module, plan: _Plan, folds: list[_Folded], report: FoldReport
 ) -> tuple[list[_Folded], FoldReport]:
     """Keep the folds with which the model still behaves as it did (see
     :func:`_structure_problem`); the others become skips with the reason."""
-    problem = _structure_problem(model, plan, folds)
-    if not problem:
-        return folds, report
-    refused = {}
-    for f in folds:  # which folds: each on its own, then what is left together
-        alone = _structure_problem(model, plan, [f])
-        if alone:
-            refused[f.bn] = alone
+    refused = _refused_folds(model, plan, folds)
     kept = [f for f in folds if f.bn not in refused]
-    together = _structure_problem(model, plan, kept) if kept and refused else problem
-    if together:
+    together = _structure_problem(model, plan, kept) if kept and refused else ""
+    if together:  # each part on its own is fine, but not all of them together
         refused.update({f.bn: together for f in kept})
         kept = []
     entries = [

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # torch.fx patches nn.Module.__call__ while it traces: one trace at a time in this process.
 TRACE_LOCK = threading.RLock()
@@ -319,20 +320,22 @@ class ModelState:
                 found += [(where, p) for p in find_proxies(value)]
         return found
 
-    def changed_attributes(self) -> list[str]:
+    def changed_attributes(self) -> list[tuple[str, str, bool]]:
         """Plain attributes of the modules (counters, flags, holders) that now hold other
-        values than when the record was made."""
+        values than when the record was made: ``(module path, attribute, scalar)``, where
+        ``scalar`` says the old or new value is a number, string, flag or None."""
         internals = _module_internals()
         changed = {id(h) for h in self.holders.changed()}
-        names = []
+        found = []
         for (path, m), (_, attrs, _, _) in zip(self.modules, self.saved, strict=True):
             for key, value in m.__dict__.items():
                 if key in internals:
                     continue
                 before = attrs.get(key, _MISSING)
                 if before is not value or _changed_within(value, changed):
-                    names.append(f"{path + '.' if path else ''}{key}")
-        return names
+                    scalar = type(value) in _SCALARS or type(before) in _SCALARS
+                    found.append((path, key, scalar))
+        return found
 
     def stored_tensors(self) -> list[str]:
         """Attributes that now hold tensors they did not hold when the record was made."""
@@ -392,17 +395,81 @@ def _holds_new_tensor(value: Any, holders: _Holders, depth: int = 0) -> bool:
     return any(_holds_new_tensor(c, holders, depth + 1) for c in children or ())
 
 
+class _WriteGuard(TorchDispatchMode):
+    """Copies a model's tensor the first time an operation is about to write into it (through
+    any view of its memory), so that it can be put back: parameters a forward renormalises
+    in place, a counter kept as a Parameter.
+
+    Only for real runs: traces see proxies or fake tensors, and torch.export runs modes of its
+    own.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.by_storage: dict[int, list[torch.Tensor]] = collections.defaultdict(list)
+        for _, m in model.named_modules():
+            for t in [*m._parameters.values(), *m._buffers.values()]:
+                ptr = _storage_ptr(t) if t is not None else None
+                if ptr is not None:
+                    self.by_storage[ptr].append(t)
+        self.saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func._schema.is_mutable:
+            for i, arg in enumerate(func._schema.arguments):
+                if arg.alias_info is None or not arg.alias_info.is_write:
+                    continue
+                value = args[i] if i < len(args) else kwargs.get(arg.name)
+                for t in value if isinstance(value, (list, tuple)) else [value]:
+                    if isinstance(t, torch.Tensor):
+                        self._keep(t)
+        return func(*args, **kwargs)
+
+    def _keep(self, written: torch.Tensor) -> None:
+        for t in self.by_storage.get(_storage_ptr(written), ()):
+            if id(t) not in self.saved:
+                self.saved[id(t)] = (t, t.detach().clone())
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for t, kept in self.saved.values():
+                t.copy_(kept)
+        self.saved.clear()
+
+
+def _storage_ptr(t: torch.Tensor) -> int | None:
+    try:
+        ptr = t.untyped_storage().data_ptr()
+    except Exception:  # noqa: BLE001 - fake, meta or sparse tensors have no memory to guard
+        return None
+    return ptr or None
+
+
 @contextlib.contextmanager
-def preserved_state(model: nn.Module, values: bool = False) -> Iterator[ModelState]:
+def preserved_state(
+    model: nn.Module, values: bool = False, run: bool = False
+) -> Iterator[ModelState]:
     """Run a block that executes ``forward``, then put ``model``'s modules back as they were.
 
     Restores attributes (counters, stored values, holders changed in place, tensors held in
     attributes), parameter, buffer and submodule tables and ``__slots__``, and with ``values``
     the buffers' contents (a BatchNorm left in training mode updates its statistics when run).
-    Yields the record, which can also say what ``forward`` did in between.
+    With ``run`` (the block runs the model for real), every parameter or buffer an operation
+    writes into is copied first and put back. Yields the record, which can also say what
+    ``forward`` did in between.
     """
     state = ModelState(model, values)
+    guard = _WriteGuard(model) if run else None
     try:
-        yield state
+        if guard is None:
+            yield state
+        else:
+            with guard:
+                yield state
     finally:
-        state.restore()
+        try:
+            state.restore()
+        finally:
+            if guard is not None:
+                guard.restore()

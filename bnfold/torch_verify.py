@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 from collections.abc import Iterator
 from typing import Any
@@ -96,7 +97,7 @@ def run_model(model: nn.Module, inputs: tuple, which: str) -> list[tuple[str, to
     them), leaving the model as it was: a BatchNorm in training mode updates its statistics
     when run, and verifying must change nothing."""
     kept = _kept_buffers(model) if isinstance(model, torch.jit.ScriptModule) else None
-    state = contextlib.nullcontext() if kept else preserved_state(model, values=True)
+    state = contextlib.nullcontext() if kept else preserved_state(model, values=True, run=True)
     with TRACE_LOCK, state, kept or contextlib.nullcontext(), torch.no_grad():
         try:
             out = output_tensors(model(*fresh_copy(inputs)))
@@ -123,10 +124,16 @@ def _kept_buffers(model: torch.jit.ScriptModule) -> Iterator[None]:
 
 
 def fresh_copy(inputs: Any) -> Any:
-    """``inputs`` with every tensor (in tuples, lists and dicts) copied."""
+    """A copy of ``inputs`` that forward may write into: every object deep-copied (plain
+    objects and namespaces too, which pytree passes through as they are), or, for inputs that
+    cannot be deep-copied, every tensor in tuples, lists and dicts cloned."""
     import torch.utils._pytree as pytree
 
-    return pytree.tree_map_only(torch.Tensor, lambda t: t.clone(), inputs)
+    try:
+        with torch.inference_mode(False):
+            return copy.deepcopy(inputs)
+    except Exception:  # noqa: BLE001 - a lock, a file, an object refusing to be copied
+        return pytree.tree_map_only(torch.Tensor, lambda t: t.clone(), inputs)
 
 
 def compare(

@@ -421,7 +421,7 @@ def draw_case(data: Any) -> Case:
     extra = data.draw(st.lists(st.integers(1, last), max_size=2)) if last > 0 else []
     outputs = [last] + [i for i in extra if i != last]
     model = Net(b.layers, b.steps, outputs).eval()
-    if data.draw(st.sampled_from([False] * 31 + [True])):  # a hook on the root module
+    if b.layers and data.draw(st.sampled_from([False] * 31 + [True])):  # a hook on the root
         first = next(iter(b.layers))
         model.register_forward_hook(
             lambda m, _args, out: (

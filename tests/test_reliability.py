@@ -1256,11 +1256,13 @@ def test_a_batchnorm_whose_eps_is_not_a_number_is_kept_as_invalid(eps):
     assert folded.bn is not model.bn and isinstance(folded.bn, nn.BatchNorm2d)
 
 
-def test_example_inputs_are_run_only_when_a_fold_needs_shapes():
-    # a Conv2d + BatchNorm2d fold needs no shapes, so bnfold does not spend a forward pass on
-    # the example inputs (documented); the model's own call would reject these
+def test_example_inputs_are_run_to_check_the_trace():
+    # example inputs are run once to check the trace against a real run (documented), so
+    # inputs the model rejects are an error even where the fold needs no shapes
     model = randomize_all(_TensorOut(), seed=4)
-    folded, report = bnfold.fold(model, (X7,), return_report=True)
+    with pytest.raises(bnfold.InvalidArgumentError, match="example_inputs"):
+        bnfold.fold(model, (X7,))
+    folded, report = bnfold.fold(model, return_report=True)  # without them: nothing is run
     assert report.entry("bn").folded
     x = torch.randn(2, 4, 7, 7)
     torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
