@@ -1022,6 +1022,14 @@ def _short(value: Any) -> str:
     return text if len(text) <= 30 else text[:27] + "..."
 
 
+def _rejected(model: nn.Module, error: Exception) -> InvalidArgumentError:
+    """The error for example inputs the model fails on when bnfold runs it."""
+    return InvalidArgumentError(
+        f"running {type(model).__name__} on example_inputs failed ({type(error).__name__}: "
+        f"{first_line(error)}): pass a tuple of the positional arguments forward() takes"
+    )
+
+
 def output_ranks(
     model: nn.Module, example_inputs: tuple, producers: dict[str, nn.Module]
 ) -> dict[str, set[int]]:
@@ -1040,10 +1048,7 @@ def output_ranks(
             with torch.no_grad():
                 model(*fresh_copy(example_inputs))  # forward may write into its inputs
         except Exception as e:
-            raise InvalidArgumentError(
-                f"running {type(model).__name__} on example_inputs failed ({type(e).__name__}: "
-                f"{first_line(e)}): pass a tuple of the positional arguments forward() takes"
-            ) from e
+            raise _rejected(model, e) from e
         finally:
             for h in handles:
                 h.remove()
@@ -1280,10 +1285,7 @@ def run_differences(
                 kept[path].append(weakref.ref(t))
             t = None  # noqa: F841 - the loop variable would keep the last output alive
         except Exception as e:
-            raise InvalidArgumentError(
-                f"running {type(model).__name__} on example_inputs failed ({type(e).__name__}: "
-                f"{first_line(e)}): pass a tuple of the positional arguments forward() takes"
-            ) from e
+            raise _rejected(model, e) from e
         finally:
             for h in handles:
                 h.remove()
