@@ -102,6 +102,7 @@ def load(path: str | os.PathLike[str]) -> ModelFile:
     checker = _ProtoChecker(p, base_dir)
     checker.model(proto)
     _refuse_sparse(proto, str(p))
+    _refuse_attribute_references(proto, str(p))
     try:
         with quiet_libraries():
             model = ir.serde.deserialize_model(proto)
@@ -1062,6 +1063,23 @@ def _sparse_tensors(proto: onnx.ModelProto) -> bool:
     return False
 
 
+def _refuse_attribute_references(proto: onnx.ModelProto, what: str) -> None:
+    """An attribute that refers to a function's attribute (``ref_attr_name``) outside a function
+    makes the model invalid, and onnx_ir cannot walk a subgraph given that way."""
+    graphs = [proto.graph]
+    while graphs:
+        g = graphs.pop()
+        for node in g.node:
+            ref = next((a for a in node.attribute if a.ref_attr_name), None)
+            if ref is not None:
+                raise UnsupportedModelError(
+                    f"{what} is invalid: attribute {ref.name!r} of node {node.name!r} "
+                    f"({node.op_type}) refers to the attribute {ref.ref_attr_name!r} of a "
+                    "function, but the node is not in a function"
+                )
+            graphs.extend(_graphs_of(node))
+
+
 def _check_tensor_types(proto: onnx.ModelProto, what: str) -> None:
     """Refuse a tensor of an element type onnx_ir does not know before it is wrapped: onnx_ir
     reads it lazily and fails only when the model is serialized (or a runtime loads it)."""
@@ -1107,6 +1125,7 @@ def as_ir_model(model: Any, which: str = "") -> ir.Model:
         return model
     if isinstance(model, onnx.ModelProto):
         _refuse_sparse(model, f"{which}model")
+        _refuse_attribute_references(model, f"{which}model")
         _check_tensor_types(model, f"{which}model")
         try:
             with quiet_libraries():

@@ -1229,3 +1229,32 @@ def test_unknown_tensor_type_in_a_model_proto_is_a_bnfold_error():
         with pytest.raises(bnfold.UnsupportedModelError, match="unknown element type 99") as e:
             call(model)
         assert "\n" not in str(e.value)
+
+
+def _if_branch_given_by_reference() -> onnx.ModelProto:
+    """An If whose then-branch is an attribute reference (``ref_attr_name``), which only a
+    node inside a function may have: the model is invalid."""
+    c = 3
+    outer = Graph(seed=31)
+    x = outer.input("x", [1, c, 5, 5])
+    cond = outer.input("cond", [], BOOL)
+    then = Graph(seed=32, name="then")
+    then.output(then.node("Identity", [x], name="identity"), shape=[1, c, 5, 5])
+    other = Graph(seed=33, name="else")
+    other.output(other.node("Identity", [x], name="identity2"), shape=[1, c, 5, 5])
+    out = outer.node("If", [cond], name="if", then_branch=then.graph(), else_branch=other.graph())
+    outer.output(out)
+    model = outer.model(opset=17)
+    attr = next(a for a in model.graph.node[-1].attribute if a.name == "then_branch")
+    attr.ref_attr_name = "BatchNormalization"
+    return model
+
+
+def test_a_subgraph_given_by_attribute_reference_outside_a_function_is_refused(tmp_path, capsys):
+    model = _if_branch_given_by_reference()
+    with pytest.raises(bnfold.UnsupportedModelError, match="not in a function"):
+        bnfold.fold(model)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    assert main([str(path), "-o", str(tmp_path / "out.onnx")]) == 1
+    assert "not in a function" in capsys.readouterr().err
