@@ -40,6 +40,7 @@ import json
 import logging
 import math
 import multiprocessing
+import re
 import sys
 import time
 import warnings
@@ -601,11 +602,12 @@ def _quiet() -> contextlib.ExitStack:
 
 
 def _producers_of(report: bnfold.FoldReport) -> set[str]:
-    """Module names (``layers.conv3`` → ``conv3``) of the layers folds went into."""
+    """Module names of the layers folds went into: ``layers.conv3`` → ``conv3``; an ONNX node
+    is named after its module path (``/layers/conv3/Conv``), so every part of a name counts
+    (``_condition`` keeps those that are layers)."""
     names = set()
     for e in report.folded:
-        target = str(e.target)
-        names.add(target.split(".")[-1])
+        names.update(re.split(r"[./]", str(e.target)))
     return names
 
 
