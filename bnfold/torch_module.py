@@ -674,7 +674,7 @@ def _references(model: nn.Module, plan: _Plan) -> list[tuple[tuple, list]]:
     once per fold call: the example inputs, and the same with their floating-point tensors
     scaled by 30 and by 1/1000 (a branch on the layers may only show on larger or smaller
     values: ``if isinstance(self.bn, BatchNorm2d): y = y.clamp(-20, 20)``). Scaled inputs the
-    model rejects are left out."""
+    model rejects, or on which it overflows, are left out."""
     if plan.references is None:
         example = plan.example_inputs or ()
         plan.references = [(example, run_model(model, example, "original"))]
@@ -683,9 +683,11 @@ def _references(model: nn.Module, plan: _Plan) -> list[tuple[tuple, list]]:
                 torch.Tensor, lambda t, k=factor: t * k if t.is_floating_point() else t, example
             )
             try:
-                plan.references.append((scaled, run_model(model, scaled, "original")))
+                outputs = run_model(model, scaled, "original")
             except BnfoldError:
                 continue
+            if all(bool(t.isfinite().all()) for _, t in outputs if t.is_floating_point()):
+                plan.references.append((scaled, outputs))  # overflowing ones compare nothing
     return plan.references
 
 
