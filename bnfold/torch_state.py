@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.overrides import TorchFunctionMode
 
 # torch.fx patches nn.Module.__call__ while it traces: one trace at a time in this process.
 TRACE_LOCK = threading.RLock()
@@ -395,10 +395,16 @@ def _holds_new_tensor(value: Any, holders: _Holders, depth: int = 0) -> bool:
     return any(_holds_new_tensor(c, holders, depth + 1) for c in children or ())
 
 
-class _WriteGuard(TorchDispatchMode):
+class _WriteGuard(TorchFunctionMode):
     """Copies a model's tensor the first time an operation is about to write into it (through
     any view of its memory), so that it can be put back: parameters a forward renormalises
     in place, a counter kept as a Parameter.
+
+    Writes are told by name, as torch names them: in-place methods (``add_``, ``copy_``,
+    ``set_``), in-place operators (``+=``, ``x[i] = v``), ``out=`` and ``inplace=True``
+    arguments, and ``.data`` assignment. (A dispatch mode would see every kernel's writes, but
+    its first use imports torch._dynamo, about two seconds.) Buffers a kernel updates without
+    saying so (a training-mode batch_norm's statistics) are put back by value instead.
 
     Only for real runs: traces see proxies or fake tensors, and torch.export runs modes of its
     own.
@@ -412,30 +418,51 @@ class _WriteGuard(TorchDispatchMode):
                 ptr = _storage_ptr(t) if t is not None else None
                 if ptr is not None:
                     self.by_storage[ptr].append(t)
-        self.saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.saved: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func._schema.is_mutable:
-            for i, arg in enumerate(func._schema.arguments):
-                if arg.alias_info is None or not arg.alias_info.is_write:
-                    continue
-                value = args[i] if i < len(args) else kwargs.get(arg.name)
-                for t in value if isinstance(value, (list, tuple)) else [value]:
-                    if isinstance(t, torch.Tensor):
-                        self._keep(t)
+        if self.by_storage:
+            for t in _written(func, args, kwargs):
+                self._keep(t)
         return func(*args, **kwargs)
 
     def _keep(self, written: torch.Tensor) -> None:
-        for t in self.by_storage.get(_storage_ptr(written), ()):
+        ptr = _storage_ptr(written)
+        for t in self.by_storage.get(ptr, ()) if ptr is not None else ():
             if id(t) not in self.saved:
-                self.saved[id(t)] = (t, t.detach().clone())
+                self.saved[id(t)] = (t, t.detach().clone(), ptr)
 
     def restore(self) -> None:
         with torch.no_grad():
-            for t, kept in self.saved.values():
-                t.copy_(kept)
+            for t, kept, ptr in self.saved.values():
+                if _storage_ptr(t) == ptr and t.shape == kept.shape:
+                    t.copy_(kept)
+                else:  # its memory was replaced (``p.data = ...``, ``set_``, ``resize_``)
+                    t.data = kept
         self.saved.clear()
+
+
+_INPLACE_OPERATORS = frozenset(
+    f"__i{op}__"
+    for op in (
+        "add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul",
+        "and", "or", "xor", "lshift", "rshift",
+    )
+) | {"__setitem__", "__set__"}  # fmt: skip
+
+
+def _written(func: Any, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    """The tensors a torch call writes into, by how torch names its writes."""
+    written = []
+    out = kwargs.get("out")
+    if out is not None:
+        written += [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+    name = getattr(func, "__name__", "")
+    in_place = (name.endswith("_") and not name.endswith("__")) or name in _INPLACE_OPERATORS
+    if (in_place or kwargs.get("inplace") is True) and args and isinstance(args[0], torch.Tensor):
+        written.append(args[0])
+    return written
 
 
 def _storage_ptr(t: torch.Tensor) -> int | None:
