@@ -14,6 +14,7 @@ import contextlib
 import functools
 import threading
 import types
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -452,16 +453,25 @@ _INPLACE_OPERATORS = frozenset(
 ) | {"__setitem__", "__set__"}  # fmt: skip
 
 
+def _tensors(value: Any) -> list[torch.Tensor]:
+    return [t for t in torch.utils._pytree.tree_leaves(value) if isinstance(t, torch.Tensor)]
+
+
 def _written(func: Any, args: tuple, kwargs: dict) -> list[torch.Tensor]:
-    """The tensors a torch call writes into, by how torch names its writes."""
-    written = []
-    out = kwargs.get("out")
-    if out is not None:
-        written += [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+    """The tensors a torch call writes into: for an ATen operator called directly, the
+    arguments its schema marks as written; otherwise by how torch names its writes (the first
+    argument, or the list of tensors a ``_foreach_..._`` function takes)."""
+    if isinstance(func, torch._ops.OpOverload):
+        written = []
+        for i, arg in enumerate(func._schema.arguments):
+            if arg.alias_info is not None and arg.alias_info.is_write:
+                written += _tensors(args[i] if i < len(args) else kwargs.get(arg.name))
+        return written
+    written = _tensors(kwargs.get("out"))
     name = getattr(func, "__name__", "")
     in_place = (name.endswith("_") and not name.endswith("__")) or name in _INPLACE_OPERATORS
-    if (in_place or kwargs.get("inplace") is True) and args and isinstance(args[0], torch.Tensor):
-        written.append(args[0])
+    if (in_place or kwargs.get("inplace") is True) and args:
+        written += _tensors(args[0])
     return written
 
 
@@ -488,6 +498,7 @@ def preserved_state(
     """
     state = ModelState(model, values)
     guard = _WriteGuard(model) if run else None
+    unguarded: list[str] = []
     try:
         if guard is None:
             yield state
@@ -495,8 +506,23 @@ def preserved_state(
             with guard:
                 yield state
     finally:
+        if guard is not None:  # written in a way torch does not name (an ATen call in C++)
+            unguarded = [
+                name
+                for name, t, version in state.tensors
+                if isinstance(t, nn.Parameter)
+                and id(t) not in guard.saved
+                and _version(t) != version
+            ]
         try:
             state.restore()
         finally:
             if guard is not None:
                 guard.restore()
+    if unguarded:
+        warnings.warn(
+            f"running {type(model).__name__} changed {', '.join(unguarded[:3])} in place in a "
+            "way bnfold could not see coming, so it could not put the old values back",
+            RuntimeWarning,
+            stacklevel=3,
+        )

@@ -2001,3 +2001,40 @@ def test_layers_used_only_when_the_model_runs_keep_their_folds(how):
     assert report.entry("bn").action == "skipped"
     assert "outside their layer's call" in report.entry("bn").reason
     _close(model, folded, x)
+
+
+class WritesThroughOtherNames(ConvBN):
+    """Writes a parameter through names other than the usual in-place methods."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.conv2 = nn.Conv2d(8, 8, 1)
+        self.how = how
+
+    def forward(self, x):
+        w = self.conv2.weight
+        with torch.no_grad():
+            if self.how == "aten":
+                torch.ops.aten.add_.Tensor(w, 1.0)
+            elif self.how == "foreach":
+                torch._foreach_mul_([w], 0.9)
+            elif self.how == "vector":
+                torch.nn.utils.vector_to_parameters(
+                    torch.zeros(72), [self.conv2.weight, self.conv2.bias]
+                )
+            else:
+                w.data = w.data * 2
+        return self.conv2(self.bn(self.conv(x)))
+
+
+@pytest.mark.parametrize("how", ["aten", "foreach", "vector", "data"])
+def test_parameters_written_through_any_name_are_put_back(how):
+    model = _setup(WritesThroughOtherNames(how).eval())
+    x = _x(2, 3, 6, 6)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for call in (bnfold.fold, bnfold.analyze):
+        try:
+            call(model, (x,))
+        except bnfold.TracingError:  # neither torch.fx nor torch.export follows every write
+            pass
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
