@@ -1960,7 +1960,8 @@ def m_pt2_json(rng: random.Random, seed: Seed, corpus: list[Seed], case: Case) -
 
 
 def m_pt2_weights(rng: random.Random, seed: Seed, corpus: list[Seed], case: Case) -> None:
-    """Weight records: wrong sizes, NaN, empty (torch then allocates what the config says)."""
+    """Weight records: wrong sizes, NaN, empty (torch then allocates what the config says),
+    expanded (stride 0: one element stored for a huge tensor)."""
     import numpy as np
 
     members = _members(seed.data)
@@ -1970,7 +1971,8 @@ def m_pt2_weights(rng: random.Random, seed: Seed, corpus: list[Seed], case: Case
     op = _pick(
         rng,
         (
-            "truncate extend flip nan inf zero_length odd_length empty_huge_config other_weight"
+            "truncate extend flip nan inf zero_length odd_length empty_huge_config "
+            "expanded_config other_weight"
         ).split(),
     )
     if op == "truncate":
@@ -1997,6 +1999,22 @@ def m_pt2_weights(rng: random.Random, seed: Seed, corpus: list[Seed], case: Case
                 meta["tensor_meta"]["sizes"] = [{"as_int": n}]
                 meta["tensor_meta"]["strides"] = [{"as_int": 1}]
                 op = f"empty record, config sizes [{n}]"
+        members[k] = (members[k][0], json.dumps(config).encode())
+    elif op == "expanded_config":
+        # What torch.export.save stores for an expanded parameter: one element on disk, every
+        # stride 0, and sizes whose product is huge (the fold must not make it dense).
+        new = np.ones(1, np.float32).tobytes()
+        k = next(j for j, (n, _) in enumerate(members) if n.endswith("model_weights_config.json"))
+        config = json.loads(members[k][1])
+        base = name.rsplit("/", 1)[-1]
+        for meta in config["config"].values():
+            if meta.get("path_name") == base:
+                rank = len(meta["tensor_meta"]["sizes"])
+                n = _pick(rng, (2**7, 2**10, 2**14))
+                meta["tensor_meta"]["sizes"] = [{"as_int": n}] * rank
+                meta["tensor_meta"]["strides"] = [{"as_int": 0}] * rank
+                meta["tensor_meta"]["storage_offset"] = {"as_int": 0}
+                op = f"expanded: one stored element, sizes [{n}] * {rank}, strides 0"
         members[k] = (members[k][0], json.dumps(config).encode())
     else:
         new = members[_pick(rng, weights)][1]
