@@ -87,6 +87,15 @@ def _children(value: Any) -> list[Any] | None:
     return None
 
 
+def _contents(value: Any) -> list[Any] | None:
+    """What a value holds: a holder's contents, or a tuple's items (a tuple is no holder, since
+    it cannot change, but the lists or objects in it can)."""
+    children = _children(value)
+    if children is None and isinstance(value, tuple):
+        children = list(value)
+    return children
+
+
 class _Holders:
     """Mutable containers reachable from module attributes, each recorded once, and plain
     tensors among their contents."""
@@ -176,9 +185,7 @@ def find_proxies(value: Any, depth: int = 0) -> list[torch.fx.Proxy]:
         return [value]
     if depth >= _MAX_DEPTH:
         return []
-    children = _children(value)
-    if children is None and isinstance(value, tuple):
-        children = list(value)
+    children = _contents(value)
     if not children:
         return []
     return [p for child in children for p in find_proxies(child, depth + 1)]
@@ -202,9 +209,7 @@ def reachable_tensors(model: nn.Module) -> list[tuple[nn.Module, str, str, torch
             return
         if depth >= _MAX_DEPTH or id(value) in seen or isinstance(value, nn.Module):
             return
-        children = _children(value)
-        if children is None and isinstance(value, tuple):
-            children = list(value)
+        children = _contents(value)
         if not children:
             return
         seen.add(id(value))
@@ -377,9 +382,7 @@ def _changed_within(value: Any, changed: set[int], depth: int = 0) -> bool:
         return False
     if id(value) in changed:
         return True
-    children = _children(value)
-    if children is None and type(value) is tuple:
-        children = list(value)
+    children = _contents(value)
     return bool(children) and any(
         _changed_within(c, changed, depth + 1) for c in children if type(c) not in _SCALARS
     )
@@ -390,9 +393,7 @@ def _holds_new_tensor(value: Any, holders: _Holders, depth: int = 0) -> bool:
         return id(value) not in holders.tensors and not isinstance(value, nn.Parameter)
     if depth >= _MAX_DEPTH:
         return False
-    children = _children(value)
-    if children is None and isinstance(value, tuple):
-        children = list(value)
+    children = _contents(value)
     return any(_holds_new_tensor(c, holders, depth + 1) for c in children or ())
 
 
