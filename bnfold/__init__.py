@@ -11,6 +11,8 @@ import sys
 from collections.abc import Iterable
 from typing import Any
 
+from .core.gc_pause import gc_paused
+from .core.report import FoldEntry, FoldReport
 from .errors import (
     BnfoldError,
     InvalidArgumentError,
@@ -20,8 +22,6 @@ from .errors import (
     UnsupportedModelError,
     VerificationError,
 )
-from .gc_pause import gc_paused
-from .report import FoldEntry, FoldReport
 
 __version__ = "0.1.0"
 
@@ -49,24 +49,24 @@ def _frontend(model: Any) -> Any:
         from torch.export import ExportedProgram
 
         if isinstance(model, ExportedProgram):
-            from . import torch_export
+            from .torch import export as torch_export
 
             return torch_export
         if isinstance(model, torch.nn.Module):
             _refuse_unflattened(torch, model)
             if isinstance(model, torch.fx.GraphModule):
-                from . import torch_export
+                from .torch import export as torch_export
 
                 if torch_export.is_aten_graph(model):
                     return torch_export
-            from . import torch_module
+            from .torch.eager import module as torch_module
 
             return torch_module
     onnx, onnx_ir = sys.modules.get("onnx"), sys.modules.get("onnx_ir")
     if (onnx is not None and isinstance(model, onnx.ModelProto)) or (
         onnx_ir is not None and isinstance(model, onnx_ir.Model)
     ):
-        from . import onnx_fold
+        from .onnx import adapter as onnx_fold
 
         return onnx_fold
     raise UnsupportedModelError(

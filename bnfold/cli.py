@@ -15,9 +15,9 @@ import time
 from collections.abc import Sequence
 
 from . import __version__
+from .core.report import FoldReport
+from .core.rules import PRODUCER_KINDS
 from .errors import BnfoldError, UnsupportedModelError, VerificationError, first_line
-from .report import FoldReport
-from .rules import PRODUCER_KINDS
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -139,7 +139,7 @@ def _one_line(text: str) -> str:
 
 def _fold_file(args: argparse.Namespace) -> int:
     """``bnfold MODEL -o OUTPUT``: load, fold, optionally verify, then write atomically."""
-    from . import files
+    from .core import files
 
     kind = files.model_format(args.model)
     if args.output is not None:
@@ -148,8 +148,8 @@ def _fold_file(args: argparse.Namespace) -> int:
         return _fold_onnx(args)
     if args.remove_initializer_inputs:
         raise UnsupportedModelError("--remove-initializer-inputs applies to ONNX models only")
-    from . import torch_export as frontend
-    from . import torch_pt2 as pt2
+    from .torch import export as frontend
+    from .torch import pt2 as pt2
 
     loaded = pt2.load(args.model)
     original = loaded.program
@@ -187,7 +187,8 @@ def _fold_onnx(args: argparse.Namespace) -> int:
     """The ONNX path: external tensors stay memory-mapped, so weights that are not folded are
     never read until the result is written."""
     try:
-        from . import onnx_files, onnx_fold
+        from .onnx import adapter as onnx_fold
+        from .onnx import files as onnx_files
     except ImportError as e:
         raise UnsupportedModelError(
             f"reading ONNX models needs onnx, onnx-ir and onnxruntime ({first_line(e)}): "

@@ -2,7 +2,7 @@
 
 Every error a user can meet is a :class:`BnfoldError`; the message says what is wrong and what
 to do about it. A refused fold is *not* an error: it is recorded in the
-:class:`~bnfold.report.FoldReport` with its reason.
+:class:`~bnfold.core.report.FoldReport` with its reason.
 """
 
 from __future__ import annotations

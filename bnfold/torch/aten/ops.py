@@ -1,6 +1,6 @@
 """What ATen nodes of a torch.export graph compute: BatchNorm ops, producer ops, their arguments.
 
-The graph frontend (:mod:`bnfold.torch_export`) reads nodes only through this module, so the op
+The graph frontend (:mod:`bnfold.torch.export`) reads nodes only through this module, so the op
 tables (both the ops ``torch.export`` emits and what ``run_decompositions()`` turns them into)
 live in one place.
 """
@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch.fx import Node
 
-from .algebra import CONV, LINEAR, OutputLayout, conv_transpose_layout
-from .errors import FoldRefused
+from ...core.algebra import CONV, LINEAR, OutputLayout, conv_transpose_layout
+from ...errors import FoldRefused
 
 # BatchNorm ops. ``None``: the op has a ``training`` argument; ``False``: always inference;
 # ``True``: always batch statistics. The second value says whether the op returns a tuple.
@@ -119,7 +119,7 @@ def set_argument(node: Node, name: str, value: Any) -> None:
     node.args = tuple(node.args) + tuple(a.default_value for a in gap) + (value,)
 
 
-# Set in a node's meta by bnfold.torch_pt2 when a program read from a file carries shape
+# Set in a node's meta by bnfold.torch.pt2 when a program read from a file carries shape
 # metadata for the node that bnfold could not check against what the program computes (the node
 # depends on an op bnfold does not run, even on fake tensors): its shape counts as unknown.
 UNCHECKED_SHAPE = "bnfold_unchecked_shape"

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .algebra import affine_factors
-from .torch_state import identity
+from ...core.algebra import affine_factors
+from ...torch.eager.state import identity
 
 _BN_RANKS = (
     (nn.BatchNorm1d, frozenset({2, 3})),

@@ -3,7 +3,7 @@
 A ``.pt2`` archive is untrusted input, and its graph is a list of calls: ``aten.from_file``
 maps a file of the author's choosing, ``aten._print`` and custom ops do whatever they were
 written to do. Folding only rewrites the graph and never runs it; ``--verify`` (and
-``bnfold.verify`` of a program read by :func:`bnfold.torch_pt2.load`) runs it, so every call in
+``bnfold.verify`` of a program read by :func:`bnfold.torch.pt2.load`) runs it, so every call in
 the program, nested graphs included, must first be found here. Anything else is refused.
 
 The list names ATen operators (by their overload packet, ``aten.conv2d``) that compute tensors
@@ -29,7 +29,7 @@ from torch import fx
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
 
-from .errors import VerificationError
+from ...errors import VerificationError
 
 # ATen overload packets, as exported (composite ops) and after run_decompositions() (core ATen).
 PURE_ATEN_OPS = frozenset(

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from .errors import ModelFileError
+from ..errors import ModelFileError
 
 _ZIP_MAGIC = b"PK\x03\x04"
 # An ONNX file is a ModelProto whose first field is ir_version (field 1, varint): byte 0x08.

@@ -2,8 +2,8 @@
 operators that may stand between them.
 
 Everything here reads the operator specifications (attributes, defaults, input positions) and
-nothing else; the legality decision is :mod:`bnfold.rules`' and the rewriting
-:mod:`bnfold.onnx_fold`'s.
+nothing else; the legality decision is :mod:`bnfold.core.rules`' and the rewriting
+:mod:`bnfold.onnx.adapter`'s.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
-from .onnx_const import attribute, describe_node, is_default_domain
+from ..onnx.constants import attribute, describe_node, is_default_domain
 
 # BatchNormalization's default epsilon in every version.
 DEFAULT_EPSILON = 1e-5
@@ -85,7 +85,7 @@ class ProducerCall:
 
     ``weight_index`` is the weight operand's input position and ``weight_axis`` its axis that
     indexes output channels (the ``groups`` blocks of a ConvTranspose weight are described by
-    :func:`bnfold.algebra.conv_transpose_layout`). ``bias_index`` is where its own bias goes;
+    :func:`bnfold.core.algebra.conv_transpose_layout`). ``bias_index`` is where its own bias goes;
     ``None`` for MatMul, which has none. ``rank`` is its output's rank when the operator fixes
     it, and ``channel_last`` says whether the output channels are the last axis (MatMul/Gemm)
     or axis 1 (convolutions).

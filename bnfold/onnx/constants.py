@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from .errors import BnfoldError, UnsupportedModelError
+from ..errors import BnfoldError, UnsupportedModelError
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
 

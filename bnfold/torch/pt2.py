@@ -5,7 +5,8 @@ Reading checks the archive before torch does, and refuses what would be silently
 and declared sizes far beyond what the file holds. Extra files travel with the program.
 :func:`check` runs the original and the folded program on the same random inputs, each on its
 own copy of the inputs and of any state it writes, and only once every op of both programs is
-on the allowlist of :mod:`bnfold.torch_safe_ops` (a program read from a file is untrusted input).
+on the allowlist of :mod:`bnfold.torch.aten.safe_ops` (a program read from a file is
+untrusted input).
 """
 
 from __future__ import annotations
@@ -33,18 +34,18 @@ from torch import nn
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
 
-from .checks import CheckResult
-from .errors import (
+from ..core.compare import CheckResult
+from ..errors import (
     BnfoldError,
     ModelFileError,
     UnsupportedModelError,
     VerificationError,
     first_line,
 )
-from .torch_aten import UNCHECKED_SHAPE
-from .torch_graph_store import ProgramStore, copy_quietly, copy_tensors, module_tensors
-from .torch_safe_ops import check_program, runs_on_fake_tensors
-from .torch_verify import compare, fresh_copy, output_tensors, tolerance
+from ..torch.aten.ops import UNCHECKED_SHAPE
+from ..torch.aten.safe_ops import check_program, runs_on_fake_tensors
+from ..torch.aten.store import ProgramStore, copy_quietly, copy_tensors, module_tensors
+from ..torch.verify import compare, fresh_copy, output_tensors, tolerance
 
 
 @contextlib.contextmanager
@@ -62,7 +63,7 @@ def _quiet_torch_export_logs() -> Iterator[None]:
 
 
 # Programs :func:`load` read from files: running one (``--verify``, :func:`check`,
-# ``bnfold.verify``) first passes :func:`bnfold.torch_safe_ops.check_program`.
+# ``bnfold.verify``) first passes :func:`bnfold.torch.aten.safe_ops.check_program`.
 _FROM_FILES: weakref.WeakSet[ExportedProgram] = weakref.WeakSet()
 
 # --verify's random inputs may take this much in all (as for ONNX models).
@@ -1135,7 +1136,7 @@ def load(path: str | os.PathLike[str]) -> ProgramFile:
     anything torch would unpickle or run as code, or a program torch cannot read. Sample inputs
     that only unpickling could read, or unlike the program's input specs, are dropped (random
     inputs then come from the input specs). The program is marked as read from a file: it is
-    run only after :func:`bnfold.torch_safe_ops.check_program`.
+    run only after :func:`bnfold.torch.aten.safe_ops.check_program`.
     """
     plan = _inspect(path)
     extra = dict.fromkeys(plan.extra, "")
@@ -1407,7 +1408,7 @@ def runnable(program: ExportedProgram, untrusted: bool | None = None) -> nn.Modu
     (so verifying never changes the program, nor the eager model it shares tensors with).
 
     An ``untrusted`` program (by default: one :func:`load` read from a file) must pass
-    :func:`bnfold.torch_safe_ops.check_program` first, or :class:`VerificationError` is raised.
+    :func:`bnfold.torch.aten.safe_ops.check_program` first, or :class:`VerificationError` is raised.
     """
     if untrusted if untrusted is not None else from_file(program):
         check_program(program)

@@ -8,8 +8,8 @@ Two containers hold the same kind of graph:
   ``get_attr`` nodes.
 
 The fold itself only sees "constant tensor nodes" through a :class:`Store`, one per container,
-so finding pairs, deciding (:mod:`bnfold.rules`), computing (:mod:`bnfold.algebra`) and
-rewriting the graph are written once. Ops are read through :mod:`bnfold.torch_aten`.
+so finding pairs, deciding (:mod:`bnfold.core.rules`), computing (:mod:`bnfold.core.algebra`) and
+rewriting the graph are written once. Ops are read through :mod:`bnfold.torch.aten.ops`.
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ from torch import nn
 from torch.export import ExportedProgram
 from torch.fx import GraphModule, Node
 
-from . import rules
-from .algebra import affine_factors, fold_affine_into_producer
-from .errors import FoldRefused, InvalidArgumentError, UnsupportedModelError
-from .report import FoldEntry, FoldReport
-from .rules import PairFacts
-from .torch_aten import (
+from ..core import rules
+from ..core.algebra import affine_factors, fold_affine_into_producer
+from ..core.report import FoldEntry, FoldReport
+from ..core.rules import PairFacts
+from ..errors import FoldRefused, InvalidArgumentError, UnsupportedModelError
+from ..torch.aten.ops import (
     BatchNormCall,
     ProducerCall,
     activation_steps,
@@ -46,7 +46,7 @@ from .torch_aten import (
     set_argument,
     trace_back,
 )
-from .torch_graph_store import (
+from ..torch.aten.store import (
     ModuleStore,
     ProgramStore,
     Store,
@@ -55,7 +55,7 @@ from .torch_graph_store import (
     module_tensors,
     unshare,
 )
-from .torch_verify import verify as verify_modules
+from ..torch.verify import verify as verify_modules
 
 _RANK_HINT = "export the model again so that its nodes carry shapes (node.meta['val'])"
 
@@ -744,7 +744,7 @@ def _fold(
 def verify(original: Any, folded: Any, example_inputs: Any) -> tuple[float, float]:
     """Run both programs (or graph modules) on ``example_inputs``; return the errors."""
 
-    from .torch_pt2 import runnable as program_runnable
+    from ..torch.pt2 import runnable as program_runnable
 
     def runnable(m: Any) -> Any:
         return program_runnable(m) if isinstance(m, ExportedProgram) else m

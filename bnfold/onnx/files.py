@@ -30,9 +30,16 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from . import checks
-from .checks import CheckResult, array_error, compare_arrays, is_floating
-from .errors import (
+from ..core import compare as checks
+from ..core.compare import CheckResult, array_error, compare_arrays, is_floating
+from ..core.files import (
+    check_replaceable,
+    output_target,
+    result_permissions,
+    temp_prefix,
+    write_atomically,
+)
+from ..errors import (
     BnfoldError,
     InvalidArgumentError,
     ModelFileError,
@@ -40,14 +47,7 @@ from .errors import (
     VerificationError,
     first_line,
 )
-from .files import (
-    check_replaceable,
-    output_target,
-    result_permissions,
-    temp_prefix,
-    write_atomically,
-)
-from .onnx_const import FLOAT_TYPES, INTEGER_TYPES, quiet_logs
+from ..onnx.constants import FLOAT_TYPES, INTEGER_TYPES, quiet_logs
 
 # A serialized ModelProto cannot exceed 2 GiB (protobuf's limit); tensors adding up to more
 # than this leave room for the graph itself and go to an external data file.
@@ -122,7 +122,7 @@ _WARNINGS_LOCK = threading.RLock()
 
 @contextlib.contextmanager
 def quiet_libraries() -> Iterator[None]:
-    """:func:`~bnfold.onnx_const.quiet_logs`, and no warnings either: onnx warns of unknown
+    """:func:`~bnfold.onnx.constants.quiet_logs`, and no warnings either: onnx warns of unknown
     external-data keys as onnx_ir reads a model (harmless: they are ignored). Warnings filters
     are global state, so overlapping calls in several threads take turns."""
     with quiet_logs(), _WARNINGS_LOCK, warnings.catch_warnings():

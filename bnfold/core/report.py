@@ -15,7 +15,7 @@ class FoldEntry:
 
     ``bn`` and ``target`` are names in the model (module paths or node names); ``target`` is the
     layer the BatchNorm was folded into (or would have been), ``None`` when there is none.
-    ``rule`` names the legality rule that failed (see :mod:`bnfold.rules`), ``reason`` says why
+    ``rule`` names the legality rule that failed (see :mod:`bnfold.core.rules`), ``reason`` says why
     in words; both are empty for a fold.
     """
 

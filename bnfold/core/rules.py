@@ -3,7 +3,7 @@
 A frontend translates its graph into :class:`PairFacts` (a few plain facts about one BatchNorm
 and the layer feeding it) and calls :func:`decide`. Each rule is a small function returning
 ``None`` when it holds or a reason a user can read. The numeric validity rule lives in
-:mod:`bnfold.algebra`, which refuses while computing.
+:mod:`bnfold.core.algebra`, which refuses while computing.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from .errors import InvalidArgumentError
+from ..errors import InvalidArgumentError
 
 ProducerKind = Literal["conv", "conv_transpose", "linear"]
 PRODUCER_KINDS: tuple[ProducerKind, ...] = ("conv", "conv_transpose", "linear")

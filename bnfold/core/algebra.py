@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import FoldRefused
+from ..errors import FoldRefused
 
 __all__ = [
     "OutputLayout",

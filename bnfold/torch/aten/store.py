@@ -28,8 +28,8 @@ from torch.export.graph_signature import (
 )
 from torch.fx import GraphModule, Node
 
-from .errors import BnfoldError, UnsupportedModelError, first_line
-from .torch_aten import may_be_written
+from ...errors import BnfoldError, UnsupportedModelError, first_line
+from ...torch.aten.ops import may_be_written
 
 _CONSTANT_KINDS = (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
 

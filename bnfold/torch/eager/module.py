@@ -3,8 +3,8 @@
 The folded model is the caller's own class: folded BatchNorms become ``nn.Identity`` (or, for a
 BatchNorm subclass with its own forward, what that forward does after normalising) and the
 producers' parameters hold the folded values, so user methods and attributes survive. Data flow
-comes from :mod:`bnfold.torch_dataflow`, the decisions from :mod:`bnfold.rules`, the numbers from
-:mod:`bnfold.algebra`.
+comes from :mod:`bnfold.torch.eager.dataflow`, the decisions from :mod:`bnfold.core.rules`,
+the numbers from :mod:`bnfold.core.algebra`.
 """
 
 from __future__ import annotations
@@ -20,18 +20,18 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from . import rules
-from .algebra import ScaledWeight, checked_fold
-from .errors import (
+from ...core import rules
+from ...core.algebra import ScaledWeight, checked_fold
+from ...core.report import FoldEntry, FoldReport
+from ...core.rules import PairFacts
+from ...errors import (
     BnfoldError,
     FoldRefused,
     TrainingModeError,
     UnsupportedModelError,
     first_line,
 )
-from .report import FoldEntry, FoldReport
-from .rules import PairFacts
-from .torch_batchnorm import (
+from ...torch.eager.batchnorm import (
     BatchNormSpec,
     batchnorm_spec,
     call_changed_reason,
@@ -39,7 +39,7 @@ from .torch_batchnorm import (
     is_batchnorm,
     spec_runs_forward,
 )
-from .torch_dataflow import (
+from ...torch.eager.dataflow import (
     Dataflow,
     ModuleCalls,
     follow_steps,
@@ -49,14 +49,14 @@ from .torch_dataflow import (
     run_differences,
     trace_difference,
 )
-from .torch_producers import (
+from ...torch.eager.producers import (
     custom_forward_reason,
     output_layout,
     params_not_constant,
     producer_kind,
 )
-from .torch_state import TRACE_LOCK, preserved_state, reachable_tensors
-from .torch_verify import compare, normalise_inputs, run_model, tolerance, verify
+from ...torch.eager.state import TRACE_LOCK, preserved_state, reachable_tensors
+from ...torch.verify import compare, normalise_inputs, run_model, tolerance, verify
 
 # --------------------------------------------------------------------------------------------
 # Facts and decisions
@@ -305,7 +305,7 @@ def _check_against_a_run(
     flow: Dataflow,
 ) -> None:
     """Run the model on the example inputs and keep the BatchNorms of the folds the run does
-    not bear out (see :func:`bnfold.torch_dataflow.run_differences`); updates ``facts_of``."""
+    not bear out (see :func:`bnfold.torch.eager.dataflow.run_differences`); updates ``facts_of``."""
     pairs = {
         bn: f.producer
         for bn, f in facts_of.items()

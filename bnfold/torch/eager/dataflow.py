@@ -25,16 +25,16 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .errors import InvalidArgumentError, TracingError, first_line
-from .torch_batchnorm import (
+from ...errors import InvalidArgumentError, TracingError, first_line
+from ...torch.eager.batchnorm import (
     BufferProxyTracer,
     forward_changed_reason,
     is_batchnorm,
     reads_metadata_only,
 )
-from .torch_producers import producer_kind
-from .torch_state import TRACE_LOCK, find_proxies, preserved_state
-from .torch_verify import fresh_copy, output_tensors
+from ...torch.eager.producers import producer_kind
+from ...torch.eager.state import TRACE_LOCK, find_proxies, preserved_state
+from ...torch.verify import fresh_copy, output_tensors
 
 # --------------------------------------------------------------------------------------------
 # What may stand between a producer and its BatchNorm
@@ -646,7 +646,7 @@ def _foreign_operands(
     rewrites those, so a call computing with anything else would not see the fold, or would see
     it where it does not belong.
     """
-    from .torch_aten import batch_norm_call, producer_call, trace_back
+    from ...torch.aten.ops import batch_norm_call, producer_call, trace_back
 
     problems = []
     for node in members:

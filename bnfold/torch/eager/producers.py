@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .algebra import CONV, LINEAR, OutputLayout, conv_transpose_layout
-from .torch_batchnorm import defining_class, forward_changed_reason, is_torch_class
+from ...core.algebra import CONV, LINEAR, OutputLayout, conv_transpose_layout
+from ...torch.eager.batchnorm import defining_class, forward_changed_reason, is_torch_class
 
 
 def producer_kind(m: nn.Module) -> str | None:

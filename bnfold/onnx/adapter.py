@@ -2,8 +2,8 @@
 
 Works on the ``onnx_ir`` in-memory graph. For every BatchNormalization, in topological order:
 find the producer behind it (through ``Identity``/``Transpose``/``Unsqueeze``/``Squeeze``,
-and a constant ``Add`` after the producer), gather the facts :mod:`bnfold.rules` decides on,
-compute the fold with :mod:`bnfold.algebra`, and rewrite: the weight is scaled where it is
+and a constant ``Add`` after the producer), gather the facts :mod:`bnfold.core.rules` decides on,
+compute the fold with :mod:`bnfold.core.algebra`, and rewrite: the weight is scaled where it is
 stored (or copied to a new initializer when something else reads it), the bias replaced by a
 new initializer, the BatchNorm removed and its output name kept when it is a graph output.
 What the fold leaves unused (the BatchNorm's parameters, the old bias and the constant
@@ -23,9 +23,10 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from . import algebra, rules
-from .errors import FoldRefused, UnsupportedModelError, first_line
-from .onnx_const import (
+from ..core import algebra, rules
+from ..core.report import FoldEntry, FoldReport
+from ..errors import FoldRefused, UnsupportedModelError, first_line
+from ..onnx.constants import (
     MAX_RANK,
     Constants,
     NotConstant,
@@ -40,7 +41,7 @@ from .onnx_const import (
     quiet_logs,
     reads_data,
 )
-from .onnx_ops import (
+from ..onnx.ops import (
     LAYOUT_OPS,
     PRODUCER_OPS,
     AxisTrack,
@@ -50,7 +51,6 @@ from .onnx_ops import (
     follow,
     producer_call,
 )
-from .report import FoldEntry, FoldReport
 
 _RANK_HINT = (
     "give the model's inputs shapes of known rank (bnfold runs ONNX shape inference, which "
@@ -863,7 +863,7 @@ def _function_entries(model: ir.Model) -> list[FoldEntry]:
 
 
 def _working_model(model: Any, inplace: bool) -> ir.Model:
-    from .onnx_files import as_ir_model
+    from ..onnx.files import as_ir_model
 
     working = as_ir_model(model)
     if not isinstance(model, ir.Model) or inplace:
@@ -928,6 +928,6 @@ def fold(
 def verify(original: Any, folded: Any, example_inputs: Any) -> tuple[float, float]:
     """Run both models in onnxruntime on ``example_inputs`` (a dict of input name to array, or
     ``None`` for random inputs); return ``(max_abs_err, max_rel_err)``."""
-    from . import onnx_files
+    from ..onnx import files as onnx_files
 
     return onnx_files.verify(original, folded, example_inputs)

@@ -11,9 +11,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import checks
-from .errors import InvalidArgumentError, UnsupportedModelError, first_line
-from .torch_state import TRACE_LOCK, preserved_state
+from ..core import compare as checks
+from ..errors import InvalidArgumentError, UnsupportedModelError, first_line
+from ..torch.eager.state import TRACE_LOCK, preserved_state
 
 _PLAIN = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device)
 
@@ -53,7 +53,7 @@ def normalise_inputs(example_inputs: Any) -> tuple | None:
 
 
 def _error(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    """(max |x - y|, that / max |x|), as :func:`bnfold.checks.array_error` measures it."""
+    """(max |x - y|, that / max |x|), as :func:`bnfold.core.compare.array_error` measures it."""
     if x.dtype == torch.bool:
         x, y = x.to(torch.uint8), y.to(torch.uint8)
     wide = torch.complex128 if (x.is_complex() or y.is_complex()) else torch.float64
@@ -64,7 +64,7 @@ def _error(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
 
 def tolerance(outputs: list[torch.Tensor]) -> float:
     """The relative tolerance for outputs of these dtypes: that of the least precise
-    (:data:`bnfold.checks.REL_TOLERANCE`; integer and bool outputs must match exactly)."""
+    (:data:`bnfold.core.compare.REL_TOLERANCE`; integer and bool outputs must match exactly)."""
     return checks.tolerance(
         str(t.dtype).removeprefix("torch.")
         for t in outputs

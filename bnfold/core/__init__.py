@@ -1,0 +1,1 @@
+"""Framework-free core: fold algebra, legality rules, report, output comparison, file writing."""

@@ -1,0 +1,1 @@
+"""ATen graphs: op tables, where constants are stored, and the graph adapter."""

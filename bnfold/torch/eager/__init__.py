@@ -1,0 +1,1 @@
+"""Folding BatchNorm in eager ``nn.Module`` trees: data flow, layer semantics, module state."""
