@@ -29,8 +29,8 @@ test: venv lint
 # each prints its counts and fails on any wrong fold or crash.
 FUZZ_EXAMPLES ?= 10000
 fuzz: venv
-	$(BIN)/python tests/fuzz_networks.py --examples $(FUZZ_EXAMPLES) --jobs $(JOBS)
-	$(BIN)/python tests/fuzz_files.py --inputs $(FUZZ_EXAMPLES) --jobs $(JOBS)
+	$(BIN)/python tests/fuzz/networks.py --examples $(FUZZ_EXAMPLES) --jobs $(JOBS)
+	$(BIN)/python tests/fuzz/files.py --inputs $(FUZZ_EXAMPLES) --jobs $(JOBS)
 
 # Fold time and memory against torch.fx / onnxscript / onnxruntime / onnxoptimizer / onnxsim,
 # scaling to 10,000 blocks, and inference latency; tables on stdout, docs/benchmarks.png.

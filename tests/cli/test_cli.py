@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from cli_support import listing, refused_before_any_work
 
 from bnfold.cli import main
+from tests.helpers.cli import listing, refused_before_any_work
 
 
 def test_demo_folds_and_verifies(capsys):

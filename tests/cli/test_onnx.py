@@ -12,8 +12,8 @@ from onnx import TensorProto
 from onnx import helper as h
 from onnx import numpy_helper as nh
 
-from bnfold import algebra
 from bnfold.cli import main
+from bnfold.core import algebra
 
 
 def _model() -> onnx.ModelProto:

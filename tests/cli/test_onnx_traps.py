@@ -16,14 +16,14 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from cli_support import listing, refused_before_any_work
 from onnx import TensorProto, helper, numpy_helper
 from onnx.external_data_helper import convert_model_to_external_data, load_external_data_for_tensor
-from onnx_models import peak_growth
 
 import bnfold
-from bnfold import onnx_files
 from bnfold.cli import main
+from bnfold.onnx import files as onnx_files
+from tests.helpers.cli import listing, refused_before_any_work
+from tests.helpers.onnx_models import peak_growth
 
 IR_VERSION = 8  # onnxruntime 1.31 reads IR 8..10
 C = 8
@@ -356,7 +356,7 @@ def test_overwritten_output_keeps_its_mode_and_new_output_gets_umask(tmp_path, c
 
 
 # ---------------------------------------------------------------------------------------------
-# 7. Files the fuzzer (tests/fuzz_files.py) made bnfold fail on with an internal error, too much
+# 7. Files the fuzzer (tests/fuzz/files.py) made bnfold fail on with an internal error, too much
 #    memory or more than one line of stderr
 
 

@@ -17,12 +17,13 @@ import zipfile
 
 import pytest
 import torch
-from support import randomize_all
 from torch import nn
 
 import bnfold
-from bnfold import torch_export, torch_pt2
 from bnfold.cli import main
+from bnfold.torch import export as torch_export
+from bnfold.torch import pt2 as torch_pt2
+from tests.helpers.support import randomize_all
 
 
 class Net(nn.Module):
@@ -820,7 +821,7 @@ def test_two_inputs_naming_one_state_key_fold_and_verify(tmp_path, renamed, to, 
 def test_a_folded_program_torch_rejects_is_a_one_line_error(program_file, monkeypatch, capsys):
     from torch._export.verifier import SpecViolationError
 
-    from bnfold import torch_graph_store
+    from bnfold.torch.aten import store as torch_graph_store
 
     def rejects(**kwargs):
         raise SpecViolationError("Parameter c.weight is not in the state dict.")

@@ -38,15 +38,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from onnx import helper
-from onnx_models import Graph, conv_model, gemm_model, random_feeds, run
-from support import REL_TOL, randomize_all
 from torch import nn
 from torch.export import ExportedProgram
 from torch.utils._pytree import tree_leaves
 
 import bnfold
-from bnfold import rules
 from bnfold.cli import main
+from bnfold.core import rules
+from tests.helpers.onnx_models import Graph, conv_model, gemm_model, random_feeds, run
+from tests.helpers.support import REL_TOL, randomize_all
 
 FORMS = ["eager", "program", "graph_module", "onnx", "onnx_ir"]
 TORCH_FORMS = FORMS[:3]

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bnfold.algebra import (
+from bnfold.core.algebra import (
     CONV,
     LINEAR,
     OutputLayout,
@@ -284,7 +284,7 @@ def test_pruned_channels_of_a_float16_weight_are_exact_zeros_not_underflow():
 
 
 def test_verify_reads_conjugate_and_negative_views():
-    from bnfold.torch_verify import _error
+    from bnfold.torch.verify import _error
 
     z = torch.randn(4, dtype=torch.complex128)
     assert _error(z.conj(), z.conj()) == (0.0, 0.0)

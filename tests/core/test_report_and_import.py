@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from bnfold.report import FoldEntry, FoldReport
+from bnfold.core.report import FoldEntry, FoldReport
 
 
 def _report() -> FoldReport:
@@ -52,7 +52,8 @@ def test_report_as_data():
 
 def test_import_bnfold_imports_no_framework():
     code = (
-        "import sys, bnfold, bnfold.algebra, bnfold.rules, bnfold.report, bnfold.cli\n"
+        "import sys, bnfold, bnfold.core.algebra, bnfold.core.rules, bnfold.core.report\n"
+        "import bnfold.cli\n"
         "frameworks = ('torch', 'onnx', 'onnx_ir', 'jax', 'onnxruntime')\n"
         "bad = [m for m in frameworks if m in sys.modules]\n"
         "print(','.join(bad))\n"

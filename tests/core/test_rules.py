@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 
-from bnfold import rules
-from bnfold.rules import PairFacts, decide
+from bnfold.core import rules
+from bnfold.core.rules import PairFacts, decide
 
 CONV2D = PairFacts(
     bn="bn",

@@ -17,11 +17,11 @@ temporary file), the input is unchanged, an output written with status 0 loads, 
 finishes in seconds without allocating memory the file does not justify. An output named in
 the input directory may change only its own files, never the input's (unless it is the input).
 
-As a script (``python tests/fuzz_files.py --inputs 10000 --seed 0``) the inputs run in worker
+As a script (``python tests/fuzz/files.py --inputs 10000 --seed 0``) the inputs run in worker
 subprocesses, so that a native crash (a segfault in protobuf, onnxruntime or torch) is recorded
 with the input that caused it and the run goes on; every finding's input is saved to
 ``--save-dir`` with a ``repro.txt``, and a summary table is printed. The exit status is 1 when
-there is any finding. ``tests/test_fuzz_files.py`` runs a few hundred inputs in-process.
+there is any finding. ``tests/fuzz/test_files.py`` runs a few hundred inputs in-process.
 """
 
 from __future__ import annotations
@@ -3352,5 +3352,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.fspath(HERE.parent.parent))
+    sys.path.insert(0, os.fspath(HERE.parents[2]))
     sys.exit(main())

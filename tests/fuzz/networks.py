@@ -26,8 +26,8 @@ Every BatchNorm must be either folded (gone from the result) or kept with a rule
 ``fold`` must not change its input (hashes of every tensor and of the graph before and after),
 and any exception must be a ``bnfold.BnfoldError``.
 
-``python tests/fuzz_networks.py --examples 10000 --jobs 2`` (``make fuzz``) runs many examples
-and prints the counts; ``tests/test_fuzz_networks.py`` runs a few in ``make test``.
+``python tests/fuzz/networks.py --examples 10000 --jobs 2`` (``make fuzz``) runs many examples
+and prints the counts; ``tests/fuzz/test_networks.py`` runs a few in ``make test``.
 """
 
 from __future__ import annotations
@@ -730,7 +730,8 @@ def _onnx_form(case: Case, draw: Any) -> str | tuple:
     import onnx
     import onnx_ir as ir
     import onnxruntime as ort
-    from onnx_models import BFLOAT16, FLOAT16, convert, export_torch, session
+
+    from tests.helpers.onnx_models import BFLOAT16, FLOAT16, convert, export_torch, session
 
     global _QUIET_RUN
     if _QUIET_RUN is None:  # a model onnxruntime rejects is counted, not printed
@@ -956,4 +957,6 @@ def _init() -> None:
 
 
 if __name__ == "__main__":
+    # run as a script: the repository root makes ``tests.helpers`` importable
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2]))
     sys.exit(main())

@@ -1,5 +1,5 @@
 """Damaged model files through the command line, in-process: a few hundred inputs of the file
-fuzzer (``tests/fuzz_files.py``, which ``make fuzz`` runs on 10,000 in worker processes), and
+fuzzer (``tests/fuzz/files.py``, which ``make fuzz`` runs on 10,000 in worker processes), and
 ONNX and ``.pt2`` headers that promise absurd sizes, one by one.
 
 For every bad file ``bnfold.cli.main`` must return 1 with one ``bnfold: error:`` line, let no
@@ -12,8 +12,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import fuzz_files as ff
 import pytest
+
+from tests.fuzz import files as ff
 
 FUZZ_SEED = 1  # make fuzz uses seed 0: these are other inputs
 N_INPUTS = 200

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fuzz_networks import Case, Net, WrongResult, check_case, draw_case
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import bnfold
+from tests.fuzz.networks import Case, Net, WrongResult, check_case, draw_case
 
 EXAMPLES = 12
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bnfold import rules
+from bnfold.core import rules
 from bnfold.demo import DemoNet, randomize_batchnorms
 
 C_IN = 4

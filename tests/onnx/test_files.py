@@ -1,5 +1,5 @@
 """ONNX model files: reading (and refusing damaged files), atomic writing, random inputs and
-onnxruntime checks (`bnfold.onnx_files`).
+onnxruntime checks (`bnfold.onnx.files`).
 
 Every refusal is checked to be a one-line :class:`ModelFileError`; every failed write to leave
 the directory exactly as it was.
@@ -16,14 +16,14 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from bnfold import onnx_files
-from bnfold.checks import DISCRETE_MISMATCH_TOLERANCE, CheckResult, array_error
+from bnfold.core.compare import DISCRETE_MISMATCH_TOLERANCE, CheckResult, array_error
 from bnfold.errors import (
     InvalidArgumentError,
     ModelFileError,
     UnsupportedModelError,
     VerificationError,
 )
+from bnfold.onnx import files as onnx_files
 
 IR_VERSION = 10  # onnx 1.23 writes IR 14 by default, newer than onnxruntime 1.31 reads
 

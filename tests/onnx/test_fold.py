@@ -19,7 +19,11 @@ import onnx_ir as ir
 import pytest
 import torch
 from onnx import helper
-from onnx_models import (
+
+import bnfold
+from bnfold.core import rules
+from bnfold.demo import randomize_batchnorms
+from tests.helpers.onnx_models import (
     BFLOAT16,
     BOOL,
     DOUBLE,
@@ -48,10 +52,6 @@ from onnx_models import (
     run,
     session,
 )
-
-import bnfold
-from bnfold import rules
-from bnfold.demo import randomize_batchnorms
 
 FOLDED = {"bn": ("folded", "conv")}
 

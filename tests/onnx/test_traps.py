@@ -16,7 +16,12 @@ import onnx
 import onnx_ir as ir
 import pytest
 import torch
-from onnx_models import (
+from torch import nn
+
+import bnfold
+from bnfold.cli import main
+from bnfold.core import rules
+from tests.helpers.onnx_models import (
     BFLOAT16,
     BOOL,
     DOUBLE,
@@ -36,11 +41,6 @@ from onnx_models import (
     run,
     shared_scale_model,
 )
-from torch import nn
-
-import bnfold
-from bnfold import rules
-from bnfold.cli import main
 
 # --------------------------------------------------------------------------------------------
 # 1. One initializer as both operands of the producer
@@ -534,7 +534,7 @@ def test_constant_on_the_left_of_a_matmul_is_named_as_such():
 
 
 # --------------------------------------------------------------------------------------------
-# 12. Found by the file fuzzer (tests/fuzz_files.py): malformed nodes, constants that would take
+# 12. Found by the file fuzzer (tests/fuzz/files.py): malformed nodes, constants that would take
 #     gigabytes, shape inference that would, and warnings of handled overflows
 
 
@@ -929,7 +929,7 @@ def test_computed_zero_d_batch_norm_parameter_refused():
 
 
 def _count_evaluations(monkeypatch, op: str) -> list[int]:
-    from bnfold import onnx_const
+    from bnfold.onnx import constants as onnx_const
 
     calls: list[int] = []
     evaluate = onnx_const._OPS[op]
@@ -996,7 +996,7 @@ def test_constant_budget_is_per_model():
 def test_constants_forget_what_was_computed_from_a_rewritten_tensor():
     """After a fold rewrites a stored weight in place, what the cache computed from it is
     computed again from the new data (the cache now lives for the whole fold)."""
-    from bnfold.onnx_const import Constants
+    from bnfold.onnx.constants import Constants
 
     g = Graph(seed=38)
     x = g.input("x", [2])

@@ -12,7 +12,26 @@ import statistics
 
 import pytest
 import torch
-from models import (
+from torch import nn
+
+import bnfold
+from bnfold.core import rules
+from bnfold.demo import DemoNet
+from bnfold.torch.eager.module import FoldedBatchNorm
+from tests.helpers.support import (
+    POISONS,
+    REL_TOL,
+    FrozenBatchNorm2d,
+    assert_same_outputs,
+    assert_snapshot_equal,
+    check_report,
+    poison,
+    randn,
+    randomize_all,
+    rel_err,
+    rms,
+)
+from tests.helpers.torch_models import (
     BN,
     BN_VARIANTS,
     C_IN,
@@ -55,25 +74,6 @@ from models import (
     mixed_selected,
     skipped,
 )
-from support import (
-    POISONS,
-    REL_TOL,
-    FrozenBatchNorm2d,
-    assert_same_outputs,
-    assert_snapshot_equal,
-    check_report,
-    poison,
-    randn,
-    randomize_all,
-    rel_err,
-    rms,
-)
-from torch import nn
-
-import bnfold
-from bnfold import rules
-from bnfold.demo import DemoNet
-from bnfold.torch_module import FoldedBatchNorm
 
 # --------------------------------------------------------------------------------------------
 # Helpers

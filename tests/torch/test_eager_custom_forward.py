@@ -11,12 +11,12 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from support import BatchNormAct2d
 from torch import nn
 
 import bnfold
-from bnfold import rules
+from bnfold.core import rules
 from bnfold.demo import randomize_batchnorms
+from tests.helpers.support import BatchNormAct2d
 
 
 class EpsOverride2d(nn.BatchNorm2d):

@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 import bnfold
-from bnfold.algebra import CONV, ScaledWeight
+from bnfold.core.algebra import CONV, ScaledWeight
+from bnfold.core.gc_pause import gc_paused
 from bnfold.errors import FoldRefused
-from bnfold.gc_pause import gc_paused
 
 
 def _stats(bn: nn.modules.batchnorm._BatchNorm, seed: int) -> None:

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import bnfold
-from bnfold import rules
+from bnfold.core import rules
 from bnfold.demo import randomize_batchnorms
-from bnfold.torch_module import FoldedBatchNorm
+from bnfold.torch.eager.module import FoldedBatchNorm
 
 
 def _x(*shape: int, seed: int = 0) -> torch.Tensor:
@@ -388,9 +388,8 @@ def test_folded_model_exports_scripts_and_pickles_without_batchnorm():
     """Deployment paths after an eager fold: torch.export, TorchScript, torch.save."""
     import io
 
-    from support import BatchNormAct2d
-
     from bnfold.demo import DemoNet
+    from tests.helpers.support import BatchNormAct2d
 
     torch.manual_seed(0)
     model = DemoNet(width=8)
@@ -1955,7 +1954,7 @@ class ManyPairsOneLook(nn.Module):
 
 
 def test_one_bad_fold_among_many_is_found_by_halving(monkeypatch):
-    from bnfold import torch_module
+    from bnfold.torch.eager import module as torch_module
 
     model = _setup(ManyPairsOneLook(32).eval())
     checks = 0

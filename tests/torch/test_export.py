@@ -19,12 +19,18 @@ import functools
 import re
 from dataclasses import dataclass
 
-import models
 import pytest
 import torch
 import torch.nn.functional as F
-from models import C_IN, FOLDED, MIXED_FOLDED, Net, skipped
-from support import (
+from torch import fx, nn
+from torch.export import ExportedProgram
+from torch.export.graph_signature import InputKind, TensorArgument
+from torch.utils._pytree import tree_leaves
+
+import bnfold
+from bnfold.core import rules
+from tests.helpers import torch_models as models
+from tests.helpers.support import (
     POISONS,
     REL_TOL,
     BatchNormAct2d,
@@ -38,13 +44,7 @@ from support import (
     rel_err,
     rms,
 )
-from torch import fx, nn
-from torch.export import ExportedProgram
-from torch.export.graph_signature import InputKind, TensorArgument
-from torch.utils._pytree import tree_leaves
-
-import bnfold
-from bnfold import rules
+from tests.helpers.torch_models import C_IN, FOLDED, MIXED_FOLDED, Net, skipped
 
 FORMS = ["exported", "decomposed"]
 

@@ -11,13 +11,13 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from support import randomize_all
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 import bnfold
-from bnfold import rules
+from bnfold.core import rules
+from tests.helpers.support import randomize_all
 
 aten = torch.ops.aten
 REL_TOL = 1e-5
@@ -414,7 +414,7 @@ class WritesItsInput(nn.Module):
 
 
 def test_verification_gives_each_program_its_own_inputs():
-    from bnfold import torch_pt2
+    from bnfold.torch import pt2 as torch_pt2
 
     ep = export(randomize_all(WritesItsInput(), 13), (x4(),))
     folded = bnfold.fold(ep)
@@ -439,7 +439,7 @@ class CountsAndTrains(nn.Module):
 
 
 def test_verification_and_running_the_folded_program_change_no_shared_state():
-    from bnfold import torch_pt2
+    from bnfold.torch import pt2 as torch_pt2
 
     model = randomize_all(CountsAndTrains(), 15)
     model.head.train()
@@ -468,7 +468,7 @@ class Classifier(nn.Module):
 
 
 def test_verification_of_programs_with_only_discrete_outputs():
-    from bnfold import torch_pt2
+    from bnfold.torch import pt2 as torch_pt2
 
     ep = export(randomize_all(Classifier(), 18), (x4(),))
     folded = bnfold.fold(ep)
@@ -606,7 +606,7 @@ def test_program_whose_input_is_called_input_keeps_its_signature():
 
 
 def test_verification_tolerance_covers_complex_outputs():
-    from bnfold import torch_pt2
+    from bnfold.torch import pt2 as torch_pt2
 
     class Spectrum(nn.Module):
         def __init__(self) -> None:
@@ -656,7 +656,7 @@ def test_graph_module_copy_keeps_conjugate_views_subclasses_and_quantized_tensor
 
 
 def test_random_inputs_of_a_program_without_examples_vary_8_bit_images():
-    from bnfold import torch_pt2
+    from bnfold.torch import pt2 as torch_pt2
 
     class FromBytes(nn.Module):
         def __init__(self) -> None:
@@ -869,7 +869,7 @@ class ExpandedWeight(nn.Module):
 
 
 def test_expanded_weight_folds_within_the_budget_and_is_refused_beyond(monkeypatch):
-    from bnfold import torch_export
+    from bnfold.torch import export as torch_export
 
     model = randomize_all(ExpandedWeight(8), 46)
     assert model.w.stride()[0] == 0
@@ -892,7 +892,7 @@ def test_expanded_weight_folds_within_the_budget_and_is_refused_beyond(monkeypat
 def test_huge_expanded_weight_of_a_small_file_is_refused_without_allocating(monkeypatch, tmp_path):
     """torch.export.save writes a 16384 x 16384 expanded weight as 4 bytes; folding it would
     allocate 1 GiB."""
-    from bnfold import torch_export
+    from bnfold.torch import export as torch_export
 
     class Big(nn.Module):
         def __init__(self) -> None:

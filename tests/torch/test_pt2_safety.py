@@ -10,15 +10,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-import fuzz_files as ff
 import pytest
 import torch
-from support import randomize_all
 from torch import nn
 
 import bnfold
-from bnfold import torch_pt2, torch_safe_ops
 from bnfold.cli import main
+from bnfold.torch import pt2 as torch_pt2
+from bnfold.torch.aten import safe_ops as torch_safe_ops
+from tests.fuzz import files as ff
+from tests.helpers.support import randomize_all
 
 
 class ConvBn(nn.Module):
@@ -364,7 +365,7 @@ def test_allocations_within_the_budget_still_verify(tmp_path, capsys):
 def test_shapes_after_an_op_off_the_allowlist_are_unknown(tmp_path):
     # bnfold checks a file's shape metadata by running the graph on fake tensors, but not an
     # op off the allowlist (it might act even there): what depends on one is not trusted.
-    from bnfold.torch_aten import UNCHECKED_SHAPE
+    from bnfold.torch.aten.ops import UNCHECKED_SHAPE
 
     ep = _export(ConvBn(), (_x(),))
     ff.inject_side_effect(ep, "from_file_write", str(tmp_path / "victim"))

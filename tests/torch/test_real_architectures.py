@@ -27,12 +27,12 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
-from support import BatchNormAct2d, FrozenBatchNorm2d, randomize_all
 from torch import Tensor, nn
 
 import bnfold
-from bnfold import rules
-from bnfold.torch_module import FoldedBatchNorm
+from bnfold.core import rules
+from bnfold.torch.eager.module import FoldedBatchNorm
+from tests.helpers.support import BatchNormAct2d, FrozenBatchNorm2d, randomize_all
 
 REL_TOL = 1e-5
 NO_PRODUCER = rules.NO_PRODUCER
