@@ -66,7 +66,7 @@ def _frontend(model: Any) -> Any:
     if (onnx is not None and isinstance(model, onnx.ModelProto)) or (
         onnx_ir is not None and isinstance(model, onnx_ir.Model)
     ):
-        from .onnx import adapter as onnx_fold
+        from .onnx import fold as onnx_fold
 
         return onnx_fold
     raise UnsupportedModelError(

@@ -187,8 +187,8 @@ def _fold_onnx(args: argparse.Namespace) -> int:
     """The ONNX path: external tensors stay memory-mapped, so weights that are not folded are
     never read until the result is written."""
     try:
-        from .onnx import adapter as onnx_fold
         from .onnx import files as onnx_files
+        from .onnx import fold as onnx_fold
     except ImportError as e:
         raise UnsupportedModelError(
             f"reading ONNX models needs onnx, onnx-ir and onnxruntime ({first_line(e)}): "

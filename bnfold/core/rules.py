@@ -63,6 +63,7 @@ class PairFacts:
     """
 
     bn: str
+    bn_axis: int = 1  # the activation axis the BatchNorm normalises (negative: from the end)
     bn_uses_running_stats: bool = True
     bn_not_inference_reason: str = ""
     bn_calls: int = 1
@@ -75,6 +76,9 @@ class PairFacts:
     producer_detail: str = ""
     producer_kind: ProducerKind | None = None
     producer_spatial_dims: int = 0  # conv: 1, 2 or 3
+    # The axis of the producer's output that holds its channels when the op fixes it (a
+    # channels-last convolution: the last); None: derived from the kind and the output rank.
+    producer_feature_axis: int | None = None
     producer_custom_forward: str = ""  # why its forward may do more than its base class's
     producer_calls: int = 1
     producer_output_users: int = 1
@@ -169,11 +173,21 @@ def _unshared(f: PairFacts) -> str | None:
     return None
 
 
-def producer_channel_axis(kind: ProducerKind, rank: int, spatial_dims: int) -> int:
-    """Axis of the activation that holds the producer's output channels."""
+def producer_channel_axis(
+    kind: ProducerKind, rank: int, spatial_dims: int, feature_axis: int | None = None
+) -> int:
+    """Axis of the activation that holds the producer's output channels: ``feature_axis`` when
+    the op fixes it (negative counts from the end), else PyTorch's and ONNX's layouts."""
+    if feature_axis is not None:
+        return feature_axis % rank if -rank <= feature_axis < rank else -1
     if kind == "linear":
         return rank - 1
     return rank - spatial_dims - 1  # batched (N, C, *S): 1; unbatched (C, *S): 0
+
+
+def normalised_axis(f: PairFacts, rank: int) -> int | None:
+    """The axis the BatchNorm normalises on a ``rank``-D input (``None``: it has no such axis)."""
+    return f.bn_axis % rank if -rank <= f.bn_axis < rank else None
 
 
 def possible_output_ranks(f: PairFacts) -> frozenset[int] | None:
@@ -191,12 +205,12 @@ def _channel_axis(f: PairFacts) -> str | None:
     if f.axis_problem:
         return f.axis_problem
     if f.channel_axis is not None:
-        if f.channel_axis == 1:
+        if f.channel_axis == f.bn_axis:
             return None
         via = f" after {f.axis_path}" if f.axis_path else ""
         return (
             f"{f.producer}'s output channels are on axis {f.channel_axis}{via}, but {f.bn} "
-            "normalises axis 1"
+            f"normalises axis {f.bn_axis}"
         )
     ranks = possible_output_ranks(f)
     if ranks is None:
@@ -205,8 +219,17 @@ def _channel_axis(f: PairFacts) -> str | None:
             f"{f.bn} normalises its output-channel axis; {f.rank_hint}"
         )
     for rank in sorted(ranks):
-        axis = producer_channel_axis(f.producer_kind, rank, f.producer_spatial_dims)
-        if axis != 1:
+        axis = producer_channel_axis(
+            f.producer_kind, rank, f.producer_spatial_dims, f.producer_feature_axis
+        )
+        normalised = normalised_axis(f, rank)
+        if axis != normalised:
+            usual = producer_channel_axis(f.producer_kind, rank, f.producer_spatial_dims)
+            if axis != usual or f.bn_axis != 1:
+                return (
+                    f"{f.producer}'s {rank}-D output has its channels on axis {axis} but "
+                    f"{f.bn} normalises axis {f.bn_axis}"
+                )
             where = "last axis" if f.producer_kind == "linear" else "axis 0 (unbatched input)"
             known = f.output_rank is not None
             lead = (

@@ -14,23 +14,24 @@ Folding in topological order means a chain ``Conv -> BN -> BN`` folds both at on
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 
-from ..core import algebra, rules
+from ..core import algebra, pipeline, rules
+from ..core.pipeline import Pair, StoredOperand, bias_name, unique_name
 from ..core.report import FoldEntry, FoldReport
-from ..errors import FoldRefused, UnsupportedModelError, first_line
+from ..errors import FoldRefused
 from ..onnx.constants import (
     MAX_RANK,
     Constants,
     NotConstant,
-    StoredWeight,
     attribute,
     check_nodes,
     defining_graph,
@@ -38,7 +39,6 @@ from ..onnx.constants import (
     describe_node,
     is_default_domain,
     opset_version,
-    quiet_logs,
     reads_data,
 )
 from ..onnx.ops import (
@@ -63,19 +63,25 @@ _MAX_LAYOUT_OPS = 8
 # What one BatchNorm pair looks like
 
 
-@dataclass
-class _Pair:
+@dataclass(kw_only=True)
+class _Pair(Pair[ir.Node]):
+    """A pair and what its rewrite needs: the layout nodes and a constant ``Add`` between the
+    producer and the BatchNorm, where the weight is stored and who else reads it."""
+
     bn: BatchNormCall
     graph: ir.Graph
     producer: ProducerCall | None = None
     add: ir.Node | None = None  # an Add of a constant right after the producer
     add_const: int = 1  # which input of ``add`` is the constant
     chain: list[ir.Node] = field(default_factory=list)  # layout nodes, producer side first
-    weight: StoredWeight | None = None
+    weight: StoredOperand[ir.Value] | None = None
     weight_shared: str = ""
     rank: int | None = None  # rank of the producer's output
-    facts: rules.PairFacts | None = None
-    decision: rules.Decision | None = None
+
+
+def _note(pair: _Pair, **changes: Any) -> None:
+    """Record facts learnt about ``pair`` (field names of :class:`~bnfold.core.rules.PairFacts`)."""
+    pair.facts = replace(pair.facts, **changes)
 
 
 class _Context:
@@ -92,11 +98,7 @@ class _Context:
         """A value name not used anywhere in the model, based on ``base``."""
         if self._names is None:
             self._names = _all_names(self.model)
-        name = base
-        for i in itertools.count(1):
-            if name not in self._names:
-                break
-            name = f"{base}_{i}"
+        name = unique_name(base, self._names)
         self._names.add(name)
         return name
 
@@ -232,17 +234,18 @@ def _name(node: ir.Node) -> str:
 
 def _examine(ctx: _Context, graph: ir.Graph, bn: BatchNormCall) -> _Pair:
     """Find the producer behind ``bn`` and everything the rules need about the pair."""
-    pair = _Pair(bn, graph)
-    facts: dict[str, Any] = {
-        "bn": _name(bn.node),
-        "bn_uses_running_stats": not bn.not_inference,
-        "bn_not_inference_reason": bn.not_inference,
-        "bn_custom_forward": bn.unsupported,
-        "can_unshare": True,
-        "rank_hint": _RANK_HINT,
-    }
-    if bn.x is None or any(v is None for v in (bn.scale, bn.bias, bn.mean, bn.var)):
-        facts["bn_custom_forward"] = f"{describe_node(bn.node)} lacks required inputs"
+    facts = rules.PairFacts(
+        bn=_name(bn.node),
+        bn_axis=bn.axis,
+        bn_uses_running_stats=not bn.not_inference,
+        bn_not_inference_reason=bn.not_inference,
+        bn_custom_forward=bn.unsupported,
+        can_unshare=True,
+        rank_hint=_RANK_HINT,
+    )
+    pair = _Pair(bn=bn, graph=graph, facts=facts, name=facts.bn, bn_type="BatchNormalization")
+    if bn.input is None or any(v is None for v in (bn.weight, bn.bias, bn.mean, bn.var)):
+        _note(pair, bn_custom_forward=f"{describe_node(bn.node)} lacks required inputs")
     producer_value, detail = _walk_back(ctx, pair)
     node = producer_value.producer() if producer_value is not None else None
     if node is not None:
@@ -255,8 +258,7 @@ def _examine(ctx: _Context, graph: ir.Graph, bn: BatchNormCall) -> _Pair:
                     tensor = ctx.constants.stored(pair.weight.source)
                     weight_rank = None if tensor is None else len(tensor.shape)
         except NotConstant as e:
-            facts["constant_detail"] = str(e)
-            facts["producer_params_constant"] = False
+            _note(pair, constant_detail=str(e), producer_params_constant=False)
         pair.producer = producer_call(node, weight_rank)
         if pair.producer is not None and pair.producer.problem:
             detail, pair.producer = pair.producer.problem, None
@@ -267,28 +269,29 @@ def _examine(ctx: _Context, graph: ir.Graph, bn: BatchNormCall) -> _Pair:
                 None,
             )
     if pair.producer is None:
-        facts["producer_detail"] = detail
-        pair.facts = rules.PairFacts(**facts)
+        _note(pair, producer_detail=detail)
         return pair
     p = pair.producer
-    facts.update(
-        producer=_name(p.node),
+    pair.target, pair.target_type = _name(p.node), _label(pair)
+    _note(
+        pair,
+        producer=pair.target,
         producer_kind=p.kind,
         producer_spatial_dims=p.spatial_dims,
+        producer_feature_axis=p.feature_axis,
     )
-    _bn_constants(ctx, pair, facts)
-    _producer_constants(ctx, pair, facts)
-    _consumers(pair, facts)
-    _channel_axis(ctx, pair, facts)
-    _sharing(ctx, pair, facts)
-    pair.facts = rules.PairFacts(**facts)
+    _bn_constants(ctx, pair)
+    _producer_constants(ctx, pair)
+    _consumers(pair)
+    _channel_axis(ctx, pair)
+    _sharing(ctx, pair)
     return pair
 
 
 def _walk_back(ctx: _Context, pair: _Pair) -> tuple[ir.Value | None, str]:
     """Follow the BatchNorm's input back through layout nodes and a constant Add; return the
     producer's output (or ``None``) and, when there is no producer, what the input is."""
-    value = pair.bn.x
+    value = pair.bn.input
     while value is not None:
         node = value.producer()
         if node is None:
@@ -331,16 +334,15 @@ def _is_constant(ctx: _Context, value: ir.Value | None) -> bool:
     return True
 
 
-def _bn_constants(ctx: _Context, pair: _Pair, facts: dict[str, Any]) -> None:
+def _bn_constants(ctx: _Context, pair: _Pair) -> None:
     bn = pair.bn
-    for v in (bn.scale, bn.bias, bn.mean, bn.var):
+    for v in (bn.weight, bn.bias, bn.mean, bn.var):
         if v is None:
             continue
         try:
             _bn_param(ctx, v)
         except NotConstant as e:
-            facts["bn_params_constant"] = False
-            facts["constant_detail"] = str(e)
+            _note(pair, bn_params_constant=False, constant_detail=str(e))
             return
 
 
@@ -358,10 +360,10 @@ def _bn_param(ctx: _Context, value: ir.Value) -> tuple[np.ndarray, bool]:
         return fill, True
 
 
-def _producer_constants(ctx: _Context, pair: _Pair, facts: dict[str, Any]) -> None:
+def _producer_constants(ctx: _Context, pair: _Pair) -> None:
     p = pair.producer
     assert p is not None
-    if not facts.get("producer_params_constant", True):
+    if not pair.facts.producer_params_constant:
         return
     for v in (p.bias, pair.add.inputs[pair.add_const] if pair.add else None):
         if v is None:
@@ -369,12 +371,11 @@ def _producer_constants(ctx: _Context, pair: _Pair, facts: dict[str, Any]) -> No
         try:
             ctx.constants.value(v)
         except NotConstant as e:
-            facts["producer_params_constant"] = False
-            facts["constant_detail"] = str(e)
+            _note(pair, producer_params_constant=False, constant_detail=str(e))
             return
 
 
-def _consumers(pair: _Pair, facts: dict[str, Any]) -> None:
+def _consumers(pair: _Pair) -> None:
     """Every value between the producer and the BatchNorm must feed the next step only."""
     p = pair.producer
     assert p is not None
@@ -390,14 +391,18 @@ def _consumers(pair: _Pair, facts: dict[str, Any]) -> None:
             described = [describe_node(u) for u in others[:3]]
             if out.is_graph_output():
                 described.insert(0, "a graph output")
-            facts["producer_output_users"] = max(uses, 2)
             where = "" if node is p.node else f" (after {describe_node(node)})"
-            facts["producer_other_users"] = ", ".join(described) + where
+            _note(
+                pair,
+                producer_output_users=max(uses, 2),
+                producer_other_users=", ".join(described) + where,
+            )
             return
     for extra in p.node.outputs[1:]:
         if extra.uses() or extra.is_graph_output():
-            facts["producer_output_users"] = 2
-            facts["producer_other_users"] = f"its output {describe(extra)}"
+            _note(
+                pair, producer_output_users=2, producer_other_users=f"its output {describe(extra)}"
+            )
             return
 
 
@@ -405,8 +410,8 @@ def _producer_rank(ctx: _Context, pair: _Pair) -> int | None:
     """The rank of the producer's output (a MatMul's is its activation's)."""
     p = pair.producer
     assert p is not None
-    if p.rank is not None:
-        return p.rank
+    if p.output_rank is not None:
+        return p.output_rank
     out = p.node.outputs[0]
     x = p.node.inputs[0] if p.node.inputs else None
     if pair.chain and pair.chain[0].op_type == "Transpose":
@@ -425,7 +430,7 @@ def _constant_rank(ctx: _Context, pair: _Pair) -> int:
     return ctx.constants.value(value).ndim
 
 
-def _channel_axis(ctx: _Context, pair: _Pair, facts: dict[str, Any]) -> None:
+def _channel_axis(ctx: _Context, pair: _Pair) -> None:
     """Where the producer's output channels arrive at the BatchNorm, if that can be told."""
     p = pair.producer
     assert p is not None
@@ -433,10 +438,10 @@ def _channel_axis(ctx: _Context, pair: _Pair, facts: dict[str, Any]) -> None:
     pair.rank = rank
     if rank is None:
         return
-    facts["output_rank"] = rank
-    track = AxisTrack(rank, rank - 1 if p.channel_last else 1)
+    _note(pair, output_rank=rank)
+    track = AxisTrack(rank, _feature_axis(p, rank))
     if track.axis < 0:
-        facts["axis_problem"] = f"{_name(p.node)}'s output is {rank}-D"
+        _note(pair, axis_problem=f"{_name(p.node)}'s output is {rank}-D")
         return
     x = p.node.inputs[0] if p.node.inputs else None
     ranks = [(x, rank), (p.node.outputs[0], rank)]  # a producer's activation has its rank
@@ -445,27 +450,28 @@ def _channel_axis(ctx: _Context, pair: _Pair, facts: dict[str, Any]) -> None:
         axes = _layout_axes(ctx, node)
         problem = follow(track, node, axes)
         if problem:
-            facts["axis_problem"] = (
-                f"bnfold cannot follow {_name(p.node)}'s output channels to "
-                f"{_name(pair.bn.node)}: {problem}"
+            _note(
+                pair,
+                axis_problem=f"bnfold cannot follow {_name(p.node)}'s output channels to "
+                f"{_name(pair.bn.node)}: {problem}",
             )
             return
         ranks.append((node.outputs[0], track.rank))
     ranks.append((pair.bn.node.outputs[0], track.rank))
     problem = _annotation_problem(ranks)
     if problem:
-        facts["axis_problem"] = problem
+        _note(pair, axis_problem=problem)
         return
-    facts["channel_axis"] = track.axis
-    facts["axis_path"] = " -> ".join(track.steps)
+    _note(pair, channel_axis=track.axis, axis_path=" -> ".join(track.steps))
     if pair.add is not None:
-        _check_add(ctx, pair, facts)
-    if p.node.op_type == "Gemm" and p.bias is not None and facts.get("producer_params_constant", 1):
+        _check_add(ctx, pair)
+    if p.node.op_type == "Gemm" and p.bias is not None and pair.facts.producer_params_constant:
         c = ctx.constants.value(p.bias)
         if c.ndim > 2 or (c.ndim == 2 and c.shape[0] != 1):
-            facts["axis_problem"] = (
-                f"{describe_node(p.node)}'s C has shape {list(c.shape)}, a bias per row and "
-                "not per output channel"
+            _note(
+                pair,
+                axis_problem=f"{describe_node(p.node)}'s C has shape {list(c.shape)}, a bias per "
+                "row and not per output channel",
             )
 
 
@@ -503,17 +509,25 @@ def _layout_axes(ctx: _Context, node: ir.Node) -> list[int] | None:
     return axes or None  # empty axes mean "every 1-sized axis" to onnxruntime: not followed
 
 
-def _check_add(ctx: _Context, pair: _Pair, facts: dict[str, Any]) -> None:
+def _check_add(ctx: _Context, pair: _Pair) -> None:
     """The constant added after the producer must be one value per output channel."""
     assert pair.add is not None and pair.rank is not None and pair.producer is not None
     const = ctx.constants.value(pair.add.inputs[pair.add_const])
-    axis = pair.rank - 1 if pair.producer.channel_last else 1
+    axis = _feature_axis(pair.producer, pair.rank)
     if not _per_channel(const.shape, pair.rank, axis):
-        facts["axis_problem"] = (
-            f"the constant added by {describe_node(pair.add)} has shape {list(const.shape)}, "
-            f"which is not one value per channel of {_name(pair.producer.node)}'s "
-            f"{pair.rank}-D output"
+        _note(
+            pair,
+            axis_problem=(
+                f"the constant added by {describe_node(pair.add)} has shape {list(const.shape)}, "
+                f"which is not one value per channel of {_name(pair.producer.node)}'s "
+                f"{pair.rank}-D output"
+            ),
         )
+
+
+def _feature_axis(p: ProducerCall, rank: int) -> int:
+    """The axis of the producer's ``rank``-D output that holds its channels."""
+    return rules.producer_channel_axis(p.kind, rank, p.spatial_dims, p.feature_axis)  # type: ignore[arg-type]
 
 
 def _per_channel(shape: tuple[int, ...], rank: int, axis: int) -> bool:
@@ -523,7 +537,7 @@ def _per_channel(shape: tuple[int, ...], rank: int, axis: int) -> bool:
     return all(d == 1 for i, d in enumerate(shape) if i + offset != axis)
 
 
-def _sharing(ctx: _Context, pair: _Pair, facts: dict[str, Any]) -> None:
+def _sharing(ctx: _Context, pair: _Pair) -> None:
     """Who else reads the stored weight (shape-only readers such as ``Shape`` do not count)."""
     w = pair.weight
     p = pair.producer
@@ -548,7 +562,7 @@ def _sharing(ctx: _Context, pair: _Pair, facts: dict[str, Any]) -> None:
         return  # a Constant node: it is always replaced by a new initializer
     if others:
         pair.weight_shared = ", ".join(dict.fromkeys(others))
-        facts["producer_params_shared"] = pair.weight_shared
+        _note(pair, producer_params_shared=pair.weight_shared)
 
 
 # --------------------------------------------------------------------------------------------
@@ -586,7 +600,7 @@ def _compute(ctx: _Context, pair: _Pair) -> _Fold:
     # A parameter spread over a run-time shape is the same for every channel; any other must
     # have one value per channel (a computed 0-d one is invalid: onnxruntime refuses it).
     params = []
-    for name, v in (("mean", bn.mean), ("var", bn.var), ("scale", bn.scale), ("B", bn.bias)):
+    for name, v in (("mean", bn.mean), ("var", bn.var), ("scale", bn.weight), ("B", bn.bias)):
         a, spread = _bn_param(ctx, v)
         if not spread and a.shape != (n,):  # before the float64 copies of affine_factors
             raise FoldRefused(
@@ -657,19 +671,13 @@ def _new_initializer(
     return value
 
 
-def _bias_name(weight_name: str | None, node: ir.Node) -> str:
-    if weight_name and weight_name.endswith("weight"):
-        return weight_name[: -len("weight")] + "bias"
-    return f"{weight_name or _name(node)}_bias"
-
-
 def _apply(ctx: _Context, pair: _Pair, fold: _Fold) -> None:
     bn, p, w, graph = pair.bn, pair.producer, pair.weight, pair.graph
     assert p is not None and w is not None
     tensor = ctx.constants.stored(w.source)
     assert tensor is not None
     dtype = tensor.dtype
-    dead: list[ir.Value] = [v for v in (bn.scale, bn.bias, bn.mean, bn.var) if v is not None]
+    dead: list[ir.Value] = [v for v in (bn.weight, bn.bias, bn.mean, bn.var) if v is not None]
     if fold.weight_in_place:
         w.source.const_value = ir.Tensor(fold.weight, dtype=dtype, name=w.source.name)
         # The other values stay cached: the rewrite touches no other constant's data.
@@ -684,7 +692,7 @@ def _apply(ctx: _Context, pair: _Pair, fold: _Fold) -> None:
     bias_value = _new_initializer(
         ctx,
         graph,
-        _bias_name(w.source.name, p.node),
+        bias_name(w.source.name or "", _name(p.node)),
         fold.bias.reshape(fold.bias_shape),
         dtype,
     )
@@ -745,11 +753,10 @@ def _remove_batch_norm(bn: BatchNormCall, replacement: ir.Value) -> None:
 def _drop_unused(ctx: _Context, values: Iterable[ir.Value]) -> None:
     """Remove the given values' producers and initializers when nothing uses them any more,
     and so on upstream: the constant subgraphs the fold made dead, and nothing else."""
-    work = list(values)
-    while work:
-        value = work.pop()
+
+    def drop(value: ir.Value) -> list[ir.Value] | None:
         if value.uses() or value.is_graph_output():
-            continue
+            return None
         node = value.producer()
         if node is not None:
             graph = node.graph
@@ -759,61 +766,95 @@ def _drop_unused(ctx: _Context, values: Iterable[ir.Value]) -> None:
                 or any(a.type == ir.AttributeType.GRAPH for a in node.attributes.values())
                 or any(a.type == ir.AttributeType.GRAPHS for a in node.attributes.values())
             ):
-                continue
+                return None
             inputs = [v for v in node.inputs if v is not None]
             graph.remove(node, safe=True)
-            work.extend(inputs)
-        elif value.is_initializer():
+            return inputs
+        if value.is_initializer():
             graph = value.graph
             if graph is None or (value.is_graph_input() and not ctx.legacy_inputs):
-                continue
+                return None
             if value.is_graph_input():
                 graph.inputs.remove(value)
             graph.initializers.pop(value.name)
+        return None
+
+    pipeline.drop_dead(values, drop)
 
 
 # --------------------------------------------------------------------------------------------
-# The pass over a model
+# The adapter
 
 
-def _fold_model(model: ir.Model, selected: set[str], apply: bool = True) -> FoldReport:
-    """Fold every foldable BatchNorm of ``model`` in place; return the report."""
-    # An invalid node is refused before anything is changed (fold(inplace=True) included).
+class OnnxAdapter:
+    """An ONNX model (every graph, subgraphs included) as a
+    :class:`bnfold.core.pipeline.GraphAdapter`. Construct it inside :func:`folding`."""
+
+    def __init__(self, ctx: _Context) -> None:
+        self.ctx = ctx
+
+    def batch_norms(self) -> list[BatchNormCall]:
+        found = []
+        model = self.ctx.model
+        for graph in model.graphs():
+            for node in graph:
+                bn = batch_norm_call(node, opset_version(model, node))
+                if bn is not None:
+                    found.append(bn)
+        return found
+
+    def examine(self, bn: BatchNormCall) -> _Pair:
+        graph = bn.node.graph
+        assert graph is not None
+        return _examine(self.ctx, graph, bn)
+
+    def compute(self, pair: _Pair) -> _Fold:
+        return _compute(self.ctx, pair)
+
+    def apply(self, folds: list[tuple[_Pair, _Fold]]) -> None:
+        for pair, fold in folds:
+            _apply(self.ctx, pair, fold)
+
+    def upstream(self, bn: BatchNormCall) -> list[ir.Value]:
+        """The values :func:`_walk_back` passes from the BatchNorm's input: through layout
+        nodes, and both inputs of an ``Add``."""
+        found: list[ir.Value] = []
+        value = bn.input
+        for _ in range(_MAX_LAYOUT_OPS + 1):
+            if value is None:
+                break
+            found.append(value)
+            node = value.producer()
+            if node is None or not node.inputs:
+                break
+            if node.op_type == "Add":
+                found.extend(v for v in node.inputs if v is not None)
+                break
+            if node.op_type not in LAYOUT_OPS:
+                break
+            value = node.inputs[0]
+        return found
+
+    def extra_entries(self) -> list[FoldEntry]:
+        return _function_entries(self.ctx.model)
+
+
+@contextlib.contextmanager
+def folding(model: ir.Model) -> Iterator[OnnxAdapter]:
+    """The adapter for ``model``: its nodes are checked before anything is decided or changed
+    (``fold(inplace=True)`` included), and its constant cache is dropped afterwards (it may hold
+    views of the caller's memory-mapped tensors)."""
     ctx = _Context(model)
     check_nodes(model.graphs(), ctx.constants)
     try:
-        entries = _fold_graphs(ctx, model, selected, apply)
+        yield OnnxAdapter(ctx)
     finally:
-        ctx.constants.clear()  # it may hold views of the caller's memory-mapped tensors
-    entries.extend(_function_entries(model))
+        ctx.constants.clear()
+
+
+def report(model: ir.Model, entries: list[FoldEntry]) -> FoldReport:
+    """The report of a fold of ``model``."""
     return FoldReport(entries, model=model.graph.name or "ONNX model")
-
-
-def _fold_graphs(
-    ctx: _Context, model: ir.Model, selected: set[str], apply: bool
-) -> list[FoldEntry]:
-    entries: list[FoldEntry] = []
-    for graph in list(model.graphs()):
-        for node in list(graph):
-            if node.graph is not graph:
-                continue  # removed by an earlier fold
-            version = opset_version(model, node)
-            bn = batch_norm_call(node, version)
-            if bn is None:
-                continue
-            pair = _examine(ctx, graph, bn)
-            assert pair.facts is not None
-            decision = rules.decide(pair.facts, selected)
-            fold = None
-            if decision.ok:
-                try:
-                    fold = _compute(ctx, pair)
-                except FoldRefused as e:
-                    decision = rules.Decision(False, rules.VALID_VALUES, e.reason)
-            entries.append(_entry(pair, decision))
-            if fold is not None and apply:
-                _apply(ctx, pair, fold)
-    return entries
 
 
 def _label(pair: _Pair) -> str:
@@ -821,19 +862,6 @@ def _label(pair: _Pair) -> str:
     if p is None:
         return ""
     return p.node.op_type + ("+Add" if pair.add is not None else "")
-
-
-def _entry(pair: _Pair, decision: rules.Decision) -> FoldEntry:
-    target = _name(pair.producer.node) if pair.producer is not None else None
-    return FoldEntry(
-        bn=_name(pair.bn.node),
-        target=target,
-        action="folded" if decision.ok else "skipped",
-        reason=decision.reason,
-        rule=decision.rule,
-        bn_type="BatchNormalization",
-        target_type=_label(pair),
-    )
 
 
 def _function_entries(model: ir.Model) -> list[FoldEntry]:
@@ -856,78 +884,3 @@ def _function_entries(model: ir.Model) -> list[FoldEntry]:
                     )
                 )
     return entries
-
-
-# --------------------------------------------------------------------------------------------
-# Public entry points
-
-
-def _working_model(model: Any, inplace: bool) -> ir.Model:
-    from ..onnx.files import as_ir_model
-
-    working = as_ir_model(model)
-    if not isinstance(model, ir.Model) or inplace:
-        return working
-    try:
-        return working.clone()
-    except Exception as e:  # noqa: BLE001 - onnx-ir refuses graphs it cannot copy
-        raise UnsupportedModelError(
-            f"this onnx_ir.Model cannot be copied ({type(e).__name__}: {first_line(e)[:200]}): "
-            "a node reads a value that no node, input or initializer of the model defines"
-        ) from e
-
-
-def _root_cause(e: BaseException) -> BaseException:
-    """The innermost exception of a chain (onnx_ir wraps the one that says what is wrong)."""
-    seen = {id(e)}
-    while e.__cause__ is not None and id(e.__cause__) not in seen:
-        e = e.__cause__
-        seen.add(id(e))
-    return e
-
-
-def analyze(model: Any, example_inputs: Any = None, *, producers: Any = None) -> FoldReport:
-    """What :func:`fold` would do to ``model``; nothing is changed."""
-    selected = rules.selected_kinds(producers)
-    with quiet_logs():
-        working = _working_model(model, inplace=False)
-        return _fold_model(working, selected)
-
-
-def fold(
-    model: Any,
-    example_inputs: Any = None,
-    *,
-    inplace: bool = False,
-    producers: Any = None,
-    return_report: bool = False,
-) -> Any:
-    """Fold ``model`` (an ``onnx.ModelProto`` or ``onnx_ir.Model``); return one of the same kind.
-
-    ``example_inputs`` is not needed: ONNX models carry their own shapes.
-    """
-    selected = rules.selected_kinds(producers)
-    with quiet_logs():
-        working = _working_model(model, inplace)
-        report = _fold_model(working, selected)
-        result: Any = working
-        if isinstance(model, onnx.ModelProto):
-            try:
-                result = ir.serde.serialize_model(working)
-            except Exception as e:  # noqa: BLE001 - whatever onnx_ir cannot write back
-                raise UnsupportedModelError(
-                    "the folded model cannot be written back as a ModelProto "
-                    f"({type(e).__name__}: {first_line(_root_cause(e))[:200]})"
-                ) from e
-            if inplace:
-                model.CopyFrom(result)
-                result = model
-    return (result, report) if return_report else result
-
-
-def verify(original: Any, folded: Any, example_inputs: Any) -> tuple[float, float]:
-    """Run both models in onnxruntime on ``example_inputs`` (a dict of input name to array, or
-    ``None`` for random inputs); return ``(max_abs_err, max_rel_err)``."""
-    from ..onnx import files as onnx_files
-
-    return onnx_files.verify(original, folded, example_inputs)

@@ -22,13 +22,13 @@ import contextlib
 import logging
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 
+from ..core.pipeline import StoredOperand
 from ..errors import BnfoldError, UnsupportedModelError
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -300,32 +300,6 @@ def _per_channel_batch_norm(node: ir.Node, constants: Constants) -> bool:
     return version >= 9 or (version >= 7 and attribute(node, "spatial", _A.INT, 1) != 0)
 
 
-@dataclass(frozen=True)
-class StoredWeight:
-    """Where a weight operand is stored and how the operand is derived from it.
-
-    ``perms`` are the ``Transpose`` permutations applied on the way from the stored tensor to
-    the operand, in order; ``path`` the nodes passed (``Identity`` and ``Transpose``).
-    """
-
-    source: ir.Value
-    path: tuple[ir.Node, ...]
-    perms: tuple[tuple[int, ...], ...]
-
-    def source_axis(self, operand_axis: int) -> int:
-        """The axis of the stored tensor that becomes ``operand_axis`` of the operand."""
-        axis = operand_axis
-        for perm in reversed(self.perms):
-            axis = perm[axis]
-        return axis
-
-    def operand(self, stored: np.ndarray) -> np.ndarray:
-        """The operand the layer sees, computed from the stored array."""
-        for perm in self.perms:
-            stored = np.transpose(stored, perm)
-        return stored
-
-
 class Constants:
     """Reads constant values of one model; results are cached per value until :meth:`clear`
     (the cache may hold views of the model's memory-mapped data), or until :meth:`changed` says
@@ -435,7 +409,7 @@ class Constants:
             return f"{describe(value)} is defined outside the graph"
         return f"{describe(value)} is computed by {describe_node(node)}"
 
-    def weight(self, value: ir.Value) -> StoredWeight:
+    def weight(self, value: ir.Value) -> StoredOperand[ir.Value]:
         """Where the weight operand ``value`` is stored; :class:`NotConstant` if it is not a
         stored tensor seen through ``Identity``/``Transpose`` only."""
         path: list[ir.Node] = []
@@ -464,7 +438,7 @@ class Constants:
             current = node.inputs[0]
             if current is None:
                 raise NotConstant(f"{describe_node(node)} has no input")
-        return StoredWeight(current, tuple(reversed(path)), tuple(reversed(perms)))
+        return StoredOperand(current, tuple(reversed(path)), tuple(reversed(perms)))
 
     # ----------------------------------------------------------------------------------------
     # Constant evaluation

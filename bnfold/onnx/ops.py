@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
+from ..core.pipeline import BatchNormSite, ProducerSite
 from ..onnx.constants import attribute, describe_node, is_default_domain
 
 # BatchNormalization's default epsilon in every version.
@@ -20,20 +21,12 @@ DEFAULT_EPSILON = 1e-5
 _FLOAT, _INT, _INTS = ir.AttributeType.FLOAT, ir.AttributeType.INT, ir.AttributeType.INTS
 
 
-@dataclass
-class BatchNormCall:
-    """One BatchNormalization node as the fold sees it."""
+@dataclass(kw_only=True)
+class BatchNormCall(BatchNormSite[ir.Node]):
+    """One BatchNormalization node as the fold sees it (``weight`` is its ``scale`` input, the
+    normalised ``axis`` is 1), of operator-set ``version``."""
 
-    node: ir.Node
     version: int
-    x: ir.Value | None
-    scale: ir.Value | None
-    bias: ir.Value | None
-    mean: ir.Value | None
-    var: ir.Value | None
-    eps: float
-    not_inference: str = ""  # why it normalises with batch statistics; "" in inference mode
-    unsupported: str = ""  # why bnfold cannot read it as a per-channel affine map
 
 
 def batch_norm_call(node: ir.Node, version: int) -> BatchNormCall | None:
@@ -42,7 +35,18 @@ def batch_norm_call(node: ir.Node, version: int) -> BatchNormCall | None:
         return None
     inputs = list(node.inputs) + [None] * (5 - len(node.inputs))
     eps = attribute(node, "epsilon", _FLOAT, DEFAULT_EPSILON)
-    call = BatchNormCall(node, version, *inputs[:5], eps=float(eps))
+    x, scale, bias, mean, var = inputs[:5]
+    call = BatchNormCall(
+        node=node,
+        version=version,
+        input=x,
+        output=node.outputs[0] if node.outputs else None,
+        weight=scale,
+        bias=bias,
+        mean=mean,
+        var=var,
+        eps=float(eps),
+    )
     extra = [v for v in node.outputs[1:] if v is not None and v.name != ""]
     if version >= 14:
         if attribute(node, "training_mode", _INT, 0):
@@ -79,29 +83,27 @@ def batch_norm_call(node: ir.Node, version: int) -> BatchNormCall | None:
 # Producers
 
 
-@dataclass
-class ProducerCall:
-    """A node whose output channels a BatchNorm can be folded into.
+@dataclass(kw_only=True)
+class ProducerCall(ProducerSite[ir.Node]):
+    """A Conv, ConvTranspose, Gemm or MatMul node.
 
-    ``weight_index`` is the weight operand's input position and ``weight_axis`` its axis that
-    indexes output channels (the ``groups`` blocks of a ConvTranspose weight are described by
-    :func:`bnfold.core.algebra.conv_transpose_layout`). ``bias_index`` is where its own bias goes;
-    ``None`` for MatMul, which has none. ``rank`` is its output's rank when the operator fixes
-    it, and ``channel_last`` says whether the output channels are the last axis (MatMul/Gemm)
-    or axis 1 (convolutions).
+    ``weight_index`` is the weight operand's input position; ``bias_index`` is where its own
+    bias goes, ``None`` for MatMul, which has none. ``output_rank`` is set when the operator
+    fixes it (a convolution's is its weight's). Gemm and MatMul put the output channels on the
+    last axis (:attr:`channel_last`), convolutions on axis 1.
     """
 
-    node: ir.Node
-    kind: str  # a rules.ProducerKind
     weight_index: int
-    weight_axis: int
-    groups: int = 1
     bias_index: int | None = None
-    rank: int | None = None
-    channel_last: bool = False
-    spatial_dims: int = 0
-    problem: str = ""  # why this node cannot absorb the BatchNorm after all
     gemm_beta: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.feature_axis is None:
+            self.feature_axis = -1 if self.kind == "linear" else 1
+
+    @property
+    def channel_last(self) -> bool:
+        return self.kind == "linear"
 
     @property
     def bias(self) -> ir.Value | None:
@@ -131,13 +133,13 @@ def producer_call(node: ir.Node, weight_rank: int | None) -> ProducerCall | None
         groups = attribute(node, "group", _INT, 1)
         transpose = node.op_type == "ConvTranspose"
         call = ProducerCall(
-            node,
-            "conv_transpose" if transpose else "conv",
+            node=node,
+            kind="conv_transpose" if transpose else "conv",
             weight_index=1,
             weight_axis=1 if transpose else 0,
             groups=groups if transpose else 1,
             bias_index=2,
-            rank=weight_rank,
+            output_rank=weight_rank,
             spatial_dims=(weight_rank - 2) if weight_rank else 0,
         )
         if weight_rank is not None and weight_rank < 3:
@@ -148,18 +150,17 @@ def producer_call(node: ir.Node, weight_rank: int | None) -> ProducerCall | None
     if node.op_type == "Gemm":
         trans_b = attribute(node, "transB", _INT, 0)
         call = ProducerCall(
-            node,
-            "linear",
+            node=node,
+            kind="linear",
             weight_index=1,
             weight_axis=0 if trans_b else 1,
             bias_index=2,
-            rank=2,
-            channel_last=True,
+            output_rank=2,
             gemm_beta=float(attribute(node, "beta", _FLOAT, 1.0)),
         )
         return call
     # MatMul: x @ W with a 2-D constant W of shape (K, N); the output's last axis is N.
-    call = ProducerCall(node, "linear", weight_index=1, weight_axis=1, channel_last=True)
+    call = ProducerCall(node=node, kind="linear", weight_index=1, weight_axis=1)
     if weight_rank is not None and weight_rank != 2:
         call.problem = (
             f"{describe_node(node)} multiplies by a {weight_rank}-D tensor; bnfold folds into "

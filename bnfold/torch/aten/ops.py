@@ -15,6 +15,7 @@ import torch
 from torch.fx import Node
 
 from ...core.algebra import CONV, LINEAR, OutputLayout, conv_transpose_layout
+from ...core.pipeline import BatchNormSite, ProducerSite, StoredOperand
 from ...errors import FoldRefused
 
 # BatchNorm ops. ``None``: the op has a ``training`` argument; ``False``: always inference;
@@ -182,20 +183,13 @@ def may_be_written(node: Node) -> bool:
 # BatchNorm nodes
 
 
-@dataclass(frozen=True)
-class BatchNormCall:
-    """One BatchNorm node: its operands and the node that carries its normalised output."""
+@dataclass(kw_only=True)
+class BatchNormCall(BatchNormSite[Node]):
+    """One BatchNorm node: its operands and the node that carries its normalised output
+    (``output``; ``None`` when nothing reads it)."""
 
-    node: Node
     op: str
-    input: Any
-    weight: Any
-    bias: Any
-    mean: Any
-    var: Any
     training: Any  # a bool, or a node / symbol when not a literal
-    eps: Any
-    output: Node | None  # the node whose value is the normalised tensor
     other_outputs_used: str  # who uses the saved statistics outputs; "" if nobody
 
 
@@ -242,28 +236,20 @@ def batch_norm_call(node: Node) -> BatchNormCall | None:
 # Producer nodes
 
 
-@dataclass(frozen=True)
-class ProducerCall:
+@dataclass(kw_only=True)
+class ProducerCall(ProducerSite[Node]):
     """One Conv / ConvTranspose / Linear-like node and where its weight and bias come from.
 
     ``weight_arg`` / ``bias_arg`` are the schema names of the operands; ``weight_axis`` is the
     axis of the *operand* that holds the output channels (1 for the ``(in, out)`` matrix of
-    ``mm``/``addmm``). ``problem`` says why the node cannot absorb a BatchNorm even though it
-    is a producer op ("" when it can).
+    ``mm``/``addmm``).
     """
 
-    node: Node
     op: str
-    kind: str  # "conv", "conv_transpose" or "linear"
-    spatial_dims: int
     weight_arg: str
     bias_arg: str
     weight: Any
     bias: Any
-    weight_axis: int
-    groups: int
-    output_rank: int | None
-    problem: str = ""
 
 
 def producer_call(node: Node) -> ProducerCall | None:
@@ -302,7 +288,14 @@ def producer_call(node: Node) -> ProducerCall | None:
     if op == "linear":
         args = arguments(node)
         return ProducerCall(
-            node, op, "linear", 0, "weight", "bias", args["weight"], args["bias"], 0, 1, rank(node)
+            node=node,
+            op=op,
+            kind="linear",
+            weight_arg="weight",
+            bias_arg="bias",
+            weight=args["weight"],
+            bias=args["bias"],
+            output_rank=rank(node),
         )
     if op in ("addmm", "mm", "matmul"):
         args = arguments(node)
@@ -351,62 +344,71 @@ def layout(p: ProducerCall, source_axis: int) -> OutputLayout:
     return OutputLayout(axis=source_axis)
 
 
-def trace_back(value: Any, axis: int) -> tuple[list[Node], int] | None:
+def trace_back(value: Any) -> StoredOperand[Node] | None:
     """Follow a weight operand back through value-preserving ops to where it starts.
 
-    Returns the chain ``[source, ..., operand]`` and the source axis that becomes the
-    operand's ``axis``; ``None`` when the operand is not a node. Permutes/transposes move the
-    axis; anything else that is not a pure pass-through ends the chain.
+    Returns the start, the ops passed and the axis permutations they apply (see
+    :class:`~bnfold.core.pipeline.StoredOperand`); ``None`` when the operand is not a node.
+    Permutes and transposes whose permutation is known move axes; anything else that is not a
+    pure pass-through ends the chain.
     """
     if not isinstance(value, Node):
         return None
-    chain = [value]
+    path: list[Node] = []
+    perms: list[tuple[int, ...]] = []
     node = value
     while True:
         op = aten_name(node)
         source = node.args[0] if node.args else node.kwargs.get("self")
-        if op in _PASS_THROUGH:
-            node = source
-        elif op in _TRANSPOSE_OPS:
+        if op in _TRANSPOSE_OPS:
             src_rank = rank(source) if isinstance(source, Node) else None
-            moved = _source_axis(node, op, axis, src_rank)
-            if moved is None:
+            perm = _permutation(node, op, src_rank)
+            if perm is None:
                 break
-            axis = moved
-            node = source
-        else:
+            perms.insert(0, perm)
+        elif op not in _PASS_THROUGH:
             break
-        if not isinstance(node, Node):
+        if not isinstance(source, Node):
             return None
-        chain.insert(0, node)
-    return chain, axis
+        path.insert(0, node)
+        node = source
+    return StoredOperand(node, tuple(path), tuple(perms))
 
 
-def _source_axis(node: Node, op: str, axis: int, src_rank: int | None) -> int | None:
-    """Axis of ``node``'s input that becomes ``axis`` of its output."""
+def _permutation(node: Node, op: str, src_rank: int | None) -> tuple[int, ...] | None:
+    """The axis permutation ``node`` applies (output axis ``i`` is input axis ``perm[i]``), or
+    ``None`` when it cannot be told."""
     if op == "mT":  # swaps the last two axes
-        if src_rank is None or src_rank < 2 or not 0 <= axis < src_rank:
+        if src_rank is None or src_rank < 2:
             return None
-        last = src_rank - 1
-        return last - 1 if axis == last else last if axis == last - 1 else axis
+        return (*range(src_rank - 2), src_rank - 1, src_rank - 2)
     if op in ("t", "numpy_T"):
-        if src_rank is None or src_rank > 2:
-            return None if op == "numpy_T" else 1 - axis
-        return (src_rank - 1 - axis) if src_rank == 2 else axis
+        if src_rank is None:
+            # t() takes at most 2-D tensors and a weight is 2-D; numpy_T reverses any rank
+            return None if op == "numpy_T" else (1, 0)
+        if src_rank > 2:
+            return None if op == "numpy_T" else (1, 0)
+        return tuple(reversed(range(src_rank)))
     args = arguments(node)
     if op == "permute":
         dims = args.get("dims")
         if not isinstance(dims, (list, tuple)) or not all(isinstance(d, int) for d in dims):
             return None
-        if src_rank is None:
-            src_rank = len(dims)
-        return dims[axis] % src_rank if -len(dims) <= axis < len(dims) else None
+        n = len(dims)
+        if src_rank is not None and src_rank != n:
+            return None
+        perm = tuple(d % n for d in dims if -n <= d < n)
+        return perm if sorted(perm) == list(range(n)) else None
     if op == "transpose":
         d0, d1 = args.get("dim0"), args.get("dim1")
         if not isinstance(d0, int) or not isinstance(d1, int) or src_rank is None:
             return None
+        if not (-src_rank <= d0 < src_rank and -src_rank <= d1 < src_rank):
+            return None
+        perm = list(range(src_rank))
         d0, d1 = d0 % src_rank, d1 % src_rank
-        return d1 if axis == d0 else d0 if axis == d1 else axis
+        perm[d0], perm[d1] = perm[d1], perm[d0]
+        return tuple(perm)
     return None
 
 
@@ -479,12 +481,18 @@ def follow_channel_axis(steps: list[Node], axis: int, src_rank: int) -> AxisTrac
         elif out_rank is None:
             return AxisTrack(None, f"{describe(step)} has no shape metadata")
         else:
-            found = [j for j in range(out_rank) if _source_axis(step, op, j, src_rank) == axis]
+            perm = _permutation(step, op, src_rank)
+            found = [] if perm is None or len(perm) != out_rank else perm_positions(perm, axis)
             if len(found) != 1:
                 return AxisTrack(None, f"{describe(step)} does not keep axis {axis} as one axis")
             moved = found[0]
         axis, src_rank = moved, out_rank if out_rank is not None else src_rank
     return AxisTrack(axis)
+
+
+def perm_positions(perm: tuple[int, ...], axis: int) -> list[int]:
+    """The output axes of a permutation that read input axis ``axis``."""
+    return [j for j, source in enumerate(perm) if source == axis]
 
 
 def _reshaped_axis(source: Any, step: Node, axis: int) -> int | None:

@@ -28,6 +28,7 @@ from torch.export.graph_signature import (
 )
 from torch.fx import GraphModule, Node
 
+from ...core.pipeline import unique_name
 from ...errors import BnfoldError, UnsupportedModelError, first_line
 from ...torch.aten.ops import may_be_written
 
@@ -164,14 +165,8 @@ class Store:
         node.meta["tensor_meta"] = _extract_tensor_metadata(val)
 
     def unique_key(self, hint: str, taken: Container[str]) -> str:
-        """``hint``, or ``hint_2``, ``hint_3``, ... : the first name not in ``taken`` (looked
-        up, never copied: a fold adds one name per BatchNorm, so copying made it quadratic)."""
-        if hint not in taken:
-            return hint
-        k = 2
-        while f"{hint}_{k}" in taken:
-            k += 1
-        return f"{hint}_{k}"
+        """``hint``, or the first of ``hint_2``, ``hint_3``, ... not in ``taken``."""
+        return unique_name(hint, taken)
 
 
 class _Attributes:

@@ -660,8 +660,8 @@ def _foreign_operands(
             value = getattr(call, operand)
             if value is None:
                 continue  # no bias, no affine parameters: nothing to rewrite
-            chain = trace_back(value, 0)
-            source = chain[0][0] if chain else value
+            chain = trace_back(value)
+            source = chain.source if chain else value
             name = state_of.get(source.name) if isinstance(source, torch.fx.Node) else None
             if name is None or name.rpartition(".")[0] != path:
                 what = f"{name}" if name else _describe(source) if chain else repr(value)

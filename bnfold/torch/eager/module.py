@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from ...core import rules
+from ...core import pipeline, rules
 from ...core.algebra import ScaledWeight, checked_fold
 from ...core.report import FoldEntry, FoldReport
 from ...core.rules import PairFacts
@@ -221,15 +221,8 @@ def _plan(
         facts = facts_of[bn_path]
         prod_path = facts.producer
         decision = rules.decide(facts, selected)
-        entry = FoldEntry(
-            bn_path,
-            prod_path,
-            "folded" if decision.ok else "skipped",
-            decision.reason,
-            decision.rule,
-            type(bn).__name__,
-            type(modules[prod_path]).__name__ if prod_path else "",
-        )
+        prod_type = type(modules[prod_path]).__name__ if prod_path else ""
+        entry = pipeline.entry(bn_path, type(bn).__name__, prod_path, prod_type, decision)
         report.entries.append(entry)
         if decision.ok:
             folds.append(
@@ -517,12 +510,7 @@ def _compute(model: nn.Module, plan: _Plan) -> tuple[list[_Folded], FoldReport]:
                 s, t = fold.spec.factors()
                 w, b = checked_fold(prod.weight, prod.bias, s, t, output_layout(prod))
             except FoldRefused as refusal:
-                outcome[fold.bn] = dataclasses.replace(
-                    outcome[fold.bn],
-                    action="skipped",
-                    reason=refusal.reason,
-                    rule=rules.VALID_VALUES,
-                )
+                outcome[fold.bn] = pipeline.skipped(outcome[fold.bn], pipeline.refused(refusal))
                 continue
             done.append(_Folded(fold.bn, fold.producer, w, b, _replacement(fold, modules[fold.bn])))
     entries = [outcome[e.bn] for e in plan.report.entries]
@@ -721,18 +709,19 @@ def _settle(
     if together:  # each part on its own is fine, but not all of them together
         refused.update({f.bn: together for f in kept})
         kept = []
+    return kept, _keep(report, refused)
+
+
+def _keep(report: FoldReport, refused: dict[str, str]) -> FoldReport:
+    """``report`` with the folds of ``refused`` (BatchNorm -> reason) turned into skips: what
+    the model does cannot be kept with them (``standard-forward``)."""
     entries = [
-        dataclasses.replace(
-            e,
-            action="skipped",
-            rule=rules.STANDARD_FORWARD,
-            reason=refused[e.bn],
-        )
+        pipeline.skipped(e, rules.Decision(False, rules.STANDARD_FORWARD, refused[e.bn]))
         if e.bn in refused
         else e
         for e in report.entries
     ]
-    return kept, FoldReport(entries, report.model, report.notes)
+    return FoldReport(entries, report.model, report.notes)
 
 
 def _become(obj: nn.Module, new: nn.Module) -> None:
@@ -790,18 +779,7 @@ def _fold_in_place(
     if refused and report is None:
         raise UnsupportedModelError(f"BatchNorm {next(iter(refused.values()))}")
     if refused and report is not None:
-        report = FoldReport(
-            [
-                dataclasses.replace(
-                    e, action="skipped", rule=rules.STANDARD_FORWARD, reason=refused[e.bn]
-                )
-                if e.bn in refused
-                else e
-                for e in report.entries
-            ],
-            report.model,
-            report.notes,
-        )
+        report = _keep(report, refused)
     private = _private_memory(model)
     # inference_mode(False) turns grad mode back on: no_grad inside it.
     with torch.inference_mode(False), torch.no_grad():

@@ -1,0 +1,106 @@
+"""ONNX models: fold BatchNormalization into Conv, ConvTranspose, Gemm and MatMul.
+
+Works on the ``onnx_ir`` in-memory graph (an ``onnx.ModelProto`` is read into one and written
+back). The graph work is :mod:`bnfold.onnx.adapter` on the shared driver
+(:mod:`bnfold.core.pipeline`); this module picks the working copy, runs it and converts the
+result back to the kind of model it was given.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import onnx
+import onnx_ir as ir
+
+from ..core import pipeline, rules
+from ..core.report import FoldReport
+from ..errors import UnsupportedModelError, first_line
+from .adapter import folding, report
+from .constants import quiet_logs
+
+
+def _as_ir(model: Any) -> ir.Model:
+    from .files import as_ir_model
+
+    return as_ir_model(model)
+
+
+def _copy(model: ir.Model) -> ir.Model:
+    try:
+        return model.clone()
+    except Exception as e:  # noqa: BLE001 - onnx-ir refuses graphs it cannot copy
+        raise UnsupportedModelError(
+            f"this onnx_ir.Model cannot be copied ({type(e).__name__}: {first_line(e)[:200]}): "
+            "a node reads a value that no node, input or initializer of the model defines"
+        ) from e
+
+
+def _root_cause(e: BaseException) -> BaseException:
+    """The innermost exception of a chain (onnx_ir wraps the one that says what is wrong)."""
+    seen = {id(e)}
+    while e.__cause__ is not None and id(e.__cause__) not in seen:
+        e = e.__cause__
+        seen.add(id(e))
+    return e
+
+
+def _fold_model(model: ir.Model, selected: set[str]) -> FoldReport:
+    """Fold every foldable BatchNorm of ``model`` in place; return the report."""
+    with folding(model) as adapter:
+        return report(model, pipeline.run(adapter, selected).entries)
+
+
+def analyze(model: Any, example_inputs: Any = None, *, producers: Any = None) -> FoldReport:
+    """What :func:`fold` would do to ``model``; nothing is changed."""
+    selected = rules.selected_kinds(producers)
+    with quiet_logs():
+        working = _as_ir(model)  # read only, unless a chain of BatchNorms needs a rewrite
+        with folding(working) as adapter:
+            outcome = pipeline.run(adapter, selected, rewrite=False)
+        if outcome.complete:
+            return report(working, outcome.entries)
+        # Chained BatchNorms are decided past their first link only on a rewritten graph.
+        scratch = _copy(working) if isinstance(model, ir.Model) else working
+        return _fold_model(scratch, selected)
+
+
+def fold(
+    model: Any,
+    example_inputs: Any = None,
+    *,
+    inplace: bool = False,
+    producers: Any = None,
+    return_report: bool = False,
+) -> Any:
+    """Fold ``model`` (an ``onnx.ModelProto`` or ``onnx_ir.Model``); return one of the same kind.
+
+    ``example_inputs`` is not needed: ONNX models carry their own shapes.
+    """
+    selected = rules.selected_kinds(producers)
+    with quiet_logs():
+        working = _as_ir(model)
+        if isinstance(model, ir.Model) and not inplace:
+            working = _copy(working)
+        folded_report = _fold_model(working, selected)
+        result: Any = working
+        if isinstance(model, onnx.ModelProto):
+            try:
+                result = ir.serde.serialize_model(working)
+            except Exception as e:  # noqa: BLE001 - whatever onnx_ir cannot write back
+                raise UnsupportedModelError(
+                    "the folded model cannot be written back as a ModelProto "
+                    f"({type(e).__name__}: {first_line(_root_cause(e))[:200]})"
+                ) from e
+            if inplace:
+                model.CopyFrom(result)
+                result = model
+    return (result, folded_report) if return_report else result
+
+
+def verify(original: Any, folded: Any, example_inputs: Any) -> tuple[float, float]:
+    """Run both models in onnxruntime on ``example_inputs`` (a dict of input name to array, or
+    ``None`` for random inputs); return ``(max_abs_err, max_rel_err)``."""
+    from . import files
+
+    return files.verify(original, folded, example_inputs)
