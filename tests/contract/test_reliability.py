@@ -45,8 +45,10 @@ from torch.utils._pytree import tree_leaves
 import bnfold
 from bnfold.cli import main
 from bnfold.core import rules
-from tests.helpers.onnx_models import Graph, conv_model, gemm_model, random_feeds, run
-from tests.helpers.support import REL_TOL, randomize_all
+from tests.helpers.check import REL_TOL
+from tests.helpers.forms import export
+from tests.helpers.onnx_models import Graph, conv_model, gemm_model, random_feeds, rel_err, run
+from tests.helpers.support import randn, randomize_all
 
 FORMS = ["eager", "program", "graph_module", "onnx", "onnx_ir"]
 TORCH_FORMS = FORMS[:3]
@@ -57,18 +59,12 @@ ONNX_FORMS = FORMS[3:]
 # Helpers shared by the areas
 
 
-def _export(model: nn.Module, inputs: tuple) -> ExportedProgram:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return torch.export.export(model, inputs)
-
-
 def _as_form(form: str, model: nn.Module, inputs: tuple, onnx_model: Callable[[], onnx.ModelProto]):
     """``model`` in ``form`` (the ONNX forms from ``onnx_model()``) and fold's example inputs."""
     if form == "eager":
         return model, inputs
     if form in ("program", "graph_module"):
-        ep = _export(model, inputs)
+        ep = export(model, inputs)
         return (ep if form == "program" else ep.module()), None
     proto = onnx_model()
     return (proto if form == "onnx" else ir.serde.deserialize_model(proto)), None
@@ -88,21 +84,10 @@ def _outputs(model, inputs: tuple, names=("x", "z")) -> list[np.ndarray]:
         return [t.detach().numpy().copy() for t in tree_leaves(module(*inputs))]
 
 
-def _rel_err(a: np.ndarray, b: np.ndarray) -> float:
-    assert a.shape == b.shape and a.dtype == b.dtype
-    a64, b64 = a.astype(np.float64), b.astype(np.float64)
-    assert np.isfinite(a64).all() and np.isfinite(b64).all()
-    return float(np.abs(a64 - b64).max() / np.abs(a64).max())
-
-
 def _assert_bits_equal(a: np.ndarray, b: np.ndarray) -> None:
     """Bit for bit (NaN where NaN was, with its payload; -0 where -0 was)."""
     assert a.shape == b.shape and a.dtype == b.dtype
     np.testing.assert_array_equal(b.view(f"u{b.itemsize}"), a.view(f"u{a.itemsize}"))
-
-
-def _seeded(*shape: int, seed: int) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,7 +170,7 @@ def poison_net(kind: str, what: str) -> PoisonNet:
 
 
 def poison_inputs(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return _seeded(3, 4, 7, 7, seed=seed), _seeded(3, 5, seed=seed + 1)
+    return randn(3, 4, 7, 7, seed=seed), randn(3, 5, seed=seed + 1)
 
 
 def _cases(form: str) -> list[tuple[str, str]]:
@@ -241,7 +226,7 @@ def poison_onnx(cases: list[tuple[str, str]]) -> onnx.ModelProto:
 @functools.cache
 def _poison_program() -> ExportedProgram:
     """Exported once, for the program and graph_module forms."""
-    return _export(PoisonMatrix(_cases("program")), poison_inputs(1))
+    return export(PoisonMatrix(_cases("program")), poison_inputs(1))
 
 
 @functools.cache
@@ -308,7 +293,7 @@ def test_invalid_values_are_refused_bit_exact_and_the_rest_folds(form, kind, wha
     before, after = r["before"][3 * k : 3 * k + 3], r["after"][3 * k : 3 * k + 3]
     _assert_bits_equal(before[0], after[0])  # NaN where NaN was
     for b, a in zip(before[1:], after[1:], strict=True):
-        assert _rel_err(b, a) <= REL_TOL
+        assert rel_err([b], [a]) <= REL_TOL
 
 
 def test_poisoned_outputs_are_really_poisoned():
@@ -392,7 +377,7 @@ def mixed_net() -> MixedNet:
 
 
 def mixed_inputs(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return _seeded(2, 4, 8, 8, seed=seed), _seeded(2, 5, 5, seed=seed + 1)
+    return randn(2, 4, 8, 8, seed=seed), randn(2, 5, 5, seed=seed + 1)
 
 
 def mixed_onnx() -> onnx.ModelProto:
@@ -497,7 +482,7 @@ def _check_mixed_fold(form, model, folded, report) -> None:
     fresh = mixed_inputs(21)
     before, after = _outputs(model, fresh), _outputs(folded, fresh)
     for b, a in zip(before, after, strict=True):
-        assert _rel_err(b, a) <= REL_TOL
+        assert rel_err([b], [a]) <= REL_TOL
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -577,12 +562,12 @@ class ThreadNet(nn.Module):
 def thread_net(i: int, head: bool) -> tuple[nn.Module, tuple]:
     torch.manual_seed(100 + i)
     model = randomize_all(ThreadNet(4 + 2 * i, 4 + i, head), seed=100 + i)
-    return model, (_seeded(2, 3, 8, 8, seed=200 + i),)
+    return model, (randn(2, 3, 8, 8, seed=200 + i),)
 
 
 @functools.cache
 def _thread_program(i: int) -> ExportedProgram:
-    return _export(*thread_net(i, head=True))
+    return export(*thread_net(i, head=True))
 
 
 def thread_onnx(i: int) -> onnx.ModelProto:
@@ -614,13 +599,13 @@ def _thread_job(form: str, i: int):
             folded, report = result
             assert len(report.folded) == n_bn == len(report.entries), str(report)
             got = run(_proto(folded), feeds)
-            assert max(_rel_err(a, b) for a, b in zip(expected, got, strict=True)) <= REL_TOL
+            assert rel_err(expected, got) <= REL_TOL
 
         return model, None, check
     # The eager jobs have no Linear head: its fold runs the model, which a trace in another
     # thread breaks (test_eager_fold_beside_a_trace_in_another_thread).
     module, inputs = thread_net(i, head=form != "eager")
-    fresh = (_seeded(2, 3, 8, 8, seed=250 + i),)
+    fresh = (randn(2, 3, 8, 8, seed=250 + i),)
     expected = _outputs(module, fresh)
     n_bn = 6 + i + (form != "eager")
     if form == "eager":
@@ -633,7 +618,7 @@ def _thread_job(form: str, i: int):
         folded, report = result
         assert len(report.folded) == n_bn == len(report.entries), str(report)
         got = _outputs(folded, fresh)
-        assert max(_rel_err(a, b) for a, b in zip(expected, got, strict=True)) <= REL_TOL
+        assert rel_err(expected, got) <= REL_TOL
 
     return model, example, check
 
@@ -709,7 +694,7 @@ class _LinearHead(nn.Module):
 
 def test_eager_fold_beside_a_trace_in_another_thread():
     head, slow = randomize_all(_LinearHead(), seed=1), randomize_all(_SlowToTrace(), seed=2)
-    z, x = (_seeded(3, 5, seed=3),), (_seeded(2, 3, 6, 6, seed=4),)
+    z, x = (randn(3, 5, seed=3),), (randn(2, 3, 6, 6, seed=4),)
     _TRACING.set()  # let the real runs below through
     expected_head, expected_slow = _outputs(head, z), _outputs(slow, x)
     _RUNNING.clear()
@@ -739,7 +724,7 @@ def test_eager_fold_beside_a_trace_in_another_thread():
         folded, report = result
         assert [e.folded for e in report] == [True], str(report)
         got = _outputs(folded, inputs)
-        assert _rel_err(expected[0], got[0]) <= REL_TOL
+        assert rel_err([expected[0]], [got[0]]) <= REL_TOL
 
 
 # --------------------------------------------------------------------------------------------
@@ -776,7 +761,7 @@ def _pt2_bytes(seed: int) -> bytes:
     f = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.export.save(_export(model, (_seeded(2, 3, 8, 8, seed=seed),)), f)
+        torch.export.save(export(model, (randn(2, 3, 8, 8, seed=seed),)), f)
     return f.getvalue()
 
 
@@ -962,7 +947,7 @@ def test_injection_points_are_harmless_when_nothing_fails(tmp_path, monkeypatch,
         budget.limit = None
         assert main([str(src), "-o", str(out)]) == 0, capsys.readouterr().err
     assert budget.written > 1000
-    x = _seeded(2, 3, 8, 8, seed=9)
+    x = randn(2, 3, 8, 8, seed=9)
     if fmt == "pt2":
         original, folded = (torch.export.load(str(p)) for p in (src, out))
         assert "batch_norm" not in str(folded.graph) and "batch_norm" in str(original.graph)
@@ -974,7 +959,7 @@ def test_injection_points_are_harmless_when_nothing_fails(tmp_path, monkeypatch,
         original, folded = onnx.load(str(src)), onnx.load(str(out))
         assert not [n for n in folded.graph.node if n.op_type == "BatchNormalization"]
         want, got = run(original, {"x": x.numpy()}), run(folded, {"x": x.numpy()})
-    assert _rel_err(want[0], got[0]) <= REL_TOL
+    assert rel_err([want[0]], [got[0]]) <= REL_TOL
 
 
 @pytest.mark.parametrize("point", ["write-enospc", "write-interrupt"])
@@ -1035,7 +1020,7 @@ HEALTHY = [("conv", "healthy")]
 def _err_models() -> tuple[ExportedProgram, onnx.ModelProto]:
     """A healthy PoisonNet (one of its folds needs the example inputs' shapes) as a program
     and as ONNX."""
-    return _export(PoisonMatrix(HEALTHY), poison_inputs(1)), poison_onnx(HEALTHY)
+    return export(PoisonMatrix(HEALTHY), poison_inputs(1)), poison_onnx(HEALTHY)
 
 
 def _e(which: str):

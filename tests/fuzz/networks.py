@@ -11,16 +11,9 @@ module, a torch.export program (as exported or decomposed), the program's GraphM
 ONNX model (a ``ModelProto`` or an ``onnx_ir.Model``), and checks each result.
 
 **What "matches" means.** Every output is compared with the float64 evaluation of the original
-model (its weights as stored, computed in float64): ``err(m) = max|m - ref| / max|ref|``. A
-folded model passes when ``err(folded) <= 4 * err(original) + 32 * u * cond``: the fold may cost
-a few times the rounding the model already suffers in its dtype, plus a term for the one
-rounding the fold adds to each folded weight and bias (``u`` the dtype's unit roundoff: 2**-24,
-2**-11, 2**-8). ``cond`` is the condition of the folds: the largest ratio, over folded layers
-and outputs, of ``|s| * (|W| * |x|) + |t'|`` to ``max|y|`` — how much larger the magnitudes
-summed in a folded layer are than its result (a dot product that cancels loses more to a
-rounded weight), carried to the output by the downstream gain the float64 model measures.
-Where the reference is not finite (invalid statistics) the folded model must not be finite
-either; where the original overflowed, the folded model may too.
+model; the bound (a few times the original's own rounding error, plus a term for the one
+rounding a fold adds to each weight, scaled by the condition of the folds) is that of
+``tests/helpers/forms.py``, which the contract suite (``tests/contract``) checks too.
 
 Every BatchNorm must be either folded (gone from the result) or kept with a rule and a reason;
 ``fold`` must not change its input (hashes of every tensor and of the graph before and after),
@@ -33,14 +26,8 @@ and prints the counts; ``tests/fuzz/test_networks.py`` runs a few in ``make test
 from __future__ import annotations
 
 import argparse
-import contextlib
-import hashlib
-import io
 import json
-import logging
-import math
 import multiprocessing
-import re
 import sys
 import time
 import warnings
@@ -55,13 +42,26 @@ from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 from torch import nn
 
-import bnfold
-from bnfold.errors import first_line
+if __package__ in (None, ""):  # run as a script: the repository root makes ``tests`` importable
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2]))
+
+import bnfold  # noqa: E402
+from bnfold.errors import first_line  # noqa: E402
+from tests.helpers.forms import (  # noqa: E402
+    check_entries,
+    compare_to_reference,
+    condition,
+    float64_copy,
+    graph_bn_count,
+    hash_module,
+    hash_program,
+    outputs,
+    producers_of,
+    quiet,
+    reference,
+)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-UNIT_ROUNDOFF = {"float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
-ORIGINAL_FACTOR = 4.0
-FOLD_FACTOR = 32.0
 FORMS = ("eager", "export", "graph_module", "onnx")
 MAX_CHANNELS = 12
 
@@ -442,105 +442,6 @@ def draw_case(data: Any) -> Case:
 # Checking
 
 
-class WrongResult(AssertionError):
-    """A folded model whose outputs are further from the reference than the tolerance."""
-
-
-def _outputs(result: Any) -> list[torch.Tensor]:
-    if isinstance(result, torch.Tensor):
-        return [result]
-    return [t for t in result]
-
-
-def _errors(ref: list[torch.Tensor], got: list[np.ndarray | torch.Tensor]) -> list[dict]:
-    """Per output: the relative error against the float64 reference, over the elements where
-    the reference is finite, and where non-finite values appear that the reference lacks."""
-    rows = []
-    for r, g in zip(ref, got, strict=True):
-        g64 = torch.as_tensor(np.asarray(g, dtype=np.float64) if not torch.is_tensor(g) else g)
-        g64 = g64.double()
-        assert g64.shape == r.shape, (g64.shape, r.shape)
-        finite = torch.isfinite(r)
-        scale = float(r[finite].abs().max()) if finite.any() else 0.0
-        diff = (g64 - r)[finite]
-        bad = ~torch.isfinite(diff)
-        err = float(diff[~bad].abs().max()) / scale if scale > 0 and (~bad).any() else 0.0
-        if scale == 0 and (~bad).any():
-            err = float(diff[~bad].abs().max())
-        rows.append(
-            {
-                "err": err,
-                "nonfinite_where_finite": bad,  # mask over the finite-reference elements
-                "finite_where_nonfinite": bool(torch.isfinite(g64[~finite]).any()),
-            }
-        )
-    return rows
-
-
-def _condition(case: Case, folded_producers: set[str]) -> float:
-    """The condition of the folds (see the module docstring), measured in float64: for each
-    folded layer, ``max(|W| * |x| + |b|) / max|W * x + b|`` over its calls."""
-    if not folded_producers:
-        return 1.0
-    model = _float64(case.model)
-    worst = [1.0]
-
-    def hook(layer: nn.Module, args: tuple, out: torch.Tensor) -> None:
-        absolute = _absolute_layer(layer)(args[0].abs())
-        denom = float(out.abs().max())
-        if denom > 0 and math.isfinite(denom):
-            worst[0] = max(worst[0], float(absolute.max()) / denom)
-
-    handles = [
-        model.layers[n].register_forward_hook(hook) for n in folded_producers if n in model.layers
-    ]
-    try:
-        with torch.no_grad():
-            model(case.x.double())
-    finally:
-        for h in handles:
-            h.remove()
-    return worst[0]
-
-
-def _absolute_layer(layer: nn.Module) -> nn.Module:
-    """A float64 copy of ``layer`` with every weight and bias replaced by its magnitude."""
-    import copy
-
-    out = copy.deepcopy(layer)
-    out._forward_hooks.clear()  # the copy would run the hook that made it
-    with torch.no_grad():
-        for p in out.parameters():
-            p.abs_()
-    return out
-
-
-def _float64(model: nn.Module) -> nn.Module:
-    import copy
-
-    return copy.deepcopy(model).double()
-
-
-def _hash_module(model: nn.Module) -> str:
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict(keep_vars=True).items()):
-        h.update(name.encode())
-        h.update(t.detach().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
-    h.update(str([m.training for m in model.modules()]).encode())
-    return h.hexdigest()
-
-
-def _hash_program(ep: Any) -> str:
-    h = hashlib.sha256()
-    for name, t in sorted({**ep.state_dict, **ep.constants}.items()):
-        if torch.is_tensor(t):
-            h.update(name.encode())
-            h.update(t.detach().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
-    h.update(str(ep.graph).encode())
-    h.update(str(ep.graph_signature).encode())
-    return h.hexdigest()
-
-
 @dataclass
 class Outcome:
     """What one form did with one case."""
@@ -553,78 +454,20 @@ class Outcome:
     tol: float = 0.0
 
 
-def _check_report(report: bnfold.FoldReport, form: str) -> None:
-    for e in report:
-        if e.folded:
-            assert e.target, (form, e)
-        else:
-            assert e.rule and e.reason, (form, e)
-
-
-def _compare(
-    form: str, case: Case, ref: list[torch.Tensor], original: list, folded: list, cond: float
-) -> tuple[float, float]:
-    """Raise :class:`WrongResult` unless ``folded`` is within the tolerance (module docstring)."""
-    u = UNIT_ROUNDOFF[case.dtype]
-    e_orig = _errors(ref, original)
-    e_fold = _errors(ref, folded)
-    worst_err = worst_tol = 0.0
-    for i, (o, f) in enumerate(zip(e_orig, e_fold, strict=True)):
-        tol = ORIGINAL_FACTOR * o["err"] + FOLD_FACTOR * u * cond
-        new_nonfinite = f["nonfinite_where_finite"] & ~o["nonfinite_where_finite"]
-        if new_nonfinite.any():
-            raise WrongResult(f"{form}: output {i} has non-finite values the original has not")
-        if f["finite_where_nonfinite"] and not o["finite_where_nonfinite"]:
-            raise WrongResult(f"{form}: output {i} is finite where the reference is not")
-        if f["err"] > tol:
-            raise WrongResult(
-                f"{form}: output {i} error {f['err']:.3g} > tolerance {tol:.3g} "
-                f"(original's error {o['err']:.3g}, cond {cond:.3g})"
-            )
-        if tol > 0:
-            if f["err"] / tol >= (worst_err / worst_tol if worst_tol else 0):
-                worst_err, worst_tol = f["err"], tol
-    return worst_err, worst_tol
-
-
-def _quiet() -> contextlib.ExitStack:
-    stack = contextlib.ExitStack()
-    stack.enter_context(warnings.catch_warnings())
-    warnings.simplefilter("ignore")
-    stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
-    stack.enter_context(contextlib.redirect_stderr(io.StringIO()))
-    for name in ("torch", "torch.onnx", "torch.export", "onnxscript", "onnx_ir", "torch._dynamo"):
-        lg = logging.getLogger(name)
-        old = lg.level
-        lg.setLevel(logging.CRITICAL)
-        stack.callback(lg.setLevel, old)
-    return stack
-
-
-def _producers_of(report: bnfold.FoldReport) -> set[str]:
-    """Module names of the layers folds went into: ``layers.conv3`` → ``conv3``; an ONNX node
-    is named after its module path (``/layers/conv3/Conv``), so every part of a name counts
-    (``_condition`` keeps those that are layers)."""
-    names = set()
-    for e in report.folded:
-        names.update(re.split(r"[./]", str(e.target)))
-    return names
-
-
 def check_case(case: Case, forms: tuple[str, ...] = FORMS, draw: Any = None) -> list[Outcome]:
     """Fold ``case`` in each form and check every result; return what each form did."""
     model, x = case.model, case.x
     with torch.no_grad():
-        ref = [t.double() for t in _outputs(_float64(model)(x.double()))]
-        eager_out = _outputs(model(x))
+        ref = reference(model, x)
+        eager_out = outputs(model(x))
     outcomes = []
     exported: Any = None
     cond_cache: dict[frozenset, float] = {}
 
     def cond_for(report: bnfold.FoldReport) -> float:
-        key = frozenset(_producers_of(report))
+        key = frozenset(producers_of(report))
         if key not in cond_cache:
-            cond_cache[key] = _condition(case, set(key))
+            cond_cache[key] = condition(case.model, case.x, set(key))
         return cond_cache[key]
 
     for form in forms:
@@ -632,27 +475,27 @@ def check_case(case: Case, forms: tuple[str, ...] = FORMS, draw: Any = None) -> 
         outcomes.append(oc)
         if form == "eager":
             with_example = draw is None or draw(st.booleans())
-            before = _hash_module(model)
-            with _quiet():
+            before = hash_module(model)
+            with quiet():
                 folded, report = bnfold.fold(
                     model, (x,) if with_example else None, return_report=True
                 )
-            assert _hash_module(model) == before, "eager fold changed its input"
+            assert hash_module(model) == before, "eager fold changed its input"
             _check_eager_structure(model, folded, report)
             with torch.no_grad():
-                got = _outputs(folded(x))
+                got = outputs(folded(x))
             original = eager_out
             example = (x,) if with_example else None
-            with _quiet():
+            with quiet():
                 analyzed = bnfold.analyze(model, example)
             assert analyzed.to_list() == report.to_list(), "analyze disagrees with fold"
             if draw is not None and draw(st.sampled_from([False, False, False, True])):
-                copy_ = _float64(model).to(DTYPES[case.dtype])
-                with _quiet():
+                copy_ = float64_copy(model).to(DTYPES[case.dtype])
+                with quiet():
                     same = bnfold.fold(copy_, example, inplace=True)
                 assert same is copy_
                 with torch.no_grad():
-                    in_place = _outputs(same(x))
+                    in_place = outputs(same(x))
                 for a, b in zip(got, in_place, strict=True):
                     torch.testing.assert_close(b, a, rtol=0, atol=0, equal_nan=True)
         elif form in ("export", "graph_module"):
@@ -663,14 +506,14 @@ def check_case(case: Case, forms: tuple[str, ...] = FORMS, draw: Any = None) -> 
                 continue
             ep, ep_module = exported
             subject = ep if form == "export" else ep_module
-            before = _hash_program(ep)
-            with _quiet():
+            before = hash_program(ep)
+            with quiet():
                 folded, report = bnfold.fold(subject, return_report=True)
-            assert _hash_program(ep) == before, f"{form} fold changed its input"
+            assert hash_program(ep) == before, f"{form} fold changed its input"
             runner = folded.module() if form == "export" else folded
             with torch.no_grad():
-                got = _outputs(runner(x))
-                original = _outputs(ep_module(x))
+                got = outputs(runner(x))
+                original = outputs(ep_module(x))
             _check_graph_structure(folded, report, form)
         else:
             result = _onnx_form(case, draw)
@@ -678,11 +521,11 @@ def check_case(case: Case, forms: tuple[str, ...] = FORMS, draw: Any = None) -> 
                 oc.note = result
                 continue
             report, original, got = result
-        _check_report(report, form)
+        check_entries(report, form)
         oc.folded = len(report.folded)
         oc.refused = Counter(e.rule for e in report.skipped)
         cond = cond_for(report) if report.folded else 1.0
-        oc.err, oc.tol = _compare(form, case, ref, original, got, cond)
+        oc.err, oc.tol = compare_to_reference(form, case.dtype, ref, original, got, cond)
     return outcomes
 
 
@@ -690,7 +533,7 @@ def _export(model: Net, x: torch.Tensor, draw: Any) -> Any:
     """The program torch.export makes of ``model`` (decomposed now and then: decomposing is
     slow), or why there is none."""
     try:
-        with _quiet():
+        with quiet():
             ep = torch.export.export(model, (x,))
             if draw is not None and draw(st.sampled_from([False] * 19 + [True])):
                 ep = ep.run_decompositions()
@@ -713,10 +556,7 @@ def _check_eager_structure(model: Net, folded: Net, report: bnfold.FoldReport) -
 
 
 def _check_graph_structure(folded: Any, report: bnfold.FoldReport, form: str) -> None:
-    gm = folded.graph_module if form == "export" else folded
-    kept = sum(
-        1 for n in gm.graph.nodes if n.op == "call_function" and "batch_norm" in str(n.target)
-    )
+    kept = graph_bn_count(folded.graph_module if form == "export" else folded)
     # a decomposed BatchNorm is one node: kept BatchNorms are exactly the skipped entries
     assert kept == len(report.skipped), (kept, report.summary())
 
@@ -740,13 +580,13 @@ def _onnx_form(case: Case, draw: Any) -> str | tuple:
 
     opset = draw(st.sampled_from([9, 13, 17, 18])) if draw is not None else 17
     try:
-        with _quiet():
+        with quiet():
             proto = export_torch(case.model, case.x, dynamo=False, opset_version=opset)
     except Exception as e:  # noqa: BLE001 - the exporter could not export this network
         return f"onnx export failed: {type(e).__name__}"
     before = proto.SerializeToString()
     as_ir = draw is not None and draw(st.sampled_from([False, False, True]))
-    with _quiet():
+    with quiet():
         if as_ir:
             model = ir.from_proto(proto)
             folded_ir, report = bnfold.fold(model, return_report=True)
@@ -957,6 +797,4 @@ def _init() -> None:
 
 
 if __name__ == "__main__":
-    # run as a script: the repository root makes ``tests.helpers`` importable
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2]))
     sys.exit(main())

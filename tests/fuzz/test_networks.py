@@ -1,6 +1,6 @@
 """Random networks folded in every form (a few examples here; ``make fuzz`` runs 10,000).
 
-See ``fuzz_networks`` for what is generated and what a correct fold means.
+See ``tests/fuzz/networks.py`` for what is generated and what a correct fold means.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import bnfold
-from tests.fuzz.networks import Case, Net, WrongResult, check_case, draw_case
+from tests.fuzz.networks import Case, Net, check_case, draw_case
+from tests.helpers.forms import WrongResult
 
 EXAMPLES = 12
 

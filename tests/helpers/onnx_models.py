@@ -1,17 +1,17 @@
 """Tiny ONNX models for the ONNX frontend tests, and the checks every fold test runs.
 
 ``Graph`` builds a model node by node with ``onnx.helper`` and numpy (every node gets a name,
-every BatchNorm non-trivial statistics); ``check_fold`` folds a model and checks everything a
-fold must keep: the input untouched, ``analyze`` agreeing with ``fold``, a model that passes
+every BatchNorm non-trivial statistics); ``session``/``run``/``random_feeds`` run models in
+onnxruntime with its optimizations off. ``check_fold`` is the shared ``check.check_onnx_fold``
+(the input untouched, ``analyze`` agreeing with ``fold``, the report, the outputs of
+onnxruntime, bit-exact when nothing was folded) plus what only ONNX has: a model that passes
 the full checker with the same opsets and IR version, no BatchNorm left where one was folded and
-every skipped one in place, no unused initializer, the surviving nodes' names, and the outputs
-of onnxruntime (bit-exact when nothing was folded).
+every skipped one in place, no unused initializer, the surviving nodes' names.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 
 import ml_dtypes
 import numpy as np
@@ -20,6 +20,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 import bnfold
+from tests.helpers.check import Expected, FoldCheck, check_onnx_fold
 
 FLOAT = TensorProto.FLOAT
 DOUBLE = TensorProto.DOUBLE
@@ -41,8 +42,6 @@ TOLERANCE = {FLOAT: 1e-5, DOUBLE: 1e-9}
 # float16: the folded model's RMS error against a higher-precision reference may be at most
 # this many times the unfolded model's.
 FP16_ERROR_RATIO = 2.0
-
-Expected = dict[str, tuple[str, object]]  # bn name -> ("folded", target) | ("skipped", rule)
 
 
 # --------------------------------------------------------------------------------------------
@@ -426,34 +425,6 @@ def removable_nodes(model: onnx.ModelProto, report: bnfold.FoldReport, may_remov
 # The checks of every fold
 
 
-@dataclass
-class FoldResult:
-    model: onnx.ModelProto
-    folded: onnx.ModelProto
-    report: bnfold.FoldReport
-    feeds: list[dict[str, np.ndarray]]
-    before: list[list[np.ndarray]]
-    after: list[list[np.ndarray]]
-
-
-def check_report(report: bnfold.FoldReport, expected: Expected) -> None:
-    """Every BatchNorm named once; ``expected``: bn -> ("folded", target) or ("skipped", rule
-    or set of rules)."""
-    names = [e.bn for e in report]
-    assert len(names) == len(set(names)), str(report)
-    assert set(names) == set(expected), f"{sorted(names)} != {sorted(expected)}\n{report}"
-    for bn, (action, what) in expected.items():
-        e = report.entry(bn)
-        assert e.action == action, f"{e}\n{report}"
-        if action == "folded":
-            assert e.folded and e.target == what and e.rule is None and e.reason == "", e
-            assert e.target_type, e
-        else:
-            allowed = what if isinstance(what, (set, frozenset)) else {what}
-            assert e.rule in allowed, f"{e}\n{report}"
-            assert isinstance(e.reason, str) and e.reason.strip(), e
-
-
 def check_structure(
     model: onnx.ModelProto,
     folded: onnx.ModelProto,
@@ -521,50 +492,35 @@ def check_fold(
     seeds: Sequence[int] = (0, 1),
     feeds: Sequence[dict[str, np.ndarray]] | None = None,
     numbers: str = "auto",
-) -> FoldResult:
-    """Fold ``model`` and check everything; ``numbers`` is "auto" (by the output dtype; bit-exact
-    when nothing folded), "exact", "fp16" (error against a float32 reference no worse than
-    FP16_ERROR_RATIO times the original's) or "none" (onnxruntime cannot run it)."""
-    before_bytes = model.SerializeToString()
-    folded, report = bnfold.fold(model, return_report=True, producers=producers)
-    assert model.SerializeToString() == before_bytes, "fold modified its input"
-    analyzed = bnfold.analyze(model, producers=producers)
-    assert model.SerializeToString() == before_bytes, "analyze modified its input"
-    assert analyzed.to_list() == report.to_list()
-    assert isinstance(folded, onnx.ModelProto)
-    check_report(report, expected)
-    check_structure(model, folded, report, may_remove)
-    if feeds is None:
-        feeds = [random_feeds(model, seed) for seed in seeds]
-    result = FoldResult(model, folded, report, list(feeds), [], [])
-    if numbers == "none":
-        return result
-    for f in feeds:
-        result.before.append(run(model, f))
-        result.after.append(run(folded, f))
-    out_type = model.graph.output[0].type.tensor_type.elem_type
-    if numbers == "auto":
-        if not report.folded:
-            numbers = "exact"
-        elif out_type == FLOAT16:
-            numbers = "fp16"
-        else:
-            numbers = "tol"
-    if numbers == "fp16":
+) -> FoldCheck:
+    """``check.check_onnx_fold`` (input untouched, analyze agreeing, the report, outputs in
+    onnxruntime), then ``check_structure``. ``numbers`` is "auto" (by the output dtype;
+    bit-exact when nothing folded), "exact", "fp16" (error against a float32 reference no worse
+    than FP16_ERROR_RATIO times the original's) or "none" (onnxruntime cannot run it)."""
+    fp16 = numbers == "fp16" or (
+        numbers == "auto" and model.graph.output[0].type.tensor_type.elem_type == FLOAT16
+    )
+    result = check_onnx_fold(
+        model,
+        expected,
+        producers=producers,
+        feeds=None if feeds is None else list(feeds),
+        seeds=tuple(seeds),
+        exact=True if numbers == "exact" else None,
+        run=numbers != "none",
+        compare=not fp16,
+    )
+    assert isinstance(result.folded, onnx.ModelProto)
+    check_structure(model, result.folded, result.report, may_remove)
+    if fp16 and result.report.folded and numbers != "none":
         check_fp16(model, result)
-        return result
-    floats = [o.type.tensor_type.elem_type for o in model.graph.output]
-    tol = max(TOLERANCE.get(t, 0.0) for t in floats)
-    for before, after in zip(result.before, result.after, strict=True):
-        if numbers == "exact":
+    elif fp16 and numbers != "none":  # nothing folded: nothing may have changed
+        for before, after in zip(result.before, result.after, strict=True):
             assert_bit_exact(before, after)
-        else:
-            err = rel_err(before, after)
-            assert err <= tol, f"relative error {err:.3g} > {tol:g}\n{report}"
     return result
 
 
-def check_fp16(model: onnx.ModelProto, result: FoldResult) -> None:
+def check_fp16(model: onnx.ModelProto, result: FoldCheck) -> None:
     """The folded float16 model's RMS error against the float32 model (over every input and
     output) is at most FP16_ERROR_RATIO times the original float16 model's."""
     ref_model = convert(model)
@@ -583,7 +539,7 @@ def check_fp16(model: onnx.ModelProto, result: FoldResult) -> None:
     assert ratio <= FP16_ERROR_RATIO, f"folded float16 error {ratio:.2f}x the original's"
 
 
-def check_skip(model: onnx.ModelProto, rule, bn: str = "bn", **kw) -> FoldResult:
+def check_skip(model: onnx.ModelProto, rule, bn: str = "bn", **kw) -> FoldCheck:
     """A model whose only BatchNorm ``bn`` must be kept with ``rule``: bit-exact."""
     return check_fold(model, {bn: ("skipped", rule)}, numbers=kw.pop("numbers", "exact"), **kw)
 

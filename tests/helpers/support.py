@@ -1,6 +1,7 @@
-"""Test helpers shared by the eager and torch.export frontend tests: BatchNorm-like modules found
-in the wild, non-trivial statistics for them, seeded inputs, output comparisons and report
-checks. (The small models the frontend tests share are in ``models``.)"""
+"""Test helpers shared by the torch tests: BatchNorm-like modules found in the wild, non-trivial
+statistics for every BatchNorm (``randomize_all``), seeded inputs, and invalid values for a
+``torch_models.Net``. (The small models the frontend tests share are in ``torch_models``; the
+fold checks, closeness and report checks in ``check``.)"""
 
 from __future__ import annotations
 
@@ -8,10 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import bnfold
 from bnfold.demo import randomize_batchnorms
-
-REL_TOL = 1e-5  # float32 folds: max|a - b| / max|a|
 
 
 class FrozenBatchNorm2d(nn.Module):
@@ -77,88 +75,17 @@ def randomize_all(model: nn.Module, seed: int = 0, make_input=None) -> nn.Module
     return model.eval()
 
 
-def randn(*shape, seed: int, dtype=torch.float32) -> torch.Tensor:
+def randn(*shape, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
 
 
 # --------------------------------------------------------------------------------------------
-# Comparing outputs and state
-
-
-def rel_err(expected: list[torch.Tensor], actual: list[torch.Tensor]) -> float:
-    """max|a - b| / max|a| over every output, each of the same shape and dtype."""
-    assert len(expected) == len(actual)
-    worst = 0.0
-    for a, b in zip(expected, actual, strict=True):
-        assert a.shape == b.shape and a.dtype == b.dtype
-        a64, b64 = a.double(), b.double()
-        scale = float(a64.abs().max())
-        assert scale > 0 and torch.isfinite(a64).all()
-        worst = max(worst, float((a64 - b64).abs().max()) / scale)
-    return worst
+# Comparing outputs (the fold checks and closeness are in ``check``)
 
 
 def rms(a: torch.Tensor, b: torch.Tensor) -> float:
     """Root mean square of a - b, in float64."""
     return float(((a.double() - b.double()) ** 2).mean().sqrt())
-
-
-def assert_same_outputs(expected: list[torch.Tensor], actual: list[torch.Tensor]) -> None:
-    assert len(expected) == len(actual)
-    for a, b in zip(expected, actual, strict=True):
-        torch.testing.assert_close(b, a, rtol=0, atol=0, equal_nan=True)
-
-
-def assert_snapshot_equal(before: dict, after: dict) -> None:
-    """Two snapshots (dicts of comparable values, with the tensors under ``"tensors"``) agree:
-    every value equal, every tensor of the same dtype, shape and values (NaN where NaN was)."""
-    assert before.keys() == after.keys()
-    for key in before:
-        if key != "tensors":
-            assert before[key] == after[key], key
-    assert before["tensors"].keys() == after["tensors"].keys()
-    for k, v in before["tensors"].items():
-        w = after["tensors"][k]
-        assert v.dtype == w.dtype and v.shape == w.shape, k
-        assert torch.equal(v.nan_to_num(), w.nan_to_num()) and torch.equal(v.isnan(), w.isnan()), k
-
-
-# --------------------------------------------------------------------------------------------
-# Reports
-
-
-def check_report(report: bnfold.FoldReport, expected: dict[str, tuple[str, object]]) -> None:
-    """``expected``: bn name -> ("folded", producer name) or ("skipped", rule id or set of them)
-    or ("any", producer name) when folding and keeping are both right."""
-    assert isinstance(report, bnfold.FoldReport)
-    entries = {e.bn: e for e in report}
-    assert len(entries) == len(report.entries), str(report)  # names are unique
-    assert set(entries) == set(expected), str(report)
-    try:
-        check_report_entries(report, expected)
-    except AssertionError as err:
-        raise AssertionError(f"{err}\n{report}") from None
-
-
-def check_report_entries(
-    report: bnfold.FoldReport, expected: dict[str, tuple[str, object]]
-) -> None:
-    """The entries named in ``expected`` (as for ``check_report``); other entries may exist."""
-    for bn, (action, what) in expected.items():
-        try:
-            e = report.entry(bn)
-        except KeyError as err:
-            raise AssertionError(str(err)) from None
-        assert isinstance(e.bn_type, str) and e.bn_type, e
-        if action == "any":  # either is right; a fold must be into ``what``
-            action, what = ("folded", what) if e.folded else ("skipped", {e.rule})
-        assert e.action == action, e
-        if action == "folded":
-            assert e.folded and e.target == what and e.rule is None and e.reason == "", e
-        else:
-            allowed = what if isinstance(what, (set, frozenset)) else {what}
-            assert not e.folded and e.rule in allowed, e
-            assert isinstance(e.reason, str) and e.reason.strip(), e
 
 
 # --------------------------------------------------------------------------------------------

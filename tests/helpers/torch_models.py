@@ -1,6 +1,6 @@
-"""Small models shared by the tests of the eager frontend (``test_torch_module``) and of the
-torch.export frontend (``test_torch_export``): the same model is folded by both, each test file
-checking what its frontend must make of it.
+"""Small models shared by the tests of the eager frontend (``tests/torch/test_eager*.py``) and of
+the torch.export frontend (``tests/torch/test_export*.py``): the same model is folded by both,
+each test file checking what its frontend must make of it.
 
 Models take C_IN input channels unless they say otherwise. Layers draw their initialisation from
 torch's global generator: a test that needs the same weights each run seeds it first.
@@ -489,3 +489,27 @@ class ChainedBNs(nn.Module):
 
     def forward(self, x):
         return self.bn2(self.bn1(self.conv(x)))
+
+
+class ConvBN(nn.Module):
+    """conv (3 -> ``out`` channels, 3 x 3) -> bn; the models built on it change forward() or
+    add what they need."""
+
+    def __init__(self, out: int = 8, padding: int = 1) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, out, 3, padding=padding)
+        self.bn = nn.BatchNorm2d(out)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+class OptionalMask(ConvBN):
+    """Foldable whichever way forward is called."""
+
+    def __init__(self) -> None:
+        super().__init__(padding=1)
+
+    def forward(self, x, mask=None, scale: float = 2.0):
+        y = self.bn(self.conv(x)) * scale
+        return y if mask is None else y * mask

@@ -1,5 +1,9 @@
 """The nn.Module frontend: fold BatchNorm into Conv/ConvTranspose/Linear, or refuse and say why.
 
+Folds into every convolution, transposed convolution and Linear layout, BatchNorm variants,
+FrozenBatchNorm2d, dtypes and devices, skips with their rules, invalid values, the API
+(``inplace``, ``producers``, ``analyze``, folds in several threads) and low precision.
+
 Every fold test gives all BatchNorms non-trivial statistics, folds, and compares the folded model
 with the original on inputs it has not seen. Every skip test checks the report's rule and that
 the model still computes exactly what it computed before.
@@ -9,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import statistics
+import threading
 
 import pytest
 import torch
@@ -18,17 +23,23 @@ import bnfold
 from bnfold.core import rules
 from bnfold.demo import DemoNet
 from bnfold.torch.eager.module import FoldedBatchNorm
-from tests.helpers.support import (
-    POISONS,
+from tests.helpers.check import (
     REL_TOL,
-    FrozenBatchNorm2d,
+    assert_close,
     assert_same_outputs,
     assert_snapshot_equal,
     check_report,
+    check_torch_fold,
+    rel_err,
+    snapshot,
+    torch_outputs,
+)
+from tests.helpers.support import (
+    POISONS,
+    FrozenBatchNorm2d,
     poison,
     randn,
     randomize_all,
-    rel_err,
     rms,
 )
 from tests.helpers.torch_models import (
@@ -49,6 +60,7 @@ from tests.helpers.torch_models import (
     BNReLU2d,
     ChainedBNs,
     ClampedConv2d,
+    ConvBN,
     ConvThenBN,
     DataDependent,
     ExtremeStatistics,
@@ -58,6 +70,7 @@ from tests.helpers.torch_models import (
     MyConv2d,
     Net,
     NoProducer,
+    OptionalMask,
     OutputUsedTwice,
     ProducerCalledTwice,
     ReadsProducerWeight,
@@ -91,23 +104,6 @@ def is_bn(m: nn.Module) -> bool:
     return isinstance(m, (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d))
 
 
-def outputs(model: nn.Module, inputs: tuple) -> list[torch.Tensor]:
-    with torch.no_grad():
-        out = model(*inputs)
-    return list(out) if isinstance(out, (tuple, list)) else [out]
-
-
-def snapshot(model: nn.Module) -> dict:
-    """Everything about a module that a fold must not change when it works on a copy."""
-    return {
-        "structure": [(name, type(m)) for name, m in model.named_modules()],
-        "tensors": {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()},
-        "ids": {k: id(v) for k, v in model.state_dict(keep_vars=True).items()},
-        "requires_grad": {k: p.requires_grad for k, p in model.named_parameters()},
-        "training": [m.training for m in model.modules()],
-    }
-
-
 def check_fold(
     model: nn.Module,
     example: tuple | None,
@@ -117,14 +113,11 @@ def check_fold(
     tol: float = REL_TOL,
     exact: bool = False,
 ):
-    """Fold a copy of ``model`` and check class, report, structure, input untouched, outputs."""
-    before = snapshot(model)
-    folded, report = bnfold.fold(model, example, return_report=True)
-    assert folded is not model
-    assert type(folded) is type(model)
-    assert_snapshot_equal(before, snapshot(model))
-    check_report(report, expected)
-
+    """``check_torch_fold`` (input untouched, analyze agreeing, report, outputs on ``fresh``;
+    bit for bit when ``exact`` or nothing folded), then what stands where each BatchNorm was,
+    and that user code on the model class survives."""
+    r = check_torch_fold(model, example, fresh, expected, tol=tol, exact=exact or None)
+    folded = r.folded
     modules = dict(folded.named_modules())
     for bn, (action, _) in expected.items():
         if action == "folded":
@@ -137,13 +130,7 @@ def check_fold(
     if isinstance(model, Net):  # user code on the model class survives
         assert folded.user_method() == "user method of Net"
         assert folded.tag == model.tag
-
-    want, got = outputs(model, fresh), outputs(folded, fresh)
-    if exact:
-        assert_same_outputs(want, got)
-    else:
-        assert rel_err(want, got) <= tol
-    return folded, report
+    return folded, r.report
 
 
 # --------------------------------------------------------------------------------------------
@@ -261,7 +248,7 @@ def test_demo_net_with_calibrated_statistics_folds_completely():
     assert n_bns == 16 and [e.action for e in report] == ["folded"] * n_bns
     assert not any(is_bn(m) for m in folded.modules())
     fresh = (randn(3, 3, 16, 16, seed=37),)
-    assert rel_err(outputs(model, fresh), outputs(folded, fresh)) <= REL_TOL
+    assert rel_err(torch_outputs(model, fresh), torch_outputs(folded, fresh)) <= REL_TOL
     max_abs, max_rel = bnfold.verify(model, folded, fresh)
     assert max_rel <= REL_TOL and max_abs >= 0
 
@@ -274,7 +261,7 @@ def test_channels_last_model_stays_channels_last():
     folded, _ = check_fold(model, (x,), (fresh,), SEQUENTIAL_FOLDED)
     for i in (0, 3):
         assert folded[i].weight.is_contiguous(memory_format=torch.channels_last), i
-    assert outputs(folded, (fresh,))[0].is_contiguous(memory_format=torch.channels_last)
+    assert torch_outputs(folded, (fresh,))[0].is_contiguous(memory_format=torch.channels_last)
 
 
 def test_float64_model_folds_in_float64():
@@ -484,13 +471,13 @@ def test_bn_relu_subclass_is_folded_and_keeps_its_relu():
     """BN + ReLU in one forward: the BatchNorm part is folded, the ReLU stays (DESIGN rule 7)."""
     model = randomize_all(Net(nn.Conv2d(C_IN, 6, 3), BNReLU2d(6)), seed=105)
     fresh = (randn(3, C_IN, 6, 6, seed=106),)
-    want = outputs(model, fresh)
+    want = torch_outputs(model, fresh)
     assert (want[0] == 0).any()  # the ReLU matters for this input
     folded, report = bnfold.fold(model, return_report=True)
     entry = report.entry("bn")
     assert entry.folded and entry.target == "producer"
     assert not any(is_bn(m) for m in folded.modules())
-    assert rel_err(want, outputs(folded, fresh)) <= REL_TOL
+    assert rel_err(want, torch_outputs(folded, fresh)) <= REL_TOL
 
 
 def test_bn_with_forward_hook_is_skipped():
@@ -548,7 +535,15 @@ def test_frozen_batchnorm_lookalikes_keep_their_outputs(cls):
         model.bn.running_var.uniform_(1e-4, 1e-3, generator=g)
     fresh = (randn(3, C_IN, 6, 6, seed=110),)
     folded, report = bnfold.fold(model, return_report=True)
-    assert rel_err(outputs(model, fresh), outputs(folded, fresh)) <= REL_TOL, str(report)
+    if cls is _FrozenBNWithReLU:  # not an affine map of its input: kept
+        check_report(report, {"bn": ("skipped", rules.STANDARD_FORWARD)})
+        assert type(folded.bn) is cls
+    else:  # an affine map all the same (with eps 0): folded
+        check_report(report, {"bn": ("folded", "producer")})
+        assert folded_away(folded.bn)
+    assert rel_err(torch_outputs(model, fresh), torch_outputs(folded, fresh)) <= REL_TOL, str(
+        report
+    )
 
 
 def test_conv_subclass_overriding_conv_forward_is_not_folded_wrongly():
@@ -586,9 +581,11 @@ class ReadsBnAttribute(ConvThenBN):
 def test_folded_model_still_runs_when_forward_reads_a_bn_attribute():
     """A fold that replaces bn with nn.Identity must not break forward's use of bn.num_features."""
     model = randomize_all(ReadsBnAttribute(), seed=85)
-    folded = bnfold.fold(model)
+    folded, report = bnfold.fold(model, return_report=True)
+    check_report(report, {"bn": ("folded", "conv")})
+    assert folded_away(folded.bn) and folded.bn.num_features == 6
     fresh = (randn(3, C_IN, 6, 6, seed=86),)
-    assert rel_err(outputs(model, fresh), outputs(folded, fresh)) <= REL_TOL
+    assert rel_err(torch_outputs(model, fresh), torch_outputs(folded, fresh)) <= REL_TOL
 
 
 # --------------------------------------------------------------------------------------------
@@ -630,7 +627,7 @@ def test_one_invalid_bn_does_not_stop_the_valid_fold():
     check_report(report, {"bn_a": ("skipped", rules.VALID_VALUES), "bn_b": ("folded", "conv_b")})
     assert type(folded.bn_a) is nn.BatchNorm2d and folded_away(folded.bn_b)
     fresh = (randn(3, C_IN, 6, 6, seed=91),)
-    (a0, b0), (a1, b1) = outputs(model, fresh), outputs(folded, fresh)
+    (a0, b0), (a1, b1) = torch_outputs(model, fresh), torch_outputs(folded, fresh)
     assert_same_outputs([a0], [a1])
     assert rel_err([b0], [b1]) <= REL_TOL
 
@@ -648,6 +645,21 @@ def test_float16_overflow_is_skipped(bias):
     assert "float16" in report.entry("bn").reason
     for name, t in folded.state_dict().items():
         assert torch.isfinite(t).all(), name
+
+
+def test_variance_plus_eps_is_checked_in_the_variance_precision():
+    model = randomize_all(ConvBN())
+    with torch.no_grad():
+        model.bn.running_var[3] = -model.bn.eps  # float32: var + eps == 0, the output is inf
+    folded, report = bnfold.fold(model, return_report=True)
+    assert report.entry("bn").rule == rules.VALID_VALUES
+    assert type(folded.bn) is nn.BatchNorm2d
+
+
+def test_negative_eps_is_refused():
+    model = randomize_all(ConvBN())
+    model.bn.eps = -1e-3
+    assert bnfold.analyze(model).entry("bn").rule == rules.VALID_VALUES
 
 
 # --------------------------------------------------------------------------------------------
@@ -698,7 +710,7 @@ def test_fold_inplace_returns_same_object_and_keeps_parameter_objects():
     assert (model.head.weight.data_ptr(), model.head.bias.data_ptr()) == head_ptrs
     assert not torch.equal(model.conv.weight, reference.conv.weight)  # values did change
     fresh = (randn(3, C_IN, 6, 6, seed=99),)
-    assert rel_err(outputs(reference, fresh), outputs(model, fresh)) <= REL_TOL
+    assert rel_err(torch_outputs(reference, fresh), torch_outputs(model, fresh)) <= REL_TOL
 
 
 def test_analyze_reports_what_fold_does_and_changes_nothing():
@@ -730,7 +742,37 @@ def test_producers_selects_fold_kinds(producers, expected):
     for bn, what in expected.items():
         assert folded_away(getattr(folded, bn)) == (what == "folded")
     fresh = (randn(3, C_IN, 6, 6, seed=104),)
-    assert rel_err(outputs(model, fresh), outputs(folded, fresh)) <= REL_TOL
+    assert rel_err(torch_outputs(model, fresh), torch_outputs(folded, fresh)) <= REL_TOL
+
+
+def test_two_threads_fold_different_models_correctly():
+    models = [
+        randomize_all(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)), seed=s) for s in (1, 2)
+    ]
+    models.append(randomize_all(OptionalMask(), seed=3))
+    expected = [{"1": ("folded", "0")}, {"1": ("folded", "0")}, {"bn": ("folded", "conv")}]
+    results: dict[int, list] = {i: [] for i in range(len(models))}
+    errors: list[BaseException] = []
+
+    def work(i: int) -> None:
+        try:
+            for _ in range(15):
+                results[i].append(bnfold.fold(models[i], return_report=True))
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(models))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    x = randn(2, 3, 6, 6)
+    for i, runs in results.items():
+        assert len(runs) == 15
+        for folded, report in runs:
+            check_report(report, expected[i])  # each fold folded its model's BatchNorm
+            assert_close(models[i], folded, x)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
-"""BatchNorm subclasses whose forward does more than normalise (rule 7 of DESIGN.md).
+"""BatchNorm subclasses whose forward does more than normalise, and BatchNorm lookalikes (a
+FrozenBatchNorm2d whose forward clamps).
 
-Their BatchNorm part is folded when the rest of the forward is kept exactly; otherwise they are
-skipped with a reason. Every test compares outputs with non-trivial statistics.
+Their BatchNorm part is folded when the rest of the forward is kept exactly (and no statistics
+are left behind); otherwise they are skipped with a reason. Every test compares outputs with
+non-trivial statistics.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from torch import nn
 import bnfold
 from bnfold.core import rules
 from bnfold.demo import randomize_batchnorms
-from tests.helpers.support import BatchNormAct2d
+from tests.helpers.check import assert_close
+from tests.helpers.support import BatchNormAct2d, randn, randomize_all
 
 
 class EpsOverride2d(nn.BatchNorm2d):
@@ -209,3 +212,53 @@ def test_a_custom_forward_that_updates_a_buffer_keeps_doing_so_and_analysis_does
         folded(x)
     (counter,) = [b for n, b in folded.bn.named_buffers() if n.endswith("num_batches_tracked")]
     assert int(counter) == 3  # the fold kept the update: the counter came along, and counts
+
+
+def test_folded_batchnorm_with_own_forward_leaves_no_statistics_behind():
+    class BNSiLU2d(nn.BatchNorm2d):
+        def forward(self, x):
+            return F.silu(super().forward(x))
+
+    model = randomize_all(nn.Sequential(nn.Conv2d(3, 8, 3), BNSiLU2d(8)))
+    folded = bnfold.fold(model)
+    assert set(folded.state_dict()) == {"0.weight", "0.bias"}
+    assert_close(model, folded, randn(2, 3, 6, 6))
+
+
+class ClampedFrozenBN(nn.Module):
+    """FrozenBatchNorm2d with a wide clamp (an fp16 overflow guard): affine on small inputs."""
+
+    def __init__(self, n: int, bound: float) -> None:
+        super().__init__()
+        self.eps, self.bound = 1e-5, bound
+        g = torch.Generator().manual_seed(3)
+        self.register_buffer("weight", torch.randn(n, generator=g))
+        self.register_buffer("bias", torch.randn(n, generator=g))
+        self.register_buffer("running_mean", torch.randn(n, generator=g))
+        self.register_buffer("running_var", torch.rand(n, generator=g) * 2.9 + 0.1)
+
+    def forward(self, x):
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        b = self.bias - self.running_mean * scale
+        y = x * scale.view(1, -1, 1, 1) + b.view(1, -1, 1, 1)
+        return y.clamp(-self.bound, self.bound)
+
+
+ClampedFrozenBN.__name__ = ClampedFrozenBN.__qualname__ = "FrozenBatchNorm2d"
+
+
+@pytest.mark.parametrize(
+    ("bound", "dtype"),
+    # 1e200 in float64: beyond every probe value, only the recorded clamp shows it.
+    [(1e3, torch.float32), (1e200, torch.float64)],
+)
+def test_frozen_batchnorm_lookalike_with_a_wide_clamp_is_not_folded(bound, dtype):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), ClampedFrozenBN(4, bound)).eval().to(dtype)
+    x = randn(1, 3, 8, 8).to(dtype)
+    folded, report = bnfold.fold(model, (x,), return_report=True)
+    entry = report.entry("1")
+    assert entry.action == "skipped", entry
+    assert_close(model, folded, x)
+    assert_close(
+        model, folded, randn(2, 3, 8, 8, seed=1).to(dtype) * (1e4 if bound < 1e10 else 1e250)
+    )

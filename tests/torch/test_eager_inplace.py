@@ -3,7 +3,8 @@
 ``bnfold.fold(model, inplace=True)`` checks every fold first (one read of each weight bounds the
 product), then scales the weights in their own memory. These tests pin what that must never
 change: the same bits as the copying fold, no partial write when a fold is refused, and new
-memory instead of an in-place write wherever another tensor shares the weight's storage.
+memory instead of an in-place write wherever another tensor shares the weight's storage; and a
+BatchNorm that cannot be replaced in place (``__slots__``) is kept while the rest fold.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import bnfold
 from bnfold.core.algebra import CONV, ScaledWeight
 from bnfold.core.gc_pause import gc_paused
 from bnfold.errors import FoldRefused
+from tests.helpers.check import assert_close
+from tests.helpers.support import randn, randomize_all
 
 
 def _stats(bn: nn.modules.batchnorm._BatchNorm, seed: int) -> None:
@@ -227,3 +230,34 @@ def test_gc_pause_across_threads_ends_enabled():
         t.join()
         assert not gc.isenabled()  # this block still runs
     assert gc.isenabled()
+
+
+class SlotBN(nn.BatchNorm2d):
+    """A BatchNorm subclass declaring __slots__: its objects cannot change class to Identity."""
+
+    __slots__ = ("tag",)
+
+
+class TwoStages(nn.Module):
+    def __init__(self, second: nn.Module) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+        self.c2, self.b2 = nn.Conv2d(4, 4, 3), second
+
+    def forward(self, x):
+        return self.b2(self.c2(self.b1(self.c1(x))))
+
+
+def test_in_place_fold_keeps_a_batchnorm_with_slots_and_folds_the_rest():
+    model = randomize_all(TwoStages(SlotBN(4)).eval())
+    model.b2.tag = "kept"
+    reference = copy.deepcopy(model)
+    x = randn(2, 3, 8, 8)
+    folded, report = bnfold.fold(model, (x,), inplace=True, return_report=True)
+    assert folded is model
+    assert report.entry("b1").action == "folded"
+    entry = report.entry("b2")
+    assert entry.action == "skipped" and "__slots__" in entry.reason, entry
+    assert type(model.b2) is SlotBN and model.b2.tag == "kept"
+    assert_close(reference, model, x)
+    assert_close(reference, model, randn(3, 3, 8, 8, seed=1))

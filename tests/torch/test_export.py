@@ -30,18 +30,23 @@ from torch.utils._pytree import tree_leaves
 import bnfold
 from bnfold.core import rules
 from tests.helpers import torch_models as models
-from tests.helpers.support import (
-    POISONS,
+from tests.helpers.check import (
     REL_TOL,
-    BatchNormAct2d,
     assert_same_outputs,
     assert_snapshot_equal,
     check_report,
     check_report_entries,
+    check_torch_fold,
+    rel_err,
+    snapshot,
+    torch_outputs,
+)
+from tests.helpers.support import (
+    POISONS,
+    BatchNormAct2d,
     poison,
     randn,
     randomize_all,
-    rel_err,
     rms,
 )
 from tests.helpers.torch_models import C_IN, FOLDED, MIXED_FOLDED, Net, skipped
@@ -56,13 +61,6 @@ FORMS = ["exported", "decomposed"]
 def export(model: nn.Module, inputs: tuple, form: str, dynamic_shapes=None) -> ExportedProgram:
     ep = torch.export.export(model, tuple(inputs), dynamic_shapes=dynamic_shapes)
     return ep.run_decompositions() if form == "decomposed" else ep
-
-
-def run(program, inputs: tuple) -> list[torch.Tensor]:
-    """Outputs of an ExportedProgram (through ``ep.module()``) or of a module."""
-    module = program.module() if isinstance(program, ExportedProgram) else program
-    with torch.no_grad():
-        return tree_leaves(module(*inputs))
 
 
 def bn_nodes(graph: fx.Graph) -> list[fx.Node]:
@@ -133,37 +131,6 @@ def assert_producers_have_bias(program) -> None:
         assert bias.name in registered, f"{node.name}'s bias {bias.name} is not registered"
 
 
-def _tensors(items) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in items if isinstance(v, torch.Tensor)}
-
-
-def program_snapshot(ep: ExportedProgram) -> dict:
-    """Everything about an ExportedProgram that a fold must leave alone."""
-    return {
-        "graph": str(ep.graph),
-        "code": ep.graph_module.code,
-        "signature": str(ep.graph_signature),
-        "range_constraints": str(ep.range_constraints),
-        "meta": [
-            (n.name, str(n.meta.get("val")), str(n.meta.get("nn_module_stack")))
-            for n in ep.graph.nodes
-        ],
-        "tensors": _tensors([*ep.state_dict.items(), *ep.constants.items()]),
-        "ids": {k: id(v) for k, v in [*ep.state_dict.items(), *ep.constants.items()]},
-    }
-
-
-def module_snapshot(gm: nn.Module) -> dict:
-    """Everything about a GraphModule that a fold must leave alone when it works on a copy."""
-    return {
-        "code": getattr(gm, "code", None),
-        "graph": str(getattr(gm, "graph", None)),
-        "structure": [(name, type(m).__name__) for name, m in gm.named_modules()],
-        "tensors": _tensors(gm.state_dict(keep_vars=True).items()),
-        "ids": {k: id(v) for k, v in gm.state_dict(keep_vars=True).items()},
-    }
-
-
 def check_program(ep: ExportedProgram) -> None:
     """The program is well formed: verifier, lint, signature matching the graph, state_dict
     holding exactly the persistent parameters and buffers the signature names."""
@@ -218,10 +185,10 @@ def check_bn_state_removed(
 def fold_program(ep: ExportedProgram, **kwargs):
     """Fold ``ep`` and check the input is untouched and the result well formed."""
     check_program(ep)
-    before = program_snapshot(ep)
+    before = snapshot(ep)
     folded, report = bnfold.fold(ep, return_report=True, **kwargs)
     assert folded is not ep
-    assert_snapshot_equal(before, program_snapshot(ep))
+    assert_snapshot_equal(before, snapshot(ep))
     check_program(folded)
     return folded, report
 
@@ -250,20 +217,18 @@ def check_program_fold(
     exact: bool = False,
     model: nn.Module | None = None,
 ):
-    """Fold ``ep``; check the input is untouched, report, BatchNorm ops and state left, and the
-    outputs on ``fresh`` against the original program (and the eager ``model``)."""
+    """``check_torch_fold`` of ``ep`` (input untouched, analyze agreeing, report, outputs on
+    ``fresh`` against the original program; bit for bit when ``exact`` or nothing folded), then
+    a well-formed result, its BatchNorm ops and state left, and the eager ``model`` agreeing."""
     assert n_bn(ep) == len(expected), ep.graph  # one entry per BatchNorm call
-    folded, report = fold_program(ep)
-    check_report(report, expected)
+    check_program(ep)
+    r = check_torch_fold(ep, None, fresh, expected, tol=tol, exact=exact or None)
+    folded, report = r.folded, r.report
+    check_program(folded)
     assert n_bn(folded) == len(report.skipped), folded.graph
     check_bn_state_removed(ep, folded, report)
-    want, got = run(ep, fresh), run(folded, fresh)
-    if exact:
-        assert_same_outputs(want, got)
-    else:
-        assert rel_err(want, got) <= tol
-        if model is not None:  # and the eager model agrees
-            assert rel_err(run(model, fresh), got) <= tol
+    if model is not None and report.folded:  # and the eager model agrees
+        assert rel_err(torch_outputs(model, fresh), r.after[0]) <= tol
     return ep, folded, report
 
 
@@ -813,10 +778,10 @@ def fold_matrix(name: str, form: str) -> MatrixResult:
     model, example, fresh = MATRICES[name]()
     ep = export(model, example, form)
     check_program(ep)
-    before = program_snapshot(ep)
+    before = snapshot(ep)
     folded, report = bnfold.fold(ep, return_report=True)
     assert folded is not ep
-    assert_snapshot_equal(before, program_snapshot(ep))
+    assert_snapshot_equal(before, snapshot(ep))
     ids = {key(c): c for c in MATRIX_CASES[name]}
     assert list(ids) == list(model.cases)
 
@@ -897,7 +862,7 @@ def test_graph_fold_cases(form):
     written = []
     for program in (r.ep, r.folded):  # (the two share the unchanged buffer: copy it each time)
         gm = program.module()
-        run(gm, r.fresh)
+        torch_outputs(gm, r.fresh)
         written.append(gm.cases.get_submodule(key("bn-result-written-to-a-buffer")).last.clone())
     assert rel_err(written[:1], written[1:]) <= REL_TOL
 
@@ -930,9 +895,9 @@ def test_invalid_values_are_skipped_and_do_not_stop_the_valid_fold(form):
 @pytest.mark.parametrize("form", FORMS)
 def test_analyze_agrees_with_fold_on_invalid_values(form):
     r = fold_matrix("invalid", form)
-    before = program_snapshot(r.ep)
+    before = snapshot(r.ep)
     report = bnfold.analyze(r.ep)
-    assert_snapshot_equal(before, program_snapshot(r.ep))
+    assert_snapshot_equal(before, snapshot(r.ep))
     assert report.to_list() == r.report.to_list()
 
 
@@ -975,15 +940,15 @@ def test_graph_module_of_a_matrix_folds_like_its_program(name, form):
     the same decisions under the same names as for the ExportedProgram."""
     r = fold_matrix(name, form)
     gm = r.ep.module()
-    before = module_snapshot(gm)
+    before = snapshot(gm)
     folded, report = bnfold.fold(gm, return_report=True)
     assert isinstance(folded, fx.GraphModule) and folded is not gm
-    assert_snapshot_equal(before, module_snapshot(gm))
+    assert_snapshot_equal(before, snapshot(gm))
     decisions = [(e.bn, e.target, e.action, e.rule) for e in report]
     assert decisions == [(e.bn, e.target, e.action, e.rule) for e in r.report]
     folded.graph.lint()
     assert n_bn(folded) == len(report.skipped)
-    want, got = run(gm, r.fresh), run(folded, r.fresh)
+    want, got = torch_outputs(gm, r.fresh), torch_outputs(folded, r.fresh)
     if name == "skips":
         assert_same_outputs(want, got)
     else:
@@ -1035,7 +1000,7 @@ def test_demo_net_with_calibrated_statistics_folds_completely():
     assert n_bn(ep) == 16 and n_bn(folded) == 0
     check_bn_state_removed(ep, folded, report)
     fresh = (randn(2, 3, 16, 16, seed=46),)
-    assert rel_err(run(ep, fresh), run(folded, fresh)) <= REL_TOL
+    assert rel_err(torch_outputs(ep, fresh), torch_outputs(folded, fresh)) <= REL_TOL
     max_abs, max_rel = bnfold.verify(ep, folded, fresh)
     assert 0 <= max_rel <= REL_TOL and max_abs >= 0
 
@@ -1099,7 +1064,7 @@ def test_functional_batch_norms_fold_with_distinct_names(where, form):
         assert sorted(e.target for e in report) == want
     assert n_bn(folded) == 0
     fresh = x4(85)
-    assert rel_err(run(ep, fresh), run(folded, fresh)) <= REL_TOL
+    assert rel_err(torch_outputs(ep, fresh), torch_outputs(folded, fresh)) <= REL_TOL
 
 
 class RuntimeParams(models.TwoBranches):
@@ -1121,7 +1086,7 @@ def test_runtime_weight_or_statistics_are_skipped(form):
     assert report.entry("bn_a").rule == rules.CONSTANT_PARAMS
     assert n_bn(folded) == 2
     fresh = (*x4(140), t[0] * 1.5, t[1] - 0.5)
-    assert_same_outputs(run(ep, fresh), run(folded, fresh))
+    assert_same_outputs(torch_outputs(ep, fresh), torch_outputs(folded, fresh))
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -1152,7 +1117,7 @@ def test_channels_last_input(form):
     x = randn(2, C_IN, 7, 7, seed=104).to(memory_format=torch.channels_last)
     fresh = randn(2, C_IN, 7, 7, seed=105).to(memory_format=torch.channels_last)
     ep, folded, _ = check_fold(model, (x,), (fresh,), models.SEQUENTIAL_FOLDED, form)
-    want, got = run(ep, (fresh,))[0], run(folded, (fresh,))[0]
+    want, got = torch_outputs(ep, (fresh,))[0], torch_outputs(folded, (fresh,))[0]
     assert got.is_contiguous(memory_format=torch.channels_last) == want.is_contiguous(
         memory_format=torch.channels_last
     )
@@ -1190,7 +1155,7 @@ def test_low_precision_program_folds(dtype, form):
     folded, report = fold_program(ep)
     assert [e.action for e in report] == ["folded"] * 3, str(report)
     assert {v.dtype for v in folded.state_dict.values() if v.is_floating_point()} == {dtype}
-    (unfolded_out,), (folded_out,) = run(ep, xl), run(folded, xl)
+    (unfolded_out,), (folded_out,) = torch_outputs(ep, xl), torch_outputs(folded, xl)
     assert folded_out.dtype == dtype
     assert rel_err([unfolded_out], [folded_out]) <= LOW_PRECISION_TOL[dtype]
     assert rms(folded_out, ref) <= 1.6 * rms(unfolded_out, ref)
@@ -1209,7 +1174,7 @@ def test_half_conv_with_float32_bn_folds_into_half_weights(form):
     check_report(report, FOLDED)
     assert {v.dtype for v in folded.state_dict.values()} == {torch.float16}
     xl = (x.half(),)
-    (unfolded_out,), (folded_out,) = run(ep, xl), run(folded, xl)
+    (unfolded_out,), (folded_out,) = torch_outputs(ep, xl), torch_outputs(folded, xl)
     assert folded_out.dtype == unfolded_out.dtype == torch.float16
     assert rel_err([unfolded_out], [folded_out]) <= LOW_PRECISION_TOL[torch.float16]
     assert rms(folded_out, ref) <= 1.6 * rms(unfolded_out, ref)
@@ -1235,14 +1200,14 @@ def test_fold_returns_a_new_program_and_leaves_its_input_alone(form):
     the original keeps all of its own and still computes what it did."""
     ep = mixed_program(form)
     fresh = x4(145)
-    want = run(ep, fresh)
+    want = torch_outputs(ep, fresh)
     _, folded, _ = check_program_fold(ep, fresh, MIXED_FOLDED)
     assert_producers_have_bias(folded)
     bn_keys = {f"{m}.{b}" for m in ("bn", "bn_up", "bn_fc") for b in BN_STATE}
     assert bn_keys <= set(ep.state_dict)
     assert set(ep.state_dict) - set(folded.state_dict) == bn_keys
     assert len(set(folded.state_dict) - set(ep.state_dict)) == 1  # conv's new bias
-    assert_same_outputs(want, run(ep, fresh))
+    assert_same_outputs(want, torch_outputs(ep, fresh))
     assert n_bn(ep) == 3
 
 
@@ -1257,20 +1222,20 @@ def test_fold_without_report_returns_the_program(form):
 @pytest.mark.parametrize("form", FORMS)
 def test_inplace_with_exported_program_raises(form):
     ep = mixed_program(form)
-    before = program_snapshot(ep)
+    before = snapshot(ep)
     with pytest.raises(bnfold.InvalidArgumentError):
         bnfold.fold(ep, inplace=True)
     with pytest.raises(bnfold.InvalidArgumentError):
         bnfold.fold(ep, inplace=True, return_report=True)
-    assert_snapshot_equal(before, program_snapshot(ep))
+    assert_snapshot_equal(before, snapshot(ep))
 
 
 @pytest.mark.parametrize("form", FORMS)
 def test_analyze_reports_what_fold_does_and_changes_nothing(form):
     ep = mixed_program(form)
-    before = program_snapshot(ep)
+    before = snapshot(ep)
     report = bnfold.analyze(ep)
-    assert_snapshot_equal(before, program_snapshot(ep))
+    assert_snapshot_equal(before, snapshot(ep))
     check_report(report, MIXED_FOLDED)
     _, fold_report = bnfold.fold(ep, return_report=True)
     assert report.to_list() == fold_report.to_list()
@@ -1292,7 +1257,7 @@ def test_producers_selects_fold_kinds(producers, expected, form):
     assert n_bn(folded) == len(report.skipped)
     check_bn_state_removed(ep, folded, report)
     fresh = x4(146)
-    assert rel_err(run(ep, fresh), run(folded, fresh)) <= REL_TOL
+    assert rel_err(torch_outputs(ep, fresh), torch_outputs(folded, fresh)) <= REL_TOL
     assert bnfold.analyze(ep, producers=producers).to_list() == report.to_list()
 
 
@@ -1303,7 +1268,9 @@ def test_verify_measures_the_difference(form):
     fresh = x4(147)
     max_abs, max_rel = bnfold.verify(ep, folded, fresh)
     assert 0 <= max_rel <= REL_TOL and 0 <= max_abs
-    assert max_rel == pytest.approx(rel_err(run(ep, fresh), run(folded, fresh)), rel=0.5, abs=1e-7)
+    assert max_rel == pytest.approx(
+        rel_err(torch_outputs(ep, fresh), torch_outputs(folded, fresh)), rel=0.5, abs=1e-7
+    )
     same_abs, same_rel = bnfold.verify(ep, ep, fresh)
     assert same_abs == 0 and same_rel == 0
 
@@ -1324,9 +1291,9 @@ def test_dynamic_shapes_survive_folding(dynamic, form):
     sizes = [(3, 8, 8), (7, 8, 8)] if dynamic == "batch" else [(3, 8, 6), (5, 6, 10)]
     for seed, (n, h, w) in enumerate(sizes):
         fresh = x4(90 + seed, h, w, batch=n)
-        got = run(folded, fresh)
+        got = torch_outputs(folded, fresh)
         assert got[0].shape[0] == n
-        assert rel_err(run(ep, fresh), got) <= REL_TOL
+        assert rel_err(torch_outputs(ep, fresh), got) <= REL_TOL
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -1340,8 +1307,8 @@ def test_save_load_round_trip_of_folded_program(form, tmp_path):
     assert n_bn(loaded) == 0
     assert set(loaded.state_dict) == set(folded.state_dict)
     fresh = x4(97)
-    assert_same_outputs(run(folded, fresh), run(loaded, fresh))
-    assert rel_err(run(ep, fresh), run(loaded, fresh)) <= REL_TOL
+    assert_same_outputs(torch_outputs(folded, fresh), torch_outputs(loaded, fresh))
+    assert rel_err(torch_outputs(ep, fresh), torch_outputs(loaded, fresh)) <= REL_TOL
 
 
 def test_save_load_round_trip_of_a_program_with_unshared_weights(tmp_path):
@@ -1351,7 +1318,7 @@ def test_save_load_round_trip_of_a_program_with_unshared_weights(tmp_path):
     torch.export.save(r.folded, path)
     loaded = torch.export.load(path)
     check_program(loaded)
-    assert_same_outputs(run(r.folded, r.fresh), run(loaded, r.fresh))
+    assert_same_outputs(torch_outputs(r.folded, r.fresh), torch_outputs(loaded, r.fresh))
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -1362,7 +1329,7 @@ def test_folded_program_survives_run_decompositions(form):
     check_program(decomposed)
     assert n_bn(decomposed) == 0
     fresh = x4(100)
-    assert rel_err(run(ep, fresh), run(decomposed, fresh)) <= REL_TOL
+    assert rel_err(torch_outputs(ep, fresh), torch_outputs(decomposed, fresh)) <= REL_TOL
 
 
 def test_folding_the_decomposition_of_a_folded_program_changes_nothing_more():
@@ -1379,7 +1346,7 @@ def test_folding_a_folded_program_again_changes_nothing(form):
     assert [(e.bn, e.action, e.rule) for e in report] == [
         (e.bn, e.action, e.rule) for e in r.report.skipped
     ]
-    assert_same_outputs(run(r.folded, r.fresh), run(again, r.fresh))
+    assert_same_outputs(torch_outputs(r.folded, r.fresh), torch_outputs(again, r.fresh))
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -1390,7 +1357,7 @@ def test_unflatten_of_folded_program(form):
     fresh = x4(98)
     with torch.no_grad():
         got = tree_leaves(unflat(*fresh))
-    assert rel_err(run(ep, fresh), got) <= REL_TOL
+    assert rel_err(torch_outputs(ep, fresh), got) <= REL_TOL
 
 
 class KeywordInput(models.ConvThenBN):
@@ -1420,19 +1387,19 @@ def test_program_with_keyword_input_folds(form):
 def test_graph_module_fold_returns_a_new_graph_module(form):
     ep = mixed_program(form)
     gm = ep.module()
-    before_gm, before_ep = module_snapshot(gm), program_snapshot(ep)
+    before_gm, before_ep = snapshot(gm), snapshot(ep)
     fresh = x4(148)
-    want = run(gm, fresh)
+    want = torch_outputs(gm, fresh)
     folded, report = bnfold.fold(gm, return_report=True)
     assert isinstance(folded, fx.GraphModule) and folded is not gm
-    assert_snapshot_equal(before_gm, module_snapshot(gm))
-    assert_snapshot_equal(before_ep, program_snapshot(ep))
+    assert_snapshot_equal(before_gm, snapshot(gm))
+    assert_snapshot_equal(before_ep, snapshot(ep))
     check_report(report, MIXED_FOLDED)
     folded.graph.lint()
     assert n_bn(gm) == 3 and n_bn(folded) == 0
     assert_producers_have_bias(folded)
-    assert rel_err(want, run(folded, fresh)) <= REL_TOL
-    assert_same_outputs(want, run(gm, fresh))
+    assert rel_err(want, torch_outputs(folded, fresh)) <= REL_TOL
+    assert_same_outputs(want, torch_outputs(gm, fresh))
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -1440,13 +1407,13 @@ def test_graph_module_fold_inplace_returns_the_same_module(form):
     ep = mixed_program(form)
     gm = ep.module()
     fresh = x4(149)
-    want = run(gm, fresh)
+    want = torch_outputs(gm, fresh)
     result, report = bnfold.fold(gm, inplace=True, return_report=True)
     assert result is gm
     check_report(report, MIXED_FOLDED)
     gm.graph.lint()
     assert n_bn(gm) == 0
-    assert rel_err(want, run(gm, fresh)) <= REL_TOL
+    assert rel_err(want, torch_outputs(gm, fresh)) <= REL_TOL
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -1456,20 +1423,20 @@ def test_graph_module_inplace_fold_leaves_the_exported_program_alone(form):
     model = randomize_all(models.Mixed(), seed=150)
     ep = export(model, x4(151), form)
     fresh = x4(152)
-    want = run(ep, fresh)
-    before = program_snapshot(ep)
+    want = torch_outputs(ep, fresh)
+    before = snapshot(ep)
     bnfold.fold(ep.module(), inplace=True)
-    assert_snapshot_equal(before, program_snapshot(ep))
-    assert_same_outputs(want, run(ep, fresh))
+    assert_snapshot_equal(before, snapshot(ep))
+    assert_same_outputs(want, torch_outputs(ep, fresh))
 
 
 @pytest.mark.parametrize("form", FORMS)
 def test_graph_module_analyze_and_verify(form):
     ep = mixed_program(form)
     gm = ep.module()
-    before = module_snapshot(gm)
+    before = snapshot(gm)
     report = bnfold.analyze(gm)
-    assert_snapshot_equal(before, module_snapshot(gm))
+    assert_snapshot_equal(before, snapshot(gm))
     check_report(report, MIXED_FOLDED)
     folded = bnfold.fold(gm)
     max_abs, max_rel = bnfold.verify(gm, folded, x4(153))
