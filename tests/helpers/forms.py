@@ -440,3 +440,16 @@ def export(model: nn.Module, args: tuple, decomposed: bool = False, **kw: Any) -
         warnings.simplefilter("ignore")
         ep = torch.export.export(model, tuple(args), **kw)
     return ep.run_decompositions() if decomposed else ep
+
+
+def program_forms(model: nn.Module, args: tuple) -> list[tuple[str, Any]]:
+    """The program of ``model`` as exported and decomposed, and the GraphModule of each
+    (``ep.module()``): the four graph forms a torch.export test folds."""
+    exported = export(model, args)
+    decomposed = exported.run_decompositions()
+    return [
+        ("exported", exported),
+        ("decomposed", decomposed),
+        ("exported-module", exported.module()),
+        ("decomposed-module", decomposed.module()),
+    ]
