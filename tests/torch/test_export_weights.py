@@ -16,7 +16,7 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 import bnfold
 from bnfold.core import rules
-from tests.helpers.check import REL_TOL, rel_err, torch_outputs
+from tests.helpers.check import REL_TOL, assert_close, check_report, rel_err, torch_outputs
 from tests.helpers.forms import export, program_forms
 from tests.helpers.support import randn, randomize_all
 
@@ -42,10 +42,9 @@ def test_loaded_program_with_a_buffer_viewing_a_parameter_folds(tmp_path):
     loaded = torch.export.load(str(path))
     x = randn(2, 3, 8, 8, seed=24)
     for target in (loaded, loaded.module()):
-        folded = bnfold.fold(target)
-        run = folded.module() if isinstance(folded, torch.export.ExportedProgram) else folded
-        with torch.no_grad():
-            assert rel_err([model(x)], [run(x)]) <= REL_TOL
+        folded, report = bnfold.fold(target, return_report=True)
+        check_report(report, {"bn1": ("folded", "c1")})
+        assert_close(model, folded, x)
 
 
 def test_graph_module_copy_keeps_conjugate_views_subclasses_and_quantized_tensors():
@@ -69,7 +68,8 @@ def test_graph_module_copy_keeps_conjugate_views_subclasses_and_quantized_tensor
     gm.tagged = TaggedParam(torch.randn(3))
     gm.register_buffer("tagged_buffer", torch.randn(3).as_subclass(Tagged))
     gm.register_buffer("q", torch.quantize_per_tensor(torch.randn(4), 0.1, 0, torch.qint8))
-    folded = bnfold.fold(gm)
+    folded, report = bnfold.fold(gm, return_report=True)
+    check_report(report, {"b": ("folded", "c")})
     assert type(folded.tagged) is TaggedParam and type(folded.tagged_buffer) is Tagged
     assert folded.q.is_quantized and torch.equal(folded.q.dequantize(), gm.q.dequantize())
     assert folded.tagged is not gm.tagged and folded.q is not gm.q
@@ -174,7 +174,7 @@ class ExpandedWeight(nn.Module):
 
 
 def test_expanded_weight_folds_within_the_budget_and_is_refused_beyond(monkeypatch):
-    from bnfold.torch import export as torch_export
+    from bnfold.torch.aten import adapter as aten_adapter
 
     model = randomize_all(ExpandedWeight(8), 46)
     assert model.w.stride()[0] == 0
@@ -185,8 +185,8 @@ def test_expanded_weight_folds_within_the_budget_and_is_refused_beyond(monkeypat
         folded, report = bnfold.fold(target, return_report=True)
         assert report.entry("bn").folded, form
         assert rel_err(expected, torch_outputs(folded, x)) <= REL_TOL, form
-    monkeypatch.setattr(torch_export, "MATERIALISE_FLOOR_BYTES", 0)
-    monkeypatch.setattr(torch_export, "MATERIALISE_FACTOR", 1)
+    monkeypatch.setattr(aten_adapter, "MATERIALISE_FLOOR_BYTES", 0)
+    monkeypatch.setattr(aten_adapter, "MATERIALISE_FACTOR", 1)
     for form, target in forms:  # now more than the program stores: refused
         folded, report = bnfold.fold(target, return_report=True)
         entry = report.entry("bn")
@@ -197,7 +197,7 @@ def test_expanded_weight_folds_within_the_budget_and_is_refused_beyond(monkeypat
 def test_huge_expanded_weight_of_a_small_file_is_refused_without_allocating(monkeypatch, tmp_path):
     """torch.export.save writes a 16384 x 16384 expanded weight as 4 bytes; folding it would
     allocate 1 GiB."""
-    from bnfold.torch import export as torch_export
+    from bnfold.torch.aten import adapter as aten_adapter
 
     class Big(nn.Module):
         def __init__(self) -> None:
@@ -217,7 +217,7 @@ def test_huge_expanded_weight_of_a_small_file_is_refused_without_allocating(monk
     def no_dense_weights(*args, **kwargs):
         raise AssertionError("the fold computed a dense weight")
 
-    monkeypatch.setattr(torch_export, "fold_affine_into_producer", no_dense_weights)
+    monkeypatch.setattr(aten_adapter, "fold_affine_into_producer", no_dense_weights)
     for target in (loaded, loaded.module()):
         for call in (bnfold.analyze, bnfold.fold):
             result = call(target) if call is bnfold.analyze else call(target, return_report=True)
