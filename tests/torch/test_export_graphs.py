@@ -14,7 +14,7 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 import bnfold
 from bnfold.core import rules
-from tests.helpers.check import REL_TOL, rel_err, torch_outputs
+from tests.helpers.check import REL_TOL, assert_close, rel_err, torch_outputs
 from tests.helpers.forms import export, program_forms
 from tests.helpers.forms import graph_bn_count as n_bn
 from tests.helpers.support import randn, randomize_all
@@ -39,19 +39,10 @@ def test_chained_batchnorms_fold_in_one_call(decomposed):
     assert [e.bn for e in report.folded] == ["b1", "b2"] and n_bn(folded) == 0
     assert bnfold.analyze(ep).to_list() == report.to_list()
     assert not any(k.startswith(("b1.", "b2.")) for k in folded.state_dict)
-    with torch.no_grad():
-        assert (
-            rel_err(
-                [model(randn(2, 3, 8, 8, seed=7))], [folded.module()(randn(2, 3, 8, 8, seed=7))]
-            )
-            <= REL_TOL
-        )
-    folded_gm = bnfold.fold(ep.module())
-    with torch.no_grad():
-        assert (
-            rel_err([model(randn(2, 3, 8, 8, seed=7))], [folded_gm(randn(2, 3, 8, 8, seed=7))])
-            <= REL_TOL
-        )
+    assert_close(model, folded, randn(2, 3, 8, 8, seed=7))
+    folded_gm, report_gm = bnfold.fold(ep.module(), return_report=True)
+    assert [e.bn for e in report_gm.folded] == ["b1", "b2"] and n_bn(folded_gm) == 0
+    assert_close(model, folded_gm, randn(2, 3, 8, 8, seed=7))
 
 
 def test_matmul_with_a_constant_weight_folds_as_exported():
@@ -106,15 +97,10 @@ def test_batchnorm_in_a_no_grad_region_is_reported_with_a_way_out():
     ep = export(model, (randn(2, 3, 8, 8),))
     (entry,) = bnfold.analyze(ep).entries
     assert not entry.folded and "run_decompositions" in entry.reason
-    folded = bnfold.fold(ep.run_decompositions())
-    with torch.no_grad():
-        assert (
-            n_bn(folded) == 0
-            and rel_err(
-                [model(randn(2, 3, 8, 8, seed=1))], [folded.module()(randn(2, 3, 8, 8, seed=1))]
-            )
-            <= REL_TOL
-        )
+    folded, report = bnfold.fold(ep.run_decompositions(), return_report=True)
+    assert [e.action for e in report] == ["folded"], report  # (named after its node there)
+    assert n_bn(folded) == 0
+    assert_close(model, folded, randn(2, 3, 8, 8, seed=1))
 
 
 def test_batchnorm_in_a_cond_branch_is_kept_and_the_rest_folds():

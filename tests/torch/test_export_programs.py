@@ -12,8 +12,9 @@ from torch import nn
 
 import bnfold
 from bnfold.core import rules
-from tests.helpers.check import REL_TOL, rel_err
+from tests.helpers.check import REL_TOL, assert_close, check_report, rel_err
 from tests.helpers.forms import export
+from tests.helpers.forms import graph_bn_count as n_bn
 from tests.helpers.support import randn, randomize_all
 
 aten = torch.ops.aten
@@ -83,12 +84,7 @@ def test_folds_inside_one_preserved_module_still_happen():
     ep = export(model, (randn(2, 3, 8, 8),), preserve_module_call_signature=("inner",))
     folded, report = bnfold.fold(ep, return_report=True)
     assert report.entry("inner.b").folded
-    unflat = torch.export.unflatten(folded)
-    with torch.no_grad():
-        assert (
-            rel_err([model(randn(2, 3, 8, 8, seed=4))], [unflat(randn(2, 3, 8, 8, seed=4))])
-            <= REL_TOL
-        )
+    assert_close(model, torch.export.unflatten(folded), randn(2, 3, 8, 8, seed=4))
 
 
 class ConvBn(nn.Module):
@@ -106,13 +102,10 @@ def test_program_that_was_unflattened_folds():
     ep = export(model, (randn(2, 3, 8, 8),))
     torch.export.unflatten(ep)  # caches itself in ep.graph_module.meta
     for target in (ep, ep.module()):
-        folded = bnfold.fold(target)
-        run = folded.module() if isinstance(folded, torch.export.ExportedProgram) else folded
-        with torch.no_grad():
-            assert (
-                rel_err([model(randn(2, 3, 8, 8, seed=5))], [run(randn(2, 3, 8, 8, seed=5))])
-                <= REL_TOL
-            )
+        folded, report = bnfold.fold(target, return_report=True)
+        check_report(report, {"b": ("folded", "c")})
+        assert n_bn(folded) == 0
+        assert_close(model, folded, randn(2, 3, 8, 8, seed=5))
 
 
 def test_program_on_the_meta_device_is_a_clear_error():
@@ -131,7 +124,9 @@ def test_in_place_fold_of_ep_module_leaves_the_program_and_model_alone():
     with torch.no_grad():
         expected = model(x)
     gm = ep.module()
-    assert bnfold.fold(gm, inplace=True) is gm
+    folded, report = bnfold.fold(gm, inplace=True, return_report=True)
+    assert folded is gm and n_bn(gm) == 0
+    check_report(report, {"b": ("folded", "c")})
     with torch.no_grad():
         assert rel_err([expected], [gm(x)]) <= REL_TOL
         # ep.module() shares its tensors with ep and model: none of them was written
@@ -161,15 +156,11 @@ def test_program_whose_input_is_called_input_keeps_its_signature():
     model = randomize_all(nn.Sequential(ConvOnly(), nn.BatchNorm2d(4), nn.ReLU()), 26)
     ep = export(model, (randn(2, 3, 8, 8),), preserve_module_call_signature=("0",))
     folded, report = bnfold.fold(ep, return_report=True)
+    # the BatchNorm is outside the preserved module "0", its conv inside: kept
+    check_report(report, {"1": ("skipped", rules.MODULE_BOUNDARY)})
     assert [p.name for p in folded.graph.nodes if p.op == "placeholder"][-1] == "input"
     again = folded.run_decompositions()
-    with torch.no_grad():
-        assert (
-            rel_err(
-                [model(randn(2, 3, 8, 8, seed=27))], [again.module()(randn(2, 3, 8, 8, seed=27))]
-            )
-            <= REL_TOL
-        )
+    assert_close(model, again, randn(2, 3, 8, 8, seed=27))
 
 
 def test_report_escapes_control_characters_in_names():

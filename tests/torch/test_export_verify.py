@@ -11,7 +11,8 @@ from torch import nn
 
 import bnfold
 from bnfold.core import rules
-from tests.helpers.check import REL_TOL
+from bnfold.torch import pt2 as torch_pt2
+from tests.helpers.check import REL_TOL, check_report
 from tests.helpers.forms import export
 from tests.helpers.support import randn, randomize_all
 
@@ -29,10 +30,9 @@ class WritesItsInput(nn.Module):
 
 
 def test_verification_gives_each_program_its_own_inputs():
-    from bnfold.torch import pt2 as torch_pt2
-
     ep = export(randomize_all(WritesItsInput(), 13), (randn(2, 3, 8, 8),))
-    folded = bnfold.fold(ep)
+    folded, report = bnfold.fold(ep, return_report=True)
+    check_report(report, {"b": ("folded", "c")})  # a fold to check, not a copy
     x = randn(2, 3, 8, 8, seed=14)
     before = x.clone()
     _, max_rel = bnfold.verify(ep, folded, (x,))
@@ -54,8 +54,6 @@ class CountsAndTrains(nn.Module):
 
 
 def test_verification_and_running_the_folded_program_change_no_shared_state():
-    from bnfold.torch import pt2 as torch_pt2
-
     model = randomize_all(CountsAndTrains(), 15)
     model.head.train()
     ep = export(model, (randn(2, 3, 8, 8),))
@@ -83,10 +81,9 @@ class Classifier(nn.Module):
 
 
 def test_verification_of_programs_with_only_discrete_outputs():
-    from bnfold.torch import pt2 as torch_pt2
-
     ep = export(randomize_all(Classifier(), 18), (randn(2, 3, 8, 8),))
-    folded = bnfold.fold(ep)
+    folded, report = bnfold.fold(ep, return_report=True)
+    check_report(report, {"b": ("folded", "c")})  # a fold to check, not a copy
     good = torch_pt2.check(ep, folded)
     assert good.passed and good.discrete_outputs and good.discrete_mismatch <= 0.01
     key = next(k for k in folded.state_dict if k.endswith("weight"))
@@ -97,8 +94,6 @@ def test_verification_of_programs_with_only_discrete_outputs():
 
 
 def test_verification_tolerance_covers_complex_outputs():
-    from bnfold.torch import pt2 as torch_pt2
-
     class Spectrum(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -108,13 +103,13 @@ def test_verification_tolerance_covers_complex_outputs():
             return torch.fft.rfft2(self.b(self.c(x)))
 
     ep = export(randomize_all(Spectrum(), 28), (randn(2, 3, 8, 8),))
-    result = torch_pt2.check(ep, bnfold.fold(ep))
+    folded, report = bnfold.fold(ep, return_report=True)
+    check_report(report, {"b": ("folded", "c")})
+    result = torch_pt2.check(ep, folded)
     assert result.tolerance == 1e-4 and result.passed
 
 
 def test_random_inputs_of_a_program_without_examples_vary_8_bit_images():
-    from bnfold.torch import pt2 as torch_pt2
-
     class FromBytes(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -128,7 +123,8 @@ def test_random_inputs_of_a_program_without_examples_vary_8_bit_images():
     ep.example_inputs = None
     (sample,), _ = torch_pt2.sample_inputs(ep, seed=3)
     assert sample.dtype == torch.uint8 and sample.unique().numel() > 50
-    folded = bnfold.fold(ep)
+    folded, report = bnfold.fold(ep, return_report=True)
+    check_report(report, {"b": ("folded", "c")})  # a fold to check, not a copy
     assert torch_pt2.check(ep, folded).passed
     key = next(k for k in folded.state_dict if k.endswith("weight"))
     folded.state_dict[key] = nn.Parameter(folded.state_dict[key].detach() * 1.5)

@@ -127,7 +127,10 @@ def test_written_state_sharing_memory_keeps_sharing_it_after_the_fold():
     assert sd["c1.weight"].untyped_storage().data_ptr() == (
         sd["w_alias"].untyped_storage().data_ptr()
     )
-    folded_gm = bnfold.fold(export(fresh(), (x,)).module())
+    folded_gm, report_gm = bnfold.fold(export(fresh(), (x,)).module(), return_report=True)
+    assert [(e.bn, e.action, e.rule) for e in report_gm] == [
+        (e.bn, e.action, e.rule) for e in report
+    ]
     for run in (folded.module(), folded_gm):
         with torch.no_grad():
             for expected in reference:
