@@ -1,5 +1,6 @@
 """ONNX model files: reading (and refusing damaged files), atomic writing, random inputs and
-onnxruntime checks (`bnfold.onnx.files`).
+onnxruntime checks (`bnfold.onnx.files`), onnx_ir models with memory-mapped external data, and
+``--verify`` / ``bnfold.verify`` refusing inputs too large to make.
 
 Every refusal is checked to be a one-line :class:`ModelFileError`; every failed write to leave
 the directory exactly as it was.
@@ -7,6 +8,7 @@ the directory exactly as it was.
 
 from __future__ import annotations
 
+import gc
 import os
 import resource
 
@@ -16,6 +18,8 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+import bnfold
+from bnfold.cli import main
 from bnfold.core.compare import DISCRETE_MISMATCH_TOLERANCE, CheckResult, array_error
 from bnfold.errors import (
     InvalidArgumentError,
@@ -24,6 +28,7 @@ from bnfold.errors import (
     VerificationError,
 )
 from bnfold.onnx import files as onnx_files
+from tests.helpers.onnx_models import Graph, conv_model, initializer
 
 IR_VERSION = 10  # onnx 1.23 writes IR 14 by default, newer than onnxruntime 1.31 reads
 
@@ -790,6 +795,57 @@ def test_inline_save_streams_initializers_and_leaves_the_model_as_it_was(tmp_pat
         (back,) = [s for s in saved.graph.initializer if s.name == t.name]
         assert np.array_equal(numpy_helper.to_array(back), numpy_helper.to_array(t))
     assert not saved.graph.value_info
+
+
+def test_external_ir_model_usable_after_fold(tmp_path):
+    """After ``fold(ir_model)`` the input can still be saved with external data and verified
+    against the result, without a garbage collection (a cache held numpy views of the mmapped
+    data: BufferError)."""
+    model = conv_model(cin=16, cout=32, size=6, batch=1, seed=15)
+    path = tmp_path / "m.onnx"
+    external = onnx.ModelProto()
+    external.CopyFrom(model)  # save_model moves the tensors of what it saves out
+    onnx.save_model(
+        external, str(path), save_as_external_data=True, location="m.onnx.data", size_threshold=0
+    )
+    enabled = gc.isenabled()
+    gc.disable()  # a collection would hide the bug
+    try:
+        im = ir.load(path)
+        folded, report = bnfold.fold(im, return_report=True)
+        assert [e.action for e in report] == ["folded"]
+        ir.save(im, tmp_path / "copy.onnx", external_data="copy.onnx.data")
+        max_abs, max_rel = bnfold.verify(im, folded, None)
+        assert max_rel < 1e-5, (max_abs, max_rel)
+        ir.save(folded, tmp_path / "folded.onnx", external_data="folded.onnx.data")
+    finally:
+        if enabled:
+            gc.enable()
+    copy = onnx.load(tmp_path / "copy.onnx")
+    for name in ("w", "b", "bn.mean"):
+        np.testing.assert_array_equal(initializer(copy, name), initializer(model, name))
+    onnx.checker.check_model(onnx.load(tmp_path / "folded.onnx"), full_check=True)
+
+
+@pytest.mark.parametrize("shape", [[1, 3, 2**20, 2**20], [2**62, 3, 5, 5]], ids=["hw", "batch"])
+def test_verify_huge_declared_input_refused(shape, tmp_path, capsys):
+    """No random inputs of terabytes: the CLI says so in one line and returns 1; the API
+    raises VerificationError."""
+    g = Graph(seed=16)
+    x = g.input("x", shape)
+    y = g.node("Conv", [x, g.weight("w", [4, 3, 3, 3])], name="conv")
+    g.output(g.bn(y, 4))
+    model = g.model()
+    path = tmp_path / "huge.onnx"
+    onnx.save(model, path)
+    capsys.readouterr()
+    assert main([str(path), "--verify"]) == 1
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("bnfold: error:") and "Memory" not in err, err
+    folded = bnfold.fold(model)
+    with pytest.raises(bnfold.VerificationError):
+        bnfold.verify(model, folded, None)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,14 +5,19 @@ non-trivial statistics and every weight non-trivial values. ``check_fold`` folds
 report against what each case expects, the rewritten model's structure (full checker, opsets,
 IR version, initializers, node names) and compares onnxruntime's outputs of the original and
 the folded model: within 1e-5 (float32) / 1e-9 (float64) of max|output| when something was
-folded, bit-exact when nothing was. The last section exports small PyTorch models with both
-exporters.
+folded, bit-exact when nothing was. The sections: every producer at every BatchNormalization
+version, convolutions, Gemm, MatMul, what may stand between producer and BatchNorm, chains and
+shared weights (one initializer as both operands too), training mode, constant parameters,
+epsilon, invalid numbers and overflowing folds, data types, graph outputs, subgraphs and
+functions, ``producers=``/``inplace``/onnx_ir models, names and metadata; the last section
+exports small PyTorch models with both exporters.
 """
 
 from __future__ import annotations
 
 import warnings
 
+import ml_dtypes
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -578,6 +583,24 @@ def test_bn_output_feeding_another_node():
     check_fold(g.model(), FOLDED)
 
 
+@pytest.mark.parametrize("op", ["MatMul", "Gemm", "Gemm-transB"])
+def test_same_weight_as_both_operands(op):
+    """MatMul(W, W) / Gemm(A=W, B=W) -> BN: the folded weight is a new tensor; W, which is
+    also the activation, keeps its values (scaling it in place gave a relative error of 0.37)."""
+    c = 4
+    g = Graph(seed=11)
+    x = g.input("x", [c, c])
+    w = g.weight("w", [c, c])
+    attrs = {"transB": 1} if op == "Gemm-transB" else {}
+    y = g.node(op.split("-")[0], [w, w], name="mm", **attrs)
+    g.output(g.node("Add", [g.bn(y, c), x], name="add"))
+    model = g.model()
+    r = check_fold(model, {"bn": ("folded", "mm")})
+    np.testing.assert_array_equal(initializer(r.folded, "w"), initializer(model, "w"))
+    assert node_input(r.folded, "mm", 0) == "w"
+    assert node_input(r.folded, "mm", 1) != "w"
+
+
 # --------------------------------------------------------------------------------------------
 # Training-mode BatchNorms
 
@@ -824,6 +847,65 @@ POISONS = [
 def test_invalid_values_refused(what):
     with np.errstate(all="ignore"):
         check_skip(_poisoned(what), rules.VALID_VALUES)
+
+
+# --------------------------------------------------------------------------------------------
+# Folds whose numbers overflow: refused (valid-values), without numpy's warnings
+
+
+def _stats(g: Graph, *values) -> list[str]:
+    return [g.init(n, np.array(a)) for n, a in zip("sbmv", values, strict=True)]
+
+
+def _overflow_cases():
+    g = Graph(seed=24)  # float32 weights of 1e30 scaled by 1e10: the float32 product overflows
+    x = g.input("x", [2, 3, 5, 5])
+    y = g.node("Conv", [x, g.init("w", np.full((4, 3, 1, 1), 1e30))], name="conv")
+    params = _stats(g, [1e10] * 4, [0] * 4, [0] * 4, [1] * 4)
+    g.output(g.bn(y, 4, params=params))
+    yield "weight-product", g.model()
+
+    g = Graph(seed=25)  # a float64 BatchNorm scale of 1e300 does not fit the float32 weight
+    x = g.input("x", [2, 3, 5, 5])
+    y = g.node("Conv", [x, g.weight("w", [4, 3, 1, 1])], name="conv")
+    params = [g.init("s", np.full(4, 1e300), DOUBLE), g.init("b", np.zeros(4), DOUBLE)]
+    params += [g.init(n, np.full(4, v)) for n, v in (("m", 0.0), ("v", 1.0))]
+    g.output(g.bn(y, 4, params=params))
+    yield "float64-scale", g.model(infer=False)
+
+    g = Graph(BFLOAT16, seed=26)  # a signalling NaN of bfloat16 warned as it became float64
+    x = g.input("x", [2, 3, 5, 5])
+    y = g.node("Conv", [x, g.weight("w", [4, 3, 1, 1])], name="conv")
+    nan = np.full(4, 0x7F81, np.uint16).view(ml_dtypes.bfloat16)
+    g.output(g.bn(y, 4, params=_stats(g, [1] * 4, [0] * 4, nan, [1] * 4)))
+    yield "bfloat16-nan", g.model(infer=False)
+
+    model = gemm_model(dtype=DOUBLE)  # float64: s * C overflows, the weights do not
+    for t in model.graph.initializer:
+        if t.name in ("c", "bn.scale"):
+            value = 1e10 if t.name == "c" else 1e300
+            t.CopyFrom(onnx.numpy_helper.from_array(np.full(4, value), t.name))
+    yield "gemm-bias", model
+
+    model = conv_model()  # complex statistics: numpy dropped the imaginary part, with a warning
+    for t in model.graph.initializer:
+        if t.name == "bn.mean":
+            t.CopyFrom(onnx.numpy_helper.from_array(np.full(6, 1 + 2j, np.complex64), t.name))
+    yield "complex-mean", model
+
+
+@pytest.mark.parametrize(
+    "name, model", list(_overflow_cases()), ids=[n for n, _ in _overflow_cases()]
+)
+def test_overflowing_folds_are_refused_without_warnings(name, model):
+    """Overflows and odd numbers bnfold refuses (valid-values) print no RuntimeWarning: the
+    command line's stderr carried numpy's 'overflow encountered in multiply / cast' and
+    'invalid value encountered in cast' on success."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        folded, report = bnfold.fold(model, return_report=True)
+    assert report.entry("bn").rule == rules.VALID_VALUES, report.entry("bn")
+    assert len(bn_nodes(folded)) == 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -1137,7 +1219,7 @@ def test_not_a_model_rejected():
 
 
 # --------------------------------------------------------------------------------------------
-# Traps: sharing, names, subgraphs, shapes, types and metadata
+# Sharing, names, subgraphs, shapes, types and metadata
 
 
 def test_tied_transposed_weight():
@@ -1485,7 +1567,8 @@ def test_shared_weight_other_producers(kind):
 def test_graph_output_doc_string_kept():
     model = conv_model(seed=85)
     model.graph.output[0].doc_string = "class scores"
-    folded = bnfold.fold(model)
+    folded, report = bnfold.fold(model, return_report=True)
+    assert report.entry("bn").folded and not bn_nodes(folded)  # the output is rewritten
     assert folded.graph.output[0].doc_string == "class scores"
 
 
