@@ -137,36 +137,38 @@ def _one_line(text: str) -> str:
     return text.replace("\r", "\\r").replace("\n", "\\n")
 
 
+# Options of the file parser that only some formats take (their file frontends' ``options``).
+_FORMAT_OPTIONS = ("remove_initializer_inputs",)
+
+
 def _fold_file(args: argparse.Namespace) -> int:
-    """``bnfold MODEL -o OUTPUT``: load, fold, optionally verify, then write atomically."""
-    from .core import files
+    """``bnfold MODEL -o OUTPUT``: load, fold, optionally verify, then write atomically, by the
+    file frontend of the model's format (:mod:`bnfold.core.frontend`)."""
+    from .core import files, frontend
 
-    kind = files.model_format(args.model)
+    registered = frontend.file_frontend(files.model_format(args.model))
     if args.output is not None:
-        files.check_output(args.output, kind)  # fail before the work, not after it
-    if kind == "onnx":
-        return _fold_onnx(args)
-    if args.remove_initializer_inputs:
-        raise UnsupportedModelError("--remove-initializer-inputs applies to ONNX models only")
-    from .torch import export as frontend
-    from .torch import pt2 as pt2
-
-    loaded = pt2.load(args.model)
-    original = loaded.program
+        files.check_output(args.output, registered.format)  # fail before the work, not after it
+    for name in _FORMAT_OPTIONS:
+        if getattr(args, name) and name not in registered.options:
+            takers = " and ".join(f.plural for f in frontend.FILE_FRONTENDS if name in f.options)
+            flag = "--" + name.replace("_", "-")
+            raise UnsupportedModelError(f"{flag} applies to {takers} only")
+    job = frontend.file_module(registered).open_file(args.model)
+    if args.output is not None:
+        job.check_output(args.output)
+    for line in job.prepare(**{name: getattr(args, name) for name in registered.options}):
+        print(f"bnfold: {line}")
     start = time.perf_counter()
-    folded, report = frontend.fold(original, producers=args.producers, return_report=True)
+    report = job.fold(args.producers)
     _print_outcome(args, report, time.perf_counter() - start)
     if args.verify:
-        result = pt2.check(original, folded, args.seed)
+        result = job.check(args.seed)
         if not result.passed:
             raise _verification_failed(args, result.summary())
-        print(f"bnfold: verified on random inputs: {result.summary()}")
+        print(f"bnfold: verified {job.verified_where}: {result.summary()}")
     if args.output is not None:
-        files.write_atomically(
-            args.output,
-            lambda f: pt2.save(folded, f, loaded.extra_files),
-            hold_back_errors=True,
-        )
+        job.save(args.output)
         print(f"bnfold: wrote {os.fspath(args.output)}")
     return 0
 
@@ -181,49 +183,6 @@ def _print_outcome(args: argparse.Namespace, report: FoldReport, elapsed: float)
 def _verification_failed(args: argparse.Namespace, summary: str) -> VerificationError:
     written = "" if args.output is None else f"; {args.output} not written"
     return VerificationError(f"verification failed on random inputs: {summary}{written}")
-
-
-def _fold_onnx(args: argparse.Namespace) -> int:
-    """The ONNX path: external tensors stay memory-mapped, so weights that are not folded are
-    never read until the result is written."""
-    try:
-        from .onnx import files as onnx_files
-        from .onnx import fold as onnx_fold
-    except ImportError as e:
-        raise UnsupportedModelError(
-            f"reading ONNX models needs onnx, onnx-ir and onnxruntime ({first_line(e)}): "
-            "pip install 'bnfold[onnx]'"
-        ) from e
-    loaded = onnx_files.load(args.model)
-    external = onnx_files.needs_external_data(loaded)
-    if args.output is not None:  # the output's data file may be the input: known once loaded
-        onnx_files.check_output(loaded, args.output, external)
-    if args.remove_initializer_inputs:
-        removed = onnx_files.remove_initializer_inputs(loaded.model)
-        shown = ", ".join(removed[:5]) + (
-            f" and {len(removed) - 5} more" if len(removed) > 5 else ""
-        )
-        print(
-            f"bnfold: removed {len(removed)} initializer{'s' if len(removed) != 1 else ''} "
-            f"from the graph inputs{': ' + shown if removed else ''}"
-            + ("" if loaded.model.graph.inputs else "; the model now has no inputs")
-        )
-    start = time.perf_counter()
-    folded, report = onnx_fold.fold(
-        loaded.model, inplace=True, producers=args.producers, return_report=True
-    )
-    _print_outcome(args, report, time.perf_counter() - start)
-    if args.verify:
-        result = onnx_files.check(loaded.path, folded, args.seed)
-        if not result.passed:
-            raise _verification_failed(args, result.summary())
-        print(f"bnfold: verified in onnxruntime on random inputs: {result.summary()}")
-    if args.output is not None:
-        onnx_files.save(
-            folded, args.output, external_data=external, reads_from=loaded.external_files
-        )
-        print(f"bnfold: wrote {os.fspath(args.output)}")
-    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,8 +1,11 @@
-"""Model files: which frontend reads a file, and writing results atomically.
+"""Model files: which file frontend reads a file, and writing results atomically.
 
 A result is written to a temporary file in the target directory, flushed to disk and renamed
 over the target, so a failure at any point leaves no partial file and the input is never
-touched unless the output names it.
+touched unless the output names it. A result of two files (a model and the data file it refers
+to) is written the same way, through a temporary directory, and renamed into place data file
+first; a failure between the two renames puts the old data file back
+(:func:`write_pair_atomically`).
 """
 
 from __future__ import annotations
@@ -10,22 +13,21 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import shutil
 import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from ..errors import ModelFileError
-
-_ZIP_MAGIC = b"PK\x03\x04"
-# An ONNX file is a ModelProto whose first field is ir_version (field 1, varint): byte 0x08.
-_ONNX_FIRST_BYTE = b"\x08"
+from ..errors import BnfoldError, ModelFileError, first_line
+from . import frontend
 
 
 def model_format(path: str | os.PathLike[str]) -> str:
-    """The format of the model file at ``path``: ``"pt2"`` (a torch.export archive) or
-    ``"onnx"``.
+    """The format of the model file at ``path``, as its file frontend is registered
+    (:mod:`bnfold.core.frontend`): ``"onnx"`` or ``"pt2"``. A registered suffix decides; a
+    file named otherwise is recognised by its leading bytes.
 
     Raises :class:`ModelFileError` for a missing or unreadable file, or one of a kind bnfold
     does not read.
@@ -43,22 +45,18 @@ def model_format(path: str | os.PathLike[str]) -> str:
         raise ModelFileError(f"{p} is not a regular file")
     try:
         with p.open("rb") as f:
-            head = f.read(4)
+            head = f.read(max(len(fr.magic) for fr in frontend.FILE_FRONTENDS))
     except OSError as e:
         raise ModelFileError(f"cannot read {p}: {e.strerror or e}") from e
     suffix = p.suffix.lower()
-    if suffix == ".pt2" or (suffix != ".onnx" and head == _ZIP_MAGIC):
-        return "pt2"
-    if suffix == ".onnx" or head[:1] == _ONNX_FIRST_BYTE:
-        return "onnx"
-    raise ModelFileError(
-        f"{p} is not a model file bnfold reads: expected an ONNX model (.onnx) or a "
-        "torch.export archive (.pt2)"
-    )
-
-
-_SUFFIX_FORMATS = {".onnx": "onnx", ".pt2": "pt2"}
-_FORMAT_NAMES = {"onnx": "an ONNX model (.onnx)", "pt2": "a torch.export archive (.pt2)"}
+    registered = frontend.FILE_FRONTENDS
+    named = next((fr for fr in registered if fr.suffix == suffix), None)
+    if named is None:
+        named = next((fr for fr in registered if head.startswith(fr.magic)), None)
+    if named is not None:
+        return named.format
+    expected = " or ".join(fr.description for fr in registered)
+    raise ModelFileError(f"{p} is not a model file bnfold reads: expected {expected}")
 
 
 def _kind_of(mode: int) -> str:
@@ -122,15 +120,15 @@ def check_output(path: str | os.PathLike[str], fmt: str) -> Path:
     refusing a name whose suffix (``.onnx``, ``.pt2``; the link's and its target's) says the
     other format. A name without either suffix is fine."""
     target = output_target(path)
+    result = frontend.file_frontend(fmt)
     for name in dict.fromkeys((Path(os.fspath(path)).name, target.name)):
         suffix = Path(name).suffix.lower()
-        named = _SUFFIX_FORMATS.get(suffix)
-        if named is not None and named != fmt:
-            wanted = next(s for s, f in _SUFFIX_FORMATS.items() if f == fmt)
+        named = next((fr for fr in frontend.FILE_FRONTENDS if fr.suffix == suffix), None)
+        if named is not None and named is not result:
             raise ModelFileError(
-                f"cannot write {os.fspath(path)}: {name} is named like {_FORMAT_NAMES[named]}, "
-                f"but the result is {_FORMAT_NAMES[fmt]}, the input's format; give the output "
-                f"the suffix {wanted} (bnfold does not convert between formats)"
+                f"cannot write {os.fspath(path)}: {name} is named like {named.description}, "
+                f"but the result is {result.description}, the input's format; give the output "
+                f"the suffix {result.suffix} (bnfold does not convert between formats)"
             )
     return target
 
@@ -238,3 +236,80 @@ def write_atomically(
         if isinstance(e, OSError):
             raise ModelFileError(f"cannot write {target}: {e.strerror or e}") from e
         raise
+
+
+def _finish(path: Path, target: Path) -> None:
+    """Flush a written file to disk and give it the permissions ``target`` should have."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+    result_permissions(path, target)
+
+
+def _keep_previous(data: Path, tmp: Path) -> Path:
+    """A name in ``tmp`` for the existing data file, so that a failure between the two renames
+    can put it back: a hard link (the old file stays in place throughout), or, where the file
+    system has none, the file itself moved there (put back on any failure)."""
+    backup = tmp / ".previous"
+    try:
+        os.link(data, backup, follow_symlinks=False)
+    except OSError:
+        os.replace(data, backup)
+    return backup
+
+
+def write_pair_atomically(
+    target: Path,
+    data: Path,
+    write: Callable[[Path], tuple[Path, Path]],
+    before_replacing_data: Callable[[], None] | None = None,
+) -> None:
+    """Write a model ``target`` and the data file ``data`` it refers to, each in one step.
+
+    ``write`` is called with a temporary directory beside ``target`` and writes both files
+    there, returning where it put the model and the data file. Both are flushed to disk and
+    given the permissions of the files they replace, then renamed into place, the data file
+    first (the model refers to it); if the second rename fails, the old data file is put back,
+    so the old model still reads its own. A data file left empty (nothing was large enough to go
+    there) is not written, and a file already at ``data`` is left as it is.
+    ``before_replacing_data`` is called just before the old data file is replaced (a reader of
+    it can map it then). A failure at any point leaves no partial or temporary file and the
+    targets as they were: :class:`ModelFileError` (a :class:`BnfoldError` from ``write`` as it
+    is).
+    """
+    directory = target.parent
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(target), suffix=".tmp", dir=directory))
+    except OSError as e:
+        raise ModelFileError(f"cannot write to {directory}: {e.strerror or e}") from e
+    try:
+        tmp_model, tmp_data = write(tmp)
+        written = tmp_data.exists() and tmp_data.stat().st_size > 0
+        for f, final in ((tmp_data, data), (tmp_model, target)):
+            if f is tmp_model or written:
+                _finish(f, final)
+        if not written:
+            os.replace(tmp_model, target)
+            return
+        if before_replacing_data is not None:
+            before_replacing_data()
+        existed = os.path.lexists(data)
+        backup = _keep_previous(data, tmp) if existed else None
+        try:
+            os.replace(tmp_data, data)
+            os.replace(tmp_model, target)
+        except BaseException:
+            # Undo the first rename: the old model (if any) needs the old data file.
+            if backup is not None:
+                os.replace(backup, data)
+            elif not existed:
+                with contextlib.suppress(OSError):
+                    os.unlink(data)
+            raise
+    except BnfoldError:
+        raise
+    except OSError as e:
+        raise ModelFileError(f"cannot write {target}: {e.strerror or e}") from e
+    except Exception as e:
+        raise ModelFileError(f"cannot write {target}: {type(e).__name__}: {first_line(e)}") from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -59,24 +59,12 @@ _LIBRARIES = ("onnx", "onnx_ir")
 def quiet_logs() -> Iterator[None]:
     """Drop what onnx and onnx_ir log meanwhile: the command line promises one line of stderr,
     and what they log about a model (a string attribute that is not UTF-8, as it is read and
-    written) is harmless to the fold or refused by bnfold with a message of its own.
+    written) is harmless to the fold or refused by bnfold with a message of its own
+    (:func:`bnfold.core.logs.quiet_logs`: safe in several threads at once)."""
+    from ..core.logs import quiet_logs as quiet_loggers
 
-    A filter of this call's own, on the loggers that exist: overlapping calls in several threads
-    cannot undo each other."""
-
-    def drop(record: logging.LogRecord) -> bool:
-        return False
-
-    existing = list(logging.root.manager.loggerDict)
-    names = {*_LIBRARIES, *(n for n in existing if n.split(".")[0] in _LIBRARIES)}
-    loggers = [logging.getLogger(n) for n in names]
-    for logger in loggers:
-        logger.addFilter(drop)
-    try:
+    with quiet_loggers(*map(logging.getLogger, _LIBRARIES)):
         yield
-    finally:
-        for logger in loggers:
-            logger.removeFilter(drop)
 
 
 class NotConstant(Exception):

@@ -1,26 +1,24 @@
-"""ONNX model files for the command line: read, write, random inputs, check.
+"""ONNX model files for the command line: read, write, random inputs, check; and the ONNX file
+frontend (:func:`open_file`, see :mod:`bnfold.core.frontend`).
 
 Reading refuses, with one line, what onnx and onnx_ir would only trip over later (names that
 nothing defines, tensors whose data does not fit their shape, external data outside the model's
 directory or shorter than declared), judged from the file's structure and sizes alone: weights
 in external data files stay memory-mapped and unread until a fold needs them. Writing is
-atomic: the files are written into a temporary directory beside the target, flushed, and
-renamed into place. :func:`check` runs the original and the folded model in onnxruntime on the
-same random inputs and compares every output.
+atomic (:mod:`bnfold.core.files`): the files are written into a temporary directory beside the
+target, flushed, and renamed into place. :func:`check` runs the original and the folded model in
+onnxruntime on the same random inputs and compares every output (:mod:`bnfold.core.compare`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import dataclasses
 import math
 import os
-import shutil
 import stat
 import tempfile
 import threading
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,15 +28,15 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from ..core import compare as checks
-from ..core.compare import CheckResult, array_error, compare_arrays, is_floating
+from ..core.compare import CheckResult, compare_arrays, float_error, is_floating, random_array
 from ..core.files import (
     check_replaceable,
     output_target,
-    result_permissions,
-    temp_prefix,
     write_atomically,
+    write_pair_atomically,
 )
+from ..core.frontend import model_frontend
+from ..core.report import FoldReport
 from ..errors import (
     BnfoldError,
     InvalidArgumentError,
@@ -48,6 +46,17 @@ from ..errors import (
     first_line,
 )
 from ..onnx.constants import FLOAT_TYPES, INTEGER_TYPES, quiet_logs
+from ..onnx.model import (
+    all_nodes,
+    all_tensors,
+    as_ir_model,
+    attribute_tensors,
+    has_external,
+    node_label,
+    quiet_libraries,
+    refuse_attribute_references,
+    refuse_sparse,
+)
 
 # A serialized ModelProto cannot exceed 2 GiB (protobuf's limit); tensors adding up to more
 # than this leave room for the graph itself and go to an external data file.
@@ -101,33 +110,20 @@ def load(path: str | os.PathLike[str]) -> ModelFile:
     base_dir = os.path.dirname(os.path.abspath(p))
     checker = _ProtoChecker(p, base_dir)
     checker.model(proto)
-    _refuse_sparse(proto, str(p))
-    _refuse_attribute_references(proto, str(p))
+    refuse_sparse(proto, str(p))
+    refuse_attribute_references(proto, str(p))
     try:
         with quiet_libraries():
             model = ir.serde.deserialize_model(proto)
     except Exception as e:
         raise ModelFileError(f"{p}: onnx_ir cannot read this model ({first_line(e)})") from e
-    for tensor in _all_tensors(model):
+    for tensor in all_tensors(model):
         if isinstance(tensor, ir.ExternalTensor):
             tensor.base_dir = base_dir
     source = os.path.abspath(p)
     model.meta[_SOURCE_KEY] = source
     model.graph.meta[_SOURCE_KEY] = source
     return ModelFile(model, p, frozenset(checker.external_files))
-
-
-_WARNINGS_LOCK = threading.RLock()
-
-
-@contextlib.contextmanager
-def quiet_libraries() -> Iterator[None]:
-    """:func:`~bnfold.onnx.constants.quiet_logs`, and no warnings either: onnx warns of unknown
-    external-data keys as onnx_ir reads a model (harmless: they are ignored). Warnings filters
-    are global state, so overlapping calls in several threads take turns."""
-    with quiet_logs(), _WARNINGS_LOCK, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
 
 
 def _check_is_file(p: Path) -> None:
@@ -150,10 +146,6 @@ def _expected_nbytes(n: int, dtype: ir.DataType) -> int:
     """Bytes that ``n`` elements of ``dtype`` take in raw_data or external data (sub-byte
     types packed), computed in Python integers: an absurd shape never allocates."""
     return (n * dtype.bitwidth + 7) // 8
-
-
-def _node_label(n: onnx.NodeProto) -> str:
-    return f"node {n.name!r} ({n.op_type})" if n.name else f"a {n.op_type} node"
 
 
 def _digits(text: Any) -> bool:
@@ -218,12 +210,12 @@ class _ProtoChecker:
         for name in n.input:
             if name and not any(name in s for s in scopes):
                 raise self.fail(
-                    f"{_node_label(n)} reads {name!r}, which nothing in the model defines; "
+                    f"{node_label(n)} reads {name!r}, which nothing in the model defines; "
                     "the file may be truncated or damaged"
                 )
         uses_default = False
         for a in n.attribute:
-            label = f"the tensor in attribute {a.name!r} of {_node_label(n)}"
+            label = f"the tensor in attribute {a.name!r} of {node_label(n)}"
             if a.type == onnx.AttributeProto.TENSOR:
                 self.tensor(a.t, label)
             elif a.type == onnx.AttributeProto.TENSORS:
@@ -403,33 +395,6 @@ class _ProtoChecker:
 # Tensors of an ir.Model
 
 
-def _nodes(model: ir.Model) -> Iterator[ir.Node]:
-    """Every node: in the graph, its subgraphs, and the model's functions."""
-    yield from ir.traversal.RecursiveGraphIterator(model.graph)
-    for function in model.functions.values():
-        yield from ir.traversal.RecursiveGraphIterator(function)
-
-
-def _attribute_tensors(attr: ir.Attr) -> Iterator[ir.TensorProtocol]:
-    if attr.is_ref() or attr.value is None:
-        return
-    if attr.type == ir.AttributeType.TENSOR:
-        yield attr.value
-    elif attr.type == ir.AttributeType.TENSORS:
-        yield from attr.value
-
-
-def _all_tensors(model: ir.Model) -> Iterator[ir.TensorProtocol]:
-    """Every tensor the model stores: initializers of all graphs and attribute tensors."""
-    for graph in model.graphs():
-        for value in graph.initializers.values():
-            if value.const_value is not None:
-                yield value.const_value
-    for node in _nodes(model):
-        for attr in node.attributes.values():
-            yield from _attribute_tensors(attr)
-
-
 def _nbytes(tensor: ir.TensorProtocol) -> int:
     """A tensor's size from its shape and type (no data is read)."""
     try:
@@ -439,11 +404,7 @@ def _nbytes(tensor: ir.TensorProtocol) -> int:
 
 
 def _tensor_bytes(model: ir.Model) -> int:
-    return sum(_nbytes(t) for t in _all_tensors(model))
-
-
-def _has_external(model: ir.Model) -> bool:
-    return any(isinstance(t, ir.ExternalTensor) for t in _all_tensors(model))
+    return sum(_nbytes(t) for t in all_tensors(model))
 
 
 def remove_initializer_inputs(model: ir.Model) -> list[str]:
@@ -502,9 +463,9 @@ def _external_tensors_inlined(model: ir.Model, initializers: bool) -> Iterator[N
                 else:
                     continue
                 undo.append(lambda v=value, t=old: setattr(v, "const_value", t))
-        for node in _nodes(model):
+        for node in all_nodes(model):
             for name, attr in list(node.attributes.items()):
-                tensors = list(_attribute_tensors(attr))
+                tensors = list(attribute_tensors(attr))
                 if not any(isinstance(t, ir.ExternalTensor) for t in tensors):
                     continue
                 value = (
@@ -553,7 +514,7 @@ def _input_models(model: ir.Model, source: str | os.PathLike[str] | None) -> lis
 
 def _read_files(model: ir.Model, reads_from: frozenset[Path]) -> list[Path]:
     """The input's data files: those it was read from, and any a tensor still reads."""
-    still = {Path(t.path) for t in _all_tensors(model) if isinstance(t, ir.ExternalTensor)}
+    still = {Path(t.path) for t in all_tensors(model) if isinstance(t, ir.ExternalTensor)}
     return sorted({*reads_from, *still})
 
 
@@ -682,14 +643,10 @@ def _save_inline(model: ir.Model, target: Path) -> None:
 
 
 def _save_with_data(model: ir.Model, target: Path, data: Path) -> None:
-    """The .onnx and its data file, written in a temporary directory beside the target and
-    renamed into place, the data file first (the .onnx refers to it)."""
-    directory = target.parent
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(target), suffix=".tmp", dir=directory))
-    except OSError as e:
-        raise ModelFileError(f"cannot write to {directory}: {e.strerror or e}") from e
-    try:
+    """The .onnx and its data file, written by :func:`bnfold.core.files.write_pair_atomically`
+    (through a temporary directory beside the target, renamed into place data file first)."""
+
+    def write(tmp: Path) -> tuple[Path, Path]:
         tmp_model, tmp_data = tmp / target.name, _data_in(tmp, data.name)
         with _external_tensors_inlined(model, initializers=False):
             ir.save(
@@ -699,37 +656,9 @@ def _save_with_data(model: ir.Model, target: Path, data: Path) -> None:
                 external_data=data.name,
                 size_threshold_bytes=_EXTERNAL_THRESHOLD,
             )
-        # No tensor large enough for the data file (onnx_ir leaves an empty one): none is
-        # written, and a file already there is left as it is.
-        written = tmp_data.exists() and tmp_data.stat().st_size > 0
-        for f, final in ((tmp_data, data), (tmp_model, target)):
-            if f is tmp_model or written:
-                _finish(f, final)
-        if not written:
-            os.replace(tmp_model, target)
-            return
-        _pin_mappings(model, data)
-        existed = os.path.lexists(data)
-        backup = _keep_previous(data, tmp) if existed else None
-        try:
-            os.replace(tmp_data, data)
-            os.replace(tmp_model, target)
-        except BaseException:
-            # Undo the first rename: the old .onnx (if any) needs the old data file.
-            if backup is not None:
-                os.replace(backup, data)
-            elif not existed:
-                with contextlib.suppress(OSError):
-                    os.unlink(data)
-            raise
-    except BnfoldError:
-        raise
-    except OSError as e:
-        raise ModelFileError(f"cannot write {target}: {e.strerror or e}") from e
-    except Exception as e:
-        raise ModelFileError(f"cannot write {target}: {type(e).__name__}: {first_line(e)}") from e
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        return tmp_model, tmp_data
+
+    write_pair_atomically(target, data, write, lambda: _pin_mappings(model, data))
 
 
 # onnx_ir writes a data file through a temporary directory named after it (a dot, the name, a
@@ -750,13 +679,6 @@ def _data_in(tmp: Path, name: str) -> Path:
     return short
 
 
-def _finish(path: Path, target: Path) -> None:
-    """Flush a written file to disk and give it the permissions ``target`` should have."""
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-    result_permissions(path, target)
-
-
 def _pin_mappings(model: ir.Model, data: Path) -> None:
     """Map the file about to be replaced for every tensor of ``model`` stored in it.
 
@@ -765,21 +687,9 @@ def _pin_mappings(model: ir.Model, data: Path) -> None:
     """
     if not data.exists():
         return
-    for tensor in _all_tensors(model):
+    for tensor in all_tensors(model):
         if isinstance(tensor, ir.ExternalTensor) and _same_file(tensor.path, data):
             tensor.numpy()
-
-
-def _keep_previous(data: Path, tmp: Path) -> Path:
-    """A name in ``tmp`` for the existing data file, so that a failure between the two renames
-    can put it back: a hard link (the old file stays in place throughout), or, where the file
-    system has none, the file itself moved there (put back on any failure)."""
-    backup = tmp / ".previous"
-    try:
-        os.link(data, backup, follow_symlinks=False)
-    except OSError:
-        os.replace(data, backup)
-    return backup
 
 
 # ---------------------------------------------------------------------------------------------
@@ -804,14 +714,13 @@ def _has_free_dims(model: ir.Model) -> bool:
 # the model's own activations grow with the inputs: a file declaring a huge static shape must
 # not cost gigabytes (verify on real inputs of your own through bnfold.verify instead).
 _MAX_INPUT_BYTES = 128 * 2**20
-# Elements made at a time for 16-bit floats, so that their float32 draw stays small.
-_CHUNK = 1 << 20
 
 
 def sample_inputs(model: ir.Model, seed: int = 0, dim_size: int = 16) -> dict[str, np.ndarray]:
     """Random values for the model's inputs (initializers are never fed).
 
-    Floats are standard normal, integers in [0, 10), bools random. Static dimensions are kept;
+    Values follow :func:`bnfold.core.compare.random_array` (floats standard normal, one-byte
+    integers over their range, wider ones 0 or 1, bools random). Static dimensions are kept;
     a symbolic dimension gets one size everywhere it appears: 2 if it leads some input
     (batch-like), else ``dim_size``; an unnamed dimension gets a size by the same rule.
     Raises :class:`UnsupportedModelError` for inputs that are not such tensors.
@@ -872,19 +781,8 @@ def _check_input_kind(v: ir.Value) -> None:
 
 
 def _random_array(dtype: ir.DataType, shape: list[int], rng: np.random.Generator) -> np.ndarray:
-    """Made in its own dtype: no float64 draw twice or eight times its size first."""
-    if dtype == ir.DataType.BOOL:
-        return rng.integers(0, 2, shape, dtype=np.bool_)
-    if dtype in INTEGER_TYPES:
-        return rng.integers(0, 10, shape, dtype=dtype.numpy())
-    if dtype in (ir.DataType.FLOAT, ir.DataType.DOUBLE):
-        return rng.standard_normal(shape, dtype=dtype.numpy())
-    out = np.empty(shape, dtype=dtype.numpy())  # float16, bfloat16 (ml_dtypes): from float32
-    flat = out.reshape(-1)
-    for start in range(0, flat.size, _CHUNK):
-        end = min(start + _CHUNK, flat.size)
-        flat[start:end] = rng.standard_normal(end - start, dtype=np.float32)
-    return out
+    """Random values of an input, by :func:`bnfold.core.compare.random_array`'s rule."""
+    return random_array(dtype.numpy(), shape, rng)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -940,7 +838,7 @@ def _open_session(model: ir.Model | Path, stack: contextlib.ExitStack) -> Any:
     options.log_severity_level = 3
     if isinstance(model, Path):
         source: str | bytes = os.fspath(model)
-    elif _has_external(model) or _tensor_bytes(model) > _MAX_INLINE_BYTES:
+    elif has_external(model) or _tensor_bytes(model) > _MAX_INLINE_BYTES:
         directory = stack.enter_context(tempfile.TemporaryDirectory(prefix="bnfold-verify-"))
         path = Path(directory) / "model.onnx"
         save(model, path, external_data=True)
@@ -1042,111 +940,6 @@ def _to_numpy(name: str, value: Any) -> np.ndarray:
     return array
 
 
-def _refuse_sparse(proto: onnx.ModelProto, what: str) -> None:
-    if _sparse_tensors(proto):
-        raise UnsupportedModelError(
-            f"{what} has sparse tensors, which bnfold cannot keep; store them as dense tensors "
-            "(onnx.numpy_helper) and try again"
-        )
-
-
-def _sparse_tensors(proto: onnx.ModelProto) -> bool:
-    graphs = [proto.graph, *(g for f in proto.functions for n in f.node for g in _graphs_of(n))]
-    while graphs:
-        g = graphs.pop()
-        if len(g.sparse_initializer):
-            return True
-        for node in g.node:
-            if any(a.HasField("sparse_tensor") for a in node.attribute):
-                return True
-            graphs.extend(_graphs_of(node))
-    return False
-
-
-def _refuse_attribute_references(proto: onnx.ModelProto, what: str) -> None:
-    """An attribute that refers to a function's attribute (``ref_attr_name``) outside a function
-    makes the model invalid, and onnx_ir cannot walk a subgraph given that way."""
-    graphs = [proto.graph]
-    while graphs:
-        g = graphs.pop()
-        for node in g.node:
-            ref = next((a for a in node.attribute if a.ref_attr_name), None)
-            if ref is not None:
-                raise UnsupportedModelError(
-                    f"{what} is invalid: attribute {ref.name!r} of node {node.name!r} "
-                    f"({node.op_type}) refers to the attribute {ref.ref_attr_name!r} of a "
-                    "function, but the node is not in a function"
-                )
-            graphs.extend(_graphs_of(node))
-
-
-def _check_tensor_types(proto: onnx.ModelProto, what: str) -> None:
-    """Refuse a tensor of an element type onnx_ir does not know before it is wrapped: onnx_ir
-    reads it lazily and fails only when the model is serialized (or a runtime loads it)."""
-    graphs = [proto.graph]
-    nodes = [n for f in proto.functions for n in f.node]
-    while graphs or nodes:
-        if graphs:
-            g = graphs.pop()
-            tensors = [(t, f"initializer {t.name!r}") for t in g.initializer]
-            nodes.extend(g.node)
-        else:
-            tensors = []
-        while nodes:
-            n = nodes.pop()
-            for a in n.attribute:
-                label = f"the tensor in attribute {a.name!r} of {_node_label(n)}"
-                tensors += [(a.t, label)] if a.HasField("t") else []
-                tensors += [(t, label) for t in a.tensors]
-            graphs.extend(_graphs_of(n))
-        for t, label in tensors:
-            try:
-                known = ir.DataType(t.data_type) != ir.DataType.UNDEFINED
-            except ValueError:
-                known = False
-            if not known:
-                raise UnsupportedModelError(
-                    f"{what}'s {label} has the unknown element type {t.data_type}; it may be "
-                    "damaged, or written by a newer ONNX"
-                )
-
-
-def _graphs_of(node: onnx.NodeProto) -> list[onnx.GraphProto]:
-    return [g for a in node.attribute for g in ([a.g] if a.HasField("g") else [*a.graphs])]
-
-
-def as_ir_model(model: Any, which: str = "") -> ir.Model:
-    """``model`` as an ``onnx_ir.Model``: an ir.Model as it is, a ModelProto wrapped (its tensors
-    are not copied). :class:`UnsupportedModelError` for what bnfold cannot read or keep: sparse
-    tensors, and external data a ModelProto does not hold (it does not know its directory, so
-    the data would be looked for in the current one)."""
-    which = f"the {which} " if which else "the "
-    if isinstance(model, ir.Model):
-        return model
-    if isinstance(model, onnx.ModelProto):
-        _refuse_sparse(model, f"{which}model")
-        _refuse_attribute_references(model, f"{which}model")
-        _check_tensor_types(model, f"{which}model")
-        try:
-            with quiet_libraries():
-                converted = ir.serde.deserialize_model(model)
-        except Exception as e:  # a malformed proto
-            raise UnsupportedModelError(
-                f"{which}model cannot be read as ONNX: {first_line(e)}"
-            ) from e
-        if _has_external(converted):
-            raise UnsupportedModelError(
-                f"{which}ModelProto refers to external data it does not hold; load it with "
-                "onnx.load(path) (which reads external data), pass onnx_ir.load(path), or fold "
-                "the file with the bnfold command"
-            )
-        return converted
-    raise UnsupportedModelError(
-        f"{which}model is a {type(model).__module__}.{type(model).__name__}; pass an "
-        "onnx.ModelProto or an onnx_ir.Model"
-    )
-
-
 def _run_both(
     original: ir.Model,
     original_file: Path | None,
@@ -1204,7 +997,7 @@ def _run_both(
 def _batch_norms(model: ir.Model) -> int:
     return sum(
         1
-        for node in _nodes(model)
+        for node in all_nodes(model)
         if node.op_type == "BatchNormalization" and node.domain in _DEFAULT_DOMAINS
     )
 
@@ -1247,19 +1040,17 @@ def check(
         model = load(file).model
     with _memory_is_an_error(), quiet_logs():
         a, b = _run_both(model, file, folded, None, seed)
-        result = compare_arrays([x for _, x in a], [y for _, y in b])
-    # A model may compute in a lower precision than it returns (float16 inside, float32 at
-    # the edges): its folded weights' precision bounds the tolerance too.
-    inner = checks.tolerance(_weight_dtypes(folded))
-    if result.tolerance and inner > result.tolerance:
-        result = dataclasses.replace(result, tolerance=inner)
-    return result
+        # A model may compute in a lower precision than it returns (float16 inside, float32 at
+        # the edges): its folded weights' precision bounds the tolerance too.
+        return compare_arrays(
+            [x for _, x in a], [y for _, y in b], compute_dtypes=_weight_dtypes(folded)
+        )
 
 
 def _weight_dtypes(model: ir.Model) -> set[str]:
     """The numpy names of the floating-point types the model's stored tensors have."""
     names = set()
-    for tensor in _all_tensors(model):
+    for tensor in all_tensors(model):
         try:
             dtype = np.dtype(tensor.dtype.numpy())
         except Exception:  # noqa: BLE001 - types numpy has no name for are not floats here
@@ -1296,13 +1087,7 @@ def verify(
     feeds = _feeds(original_ir, inputs)
     with _memory_is_an_error(), quiet_logs():
         a, b = _run_both(original_ir, None, as_ir_model(folded, "folded"), feeds, 0)
-        pairs = [(x, y) for (_, x), (_, y) in zip(a, b, strict=True)]
-        floats = [(x, y) for x, y in pairs if is_floating(x.dtype)] or pairs
-        max_abs = max_rel = 0.0
-        for x, y in floats:
-            err, rel = array_error(x, y)
-            max_abs, max_rel = max(max_abs, err), max(max_rel, rel)
-    return max_abs, max_rel
+        return float_error([x for _, x in a], [y for _, y in b])
 
 
 @contextlib.contextmanager
@@ -1319,6 +1104,81 @@ def _memory_is_an_error() -> Iterator[None]:
         ) from None
 
 
+# ---------------------------------------------------------------------------------------------
+# The ONNX file frontend of the command line (bnfold.core.frontend)
+
+
+class OnnxFileFold:
+    """An ONNX model file through the command line's steps (:class:`bnfold.core.frontend.FileFold`).
+
+    The model is folded in place as read: external tensors stay memory-mapped, so weights that
+    are not folded are never read until the result is written, and ``check`` runs the original
+    from the input file itself.
+    """
+
+    verified_where = "in onnxruntime on random inputs"
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.loaded = load(path)
+        self.external = needs_external_data(self.loaded)
+        self.folded: ir.Model | None = None
+
+    def check_output(self, output: str | os.PathLike[str]) -> None:
+        """Refuse an output that would replace the input or its data files (the output's data
+        file may be the input: known once it is loaded)."""
+        check_output(self.loaded, output, self.external)
+
+    def prepare(self, **options: Any) -> list[str]:
+        """``remove_initializer_inputs``: make the initializers listed as graph inputs
+        constants (:func:`remove_initializer_inputs`); the line saying what was removed."""
+        unknown = set(options) - {"remove_initializer_inputs"}
+        if unknown:
+            raise TypeError(f"unknown options {sorted(unknown)}")
+        if not options.get("remove_initializer_inputs"):
+            return []
+        model = self.loaded.model
+        removed = remove_initializer_inputs(model)
+        shown = ", ".join(removed[:5]) + (
+            f" and {len(removed) - 5} more" if len(removed) > 5 else ""
+        )
+        return [
+            f"removed {len(removed)} initializer{'s' if len(removed) != 1 else ''} "
+            f"from the graph inputs{': ' + shown if removed else ''}"
+            + ("" if model.graph.inputs else "; the model now has no inputs")
+        ]
+
+    def fold(self, producers: list[str] | None) -> FoldReport:
+        """Fold the model with the model frontend that takes it (:mod:`bnfold.core.frontend`),
+        in place: ``check`` reads the original again from the file."""
+        self.folded, report = model_frontend(self.loaded.model).fold(
+            self.loaded.model, inplace=True, producers=producers, return_report=True
+        )
+        return report
+
+    def check(self, seed: int) -> CheckResult:
+        """:func:`check` of the input file against the folded model."""
+        return check(self.loaded.path, self._folded(), seed)
+
+    def save(self, output: str | os.PathLike[str]) -> None:
+        """:func:`save` the folded model, with external data when the input had it."""
+        save(
+            self._folded(),
+            output,
+            external_data=self.external,
+            reads_from=self.loaded.external_files,
+        )
+
+    def _folded(self) -> ir.Model:
+        if self.folded is None:
+            raise RuntimeError("fold() comes before check() and save()")
+        return self.folded
+
+
+def open_file(path: str | os.PathLike[str]) -> OnnxFileFold:
+    """Read the ONNX model file ``path`` for the command line (the file frontend's entry)."""
+    return OnnxFileFold(path)
+
+
 __all__ = [
     "ModelFile",
     "CheckResult",
@@ -1332,4 +1192,6 @@ __all__ = [
     "verify",
     "as_ir_model",
     "remove_initializer_inputs",
+    "OnnxFileFold",
+    "open_file",
 ]

@@ -1,4 +1,5 @@
-"""torch.export archives (``.pt2``) for the command line: read, write, random inputs, check.
+"""torch.export archives (``.pt2``) for the command line: read, write, random inputs, check; and
+the ``.pt2`` file frontend (:func:`open_file`, see :mod:`bnfold.core.frontend`).
 
 Reading checks the archive before torch does, and refuses what would be silently mangled
 (several programs in one archive) or dangerous: anything torch would unpickle or run as code,
@@ -15,26 +16,28 @@ import ast
 import contextlib
 import io
 import json
-import logging
 import math
 import operator
 import os
 import re
 import shutil
 import tempfile
-import warnings
-import weakref
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
+import numpy as np
 import torch
 from torch import nn
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
 
-from ..core.compare import CheckResult
+from ..core.compare import CheckResult, random_array
+from ..core.files import write_atomically
+from ..core.frontend import model_frontend
+from ..core.logs import quiet, quiet_warnings
+from ..core.report import FoldReport
 from ..errors import (
     BnfoldError,
     ModelFileError,
@@ -43,36 +46,26 @@ from ..errors import (
     first_line,
 )
 from ..torch.aten.ops import UNCHECKED_SHAPE
-from ..torch.aten.safe_ops import check_program, runs_on_fake_tensors
-from ..torch.aten.store import ProgramStore, copy_quietly, copy_tensors, module_tensors
-from ..torch.verify import compare, fresh_copy, output_tensors, tolerance
+from ..torch.aten.safe_ops import runs_on_fake_tensors
+from ..torch.verify import (
+    check_outputs,
+    fresh_copy,
+    from_file,
+    mark_from_file,
+    output_tensors,
+    runnable,
+)
 
-
-@contextlib.contextmanager
-def _quiet_torch_export_logs() -> Iterator[None]:
-    """torch.export.load logs a traceback before raising; the caller reports one line."""
-    loggers = [logging.getLogger(n) for n in ("torch.export", "torch.export.pt2_archive")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.CRITICAL + 1)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
-
-
-# Programs :func:`load` read from files: running one (``--verify``, :func:`check`,
-# ``bnfold.verify``) first passes :func:`bnfold.torch.aten.safe_ops.check_program`.
-_FROM_FILES: weakref.WeakSet[ExportedProgram] = weakref.WeakSet()
+# torch.export.load logs a traceback before raising; the caller reports one line. (The last is
+# named because torch makes it only when it first reads an archive.)
+_TORCH_EXPORT_LOGGERS = (
+    "torch.export",
+    "torch.export.pt2_archive",
+    "torch.export.pt2_archive._package",
+)
 
 # --verify's random inputs may take this much in all (as for ONNX models).
 _MAX_INPUT_BYTES = 128 * 2**20
-
-
-def from_file(program: ExportedProgram) -> bool:
-    """Whether ``program`` was read from a file by :func:`load` (so it is untrusted)."""
-    return program in _FROM_FILES
 
 
 @dataclass
@@ -157,8 +150,7 @@ def _loads_as_weights(data: bytes) -> bool:
         with zipfile.ZipFile(io.BytesIO(data)) as z:
             if sum(i.file_size for i in z.infolist()) > _inflation_limit(len(data)):
                 return False
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with quiet_warnings():
             torch.load(io.BytesIO(data), weights_only=True)
     except Exception:  # noqa: BLE001 - whatever stops the weights-only reader
         return False
@@ -1086,8 +1078,7 @@ def _peak_bytes(
 
 
 def _fake_run_graph(gm: torch.fx.GraphModule, mode: Any, args: list[Any]) -> dict:
-    with warnings.catch_warnings(), mode:
-        warnings.simplefilter("ignore")
+    with quiet_warnings(), mode:
         run = _FakeRun(gm)
         run.run(*args, enable_io_processing=False)
     return run.values
@@ -1145,10 +1136,8 @@ def load(path: str | os.PathLike[str]) -> ProgramFile:
             f = stack.enter_context(
                 _blanked_copy(path, plan.blank) if plan.blank else open(path, "rb")
             )
-            stack.enter_context(_quiet_torch_export_logs())
+            stack.enter_context(quiet(*_TORCH_EXPORT_LOGGERS))
             stack.enter_context(_torch_loads_weights_only())
-            stack.enter_context(warnings.catch_warnings())
-            warnings.simplefilter("ignore")
             ep = torch.export.load(f, extra_files=extra)
     except ModelFileError:
         raise
@@ -1176,14 +1165,13 @@ def load(path: str | os.PathLike[str]) -> ProgramFile:
         # torch.export pairs them with the program's inputs (ep.module() binds them to its
         # signature): sample inputs unlike the declared ones would break it. They are only data.
         ep.example_inputs = None
-    _FROM_FILES.add(ep)
+    mark_from_file(ep)
     return ProgramFile(ep, extra)
 
 
 def save(ep: ExportedProgram, f: BinaryIO, extra_files: dict[str, str] | None = None) -> None:
     """Write ``ep`` (and ``extra_files``) as a torch.export archive to the binary file ``f``."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with quiet_warnings():
         try:
             torch.export.save(ep, f, extra_files=extra_files or None)
         except OSError:
@@ -1196,22 +1184,18 @@ def save(ep: ExportedProgram, f: BinaryIO, extra_files: dict[str, str] | None = 
 
 
 def _random_values(
-    shape: list[int], dtype: torch.dtype, device: torch.device, gen: torch.Generator
+    shape: list[int], dtype: torch.dtype, device: torch.device, rng: np.random.Generator
 ) -> torch.Tensor:
-    """Random values for an input the program kept no example of.
-
-    Floats are normal; 8-bit integers (images) span their range; bools are random; wider
-    integers, often indices, are 0 or 1, which every index range holds.
-    """
-    if dtype.is_floating_point:
-        return torch.randn(shape, generator=gen).to(device, dtype)
-    if dtype.is_complex:
-        return torch.randn(shape, generator=gen, dtype=torch.complex64).to(device, dtype)
-    if dtype == torch.bool:
-        return torch.randint(0, 2, shape, generator=gen).bool().to(device)
-    info = torch.iinfo(dtype)
-    low, high = (info.min, info.max + 1) if info.bits == 8 else (0, 2)
-    return torch.randint(low, high, shape, generator=gen).to(device, dtype)
+    """Random values for an input the program kept no example of, by the rule of
+    :func:`bnfold.core.compare.random_array`; a type numpy lacks (bfloat16, float8) is drawn as
+    float32 (complex32 as complex64) and rounded, as that rule does for narrow floats."""
+    if dtype.is_floating_point and dtype not in (torch.float16, torch.float32, torch.float64):
+        drawn: Any = np.float32
+    elif dtype == torch.complex32:
+        drawn = np.complex64
+    else:
+        drawn = torch.empty(0, dtype=dtype).numpy().dtype
+    return torch.from_numpy(random_array(drawn, shape, rng)).to(device, dtype)
 
 
 def _size(d: Any, ep: ExportedProgram) -> int:
@@ -1261,12 +1245,12 @@ class _Input:
     def nbytes(self) -> int:
         return math.prod(self.shape) * self.dtype.itemsize if self.dtype is not None else 0
 
-    def make(self, gen: torch.Generator) -> Any:
+    def make(self, rng: np.random.Generator) -> Any:
         if self.dtype is None:
             return self.value
         if self.example is not None:
             return self.example.clone()
-        return _random_values(list(self.shape), self.dtype, self.device, gen)
+        return _random_values(list(self.shape), self.dtype, self.device, rng)
 
 
 def _declared_inputs(ep: ExportedProgram) -> list[tuple[str, Any]]:
@@ -1397,29 +1381,10 @@ def sample_inputs(ep: ExportedProgram, seed: int = 0) -> tuple[tuple, dict]:
             "compare the programs on inputs of your own with bnfold.verify(original, folded, "
             "inputs)"
         )
-    gen = torch.Generator().manual_seed(seed)
-    flat = [i.make(gen) for i in inputs]
+    rng = np.random.default_rng(seed)
+    flat = [i.make(rng) for i in inputs]
     args, kwargs = pytree.tree_unflatten(flat, ep.call_spec.in_spec)
     return tuple(args), dict(kwargs)
-
-
-def runnable(program: ExportedProgram, untrusted: bool | None = None) -> nn.Module:
-    """``program.module()``, with its own copy of any state the program writes while it runs
-    (so verifying never changes the program, nor the eager model it shares tensors with).
-
-    An ``untrusted`` program (by default: one :func:`load` read from a file) must pass
-    :func:`bnfold.torch.aten.safe_ops.check_program` first, or :class:`VerificationError` is raised.
-    """
-    if untrusted if untrusted is not None else from_file(program):
-        check_program(program)
-    module = program.module()
-    store = ProgramStore(program, program.graph_module.graph)
-    written = [store.tensor(n) for n in store.written_state()]
-    if not written:
-        return module
-    memo: dict[int, Any] = {id(t): t for t in module_tensors(module).values()}
-    memo.update(copy_tensors(written))
-    return copy_quietly(module, memo)
 
 
 def _cannot_run_original(e: BaseException) -> VerificationError:
@@ -1450,30 +1415,6 @@ def _outputs(
         ) from e
 
 
-def _compare(a: list[tuple[str, torch.Tensor]], b: list[tuple[str, torch.Tensor]]) -> CheckResult:
-    """Relative error over the floating-point outputs, share of differing elements over the
-    rest."""
-    floats = [i for i, (_, t) in enumerate(a) if t.is_floating_point() or t.is_complex()]
-    discrete = [i for i in range(len(a)) if i not in floats]
-    max_abs = max_rel = 0.0
-    if floats:
-        max_abs, max_rel = compare([a[i] for i in floats], [b[i] for i in floats])
-    else:
-        compare(a, b)  # structure and shapes still have to match
-    differing = total = 0
-    for i in discrete:
-        x, y = a[i][1], b[i][1]
-        differing += int((x != y).sum())
-        total += x.numel()
-    return CheckResult(
-        max_abs,
-        max_rel,
-        tolerance([a[i][1] for i in floats]),
-        differing / total if total else 0.0,
-        bool(discrete),
-    )
-
-
 def check(original: ExportedProgram, folded: ExportedProgram, seed: int = 0) -> CheckResult:
     """Run both programs on the same random inputs (each on its own copy) and compare.
 
@@ -1497,7 +1438,7 @@ def check(original: ExportedProgram, folded: ExportedProgram, seed: int = 0) -> 
     a = _outputs(modules[0], args, kwargs, folded=False)
     b = _outputs(modules[1], args, kwargs, folded=True)
     try:
-        return _compare(a, b)
+        return check_outputs(a, b)
     except (BnfoldError, MemoryError):
         raise
     except Exception as e:  # noqa: BLE001 - outputs that cannot be compared (meta tensors)
@@ -1505,6 +1446,59 @@ def check(original: ExportedProgram, folded: ExportedProgram, seed: int = 0) -> 
             f"cannot verify: the programs' outputs cannot be compared ({type(e).__name__}: "
             f"{first_line(e)}); fold without --verify"
         ) from e
+
+
+# ---------------------------------------------------------------------------------------------
+# The .pt2 file frontend of the command line (bnfold.core.frontend)
+
+
+class Pt2FileFold:
+    """A torch.export archive through the command line's steps
+    (:class:`bnfold.core.frontend.FileFold`); the extra files travel with the program."""
+
+    verified_where = "on random inputs"
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.loaded = load(path)
+        self.folded: ExportedProgram | None = None
+
+    def check_output(self, output: str | os.PathLike[str]) -> None:
+        """Nothing beyond :func:`bnfold.core.files.check_output`: an archive is one file."""
+
+    def prepare(self, **options: Any) -> list[str]:
+        """No options of its own."""
+        if options:
+            raise TypeError(f"unknown options {sorted(options)}")
+        return []
+
+    def fold(self, producers: list[str] | None) -> FoldReport:
+        """Fold the program into a new one, with the model frontend that takes it
+        (:mod:`bnfold.core.frontend`: :func:`bnfold.torch.export.fold`)."""
+        self.folded, report = model_frontend(self.loaded.program).fold(
+            self.loaded.program, producers=producers, return_report=True
+        )
+        return report
+
+    def check(self, seed: int) -> CheckResult:
+        """:func:`check` of the original program against the folded one."""
+        return check(self.loaded.program, self._folded(), seed)
+
+    def save(self, output: str | os.PathLike[str]) -> None:
+        """Write the folded program and the extra files atomically (torch's zip writer cannot
+        survive a failed write, so failures are held back until it returns)."""
+        folded, extra = self._folded(), self.loaded.extra_files
+        write_atomically(output, lambda f: save(folded, f, extra), hold_back_errors=True)
+
+    def _folded(self) -> ExportedProgram:
+        if self.folded is None:
+            raise RuntimeError("fold() comes before check() and save()")
+        return self.folded
+
+
+def open_file(path: str | os.PathLike[str]) -> Pt2FileFold:
+    """Read the torch.export archive ``path`` for the command line (the file frontend's
+    entry)."""
+    return Pt2FileFold(path)
 
 
 __all__ = [
@@ -1517,4 +1511,6 @@ __all__ = [
     "runnable",
     "from_file",
     "check_memory",
+    "Pt2FileFold",
+    "open_file",
 ]

@@ -1,17 +1,27 @@
-"""Compare the outputs of two PyTorch models (``bnfold.verify``)."""
+"""Running PyTorch models and programs to compare their outputs (``bnfold.verify``).
+
+This module runs models and hands their outputs to :mod:`bnfold.core.compare` as numpy arrays;
+tolerances, error measures and the pass/fail decision are made there. It also says which
+programs are untrusted (read from a file) and makes a program runnable without changing it,
+for every torch frontend (the graph frontend's ``verify`` and the ``.pt2`` file frontend).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import copy
 import dataclasses
-from collections.abc import Iterator
+import weakref
+from collections.abc import Iterable, Iterator
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
+from torch.export import ExportedProgram
 
 from ..core import compare as checks
+from ..core.compare import CheckResult
 from ..errors import InvalidArgumentError, UnsupportedModelError, first_line
 from ..torch.eager.state import TRACE_LOCK, preserved_state
 
@@ -52,23 +62,34 @@ def normalise_inputs(example_inputs: Any) -> tuple | None:
     return (example_inputs,)
 
 
+def as_numpy(t: torch.Tensor) -> np.ndarray:
+    """A model output as a numpy array on the CPU: floating-point and complex outputs widened to
+    float64 and complex128 (numpy has no bfloat16 or float8, some devices no float64), integer
+    and bool ones in their own dtype. Conjugate and negative views are resolved."""
+    t = t.detach()
+    if t.is_floating_point() or t.is_complex():
+        t = t.to("cpu", torch.complex128 if t.is_complex() else torch.float64)
+    else:
+        t = t.cpu()
+    return t.resolve_conj().resolve_neg().numpy()
+
+
+def dtype_name(t: torch.Tensor) -> str:
+    """The numpy name of a tensor's dtype (``"bfloat16"`` for torch.bfloat16), as
+    :mod:`bnfold.core.compare` names dtypes."""
+    return str(t.dtype).removeprefix("torch.")
+
+
 def _error(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
     """(max |x - y|, that / max |x|), as :func:`bnfold.core.compare.array_error` measures it."""
-    if x.dtype == torch.bool:
-        x, y = x.to(torch.uint8), y.to(torch.uint8)
-    wide = torch.complex128 if (x.is_complex() or y.is_complex()) else torch.float64
-    # Widened on the CPU first: numpy has no bfloat16, and some devices no float64.
-    x64, y64 = (t.detach().to("cpu", wide).resolve_conj().resolve_neg() for t in (x, y))
-    return checks.array_error(x64.numpy(), y64.numpy())
+    return checks.array_error(as_numpy(x), as_numpy(y))
 
 
 def tolerance(outputs: list[torch.Tensor]) -> float:
     """The relative tolerance for outputs of these dtypes: that of the least precise
     (:data:`bnfold.core.compare.REL_TOLERANCE`; integer and bool outputs must match exactly)."""
     return checks.tolerance(
-        str(t.dtype).removeprefix("torch.")
-        for t in outputs
-        if t.is_floating_point() or t.is_complex()
+        dtype_name(t) for t in outputs if t.is_floating_point() or t.is_complex()
     )
 
 
@@ -136,13 +157,9 @@ def fresh_copy(inputs: Any) -> Any:
         return pytree.tree_map_only(torch.Tensor, lambda t: t.clone(), inputs)
 
 
-def compare(
-    a: list[tuple[str, torch.Tensor]], b: list[tuple[str, torch.Tensor]]
-) -> tuple[float, float]:
-    """``(max_abs_err, max_rel_err)`` between two models' outputs (from :func:`output_tensors`).
-
-    Raises when the outputs hold no tensor or differ in structure or shape.
-    """
+def _check_structure(a: list[tuple[str, torch.Tensor]], b: list[tuple[str, torch.Tensor]]) -> None:
+    """Raise unless two models' outputs (from :func:`output_tensors`) hold tensors, in the same
+    places, of the same shapes."""
     if not a:
         raise UnsupportedModelError(
             "the model's output holds no tensor bnfold can find (tensors, or tensors in "
@@ -152,12 +169,75 @@ def compare(
         raise UnsupportedModelError(
             f"the models' outputs differ in structure: {[w for w, _ in a]} and {[w for w, _ in b]}"
         )
-    max_abs = max_rel = 0.0
     for (where, x), (_, y) in zip(a, b, strict=True):
         if x.shape != y.shape:
             raise UnsupportedModelError(
                 f"{where} has shape {tuple(x.shape)} in the original and {tuple(y.shape)} folded"
             )
-        err, rel = _error(x, y)
-        max_abs, max_rel = max(max_abs, err), max(max_rel, rel)
-    return max_abs, max_rel
+
+
+def _arrays(outputs: list[tuple[str, torch.Tensor]]) -> Iterable[np.ndarray]:
+    """The outputs as numpy arrays, each made when it is compared (one pair at a time)."""
+    return (as_numpy(t) for _, t in outputs)
+
+
+def compare(
+    a: list[tuple[str, torch.Tensor]], b: list[tuple[str, torch.Tensor]]
+) -> tuple[float, float]:
+    """``(max_abs_err, max_rel_err)`` between two models' outputs (from :func:`output_tensors`),
+    over every output, integer and bool ones included
+    (:func:`bnfold.core.compare.max_error`).
+
+    Raises when the outputs hold no tensor or differ in structure or shape.
+    """
+    _check_structure(a, b)
+    return checks.max_error(_arrays(a), _arrays(b))
+
+
+def check_outputs(
+    a: list[tuple[str, torch.Tensor]], b: list[tuple[str, torch.Tensor]]
+) -> CheckResult:
+    """How the folded model's outputs ``b`` compare with the original's ``a``
+    (:func:`bnfold.core.compare.compare_arrays`: relative error over the floating-point ones,
+    share of differing elements over the rest). Raises as :func:`compare` does."""
+    _check_structure(a, b)
+    return checks.compare_arrays(_arrays(a), _arrays(b), [dtype_name(t) for _, t in a])
+
+
+# Programs read from files (bnfold.torch.pt2.load): running one (--verify, bnfold.verify)
+# first passes bnfold.torch.aten.safe_ops.check_program, as a file is untrusted input.
+_FROM_FILES: weakref.WeakSet[ExportedProgram] = weakref.WeakSet()
+
+
+def mark_from_file(program: ExportedProgram) -> None:
+    """Note that ``program`` was read from a file, so that it is checked before it runs."""
+    _FROM_FILES.add(program)
+
+
+def from_file(program: ExportedProgram) -> bool:
+    """Whether ``program`` was read from a file (so it is untrusted)."""
+    return program in _FROM_FILES
+
+
+def runnable(program: ExportedProgram, untrusted: bool | None = None) -> nn.Module:
+    """``program.module()``, with its own copy of any state the program writes while it runs
+    (so verifying never changes the program, nor the eager model it shares tensors with).
+
+    An ``untrusted`` program (by default: one read from a file, :func:`from_file`) must pass
+    :func:`bnfold.torch.aten.safe_ops.check_program` first, or :class:`VerificationError` is
+    raised.
+    """
+    # Imported here: the eager frontend uses this module too, and never runs a program.
+    from ..torch.aten.safe_ops import check_program
+    from ..torch.aten.store import ProgramStore, copy_quietly, copy_tensors, module_tensors
+
+    if untrusted if untrusted is not None else from_file(program):
+        check_program(program)
+    module = program.module()
+    store = ProgramStore(program, program.graph_module.graph)
+    written = [store.tensor(n) for n in store.written_state()]
+    if not written:
+        return module
+    memo: dict[int, Any] = {id(t): t for t in module_tensors(module).values()}
+    memo.update(copy_tensors(written))
+    return copy_quietly(module, memo)
