@@ -6,7 +6,6 @@ import hashlib
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto
 from onnx import helper as h
@@ -14,6 +13,8 @@ from onnx import numpy_helper as nh
 
 from bnfold.cli import main
 from bnfold.core import algebra
+from tests.helpers.cli import one_line_error
+from tests.helpers.onnx_models import run
 
 
 def _model() -> onnx.ModelProto:
@@ -76,19 +77,6 @@ def _digest(directory) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in directory.iterdir()}
 
 
-def _run(path, x: np.ndarray) -> np.ndarray:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options).run(None, {"x": x})[0]
-
-
-def _one_line_error(capsys) -> str:
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("bnfold: error:"), err
-    return err
-
-
 def test_fold_verify_report_with_external_data(tmp_path, model_file, capsys):
     before = _digest(tmp_path)
     out = tmp_path / "folded.onnx"
@@ -103,8 +91,8 @@ def test_fold_verify_report_with_external_data(tmp_path, model_file, capsys):
     onnx.checker.check_model(folded, full_check=True)
     assert not [n for n in folded.graph.node if n.op_type == "BatchNormalization"]
     x = np.random.default_rng(1).normal(size=(2, 3, 12, 12)).astype(np.float32)
-    expected = _run(model_file, x)
-    assert np.abs(_run(out, x) - expected).max() <= 1e-5 * np.abs(expected).max()
+    expected = run(model_file, {"x": x})[0]
+    assert np.abs(run(out, {"x": x})[0] - expected).max() <= 1e-5 * np.abs(expected).max()
 
 
 def test_without_output_nothing_is_written(tmp_path, model_file, capsys):
@@ -122,9 +110,9 @@ def test_producers_option(tmp_path, model_file, capsys):
 
 def test_output_over_the_input_itself(tmp_path, model_file, capsys):
     x = np.random.default_rng(2).normal(size=(1, 3, 12, 12)).astype(np.float32)
-    expected = _run(model_file, x)
+    expected = run(model_file, {"x": x})[0]
     assert main([model_file, "-o", model_file]) == 0
-    assert np.abs(_run(model_file, x) - expected).max() <= 1e-5 * np.abs(expected).max()
+    assert np.abs(run(model_file, {"x": x})[0] - expected).max() <= 1e-5 * np.abs(expected).max()
     assert not [n for n in onnx.load(model_file).graph.node if n.op_type == "BatchNormalization"]
 
 
@@ -137,7 +125,7 @@ def test_a_wrong_fold_fails_verification_and_writes_nothing(
     )
     before = _digest(tmp_path)
     assert main([model_file, "-o", str(tmp_path / "out.onnx"), "--verify"]) == 1
-    assert "verification failed" in _one_line_error(capsys)
+    assert "verification failed" in one_line_error(capsys)
     assert _digest(tmp_path) == before
 
 
@@ -147,7 +135,7 @@ def test_truncated_model_is_a_one_line_error(tmp_path, cut, capsys):
     path = tmp_path / "cut.onnx"
     path.write_bytes(data[: int(len(data) * cut)])
     assert main([str(path), "-o", str(tmp_path / "out.onnx"), "--verify"]) == 1
-    _one_line_error(capsys)
+    one_line_error(capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.onnx"]
 
 
@@ -155,7 +143,7 @@ def test_random_bytes_are_a_one_line_error(tmp_path, capsys):
     path = tmp_path / "noise.onnx"
     path.write_bytes(np.random.default_rng(0).bytes(4096))
     assert main([str(path), "-o", str(tmp_path / "out.onnx")]) == 1
-    _one_line_error(capsys)
+    one_line_error(capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["noise.onnx"]
 
 
@@ -197,5 +185,5 @@ def test_a_tensor_failing_to_serialize_is_a_one_line_error(tmp_path, capsys, mon
 
     monkeypatch.setattr(ir.serde, "serialize_tensor_into", flaky)
     assert main([str(path), "-o", str(tmp_path / "out.onnx")]) == 1
-    assert "cannot be serialized" in _one_line_error(capsys)
+    assert "cannot be serialized" in one_line_error(capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["inline.onnx"]

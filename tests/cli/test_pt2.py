@@ -23,6 +23,7 @@ import bnfold
 from bnfold.cli import main
 from bnfold.torch import export as torch_export
 from bnfold.torch import pt2 as torch_pt2
+from tests.helpers.cli import one_line_error
 from tests.helpers.support import randomize_all
 
 
@@ -61,13 +62,6 @@ def program_file(tmp_path_factory, model) -> str:
     ep = torch.export.export(model, _inputs(), dynamic_shapes=({0: batch},))
     torch.export.save(ep, str(path))
     return str(path)
-
-
-def _one_line_error(capsys) -> str:
-    err = capsys.readouterr().err
-    assert err.startswith("bnfold: error:"), err
-    assert err.count("\n") == 1, err
-    return err
 
 
 def _files(directory) -> set[str]:
@@ -119,7 +113,7 @@ def test_producers_option_limits_the_folds(tmp_path, program_file, capsys):
     text = capsys.readouterr().out
     assert "1 of 4 BatchNorms folded" in text and "[not-selected]" in text
     assert main([program_file, "--producers", "conv,nope"]) == 2
-    _one_line_error(capsys)
+    one_line_error(capsys)
 
 
 @pytest.mark.parametrize(
@@ -140,7 +134,7 @@ def test_bad_input_files_give_one_line_errors(tmp_path, content, name, capsys):
         path.write_bytes(content)
     out = tmp_path / "out.pt2"
     assert main([str(path), "-o", str(out), "--verify"]) == 1
-    _one_line_error(capsys)
+    one_line_error(capsys)
     assert not out.exists()
 
 
@@ -151,18 +145,18 @@ def test_truncated_archive_gives_one_line_error(tmp_path, program_file, capsys):
         path = tmp_path / f"cut{cut}.pt2"
         path.write_bytes(data[:cut])
         assert main([str(path), "-o", str(out)]) == 1
-        _one_line_error(capsys)
+        one_line_error(capsys)
         assert not out.exists()
 
 
 def test_a_directory_is_not_a_model(tmp_path, capsys):
     assert main([str(tmp_path), "-o", str(tmp_path / "o.pt2")]) == 1
-    _one_line_error(capsys)
+    one_line_error(capsys)
 
 
 def test_missing_output_directory_is_an_error(tmp_path, program_file, capsys):
     assert main([program_file, "-o", str(tmp_path / "no" / "such" / "dir.pt2")]) == 1
-    _one_line_error(capsys)
+    one_line_error(capsys)
     assert _files(tmp_path) == set()
 
 
@@ -181,7 +175,7 @@ def test_failed_verification_writes_nothing(tmp_path, program_file, monkeypatch,
     out = tmp_path / "out.pt2"
     out.write_bytes(b"previous result")
     assert main([program_file, "-o", str(out), "--verify"]) == 1
-    err = _one_line_error(capsys)
+    err = one_line_error(capsys)
     assert "verification failed" in err
     assert out.read_bytes() == b"previous result"
     assert _files(tmp_path) == {"out.pt2"}
@@ -196,7 +190,7 @@ def test_failure_while_writing_leaves_no_partial_file(tmp_path, program_file, mo
     out = tmp_path / "out.pt2"
     out.write_bytes(b"previous result")
     assert main([program_file, "-o", str(out)]) == 1
-    assert "No space left on device" in _one_line_error(capsys)
+    assert "No space left on device" in one_line_error(capsys)
     assert out.read_bytes() == b"previous result"
     assert _files(tmp_path) == {"out.pt2"}
 
@@ -257,7 +251,7 @@ def test_archive_with_several_programs_is_refused(tmp_path, model, capsys):
     ep = torch.export.export(model, _inputs())
     package.package_pt2(str(src), exported_programs={"model": ep, "decoder": ep})
     assert main([str(src), "-o", str(out)]) == 1
-    assert "decoder, model" in _one_line_error(capsys)
+    assert "decoder, model" in one_line_error(capsys)
     assert not out.exists()
 
 
@@ -272,7 +266,7 @@ def test_archive_declaring_absurd_sizes_is_refused_before_inflating(tmp_path, pr
     path.write_bytes(bytes(data))
     out = tmp_path / "out.pt2"
     assert main([str(path), "-o", str(out)]) == 1
-    assert "refusing to inflate" in _one_line_error(capsys)
+    assert "refusing to inflate" in one_line_error(capsys)
     assert not out.exists()
 
 
@@ -288,7 +282,7 @@ def test_symlinked_output_writes_through_the_link(tmp_path, program_file, capsys
 
 def test_output_that_names_a_directory_fails_before_any_work(tmp_path, program_file, capsys):
     assert main([program_file, "-o", str(tmp_path / "newdir") + os.sep]) == 1
-    err = _one_line_error(capsys)
+    err = one_line_error(capsys)
     assert "a file name is needed" in err
     assert "folded" not in capsys.readouterr().out
     assert _files(tmp_path) == set()
@@ -298,7 +292,7 @@ def test_newline_in_a_file_name_keeps_the_error_on_one_line(tmp_path, capsys):
     path = tmp_path / "bad\nname.pt2"
     path.write_bytes(b"not a zip")
     assert main([str(path)]) == 1
-    _one_line_error(capsys)
+    one_line_error(capsys)
 
 
 # --- Archives that would make torch run code or allocate far more than their size -----------
@@ -361,7 +355,7 @@ def _run_refused(tmp_path, monkeypatch, path: str, capsys, *extra: str) -> str:
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "out.pt2"
     assert main([path, "-o", str(out), "--verify", *extra]) == 1
-    err = _one_line_error(capsys)
+    err = one_line_error(capsys)
     assert not (tmp_path / PWNED).exists()
     assert not out.exists()
     return err
@@ -771,7 +765,7 @@ def test_archive_needing_a_newer_zip_version_is_a_one_line_error(tmp_path, progr
     path = tmp_path / "new_zip.pt2"
     path.write_bytes(bytes(data))
     assert main([str(path)]) == 1
-    assert "not a torch.export archive" in _one_line_error(capsys)
+    assert "not a torch.export archive" in one_line_error(capsys)
 
 
 # --- Programs whose signature, metadata or expressions a crafted file changed -----------------
@@ -830,7 +824,7 @@ def test_a_folded_program_torch_rejects_is_a_one_line_error(program_file, monkey
     with pytest.raises(bnfold.UnsupportedModelError, match="please report this bnfold bug"):
         bnfold.fold(torch_pt2.load(program_file).program)
     assert main([program_file]) == 1
-    assert "torch's verifier rejects the folded program" in _one_line_error(capsys)
+    assert "torch's verifier rejects the folded program" in one_line_error(capsys)
 
 
 class LinearOn3d(nn.Module):
@@ -861,7 +855,7 @@ def test_shape_metadata_disagreeing_with_the_program_is_refused(tmp_path, capsys
     path = _pack(tmp_path / "lie.pt2", members)
     out = tmp_path / "out.pt2"
     assert main([path, "-o", str(out)]) == 1
-    err = _one_line_error(capsys)
+    err = one_line_error(capsys)
     assert "node linear as torch.float32 [8, 4]" in err and "[2, 4, 4]" in err, err
     assert not out.exists()
 

@@ -1,4 +1,5 @@
-"""What the command-line tests check about a directory and a refusal."""
+"""What the command-line tests check about a directory and an error: a listing of every entry,
+and one line on stderr (before any work, when nothing may be on stdout either)."""
 
 from __future__ import annotations
 
@@ -17,12 +18,22 @@ def listing(directory: Path) -> dict[str, tuple[int, str]]:
     return out
 
 
+def _check_one_line(err: str, words: tuple[str, ...]) -> str:
+    assert err.startswith("bnfold: error:"), err
+    assert err.count("\n") == 1, err
+    for word in words:
+        assert word in err, err
+    return err
+
+
+def one_line_error(capsys, *words: str) -> str:
+    """The run printed one error line on stderr, naming ``words``."""
+    return _check_one_line(capsys.readouterr().err, words)
+
+
 def refused_before_any_work(capsys, *words: str) -> str:
     """The run printed one error line naming ``words`` and nothing else: it stopped before
     folding (a fold prints its summary on stdout)."""
     captured = capsys.readouterr()
-    assert captured.err.startswith("bnfold: error:") and captured.err.count("\n") == 1
     assert captured.out == "", "the output was checked after the fold"
-    for word in words:
-        assert word in captured.err, captured.err
-    return captured.err
+    return _check_one_line(captured.err, words)

@@ -216,11 +216,14 @@ def with_output_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
 # Running
 
 
-def session(model: onnx.ModelProto) -> ort.InferenceSession:
+def session(model) -> ort.InferenceSession:
+    """An onnxruntime session (CPU, optimizations off, quiet) of a ModelProto, or of the model
+    file at a path (its external data read from beside it)."""
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    return ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
 
 
 def random_feeds(model: onnx.ModelProto, seed: int = 0, dim: int = 2) -> dict[str, np.ndarray]:
@@ -241,7 +244,8 @@ def random_feeds(model: onnx.ModelProto, seed: int = 0, dim: int = 2) -> dict[st
     return feeds
 
 
-def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+def run(model, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Every output of a ModelProto or a model file on ``feeds``."""
     return session(model).run(None, feeds)
 
 

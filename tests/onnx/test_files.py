@@ -28,7 +28,7 @@ from bnfold.errors import (
     VerificationError,
 )
 from bnfold.onnx import files as onnx_files
-from tests.helpers.onnx_models import Graph, conv_model, initializer
+from tests.helpers.onnx_models import Graph, conv_model, initializer, run
 
 IR_VERSION = 10  # onnx 1.23 writes IR 14 by default, newer than onnxruntime 1.31 reads
 
@@ -92,13 +92,6 @@ def _assert_one_line_error(excinfo, *words: str) -> str:
     return message
 
 
-def _ort_outputs(path, x: np.ndarray) -> list[np.ndarray]:
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run(None, {"x": x})
-
-
 # ---------------------------------------------------------------------------------------------
 # Round trips
 
@@ -117,7 +110,7 @@ def test_round_trip_inline(tmp_path):
     os.umask(umask)
     assert out.stat().st_mode & 0o777 == 0o666 & ~umask
     x = np.random.default_rng(1).standard_normal((2, 3, 8, 8)).astype(np.float32)
-    np.testing.assert_array_equal(_ort_outputs(src, x)[0], _ort_outputs(out, x)[0])
+    np.testing.assert_array_equal(run(src, {"x": x})[0], run(out, {"x": x})[0])
     assert onnx_files.load(out).external_files == frozenset()
 
 
@@ -141,12 +134,12 @@ def test_round_trip_external_data(tmp_path):
     assert again.external_files == frozenset({data.resolve()})
     assert onnx_files.needs_external_data(again)
     x = np.random.default_rng(1).standard_normal((2, 3, 8, 8)).astype(np.float32)
-    np.testing.assert_array_equal(_ort_outputs(src, x)[0], _ort_outputs(out, x)[0])
+    np.testing.assert_array_equal(run(src, {"x": x})[0], run(out, {"x": x})[0])
     # and back to one self-contained file
     inline = tmp_path / "inline.onnx"
     onnx_files.save(again.model, inline, external_data=False)
     assert onnx_files.load(inline).external_files == frozenset()
-    np.testing.assert_array_equal(_ort_outputs(src, x)[0], _ort_outputs(inline, x)[0])
+    np.testing.assert_array_equal(run(src, {"x": x})[0], run(inline, {"x": x})[0])
 
 
 def test_external_data_loaded_from_another_directory_and_relative_path(tmp_path, monkeypatch):
@@ -187,8 +180,8 @@ def test_external_attribute_tensors_are_written_where_the_output_is(tmp_path):
     assert sorted(os.listdir(tmp_path / "in")) == ["m.onnx", "weights.bin"]
     x = np.ones((2, 3, 6, 6), np.float32)
     np.testing.assert_array_equal(
-        _ort_outputs(tmp_path / "in" / "m.onnx", x)[0],
-        _ort_outputs(tmp_path / "out" / "m0.onnx", x)[0],
+        run(tmp_path / "in" / "m.onnx", {"x": x})[0],
+        run(tmp_path / "out" / "m0.onnx", {"x": x})[0],
     )
 
 
@@ -868,7 +861,7 @@ def test_no_empty_data_file_when_no_tensor_goes_there(tmp_path):
     onnx_files.save(loaded.model, out, external_data=True)
     assert sorted(os.listdir(tmp_path)) == ["in.onnx", "in.onnx.data", "out.onnx"]
     x = np.random.default_rng(2).standard_normal((2, 3, 8, 8)).astype(np.float32)
-    np.testing.assert_array_equal(_ort_outputs(src, x)[0], _ort_outputs(out, x)[0])
+    np.testing.assert_array_equal(run(src, {"x": x})[0], run(out, {"x": x})[0])
 
 
 @pytest.mark.parametrize("location", [".", "./", "sub/.."])

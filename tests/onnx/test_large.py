@@ -10,13 +10,13 @@ import shutil
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto
 from onnx import helper as h
 from onnx import numpy_helper as nh
 
 from bnfold.cli import main
+from tests.helpers.onnx_models import run
 
 BIG = 2**31 + 2**20  # bytes of the embedding table: just over 2 GiB
 TABLE_OFFSET = 4096
@@ -70,13 +70,6 @@ def _big_model(directory) -> np.ndarray:
     return w
 
 
-def _run(path, x, idx):
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options).run(None, {"x": x, "idx": idx})
-
-
 def test_model_over_2gib_folds_and_keeps_its_data(tmp_path, capsys):
     if shutil.disk_usage(tmp_path).free < 6 * 2**30:
         pytest.skip("needs about 2.5 GiB of free disk for the folded copy")
@@ -92,7 +85,7 @@ def test_model_over_2gib_folds_and_keeps_its_data(tmp_path, capsys):
         rng = np.random.default_rng(1)
         x = rng.normal(size=(1, 3, 8, 8)).astype(np.float32)
         idx = np.array([0, BIG // 64 - 1])
-        before, after = _run(src, x, idx), _run(out, x, idx)
+        before, after = run(src, {"x": x, "idx": idx}), run(out, {"x": x, "idx": idx})
         assert np.abs(before[0] - after[0]).max() <= 1e-5 * np.abs(before[0]).max()
         assert np.array_equal(before[1], after[1])
     finally:
