@@ -301,17 +301,10 @@ def _onnx_external(rng: Any, tmp: Path) -> dict[str, bytes]:
 
 
 def _randomize_bn(model: Any, seed: int) -> None:
-    import torch
+    """Non-trivial statistics for every BatchNorm (what the tests' ``randomize_all`` does)."""
+    from bnfold.demo import randomize_batchnorms
 
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                c = m.num_features
-                m.running_mean.copy_(torch.randn(c, generator=gen) * 0.5)
-                m.running_var.copy_(torch.rand(c, generator=gen) * 1.5 + 0.5)
-                m.weight.copy_(torch.rand(c, generator=gen) + 0.5)
-                m.bias.copy_(torch.randn(c, generator=gen) * 0.5)
+    randomize_batchnorms(model, seed=seed)
 
 
 def _pt2(model: Any, example: tuple, seed: int, **kw: Any) -> bytes:

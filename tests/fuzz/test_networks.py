@@ -14,6 +14,7 @@ from torch import nn
 import bnfold
 from tests.fuzz.networks import Case, Net, check_case, draw_case
 from tests.helpers.forms import WrongResult
+from tests.helpers.support import randomize_all
 
 EXAMPLES = 12
 
@@ -41,13 +42,8 @@ def test_random_networks_fold_exactly_in_every_form(part):
 def _small_case() -> Case:
     layers = {"conv0": nn.Conv2d(3, 4, 3, padding=1), "bn1": nn.BatchNorm2d(4)}
     steps = [("call", "conv0", [0]), ("call", "bn1", [1]), ("relu", None, [2])]
-    model = Net(layers, steps, [3])
-    with torch.no_grad():
-        model.layers["bn1"].running_mean.uniform_(-1, 1)
-        model.layers["bn1"].running_var.uniform_(0.5, 2)
-        model.layers["bn1"].weight.uniform_(0.5, 1.5)
-        model.layers["bn1"].bias.uniform_(-1, 1)
-    return Case(model.eval(), torch.randn(2, 3, 6, 6), "float32")
+    model = randomize_all(Net(layers, steps, [3]), seed=1)
+    return Case(model, torch.randn(2, 3, 6, 6), "float32")
 
 
 def test_the_check_passes_a_correct_fold():

@@ -68,10 +68,20 @@ def randomize_frozen(model: nn.Module, seed: int) -> None:
                 m.running_var.copy_(torch.empty(n).uniform_(0.2, 2.0, generator=g))
 
 
-def randomize_all(model: nn.Module, seed: int = 0, make_input=None) -> nn.Module:
-    """Non-trivial statistics for every BatchNorm, FrozenBatchNorm2d included; then eval()."""
+def randomize_all(
+    model: nn.Module, seed: int = 0, make_input=None, signed: bool = False
+) -> nn.Module:
+    """Non-trivial statistics for every BatchNorm, FrozenBatchNorm2d included (``signed``:
+    each scale with a random sign too); then eval()."""
     randomize_batchnorms(model, make_input, seed=seed)
     randomize_frozen(model, seed)
+    if signed:
+        g = torch.Generator().manual_seed(seed + 2000)
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
+                    sign = torch.randint(0, 2, m.weight.shape, generator=g) * 2 - 1
+                    m.weight.mul_(sign.to(m.weight.dtype))
     return model.eval()
 
 

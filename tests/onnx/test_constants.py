@@ -36,6 +36,7 @@ from tests.helpers.onnx_models import (
     run,
     shared_scale_model,
 )
+from tests.helpers.support import randomize_all
 
 
 def test_cast1_string_to_feeding_conv_bias():
@@ -61,10 +62,7 @@ def test_dynamo_batch_norm_without_affine_folds():
     output ``y``: one value for every channel, and ``Shape``/``CastLike`` only read ``y``'s
     shape and type, so the BatchNorm folds and that subgraph goes."""
     torch.manual_seed(0)
-    module = nn.Sequential(nn.Conv2d(4, 6, 3), nn.BatchNorm2d(6, affine=False)).eval()
-    with torch.no_grad():
-        module[1].running_mean.normal_()
-        module[1].running_var.uniform_(0.5, 2)
+    module = randomize_all(nn.Sequential(nn.Conv2d(4, 6, 3), nn.BatchNorm2d(6, affine=False)))
     x = torch.randn(2, 4, 8, 8)
     model = export_torch(module, x, True, opset_version=18, input_names=["x"])
     (bn,) = bn_nodes(model)

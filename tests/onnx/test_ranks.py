@@ -33,6 +33,7 @@ from tests.helpers.onnx_models import (
     rel_err,
     run,
 )
+from tests.helpers.support import randomize_all
 
 
 class Lin3(nn.Module):
@@ -49,12 +50,7 @@ def test_torch_linear_3d_transpose_bn1d_folds(opset):
     """The Reshape's computed shape leaves the MatMul's rank unknown to shape inference; the
     Transpose's perm fixes it, so the BatchNorm folds into the MatMul."""
     torch.manual_seed(0)
-    module = Lin3().eval()
-    with torch.no_grad():
-        module.b.weight.uniform_(0.5, 2)
-        module.b.bias.normal_()
-        module.b.running_mean.normal_()
-        module.b.running_var.uniform_(0.5, 2)
+    module = randomize_all(Lin3())
     x = torch.randn(2, 8, 5, 5)
     model = export_torch(module, x, False, opset_version=opset)
     (bn,) = bn_nodes(model)

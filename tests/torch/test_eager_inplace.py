@@ -22,18 +22,8 @@ import bnfold
 from bnfold.core.algebra import CONV, ScaledWeight
 from bnfold.core.gc_pause import gc_paused
 from bnfold.errors import FoldRefused
-from tests.helpers.check import assert_close
+from tests.helpers.check import assert_close, check_report
 from tests.helpers.support import randn, randomize_all
-
-
-def _stats(bn: nn.modules.batchnorm._BatchNorm, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    c = bn.num_features
-    with torch.no_grad():
-        bn.running_mean.copy_(torch.randn(c, generator=g))
-        bn.running_var.copy_(torch.rand(c, generator=g) * 2 + 0.1)
-        bn.weight.copy_(torch.randn(c, generator=g))
-        bn.bias.copy_(torch.randn(c, generator=g))
 
 
 def _net(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Sequential:
@@ -45,8 +35,7 @@ def _net(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Sequential:
         nn.Conv2d(8, 8, 3, padding=1, groups=2),
         nn.BatchNorm2d(8),
     )
-    _stats(net[1], seed)
-    _stats(net[4], seed + 1)
+    randomize_all(net, seed, signed=True)
     return net.to(dtype).eval()
 
 
@@ -57,10 +46,12 @@ def _x(dtype: torch.dtype = torch.float32) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 def test_inplace_fold_gives_the_bits_of_the_copying_fold(dtype):
     net = _net(1, dtype)
-    copied = bnfold.fold(net)
+    copied, report = bnfold.fold(net, return_report=True)
+    check_report(report, {"1": ("folded", "0"), "4": ("folded", "3")})
     inplace = copy.deepcopy(net)
     ptrs = [inplace[0].weight.data_ptr(), inplace[3].weight.data_ptr()]
-    bnfold.fold(inplace, inplace=True)
+    _, report = bnfold.fold(inplace, inplace=True, return_report=True)
+    check_report(report, {"1": ("folded", "0"), "4": ("folded", "3")})
     for i in (0, 3):
         assert torch.equal(inplace[i].weight, copied[i].weight)
         assert torch.equal(inplace[i].bias, copied[i].bias)
@@ -97,9 +88,7 @@ class _FlatWeights(nn.Module):
 
 def test_weights_sharing_memory_get_new_memory_and_keep_the_other_readers_exact():
     net = _FlatWeights()
-    _stats(net.bn_a, 3)
-    _stats(net.bn_b, 4)
-    net.eval()
+    randomize_all(net, 3, signed=True)
     x = _x()
     with torch.no_grad():
         want = net(x)
@@ -128,13 +117,13 @@ class _ViewBuffer(nn.Module):
 
 def test_a_buffer_viewing_the_weight_keeps_its_values():
     net = _ViewBuffer()
-    _stats(net.bn, 5)
-    net.eval()
+    randomize_all(net, 5, signed=True)
     x = _x()
     with torch.no_grad():
         want = net(x)
     side = net.side.w.clone()
-    bnfold.fold(net, inplace=True)
+    _, report = bnfold.fold(net, inplace=True, return_report=True)
+    check_report(report, {"bn": ("folded", "conv")})
     assert torch.equal(net.side.w, side)
     with torch.no_grad():
         got = net(x)
