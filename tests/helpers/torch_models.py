@@ -513,3 +513,52 @@ class OptionalMask(ConvBN):
     def forward(self, x, mask=None, scale: float = 2.0):
         y = self.bn(self.conv(x)) * scale
         return y if mask is None else y * mask
+
+
+class StepNet(nn.Module):
+    """A network given as a list of steps over numbered values (value 0 is the input).
+
+    A step is ``(kind, arg, inputs)``: ``call`` runs ``layers[arg]`` (so a layer can be called
+    twice), the others are tensor functions. ``forward`` is a plain loop over constants, which
+    torch.fx, torch.export and the ONNX exporter all unroll.
+    """
+
+    def __init__(self, layers: dict[str, nn.Module], steps: list, outputs: list[int]) -> None:
+        super().__init__()
+        self.layers = nn.ModuleDict(layers)
+        self.steps = tuple(steps)
+        self.outputs = tuple(outputs)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        values = [x]
+        for kind, arg, ins in self.steps:
+            a = [values[i] for i in ins]
+            if kind == "call":
+                y = self.layers[arg](a[0])
+            elif kind == "add":
+                y = a[0] + a[1]
+            elif kind == "cat":
+                y = torch.cat([a[0], a[1]], 1)
+            elif kind == "slice":
+                y = a[0][:, arg[0] : arg[1]]
+            elif kind == "relu":
+                y = torch.relu(a[0])
+            elif kind == "tanh":
+                y = torch.tanh(a[0])
+            elif kind == "pool":
+                y = a[0].mean(dim=arg)
+            elif kind == "transpose":
+                y = a[0].transpose(1, 2)
+            elif kind == "probe":  # forward looking at a layer, not only calling it
+                layer = self.layers[arg[0]]
+                if arg[1] == "isinstance":
+                    flag = isinstance(layer, nn.modules.batchnorm._BatchNorm)
+                else:
+                    flag = getattr(layer, "bias", None) is None
+                y = a[0] * 2 if flag else a[0]
+            elif kind == "is_tensor":  # False on a torch.fx proxy: the trace takes another path
+                y = a[0] + a[0] if isinstance(a[0], torch.Tensor) else a[0]
+            else:
+                raise AssertionError(kind)
+            values.append(y)
+        return tuple(values[i] for i in self.outputs)
