@@ -21,8 +21,10 @@ from torch import nn
 
 import bnfold
 from bnfold.cli import main
+from bnfold.core import rules
 from bnfold.torch import export as torch_export
 from bnfold.torch import pt2 as torch_pt2
+from tests.helpers.check import check_report
 from tests.helpers.cli import one_line_error
 from tests.helpers.support import randomize_all
 
@@ -44,6 +46,15 @@ class Net(nn.Module):
         y = self.bn2(self.up(self.bn1(self.conv(x))))
         y = self.bn3(torch.relu(y)).mean((2, 3))
         return self.bn4(self.fc(y))
+
+
+# What Net folds into what, and why bn3 stays.
+FOLDS = {
+    "bn1": ("folded", "conv"),
+    "bn2": ("folded", "up"),
+    "bn3": ("skipped", rules.NO_PRODUCER),
+    "bn4": ("folded", "fc"),
+}
 
 
 def _inputs(batch: int = 2, seed: int = 0) -> tuple[torch.Tensor]:
@@ -209,7 +220,8 @@ def test_random_inputs_from_specs_when_the_program_kept_no_examples(program_file
     args, kwargs = torch_pt2.sample_inputs(ep, seed=1)
     assert kwargs == {} and len(args) == 1
     assert args[0].shape[1:] == (3, 8, 8) and 1 <= args[0].shape[0] <= 64
-    folded = bnfold.fold(ep)
+    folded, report = bnfold.fold(ep, return_report=True)
+    check_report(report, FOLDS)
     result = torch_pt2.check(ep, folded, seed=1)
     assert result.passed and result.max_rel <= 1e-5 and result.tolerance == 1e-4
 

@@ -1353,7 +1353,9 @@ def test_folding_a_folded_program_again_changes_nothing(form):
 def test_unflatten_of_folded_program(form):
     """torch.export.unflatten rebuilds the module hierarchy from the module call graph."""
     ep = mixed_program(form)
-    unflat = torch.export.unflatten(bnfold.fold(ep))
+    folded, report = bnfold.fold(ep, return_report=True)
+    check_report(report, MIXED_FOLDED)
+    unflat = torch.export.unflatten(folded)
     fresh = x4(98)
     with torch.no_grad():
         got = tree_leaves(unflat(*fresh))
@@ -1425,7 +1427,10 @@ def test_graph_module_inplace_fold_leaves_the_exported_program_alone(form):
     fresh = x4(152)
     want = torch_outputs(ep, fresh)
     before = snapshot(ep)
-    bnfold.fold(ep.module(), inplace=True)
+    gm = ep.module()
+    folded, report = bnfold.fold(gm, inplace=True, return_report=True)
+    assert folded is gm and n_bn(gm) == 0
+    check_report(report, MIXED_FOLDED)  # the module's weights were rewritten, not ep's
     assert_snapshot_equal(before, snapshot(ep))
     assert_same_outputs(want, torch_outputs(ep, fresh))
 
