@@ -18,12 +18,14 @@ from ..core.report import FoldReport
 from ..errors import UnsupportedModelError, first_line
 from .adapter import folding, report
 from .constants import quiet_logs
+from .model import as_ir_model
 
 
-def _as_ir(model: Any) -> ir.Model:
-    from .files import as_ir_model
-
-    return as_ir_model(model)
+def _as_ir(model: Any, *, copy: bool) -> ir.Model:
+    """``model`` as an ``onnx_ir.Model`` of its own when ``copy`` (a ModelProto is always read
+    into a new one)."""
+    working = as_ir_model(model)
+    return _copy(working) if copy and isinstance(model, ir.Model) else working
 
 
 def _copy(model: ir.Model) -> ir.Model:
@@ -55,14 +57,14 @@ def analyze(model: Any, example_inputs: Any = None, *, producers: Any = None) ->
     """What :func:`fold` would do to ``model``; nothing is changed."""
     selected = rules.selected_kinds(producers)
     with quiet_logs():
-        working = _as_ir(model)  # read only, unless a chain of BatchNorms needs a rewrite
+        # A copy (for an onnx_ir.Model: copying also refuses one whose nodes read values that
+        # nothing defines), rewritten only when a chain of BatchNorms needs it to be decided.
+        working = _as_ir(model, copy=True)
         with folding(working) as adapter:
             outcome = pipeline.run(adapter, selected, rewrite=False)
         if outcome.complete:
             return report(working, outcome.entries)
-        # Chained BatchNorms are decided past their first link only on a rewritten graph.
-        scratch = _copy(working) if isinstance(model, ir.Model) else working
-        return _fold_model(scratch, selected)
+        return _fold_model(working, selected)
 
 
 def fold(
@@ -79,9 +81,7 @@ def fold(
     """
     selected = rules.selected_kinds(producers)
     with quiet_logs():
-        working = _as_ir(model)
-        if isinstance(model, ir.Model) and not inplace:
-            working = _copy(working)
+        working = _as_ir(model, copy=not inplace)
         folded_report = _fold_model(working, selected)
         result: Any = working
         if isinstance(model, onnx.ModelProto):

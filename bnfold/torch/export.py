@@ -144,7 +144,7 @@ def _fold(
 def verify(original: Any, folded: Any, example_inputs: Any) -> tuple[float, float]:
     """Run both programs (or graph modules) on ``example_inputs``; return the errors."""
 
-    from ..torch.pt2 import runnable as program_runnable
+    from ..torch.verify import runnable as program_runnable
 
     def runnable(m: Any) -> Any:
         return program_runnable(m) if isinstance(m, ExportedProgram) else m

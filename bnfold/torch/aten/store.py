@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
-import warnings
 from collections.abc import Container, Iterable
 from typing import Any
 
@@ -28,6 +27,7 @@ from torch.export.graph_signature import (
 )
 from torch.fx import GraphModule, Node
 
+from ...core.logs import quiet_warnings
 from ...core.pipeline import unique_name
 from ...errors import BnfoldError, UnsupportedModelError, first_line
 from ...torch.aten.ops import may_be_written
@@ -533,8 +533,7 @@ class ModuleStore(Store):
 
 def copy_quietly(obj: Any, memo: dict[int, Any] | None = None) -> Any:
     """``copy.deepcopy`` without the FutureWarning that copying torch's pytree specs gives."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
+    with quiet_warnings(FutureWarning):
         return copy.deepcopy(obj, memo)
 
 

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from ...core.logs import quiet_warnings
 from ...errors import InvalidArgumentError, TracingError, first_line
 from ...torch.eager.batchnorm import (
     BufferProxyTracer,
@@ -382,8 +383,7 @@ def trace_difference(model: nn.Module, traces: list[Trace], leaves: frozenset[in
     with TRACE_LOCK, preserved_state(model, values=True) as state:
         for trace in traces:
             try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
+                with quiet_warnings():
                     args = fresh_arguments(trace.args)
                     graph = _LeafTracer(leaves).trace(model, concrete_args=args)
             except Exception as e:  # noqa: BLE001 - any failure is a difference
