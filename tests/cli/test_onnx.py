@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 import onnx
 import pytest
@@ -13,7 +11,7 @@ from onnx import numpy_helper as nh
 
 from bnfold.cli import main
 from bnfold.core import algebra
-from tests.helpers.cli import one_line_error
+from tests.helpers.cli import listing, one_line_error
 from tests.helpers.onnx_models import run
 
 
@@ -73,18 +71,14 @@ def model_file(tmp_path) -> str:
     return str(path)
 
 
-def _digest(directory) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in directory.iterdir()}
-
-
 def test_fold_verify_report_with_external_data(tmp_path, model_file, capsys):
-    before = _digest(tmp_path)
+    before = listing(tmp_path)
     out = tmp_path / "folded.onnx"
     assert main([model_file, "-o", str(out), "--verify", "--report"]) == 0
     text = capsys.readouterr().out
     assert "2 of 2 BatchNorms folded" in text and "fc (Gemm)" in text
     assert "verified in onnxruntime" in text
-    after = _digest(tmp_path)
+    after = listing(tmp_path)
     assert {k: after[k] for k in before} == before  # the input and its data are untouched
     assert set(after) - set(before) == {"folded.onnx", "folded.onnx.data"}
     folded = onnx.load(out)
@@ -96,10 +90,10 @@ def test_fold_verify_report_with_external_data(tmp_path, model_file, capsys):
 
 
 def test_without_output_nothing_is_written(tmp_path, model_file, capsys):
-    before = _digest(tmp_path)
+    before = listing(tmp_path)
     assert main([model_file]) == 0
     assert "2 of 2 BatchNorms folded" in capsys.readouterr().out
-    assert _digest(tmp_path) == before
+    assert listing(tmp_path) == before
 
 
 def test_producers_option(tmp_path, model_file, capsys):
@@ -123,10 +117,10 @@ def test_a_wrong_fold_fails_verification_and_writes_nothing(
     monkeypatch.setattr(
         algebra, "scale_output_channels", lambda w, s, layout: scale(w, s * 1.01, layout)
     )
-    before = _digest(tmp_path)
+    before = listing(tmp_path)
     assert main([model_file, "-o", str(tmp_path / "out.onnx"), "--verify"]) == 1
     assert "verification failed" in one_line_error(capsys)
-    assert _digest(tmp_path) == before
+    assert listing(tmp_path) == before
 
 
 @pytest.mark.parametrize("cut", [0.3, 0.9], ids=["third", "most"])

@@ -46,6 +46,7 @@ import bnfold
 from bnfold.cli import main
 from bnfold.core import rules
 from tests.helpers.check import REL_TOL
+from tests.helpers.cli import listing
 from tests.helpers.forms import export
 from tests.helpers.onnx_models import Graph, conv_model, gemm_model, random_feeds, rel_err, run
 from tests.helpers.support import randn, randomize_all
@@ -781,18 +782,6 @@ def _write_model(fmt: str, path: Path, seed: int) -> None:
         onnx.save(cli_onnx(seed), str(path))
 
 
-def _listing(directory: Path) -> dict[str, str]:
-    """Every file and directory under ``directory`` (hidden ones too), files with sha256."""
-    out = {}
-    for root, dirs, files in os.walk(directory):
-        for name in dirs:
-            out[os.path.relpath(os.path.join(root, name), directory) + "/"] = "directory"
-        for name in files:
-            p = os.path.join(root, name)
-            out[os.path.relpath(p, directory)] = _sha(Path(p).read_bytes())
-    return out
-
-
 class _Budget:
     """Bytes that writes into the watched directory may still write before failing."""
 
@@ -922,7 +911,7 @@ def test_failed_write_leaves_the_directory_as_it_was(
     tmp_path, monkeypatch, capsys, fmt, point, target
 ):
     d, src, out = _cli_setup(tmp_path, fmt, target)
-    before = _listing(d)
+    before = listing(d, recursive=True)
     capsys.readouterr()
     with monkeypatch.context() as mp:
         budget = _inject(mp, point, d)
@@ -934,7 +923,7 @@ def test_failed_write_leaves_the_directory_as_it_was(
     else:
         assert status != 0
     assert err.count("\n") == 1 and err.startswith("bnfold: "), err
-    assert _listing(d) == before
+    assert listing(d, recursive=True) == before
 
 
 @pytest.mark.parametrize("fmt", list(SUFFIX))
@@ -981,13 +970,13 @@ def test_failed_rename_without_hard_links_leaves_the_directory_as_it_was(
     tmp_path, monkeypatch, capsys, target
 ):
     d, src, out = _cli_setup(tmp_path, "onnx-external", target)
-    before = _listing(d)
+    before = listing(d, recursive=True)
     with monkeypatch.context() as mp:
         mp.setattr(os, "link", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EPERM, "no")))
         budget = _inject(mp, "rename-model", d)
         assert main([str(src), "-o", str(out)]) == 1
     assert budget.fired == 1
-    assert _listing(d) == before
+    assert listing(d, recursive=True) == before
 
 
 # --------------------------------------------------------------------------------------------

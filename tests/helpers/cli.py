@@ -8,13 +8,16 @@ import stat
 from pathlib import Path
 
 
-def listing(directory: Path) -> dict[str, tuple[int, str]]:
-    """Every entry's type, and a regular file's content hash."""
+def listing(directory: Path, recursive: bool = False) -> dict[str, tuple[int, str]]:
+    """Every entry (hidden ones too; under subdirectories when ``recursive``) by its path
+    relative to ``directory``: its type, and a regular file's content hash. Two listings are
+    equal when nothing was added, removed, replaced or changed."""
+    directory = Path(directory)
     out = {}
-    for p in sorted(Path(directory).iterdir()):
+    for p in sorted(directory.rglob("*") if recursive else directory.iterdir()):
         st = p.lstat()
         digest = hashlib.sha256(p.read_bytes()).hexdigest() if stat.S_ISREG(st.st_mode) else ""
-        out[p.name] = (stat.S_IFMT(st.st_mode), digest)
+        out[p.relative_to(directory).as_posix()] = (stat.S_IFMT(st.st_mode), digest)
     return out
 
 

@@ -191,13 +191,19 @@ def check_entries(report: bnfold.FoldReport, form: str = "") -> None:
             assert isinstance(e.reason, str) and e.reason.strip(), (form, e)
 
 
-def graph_bn_count(graph_module: Any) -> int:
-    """batch_norm calls of an ATen graph (a decomposed BatchNorm is one node too)."""
-    return sum(
-        1
-        for n in graph_module.graph.nodes
-        if n.op == "call_function" and "batch_norm" in str(n.target)
-    )
+def graph_bn_nodes(graph: Any) -> list:
+    """Every batch-norm op of an fx graph (aten.batch_norm, _native_batch_norm_legit_*, ...;
+    a decomposed BatchNorm is one node too)."""
+    return [
+        n
+        for n in graph.nodes
+        if n.op == "call_function" and "batch_norm" in getattr(n.target, "__name__", str(n.target))
+    ]
+
+
+def graph_bn_count(program: Any) -> int:
+    """The BatchNorm ops of an ExportedProgram's or a GraphModule's graph."""
+    return len(graph_bn_nodes(program.graph))
 
 
 def module_bn_count(model: nn.Module) -> int:

@@ -28,6 +28,7 @@ from bnfold.errors import (
     VerificationError,
 )
 from bnfold.onnx import files as onnx_files
+from tests.helpers.cli import listing
 from tests.helpers.onnx_models import Graph, conv_model, initializer, run
 
 IR_VERSION = 10  # onnx 1.23 writes IR 14 by default, newer than onnxruntime 1.31 reads
@@ -73,15 +74,6 @@ def _write(model: onnx.ModelProto, path, external: bool = False) -> str:
     else:
         onnx.save(model, path)
     return path
-
-
-def _snapshot(directory) -> dict[str, bytes]:
-    """Every file in a directory (hidden ones too) with its contents."""
-    return {
-        name: (directory / name).read_bytes()
-        for name in sorted(os.listdir(directory))
-        if (directory / name).is_file()
-    }
 
 
 def _assert_one_line_error(excinfo, *words: str) -> str:
@@ -446,13 +438,13 @@ def test_failed_save_leaves_directory_as_it_was(tmp_path, monkeypatch, point, ex
     loaded = onnx_files.load(src)
     if existing:
         _write(_conv_model(seed=2), tmp_path / "out.onnx", external=True)
-    before = _snapshot(tmp_path)
+    before = listing(tmp_path)
     _fail_at(monkeypatch, point, tmp_path)
     with pytest.raises((ModelFileError, RuntimeError)) as excinfo:
         onnx_files.save(loaded.model, tmp_path / "out.onnx", external_data=external)
     monkeypatch.undo()
     assert "\n" not in str(excinfo.value)
-    assert _snapshot(tmp_path) == before
+    assert listing(tmp_path) == before
     if existing:  # the old output still loads and runs
         old = onnx_files.load(tmp_path / "out.onnx")
         assert onnx_files.check(tmp_path / "out.onnx", old.model).passed
@@ -472,7 +464,7 @@ def test_refuses_to_replace_the_input_data_file(tmp_path):
     os.rename(tmp_path / "out.onnx", tmp_path / "in.onnx")
     loaded = onnx_files.load(tmp_path / "in.onnx")
     assert loaded.external_files == frozenset({(tmp_path / "out.onnx.data").resolve()})
-    before = _snapshot(tmp_path)
+    before = listing(tmp_path)
     for target in ("out.onnx", "out.onnx.data"):
         with pytest.raises(ModelFileError) as excinfo:
             onnx_files.save(
@@ -482,7 +474,7 @@ def test_refuses_to_replace_the_input_data_file(tmp_path):
                 reads_from=loaded.external_files,
             )
         _assert_one_line_error(excinfo, "input model", "choose another output file name")
-    assert _snapshot(tmp_path) == before
+    assert listing(tmp_path) == before
     # without external data nothing of the input's is replaced
     onnx_files.save(
         loaded.model, tmp_path / "out.onnx", external_data=False, reads_from=loaded.external_files

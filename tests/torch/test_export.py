@@ -29,6 +29,7 @@ from torch.utils._pytree import tree_leaves
 
 import bnfold
 from bnfold.core import rules
+from tests.helpers import forms
 from tests.helpers import torch_models as models
 from tests.helpers.check import (
     REL_TOL,
@@ -59,21 +60,11 @@ FORMS = ["exported", "decomposed"]
 
 
 def export(model: nn.Module, inputs: tuple, form: str, dynamic_shapes=None) -> ExportedProgram:
-    ep = torch.export.export(model, tuple(inputs), dynamic_shapes=dynamic_shapes)
-    return ep.run_decompositions() if form == "decomposed" else ep
+    return forms.export(model, inputs, form == "decomposed", dynamic_shapes=dynamic_shapes)
 
 
-def bn_nodes(graph: fx.Graph) -> list[fx.Node]:
-    """Every batch-norm op of a graph (aten.batch_norm, _native_batch_norm_legit_*, ...)."""
-    return [
-        n
-        for n in graph.nodes
-        if n.op == "call_function" and "batch_norm" in getattr(n.target, "__name__", str(n.target))
-    ]
-
-
-def n_bn(program) -> int:
-    return len(bn_nodes(program.graph))
+bn_nodes = forms.graph_bn_nodes
+n_bn = forms.graph_bn_count
 
 
 def op_name(node: fx.Node) -> str:

@@ -19,7 +19,9 @@ from bnfold.cli import main
 from bnfold.torch import pt2 as torch_pt2
 from bnfold.torch.aten import safe_ops as torch_safe_ops
 from tests.fuzz import files as ff
-from tests.helpers.support import randomize_all
+from tests.helpers.cli import listing, one_line_error
+from tests.helpers.forms import export
+from tests.helpers.support import randn, randomize_all
 
 
 class ConvBn(nn.Module):
@@ -31,30 +33,15 @@ class ConvBn(nn.Module):
         return self.b(self.c(x))
 
 
-def _x(seed: int = 0) -> torch.Tensor:
-    return torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
-
-
 def _export(
     model: nn.Module, inputs: tuple, decompose: bool = False, **kw
 ) -> torch.export.ExportedProgram:
-    ep = torch.export.export(randomize_all(model, 1).eval(), inputs, **kw)
-    return ep.run_decompositions() if decompose else ep
+    return export(randomize_all(model, 1), inputs, decompose, **kw)
 
 
 def _save(ep: torch.export.ExportedProgram, path: Path) -> str:
     torch.export.save(ep, str(path))
     return str(path)
-
-
-def _error(capsys) -> str:
-    err = capsys.readouterr().err
-    assert err.startswith("bnfold: error:") and err.count("\n") == 1, err
-    return err
-
-
-def _state(directory: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in directory.iterdir()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -67,19 +54,19 @@ def test_a_program_mapping_a_file_is_folded_but_never_run(tmp_path, kind, capsys
     outside.mkdir()
     (outside / "victim.bin").write_bytes(b"precious data, 16B")
     target = outside / ("victim.bin" if kind == "from_file_write" else "created.bin")
-    ep = _export(ConvBn(), (_x(),))
+    ep = _export(ConvBn(), (randn(2, 3, 8, 8),))
     ff.inject_side_effect(ep, kind, str(target))
     path = _save(ep, tmp_path / "evil.pt2")
-    before = _state(outside)
+    before = listing(outside)
     # folding (and writing the result) never runs the program
     assert main([path]) == 0
     assert main([path, "-o", str(tmp_path / "folded.pt2")]) == 0
     capsys.readouterr()
     out = tmp_path / "verified.pt2"
     assert main([path, "--verify", "-o", str(out)]) == 1
-    err = _error(capsys)
+    err = one_line_error(capsys)
     assert "aten.from_file.default" in err and "cannot verify" in err
-    assert _state(outside) == before and not out.exists()
+    assert listing(outside) == before and not out.exists()
 
 
 @pytest.mark.parametrize(
@@ -95,11 +82,11 @@ def test_a_program_mapping_a_file_is_folded_but_never_run(tmp_path, kind, capsys
 )
 def test_side_effecting_ops_are_refused_by_verify(tmp_path, kind, named, capsys):
     target = tmp_path / "created-by-the-program"
-    ep = _export(ConvBn(), (_x(),))
+    ep = _export(ConvBn(), (randn(2, 3, 8, 8),))
     ff.inject_side_effect(ep, kind, str(target))
     path = _save(ep, tmp_path / "evil.pt2")
     assert main([path, "--verify"]) == 1
-    err = _error(capsys)
+    err = one_line_error(capsys)
     assert named in err, err
     assert not target.exists()
 
@@ -116,20 +103,20 @@ class WritesItsInput(nn.Module):
 
 @pytest.mark.parametrize("decompose", [False, True])
 def test_a_program_writing_into_its_input_is_refused(tmp_path, decompose, capsys):
-    path = _save(_export(WritesItsInput(), (_x(),), decompose), tmp_path / "m.pt2")
+    path = _save(_export(WritesItsInput(), (randn(2, 3, 8, 8),), decompose), tmp_path / "m.pt2")
     assert main([path, "--verify"]) == 1
-    assert "writes into the caller's input x" in _error(capsys)
+    assert "writes into the caller's input x" in one_line_error(capsys)
 
 
 def test_bnfold_verify_of_a_loaded_program_checks_the_allowlist(tmp_path):
     target = tmp_path / "created"
-    ep = _export(ConvBn(), (_x(),))
+    ep = _export(ConvBn(), (randn(2, 3, 8, 8),))
     ff.inject_side_effect(ep, "custom_op", str(target))
     loaded = torch_pt2.load(_save(ep, tmp_path / "evil.pt2")).program
     folded = bnfold.fold(loaded)  # folding runs nothing
     for a, b in ((loaded, folded), (folded, loaded)):
         with pytest.raises(bnfold.VerificationError, match="bnfold_fuzz.touch"):
-            bnfold.verify(a, b, (_x(1),))
+            bnfold.verify(a, b, (randn(2, 3, 8, 8, seed=1),))
     with pytest.raises(bnfold.VerificationError, match="bnfold_fuzz.touch"):
         torch_pt2.check(loaded, folded)
     assert not target.exists()
@@ -176,12 +163,12 @@ def test_ordinary_programs_still_verify(tmp_path, name, decompose, capsys):
     if name == "everyday":
         model = Everyday()
         model.head_bn.train()
-        ep = _export(model, (_x(),), decompose)
+        ep = _export(model, (randn(2, 3, 8, 8),), decompose)
     elif name == "branchy":
-        ep = _export(Branchy(), (_x(),), decompose)
+        ep = _export(Branchy(), (randn(2, 3, 8, 8),), decompose)
     else:
         batch = torch.export.Dim("batch", min=1, max=32)
-        ep = _export(ConvBn(), (_x(),), decompose, dynamic_shapes=({0: batch},))
+        ep = _export(ConvBn(), (randn(2, 3, 8, 8),), decompose, dynamic_shapes=({0: batch},))
     torch_safe_ops.check_program(ep)
     assert main([_save(ep, tmp_path / "m.pt2"), "--verify"]) == 0, capsys.readouterr().err
     assert "verified on random inputs" in capsys.readouterr().out
@@ -217,7 +204,7 @@ print(rc, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 
 def test_expanded_sample_inputs_allocate_nothing(tmp_path):
-    src = _save(_export(ConvBn(), (_x(),)), tmp_path / "m.pt2")
+    src = _save(_export(ConvBn(), (randn(2, 3, 8, 8),)), tmp_path / "m.pt2")
     huge = (torch.zeros(1).expand(16384, 16384),), {}  # 14 KB on disk, 1 GiB in memory
     path = _with_sample_inputs(src, tmp_path / "huge.pt2", huge)
     assert os.path.getsize(path) < 64 * 2**10
@@ -241,7 +228,7 @@ def test_inputs_beyond_128_mib_are_refused(tmp_path, capsys):
     path = _save(_export(Wide(), (x,)), tmp_path / "wide.pt2")
     out = tmp_path / "out.pt2"
     assert main([path, "--verify", "-o", str(out)]) == 1
-    err = _error(capsys)
+    err = one_line_error(capsys)
     assert "128 MiB" in err and "[20000, 4000]" in err and not out.exists()
 
 
@@ -264,7 +251,7 @@ def test_a_program_failing_on_random_inputs_is_a_one_line_error(tmp_path, capsys
     path = _save(ep, tmp_path / "pos.pt2")
     out = tmp_path / "out.pt2"
     assert main([path, "--verify", "-o", str(out)]) == 1
-    err = _error(capsys)
+    err = one_line_error(capsys)
     assert "cannot verify: the original program fails" in err and "IndexError" in err
     assert not out.exists()
 
@@ -273,15 +260,15 @@ def test_a_program_failing_on_random_inputs_is_a_one_line_error(tmp_path, capsys
     "sample",
     [
         ((torch.randn(2, 3, 9, 9),), {}),  # wrong shape: a guard failure
-        ((_x(), _x()), {}),  # an extra argument
+        ((randn(2, 3, 8, 8), randn(2, 3, 8, 8)), {}),  # an extra argument
         ((torch.ones(2, 3, 8, 8, dtype=torch.int64),), {}),
         ((torch.empty(2, 3, 8, 8, device="meta"),), {}),
-        ((_x(),), {"extra": _x()}),
+        ((randn(2, 3, 8, 8),), {"extra": randn(2, 3, 8, 8)}),
     ],
     ids=["wrong_shape", "extra_argument", "int64", "meta", "extra_keyword"],
 )
 def test_sample_inputs_unlike_the_program_are_ignored(tmp_path, sample, capsys):
-    src = _save(_export(ConvBn(), (_x(),)), tmp_path / "m.pt2")
+    src = _save(_export(ConvBn(), (randn(2, 3, 8, 8),)), tmp_path / "m.pt2")
     path = _with_sample_inputs(src, tmp_path / "odd.pt2", sample)
     assert torch_pt2.load(path).program.example_inputs is None
     assert main([path, "--verify", "-o", str(tmp_path / "out.pt2")]) == 0, capsys.readouterr()
@@ -289,7 +276,7 @@ def test_sample_inputs_unlike_the_program_are_ignored(tmp_path, sample, capsys):
 
 
 def test_matching_sample_inputs_are_kept(tmp_path):
-    src = _save(_export(ConvBn(), (_x(),)), tmp_path / "m.pt2")
+    src = _save(_export(ConvBn(), (randn(2, 3, 8, 8),)), tmp_path / "m.pt2")
     assert torch_pt2.load(src).program.example_inputs is not None
 
 
@@ -317,12 +304,12 @@ class Loops(nn.Module):
 
 
 def test_a_program_looping_without_bound_is_folded_but_not_run(tmp_path, capsys):
-    path = _save(_export(Loops(), (_x(),)), tmp_path / "loop.pt2")
+    path = _save(_export(Loops(), (randn(2, 3, 8, 8),)), tmp_path / "loop.pt2")
     assert main([path]) == 0
     assert "1 of 1 BatchNorm folded" in capsys.readouterr().out
     out = tmp_path / "out.pt2"
     assert main([path, "--verify", "-o", str(out)]) == 1
-    err = _error(capsys)
+    err = one_line_error(capsys)
     assert "higher_order.while_loop" in err and "loops as long as" in err
     assert not out.exists()
 
@@ -348,17 +335,17 @@ class Allocates(nn.Module):
 )
 def test_a_program_allocating_beyond_the_budget_is_not_run(tmp_path, shapes, expected, capsys):
     # export runs on fake tensors: the 16 GiB are never made, here nor by bnfold
-    path = _save(_export(Allocates(shapes), (_x(),)), tmp_path / "big.pt2")
+    path = _save(_export(Allocates(shapes), (randn(2, 3, 8, 8),)), tmp_path / "big.pt2")
     assert os.path.getsize(path) < 64 * 2**10
     out = tmp_path / "out.pt2"
     assert main([path, "--verify", "-o", str(out)]) == 1
-    err = _error(capsys)
+    err = one_line_error(capsys)
     assert "cannot verify" in err and expected in err, err
     assert not out.exists()
 
 
 def test_allocations_within_the_budget_still_verify(tmp_path, capsys):
-    path = _save(_export(Allocates([(256, 1024, 256)]), (_x(),)), tmp_path / "ok.pt2")
+    path = _save(_export(Allocates([(256, 1024, 256)]), (randn(2, 3, 8, 8),)), tmp_path / "ok.pt2")
     assert main([path, "--verify"]) == 0, capsys.readouterr()
 
 
@@ -367,7 +354,7 @@ def test_shapes_after_an_op_off_the_allowlist_are_unknown(tmp_path):
     # op off the allowlist (it might act even there): what depends on one is not trusted.
     from bnfold.torch.aten.ops import UNCHECKED_SHAPE
 
-    ep = _export(ConvBn(), (_x(),))
+    ep = _export(ConvBn(), (randn(2, 3, 8, 8),))
     ff.inject_side_effect(ep, "from_file_write", str(tmp_path / "victim"))
     program = torch_pt2.load(_save(ep, tmp_path / "evil.pt2")).program
     unchecked = {n.name for n in program.graph.nodes if n.meta.get(UNCHECKED_SHAPE)}
