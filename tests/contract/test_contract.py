@@ -141,8 +141,7 @@ NETWORKS = [
         (2, 3, 6, 6),
         folds=1,
     ),
-    # conv -> bn -> bn: the graph forms fold both in one call; the eager form folds the first
-    # (the second's input is a BatchNorm when it is decided)
+    # conv -> bn -> bn: every form folds both in one call
     Network(
         "chain",
         lambda: {"conv0": nn.Conv1d(3, 5, 3), "bn1": nn.BatchNorm1d(5), "bn2": nn.BatchNorm1d(5)},
@@ -150,7 +149,6 @@ NETWORKS = [
         [3],
         (2, 3, 9),
         folds=2,
-        by_form={"eager": 1},
     ),
 ]
 
@@ -300,24 +298,7 @@ def test_outputs_match_a_float64_reference(form, network):
     check_outputs(_folded(form, network))
 
 
-IDEMPOTENCE = [
-    pytest.param(
-        *p.values,
-        id=p.id,
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="FINDING: the eager fold keeps the second BatchNorm of a chain "
-            "(no-producer: its input is a BatchNorm when decided), and folds it when the "
-            "folded model is folded again; the graph forms fold chains in one call",
-        ),
-    )
-    if p.id == "eager-chain"
-    else p
-    for p in CASES
-]
-
-
-@pytest.mark.parametrize("form, network", IDEMPOTENCE)
+@pytest.mark.parametrize("form, network", CASES)
 def test_folding_the_folded_model_changes_nothing(form, network):
     check_idempotent(_folded(form, network))
 
