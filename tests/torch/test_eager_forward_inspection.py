@@ -75,6 +75,8 @@ def test_parameters_reached_without_attribute_access_are_uses(how):
 
 
 class TestsForBias(ConvBN):
+    __test__ = False  # a model, not a test class
+
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
