@@ -307,7 +307,7 @@ def test_layout_node_without_inputs_is_exit_1(tmp_path, capsys, op):
     )
     src = tmp_path / "m.onnx"
     onnx.save(model, str(src))
-    listing = sorted(os.listdir(tmp_path))
+    names = sorted(os.listdir(tmp_path))
     assert main([str(src), "-o", str(tmp_path / "out.onnx")]) == 1
     one_line_error(capsys, "lacks its required input 0", op)
-    assert sorted(os.listdir(tmp_path)) == listing
+    assert sorted(os.listdir(tmp_path)) == names

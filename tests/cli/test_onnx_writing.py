@@ -33,7 +33,7 @@ def _umask() -> int:
 def test_overlong_file_names_are_one_line_errors(tmp_path, capsys):
     src = tmp_path / "m.onnx"
     onnx.save(conv_bn(), str(src))
-    listing = sorted(os.listdir(tmp_path))
+    names = sorted(os.listdir(tmp_path))
 
     long_input = tmp_path / ("b" * 295 + ".onnx")  # 300 bytes
     assert main([str(long_input), "-o", str(tmp_path / "x.onnx")]) == 1
@@ -41,14 +41,14 @@ def test_overlong_file_names_are_one_line_errors(tmp_path, capsys):
     long_output = tmp_path / ("a" * 255 + ".onnx")  # 260 bytes
     assert main([str(src), "-o", str(long_output)]) == 1
     one_line_error(capsys)
-    assert sorted(os.listdir(tmp_path)) == listing
+    assert sorted(os.listdir(tmp_path)) == names
 
     # 240 bytes fits, and so must the temporary names bnfold writes first
     ok = tmp_path / ("d" * 235 + ".onnx")
     assert len(ok.name) == 240
     assert main([str(src), "-o", str(ok)]) == 0
     assert capsys.readouterr().err == ""
-    assert sorted(os.listdir(tmp_path)) == sorted([*listing, ok.name])
+    assert sorted(os.listdir(tmp_path)) == sorted([*names, ok.name])
     assert onnx_files.check(src, onnx_files.load(ok).model).passed
 
 

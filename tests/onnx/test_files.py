@@ -689,7 +689,8 @@ def test_check_raises_when_only_the_folded_model_fails():
     broken.graph.node[0].op_type = "NoSuchOp"
     with pytest.raises(VerificationError) as excinfo:
         onnx_files.check(ir.serde.deserialize_model(model), ir.serde.deserialize_model(broken))
-    # No BatchNorm was folded: not called a bnfold bug (tests/cli/test_onnx_verify.py has the other case)
+    # No BatchNorm was folded: not called a bnfold bug (tests/cli/test_onnx_verify.py: the
+    # other case)
     message = _assert_one_line_error(excinfo, "cannot verify", "failed on", "folded no BatchNorm")
     assert "bug" not in message
 
