@@ -101,6 +101,6 @@ def fold(
 def verify(original: Any, folded: Any, example_inputs: Any) -> tuple[float, float]:
     """Run both models in onnxruntime on ``example_inputs`` (a dict of input name to array, or
     ``None`` for random inputs); return ``(max_abs_err, max_rel_err)``."""
-    from . import files
+    from .run import verify as run_and_compare
 
-    return files.verify(original, folded, example_inputs)
+    return run_and_compare(original, folded, example_inputs)

@@ -187,3 +187,21 @@ __all__ = [
     "refuse_attribute_references",
     "refuse_sparse",
 ]
+
+
+# A serialized ModelProto cannot exceed 2 GiB (protobuf's limit); tensors adding up to more
+# than this leave room for the graph itself and go to an external data file.
+MAX_INLINE_BYTES = 1_800_000_000
+
+
+def _nbytes(tensor: ir.TensorProtocol) -> int:
+    """A tensor's size from its shape and type (no data is read)."""
+    try:
+        return tensor.nbytes
+    except (TypeError, ValueError):  # string tensors have no fixed element size
+        return 0
+
+
+def tensor_bytes(model: ir.Model) -> int:
+    """Bytes the model's tensors take, from their shapes and types (no data is read)."""
+    return sum(_nbytes(t) for t in all_tensors(model))

@@ -21,6 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 import bnfold
 from bnfold.cli import main
 from bnfold.onnx import files as onnx_files
+from bnfold.onnx import run as onnx_run
 from tests.helpers.cli import one_line_error
 from tests.helpers.cli_models import (
     conv_bn,
@@ -144,7 +145,7 @@ def test_running_out_of_memory_in_verify_is_one_line_error(tmp_path, capsys, mon
     def no_memory(*args, **kwargs):
         raise MemoryError()
 
-    monkeypatch.setattr(onnx_files, "_run", no_memory)
+    monkeypatch.setattr(onnx_run, "_run", no_memory)
     assert main([str(src), "-o", str(tmp_path / "out.onnx"), "--verify"]) == 1
     one_line_error(capsys, "out of memory", "without --verify")
     assert sorted(os.listdir(tmp_path)) == ["m.onnx"]
@@ -190,7 +191,7 @@ def test_verify_stops_a_run_past_the_time_limit(tmp_path, capsys, monkeypatch):
     VERIFY_TIME_LIMIT seconds (onnxruntime's terminate flag), one line, exit 1."""
     import time
 
-    monkeypatch.setattr(onnx_files, "VERIFY_TIME_LIMIT", 1.0)
+    monkeypatch.setattr(onnx_run, "VERIFY_TIME_LIMIT", 1.0)
     src = tmp_path / "loop.onnx"
     onnx.save(_loop_forever(), str(src))
     start = time.monotonic()
@@ -206,7 +207,7 @@ def test_verify_stops_a_run_past_the_memory_limit(tmp_path, capsys, monkeypatch)
     """A 121-byte model expanding to 2**29 floats took 2.3 GB in --verify. Intermediate values
     come from an arena of at most VERIFY_MEMORY_LIMIT bytes: one line, exit 1 (here 64 MiB and
     a 128 MiB Expand, so that the test is cheap even if the cap did not hold)."""
-    monkeypatch.setattr(onnx_files, "VERIFY_MEMORY_LIMIT", 64 * 2**20)
+    monkeypatch.setattr(onnx_run, "VERIFY_MEMORY_LIMIT", 64 * 2**20)
     src = tmp_path / "big.onnx"
     onnx.save(_expand_to(2**25), str(src))
     assert main([str(src), "--verify"]) == 1

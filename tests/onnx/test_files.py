@@ -179,7 +179,7 @@ def test_external_attribute_tensors_are_written_where_the_output_is(tmp_path):
 
 def test_too_large_for_protobuf_switches_to_external_data(tmp_path, monkeypatch):
     loaded = onnx_files.load(_write(_conv_model(), tmp_path / "in.onnx"))
-    monkeypatch.setattr(onnx_files, "_MAX_INLINE_BYTES", 1000)
+    monkeypatch.setattr(onnx_files, "MAX_INLINE_BYTES", 1000)
     assert onnx_files.needs_external_data(loaded)
     onnx_files.save(loaded.model, tmp_path / "out.onnx", external_data=False)
     assert (tmp_path / "out.onnx.data").stat().st_size > 1024
