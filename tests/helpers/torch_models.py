@@ -478,8 +478,7 @@ class NoProducer(nn.Module):
 
 
 class ChainedBNs(nn.Module):
-    """bn1 folds into conv; bn2's input is a BatchNorm (no-producer), though folding it too once
-    bn1 is gone would also be exact."""
+    """conv -> bn1 -> bn2: both fold into conv, bn2 once bn1 is folded."""
 
     def __init__(self) -> None:
         super().__init__()

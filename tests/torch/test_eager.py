@@ -468,7 +468,7 @@ def test_custom_forward_is_skipped(producer, bn):
 
 
 def test_bn_relu_subclass_is_folded_and_keeps_its_relu():
-    """BN + ReLU in one forward: the BatchNorm part is folded, the ReLU stays (DESIGN rule 7)."""
+    """BN + ReLU in one forward: the BatchNorm part is folded, the ReLU stays."""
     model = randomize_all(Net(nn.Conv2d(C_IN, 6, 3), BNReLU2d(6)), seed=105)
     fresh = (randn(3, C_IN, 6, 6, seed=106),)
     want = torch_outputs(model, fresh)
@@ -562,14 +562,20 @@ def test_bn_without_producer_is_skipped(where):
     )
 
 
-def test_second_of_two_chained_bns_is_skipped_first_folded():
+@pytest.mark.parametrize("with_inputs", [False, True])
+def test_chained_bns_both_fold_into_the_conv_in_one_call(with_inputs):
+    """conv -> bn1 -> bn2: bn2's input is a BatchNorm when first decided; once bn1 is folded it
+    follows the conv, and the same call folds it too (as the graph forms do)."""
     model = randomize_all(ChainedBNs(), seed=83)
-    check_fold(
+    example = (randn(3, C_IN, 6, 6, seed=85),) if with_inputs else None
+    folded, _ = check_fold(
         model,
-        None,
+        example,
         (randn(3, C_IN, 6, 6, seed=84),),
-        {"bn1": ("folded", "conv"), "bn2": ("skipped", rules.NO_PRODUCER)},
+        {"bn1": ("folded", "conv"), "bn2": ("folded", "conv")},
     )
+    again = bnfold.analyze(folded, example)
+    assert len(again) == 0, str(again)  # nothing left to fold: folding twice changes nothing
 
 
 class ReadsBnAttribute(ConvThenBN):
