@@ -32,7 +32,7 @@ import math
 import re
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -424,16 +424,7 @@ def _to_ir(module: nn.Module, x: torch.Tensor) -> Any:
     return ir.from_proto(onnx_export(module, x))
 
 
-ONNX_IR = Form(
-    name="onnx_ir",
-    build=_to_ir,
-    fold=lambda m, x: _fold_quietly(m, None),
-    analyze=lambda m, x: _analyze_quietly(m, None),
-    run=_run_onnx,
-    count_bns=_onnx_bn_count,
-    weights=_onnx_weights,
-    fingerprint=_onnx_fingerprint,
-)
+ONNX_IR = replace(ONNX, name="onnx_ir", build=_to_ir)  # the same model, as an onnx_ir.Model
 
 # Every form bnfold folds; a new frontend is one more entry.
 FORMS: list[Form] = [EAGER, PROGRAM, GRAPH_MODULE, ONNX, ONNX_IR]
