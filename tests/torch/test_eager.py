@@ -578,6 +578,38 @@ def test_chained_bns_both_fold_into_the_conv_in_one_call(with_inputs):
     assert len(again) == 0, str(again)  # nothing left to fold: folding twice changes nothing
 
 
+class LongChain(nn.Module):
+    """conv -> bn1 -> bn2 -> bn3 -> relu -> bn4: three links fold, bn4 follows a ReLU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(C_IN, 6, 3)
+        self.bn1, self.bn2, self.bn3, self.bn4 = (nn.BatchNorm2d(6) for _ in range(4))
+
+    def forward(self, x):
+        return self.bn4(torch.relu(self.bn3(self.bn2(self.bn1(self.conv(x))))))
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_a_chain_folds_link_by_link_and_stops_at_a_relu(inplace):
+    model = randomize_all(LongChain(), seed=87)
+    fresh = (randn(3, C_IN, 6, 6, seed=88),)
+    expected = torch_outputs(model, fresh)
+    folded, report = bnfold.fold(model, inplace=inplace, return_report=True)
+    check_report(
+        report,
+        {
+            "bn1": ("folded", "conv"),
+            "bn2": ("folded", "conv"),
+            "bn3": ("folded", "conv"),
+            "bn4": ("skipped", rules.NO_PRODUCER),
+        },
+    )
+    assert bnfold.analyze(randomize_all(LongChain(), seed=87)).entries == report.entries
+    assert (folded is model) == inplace
+    assert rel_err(expected, torch_outputs(folded, fresh)) <= REL_TOL
+
+
 class ReadsBnAttribute(ConvThenBN):
     def forward(self, x):
         y = self.bn(self.conv(x))
