@@ -42,7 +42,6 @@ from ..onnx.model import (
     MAX_INLINE_BYTES,
     all_nodes,
     all_tensors,
-    as_ir_model,
     attribute_tensors,
     node_label,
     quiet_libraries,
@@ -50,16 +49,7 @@ from ..onnx.model import (
     refuse_sparse,
     tensor_bytes,
 )
-from ..onnx.run import (  # noqa: F401 - names used through this module before
-    VERIFY_MEMORY_LIMIT,
-    VERIFY_TIME_LIMIT,
-    _folded_failed,
-    _memory_is_an_error,
-    _run_both,
-    _weight_dtypes,
-    sample_inputs,
-    verify,
-)
+from ..onnx.run import _memory_is_an_error, _run_both, _weight_dtypes
 
 # With external data, initializers larger than this go to the data file (small ones stay in
 # the .onnx, where they cost nothing and keep it readable).
@@ -790,10 +780,7 @@ __all__ = [
     "output_files",
     "check_output",
     "needs_external_data",
-    "sample_inputs",
     "check",
-    "verify",
-    "as_ir_model",
     "remove_initializer_inputs",
     "OnnxFileFold",
     "open_file",

@@ -174,7 +174,7 @@ def test_onnx_random_inputs_follow_the_rule():
     import onnx_ir as ir
     from onnx import TensorProto, helper
 
-    from bnfold.onnx import files as onnx_files
+    from bnfold.onnx import run as onnx_run
 
     vi = helper.make_tensor_value_info
     inputs = [
@@ -192,7 +192,7 @@ def test_onnx_random_inputs_follow_the_rule():
             ir_version=10,
         )
     )
-    _rule_holds(onnx_files.sample_inputs(model, seed=5))
+    _rule_holds(onnx_run.sample_inputs(model, seed=5))
 
 
 def test_pt2_random_inputs_follow_the_rule():

@@ -21,6 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 import bnfold
 from bnfold.cli import main
 from bnfold.onnx import files as onnx_files
+from bnfold.onnx import model as onnx_model
 from bnfold.onnx import run as onnx_run
 from tests.helpers.cli import one_line_error
 from tests.helpers.cli_models import (
@@ -121,7 +122,7 @@ def test_random_inputs_are_made_in_their_own_dtype():
     model = graph_model([], inputs, inputs, [])
     tracemalloc.start()
     try:
-        arrays = onnx_files.sample_inputs(ir.serde.deserialize_model(model))
+        arrays = onnx_run.sample_inputs(ir.serde.deserialize_model(model))
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -221,10 +222,10 @@ def test_verify_stops_a_run_past_the_memory_limit(tmp_path, capsys, monkeypatch)
 def test_folded_model_failing_when_nothing_was_folded_is_not_called_a_bnfold_bug():
     """'onnxruntime runs the original model but not the folded one ... bnfold bug' was said
     when no BatchNorm had been folded (the two models the same)."""
-    model = onnx_files.as_ir_model(conv_bn())
+    model = onnx_model.as_ir_model(conv_bn())
     folded = bnfold.fold(model)
     error = RuntimeError("out of something")
-    same = onnx_files._folded_failed(model, model, error)
+    same = onnx_run._folded_failed(model, model, error)
     assert str(same).startswith("cannot verify") and "bug" not in str(same)
     assert "folded no BatchNorm" in str(same)
-    assert "bnfold bug" in str(onnx_files._folded_failed(model, folded, error))
+    assert "bnfold bug" in str(onnx_run._folded_failed(model, folded, error))

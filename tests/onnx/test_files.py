@@ -28,6 +28,7 @@ from bnfold.errors import (
     VerificationError,
 )
 from bnfold.onnx import files as onnx_files
+from bnfold.onnx import run as onnx_run
 from tests.helpers.cli import listing
 from tests.helpers.onnx_models import Graph, conv_model, initializer, run
 
@@ -540,7 +541,7 @@ def test_sample_inputs_types_and_symbolic_dims():
         [vi("o", TensorProto.FLOAT, None)],
         [helper.make_node("Identity", ["a"], ["o"])],
     )
-    inputs = onnx_files.sample_inputs(model, seed=3)
+    inputs = onnx_run.sample_inputs(model, seed=3)
     assert inputs["a"].shape == (2, 3, 16) and inputs["a"].dtype == np.float32
     # a symbol that leads some input is batch-like everywhere; an unnamed leading dim too
     assert inputs["b"].shape == (2, 16, 2, 16) and inputs["b"].dtype == np.float16
@@ -551,12 +552,12 @@ def test_sample_inputs_types_and_symbolic_dims():
     assert inputs["bf"].dtype.name == "bfloat16"
     assert inputs["d"].shape == () and inputs["d"].dtype == np.float64
     assert abs(float(inputs["a"].mean())) < 0.5 and 0.5 < float(inputs["a"].std()) < 1.5
-    larger = onnx_files.sample_inputs(model, seed=3, dim_size=32)
+    larger = onnx_run.sample_inputs(model, seed=3, dim_size=32)
     assert larger["a"].shape == (2, 3, 32) and larger["b"].shape == (2, 32, 2, 32)
-    again = onnx_files.sample_inputs(model, seed=3)
+    again = onnx_run.sample_inputs(model, seed=3)
     for name in inputs:
         np.testing.assert_array_equal(inputs[name], again[name])
-    other = onnx_files.sample_inputs(model, seed=4)
+    other = onnx_run.sample_inputs(model, seed=4)
     assert not np.array_equal(inputs["a"], other["a"])
 
 
@@ -573,7 +574,7 @@ def test_sample_inputs_never_feeds_initializers():
             ir_version=ir_version,
             opset=opset,
         )
-        assert list(onnx_files.sample_inputs(model)) == ["x"]
+        assert list(onnx_run.sample_inputs(model)) == ["x"]
         assert onnx_files.check(model, model).passed
 
 
@@ -596,7 +597,7 @@ def test_sample_inputs_refuses_what_it_cannot_make(value_info, words):
         [helper.make_node("Identity", ["s"], ["o"])],
     )
     with pytest.raises(UnsupportedModelError) as excinfo:
-        onnx_files.sample_inputs(model)
+        onnx_run.sample_inputs(model)
     _assert_one_line_error(excinfo, "'s'", words)
 
 
@@ -705,25 +706,25 @@ def test_check_from_path_with_external_data(tmp_path):
 
 def test_verify_with_model_proto_and_ir_model():
     model = _conv_model()
-    assert onnx_files.verify(model, model, None) == (0.0, 0.0)
-    max_abs, max_rel = onnx_files.verify(model, ir.serde.deserialize_model(_perturbed(model)))
+    assert onnx_run.verify(model, model, None) == (0.0, 0.0)
+    max_abs, max_rel = onnx_run.verify(model, ir.serde.deserialize_model(_perturbed(model)))
     assert max_abs > 0 and 1e-4 < max_rel < 0.1
     x = {"x": np.ones((1, 3, 5, 5), np.float32)}
-    assert onnx_files.verify(ir.serde.deserialize_model(model), model, x) == (0.0, 0.0)
+    assert onnx_run.verify(ir.serde.deserialize_model(model), model, x) == (0.0, 0.0)
     with pytest.raises(UnsupportedModelError):
-        onnx_files.verify("model.onnx", model, x)
+        onnx_run.verify("model.onnx", model, x)
 
 
 def test_verify_takes_arrays_in_input_order():
     model = _conv_model()
     perturbed = _perturbed(model)
     x = np.random.default_rng(0).normal(size=(1, 3, 5, 5)).astype(np.float32)
-    by_name = onnx_files.verify(model, perturbed, {"x": x})
+    by_name = onnx_run.verify(model, perturbed, {"x": x})
     assert by_name[1] > 0
-    assert onnx_files.verify(model, perturbed, x) == by_name
-    assert onnx_files.verify(model, perturbed, (x,)) == by_name
+    assert onnx_run.verify(model, perturbed, x) == by_name
+    assert onnx_run.verify(model, perturbed, (x,)) == by_name
     with pytest.raises(InvalidArgumentError) as excinfo:
-        onnx_files.verify(model, perturbed, (x, x))
+        onnx_run.verify(model, perturbed, (x, x))
     _assert_one_line_error(excinfo, "'x'")
 
 
@@ -731,9 +732,9 @@ def test_verify_refuses_a_model_proto_whose_data_it_cannot_find(tmp_path):
     path = _write(_conv_model(), tmp_path / "m.onnx", external=True)
     proto = onnx.load(path, load_external_data=False)
     with pytest.raises(UnsupportedModelError) as excinfo:
-        onnx_files.verify(proto, proto)
+        onnx_run.verify(proto, proto)
     _assert_one_line_error(excinfo, "external data")
-    assert onnx_files.verify(onnx.load(path), onnx_files.load(path).model) == (0.0, 0.0)
+    assert onnx_run.verify(onnx.load(path), onnx_files.load(path).model) == (0.0, 0.0)
 
 
 def test_array_error_semantics():
