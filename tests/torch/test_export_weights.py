@@ -224,3 +224,65 @@ def test_huge_expanded_weight_of_a_small_file_is_refused_without_allocating(monk
             report = result if call is bnfold.analyze else result[1]
             entry = report.entry("bn")
             assert entry.rule == rules.VALID_VALUES and "1024.1 MiB" in entry.reason, entry
+
+
+class PermutedGroupedConvT(nn.Module):
+    """A grouped ConvTranspose whose weight is stored ``(kH, out/g, in, kW)`` and permuted into
+    place: axis 1 (out/groups) stays where it is, but the axis carrying the group blocks moves."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 3, 4, 4))
+        self.bn = nn.BatchNorm2d(6)
+
+    def forward(self, x):
+        return self.bn(F.conv_transpose2d(x, self.w.permute(2, 1, 0, 3), groups=2))
+
+
+def test_grouped_conv_transpose_weight_whose_group_axis_moved_is_refused():
+    """Folding scaled the stored tensor as if its group blocks were on axis 0: a silent wrong
+    result (relative error 1.0). Only a permutation keeping axes 0 and 1 in place is folded."""
+    model = randomize_all(PermutedGroupedConvT(), seed=61)
+    x = (randn(2, 4, 5, 5, seed=62),)
+    expected = torch_outputs(model, x)
+    for form, target in program_forms(model, x):
+        folded, report = bnfold.fold(target, return_report=True)
+        entry = report.entry("bn")
+        assert entry.rule == rules.VALID_VALUES and "permute" in entry.reason, (form, entry)
+        assert rel_err(expected, torch_outputs(folded, x)) <= REL_TOL, form
+        assert bnfold.analyze(target).entries == report.entries, form
+
+
+class SharedPermutedWeight(nn.Module):
+    """One weight read by two convs through a permute and a transpose."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 4, 3, 3))
+        self.bn1, self.bn2 = nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        a = self.bn1(F.conv2d(x, self.w.permute(1, 0, 2, 3)))
+        return a + self.bn2(F.conv2d(x, self.w.transpose(0, 1)))
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_shared_weight_reached_through_keyword_operands_folds_both(inplace):
+    """A hand-built graph giving permute/transpose their operands by keyword: rebuilding the
+    view chain on a new weight read ``args[0]`` and raised IndexError mid-rewrite."""
+    model = randomize_all(SharedPermutedWeight(), seed=63)
+    x = (randn(2, 4, 6, 6, seed=64),)
+    expected = torch_outputs(model, x)
+    gm = export(model, x).module()
+    views = (torch.ops.aten.permute.default, torch.ops.aten.transpose.int)
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in views:
+            given = zip(node.target._schema.arguments, node.args, strict=False)
+            node.kwargs, node.args = {**{a.name: v for a, v in given}, **node.kwargs}, ()
+    gm.recompile()
+    assert rel_err(expected, torch_outputs(gm, x)) <= REL_TOL
+    report = bnfold.analyze(gm)
+    folded, fold_report = bnfold.fold(gm, inplace=inplace, return_report=True)
+    assert fold_report.entries == report.entries
+    check_report(fold_report, {"bn1": ("folded", "conv2d"), "bn2": ("folded", "conv2d_1")})
+    assert rel_err(expected, torch_outputs(folded, x)) <= REL_TOL

@@ -17,7 +17,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from ...core import pipeline, rules
-from ...core.algebra import affine_factors, fold_affine_into_producer
+from ...core.algebra import OutputLayout, affine_factors, fold_affine_into_producer
 from ...core.pipeline import Pair
 from ...core.report import FoldEntry
 from ...core.rules import PairFacts
@@ -34,6 +34,7 @@ from .ops import (
     layout,
     may_be_written,
     module_path,
+    operand_source,
     other_uses,
     producer_call,
     set_argument,
@@ -63,7 +64,13 @@ class _Pair(Pair[Node]):
     weight_chain: list[Node] | None = None
     bias_chain: list[Node] | None = None
     weight_axis: int = 0
+    weight_first_axis: int = 0  # the constant's axis that is the operand's axis 0
     bn_sources: dict[str, Node] = field(default_factory=dict)
+
+    def weight_layout(self) -> OutputLayout:
+        """How output channels lie in the stored weight (refuses layouts bnfold cannot scale)."""
+        assert self.producer is not None
+        return layout(self.producer, self.weight_axis, self.weight_first_axis)
 
 
 @dataclass
@@ -144,21 +151,32 @@ def _op_label(node: Node) -> str:
     return f"aten.{t._opname}" if isinstance(t, torch._ops.OpOverload) else str(t)
 
 
-def _operand_chain(store: Store, value: Any, axis: int) -> tuple[list[Node] | None, int, str]:
-    """The chain from a constant to a producer operand, the constant's output axis, and what
-    the operand is when it is not constant ("" when it is)."""
+class _Operand(NamedTuple):
+    """A producer operand traced back to a constant: the chain ``[constant, views...,
+    operand]`` (``None`` when it is not constant, ``what`` then says what it is), and the
+    constant's axes that become the operand's axis ``axis`` and axis 0."""
+
+    chain: list[Node] | None
+    axis: int
+    first_axis: int = 0
+    what: str = ""
+
+
+def _operand_chain(store: Store, value: Any, axis: int) -> _Operand:
+    """Where a producer operand's values are stored (see :class:`_Operand`)."""
     found = trace_back(value)
     if found is None:
-        return None, axis, "not a tensor"
-    chain, source_axis = [found.source, *found.path], found.source_axis(axis)
+        return _Operand(None, axis, what="not a tensor")
+    chain = [found.source, *found.path]
     if store.tensor(chain[0]) is None:
-        return None, axis, describe(chain[0])
+        return _Operand(None, axis, what=describe(chain[0]))
     if store.mutated(chain[0]):
-        return None, axis, f"{describe(chain[0])}, which the program changes while it runs"
+        what = f"{describe(chain[0])}, which the program changes while it runs"
+        return _Operand(None, axis, what=what)
     written = _written_copy(chain)
     if written:
-        return None, axis, written
-    return chain, source_axis, ""
+        return _Operand(None, axis, what=written)
+    return _Operand(chain, found.source_axis(axis), found.source_axis(0))
 
 
 def _written_copy(chain: list[Node]) -> str:
@@ -174,7 +192,7 @@ def _written_copy(chain: list[Node]) -> str:
 def _constant_source(store: Store, value: Any) -> tuple[Node | None, str]:
     """The constant node a BatchNorm operand reads through pass-through ops (a statistic made
     by ``torch.tensor`` in forward arrives through ``lift_fresh_copy``), or why it is not."""
-    chain, _, what = _operand_chain(store, value, 0)
+    chain, _, _, what = _operand_chain(store, value, 0)
     return (chain[0], "") if chain is not None else (None, what)
 
 
@@ -277,11 +295,11 @@ def _examine(
         return _Pair(bn=c, facts=facts, name=name, bn_type=bn_type, bn_sources=bn_sources)
     target, target_type = prod_names[p.node]
     target_type = target_type or _op_label(p.node)
-    w_chain, w_axis, w_what = _operand_chain(store, p.weight, p.weight_axis)
+    w_chain, w_axis, w_first_axis, w_what = _operand_chain(store, p.weight, p.weight_axis)
     b_chain: list[Node] | None = None
     b_what = ""
     if p.bias is not None:
-        b_chain, _, b_what = _operand_chain(store, p.bias, 0)
+        b_chain, _, _, b_what = _operand_chain(store, p.bias, 0)
     path = [*steps, c.node]
     others = [u for i, n in enumerate([p.node, *steps]) for u in _other_users(n, path[i])]
     if not_constant:
@@ -321,6 +339,7 @@ def _examine(
         weight_chain=w_chain,
         bias_chain=b_chain,
         weight_axis=w_axis,
+        weight_first_axis=w_first_axis,
         bn_sources=bn_sources,
     )
 
@@ -377,7 +396,7 @@ def _compute(store: Store, pair: _Pair) -> _Fold:
                 f"{pair.target}'s bias has shape {tuple(bias.shape)}, not one value per "
                 "output channel"
             )
-        w, b = fold_affine_into_producer(weight, bias, s, t, layout(p, pair.weight_axis))
+        w, b = fold_affine_into_producer(weight, bias, s, t, pair.weight_layout())
     return _Fold(w, b)
 
 
@@ -406,7 +425,7 @@ def _charge_materialised(
     materialised for weights stored smaller than they are (see MATERIALISE_FLOOR_BYTES)."""
     if not (_stored_smaller(weight) or _stored_smaller(bias)):
         return
-    out = layout(pair.producer, pair.weight_axis).out_channels(tuple(weight.shape))
+    out = pair.weight_layout().out_channels(tuple(weight.shape))
     new = _logical_bytes(weight) + out * weight.element_size()  # the weight and a bias
     budget = max(MATERIALISE_FLOOR_BYTES, MATERIALISE_FACTOR * store.stored_bytes())
     spent = store.materialised
@@ -480,7 +499,8 @@ def _rebuild_chain(store: Store, chain: list[Node], source: Node, before: Node) 
     current = source
     for old in chain[1:]:
         with store.graph.inserting_before(before):
-            new = store.graph.node_copy(old, lambda n, o=old, c=current: c if n is o.args[0] else n)
+            src = operand_source(old)
+            new = store.graph.node_copy(old, lambda n, s=src, c=current: c if n is s else n)
         new.meta = dict(old.meta)
         current = new
     return current
@@ -582,7 +602,7 @@ def _drop_unused(store: Store, touched: list[Node]) -> None:
             store.drop(node)
             return tied
         if is_pass_through(node):
-            src = node.args[0] if node.args else node.kwargs.get("self")
+            src = operand_source(node)
             store.graph.erase_node(node)
             return [src] if isinstance(src, Node) else None
         return None

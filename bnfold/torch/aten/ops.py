@@ -327,13 +327,15 @@ def producer_call(node: Node) -> ProducerCall | None:
     return None
 
 
-def layout(p: ProducerCall, source_axis: int) -> OutputLayout:
+def layout(p: ProducerCall, source_axis: int, first_axis: int = 0) -> OutputLayout:
     """Output-channel layout of the producer's weight *source* tensor, whose axis
-    ``source_axis`` is the operand's output-channel axis."""
+    ``source_axis`` is the operand's output-channel axis and ``first_axis`` its axis 0."""
     if p.kind == "conv_transpose":
-        if source_axis == 1:
+        if source_axis == 1 and (first_axis == 0 or p.groups == 1):
             return conv_transpose_layout(p.groups)
-        if p.groups > 1:  # group blocks along a permuted axis: not a layout bnfold knows
+        # A grouped weight's blocks lie along the operand's axis 0: moved by a permute, they
+        # are not where the layout scales them.
+        if p.groups > 1:
             raise FoldRefused(
                 f"the grouped {p.op}'s weight reaches it through a permute; bnfold does not "
                 "fold that layout"
@@ -435,7 +437,8 @@ def other_uses(value: Node, but: Node) -> list[Node]:
     return found
 
 
-def _source(node: Node) -> Any:
+def operand_source(node: Node) -> Any:
+    """What a view or layout op reads: its first operand, given by position or as ``self``."""
     return node.args[0] if node.args else node.kwargs.get("self")
 
 
@@ -452,7 +455,7 @@ def activation_steps(value: Any) -> tuple[Any, list[Node]]:
         if op not in _TRANSPOSE_OPS and op not in _ACTIVATION_COPIES and op not in _RESHAPES:
             break
         steps.insert(0, node)
-        node = _source(node)
+        node = operand_source(node)
     return node, steps
 
 
@@ -475,7 +478,7 @@ def follow_channel_axis(steps: list[Node], axis: int, src_rank: int) -> AxisTrac
         if op in _ACTIVATION_COPIES:
             continue
         if op in _RESHAPES:
-            moved = _reshaped_axis(_source(step), step, axis)
+            moved = _reshaped_axis(operand_source(step), step, axis)
             if moved is None:
                 return AxisTrack(None, f"{describe(step)} reshapes axis {axis}", reshaped=True)
         elif out_rank is None:
