@@ -478,7 +478,8 @@ class NoProducer(nn.Module):
 
 
 class ChainedBNs(nn.Module):
-    """conv -> bn1 -> bn2: both fold into conv, bn2 once bn1 is folded."""
+    """conv -> bn1 -> bn2: the graph forms fold both into conv; the eager form folds bn1 (bn2's
+    input is a BatchNorm when it is decided)."""
 
     def __init__(self) -> None:
         super().__init__()

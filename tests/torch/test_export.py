@@ -667,7 +667,7 @@ GRAPH_FOLD_CASES = {
         {"bn": "producer", "bn@1": "other"},
     ),
     "same-conv-same-bn-twice": (SameConvSameBNTwice, {"bn": "conv", "bn@1": "conv@1"}),
-    "chained-bns": (models.ChainedBNs, {"bn1": "conv", "bn2": "conv"}),
+    "chained-bns": (models.ChainedBNs, {"bn1": "conv", "bn2": ("any", "conv")}),
     "residual-use-of-producer-output": (
         lambda: models.DataDependent(conv2_bias=True),
         {"bn1": "conv1", "bn2": ("skipped", rules.SINGLE_CONSUMER)},

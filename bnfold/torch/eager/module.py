@@ -852,10 +852,7 @@ def analyze(
     overflowing) are reported exactly as :func:`fold` would.
     """
     plan = _plan(model, normalise_inputs(example_inputs), producers)
-    report = _settle(model, plan, *_compute(model, plan))[1]
-    if _chained(plan, report):  # what folding decides past the first link: fold a copy
-        return fold(model, example_inputs, producers=producers, return_report=True)[1]
-    return report
+    return _settle(model, plan, *_compute(model, plan))[1]
 
 
 def fold(
@@ -881,34 +878,7 @@ def fold(
             target = _copy_folded(model, folds)
         except _CopyMismatch as e:  # copying behaved otherwise when the folds were checked
             raise UnsupportedModelError(f"{e}: fold it with inplace=True") from e
-    if _chained(plan, report):
-        # conv -> bn1 -> bn2: with bn1 folded, bn2 follows the conv; the result (a copy, or
-        # the model when inplace) is folded again, as the graph forms fold a chain in one call.
-        target, again = fold(
-            target, example_inputs, inplace=True, producers=producers, return_report=True
-        )
-        report = _merged(report, again)
     return (target, report) if return_report else target
-
-
-def _chained(plan: _Plan, report: FoldReport) -> bool:
-    """Whether a BatchNorm kept for want of a producer reads the output of one folded now."""
-    folded = {e.bn for e in report.entries if e.folded}
-    if not folded or plan.flow is None:
-        return False
-    return any(
-        e.rule == rules.NO_PRODUCER and plan.flow.calls[e.bn].input_from in folded
-        for e in report.entries
-        if not e.folded and e.bn in plan.flow.calls
-    )
-
-
-def _merged(first: FoldReport, again: FoldReport) -> FoldReport:
-    """The first report with the decisions of the pass over its result (same names)."""
-    later = {e.bn: e for e in again.entries}
-    entries = [later.get(e.bn, e) for e in first.entries]
-    notes = list(dict.fromkeys(first.notes + again.notes))
-    return FoldReport(entries, first.model, notes)
 
 
 __all__ = ["analyze", "fold", "verify", "FoldedBatchNorm"]
