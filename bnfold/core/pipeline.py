@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Container, Hashable, Iterable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
@@ -239,7 +240,7 @@ def run(adapter: GraphAdapter[N, F], selected: set[str], *, rewrite: bool = True
             decision, fold = judge(
                 pair.facts,
                 selected,
-                lambda pair=pair: adapter.compute(pair),  # type: ignore[misc]
+                partial(adapter.compute, pair),
             )
             entries[_key(bn)] = entry(
                 pair.name, pair.bn_type, pair.target, pair.target_type, decision
