@@ -261,8 +261,8 @@ def _examine(
     if c.training is not False:
         not_inference = (
             f"{name} ({_op_label(c.node)}) normalises with batch statistics "
-            f"(training={c.training}): it was exported in training mode or without running "
-            "statistics; call model.eval() before torch.export"
+            f"(training={c.training}): it was captured in training mode or without running "
+            "statistics; call model.eval() before exporting or compiling"
         )
     custom = ""
     if c.other_outputs_used:
