@@ -46,6 +46,7 @@ bench: $(BIN)/.bench-installed
 	$(BIN)/python -m benchmarks.fold_onnx
 	$(BIN)/python -m benchmarks.scaling
 	$(BIN)/python -m benchmarks.latency
+	$(BIN)/python -m benchmarks.compile
 	$(BIN)/python -m benchmarks.plot
 
 lint: venv
