@@ -298,6 +298,7 @@ class _Capture:
                 fakes.append(node.meta.get("example_value", value))
                 continue
             users = list(node.users)
+            _has_values(value)
             if value.dim() == 0 and users and all(_is_item(u) for u in users):
                 # A number dynamo wraps in a tensor (a BatchNorm's eps, momentum): a literal.
                 number = value.item()
@@ -408,7 +409,18 @@ def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool(((a == b) | (a.isnan() & b.isnan())).all())
 
 
+def _has_values(value: torch.Tensor) -> None:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    if isinstance(value, FakeTensor) or value.is_meta:
+        raise _NotFoldable(
+            "dynamo passed the module's tensors without values (fake or meta tensors), so "
+            "there is nothing to fold at compile time"
+        )
+
+
 def _watchable(value: torch.Tensor) -> None:
+    _has_values(value)
     try:
         value.data_ptr()
     except RuntimeError as e:  # no storage (sparse, some subclasses): nothing to watch
