@@ -552,7 +552,15 @@ class _Folded:
     def handed(self, meta: dict[str, Any]) -> GraphModule:
         """The folded graph for the inner backend: constants stay attributes, which Inductor lifts
         as parameters (static shapes; constant under freezing)."""
-        handed = GraphModule(self.module, copy_quietly(self.module.graph))
+        graph = copy_quietly(self.module.graph)
+        # A traced `view` trusts the strides the fake kernels gave, and some differ from the
+        # real ones (batch_norm on a non-contiguous input: fake keeps the input's strides, the
+        # CPU kernel returns a contiguous tensor), so a `view` that held while tracing can fail
+        # when run. The graph is functional: `reshape` computes the same values and never fails
+        # on strides (Inductor's freezing makes the same change for the same reason).
+        for node in graph.find_nodes(op="call_function", target=torch.ops.aten.view.default):
+            node.target = torch.ops.aten.reshape.default
+        handed = GraphModule(self.module, graph)
         handed.meta.update(meta)
         return handed
 

@@ -21,6 +21,17 @@ and any exception must be a ``bnfold.BnfoldError``.
 
 ``python tests/fuzz/networks.py --examples 10000 --jobs 2`` (``make fuzz``) runs many examples
 and prints the counts; ``tests/fuzz/test_networks.py`` runs a few in ``make test``.
+
+**torch.compile** (``--forms compile,compile_pass``, not in the default forms: a dynamo compile
+takes about a second a network). ``compile`` runs ``torch.compile(model,
+backend=bnfold.torch.Backend(inner="eager"), dynamic=False)`` and reads the folds from the
+backend's reports; ``compile_pass`` runs ``FoldPass`` in a dynamo backend that runs the
+rewritten graph eagerly, its decisions named by the module paths dynamo records. Both run
+under ``no_grad``, twice (the same outputs), are held to the same bound, must not change the
+model's tensors, and must account for every BatchNorm of every graph. A model dynamo cannot
+compile without bnfold either (backend ``"eager"``) is counted as not run; a wrong
+``compile_pass`` result from a folded BatchNorm whose values do not fold (the pass reads no
+values; see ``docs/compile.md``) is counted apart, as documented.
 """
 
 from __future__ import annotations
@@ -48,11 +59,13 @@ if __package__ in (None, ""):  # run as a script: the repository root makes ``te
 import bnfold  # noqa: E402
 from bnfold.errors import first_line  # noqa: E402
 from tests.helpers.forms import (  # noqa: E402
+    WrongResult,
     check_entries,
     compare_to_reference,
     condition,
     float64_copy,
     graph_bn_count,
+    graph_bn_nodes,
     hash_module,
     hash_program,
     outputs,
@@ -64,6 +77,10 @@ from tests.helpers.torch_models import StepNet as Net  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 FORMS = ("eager", "export", "graph_module", "onnx")
+# torch.compile: the bnfold dynamo backend (eager after the fold) and the Inductor pre-grad pass
+# run in a dynamo backend; only with ``--forms`` (dynamo compiles take a second or two a network)
+COMPILE_FORMS = ("compile", "compile_pass")
+ALL_FORMS = FORMS + COMPILE_FORMS
 MAX_CHANNELS = 12
 
 
@@ -402,6 +419,9 @@ class Outcome:
     folded: int = 0
     refused: Counter = field(default_factory=Counter)
     note: str = ""  # why the form did not run (an exporter that failed, say)
+    # counted apart from findings: wrong results a form documents (compile_pass: values that
+    # do not fold), graphs the backend compiled unfolded (by reason: their BatchNorm count)
+    limits: Counter = field(default_factory=Counter)
     err: float = 0.0
     tol: float = 0.0
 
@@ -467,6 +487,14 @@ def check_case(case: Case, forms: tuple[str, ...] = FORMS, draw: Any = None) -> 
                 got = outputs(runner(x))
                 original = outputs(ep_module(x))
             _check_graph_structure(folded, report, form)
+        elif form in COMPILE_FORMS:
+            result = _compile_form(case, form)
+            if isinstance(result, str):
+                oc.note = result
+                continue
+            report, got, unfolded = result
+            oc.limits.update(unfolded)
+            original = eager_out
         else:
             result = _onnx_form(case, draw)
             if isinstance(result, str):
@@ -477,7 +505,12 @@ def check_case(case: Case, forms: tuple[str, ...] = FORMS, draw: Any = None) -> 
         oc.folded = len(report.folded)
         oc.refused = Counter(e.rule for e in report.skipped)
         cond = cond_for(report) if report.folded else 1.0
-        oc.err, oc.tol = compare_to_reference(form, case.dtype, ref, original, got, cond)
+        try:
+            oc.err, oc.tol = compare_to_reference(form, case.dtype, ref, original, got, cond)
+        except WrongResult:
+            if form != "compile_pass" or not (why := _pass_folded_invalid_values(case, report)):
+                raise
+            oc.limits[f"documented, not counted as wrong: {why}"] += 1
     return outcomes
 
 
@@ -511,6 +544,230 @@ def _check_graph_structure(folded: Any, report: bnfold.FoldReport, form: str) ->
     kept = graph_bn_count(folded.graph_module if form == "export" else folded)
     # a decomposed BatchNorm is one node: kept BatchNorms are exactly the skipped entries
     assert kept == len(report.skipped), (kept, report.summary())
+
+
+# --------------------------------------------------------------------------------------------
+# torch.compile: the bnfold backend, and the Inductor pre-grad pass in a dynamo backend
+
+
+def _compile_form(case: Case, form: str) -> str | tuple[bnfold.FoldReport, list, Counter]:
+    """Compile ``case.model`` (``dynamic=False``, under ``no_grad``) with the bnfold backend
+    (``compile``: ``Backend(inner="eager")``) or with a dynamo backend running ``FoldPass`` on
+    each graph (``compile_pass``); return a report of the folds and the outputs, or why the
+    form did not run (dynamo could not compile the model even without bnfold), and the
+    BatchNorms of graphs the backend compiled unfolded, by reason.
+
+    The pass makes no FoldReport: its decisions become one, each BatchNorm and producer named
+    by the module path dynamo recorded for its node, so that the error bound takes the
+    condition of exactly the layers the pass folded into (all of them when a producer has no
+    module path)."""
+    model, x = case.model, case.x
+    before = hash_module(model)
+    graphs: list = []
+    torch._dynamo.reset()
+    try:
+        with quiet(), torch.no_grad():
+            if form == "compile":
+                backend, be = _recording_backend(graphs)
+            else:
+                backend, be = _recording_pass(graphs)
+            compiled = torch.compile(model, backend=be, dynamic=False)
+            got = outputs(compiled(x))
+            again = outputs(compiled(x))  # the guarded call path, with nothing changed
+    except AssertionError:
+        raise
+    except Exception as e:  # noqa: BLE001 - dynamo's failure, or a finding
+        unsupported = _dynamo_unsupported(case)
+        if unsupported:
+            return unsupported
+        raise e  # dynamo compiles the model without bnfold: a finding
+    finally:
+        torch._dynamo.reset()
+    assert hash_module(model) == before, f"{form} changed the model's tensors"
+    for a, b in zip(got, again, strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, equal_nan=True, msg=f"{form}: 2nd call")
+    if form == "compile":
+        report, unfolded = _check_compiled(backend, graphs)
+    else:
+        report, unfolded = _check_pass(backend, graphs, model), Counter()
+    return report, got, unfolded
+
+
+def _recording_backend(graphs: list) -> tuple[Any, Any]:
+    """``Backend(inner="eager")``, called through a function that keeps, per graph, its count
+    of BatchNorms whose result is used (the ATen trace drops the others), the report and what
+    the backend returned."""
+    import bnfold.torch
+
+    backend = bnfold.torch.Backend(inner="eager")
+
+    def be(gm: Any, example_inputs: list) -> Any:
+        n_bns = len(_live(graph_bn_nodes(gm.graph)))
+        result = backend(gm, example_inputs)
+        graphs.append((n_bns, backend.reports[-1] if backend.reports else None, result))
+        return result
+
+    return backend, be
+
+
+def _live(nodes: list) -> list:
+    """The ``nodes`` the graph's output depends on."""
+    if not nodes:
+        return []
+    live: set = set()
+    todo = [nodes[0].graph.output_node()]
+    while todo:
+        node = todo.pop()
+        if node not in live:
+            live.add(node)
+            todo.extend(node.all_input_nodes)
+    return [n for n in nodes if n in live]
+
+
+def _check_compiled(backend: Any, graphs: list) -> tuple[bnfold.FoldReport, Counter]:
+    """Every graph with BatchNorms has a report with an entry for each (or says why it was
+    not folded); a folded graph keeps exactly its skipped BatchNorms and was not folded again
+    on the second call. The reports of every graph, as one, and the BatchNorms of graphs
+    compiled unfolded, by reason."""
+    unfolded: Counter = Counter()
+    for n_bns, r, result in graphs:
+        assert r is not None, "a graph compiled without a report"
+        if r.skipped:
+            assert n_bns > 0 and not r.report.entries, r
+            unfolded[f"graph compiled unfolded: {first_line(r.skipped)[:80]}"] += n_bns
+            continue
+        assert len(r.report.entries) == n_bns, (n_bns, str(r))
+        handed = getattr(result, "handed", None)
+        if handed is not None:  # folded: the graph given to the inner backend
+            assert r.report.folded, str(r)
+            kept = len(graph_bn_nodes(handed.graph))
+            assert kept == len(r.report.skipped), (kept, str(r))
+            assert result.refolds == 0 and not result.fallback, "folded again, nothing changed"
+        else:
+            assert not r.report.folded, f"folds reported, graph compiled unfolded: {r}"
+    entries = [e for r in backend.reports for e in r.report.entries]
+    return bnfold.FoldReport(entries, "compile"), unfolded
+
+
+def _recording_pass(graphs: list) -> tuple[Any, Any]:
+    """A dynamo backend that runs ``FoldPass`` on each graph and runs the graph eagerly,
+    keeping per graph the module path of every node, its BatchNorm count before and after
+    and the pass' decisions."""
+    import bnfold.torch
+
+    pass_ = bnfold.torch.FoldPass()
+
+    def be(gm: Any, example_inputs: list) -> Any:
+        paths = {n.name: _module_path(n) for n in gm.graph.nodes}
+        n_bns = len(graph_bn_nodes(gm.graph))
+        start = len(pass_.decisions)
+        pass_(gm.graph)
+        gm.graph.lint()
+        gm.recompile()
+        after = len(graph_bn_nodes(gm.graph))
+        graphs.append((paths, n_bns, after, pass_.decisions[start:]))
+        return gm.forward
+
+    return pass_, be
+
+
+def _module_path(node: Any) -> str:
+    """The module path dynamo recorded for ``node`` (``L['self'].layers.conv0`` or
+    ``L['self']._modules['layers']._modules['conv0']`` → ``layers.conv0``), or ``""``."""
+    import re
+
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    path = re.sub(r"^[LG]\['[^']*'\]", "", str(path))
+    path = re.sub(r"\._(?:modules|parameters|buffers)\['([^']*)'\]", r".\1", path)
+    path = re.sub(r"\['([^']*)'\]", r".\1", path)
+    return path.lstrip(".")
+
+
+def _check_pass(pass_: Any, graphs: list, model: Net) -> bnfold.FoldReport:
+    """One decision per BatchNorm of each graph; the pass removed exactly the folded ones and
+    counted them in ``matches``. The decisions as a FoldReport (module paths as names)."""
+    from bnfold.core.report import FoldEntry
+
+    entries = []
+    layers = sorted(f"layers.{n}" for n in model.layers)
+    for paths, n_bns, after, decisions in graphs:
+        assert len(decisions) == n_bns, (n_bns, decisions)
+        assert after == sum(not d.folded for d in decisions), (after, decisions)
+        for d in decisions:
+            bn = paths.get(d.bn) or d.bn
+            if d.folded:
+                target = paths.get(d.producer) or ".".join(layers)  # unknown: every layer
+                entries.append(FoldEntry(bn, target, "folded"))
+            else:
+                entries.append(FoldEntry(bn, None, "skipped", d.reason, d.rule))
+    folded = sum(e.folded for e in entries)
+    assert pass_.matches == folded, (pass_.matches, folded)
+    return bnfold.FoldReport(entries, "compile_pass")
+
+
+def _pass_folded_invalid_values(case: Case, report: bnfold.FoldReport) -> str:
+    """Why a wrong compile_pass result is the documented limit of the pass ("" if it is
+    not): it folded a BatchNorm whose values do not fold, which it cannot see (it reads no
+    values): non-finite statistics or scales, ``var + eps <= 0``, or a scale that takes the
+    producer's weights, bias or the shift past the dtype's range. The values are read here
+    directly: ``bnfold.fold`` may refuse such a BatchNorm under another rule first (a
+    subclass overriding ``__call__``, which dynamo inlines)."""
+    model = case.model
+    top = torch.finfo(DTYPES[case.dtype]).max
+    for e in report.folded:
+        try:
+            bn = model.get_submodule(e.bn)
+        except AttributeError:
+            continue
+        if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+            continue
+        state = [bn.running_mean, bn.running_var]
+        state += [bn.weight, bn.bias] if bn.affine else []
+        if not all(bool(torch.isfinite(t.detach().double()).all()) for t in state):
+            return "pass folded a BatchNorm with non-finite values"
+        var = bn.running_var.detach().float() + bn.eps  # as the pass computes it
+        if bool((var <= 0).any()):
+            return "pass folded a BatchNorm with var + eps <= 0"
+        scale = torch.rsqrt(var)
+        if bn.affine:
+            scale = scale * bn.weight.detach().float().abs()
+        sizes = [float(bn.running_mean.detach().float().abs().max())]
+        try:
+            producer = model.get_submodule(e.target or "")
+        except AttributeError:
+            producer = None
+        for t in (getattr(producer, "weight", None), getattr(producer, "bias", None)):
+            if isinstance(t, torch.Tensor):
+                sizes.append(float(t.detach().float().abs().max()))
+        if not bool(torch.isfinite(scale).all()) or float(scale.max()) * max(sizes) > top:
+            return "pass folded a scale that overflows the dtype"
+    return ""
+
+
+def _dynamo_unsupported(case: Case) -> str:
+    """Why dynamo cannot compile the model without bnfold (backend "eager"), or ""; a dtype
+    that only fails is named."""
+
+    def fails(model: Net, x: torch.Tensor) -> str:
+        torch._dynamo.reset()
+        try:
+            with quiet(), torch.no_grad():
+                torch.compile(model, backend="eager", dynamic=False)(x)
+        except Exception as e:  # noqa: BLE001 - dynamo's own failure
+            return type(e).__name__
+        finally:
+            torch._dynamo.reset()
+        return ""
+
+    why = fails(case.model, case.x)
+    if not why:
+        return ""
+    if case.dtype != "float32" and not fails(float64_copy(case.model).float(), case.x.float()):
+        return f"dynamo cannot run {case.dtype}: {why}"
+    return f"unsupported by dynamo: {why}"
 
 
 _QUIET_RUN: Any = None
@@ -579,6 +836,11 @@ def _onnx_form(case: Case, draw: Any) -> str | tuple:
 # Running many
 
 
+def _form_counts() -> dict:
+    return {"models": 0, "folded": 0, "refused": Counter(), "not run": Counter(),
+            "limits": Counter()}  # fmt: skip
+
+
 @dataclass
 class Tally:
     """Counts over a run: per form, models, folds done, folds refused by rule, problems."""
@@ -595,9 +857,8 @@ class Tally:
         self.dtypes[case.dtype] += 1
         self.features.update(case.features)
         for oc in outcomes:
-            f = self.per_form.setdefault(
-                oc.form, {"models": 0, "folded": 0, "refused": Counter(), "not run": Counter()}
-            )
+            f = self.per_form.setdefault(oc.form, _form_counts())
+            f["limits"].update(oc.limits)
             if oc.note:
                 f["not run"][oc.note] += 1
                 continue
@@ -615,7 +876,12 @@ class Tally:
             "models": self.models,
             "seconds": self.seconds,
             "per_form": {
-                k: {**v, "refused": dict(v["refused"]), "not run": dict(v["not run"])}
+                k: {
+                    **v,
+                    "refused": dict(v["refused"]),
+                    "not run": dict(v["not run"]),
+                    "limits": dict(v["limits"]),
+                }
                 for k, v in self.per_form.items()
             },
             "features": dict(self.features),
@@ -633,13 +899,12 @@ def merge(parts: list[dict]) -> dict:
         total["features"].update(p["features"])
         total["dtypes"].update(p["dtypes"])
         for form, v in p["per_form"].items():
-            t = total["per_form"].setdefault(
-                form, {"models": 0, "folded": 0, "refused": Counter(), "not run": Counter()}
-            )
+            t = total["per_form"].setdefault(form, _form_counts())
             t["models"] += v["models"]
             t["folded"] += v["folded"]
             t["refused"].update(v["refused"])
             t["not run"].update(v["not run"])
+            t["limits"].update(v["limits"])
         for k, w in p["worst"].items():
             if w[0] >= total["worst"].get(k, (0.0,))[0]:
                 total["worst"][k] = w
@@ -652,7 +917,7 @@ def print_table(total: dict, wrong: int, errors: int, out: Any = sys.stdout) -> 
       f"({', '.join(f'{k} {v}' for k, v in sorted(total['dtypes'].items()))})")  # fmt: skip
     p("")
     p(f"{'form':<13} {'models':>7} {'BNs folded':>11} {'BNs kept':>9}  kept by rule")
-    for form in FORMS:
+    for form in ALL_FORMS:
         v = total["per_form"].get(form)
         if v is None:
             continue
@@ -661,6 +926,8 @@ def print_table(total: dict, wrong: int, errors: int, out: Any = sys.stdout) -> 
         p(f"{form:<13} {v['models']:>7} {v['folded']:>11} {kept:>9}  {rules}")
         for note, n in sorted(v["not run"].items()):
             p(f"{'':<13} {'':>7} not run: {n} ({note})")
+        for note, n in sorted(v["limits"].items()):
+            p(f"{'':<13} {'':>7} {note}: {n}")
     p("")
     p("closest to the tolerance (error / tolerance, error, tolerance):")
     for k, (ratio, err, tol) in sorted(total["worst"].items()):
@@ -671,11 +938,11 @@ def print_table(total: dict, wrong: int, errors: int, out: Any = sys.stdout) -> 
     p(f"wrong results: {wrong}    exceptions: {errors}")
 
 
-def _worker(args: tuple[int, int, str]) -> dict:
+def _worker(args: tuple[int, int, str, tuple[str, ...]]) -> dict:
     """Run ``n`` examples with hypothesis seed ``seed``; a failing example is written to
     ``findings`` with its network and counted, and the run goes on (no shrinking: it is slow
     on these networks; the description is enough to rebuild the case)."""
-    n, seed, findings = args
+    n, seed, findings, forms = args
     import traceback
 
     from hypothesis import Phase
@@ -696,7 +963,7 @@ def _worker(args: tuple[int, int, str]) -> dict:
     def run(data: Any) -> None:
         case = draw_case(data)
         try:
-            outcomes = check_case(case, draw=data.draw)
+            outcomes = check_case(case, forms, draw=data.draw)
         except Exception as e:  # noqa: BLE001 - every failure is a finding to count
             kind = "wrong result" if isinstance(e, AssertionError) else "exception"
             problems.append(f"{kind}: {type(e).__name__}: {first_line(e)}")
@@ -720,13 +987,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--findings", default="fuzz-findings/networks.txt")
+    ap.add_argument(
+        "--forms",
+        default=",".join(FORMS),
+        help=f"comma-separated forms among {', '.join(ALL_FORMS)} (default: {','.join(FORMS)})",
+    )
     args = ap.parse_args(argv)
+    forms = tuple(f.strip() for f in args.forms.split(",") if f.strip())
+    unknown = [f for f in forms if f not in ALL_FORMS]
+    if unknown or not forms:
+        ap.error(f"unknown forms {unknown}: choose among {', '.join(ALL_FORMS)}")
     torch.set_num_threads(1)
     import os
 
     os.makedirs(os.path.dirname(os.path.abspath(args.findings)), exist_ok=True)
     per = [args.examples // args.jobs + (i < args.examples % args.jobs) for i in range(args.jobs)]
-    jobs = [(n, args.seed * 1000 + i, args.findings) for i, n in enumerate(per)]
+    jobs = [(n, args.seed * 1000 + i, args.findings, forms) for i, n in enumerate(per)]
     if args.jobs == 1:
         parts = [_worker(jobs[0])]
     else:

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import bnfold
-from tests.fuzz.networks import Case, Net, check_case, draw_case
+from tests.fuzz.networks import COMPILE_FORMS, Case, Net, check_case, draw_case
 from tests.helpers.forms import WrongResult
 from tests.helpers.support import randomize_all
 
@@ -35,6 +35,29 @@ def test_random_networks_fold_exactly_in_every_form(part):
         data.draw(st.integers(0, 1))
         case = draw_case(data)
         check_case(case, draw=data.draw)
+
+    run()
+
+
+def test_random_networks_fold_exactly_through_torch_compile():
+    # the bnfold dynamo backend and the FoldPass in a dynamo backend (``--forms``): a known
+    # pair, then a few random networks (dynamo compiles take about a second each)
+    outcomes = check_case(_small_case(), COMPILE_FORMS)
+    assert [(o.form, o.folded, o.note) for o in outcomes] == [
+        ("compile", 1, ""),
+        ("compile_pass", 1, ""),
+    ]
+
+    @settings(
+        max_examples=3,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(st.data())
+    def run(data):
+        check_case(draw_case(data), COMPILE_FORMS, draw=data.draw)
 
     run()
 

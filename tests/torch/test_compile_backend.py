@@ -1208,3 +1208,30 @@ def test_suite_models_compile_to_what_eager_computes(name):
     if case.counts is not None:
         assert (len(r.report.folded), len(r.report.skipped)) == case.counts, str(r.report)
     check_folded_graph(backend, recorder)
+
+
+class BatchNormOnTransposed(nn.Module):
+    """BatchNorm1d on a transposed (non-contiguous) activation, then a Linear (a `view` in
+    ATen), and elsewhere a pair that folds: the fake kernels give the BatchNorm's output the
+    input's strides, the CPU kernel a contiguous one, so a traced `view` fails when run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(11)
+        self.fc = nn.Linear(11, 4)
+        self.conv = nn.Conv1d(4, 6, 1)
+        self.bn2 = nn.BatchNorm1d(6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(x.transpose(1, 2))
+        y = self.fc(y.transpose(1, 2))
+        return self.bn2(self.conv(y.transpose(1, 2)))
+
+
+def test_views_traced_with_fake_strides_still_run():
+    torch.manual_seed(60)
+    model = randomize_all(BatchNormOnTransposed(), seed=60)
+    compiled, backend = compile_eager(model)
+    x = randn(2, 5, 11, seed=1)
+    assert_matches(compiled, model, x)
+    assert folded_into(backend.reports[-1].report) == {"bn2": "conv"}
