@@ -83,7 +83,8 @@ class Backend:
     :class:`CompiledReport` for every graph this backend compiled.
 
     Through ``torch.compile(model, backend="bnfold", options={...})`` the same settings are the
-    options ``"inner"``, ``"producers"`` and ``"watch"``; the other options, and ``mode``, go
+    options ``"inner"``, ``"producers"`` and ``"watch"``; the other options, and ``mode`` (given
+    to torch.compile, or as the option ``"mode"``, since torch.compile refuses both at once), go
     to Inductor as they would with ``backend="inductor"``.
     """
 
@@ -154,6 +155,8 @@ class Backend:
         inner = options.pop("inner", self.inner)
         producers = options.pop("producers", self.producers)
         watch = options.pop("watch", self.watch)
+        # torch.compile takes mode or options, not both: a mode can come as an option too
+        mode = options.pop("mode", mode)
         if mode is not None or options:
             if inner != "inductor":
                 raise BnfoldError(
@@ -178,10 +181,14 @@ class Backend:
         return inner(gm, example_inputs)
 
     def _remember(self, r: CompiledReport) -> None:
-        # Dynamo may compile a graph twice (it restarts its analysis after a first attempt):
-        # keep the last report of each graph.
+        # Dynamo may compile a graph again when it restarts its analysis (a later attempt of
+        # the same compile id): that report replaces the aborted attempt's.
+        from torch._guards import CompileContext
+
+        trace = CompileContext.current_trace_id()
+        restarted = trace is not None and trace.attempt > 0
         for reports in (self.reports, _REPORTS):
-            if reports and reports[-1].graph == r.graph and r.graph != "?":
+            if restarted and reports and reports[-1].graph == r.graph:
                 reports.pop()
             reports.append(r)
         if r.skipped:
@@ -361,11 +368,21 @@ def _statistics(traced: GraphModule) -> list[torch.Tensor]:
     for node in traced.graph.nodes:
         if node.op != "call_function" or "batch_norm" not in str(node.target):
             continue
-        for arg in node.args:
-            if isinstance(arg, Node) and arg.op == "get_attr":
+        # Every constant behind the BatchNorm's operands, through views, casts and detaches
+        # (not its input, the activation: args[0]).
+        work = [a for a in node.args[1:] if isinstance(a, Node)]
+        seen: set[Node] = set()
+        while work:
+            arg = work.pop()
+            if arg in seen:
+                continue
+            seen.add(arg)
+            if arg.op == "get_attr":
                 value = _fetch(traced, arg.target)
                 if isinstance(value, torch.Tensor):
                     found[id(value)] = value
+            elif arg.op == "call_function":
+                work.extend(arg.all_input_nodes)
     return list(found.values())
 
 
@@ -518,7 +535,8 @@ def _write_back(graph: Graph, mutations: dict[str, str]) -> None:
 def _clean_path(path: str) -> str:
     """A dynamo source path (``L['self'].layer1[0]._modules['bn']``) as a module path
     (``layer1.0.bn``), the way the other frontends name modules."""
-    path = re.sub(r"^[LG]\['[^']*'\]", "", path)
+    path = re.sub(r"^L\['[^']*'\]", "", path)  # the compiled function's own arguments (self)
+    path = re.sub(r"^G\['([^']*)'\]", r"\1", path)  # a global module keeps its name
     path = re.sub(r"\._(?:modules|parameters|buffers)\['([^']*)'\]", r".\1", path)
     path = re.sub(r"\['([^']*)'\]", r".\1", path)
     path = re.sub(r"\[(\d+)\]", r".\1", path)

@@ -275,12 +275,32 @@ def _may_write(node: Node) -> bool:
     if node.op != "call_function":
         return False
     target = node.target
-    if target in _WRITING_FUNCTIONS or "out" in node.kwargs or node.kwargs.get("inplace"):
+    if target in _WRITING_FUNCTIONS or "out" in node.kwargs or _inplace(node):
         return True
     schema = getattr(target, "_schema", None)
     if schema is not None:
         return bool(schema.is_mutable)
     return getattr(target, "__name__", "").endswith("_")
+
+
+def _inplace(node: Node) -> bool:
+    """Whether a functional call asks to work in place (``F.relu(x, True)`` as well as
+    ``inplace=True``); a call whose arguments cannot be matched to its signature may."""
+    import inspect
+
+    if node.kwargs.get("inplace"):
+        return True
+    try:
+        parameters = inspect.signature(node.target).parameters
+    except (TypeError, ValueError):  # builtins without a signature: no inplace parameter
+        return False
+    if "inplace" not in parameters:
+        return False
+    try:
+        bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
+    except TypeError:
+        return True
+    return bool(bound.arguments.get("inplace", False))
 
 
 def _between(producer: Node, bn: Node, b: dict[str, Any]) -> str:

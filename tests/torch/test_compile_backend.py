@@ -1235,3 +1235,69 @@ def test_views_traced_with_fake_strides_still_run():
     x = randn(2, 5, 11, seed=1)
     assert_matches(compiled, model, x)
     assert folded_into(backend.reports[-1].report) == {"bn2": "conv"}
+
+
+class DetachedStatistics(nn.Module):
+    """A forward that hands the BatchNorm its statistics through ``.detach()`` (an alias node
+    between the stored tensor and the batch_norm call)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(C_IN, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bn = self.bn
+        mean, var = bn.running_mean.detach(), bn.running_var.detach()
+        return torch.nn.functional.batch_norm(
+            self.conv(x), mean, var, bn.weight, bn.bias, False, 0.1, bn.eps
+        )
+
+
+def test_statistics_reached_through_aliases_are_compared_by_value():
+    """A training-mode call updates running statistics without a version bump: they must be
+    compared by value even when the graph reads them through an alias."""
+    torch.manual_seed(61)
+    model = randomize_all(DetachedStatistics(), seed=61)
+    compiled, backend = compile_eager(model)
+    assert_matches(compiled, model, x4(1))
+    # a functional call in the root forward: named by its node
+    assert list(folded_into(backend.reports[-1].report).values()) == ["conv"]
+    model.bn.train()(torch.randn(8, 6, 5, 5) * 3 + 1)  # updates the statistics in its kernel
+    model.bn.eval()
+    assert_matches(compiled, model, x4(2))
+
+
+class GlobalPair(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(C_IN, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x))
+
+
+FIRST = randomize_all(GlobalPair(), seed=62)
+SECOND = randomize_all(GlobalPair(), seed=63)
+
+
+def two_globals(x: torch.Tensor) -> torch.Tensor:
+    return FIRST(x) + SECOND(x)
+
+
+def test_global_modules_keep_their_names_and_reports_survive_a_reset():
+    backend = Backend(inner="eager")
+    compiled = torch.compile(two_globals, backend=backend)
+    with torch.no_grad():
+        compiled(x4(1))
+    assert folded_into(backend.reports[-1].report) == {
+        "FIRST.bn": "FIRST.conv",
+        "SECOND.bn": "SECOND.conv",
+    }
+    before = len(bnfold.torch.last_reports())
+    torch._dynamo.reset()  # compile ids start again at 0/0
+    with torch.no_grad():
+        torch.compile(GlobalPair().eval(), backend=backend)(x4(2))
+    assert len(bnfold.torch.last_reports()) == min(before + 1, 64)
+    assert len(backend.reports) == 2

@@ -27,6 +27,7 @@ from torch._dynamo.utils import counters
 from torch._inductor.utils import run_and_get_code
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+from torch.nn import functional as F
 
 from bnfold.core import rules
 from bnfold.torch import FoldPass
@@ -699,3 +700,35 @@ def test_inductor_freezing_square_conv_transpose(use_pass: bool) -> None:
         assert pass_ is not None and pass_.matches == 1
     else:
         assert err > 1e-2, f"plain Inductor freezing is now right ({err:.3g}): update this test"
+
+
+class WritesGammaBetween(nn.Module):
+    """Writes the BatchNorm's gamma in place, positional ``inplace``, between conv and BN."""
+
+    def __init__(self, write: str) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.write = write
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        g = self.bn.weight
+        if self.write == "relu":
+            F.relu(g, True)
+        elif self.write == "hardtanh":
+            F.hardtanh(g, -0.1, 0.1, True)
+        else:
+            F.leaky_relu(g, 0.01, True)
+        return self.bn(y)
+
+
+@pytest.mark.parametrize("write", ["relu", "hardtanh", "leaky_relu"])
+def test_positional_inplace_between_is_a_write(write: str) -> None:
+    model = seeded(lambda: WritesGammaBetween(write))
+    reference = copy.deepcopy(model)
+    compiled = compile_with_pass(model)
+    x = randn(2, 3, 8, 8, seed=1)
+    assert rel_err([run(reference, x)], [run(compiled.fn, x)]) <= REL_TOL
+    (decision,) = compiled.pass_.decisions
+    assert not decision.folded and decision.rule == rules.STANDARD_FORWARD
