@@ -19,17 +19,25 @@ from tests.helpers.support import randomize_all
 EXAMPLES = 12
 
 
+def examples(n: int):
+    """Hypothesis runs a test over ``n`` drawn examples, the same ones every time."""
+
+    def wrap(test):
+        return settings(
+            max_examples=n,
+            deadline=None,
+            database=None,
+            derandomize=True,
+            suppress_health_check=list(HealthCheck),
+        )(given(st.data())(test))
+
+    return wrap
+
+
 @pytest.mark.parametrize("part", [0, 1])
 def test_random_networks_fold_exactly_in_every_form(part):
     # two parts, so that two workers share the examples
-    @settings(
-        max_examples=EXAMPLES,
-        deadline=None,
-        database=None,
-        derandomize=True,
-        suppress_health_check=list(HealthCheck),
-    )
-    @given(st.data())
+    @examples(EXAMPLES)
     def run(data):
         data.draw(st.just(part))
         data.draw(st.integers(0, 1))
@@ -48,14 +56,7 @@ def test_random_networks_fold_exactly_through_torch_compile():
         ("compile_pass", 1, ""),
     ]
 
-    @settings(
-        max_examples=3,
-        deadline=None,
-        database=None,
-        derandomize=True,
-        suppress_health_check=list(HealthCheck),
-    )
-    @given(st.data())
+    @examples(3)
     def run(data):
         check_case(draw_case(data), COMPILE_FORMS, draw=data.draw)
 
