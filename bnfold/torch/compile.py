@@ -11,17 +11,20 @@ writing module state) it
 2. traces the graph to ATen (``aot_export_module``, functional, dynamo's fake mode so that
    ``dynamic=True`` shapes stay symbolic) and folds it with the ATen adapter, the same rules and
    report as :func:`bnfold.fold` on a torch.export program;
-3. hands the folded graph — with every constant turned back into an input — to the inner backend
-   (Inductor by default), and returns a guarded callable.
+3. hands the folded graph — its folded weights as attributes, which Inductor lifts as
+   parameters — to the inner backend (Inductor by default), and returns a guarded callable.
 
 Folding bakes the weights as they are at compile time, the contract Inductor's freezing has. The
-returned callable keeps it safe: on every call it checks that the baked tensors are the same
-objects with the same version counters (an in-place write bumps the counter), and when one
-changed it folds again from the current values before running (the compiled code takes the
-folded weights as inputs, so nothing recompiles); when the new values no longer fold the same
-way (a running variance that became negative), that graph runs unfolded, with a warning.
-Grad mode and ``model.training`` are guarded by dynamo itself: a call in another mode compiles
-another graph.
+returned callable keeps it safe: dynamo guards the identity of every baked tensor (a replaced
+parameter recompiles); on every call the baked tensors' version counters and memory addresses
+are compared, and the BatchNorms' own tensors by value (a training-mode BatchNorm updates its
+running statistics without bumping their counters). When one changed, the graph is folded again
+from the current values and the new weights are written into the compiled graph's tensors
+(nothing recompiles); when they no longer fold the same way, or the inner backend may have
+copied its weights (Inductor's freezing), that graph runs unfolded, with a warning. Writes
+through ``.data`` to a conv or linear weight escape the counters: ``watch="values"`` compares
+every baked tensor. Grad mode and ``model.training`` are guarded by dynamo itself: a call in
+another mode compiles another graph.
 """
 
 from __future__ import annotations
