@@ -32,7 +32,7 @@ import math
 import re
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -426,8 +426,68 @@ def _to_ir(module: nn.Module, x: torch.Tensor) -> Any:
 
 ONNX_IR = replace(ONNX, name="onnx_ir", build=_to_ir)  # the same model, as an onnx_ir.Model
 
+
+@dataclass
+class Compiled:
+    """A module compiled with the ``bnfold`` torch.compile backend, and the graphs the backend
+    handed on after its fold (recorded by its inner backend, which runs them eagerly)."""
+
+    module: nn.Module
+    fn: Callable[..., Any]
+    graphs: list = field(default_factory=list)
+
+
+def _compile(model: nn.Module, x: torch.Tensor) -> tuple[Compiled, bnfold.FoldReport]:
+    """The compile form's fold: compile under no_grad and run once (compiling is lazy); the
+    report joins those of the captured graphs."""
+    import bnfold.torch
+
+    if isinstance(model, Compiled):
+        raise TypeError("a compiled callable is not folded again")
+    graphs: list = []
+
+    def record(gm: Any, example_inputs: Any) -> Any:
+        graphs.append(gm)
+        return gm.forward
+
+    backend = bnfold.torch.Backend(inner=record)
+    # StepNets share one forward: dynamo's code cache would serve another network's graphs
+    torch._dynamo.reset()
+    compiled = Compiled(model, torch.compile(model, backend=backend), graphs)
+    with quiet(), torch.no_grad():
+        compiled.fn(x.clone())
+    compiled.graphs = list(graphs)  # those of this compile (a later reset makes dynamo recompile)
+    entries = [e for r in backend.reports for e in r.report.entries]
+    return compiled, bnfold.FoldReport(entries, type(model).__name__)
+
+
+def _run_compiled(model: Any, x: torch.Tensor) -> list[np.ndarray]:
+    return _run_module(model.fn if isinstance(model, Compiled) else model, x)
+
+
+def _count_compiled(model: Any) -> int:
+    if isinstance(model, Compiled):
+        return sum(len(graph_bn_nodes(gm.graph)) for gm in model.graphs)
+    return module_bn_count(model)
+
+
+def _unwrapped(model: Any) -> nn.Module:
+    return model.module if isinstance(model, Compiled) else model
+
+
+COMPILE = Form(
+    name="compile",
+    build=lambda module, x: module,
+    fold=_compile,
+    analyze=lambda model, x: _compile(model, x)[1],  # no analyze: the report of a compile
+    run=_run_compiled,
+    count_bns=_count_compiled,
+    weights=lambda model: module_weights(_unwrapped(model)),
+    fingerprint=lambda model: _module_fingerprint(_unwrapped(model)),
+)
+
 # Every form bnfold folds; a new frontend is one more entry.
-FORMS: list[Form] = [EAGER, PROGRAM, GRAPH_MODULE, ONNX, ONNX_IR]
+FORMS: list[Form] = [EAGER, PROGRAM, GRAPH_MODULE, ONNX, ONNX_IR, COMPILE]
 
 
 def export(model: nn.Module, args: tuple, decomposed: bool = False, **kw: Any) -> Any:
