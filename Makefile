@@ -4,6 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 # The CPU build of this torch lies on the development machines; other versions download GBs.
 TORCH := torch==2.13.0
+# The torchao release that works with that torch (pt2e quantization tests).
+TORCHAO := torchao==0.18.0
 JOBS ?= 2
 
 .PHONY: all venv demo test fuzz bench lint clean
@@ -13,8 +15,8 @@ all: test
 $(BIN)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet $(TORCH)
-	$(BIN)/python -m pip install --quiet -e '.[torch,onnx,test]'
+	$(BIN)/python -m pip install --quiet $(TORCH) $(TORCHAO)
+	$(BIN)/python -m pip install --quiet -e '.[torch,onnx,qat,test]'
 	touch $@
 
 venv: $(BIN)/.installed
