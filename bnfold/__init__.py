@@ -8,6 +8,7 @@ takes which model).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable
 from typing import Any
 
@@ -49,6 +50,7 @@ def fold(
     inplace: bool = False,
     producers: Iterable[str] | str | None = None,
     return_report: bool = False,
+    qat: str = "exact",
 ) -> Any:
     """Fold every BatchNorm that can be folded exactly into the layer that produces its input.
 
@@ -57,7 +59,13 @@ def fold(
     bnfold see shapes, which some folds need (Linear + BatchNorm1d), and trace models that
     ``torch.fx`` cannot. ``producers`` limits the folds to some layer kinds (one or several of
     ``"conv"``, ``"conv_transpose"``, ``"linear"``). With ``return_report=True`` the result is
-    ``(folded_model, report)``. Raises :class:`BnfoldError` subclasses with what to do.
+    ``(folded_model, report)``. ``qat`` says where the BatchNorm of a pt2e quantization-aware
+    training chain goes (graphs after torchao's ``convert_pt2e``): ``"exact"`` (the default)
+    makes the conv's div/add/batch_norm tail one per-channel add after its output dequantize,
+    equal to the unconverted graph up to float rounding; ``"bias"`` folds it into the conv's
+    bias before the output quantize where at most about one output quantization step is
+    provably moved, and keeps it exact elsewhere (the report says why). Raises
+    :class:`BnfoldError` subclasses with what to do.
     """
     for name, value in (("inplace", inplace), ("return_report", return_report)):
         if not isinstance(value, bool):  # "yes" would count as True and change the model
@@ -65,17 +73,47 @@ def fold(
     frontend = model_frontend(model)
     with gc_paused():
         return frontend.fold(
-            model, example_inputs, inplace=inplace, producers=producers, return_report=return_report
+            model,
+            example_inputs,
+            inplace=inplace,
+            producers=producers,
+            return_report=return_report,
+            **_qat_argument(frontend, model, qat),
         )
 
 
+QAT_MODES = ("exact", "bias")
+
+
+def _qat_argument(frontend: Any, model: Any, qat: Any) -> dict[str, str]:
+    """``qat=`` for the frontends whose graphs hold pt2e QAT chains (nothing for the default)."""
+    if not isinstance(qat, str) or qat not in QAT_MODES:
+        raise InvalidArgumentError(
+            f"qat must be one of {', '.join(map(repr, QAT_MODES))}, not {qat!r}"
+        )
+    if qat == "exact":
+        return {}
+    if "qat" not in inspect.signature(frontend.fold).parameters:
+        raise InvalidArgumentError(
+            f"qat={qat!r} applies to pt2e quantized graphs (a torch.export program or an ATen "
+            f"GraphModule after convert_pt2e), not to a {type(model).__name__}"
+        )
+    return {"qat": qat}
+
+
 def analyze(
-    model: Any, example_inputs: Any = None, *, producers: Iterable[str] | str | None = None
+    model: Any,
+    example_inputs: Any = None,
+    *,
+    producers: Iterable[str] | str | None = None,
+    qat: str = "exact",
 ) -> FoldReport:
     """Return the :class:`FoldReport` that :func:`fold` would produce, changing nothing."""
     frontend = model_frontend(model)
     with gc_paused():
-        return frontend.analyze(model, example_inputs, producers=producers)
+        return frontend.analyze(
+            model, example_inputs, producers=producers, **_qat_argument(frontend, model, qat)
+        )
 
 
 def verify(original: Any, folded: Any, example_inputs: Any) -> tuple[float, float]:

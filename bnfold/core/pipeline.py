@@ -245,6 +245,9 @@ def run(adapter: GraphAdapter[N, F], selected: set[str], *, rewrite: bool = True
             entries[_key(bn)] = entry(
                 pair.name, pair.bn_type, pair.target, pair.target_type, decision
             )
+            note = getattr(fold, "note", "")  # how the fold was done, when the adapter says
+            if note:
+                entries[_key(bn)] = replace(entries[_key(bn)], note=note)
             if fold is not None:
                 folds.append((pair, fold))
             else:

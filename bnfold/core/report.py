@@ -16,7 +16,8 @@ class FoldEntry:
     ``bn`` and ``target`` are names in the model (module paths or node names); ``target`` is the
     layer the BatchNorm was folded into (or would have been), ``None`` when there is none.
     ``rule`` names the legality rule that failed (see :mod:`bnfold.core.rules`), ``reason`` says why
-    in words; both are empty for a fold.
+    in words; both are empty for a fold. ``note`` says how a fold was done when there is more
+    than one way (a pt2e QAT chain: exactly after the dequantize, or into the conv's bias).
     """
 
     bn: str
@@ -26,6 +27,7 @@ class FoldEntry:
     rule: str | None = None
     bn_type: str = ""
     target_type: str = ""
+    note: str = ""
 
     @property
     def folded(self) -> bool:
@@ -78,6 +80,8 @@ class FoldReport:
         rows = []
         for e in self.entries:
             what = f"{e.target} ({e.target_type})" if e.folded else f"[{e.rule}] {e.reason}"
+            if e.folded and e.note:
+                what += f": {e.note}"
             rows.append(tuple(map(_printable, (e.bn, e.bn_type, e.action, what))))
         widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(head[:3])]
         lines = []

@@ -26,6 +26,7 @@ from ..core import pipeline, rules
 from ..core.report import FoldEntry, FoldReport
 from ..errors import InvalidArgumentError
 from ..torch.aten.adapter import AtenAdapter
+from ..torch.aten.qat import qat_mode
 from ..torch.aten.store import (
     ModuleStore,
     ProgramStore,
@@ -48,7 +49,11 @@ def _preserved_modules(ep: ExportedProgram) -> list[str]:
 
 
 def _report(entries: list[FoldEntry], model: Any) -> FoldReport:
-    return FoldReport(entries, type(model).__name__)
+    notes = []
+    if not entries:
+        # torchao's convert_pt2e folds conv + BatchNorm itself where its patterns match
+        notes.append("the graph has no BatchNorm left: nothing to fold")
+    return FoldReport(entries, type(model).__name__, notes)
 
 
 def analyze(
@@ -56,23 +61,25 @@ def analyze(
     example_inputs: Any = None,
     *,
     producers: Iterable[str] | str | None = None,
+    qat: str = "exact",
 ) -> FoldReport:
     """Decide every BatchNorm node of ``model`` without changing anything.
 
     ``example_inputs`` is not needed: the shapes come from the graph's metadata.
     """
     selected = rules.selected_kinds(producers)
+    qat = qat_mode(qat)
     if isinstance(model, ExportedProgram):
         gm, boundaries = model.graph_module, _preserved_modules(model)
         store: Store = ProgramStore(model, gm.graph)
     else:
         gm, boundaries, store = model, [], ModuleStore(model)
-    outcome = pipeline.run(AtenAdapter(gm, store, boundaries), selected, rewrite=False)
+    outcome = pipeline.run(AtenAdapter(gm, store, boundaries, qat), selected, rewrite=False)
     if outcome.complete:
         return _report(outcome.entries, model)
     # Chained BatchNorms: what a fold does takes more than one pass, so fold a scratch copy
     # (sharing the tensors, which are never written) and report that.
-    return _fold(model, selected, inplace=False, scratch=True)[1]
+    return _fold(model, selected, inplace=False, scratch=True, qat=qat)[1]
 
 
 def fold(
@@ -82,24 +89,32 @@ def fold(
     inplace: bool = False,
     producers: Iterable[str] | str | None = None,
     return_report: bool = False,
+    qat: str = "exact",
 ) -> Any:
     """Fold every BatchNorm node of ``model`` that can be folded exactly.
 
     An ExportedProgram gives a new ExportedProgram (sharing the unchanged tensors, as
     ``run_decompositions`` does); a GraphModule gives a new GraphModule, or ``model`` itself
     with ``inplace=True``. ``example_inputs`` is not needed: shapes come from the graph.
+    ``qat`` says where the tail of a pt2e QAT chain goes: ``"exact"`` (one add after the
+    output dequantize) or ``"bias"`` (into the conv's bias, where the bound holds).
     """
+    qat = qat_mode(qat)
     if isinstance(model, ExportedProgram) and inplace:
         raise InvalidArgumentError(
             "an ExportedProgram is folded into a new program; inplace=True is only for "
             "nn.Module and GraphModule models"
         )
-    result, report = _fold(model, rules.selected_kinds(producers), inplace=inplace)
+    result, report = _fold(model, rules.selected_kinds(producers), inplace=inplace, qat=qat)
     return (result, report) if return_report else result
 
 
 def _fold(
-    model: ExportedProgram | GraphModule, selected: set[str], inplace: bool, scratch: bool = False
+    model: ExportedProgram | GraphModule,
+    selected: set[str],
+    inplace: bool,
+    scratch: bool = False,
+    qat: str = "exact",
 ) -> tuple[Any, FoldReport]:
     if isinstance(model, ExportedProgram):
         # Only the graph is copied: the new program is built on the input's graph module,
@@ -113,7 +128,7 @@ def _fold(
             if new.name != old.name:
                 new.name = old.name
         store: Store = ProgramStore(model, graph)
-        adapter = AtenAdapter(root, store, _preserved_modules(model))
+        adapter = AtenAdapter(root, store, _preserved_modules(model), qat)
         entries = pipeline.run(adapter, selected).entries
         replaced = adapter.replaced
         if scratch:
@@ -131,7 +146,7 @@ def _fold(
     # A copy sharing the input's tensors: the fold replaces what it changes with new tensors,
     # and whatever is still shared afterwards is copied once (unshare).
     gm = model if inplace else copy_graph_module(model, dict(originals))
-    entries = pipeline.run(AtenAdapter(gm, ModuleStore(gm), []), selected).entries
+    entries = pipeline.run(AtenAdapter(gm, ModuleStore(gm), [], qat), selected).entries
     if scratch:
         return None, _report(entries, model)
     gm.graph.lint()

@@ -22,6 +22,7 @@ from ...core.pipeline import Pair
 from ...core.report import FoldEntry
 from ...core.rules import PairFacts
 from ...errors import FoldRefused, UnsupportedModelError
+from .evaluate import Constants, is_pure
 from .ops import (
     BatchNormCall,
     ProducerCall,
@@ -34,12 +35,17 @@ from .ops import (
     layout,
     may_be_written,
     module_path,
+    op_label,
     operand_source,
     other_uses,
     producer_call,
     set_argument,
     trace_back,
 )
+from .qat import QatChain, QatFold, qat_mode
+from .qat import compute as qat_compute
+from .qat import match as qat_match
+from .qat import rewrite as qat_rewrite
 from .store import Store
 
 _RANK_HINT = "export the model again so that its nodes carry shapes (node.meta['val'])"
@@ -73,6 +79,13 @@ class _Pair(Pair[Node]):
         return layout(self.producer, self.weight_axis, self.weight_first_axis)
 
 
+@dataclass(kw_only=True)
+class _QatPair(_Pair):
+    """A BatchNorm at the end of a pt2e QAT chain (see :mod:`bnfold.torch.aten.qat`)."""
+
+    chain: QatChain
+
+
 @dataclass
 class _Fold:
     weight: torch.Tensor
@@ -83,9 +96,13 @@ class AtenAdapter:
     """One ATen graph (owned by ``root``, whose submodules hold subgraphs) and its store, as a
     :class:`bnfold.core.pipeline.GraphAdapter`. ``boundaries`` are modules whose call signature
     the program preserves; ``replaced`` says, after a rewrite, which node took the place of each
-    folded BatchNorm's output."""
+    folded BatchNorm's output. ``qat`` says where the tail of a pt2e QAT chain goes
+    (:data:`bnfold.torch.aten.qat.QAT_MODES`)."""
 
-    def __init__(self, root: nn.Module, store: Store, boundaries: list[str]) -> None:
+    def __init__(
+        self, root: nn.Module, store: Store, boundaries: list[str], qat: str = "exact"
+    ) -> None:
+        self.qat = qat_mode(qat)
         self.root = root
         self.graph = store.graph
         self.store = store
@@ -102,7 +119,7 @@ class AtenAdapter:
         """Every BatchNorm node; report names stay those of the first pass."""
         bns = [c for c in (batch_norm_call(n) for n in self.graph.nodes) if c is not None]
         missing = [c.node for c in bns if c.node not in self._bn_names]
-        self._bn_names.update(_names(missing, "BatchNorm"))
+        self._bn_names.update(_names(missing, "BatchNorm", self._stored_module))
         sources = (activation_steps(c.input)[0] for c in bns)
         producer_nodes = {n for n in sources if isinstance(n, Node)}
         self._prod_calls = {n: producer_call(n) for n in producer_nodes}
@@ -111,17 +128,48 @@ class AtenAdapter:
         )
         return bns
 
+    def _stored_module(self, node: Node) -> str | None:
+        """The module path a BatchNorm's stored tensors share (``bn`` for ``bn.running_mean``):
+        its name when the node has no module stack (torchao's QAT rewrites drop it)."""
+        c = batch_norm_call(node)
+        keys = []
+        for v in (c.mean, c.var, c.weight, c.bias) if c is not None else ():
+            found = trace_back(v)
+            if found is not None and self.store.tensor(found.source) is not None:
+                keys.append(self.store.key(found.source).rpartition(".")[0])
+        return keys[0] if keys and keys[0] and all(k == keys[0] for k in keys) else None
+
     def examine(self, bn: BatchNormCall) -> _Pair:
         name, bn_type = self._bn_names[bn.node]
-        return _examine(
+        pair = _examine(
             self.store, bn, name, bn_type, self._prod_calls, self._prod_names, self.boundaries
         )
+        if pair.producer is not None:
+            return pair
+        chain, why = qat_match(bn, self.store)
+        if chain is None:
+            if why:
+                detail = f"{pair.facts.producer_detail} (a quantized chain: {why})"
+                pair.facts = replace(pair.facts, producer_detail=detail)
+            return pair
+        return _examine_qat(self.store, pair, chain, self.boundaries)
 
-    def compute(self, pair: _Pair) -> _Fold:
+    def compute(self, pair: _Pair) -> _Fold | QatFold:
+        if isinstance(pair, _QatPair):
+            return qat_compute(self.store, pair.chain, pair.bn, self.qat)
         return _compute(self.store, pair)
 
-    def apply(self, folds: list[tuple[_Pair, _Fold]]) -> None:
-        self.replaced.update(_apply(self.store, folds))
+    def apply(self, folds: list[tuple[_Pair, _Fold | QatFold]]) -> None:
+        touched: list[Node] = []
+        standard = [(p, f) for p, f in folds if not isinstance(p, _QatPair)]
+        self.replaced.update(_apply(self.store, standard, touched))
+        for pair, fold in folds:
+            if isinstance(pair, _QatPair):
+                assert isinstance(fold, QatFold)
+                result, more = qat_rewrite(self.store, pair.chain, pair.bn, fold)
+                self.replaced[pair.bn.output] = result
+                touched += more
+        _drop_unused(self.store, touched)
         self.store.changed()
 
     def upstream(self, bn: BatchNormCall) -> list[Any]:
@@ -132,12 +180,18 @@ class AtenAdapter:
         return _nested_entries(self.root, self.graph)
 
 
-def _names(nodes: list[Node], fallback_type: str) -> dict[Node, tuple[str, str]]:
-    """Report names for nodes: module paths (``@k`` for repeated calls), else node names."""
+def _names(
+    nodes: list[Node], fallback_type: str, stored: Any = None
+) -> dict[Node, tuple[str, str]]:
+    """Report names for nodes: module paths (``@k`` for repeated calls), else the module their
+    stored tensors share (``stored(node)``), else node names."""
     out: dict[Node, tuple[str, str]] = {}
     seen: dict[str, int] = {}
     for node in nodes:
         where = module_path(node)
+        if where is None and stored is not None:
+            path = stored(node)
+            where = (path, "") if path else None
         name, klass = where if where is not None else (node.name, fallback_type)
         if name in seen:  # two ops of one module call: tell them apart by node name
             name = f"{name} ({node.name})"
@@ -344,6 +398,68 @@ def _examine(
     )
 
 
+def _examine_qat(store: Store, pair: _Pair, chain: QatChain, boundaries: list[str]) -> _QatPair:
+    """The facts of a BatchNorm at the end of a QAT chain: the producer is the conv before
+    the quantize; a training flag left by ``convert_pt2e`` is read as inference (the chain
+    exists only in converted, that is inference, graphs), and the statistics the BatchNorm
+    itself updates count as constant, since the fold removes it."""
+    c = pair.bn
+    p = chain.producer
+    ev = Constants(store, float64=True, ignore=c.node)
+    not_constant = [
+        f"its {role} is not constant ({ev.why(v)})"
+        for role, v in (("weight", c.weight), ("bias", c.bias), ("mean", c.mean), ("var", c.var))
+        if v is not None and ev.value(v) is None
+    ]
+    tail = [
+        f"the constant of {describe(link.node)} is not ({ev.why(link.constant)})"
+        for link in chain.links
+        if ev.value(link.constant) is None
+    ]
+    if not_constant and c.training is True:
+        not_constant.append(
+            "its batch_norm runs in training mode and the program updates these statistics: "
+            "call torchao's move_exported_model_to_eval on the converted model before exporting it"
+        )
+    name = pair.name
+    not_inference = ""
+    if not isinstance(c.training, bool):
+        not_inference = f"{name}'s training flag is not a constant ({c.training})"
+    target, target_type = module_path(p.node) or (p.node.name, "")
+    facts = replace(
+        pair.facts,
+        bn_uses_running_stats=not not_inference,
+        bn_not_inference_reason=not_inference,
+        bn_params_constant=not not_constant and not tail,
+        constant_detail="; ".join(not_constant + tail),
+        producer=target,
+        producer_detail="",
+        producer_kind=p.kind,
+        producer_spatial_dims=p.spatial_dims,
+        producer_custom_forward=p.problem,
+        producer_output_users=1 + len(chain.other_users),
+        producer_other_users=", ".join(chain.other_users),
+        producer_params_constant=True,  # the fold writes no producer tensor
+        channel_axis=chain.axis,
+        axis_path=" -> ".join(op_label(n) for n in chain.nodes()[1:]),
+        axis_problem=chain.problem,
+        output_rank=chain.rank,
+        boundary=next(
+            (f"module {f}" for f in boundaries if _inside(p.node, f) != _inside(c.node, f)), ""
+        ),
+    )
+    return _QatPair(
+        bn=c,
+        facts=facts,
+        name=name,
+        bn_type=pair.bn_type,
+        producer=None,
+        target=target,
+        target_type=target_type or _op_label(p.node),
+        chain=chain,
+    )
+
+
 class _Axis(NamedTuple):
     """Where the producer's channels arrive at the BatchNorm (see ``PairFacts.channel_axis``)."""
 
@@ -537,10 +653,10 @@ def _is_only_alias(store: Store, node: Node) -> bool:
     return not any(other is not node and other.users for other in store.aliases(node))
 
 
-def _apply(store: Store, folds: list[tuple[_Pair, _Fold]]) -> dict[Node, Node]:
-    """Rewrite the graph for every computed fold; returns which node took each output's place."""
+def _apply(store: Store, folds: list[tuple[_Pair, _Fold]], touched: list[Node]) -> dict[Node, Node]:
+    """Rewrite the graph for every computed fold; returns which node took each output's place.
+    ``touched`` gains the nodes that may have lost their last user."""
     replaced: dict[Node, Node] = {}  # folded BatchNorm output -> the producer now in its place
-    touched: list[Node] = []  # nodes that may have lost their last user
     for pair, fold in folds:
         p, c = pair.producer, pair.bn
         assert p is not None and pair.weight_chain is not None
@@ -582,7 +698,6 @@ def _apply(store: Store, folds: list[tuple[_Pair, _Fold]]) -> dict[Node, Node]:
             store.graph.erase_node(user)
         touched += [v for v in (c.weight, c.bias, c.mean, c.var) if isinstance(v, Node)]
         store.graph.erase_node(c.node)
-    _drop_unused(store, touched)
     return replaced
 
 
@@ -605,6 +720,10 @@ def _drop_unused(store: Store, touched: list[Node]) -> None:
             src = operand_source(node)
             store.graph.erase_node(node)
             return [src] if isinstance(src, Node) else None
+        if is_pure(node):  # what a QAT chain computed its constants with
+            inputs = list(node.all_input_nodes)
+            store.graph.erase_node(node)
+            return inputs
         return None
 
     pipeline.drop_dead(touched, drop)

@@ -137,8 +137,9 @@ def rank(node: Node) -> int | None:
     return val.dim() if isinstance(val, torch.Tensor) else None
 
 
-def may_be_written(node: Node) -> bool:
-    """Whether the program may write into the tensor ``node`` stands for while it runs.
+def may_be_written(node: Node, ignore: Node | None = None) -> bool:
+    """Whether the program may write into the tensor ``node`` stands for while it runs
+    (``ignore``: a node whose own writes do not count, one a fold removes).
 
     Follows views: ``w[0].mul_(2)`` writes into ``w`` through a ``select`` (the graph as
     exported keeps such in-place ops). An ATen op argument annotated as aliased and written
@@ -154,7 +155,7 @@ def may_be_written(node: Node) -> bool:
             continue
         seen.add(current)
         for user in current.users:
-            if user.op == "output":
+            if user.op == "output" or user is ignore:
                 continue
             if user.op == "call_function" and user.target is operator.getitem:
                 work.append(user)  # an element of a list of views (split, unbind)
@@ -536,3 +537,71 @@ def module_path(node: Node) -> tuple[str, str] | None:
         path = f"{path}@{key.rsplit('@', 1)[1]}"
     name = klass.rsplit(".", 1)[-1] if isinstance(klass, str) else getattr(klass, "__name__", "")
     return path, name
+
+
+# --------------------------------------------------------------------------------------------
+# Quantize / dequantize nodes (pt2e: torchao's and torch.ao's ``quantized_decomposed`` ops)
+
+_QUANT_NAMESPACE = "quantized_decomposed"
+_QUANT_OPS = {
+    "quantize_per_tensor": ("quantize", False),
+    "dequantize_per_tensor": ("dequantize", False),
+    "quantize_per_channel": ("quantize", True),
+    "dequantize_per_channel": ("dequantize", True),
+}
+
+
+@dataclass(frozen=True)
+class QuantCall:
+    """One ``quantized_decomposed`` quantize or dequantize node, its operands by meaning.
+
+    ``scale`` and ``zero_point`` are numbers or nodes (per-channel, and the ``.tensor``
+    overloads); ``axis`` is ``None`` per tensor. ``out_dtype`` is a dequantize's float type
+    (``None``: float32).
+    """
+
+    node: Node
+    kind: str  # "quantize" or "dequantize"
+    per_channel: bool
+    input: Any
+    scale: Any
+    zero_point: Any
+    axis: int | None
+    quant_min: Any
+    quant_max: Any
+    dtype: Any
+    out_dtype: Any = None
+
+
+def quant_call(node: Any) -> QuantCall | None:
+    """Read ``node`` as a quantize or dequantize op; ``None`` if it is not one."""
+    if not isinstance(node, Node) or node.op != "call_function":
+        return None
+    t = node.target
+    if not isinstance(t, torch._ops.OpOverload) or t.namespace != _QUANT_NAMESPACE:
+        return None
+    if t._opname not in _QUANT_OPS:
+        return None
+    kind, per_channel = _QUANT_OPS[t._opname]
+    args = arguments(node)
+    return QuantCall(
+        node=node,
+        kind=kind,
+        per_channel=per_channel,
+        input=args.get("input"),
+        scale=args.get("scales" if per_channel else "scale"),
+        zero_point=args.get("zero_points" if per_channel else "zero_point"),
+        axis=args.get("axis") if per_channel else None,
+        quant_min=args.get("quant_min"),
+        quant_max=args.get("quant_max"),
+        dtype=args.get("dtype"),
+        out_dtype=args.get("out_dtype"),
+    )
+
+
+def op_label(node: Node) -> str:
+    """``aten.add``, ``quantized_decomposed.dequantize_per_tensor``: a node's op in messages."""
+    t = node.target
+    if isinstance(t, torch._ops.OpOverload):
+        return f"{t.namespace}.{t._opname}"
+    return getattr(t, "__name__", str(t))
