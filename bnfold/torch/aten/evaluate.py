@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.fx import Node
 
-from .ops import describe, may_be_written
+from .ops import describe, may_be_written, shape_value
 from .store import ModuleStore, Store
 
 # Ops whose result depends on their operands only (no state, no randomness, no aliasing that
@@ -58,8 +58,9 @@ _QUANT_PURE = {
     "dequantize_per_channel",
 }
 
-# The most elements one evaluation may create (a dequantized weight is as large as the weight):
-# 2**26 float64 values are 512 MiB.
+# The most elements the evaluations of one fold step may create together (a dequantized weight
+# is as large as the weight): 2**26 float64 values are 512 MiB, counted as results are made
+# (checked before an op runs when its shape metadata is known, and after it otherwise).
 MAX_ELEMENTS = 1 << 26
 
 
@@ -140,6 +141,11 @@ class Constants:
             return self._fail(node, why)
         if self.float64 and node.target.namespace == "quantized_decomposed":
             return self._fail(node, f"{describe(node)} rounds in the graph's dtype")
+        planned = shape_value(node)  # refuse a huge result (an expand) before allocating it
+        if isinstance(planned, torch.Tensor) and isinstance(planned.numel(), int):
+            if self.elements + planned.numel() > MAX_ELEMENTS:
+                why = f"evaluating {describe(node)} would exceed {MAX_ELEMENTS} values"
+                return self._fail(node, why)
         missing: list[Node] = []
 
         def read(arg: Node) -> Any:
