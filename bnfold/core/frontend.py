@@ -40,9 +40,12 @@ runs, in this order, on the :class:`FileFold`:
 1. ``check_output(output)`` when an output is named: refuse it before any work, beyond what
    :func:`bnfold.core.files.check_output` already refused (an output that would replace the
    input's data files, say);
-2. ``prepare(**options)`` with the format's own options: what they change in the model, before
-   the fold; returns the lines to print;
-3. ``fold(producers)``: fold the model, keeping the original for ``check``; returns the report;
+2. ``prepare(**options)`` with the format's own options (each as the command line has it:
+   ``None`` or ``False`` when not given): apply what they change in the model before the fold,
+   and keep what they say about the fold itself (``qat`` of ``.pt2`` files); returns the lines
+   to print;
+3. ``fold(producers)``: fold the model (with the options ``prepare`` kept), keeping the original
+   for ``check``; returns the report;
 4. ``check(seed)`` with ``--verify``: run the original and the folded model on the same random
    inputs (:func:`bnfold.core.compare.random_array`) and compare them
    (:func:`bnfold.core.compare.compare_arrays`); returns the
@@ -252,6 +255,7 @@ register_file_frontend(
         magic=b"PK\x03\x04",  # a zip archive
         description="a torch.export archive (.pt2)",
         plural="torch.export archives",
+        options=("qat",),
     )
 )
 

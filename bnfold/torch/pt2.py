@@ -3,7 +3,9 @@ the ``.pt2`` file frontend (:func:`open_file`, see :mod:`bnfold.core.frontend`).
 
 Reading checks the archive before torch does, and refuses what would be silently mangled
 (several programs in one archive) or dangerous: anything torch would unpickle or run as code,
-and declared sizes far beyond what the file holds. Extra files travel with the program.
+and declared sizes far beyond what the file holds. Extra files travel with the program. A
+program of pt2e quantization gets the ``quantized_decomposed`` ops it calls registered from
+torch's own definitions (torchao is not needed).
 :func:`check` runs the original and the folded program on the same random inputs, each on its
 own copy of the inputs and of any state it writes, and only once every op of both programs is
 on the allowlist of :mod:`bnfold.torch.aten.safe_ops` (a program read from a file is
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import importlib
 import io
 import json
 import math
@@ -446,6 +449,42 @@ def _check_program(path: str | os.PathLike[str], program: Any) -> None:
                 raise _code_in_data(path, f"a name ({key})", value)
 
 
+# The op namespace of pt2e quantization (torch.ao's and torchao's convert_pt2e): torch defines
+# its ops in torch.ao.quantization.fx._decomposed, which ``import torch`` does not import, and
+# torch.export.load cannot read a program calling an op nobody registered.
+_QUANTIZED_TARGET = "torch.ops.quantized_decomposed."
+_QUANTIZED_OPS_MODULE = "torch.ao.quantization.fx._decomposed"
+
+
+def _calls_quantized_ops(program: Any) -> bool:
+    """Whether a node of the serialized program (nested graphs too) calls a
+    ``quantized_decomposed`` op (a node's ``target``, as torch.export writes it)."""
+    stack = [program]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+        elif isinstance(node, dict):
+            target = node.get("target")
+            if isinstance(target, str) and target.startswith(_QUANTIZED_TARGET):
+                return True
+            stack.extend(v for v in node.values() if isinstance(v, (dict, list)))
+    return False
+
+
+def _register_quantized_ops(path: str | os.PathLike[str]) -> None:
+    """Register the ``quantized_decomposed`` ops by importing torch's own module defining them
+    (torch's code, nothing of the archive's; torchao imports the same module)."""
+    try:
+        with quiet_warnings():
+            importlib.import_module(_QUANTIZED_OPS_MODULE)
+    except ImportError as e:
+        raise ModelFileError(
+            f"{path} calls torch.ops.quantized_decomposed ops (pt2e quantization), which this "
+            f"torch does not define ({_QUANTIZED_OPS_MODULE}: {first_line(e)})"
+        ) from e
+
+
 def _as_int(value: Any) -> int:
     n = value["as_int"] if isinstance(value, dict) else value
     if type(n) is not int or n < 0:
@@ -503,11 +542,13 @@ class _Members:
 
 @dataclass
 class _Plan:
-    """What reading an archive takes: its extra files, and the members torch must not read
-    (sample inputs that only unpickling could read), emptied in a copy."""
+    """What reading an archive takes: its extra files, the members torch must not read
+    (sample inputs that only unpickling could read), emptied in a copy, and whether its program
+    calls ``quantized_decomposed`` ops (which torch registers only on request)."""
 
     extra: list[str]
     blank: list[zipfile.ZipInfo]
+    quantized: bool = False
 
 
 def _payloads(
@@ -630,13 +671,14 @@ def _inspect_package(
     else:
         entries = _payloads(path, z, members, _WEIGHTS_CONFIG)
         _check_payloads(path, members, entries, _WEIGHTS, "weight")
-    _check_program(path, _read_json(path, z, names[_PROGRAM]))
+    program = _read_json(path, z, names[_PROGRAM])
+    _check_program(path, program)
     blank = []
     sample = members.find(_SAMPLE_INPUTS)
     if sample is not None and sample.file_size and not _loads_as_weights(_read(path, z, sample)):
         blank.append(sample)
     extra = [n[len(_EXTRA) :] for n in names if n.startswith(_EXTRA) and not n.endswith("/")]
-    return _Plan(extra, blank)
+    return _Plan(extra, blank, _calls_quantized_ops(program))
 
 
 def _inspect_legacy(
@@ -646,9 +688,12 @@ def _inspect_legacy(
     torch reads with torch.load, falling back to a full unpickling."""
     members = _Members(path, infos, "")
     blank = []
+    quantized = False
     for name, info in members.exact.items():
         if name == _LEGACY_PROGRAM:
-            _check_program(path, _read_json(path, z, info))
+            program = _read_json(path, z, info)
+            _check_program(path, program)
+            quantized = _calls_quantized_ops(program)
         elif name in _LEGACY_PICKLES:
             _check_pickled_state(path, z, info, _LEGACY_PICKLES[name])
         elif name == _LEGACY_SAMPLE_INPUTS and not _loads_as_weights(_read(path, z, info)):
@@ -658,7 +703,7 @@ def _inspect_legacy(
         for n in members.exact
         if n.startswith(_LEGACY_EXTRA) and not n.endswith("/")
     ]
-    return _Plan(extra, blank)
+    return _Plan(extra, blank, quantized)
 
 
 def _inspect(path: str | os.PathLike[str]) -> _Plan:
@@ -1126,10 +1171,14 @@ def load(path: str | os.PathLike[str]) -> ProgramFile:
     else: not an archive, damaged, several programs (bnfold would silently drop all but one),
     anything torch would unpickle or run as code, or a program torch cannot read. Sample inputs
     that only unpickling could read, or unlike the program's input specs, are dropped (random
-    inputs then come from the input specs). The program is marked as read from a file: it is
-    run only after :func:`bnfold.torch.aten.safe_ops.check_program`.
+    inputs then come from the input specs). A program calling ``quantized_decomposed`` ops (pt2e
+    quantization) has them registered first, from torch's own definitions
+    (``torch.ao.quantization.fx._decomposed``; torchao is not needed). The program is marked as
+    read from a file: it is run only after :func:`bnfold.torch.aten.safe_ops.check_program`.
     """
     plan = _inspect(path)
+    if plan.quantized:
+        _register_quantized_ops(path)
     extra = dict.fromkeys(plan.extra, "")
     try:
         with contextlib.ExitStack() as stack:
@@ -1461,21 +1510,26 @@ class Pt2FileFold:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.loaded = load(path)
         self.folded: ExportedProgram | None = None
+        self.qat = "exact"
 
     def check_output(self, output: str | os.PathLike[str]) -> None:
         """Nothing beyond :func:`bnfold.core.files.check_output`: an archive is one file."""
 
-    def prepare(self, **options: Any) -> list[str]:
-        """No options of its own."""
+    def prepare(self, *, qat: str | None = None, **options: Any) -> list[str]:
+        """Keep ``qat`` (``--qat``: where the BatchNorm of a pt2e QAT chain goes; ``None``, not
+        given, is ``"exact"``) for the fold; nothing changes before it."""
         if options:
             raise TypeError(f"unknown options {sorted(options)}")
+        if qat is not None:
+            self.qat = qat
         return []
 
     def fold(self, producers: list[str] | None) -> FoldReport:
         """Fold the program into a new one, with the model frontend that takes it
-        (:mod:`bnfold.core.frontend`: :func:`bnfold.torch.export.fold`)."""
+        (:mod:`bnfold.core.frontend`: :func:`bnfold.torch.export.fold`), in the ``qat`` mode
+        :meth:`prepare` kept."""
         self.folded, report = model_frontend(self.loaded.program).fold(
-            self.loaded.program, producers=producers, return_report=True
+            self.loaded.program, producers=producers, return_report=True, qat=self.qat
         )
         return report
 

@@ -15,6 +15,10 @@ program's own (a parameter, a buffer, an intermediate value), never a caller's i
 tagged ``nondeterministic_seeded`` draw from (and advance) torch's global generator, so they
 are refused, except where an argument turns the randomness off (dropout with ``train=False``,
 as a model in eval mode exports it; attention with ``dropout_p=0.0``).
+
+Beyond ATen, the quantize and dequantize ops of pt2e quantization (``quantized_decomposed``,
+what torchao's ``convert_pt2e`` leaves in a graph) are listed by their exact overloads, and no
+other op of their namespace.
 """
 
 from __future__ import annotations
@@ -113,6 +117,26 @@ PURE_ATEN_OPS = frozenset(
     """.split()
 )
 
+# pt2e quantization's quantize and dequantize ops (torch.ao.quantization.fx._decomposed, which
+# torchao uses too), by overload: each is round / clamp / scale arithmetic on its operands into
+# a new tensor. quantize: clamp(round(x * (1 / scale)) + zero_point, quant_min, quant_max)
+# .to(dtype); dequantize: (x.to(out_dtype) - zero_point) * scale; the per-channel forms do the
+# same on x permuted to put ``axis`` first, with the scales and zero points viewed along it and
+# the result permuted back; the ``.tensor``/``.tensor2`` overloads take the scalars as
+# one-element tensors and read them with ``.item()``. None writes into an argument or returns
+# one (their schemas declare no aliasing), and none draws random numbers. Listed by hand, as
+# the ATen ops are: the namespace holds a dozen more (choose_qparams*, the per-token and
+# per-group forms, fake_quant_per_channel) that converted programs do not call, and a new op or
+# overload is allowed only once it has been read.
+PURE_QUANTIZED_OPS = frozenset(
+    f"quantized_decomposed.{name}"
+    for name in """
+    quantize_per_tensor.default quantize_per_tensor.tensor quantize_per_tensor.tensor2
+    dequantize_per_tensor.default dequantize_per_tensor.tensor dequantize_per_tensor.tensor2
+    quantize_per_channel.default dequantize_per_channel.default
+    """.split()
+)
+
 # Higher-order operators whose bodies are graphs of the program (checked like the rest).
 # Grad mode and autocast are thread-local settings the operator restores when it returns.
 PURE_HIGHER_ORDER_OPS = frozenset(
@@ -185,13 +209,19 @@ def _draws_random_numbers(node: fx.Node, op: torch._ops.OpOverload) -> bool:
     return True
 
 
-def _refusal_of_aten(node: fx.Node, op: torch._ops.OpOverload, inputs: dict[fx.Node, str]) -> str:
+def _overload_name(op: torch._ops.OpOverload) -> str:
+    """``namespace.op.overload``, as :data:`PURE_QUANTIZED_OPS` lists it."""
+    return f"{op.namespace}.{op._opname}.{op._overloadname}"
+
+
+def _refusal_of_op(node: fx.Node, op: torch._ops.OpOverload, inputs: dict[fx.Node, str]) -> str:
     """Why ``op`` may not run at ``node`` ("" when it may)."""
-    if op.namespace != "aten":
-        return "is not on the list"
-    if _draws_random_numbers(node, op):
-        return "draws random numbers (advancing torch's global generator)"
-    if _aten_name(op) not in PURE_ATEN_OPS:
+    if op.namespace == "aten":
+        if _draws_random_numbers(node, op):
+            return "draws random numbers (advancing torch's global generator)"
+        if _aten_name(op) not in PURE_ATEN_OPS:
+            return "is not on the list"
+    elif _overload_name(op) not in PURE_QUANTIZED_OPS:
         return "is not on the list"
     for i, arg in enumerate(op._schema.arguments):
         if arg.alias_info is not None and arg.alias_info.is_write:
@@ -209,7 +239,7 @@ def _refusal(node: fx.Node, inputs: dict[fx.Node, str]) -> str:
     if node.op != "call_function":
         return f"is a {node.op} node, which bnfold does not run from files"
     if isinstance(target, torch._ops.OpOverload):
-        return _refusal_of_aten(node, target, inputs)
+        return _refusal_of_op(node, target, inputs)
     if isinstance(target, torch._ops.HigherOrderOperator):
         if target.name() in UNBOUNDED_HIGHER_ORDER_OPS:
             return "loops as long as its condition holds, and no bound on that is known"
@@ -240,7 +270,7 @@ def _aliased_input(node: fx.Node, inputs: dict[fx.Node, str]) -> str | None:
 def _describe(node: fx.Node) -> str:
     target = node.target
     if isinstance(target, torch._ops.OpOverload):
-        return f"{target.namespace}.{target._opname}.{target._overloadname}"
+        return _overload_name(target)
     if isinstance(target, torch._ops.HigherOrderOperator):
         return f"higher_order.{target.name()}"
     name = getattr(target, "__qualname__", None) or getattr(target, "__name__", None)
@@ -323,6 +353,7 @@ __all__ = [
     "PURE_ATEN_OPS",
     "PURE_HIGHER_ORDER_OPS",
     "PURE_PYTHON_FUNCTIONS",
+    "PURE_QUANTIZED_OPS",
     "UNBOUNDED_HIGHER_ORDER_OPS",
     "check_program",
     "runs_on_fake_tensors",
