@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 from torch import fx, nn
 
 import bnfold
+import bnfold.torch
 from bnfold.core import rules
 from tests.helpers import qat as flows
 from tests.helpers.qat import ConvBN, ConvOutputQuantizer, SharedConv, Stacked, build
@@ -698,3 +699,22 @@ def test_a_tail_op_that_is_not_a_link_is_named():
     assert not entry.folded and entry.rule == rules.NO_PRODUCER
     assert "scales its operand by alpha=2" in entry.reason
     assert torch.equal(folded(x), gm(x))
+
+
+def test_compile_backend_folds_the_chain_and_refolds_after_a_change(plain):
+    # torch.compile(converted, backend="bnfold") runs the same adapter: the chain is folded in
+    # the captured graph, and a changed running_var is seen on the next call
+    gm, x = plain
+    gm = copy.deepcopy(gm)
+    torch._dynamo.reset()
+    compiled = torch.compile(gm, backend="bnfold", options={"inner": "eager"})
+    with torch.no_grad():
+        assert max_rel(gm, compiled, [x]) < 1e-5
+        (compiled_report,) = bnfold.torch.last_reports()
+        (entry,) = compiled_report.report.entries
+        assert entry.folded and "became one per-channel add" in entry.note
+        before = gm(x)
+        gm.bn.running_var.mul_(2.0)
+        assert not torch.allclose(gm(x), before)
+        assert max_rel(gm, compiled, [x]) < 1e-5
+    torch._dynamo.reset()
