@@ -555,6 +555,8 @@ class HandBuilt(nn.Module):
         cb = self.cb
         if v == "half_constant":
             cb = cb.half().float()
+        if v == "int_cast":  # 1/41*41 is 0.99999994 in float32: the int cast gives 0, not 1
+            cb = cb + (torch.ones_like(cb) / 41 * 41).to(torch.int32).to(cb.dtype)
         if v == "written_clone":
             cb = cb.clone()
             cb.add_(1.0)
@@ -662,6 +664,37 @@ def test_casts_in_constants_round_as_the_graph_does():
     folded, report = bnfold.fold(gm, return_report=True)
     assert report.entries[0].folded, report
     assert max_rel(gm, folded, _same_inputs(x)) < 1e-5
+
+
+def test_integer_casts_in_constants_are_computed_as_the_graph_does():
+    gm, x = hand_built("int_cast")
+    folded, report = bnfold.fold(gm, return_report=True)
+    assert report.entries[0].folded, report
+    assert max_rel(gm, folded, _same_inputs(x)) < 1e-5
+
+
+def test_addmm_alpha_keeps_the_bias_fold_out():
+    # the bound is of bias + x @ W; addmm(alpha=3) computes bias + 3 * x @ W
+    class AddmmBN(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            g = torch.Generator().manual_seed(78)
+            self.register_buffer("wq", torch.randint(-9, 10, (6, 8), generator=g).to(torch.int8))
+            self.register_buffer("b0", torch.zeros(6))
+            self.bn = randomize_bn(nn.BatchNorm1d(6), g)
+
+        def forward(self, x):
+            y = torch.addmm(self.b0, dq(q(x, 0.01, 0), 0.01, 0), dq(self.wq, 0.002, 0).t(), alpha=3)
+            sf = self.bn.weight / torch.sqrt(self.bn.running_var + 1e-5)
+            return self.bn(dq(q(y, 0.05, 0), 0.05, 0) / sf)
+
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(79))
+    gm = torch.export.export(AddmmBN().eval(), (x,)).module()
+    folded, report = bnfold.fold(gm, return_report=True, qat="bias")
+    (entry,) = report.entries
+    assert entry.folded and "scales its product by alpha=3" in entry.note, entry.note
+    xs = [torch.sign(torch.randn(4, 8, generator=torch.Generator().manual_seed(80))) * 1.28]
+    assert max_rel(gm, folded, xs) < 1e-5
 
 
 def test_a_constant_written_in_place_is_not_constant():

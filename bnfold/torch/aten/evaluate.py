@@ -93,8 +93,15 @@ class Constants:
         self.float64 = float64
         self.ignore = ignore
         self._values: dict[Node, Any] = {}
+        self._native_evaluator: Constants | None = None
         self._why: dict[Node, str] = {}
         self.elements = 0
+
+    def _native(self) -> Constants:
+        """The same evaluator in the graph's own dtypes (for results that are not floats)."""
+        if self._native_evaluator is None:
+            self._native_evaluator = Constants(self.store, ignore=self.ignore)
+        return self._native_evaluator
 
     def why(self, node: Any) -> str:
         """Why ``node`` is not constant (the first node that stopped the evaluation)."""
@@ -168,6 +175,12 @@ class Constants:
         if self.float64 and out.is_floating_point():
             # A cast to a narrower type rounds as the graph does; everything else widens.
             out = out.to(torch.float64)
+        elif self.float64:
+            # An integer or boolean result (a cast, a comparison) depends on the rounding of
+            # its operands: computed in the graph's own dtypes, as the graph computes it.
+            out = self._native().value(node)
+            if out is None:
+                return self._fail(node, self._native().why(node))
         self.elements += out.numel()
         if self.elements > MAX_ELEMENTS:
             return self._fail(

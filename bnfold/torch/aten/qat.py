@@ -317,12 +317,22 @@ def tail_affine(
     assert chain.channels is not None
     n = chain.channels
     ev = Constants(store, float64=True, ignore=bn.node)
+    native = Constants(store, ignore=bn.node)
     k, c = np.ones(n), np.zeros(n)
     with np.errstate(all="ignore"):
         for link in chain.links:
             raw = ev.value(link.constant)
             if raw is None:
                 raise FoldRefused(ev.why(link.constant))
+            # What the graph computes must be a number too: a constant that overflows or
+            # divides by zero in the graph's dtype makes its output non-finite there.
+            own = native.value(link.constant)
+            if isinstance(own, torch.Tensor) and own.is_floating_point():
+                if not torch.isfinite(own).all() or (link.op == "div" and (own == 0).any()):
+                    raise FoldRefused(
+                        f"the constant of {describe(link.node)} is not finite or is 0 in the "
+                        "graph's dtype: the graph's output is not finite there"
+                    )
             a = _vector(raw, n, f"the constant of {describe(link.node)}")
             if link.op == "add":
                 c = c + a
@@ -494,6 +504,8 @@ def _bias_plan(
     ev = Constants(store, ignore=bn.node)  # the graph's own dtypes; the BatchNorm goes
     if p.op in ("mm", "matmul"):
         return f"{describe(p.node)} has no bias operand"
+    if p.op == "addmm" and arguments(p.node).get("alpha", 1) != 1:  # u = bias + alpha * x @ W
+        return f"{describe(p.node)} scales its product by alpha={arguments(p.node)['alpha']}"
     if q.per_channel:
         return f"{describe(q.node)} quantizes per channel"
     out = []
