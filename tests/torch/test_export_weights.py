@@ -286,3 +286,26 @@ def test_shared_weight_reached_through_keyword_operands_folds_both(inplace):
     assert fold_report.entries == report.entries
     check_report(fold_report, {"bn1": ("folded", "conv2d"), "bn2": ("folded", "conv2d_1")})
     assert rel_err(expected, torch_outputs(folded, x)) <= REL_TOL
+
+
+def test_graph_module_copy_keeps_non_persistent_buffers_out_of_state_dict():
+    # GraphModule's deepcopy forgets which buffers are not persistent; the folded copy must
+    # not grow state_dict entries the input does not have
+    class WithScratch(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.bn = nn.BatchNorm2d(4)
+            self.register_buffer("offset", torch.full((1, 4, 1, 1), 0.5), persistent=False)
+
+        def forward(self, x):
+            return self.bn(self.conv(x)) + self.offset
+
+    model = randomize_all(WithScratch(), seed=90)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(91))
+    gm = torch.export.export(model, (x,)).module()
+    assert "offset" not in gm.state_dict()
+    folded = bnfold.fold(gm)
+    assert "offset" not in folded.state_dict()
+    assert "offset" in dict(folded.named_buffers())
+    assert torch.allclose(folded(x), gm(x), rtol=1e-5, atol=1e-5)

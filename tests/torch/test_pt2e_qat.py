@@ -547,9 +547,14 @@ class HandBuilt(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         v = self.variant
         # int8_input: an int8 graph input whose dequantize declares a range it does not enforce
-        xd = dq(x, 0.02, 0, -2, 2) if v == "int8_input" else dq(q(x, 0.02, 0), 0.02, 0)
-        w = dq(self.wq, 0.01, 0, -127, 127)
-        y = torch.ops.aten.conv2d.default(xd, w, self.b0, [1, 1], [1, 1])
+        half_conv = {"out_dtype": torch.float16} if v == "fp16_conv" else {}  # a float16 conv
+        if v == "int8_input":
+            xd = dq(x, 0.02, 0, -2, 2)
+        else:
+            xd = dq(q(x, 0.02, 0), 0.02, 0, **half_conv)
+        w = dq(self.wq, 0.01, 0, -127, 127, **half_conv)
+        b0 = self.b0.half() if half_conv else self.b0
+        y = torch.ops.aten.conv2d.default(xd, w, b0, [1, 1], [1, 1])
         out_dtype = {"out_dtype": torch.float16} if v == "fp16_out" else {}
         z = dq(q(y, self.out_scale, 0), self.out_scale, 0, **out_dtype)
         cb = self.cb
@@ -695,6 +700,23 @@ def test_addmm_alpha_keeps_the_bias_fold_out():
     assert entry.folded and "scales its product by alpha=3" in entry.note, entry.note
     xs = [torch.sign(torch.randn(4, 8, generator=torch.Generator().manual_seed(80))) * 1.28]
     assert max_rel(gm, folded, xs) < 1e-5
+
+
+def test_bias_fold_refuses_what_its_bound_leaves_out():
+    # a float16 conv rounds the shifted output itself; an input written in place after its
+    # quantize is not in the range the quantize gives
+    gm, x = hand_built("fp16_conv", out_scale=0.5)
+    folded, report = bnfold.fold(gm, return_report=True, qat="bias")
+    assert "computes in torch.float16" in report.entries[0].note
+    assert max_rel(gm, folded, _same_inputs(x)) < 1e-3  # the exact form, in float16
+    gm, x = hand_built(out_scale=0.5)
+    (quantize,) = [n for n in gm.graph.nodes if n.target == QD.quantize_per_tensor.default][:1]
+    with gm.graph.inserting_after(quantize):  # the dequantize still reads the quantize
+        gm.graph.call_function(torch.ops.aten.mul_.Tensor, (quantize, 3))
+    gm.recompile()
+    folded, report = bnfold.fold(gm, return_report=True, qat="bias")
+    assert "written in place" in report.entries[0].note, report.entries[0].note
+    assert max_rel(gm, folded, _same_inputs(x)) < 1e-5
 
 
 def test_a_constant_written_in_place_is_not_constant():

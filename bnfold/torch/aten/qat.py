@@ -49,6 +49,7 @@ from .ops import (
     arguments,
     aten_name,
     describe,
+    may_be_written,
     op_label,
     other_uses,
     producer_call,
@@ -485,6 +486,23 @@ def _input_range(ev: Constants, p: ProducerCall) -> tuple[float, float] | str:
     return min(lo, hi, 0.0), max(lo, hi, 0.0)
 
 
+def _activation_dtype(node: Node) -> torch.dtype | None:
+    val = shape_value(node)
+    return val.dtype if isinstance(val, torch.Tensor) else None
+
+
+def _written_quantization(p: ProducerCall) -> str:
+    """Why the producer's input range may not be what its dequantize says ("" if it is): the
+    graph writes into the dequantized input, or the integers it reads, in place."""
+    args = arguments(p.node)
+    x = args["mat1"] if p.op == "addmm" else args.get("input", args.get("self"))
+    dq = quant_call(x)
+    for n in (dq.node, dq.input) if dq is not None else ():
+        if isinstance(n, Node) and may_be_written(n):
+            return f"{describe(n)} is written in place while the program runs"
+    return ""
+
+
 def _weight_sums(w: np.ndarray, p: ProducerCall) -> tuple[np.ndarray, np.ndarray]:
     """Per output channel, the sums of the weight's positive and negative entries."""
     pos, neg = np.clip(w, 0, None), np.clip(w, None, 0)
@@ -531,6 +549,13 @@ def _bias_plan(
     rng = _input_range(ev, p)
     if isinstance(rng, str):
         return rng
+    conv_dtype = _activation_dtype(p.node)
+    if conv_dtype not in (torch.float32, torch.float64):
+        # the conv rounds u + c to its own dtype before the quantize: not in the bound
+        return f"{describe(p.node)} computes in {conv_dtype}, whose rounding the bound leaves out"
+    written = _written_quantization(p)
+    if written:
+        return written
     weight = ev.value(p.weight)
     if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
         return f"{describe(p.node)}'s weight is not constant ({ev.why(p.weight)})"

@@ -547,7 +547,18 @@ def copy_graph_module(gm: GraphModule, memo: dict[int, Any] | None = None) -> Gr
     meta = getattr(gm, "meta", None)
     if isinstance(meta, dict):
         memo[id(meta)] = {k: v for k, v in meta.items() if k != "unflattened_module"}
-    return copy_quietly(gm, memo)
+    copied = copy_quietly(gm, memo)
+    # GraphModule.__deepcopy__ re-creates its submodules and forgets which buffers were not
+    # persistent: they would enter the copy's state_dict.
+    for name, module in gm.named_modules():
+        try:
+            target = copied.get_submodule(name)
+        except AttributeError:
+            continue
+        target._non_persistent_buffers_set = set(module._non_persistent_buffers_set) & set(
+            target._buffers
+        )
+    return copied
 
 
 def copy_tensors(tensors: Iterable[torch.Tensor]) -> dict[int, torch.Tensor]:
