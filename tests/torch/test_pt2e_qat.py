@@ -23,7 +23,7 @@ import re
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from torch import fx, nn
 
@@ -450,8 +450,9 @@ TAIL_OPS = ["add", "sub", "rsub", "mul", "div"]
 # constant shapes for a (N, C=6, H, W) activation: per channel, scalar, 0-d, and two that are not
 # per channel (along H, along W)
 SHAPES = {"channel": (1, 6, 1, 1), "channel3": (6, 1, 1), "scalar": (1,), "0d": (),
-          "h": (1, 1, 6, 1), "w": (5,)}  # fmt: skip
-PER_CHANNEL = {"channel", "channel3", "scalar", "0d"}
+          "h": (1, 1, 6, 1), "w": (5,), "full": (1, 6, 1, 1)}  # fmt: skip
+# "full": a per-channel constant stored at the activation's full shape (as an expand leaves it)
+PER_CHANNEL = {"channel", "channel3", "scalar", "0d", "full"}
 
 
 def _retail(gm: fx.GraphModule, ops: list[tuple[str, str, float]], seed: int) -> fx.GraphModule:
@@ -464,6 +465,8 @@ def _retail(gm: fx.GraphModule, ops: list[tuple[str, str, float]], seed: int) ->
     value = next(iter(q.users))
     for i, (op, shape, sign) in enumerate(ops):
         const = (torch.rand(SHAPES[shape], generator=g) * 1.5 + 0.5) * sign
+        if shape == "full":
+            const = const.expand(1, 6, 6, 5).contiguous()
         gm.register_buffer(f"tail_{i}", const)
         with gm.graph.inserting_before(bn):
             c = gm.graph.get_attr(f"tail_{i}")
@@ -486,6 +489,8 @@ def _retail(gm: fx.GraphModule, ops: list[tuple[str, str, float]], seed: int) ->
     ),
     seed=st.integers(0, 2**16),
 )
+@example(ops=[("mul", "full", -1.0), ("rsub", "full", 1.0), ("div", "0d", 1.0)], seed=1)
+@example(ops=[("add", "w", 1.0)], seed=2)
 def test_any_per_channel_tail_folds_exactly(ops, seed):
     base, x = _plain_chain()
     gm = _retail(base, ops, seed)

@@ -269,14 +269,32 @@ def _per_channel_problem(
         return f"{what} is {const.dtype}, the activation {val.dtype}"
     if const.dim() > val.dim():
         return f"{what} has more axes than the activation: it broadcasts the output"
-    padded = (1,) * (val.dim() - const.dim()) + tuple(const.shape)
-    for i, n in enumerate(padded):
-        if n != 1 and not (i == axis and n == channels):
+    padded = const.reshape((1,) * (val.dim() - const.dim()) + tuple(const.shape))
+    for i, n in enumerate(padded.shape):
+        if n == 1 or (i == axis and n == channels):
+            continue
+        # a per-channel constant expanded to the activation's shape has its size, not its
+        # variation: what counts is whether its values change along the axis
+        first = padded.narrow(i, 0, 1)
+        if n != val.shape[i] or not torch.equal(padded, first.expand_as(padded)):
             return (
                 f"{what} (shape {tuple(const.shape)}) varies along axis {i}, not only along "
                 f"the channel axis {axis}"
             )
     return ""
+
+
+def _channels_of(value: Any, rank: int, axis: int) -> Any:
+    """A per-channel constant with every other axis reduced to its first entry (it does not
+    vary along them: :func:`_per_channel_problem`), so that what is left is one value per
+    channel or one value."""
+    if not isinstance(value, torch.Tensor) or value.dim() == 0:
+        return value
+    padded = value.reshape((1,) * (rank - value.dim()) + tuple(value.shape))
+    for i in range(rank):
+        if i != axis:
+            padded = padded.narrow(i, 0, 1)
+    return padded
 
 
 # --------------------------------------------------------------------------------------------
@@ -334,6 +352,8 @@ def tail_affine(
                         f"the constant of {describe(link.node)} is not finite or is 0 in the "
                         "graph's dtype: the graph's output is not finite there"
                     )
+            assert chain.rank is not None and chain.axis is not None
+            raw = _channels_of(raw, chain.rank, chain.axis)
             a = _vector(raw, n, f"the constant of {describe(link.node)}")
             if link.op == "add":
                 c = c + a
