@@ -291,6 +291,11 @@ def _inside(node: Node, fqn: str) -> bool:
     return any(path == fqn for path, _ in stack.values())
 
 
+def _boundary(boundaries: list[str], producer: Node, bn: Node) -> str:
+    """A preserved module that has one of the two nodes inside and not the other ("")."""
+    return next((f"module {f}" for f in boundaries if _inside(producer, f) != _inside(bn, f)), "")
+
+
 def _examine(
     store: Store,
     c: BatchNormCall,
@@ -378,9 +383,7 @@ def _examine(
         producer_params_shared=_shared_uses(store, w_chain, p.node)
         or _shared_uses(store, b_chain, p.node),
         output_rank=p.output_rank,
-        boundary=next(
-            (f"module {f}" for f in boundaries if _inside(p.node, f) != _inside(c.node, f)), ""
-        ),
+        boundary=_boundary(boundaries, p.node, c.node),
     )
     return _Pair(
         bn=c,
@@ -444,9 +447,7 @@ def _examine_qat(store: Store, pair: _Pair, chain: QatChain, boundaries: list[st
         axis_path=" -> ".join(op_label(n) for n in chain.nodes()[1:]),
         axis_problem=chain.problem,
         output_rank=chain.rank,
-        boundary=next(
-            (f"module {f}" for f in boundaries if _inside(p.node, f) != _inside(c.node, f)), ""
-        ),
+        boundary=_boundary(boundaries, p.node, c.node),
     )
     return _QatPair(
         bn=c,
