@@ -8,6 +8,7 @@ live in one place.
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -137,9 +138,13 @@ def rank(node: Node) -> int | None:
     return val.dim() if isinstance(val, torch.Tensor) else None
 
 
-def may_be_written(node: Node, ignore: Node | None = None) -> bool:
+def may_be_written(
+    node: Node, ignore: Node | None = None, reads_only: Callable[[Node], bool] | None = None
+) -> bool:
     """Whether the program may write into the tensor ``node`` stands for while it runs
-    (``ignore``: a node whose own writes do not count, one a fold removes).
+    (``ignore``: a node whose own writes do not count, one a fold removes; ``reads_only``:
+    says of a node that is not an ATen op that it only reads, such as torch.export's guard
+    module).
 
     Follows views: ``w[0].mul_(2)`` writes into ``w`` through a ``select`` (the graph as
     exported keeps such in-place ops). An ATen op argument annotated as aliased and written
@@ -156,6 +161,8 @@ def may_be_written(node: Node, ignore: Node | None = None) -> bool:
         seen.add(current)
         for user in current.users:
             if user.op == "output" or user is ignore:
+                continue
+            if reads_only is not None and user.op != "call_function" and reads_only(user):
                 continue
             if user.op == "call_function" and user.target is operator.getitem:
                 work.append(user)  # an element of a list of views (split, unbind)

@@ -343,6 +343,15 @@ def tail_affine(
             raw = ev.value(link.constant)
             if raw is None:
                 raise FoldRefused(ev.why(link.constant))
+            assert chain.rank is not None and chain.axis is not None
+            raw = _channels_of(raw, chain.rank, chain.axis)
+            a = _vector(raw, n, f"the constant of {describe(link.node)}")
+            if link.op == "div" and (a == 0).any():
+                i = int(np.argmin(np.abs(a)))
+                raise FoldRefused(
+                    f"{describe(link.node)} divides by 0 at channel {i} (a BatchNorm weight of "
+                    "0 makes torchao's scale factor 0): the graph's output is not finite there"
+                )
             # What the graph computes must be a number too: a constant that overflows or
             # divides by zero in the graph's dtype makes its output non-finite there.
             own = native.value(link.constant)
@@ -352,9 +361,6 @@ def tail_affine(
                         f"the constant of {describe(link.node)} is not finite or is 0 in the "
                         "graph's dtype: the graph's output is not finite there"
                     )
-            assert chain.rank is not None and chain.axis is not None
-            raw = _channels_of(raw, chain.rank, chain.axis)
-            a = _vector(raw, n, f"the constant of {describe(link.node)}")
             if link.op == "add":
                 c = c + a
             elif link.op == "sub" and link.chain_first:
@@ -363,14 +369,7 @@ def tail_affine(
                 k, c = -k, a - c
             elif link.op == "mul":
                 k, c = k * a, c * a
-            else:  # div, the chain first (a constant divided by it is not a link)
-                if (a == 0).any():
-                    i = int(np.argmin(np.abs(a)))
-                    raise FoldRefused(
-                        f"{describe(link.node)} divides by 0 at channel {i} (a BatchNorm "
-                        "weight of 0 makes torchao's scale factor 0): the graph's output is not "
-                        "finite there"
-                    )
+            else:  # div, the chain first (a constant divided by it is not a link), a != 0
                 k, c = k / a, c / a
         values = {}
         for role in ("weight", "bias", "mean", "var"):
@@ -511,16 +510,29 @@ def _activation_dtype(node: Node) -> torch.dtype | None:
     return val.dtype if isinstance(val, torch.Tensor) else None
 
 
-def _written_quantization(p: ProducerCall) -> str:
+def _written_quantization(store: Store, p: ProducerCall) -> str:
     """Why the producer's input range may not be what its dequantize says ("" if it is): the
     graph writes into the dequantized input, or the integers it reads, in place."""
     args = arguments(p.node)
     x = args["mat1"] if p.op == "addmm" else args.get("input", args.get("self"))
     dq = quant_call(x)
     for n in (dq.node, dq.input) if dq is not None else ():
-        if isinstance(n, Node) and may_be_written(n):
+        if isinstance(n, Node) and may_be_written(n, reads_only=lambda u: _guard(store, u)):
             return f"{describe(n)} is written in place while the program runs"
     return ""
+
+
+def _guard(store: Store, node: Node) -> bool:
+    """Whether ``node`` calls the input-guard module ``ep.module()`` adds (it only reads)."""
+    gm = getattr(store, "gm", None)
+    if node.op != "call_module" or gm is None or not isinstance(node.target, str):
+        return False
+    try:
+        module = gm.get_submodule(node.target)
+    except AttributeError:
+        return False
+    kind = type(module)
+    return kind.__name__ == "GuardsFn" and kind.__module__.startswith("torch.")
 
 
 def _weight_sums(w: np.ndarray, p: ProducerCall) -> tuple[np.ndarray, np.ndarray]:
@@ -573,7 +585,7 @@ def _bias_plan(
     if conv_dtype not in (torch.float32, torch.float64):
         # the conv rounds u + c to its own dtype before the quantize: not in the bound
         return f"{describe(p.node)} computes in {conv_dtype}, whose rounding the bound leaves out"
-    written = _written_quantization(p)
+    written = _written_quantization(store, p)
     if written:
         return written
     weight = ev.value(p.weight)
