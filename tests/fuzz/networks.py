@@ -32,6 +32,42 @@ model's tensors, and must account for every BatchNorm of every graph. A model dy
 compile without bnfold either (backend ``"eager"``) is counted as not run; a wrong
 ``compile_pass`` result from a folded BatchNorm whose values do not fold (the pass reads no
 values; see ``docs/compile.md``) is counted apart, as documented.
+
+**pt2e QAT** (``--forms qat,qat_bias``, not in the default forms: torchao's flow takes about a
+second a network). The network, in float32 (a BatchNorm eps <= 0 made 1e-5, two samples at
+least), goes through torchao's QAT flow as ``tests/helpers/qat.py`` runs it (``qat_convert``:
+export in train mode, ``prepare_qat_pt2e`` with ``ConvOutputQuantizer``, three SGD steps,
+``move_exported_model_to_eval`` or not, ``convert_pt2e``), with per-channel weights or not, a
+float or an int32 bias and ``fold_quantize`` drawn. A network torch.export or torchao fails on
+(grouped ConvTranspose, NaN statistics that reach the observers, ...) is counted as "torchao
+refused", not as a finding; one whose BatchNorms without affine parameters torchao's conv +
+BatchNorm rewrite cannot read is run again with them made affine (gamma 1, beta 0), and one in
+which no parameter reaches the output has nothing to train (the flow's SGD needs one). ``qat``
+folds the converted graph with ``qat="exact"``, ``qat_bias`` with ``qat="bias"`` and again on a
+copy whose conv outputs are quantized 16 times wider (as ``test_pt2e_qat.widen_outputs``: chains
+then fold into the bias). Each fold must raise nothing, leave the converted graph as it was
+(code and every tensor), account for every BatchNorm (folded: gone from the graph; kept: a rule
+and a reason), agree with ``analyze``, and give the converted graph's values
+(``_check_qat_fold``), compared in eval mode (the training flags of the ``batch_norm`` nodes
+set to False in copies of both):
+
+- **attributed per chain.** The folded graph runs next to the converted one, node by node. Where
+  a node read a folded BatchNorm in the converted graph, the value the folded graph gives it is
+  checked against that BatchNorm's output and then replaced by it; so each chain is judged on
+  its own output (a rounding difference that flips a later quantize, or a bias fold's step, goes
+  no further), and the graph outputs must then equal the converted graph's bit for bit;
+- **exact folds and float producers** (a Linear + BatchNorm the quantizer left in float): within
+  ``_float_tolerance``, 32 float32 roundings of the magnitudes the tail handles, per channel
+  (``|z|``, the dequantized conv output; ``|s| (|v| + |mean|)``, the BatchNorm's input and mean
+  at its scale; ``|beta|``; the output), plus the accumulation of a float producer's products;
+- **bias folds**: within the bound the report's note claims ("at most X output steps", at most
+  1.5), in steps of the chain's output quantization, plus that float term; a ``qat="bias"`` fold
+  with no chain in a bias must give the ``qat="exact"`` fold's outputs bit for bit.
+
+The summary counts, per form, the flows' options, the folds (as an exact add, into the bias,
+into a float producer), the BatchNorms kept by rule and those left reading a conv's dequantized
+output (torchao did not rewrite the conv: conv3d, a conv output with other users, ...), the bias
+folds by measured steps, and the refusals by torchao's stage and error.
 """
 
 from __future__ import annotations
@@ -39,6 +75,8 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import operator
+import re
 import sys
 import time
 import warnings
@@ -80,7 +118,10 @@ FORMS = ("eager", "export", "graph_module", "onnx")
 # torch.compile: the bnfold dynamo backend (eager after the fold) and the Inductor pre-grad pass
 # run in a dynamo backend; only with ``--forms`` (dynamo compiles take a second or two a network)
 COMPILE_FORMS = ("compile", "compile_pass")
-ALL_FORMS = FORMS + COMPILE_FORMS
+# pt2e QAT: torchao's flow under a conv-output quantizer, its converted graph folded with
+# qat="exact" or qat="bias"; only with ``--forms`` (a flow takes about a second a network)
+QAT_FORMS = ("qat", "qat_bias")
+ALL_FORMS = FORMS + COMPILE_FORMS + QAT_FORMS
 MAX_CHANNELS = 12
 
 
@@ -97,6 +138,7 @@ class Case:
     dtype: str
     features: list[str] = field(default_factory=list)
     bad_stats: bool = False
+    seed: int = 0  # the seed the network's numbers were drawn from
 
     def describe(self) -> str:
         steps = "\n".join(f"  {s}" for s in self.model.steps)
@@ -363,7 +405,8 @@ HOSTILE_OPS = ["probe", "is_tensor", "alias"]
 
 def draw_case(data: Any) -> Case:
     """Draw a random network and input (``data`` is hypothesis' ``st.data()``)."""
-    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
+    seed = data.draw(st.integers(0, 2**32 - 1), label="seed")
+    rng = np.random.default_rng(seed)
     b = _Builder(data, rng)
     dtype = data.draw(st.sampled_from(["float32"] * 4 + ["float16", "bfloat16"]), label="dtype")
     rank = data.draw(st.sampled_from([0, 1, 1, 2, 2, 2, 3]), label="rank")
@@ -404,7 +447,7 @@ def draw_case(data: Any) -> Case:
     torch_dtype = DTYPES[dtype]
     model = model.to(torch_dtype)
     x = torch.from_numpy(rng.normal(0, 1, (batch, *b.shapes[0]))).to(torch_dtype)
-    return Case(model, x, dtype, sorted(set(b.features)), b.bad_stats)
+    return Case(model, x, dtype, sorted(set(b.features)), b.bad_stats, seed)
 
 
 # --------------------------------------------------------------------------------------------
@@ -424,6 +467,8 @@ class Outcome:
     limits: Counter = field(default_factory=Counter)
     err: float = 0.0
     tol: float = 0.0
+    dtype: str = ""  # the dtype the form ran in, when not the case's (QAT: float32)
+    worst: dict = field(default_factory=dict)  # other closest-to-bound figures, by name
 
 
 def check_case(case: Case, forms: tuple[str, ...] = FORMS, draw: Any = None) -> list[Outcome]:
@@ -435,6 +480,7 @@ def check_case(case: Case, forms: tuple[str, ...] = FORMS, draw: Any = None) -> 
     outcomes = []
     exported: Any = None
     cond_cache: dict[frozenset, float] = {}
+    qat_cache: dict = {}  # the converted graph, shared by the QAT forms
 
     def cond_for(report: bnfold.FoldReport) -> float:
         key = frozenset(producers_of(report))
@@ -443,6 +489,9 @@ def check_case(case: Case, forms: tuple[str, ...] = FORMS, draw: Any = None) -> 
         return cond_cache[key]
 
     for form in forms:
+        if form in QAT_FORMS:  # checked against the converted graph, not the float model
+            outcomes.append(_qat_form(case, form, draw, qat_cache))
+            continue
         oc = Outcome(form)
         outcomes.append(oc)
         if form == "eager":
@@ -674,8 +723,6 @@ def _recording_pass(graphs: list) -> tuple[Any, Any]:
 def _module_path(node: Any) -> str:
     """The module path dynamo recorded for ``node`` (``L['self'].layers.conv0`` or
     ``L['self']._modules['layers']._modules['conv0']`` → ``layers.conv0``), or ``""``."""
-    import re
-
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
         return ""
@@ -833,12 +880,636 @@ def _onnx_form(case: Case, draw: Any) -> str | tuple:
 
 
 # --------------------------------------------------------------------------------------------
+# pt2e QAT: torchao's flow under a conv-output quantizer, the converted graph folded
+
+QAT_STEPS = 3  # SGD steps of the flow
+WIDEN = 16.0  # qat_bias also folds a copy whose conv outputs are quantized this much wider
+FLOAT_FACTOR = 32.0  # float bound of a tail: this many float32 roundings of its magnitudes
+U32 = 2.0**-24
+_LAYOUT_OPS = {"permute", "transpose", "view", "reshape", "_unsafe_view", "clone", "contiguous",
+               "t", "squeeze", "unsqueeze", "alias", "expand"}  # fmt: skip
+_FLOAT_PRODUCERS = {"linear", "addmm", "mm", "matmul", "bmm", "baddbmm", "conv1d", "conv2d",
+                    "conv3d", "convolution", "conv_transpose1d", "conv_transpose2d",
+                    "conv_transpose3d"}  # fmt: skip
+
+
+@dataclass
+class _Converted:
+    """A converted graph of torchao's QAT flow, the inputs it is compared on and the flow."""
+
+    gm: Any
+    xs: list[torch.Tensor]
+    flow: str  # the options, for a finding's report
+    options: list[str] = field(default_factory=list)  # the same, counted
+
+
+def _qat_model(case: Case) -> tuple[nn.Module, torch.Tensor, list[str]]:
+    """The drawn network in float32 (torchao's observers and the flow's SGD run in float32),
+    with a BatchNorm eps of 0 or less made 1e-5 (torch refuses eps <= 0 in training, and torchao
+    writes 1e-5 into every BatchNorm it rewrites anyway), and an input of at least two samples
+    (BatchNorm1d on ``(1, C)`` cannot train)."""
+    model = float64_copy(case.model).float()
+    options = []
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.eps > 0:
+            m.eps = 1e-5
+            options = ["flow: a BatchNorm's eps <= 0 made 1e-5"]
+    x = case.x.float()
+    if x.shape[0] < 2:
+        x = torch.cat([x, 0.5 - x], 0)
+    return model, x, options
+
+
+def _make_affine(model: nn.Module) -> bool:
+    """Give every BatchNorm without affine parameters gamma 1 and beta 0; whether any had
+    none."""
+    changed = False
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.affine:
+            m.affine = True
+            m.weight = nn.Parameter(torch.ones(m.num_features))
+            m.bias = nn.Parameter(torch.zeros(m.num_features))
+            changed = True
+    return changed
+
+
+def _flow_stage(e: BaseException) -> str:
+    """Which step of ``qat_convert`` raised ``e`` (the export, torchao's prepare, a training
+    step, ``move_exported_model_to_eval``, ``convert_pt2e``)."""
+    import traceback
+
+    for frame in reversed(traceback.extract_tb(e.__traceback__)):
+        if frame.name == "qat_convert":
+            line = frame.line or ""
+            for key, stage in (("export", "export"), ("prepare_qat_pt2e", "prepare_qat_pt2e"),
+                               ("SGD", "optimizer"), ("backward", "training step"),
+                               ("prepared(", "training step"),
+                               ("move_exported_model_to_eval", "move_exported_model_to_eval"),
+                               ("convert_pt2e", "convert_pt2e")):  # fmt: skip
+                if key in line:
+                    return stage
+            return "flow"
+    return "flow"
+
+
+def _qat_convert(case: Case, draw: Any) -> _Converted | str:
+    """torchao's QAT flow on the drawn network (``tests.helpers.qat.qat_convert`` with
+    ``ConvOutputQuantizer``: per-channel weights or not, a float or an int32 bias,
+    ``fold_quantize`` and ``move_exported_model_to_eval`` drawn), or why there is none."""
+    from tests.helpers import qat as flows
+
+    if draw is None:  # the options from the case's seed
+        rng = np.random.default_rng(case.seed + 17)
+        draw = lambda strategy: _from_rng(rng, strategy)  # noqa: E731
+    per_channel = draw(st.booleans())
+    qbias = draw(st.sampled_from(["float", "int32"]))
+    fold_quantize = draw(st.booleans())
+    to_eval = draw(st.sampled_from([True, True, False]))
+    seed = draw(st.integers(0, 2**16))
+    flow = (
+        f"per_channel={per_channel}, bias={qbias!r}, fold_quantize={fold_quantize}, "
+        f"to_eval={to_eval}, seed={seed}"
+    )
+    model, x, options = _qat_model(case)
+    chosen = {
+        "flow: per-channel weights": per_channel,
+        "flow: int32 bias": qbias == "int32",
+        "flow: fold_quantize=False": not fold_quantize,
+        "flow: no move_exported_model_to_eval": not to_eval,
+    }
+    options += [o for o, on in chosen.items() if on]
+    nothing = "nothing to train (no parameter reaches the output: the flow's SGD needs one)"
+    if not any(p.requires_grad for p in model.parameters()):
+        return nothing
+    quantizer = flows.ConvOutputQuantizer(per_channel=per_channel, bias=qbias)
+    kwargs = {"steps": QAT_STEPS, "to_eval": to_eval, "fold_quantize": fold_quantize, "seed": seed}
+    for attempt in range(2):
+        try:
+            with quiet():
+                gm = flows.qat_convert(model, (x,), quantizer, **kwargs)
+            break
+        except Exception as e:  # noqa: BLE001 - torch.export or torchao failed on the network
+            stage = _flow_stage(e)
+            if stage == "optimizer" or "does not require grad" in str(e):
+                return nothing  # no parameter reaches the loss: the harness's SGD, not torchao
+            if attempt == 0 and "but got None" in str(e) and _make_affine(model):
+                # torchao's conv + BatchNorm rewrite reads the BatchNorm's weight: without
+                # affine parameters its first training step fails. The same network with
+                # gamma 1 and beta 0 (the same function) still tests bnfold.
+                options.append("flow: torchao refused a BatchNorm without affine: made affine")
+                flow += ", BatchNorms without affine made affine"
+                continue
+            why = re.sub(r"tensor\(\[[^\]]*\]?\)?", "tensor(...)", first_line(e))
+            why = re.sub(r"\d+", "N", why)[:60]
+            return f"torchao refused: {stage}: {type(e).__name__}: {why}"
+    shape = tuple(x.shape)
+    xs = [x, *flows.random_inputs(shape, 1, seed), *flows.calibration_inputs(shape, 3, seed + 1)]
+    return _Converted(gm, xs, flow, options)
+
+
+def _from_rng(rng: np.random.Generator, strategy: Any) -> Any:
+    """The few strategies ``_qat_convert`` draws, drawn from ``rng`` (no hypothesis data)."""
+    text = repr(strategy)
+    if "booleans" in text:
+        return bool(rng.integers(2))
+    if "integers" in text:
+        return int(rng.integers(0, 2**16))
+    options = list(strategy.elements)
+    return options[int(rng.integers(len(options)))]
+
+
+def _widened(gm: Any, factor: float) -> Any:
+    """A copy of ``gm`` whose conv outputs are quantized with ``factor`` times the scale (each
+    quantize reading a conv and its dequantizes): as if calibrated on wider data (as
+    ``tests/torch/test_pt2e_qat.widen_outputs``)."""
+    import copy
+
+    qd = torch.ops.quantized_decomposed
+    gm = copy.deepcopy(gm)
+    for q in list(gm.graph.nodes):
+        if q.op != "call_function" or q.target != qd.quantize_per_tensor.default:
+            continue
+        src = q.args[0]
+        if not (isinstance(src, torch.fx.Node) and "conv" in _opname(src)):
+            continue
+        for n in [q, *q.users]:
+            n.args = (n.args[0], n.args[1] * factor, *n.args[2:])
+    gm.recompile()
+    return gm
+
+
+def _opname(node: Any) -> str:
+    schema = getattr(node.target, "_schema", None)
+    return schema.name.split("::")[-1] if schema is not None else ""
+
+
+def _in_eval(gm: Any) -> Any:
+    """A copy whose ``aten.batch_norm`` nodes use the running statistics (training flag False),
+    as ``test_pt2e_qat.in_eval``: a converted graph without ``move_exported_model_to_eval`` is
+    compared in eval mode, as bnfold folds it. Runs mutate the copy, never ``gm``."""
+    import copy
+
+    gm = copy.deepcopy(gm)
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target == torch.ops.aten.batch_norm.default:
+            n.args = n.args[:5] + (False,) + n.args[6:]
+    gm.recompile()
+    return gm
+
+
+def _gm_state(gm: Any) -> str:
+    """A hash of what a fold must not change in a GraphModule: its code and every tensor it
+    holds (parameters, buffers, constants read by ``get_attr``), with the training flags."""
+    import hashlib
+
+    h = hashlib.sha256(gm.code.encode())
+    tensors = dict(gm.state_dict(keep_vars=True))
+    for n in gm.graph.nodes:
+        if n.op == "get_attr":
+            value: Any = gm
+            for part in str(n.target).split("."):
+                value = getattr(value, part, None)
+            if isinstance(value, torch.Tensor):
+                tensors[f"attr:{n.target}"] = value
+    for name, value in vars(gm).items():
+        if isinstance(value, torch.Tensor):
+            tensors[f"var:{name}"] = value
+    for name in sorted(tensors):
+        t = tensors[name].detach()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    h.update(str([m.training for m in gm.modules()]).encode())
+    return h.hexdigest()
+
+
+_BN_ARG_NAMES = {"input": "input", "weight": "weight", "bias": "bias",
+                 "running_mean": "mean", "running_var": "var", "eps": "eps",
+                 "epsilon": "eps"}  # fmt: skip
+
+
+def _bn_parts(node: Any, env: dict) -> dict:
+    """A BatchNorm node's input node and its weight, bias, mean, var (values) and eps."""
+    names = [a.name for a in node.target._schema.arguments]
+    given = dict(zip(names, node.args, strict=False))
+    given.update(node.kwargs)
+    parts: dict = {}
+    for name, role in _BN_ARG_NAMES.items():
+        if name in given:
+            a = given[name]
+            parts[role] = env[a] if isinstance(a, torch.fx.Node) else a
+    parts["input_node"] = given["input"]
+    return parts
+
+
+def _channel_max(t: torch.Tensor, ndim: int) -> torch.Tensor:
+    """max|t| per channel (axis 1) over its finite values, shaped to broadcast on axis 1."""
+    t = t.detach().double()
+    t = torch.where(torch.isfinite(t), t.abs(), torch.zeros((), dtype=t.dtype))
+    if t.ndim < 2:
+        return t.reshape(1, -1, *([1] * (ndim - 2))) if t.numel() > 1 else t.reshape(())
+    dims = [d for d in range(t.ndim) if d != 1]
+    return t.amax(dim=dims).reshape(1, -1, *([1] * (ndim - 2)))
+
+
+def _per_channel(value: Any, ndim: int, default: float) -> torch.Tensor:
+    if value is None:
+        return torch.tensor(default, dtype=torch.float64)
+    t = torch.as_tensor(value).detach().double().reshape(-1)
+    return t.reshape(1, -1, *([1] * (ndim - 2))) if t.numel() > 1 else t.reshape(())
+
+
+class _Activations:
+    """Which nodes of a graph carry activations (depend on a placeholder), not constants."""
+
+    def __init__(self, graph: Any) -> None:
+        self.nodes: set = set()
+        for n in graph.nodes:
+            if n.op == "placeholder" or any(a in self.nodes for a in n.all_input_nodes):
+                self.nodes.add(n)
+
+    def source(self, node: Any) -> Any:
+        """The one activation argument of ``node``, or None."""
+        acts = [a for a in node.all_input_nodes if a in self.nodes]
+        return acts[0] if len(set(acts)) == 1 else None
+
+
+def _float_tolerance(bn: Any, env: dict, acts: _Activations) -> torch.Tensor:
+    """The most float rounding may move a folded BatchNorm's output (per element, float64).
+
+    The tail computes ``batch_norm(tail(z))``; every float32 op of it, in the unfolded graph
+    and in the fold, rounds once relative to the magnitudes it handles, and those are bounded
+    per channel ``c`` by ``|z|`` (the dequantized conv output: the tail's gain ``k`` is 1),
+    ``|s_c| * (|v| + |mean_c|)`` (``v`` the BatchNorm's input, which contains the conv bias
+    the tail adds, ``s_c = |gamma_c| / sqrt(var_c + eps)``), ``|beta_c|`` and ``|y|`` (the
+    output); the fold's shift ``c`` is one float32 rounding of a float64 value of at most these
+    magnitudes. A BatchNorm folded into a float Linear (not quantized by the conv-output
+    quantizer) adds the rounding of the accumulation of its ``n`` products, each of at most
+    ``|s_c| * |W| |x|``: ``2 n u |s_c| (|W| |x| + |b|)``, ``|W| |x| + |b|`` evaluated with the
+    absolute values. The bound is ``FLOAT_FACTOR`` (32) such roundings of the per-channel
+    maxima, ``u = 2**-24``: a few times the dozen roundings the two computations hold."""
+    parts = _bn_parts(bn, env)
+    v = env[parts["input_node"]]
+    out = env[bn]
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    nd = v.ndim
+    var = _per_channel(parts.get("var"), nd, 1.0)
+    eps = float(parts.get("eps") or 0.0)
+    gamma = _per_channel(parts.get("weight"), nd, 1.0)
+    s = gamma.abs() / torch.sqrt((var + eps).clamp_min(0.0))
+    s = torch.where(torch.isfinite(s), s, torch.zeros((), dtype=s.dtype))
+    mean = _per_channel(parts.get("mean"), nd, 0.0).abs()
+    beta = _per_channel(parts.get("bias"), nd, 0.0).abs()
+    mean = torch.where(torch.isfinite(mean), mean, torch.zeros((), dtype=mean.dtype))
+    scale = _channel_max(out, nd) + s * (_channel_max(v, nd) + mean) + beta
+    # up the tail: the dequantize (a QAT chain) or a float producer through layout ops
+    node, path = parts["input_node"], []
+    while isinstance(node, torch.fx.Node) and node.op == "call_function":
+        name = _opname(node)
+        if "dequantize" in name:
+            scale = scale + _channel_max(env[node], nd)
+            break
+        if name in _FLOAT_PRODUCERS:
+            a, n_acc = _absolute(node, path, env)
+            if a is not None and a.shape == v.shape:
+                scale = scale + 2 * n_acc / FLOAT_FACTOR * s * _channel_max(a, nd)
+            break
+        if name in _LAYOUT_OPS:
+            path.append(node)
+        elif name.rstrip("_") not in ("add", "sub", "mul", "div"):
+            break
+        node = acts.source(node)
+    return FLOAT_FACTOR * U32 * scale
+
+
+def _absolute(producer: Any, path: list, env: dict) -> tuple[torch.Tensor | None, int]:
+    """``|W| |x| + |b|`` of a float producer (its op on the absolute values, in float64),
+    carried through the layout ops ``path`` (from the BatchNorm back), and the length of its
+    sums."""
+
+    def absolute(a: Any) -> Any:
+        v = env[a] if isinstance(a, torch.fx.Node) else a
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            return v.detach().double().abs()
+        return v
+
+    try:
+        args = torch.fx.node.map_aggregate(producer.args, absolute)
+        kwargs = torch.fx.node.map_aggregate(producer.kwargs, absolute)
+        value = producer.target(*args, **kwargs)
+        prev = producer
+        for node in reversed(path):
+            rest = [prev if a is prev else a for a in node.args]
+            args = [value if a is prev else absolute(a) for a in rest]
+            value = node.target(*args, **{k: absolute(v) for k, v in node.kwargs.items()})
+            prev = node
+    except Exception:  # noqa: BLE001 - an op that does not take float64: no such term
+        return None, 1
+    tensors = [env[a] for a in producer.all_input_nodes if isinstance(env.get(a), torch.Tensor)]
+    n_acc = max([int(t.shape[-1]) for t in tensors if t.ndim == 2] or [1])
+    if "conv" in _opname(producer):
+        n_acc = max(int(t[0].numel()) for t in tensors if t.ndim >= 3)
+    return value, n_acc
+
+
+@dataclass
+class _Edge:
+    """The worst difference of a folded BatchNorm's output, over the inputs."""
+
+    bn: str
+    mode: str  # "float": a float bound; "bias": the report's claim in output steps
+    ratio: float = 0.0  # max |folded - unfolded| / bound
+    err: float = 0.0
+    tol: float = 0.0
+    steps: float = 0.0  # bias: max |folded - unfolded| in output steps
+    claim: float = 0.0
+
+
+class _Attributing(torch.fx.Interpreter):
+    """Runs the folded graph with every folded BatchNorm's output checked where it is read.
+
+    Each node of the folded graph that has a counterpart in the unfolded graph (the same name
+    and op) and reads, in the unfolded graph, a BatchNorm the fold removed, is an *edge*: the
+    value the folded graph gives it (the exact fold's add, the bias fold's dequantize, a float
+    producer) is checked against the BatchNorm's output in the unfolded graph, and then
+    replaced by it. Every difference is thus attributed to the one chain it comes from: a
+    rounding that flips a later quantize, or a chain whose bias fold moves an output by a step,
+    does not reach the later chains or the outputs, and the outputs must then equal the
+    unfolded graph's bit for bit."""
+
+    def __init__(self, gm: Any, ref: Any, ref_env: dict, removed: set, check: Any) -> None:
+        super().__init__(gm, garbage_collect_values=False)
+        self.ref_nodes = {n.name: n for n in ref.graph.nodes}
+        self.ref_env = ref_env
+        self.removed = removed
+        self.check = check
+        self.diverged: list[str] = []
+        self.out_pairs: list = []
+
+    def _removed_bn(self, b: Any) -> Any:
+        if not isinstance(b, torch.fx.Node):
+            return None
+        if b in self.removed:
+            return b
+        if b.target is operator.getitem and b.args[0] in self.removed:
+            return b.args[0] if b.args[1] == 0 else None
+        return None
+
+    def run_node(self, n: Any) -> Any:
+        m = self.ref_nodes.get(n.name)
+        if m is None or m.op != n.op or m.target != n.target:
+            return super().run_node(n)
+        f_leaves, f_spec = torch.utils._pytree.tree_flatten((n.args, n.kwargs))
+        r_leaves, r_spec = torch.utils._pytree.tree_flatten((m.args, m.kwargs))
+        subs: dict = {}
+        if f_spec == r_spec:
+            for a, b in zip(f_leaves, r_leaves, strict=True):
+                bn = self._removed_bn(b)
+                if bn is not None and isinstance(a, torch.fx.Node):
+                    assert subs.get(a, b) is b, f"{a.name} stands for two unfolded values"
+                    self.check(self, a, bn, self.env[a], self.ref_env[b])
+                    subs[a] = b
+        if n.op == "output":
+            for a, b in zip(f_leaves, r_leaves, strict=True):
+                if isinstance(a, torch.fx.Node) and isinstance(b, torch.fx.Node):
+                    got = self.ref_env[subs[a]] if a in subs else self.env[a]
+                    self.out_pairs.append((a.name, got, self.ref_env[b]))
+            return super().run_node(n)
+        args, kwargs = torch.fx.node.map_arg(
+            (n.args, n.kwargs), lambda a: self.ref_env[subs[a]] if a in subs else self.env[a]
+        )
+        value = getattr(self, n.op)(n.target, args, kwargs)
+        if not _same(value, self.ref_env.get(m)):
+            self.diverged.append(n.name)
+        return value
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return False
+        if a.is_floating_point():
+            return bool(((a == b) | (torch.isnan(a) & torch.isnan(b))).all())
+        return torch.equal(a, b)
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return type(a) is type(b) and (not isinstance(a, torch.Tensor)) and a == b
+
+
+_CLAIM = re.compile(r"folded into (\S+)'s \w+ bias .*at most ([0-9.]+) output steps")
+
+
+def _bias_claims(report: bnfold.FoldReport) -> dict[str, float]:
+    """The producer node named by each bias fold's note, and its claimed bound in steps."""
+    claims = {}
+    for e in report.folded:
+        found = _CLAIM.search(e.note or "")
+        if found:
+            claims[found.group(1)] = float(found.group(2))
+    return claims
+
+
+def _check_qat_fold(
+    gm: Any, folded: Any, report: bnfold.FoldReport, xs: list, cache: dict
+) -> tuple[dict[str, _Edge], int]:
+    """Check every folded BatchNorm's output where it is read (``_Attributing``) on ``xs``, the
+    float bound for exact folds and float producers, the report's claim for bias folds; the
+    outputs must then equal the unfolded graph's. Returns the edges and how many bias claims no
+    edge checked (a BatchNorm whose output nothing reads)."""
+    qd = torch.ops.quantized_decomposed
+    dq_ops = (qd.dequantize_per_tensor.default, qd.dequantize_per_tensor.tensor)
+    ref = cache.get(id(gm))
+    if ref is None or ref[0] is not gm:  # the unfolded graph in eval mode, its values per input
+        ref_gm = _in_eval(gm)
+        envs = []
+        for x in xs:
+            it = torch.fx.Interpreter(ref_gm, garbage_collect_values=False)
+            with torch.no_grad():
+                it.run(x)
+            envs.append(it.env)
+        ref = cache[id(gm)] = (gm, ref_gm, envs, _Activations(ref_gm.graph))
+    _, ref_gm, envs, acts = ref
+    run = _in_eval(folded)
+    names = {(n.name, n.target) for n in run.graph.nodes}
+    removed = {b for b in graph_bn_nodes(ref_gm.graph) if (b.name, b.target) not in names}
+    assert len(removed) == len(report.folded), (
+        f"{len(removed)} BatchNorm nodes gone, {len(report.folded)} reported folded"
+    )
+    claims = _bias_claims(report)
+    edges: dict[str, _Edge] = {}
+    checked: set[str] = set()
+
+    for x, env in zip(xs, envs, strict=True):
+
+        def check(run: _Attributing, a: Any, bn: Any, got: Any, want: Any) -> None:
+            tol = _float_tolerance(bn, run.ref_env, acts)
+            mode, claim, step = "float", 0.0, 0.0
+            if a.target in dq_ops:  # a bias fold: conv -> quantize -> this dequantize
+                q = a.args[0]
+                producer = q.args[0] if isinstance(q, torch.fx.Node) else None
+                if isinstance(producer, torch.fx.Node) and producer.name in claims:
+                    mode, claim = "bias", claims[producer.name]
+                    scale = a.args[1]
+                    step = float(run.env[scale] if isinstance(scale, torch.fx.Node) else scale)
+                    tol = tol + claim * step
+                    checked.add(producer.name)
+            got64, want64 = got.detach().double(), want.detach().double()
+            assert got64.shape == want64.shape, (bn.name, got64.shape, want64.shape)
+            finite = torch.isfinite(want64)
+            assert not bool(torch.isfinite(got64[~finite]).any()), (
+                f"{bn.name}: the fold is finite where the unfolded graph is not"
+            )
+            diff = (got64 - want64).abs()
+            assert bool(torch.isfinite(diff[finite]).all()), (
+                f"{bn.name}: the fold is not finite where the unfolded graph is"
+            )
+            tol_all = torch.broadcast_to(tol, diff.shape)
+            ratio = (diff / tol_all.clamp_min(1e-300))[finite]
+            e = edges.setdefault(bn.name, _Edge(bn.name, mode, claim=claim))
+            if ratio.numel():
+                i = int(ratio.argmax())
+                r = float(ratio[i])
+                if r >= e.ratio:
+                    e.ratio, e.err, e.tol = r, float(diff[finite][i]), float(tol_all[finite][i])
+                if mode == "bias":
+                    e.steps = max(e.steps, float(diff[finite].max()) / step)
+            if bool((ratio > 1.0).any()):
+                what = (
+                    f"more than the claimed {claim:.3f} output steps ({e.steps:.3f} steps)"
+                    if mode == "bias"
+                    else "more than float rounding"
+                )
+                raise WrongResult(
+                    f"{bn.name}: the folded output differs from the unfolded graph's by {what}: "
+                    f"max ratio to the bound {float(ratio.max()):.3g}, |diff| {e.err:.3g} at a "
+                    f"bound of {e.tol:.3g} (read through {a.name})"
+                )
+
+        interp = _Attributing(run, ref_gm, env, removed, check)
+        with torch.no_grad():
+            interp.run(x)
+        for name, got, want in interp.out_pairs:
+            if not _same(got, want):
+                d = (got.double() - want.double()).abs()
+                raise WrongResult(
+                    f"output {name} differs from the unfolded graph's (max {float(d.max()):.3g}) "
+                    "where no folded BatchNorm explains it; first differing nodes: "
+                    f"{interp.diverged[:4]}"
+                )
+    return edges, len(set(claims) - checked)
+
+
+def _qat_form(case: Case, form: str, draw: Any, cache: dict) -> Outcome:
+    """Fold torchao's converted graph of ``case`` with ``qat="exact"`` (``qat``) or
+    ``qat="bias"`` (``qat_bias``, also on a copy widened ``WIDEN`` times), and check it."""
+    with quiet():
+        return _qat_form_quietly(case, form, draw, cache)
+
+
+def _qat_form_quietly(case: Case, form: str, draw: Any, cache: dict) -> Outcome:
+    oc = Outcome(form, dtype="float32")
+    if "converted" not in cache:
+        cache["converted"] = _qat_convert(case, draw)
+    conv = cache["converted"]
+    if isinstance(conv, str):
+        oc.note = conv
+        return oc
+    oc.limits.update(conv.options)
+    try:
+        return _qat_folds(conv, form, cache, oc)
+    except Exception as e:
+        e.add_note(f"QAT flow: {conv.flow}")
+        raise
+
+
+def _qat_folds(conv: _Converted, form: str, cache: dict, oc: Outcome) -> Outcome:
+    mode = "exact" if form == "qat" else "bias"
+    report = _qat_fold_once(conv.gm, conv.xs, mode, cache, oc, "")
+    oc.folded = len(report.folded)
+    oc.refused = Counter(e.rule for e in report.skipped)
+    for e in report.skipped:  # BatchNorms torchao's QAT rewrite left after a quantized conv
+        found = re.search(r"node \S+ \(aten\.(\w+)\)'s quantized output directly", e.reason)
+        if found:
+            oc.limits[f"kept: reads a {found.group(1)}'s dequantized output (not rewritten)"] += 1
+    if mode != "bias":
+        return oc
+    if report.folded and not _bias_claims(report):  # then the same graph as the exact fold
+        exact = cache.get(("folded", id(conv.gm), "exact"))
+        if exact is None:
+            with quiet():
+                exact = bnfold.fold(conv.gm, return_report=True)[0]
+        bias_folded = cache[("folded", id(conv.gm), "bias")]
+        exact, bias_folded = _in_eval(exact), _in_eval(bias_folded)
+        for x in conv.xs:
+            with torch.no_grad():
+                a, b = outputs(exact(x)), outputs(bias_folded(x))
+            assert _same(a, b), "qat='bias' with no chain in a bias differs from qat='exact'"
+    if any("QAT tail" in (e.note or "") for e in report.folded):
+        _qat_fold_once(_widened(conv.gm, WIDEN), conv.xs, mode, cache, oc, f"widened x{WIDEN:g}: ")
+    return oc
+
+
+def _qat_fold_once(
+    gm: Any, xs: list, mode: str, cache: dict, oc: Outcome, label: str
+) -> bnfold.FoldReport:
+    """Fold ``gm`` in ``mode`` and check it: the input unchanged, ``analyze`` agreeing, every
+    BatchNorm accounted for, the outputs (``_check_qat_fold``); counts go to ``oc.limits``,
+    the float edge closest to its bound to ``oc.err``/``oc.tol``, the bias fold closest to its
+    claim to ``oc.worst``."""
+    before = _gm_state(gm)
+    with quiet():
+        folded, report = bnfold.fold(gm, return_report=True, qat=mode)
+    assert _gm_state(gm) == before, f"qat={mode!r} fold changed its input"
+    cache[("folded", id(gm), mode)] = folded
+    check_entries(report, f"qat {mode}")
+    n_bns = len(graph_bn_nodes(gm.graph))
+    assert len(report.entries) == n_bns, (n_bns, report.summary())
+    kept = len(graph_bn_nodes(folded.graph))
+    assert kept == len(report.skipped), (kept, report.summary())
+    with quiet():
+        analyzed = bnfold.analyze(gm, qat=mode)
+    assert analyzed.to_list() == report.to_list(), "analyze disagrees with fold"
+    claims = _bias_claims(report)
+    if mode == "exact":
+        assert not claims, f"qat='exact' folded into a bias: {report.summary()}"
+    for claim in claims.values():
+        assert claim <= 1.5 + 1e-9, f"a bias fold claims {claim} output steps (at most 1.5)"
+    edges, unchecked = _check_qat_fold(gm, folded, report, xs, cache)
+    for e in report.folded:
+        if "QAT tail" not in (e.note or ""):
+            oc.limits[f"{label}folded: into a float producer (no QAT tail)"] += 1
+        elif "bias before the output quantize" in e.note:
+            oc.limits[f"{label}folded: QAT tail into the conv's bias"] += 1
+        else:
+            oc.limits[f"{label}folded: QAT tail as an exact add"] += 1
+    for edge in edges.values():
+        if edge.mode == "bias":
+            key = f"{oc.form}/float32 bias claim (steps)"
+            if edge.steps / edge.claim >= oc.worst.get(key, (0.0,))[0]:
+                oc.worst[key] = (edge.steps / edge.claim, edge.steps, edge.claim)
+            bucket = "<= 0.5" if edge.steps <= 0.5 else "<= 1" if edge.steps <= 1 else "> 1"
+            oc.limits[f"{label}bias folds: claimed {edge.claim:.3f}, measured {bucket} step"] += 1
+        elif edge.tol > 0 and (not oc.tol or edge.err / edge.tol >= oc.err / oc.tol):
+            oc.err, oc.tol = edge.err, edge.tol
+    if unchecked:
+        oc.limits[f"{label}bias folds whose output nothing reads (not measured)"] += unchecked
+    return report
+
+
+# --------------------------------------------------------------------------------------------
 # Running many
 
 
 def _form_counts() -> dict:
     return {"models": 0, "folded": 0, "refused": Counter(), "not run": Counter(),
             "limits": Counter()}  # fmt: skip
+
+
+def _fingerprint(case: Case) -> str:
+    """What tells networks apart (hypothesis draws the same network more than once, with
+    other later draws: the forms' options, the QAT flow's)."""
+    import hashlib
+
+    return hashlib.sha256(f"{case.seed} {case.describe()}".encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -851,12 +1522,17 @@ class Tally:
     features: Counter = field(default_factory=Counter)
     dtypes: Counter = field(default_factory=Counter)
     worst: dict = field(default_factory=dict)
+    networks: set = field(default_factory=set)  # fingerprints: hypothesis repeats networks
 
     def add(self, case: Case, outcomes: list[Outcome]) -> None:
         self.models += 1
         self.dtypes[case.dtype] += 1
         self.features.update(case.features)
+        self.networks.add(_fingerprint(case))
         for oc in outcomes:
+            for k, w in oc.worst.items():
+                if w[0] >= self.worst.get(k, (0.0, 0.0, 0.0))[0]:
+                    self.worst[k] = w
             f = self.per_form.setdefault(oc.form, _form_counts())
             f["limits"].update(oc.limits)
             if oc.note:
@@ -866,7 +1542,7 @@ class Tally:
             f["folded"] += oc.folded
             f["refused"].update(oc.refused)
             if oc.tol > 0:
-                key = f"{oc.form}/{case.dtype}"
+                key = f"{oc.form}/{oc.dtype or case.dtype}"
                 ratio = oc.err / oc.tol
                 if ratio >= self.worst.get(key, (0.0, 0.0, 0.0))[0]:
                     self.worst[key] = (ratio, oc.err, oc.tol)
@@ -887,14 +1563,16 @@ class Tally:
             "features": dict(self.features),
             "dtypes": dict(self.dtypes),
             "worst": self.worst,
+            "networks": sorted(self.networks),
         }
 
 
 def merge(parts: list[dict]) -> dict:
     total: dict = {"models": 0, "seconds": 0.0, "per_form": {}, "features": Counter(),
-                   "dtypes": Counter(), "worst": {}}  # fmt: skip
+                   "dtypes": Counter(), "worst": {}, "networks": set()}  # fmt: skip
     for p in parts:
         total["models"] += p["models"]
+        total["networks"].update(p.get("networks", ()))
         total["seconds"] = max(total["seconds"], p["seconds"])
         total["features"].update(p["features"])
         total["dtypes"].update(p["dtypes"])
@@ -913,7 +1591,8 @@ def merge(parts: list[dict]) -> dict:
 
 def print_table(total: dict, wrong: int, errors: int, out: Any = sys.stdout) -> None:
     p = lambda *a: print(*a, file=out)  # noqa: E731
-    p(f"random networks: {total['models']} models in {total['seconds']:.0f} s "
+    distinct = f" ({len(total['networks'])} distinct networks)" if total.get("networks") else ""
+    p(f"random networks: {total['models']} models{distinct} in {total['seconds']:.0f} s "
       f"({', '.join(f'{k} {v}' for k, v in sorted(total['dtypes'].items()))})")  # fmt: skip
     p("")
     p(f"{'form':<13} {'models':>7} {'BNs folded':>11} {'BNs kept':>9}  kept by rule")

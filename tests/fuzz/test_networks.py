@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import bnfold
-from tests.fuzz.networks import COMPILE_FORMS, Case, Net, check_case, draw_case
+from tests.fuzz.networks import COMPILE_FORMS, QAT_FORMS, Case, Net, check_case, draw_case
 from tests.helpers.forms import WrongResult
 from tests.helpers.support import randomize_all
 
@@ -61,6 +61,13 @@ def test_random_networks_fold_exactly_through_torch_compile():
         check_case(draw_case(data), COMPILE_FORMS, draw=data.draw)
 
     run()
+
+
+def test_random_networks_fold_exactly_after_torchao_qat():
+    # the pt2e QAT forms (``--forms qat,qat_bias``): the known conv + BatchNorm through a real
+    # torchao flow, each chain checked on its own output
+    outcomes = check_case(_small_case(), QAT_FORMS)
+    assert [(o.form, o.folded, o.note) for o in outcomes] == [("qat", 1, ""), ("qat_bias", 1, "")]
 
 
 def _small_case() -> Case:
