@@ -1044,17 +1044,10 @@ def _opname(node: Any) -> str:
 
 
 def _in_eval(gm: Any) -> Any:
-    """A copy whose ``aten.batch_norm`` nodes use the running statistics (training flag False),
-    as ``test_pt2e_qat.in_eval``: a converted graph without ``move_exported_model_to_eval`` is
-    compared in eval mode, as bnfold folds it. Runs mutate the copy, never ``gm``."""
-    import copy
+    """``tests.helpers.qat.in_eval``, imported when a QAT form runs (it imports torchao)."""
+    from tests.helpers.qat import in_eval
 
-    gm = copy.deepcopy(gm)
-    for n in gm.graph.nodes:
-        if n.op == "call_function" and n.target == torch.ops.aten.batch_norm.default:
-            n.args = n.args[:5] + (False,) + n.args[6:]
-    gm.recompile()
-    return gm
+    return in_eval(gm)
 
 
 def _gm_state(gm: Any) -> str:

@@ -502,6 +502,18 @@ def output_scales(gm: fx.GraphModule) -> list[float | None]:
     return scales
 
 
+def in_eval(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy whose ``aten.batch_norm`` nodes use running statistics (the training flag set to
+    False): a graph converted without ``move_exported_model_to_eval`` compared as bnfold folds
+    it. Running the copy never changes ``gm``."""
+    gm = copy.deepcopy(gm)
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target == torch.ops.aten.batch_norm.default:
+            n.args = n.args[:5] + (False,) + n.args[6:]
+    gm.recompile()
+    return gm
+
+
 def output_steps(a: torch.Tensor, b: torch.Tensor, scale: float) -> float:
     """max|a - b| in quantization steps of ``scale``."""
     assert a.shape == b.shape, (a.shape, b.shape)

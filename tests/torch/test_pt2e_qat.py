@@ -31,7 +31,7 @@ import bnfold
 import bnfold.torch
 from bnfold.core import rules
 from tests.helpers import qat as flows
-from tests.helpers.qat import ConvBN, ConvOutputQuantizer, SharedConv, Stacked, build
+from tests.helpers.qat import ConvBN, ConvOutputQuantizer, SharedConv, Stacked, build, in_eval
 
 QD = torch.ops.quantized_decomposed
 BATCH_NORM_OPS = ("batch_norm", "_native_batch_norm_legit_no_training", "cudnn_batch_norm")
@@ -55,16 +55,6 @@ def bn_count(gm: fx.GraphModule) -> int:
         for n in gm.graph.nodes
         if n.op == "call_function" and getattr(n.target, "_opname", "") in BATCH_NORM_OPS
     )
-
-
-def in_eval(gm: fx.GraphModule) -> fx.GraphModule:
-    """A copy whose BatchNorms use running statistics (the training flag set to False)."""
-    gm = copy.deepcopy(gm)
-    for n in gm.graph.nodes:
-        if n.op == "call_function" and n.target == torch.ops.aten.batch_norm.default:
-            n.args = n.args[:5] + (False,) + n.args[6:]
-    gm.recompile()
-    return gm
 
 
 def divisions_of_activations(gm: fx.GraphModule) -> list[fx.Node]:
