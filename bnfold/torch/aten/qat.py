@@ -329,9 +329,7 @@ def _vector(value: Any, channels: int, what: str) -> np.ndarray:
     return np.broadcast_to(flat, (channels,)).astype(np.float64)
 
 
-def tail_affine(
-    store: Store, chain: QatChain, bn: BatchNormCall
-) -> tuple[np.ndarray, np.ndarray, Constants]:
+def tail_affine(store: Store, chain: QatChain, bn: BatchNormCall) -> tuple[np.ndarray, np.ndarray]:
     """``(k, c)`` in float64 with ``batch_norm(tail(z)) = k*z + c`` per channel."""
     assert chain.channels is not None
     n = chain.channels
@@ -390,16 +388,12 @@ def tail_affine(
     for name, v in (("scale", k), ("shift", c)):
         if not np.isfinite(v).all():
             raise FoldRefused(f"the tail's folded {name} is not finite")
-    return k, c, ev
+    return k, c
 
 
 def _torch_dtype(chain: QatChain) -> torch.dtype:
     val = _activation(chain)
     return val.dtype if val is not None else torch.float32
-
-
-def _np(dtype: torch.dtype) -> Any:
-    return torch.empty((), dtype=dtype).numpy().dtype
 
 
 def _broadcastable(v: np.ndarray, chain: QatChain, dtype: torch.dtype) -> torch.Tensor:
@@ -411,7 +405,7 @@ def _broadcastable(v: np.ndarray, chain: QatChain, dtype: torch.dtype) -> torch.
 
 def compute(store: Store, chain: QatChain, bn: BatchNormCall, mode: str) -> QatFold:
     """The fold of a matched chain (raises :class:`FoldRefused`)."""
-    k, c, _ = tail_affine(store, chain, bn)
+    k, c = tail_affine(store, chain, bn)
     like = _like(store, bn)
     if like is None:
         raise FoldRefused("the graph stores no tensor that the folded values could be kept like")
@@ -485,11 +479,15 @@ def _integer_range(ev: Constants, dq: QuantCall) -> tuple[float, float] | str:
     return lo, hi
 
 
+def _producer_input(p: ProducerCall) -> Any:
+    """The activation operand of a producer (``addmm``'s ``self`` is its bias)."""
+    args = arguments(p.node)
+    return args["mat1"] if p.op == "addmm" else args.get("input", args.get("self"))
+
+
 def _input_range(ev: Constants, p: ProducerCall) -> tuple[float, float] | str:
     """The values the producer's input can take (0 included: padding), from its dequantize."""
-    args = arguments(p.node)
-    x = args["mat1"] if p.op == "addmm" else args.get("input", args.get("self"))
-    dq = quant_call(x)
+    dq = quant_call(_producer_input(p))
     if dq is None or dq.kind != "dequantize" or dq.per_channel:
         return f"{describe(p.node)}'s input is not dequantized per tensor, so its range is unknown"
     parts = [_number(ev, v, f"{describe(dq.node)}'s {w}") for v, w in (
@@ -513,9 +511,7 @@ def _activation_dtype(node: Node) -> torch.dtype | None:
 def _written_quantization(store: Store, p: ProducerCall) -> str:
     """Why the producer's input range may not be what its dequantize says ("" if it is): the
     graph writes into the dequantized input, or the integers it reads, in place."""
-    args = arguments(p.node)
-    x = args["mat1"] if p.op == "addmm" else args.get("input", args.get("self"))
-    dq = quant_call(x)
+    dq = quant_call(_producer_input(p))
     for n in (dq.node, dq.input) if dq is not None else ():
         if isinstance(n, Node) and may_be_written(n, reads_only=lambda u: _guard(store, u)):
             return f"{describe(n)} is written in place while the program runs"
