@@ -723,6 +723,23 @@ def _like(store: Store, bn: BatchNormCall, *, plain: bool = False) -> Node | Non
     return next((n for n, t in tensors if t is not None), None)
 
 
+def _old_bias(store: Store, p: ProducerCall) -> Node | None:
+    """The stored float tensor the producer's bias operand is computed from (``conv.bias``
+    behind torchao's ``zeros_like(conv.bias)``), to keep the folded bias next to; ``None``."""
+    operand = p.bias
+    for _ in range(4):  # a few pass-through steps at most
+        if not isinstance(operand, Node):
+            return None
+        value = store.tensor(operand)
+        if value is not None:
+            return operand if value.is_floating_point() else None
+        inputs = operand.all_input_nodes
+        if len(inputs) != 1:
+            return None
+        operand = inputs[0]
+    return None
+
+
 def rewrite(store: Store, chain: QatChain, bn: BatchNormCall, fold: QatFold) -> tuple[Node, list]:
     """Replace the chain's tail; returns the node that now carries the BatchNorm's output and
     the nodes that may have lost their last user."""
@@ -751,8 +768,12 @@ def rewrite(store: Store, chain: QatChain, bn: BatchNormCall, fold: QatFold) -> 
         p = chain.producer
         before = p.node
         if fold.bias_dq is None:
-            hint = f"{prefix}.qat_bias" if prefix else "qat_bias"
-            bias = store.add(like, hint, fold.bias, before)
+            home = _old_bias(store, p)  # torchao's zeros_like(conv.bias): next to conv.bias
+            if home is not None:
+                bias = store.add(home, f"{store.key(home)}_folded", fold.bias, before)
+            else:
+                hint = f"{prefix}.qat_bias" if prefix else "qat_bias"
+                bias = store.add(like, hint, fold.bias, before)
         else:
             holder = fold.bias_like
             assert holder is not None
