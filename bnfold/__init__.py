@@ -15,6 +15,7 @@ from typing import Any
 from .core.frontend import model_frontend
 from .core.gc_pause import gc_paused
 from .core.report import FoldEntry, FoldReport
+from .core.rules import qat_mode
 from .errors import (
     BnfoldError,
     InvalidArgumentError,
@@ -82,16 +83,9 @@ def fold(
         )
 
 
-QAT_MODES = ("exact", "bias")
-
-
 def _qat_argument(frontend: Any, model: Any, qat: Any) -> dict[str, str]:
     """``qat=`` for the frontends whose graphs hold pt2e QAT chains (nothing for the default)."""
-    if not isinstance(qat, str) or qat not in QAT_MODES:
-        raise InvalidArgumentError(
-            f"qat must be one of {', '.join(map(repr, QAT_MODES))}, not {qat!r}"
-        )
-    if qat == "exact":
+    if qat_mode(qat) == "exact":
         return {}
     if "qat" not in inspect.signature(frontend.fold).parameters:
         raise InvalidArgumentError(

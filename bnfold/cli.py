@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from . import __version__
 from .core.report import FoldReport
-from .core.rules import PRODUCER_KINDS
+from .core.rules import PRODUCER_KINDS, QAT_MODES
 from .errors import BnfoldError, UnsupportedModelError, VerificationError, first_line
 
 EXIT_ERROR = 1
@@ -52,10 +52,6 @@ def _positive(text: str) -> int:
 def _seed(text: str) -> int:
     return _whole(text, 0, 2**63 - 1, "a whole number from 0 to 2**63 - 1")
 
-
-# --qat's values (those of bnfold.torch.aten.qat.qat_mode, spelled out: the parser imports no
-# frontend).
-_QAT_MODES = ("exact", "bias")
 
 _DESCRIPTION = "Fold BatchNorm into the neighbouring Conv, ConvTranspose and Linear layers."
 _EPILOG = "Run 'bnfold demo' to fold the built-in example network."
@@ -120,7 +116,7 @@ def _file_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--qat",
-        choices=_QAT_MODES,
+        choices=QAT_MODES,
         default=None,  # None: not given (the check of format-specific options tells them apart)
         help="torch.export archives: where the BatchNorm of a pt2e quantization-aware training "
         "chain (conv -> quantize -> dequantize -> div -> add -> batch_norm, as torchao's "

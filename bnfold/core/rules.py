@@ -40,6 +40,20 @@ def selected_kinds(producers: Iterable[str] | str | None) -> set[str]:
     return set(given)
 
 
+# Where the tail of a pt2e QAT chain goes (``fold(..., qat=)``, ``--qat``): one exact add after
+# the output dequantize, or the conv's bias where that is proven to move at most about a step.
+QAT_MODES = ("exact", "bias")
+
+
+def qat_mode(value: object) -> str:
+    """Check a ``qat=`` argument (one of :data:`QAT_MODES`)."""
+    if not isinstance(value, str) or value not in QAT_MODES:
+        raise InvalidArgumentError(
+            f"qat must be one of {', '.join(map(repr, QAT_MODES))}, not {value!r}"
+        )
+    return value
+
+
 # Rule identifiers, as they appear in reports.
 INFERENCE_MODE = "inference-mode"
 NO_PRODUCER = "no-producer"

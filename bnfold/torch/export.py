@@ -26,7 +26,6 @@ from ..core import pipeline, rules
 from ..core.report import FoldEntry, FoldReport
 from ..errors import InvalidArgumentError
 from ..torch.aten.adapter import AtenAdapter
-from ..torch.aten.qat import qat_mode
 from ..torch.aten.store import (
     ModuleStore,
     ProgramStore,
@@ -68,7 +67,7 @@ def analyze(
     ``example_inputs`` is not needed: the shapes come from the graph's metadata.
     """
     selected = rules.selected_kinds(producers)
-    qat = qat_mode(qat)
+    qat = rules.qat_mode(qat)
     if isinstance(model, ExportedProgram):
         gm, boundaries = model.graph_module, _preserved_modules(model)
         store: Store = ProgramStore(model, gm.graph)
@@ -99,7 +98,7 @@ def fold(
     ``qat`` says where the tail of a pt2e QAT chain goes: ``"exact"`` (one add after the
     output dequantize) or ``"bias"`` (into the conv's bias, where the bound holds).
     """
-    qat = qat_mode(qat)
+    qat = rules.qat_mode(qat)
     if isinstance(model, ExportedProgram) and inplace:
         raise InvalidArgumentError(
             "an ExportedProgram is folded into a new program; inplace=True is only for "

@@ -32,7 +32,8 @@ from torch import fx, nn
 
 from bnfold import cli
 from bnfold.cli import main
-from bnfold.torch.aten import qat, safe_ops
+from bnfold.core import rules
+from bnfold.torch.aten import safe_ops
 from tests.helpers.cli import listing, one_line_error, refused_before_any_work
 from tests.helpers.cli_models import conv_bn
 
@@ -224,7 +225,8 @@ def test_qat_option_is_for_pt2_files_only(tmp_path, capsys):
     assert listing(tmp_path) == before
     assert main([str(model), "--qat", "nope"]) == 2
     one_line_error(capsys, "--qat", "invalid choice")
-    assert cli._QAT_MODES == qat.QAT_MODES  # the parser's choices are the fold's modes
+    (option,) = [a for a in cli._file_parser()._actions if "--qat" in a.option_strings]
+    assert tuple(option.choices) == rules.QAT_MODES  # the parser's choices are the fold's modes
 
 
 # ---------------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ from .ops import (
     set_argument,
     trace_back,
 )
-from .qat import QatChain, QatFold, qat_mode
+from .qat import QatChain, QatFold
 from .qat import compute as qat_compute
 from .qat import match as qat_match
 from .qat import rewrite as qat_rewrite
@@ -97,12 +97,12 @@ class AtenAdapter:
     :class:`bnfold.core.pipeline.GraphAdapter`. ``boundaries`` are modules whose call signature
     the program preserves; ``replaced`` says, after a rewrite, which node took the place of each
     folded BatchNorm's output. ``qat`` says where the tail of a pt2e QAT chain goes
-    (:data:`bnfold.torch.aten.qat.QAT_MODES`)."""
+    (:data:`bnfold.core.rules.QAT_MODES`)."""
 
     def __init__(
         self, root: nn.Module, store: Store, boundaries: list[str], qat: str = "exact"
     ) -> None:
-        self.qat = qat_mode(qat)
+        self.qat = rules.qat_mode(qat)
         self.root = root
         self.graph = store.graph
         self.store = store
@@ -198,11 +198,6 @@ def _names(
         seen[name] = 1
         out[node] = (name, klass or fallback_type)
     return out
-
-
-def _op_label(node: Node) -> str:
-    t = node.target
-    return f"aten.{t._opname}" if isinstance(t, torch._ops.OpOverload) else str(t)
 
 
 class _Operand(NamedTuple):
@@ -319,7 +314,7 @@ def _examine(
     not_inference = ""
     if c.training is not False:
         not_inference = (
-            f"{name} ({_op_label(c.node)}) normalises with batch statistics "
+            f"{name} ({op_label(c.node)}) normalises with batch statistics "
             f"(training={c.training}): it was captured in training mode or without running "
             "statistics; call model.eval() before exporting or compiling"
         )
@@ -353,7 +348,7 @@ def _examine(
         facts = replace(facts, producer_detail=detail)
         return _Pair(bn=c, facts=facts, name=name, bn_type=bn_type, bn_sources=bn_sources)
     target, target_type = prod_names[p.node]
-    target_type = target_type or _op_label(p.node)
+    target_type = target_type or op_label(p.node)
     w_chain, w_axis, w_first_axis, w_what = _operand_chain(store, p.weight, p.weight_axis)
     b_chain: list[Node] | None = None
     b_what = ""
@@ -456,7 +451,7 @@ def _examine_qat(store: Store, pair: _Pair, chain: QatChain, boundaries: list[st
         bn_type=pair.bn_type,
         producer=None,
         target=target,
-        target_type=target_type or _op_label(p.node),
+        target_type=target_type or op_label(p.node),
         chain=chain,
     )
 
@@ -482,7 +477,7 @@ def _axis_facts(p: ProducerCall, steps: list[Node]) -> _Axis | None:
         )
     axis = rules.producer_channel_axis(p.kind, p.output_rank, p.spatial_dims, p.feature_axis)  # type: ignore[arg-type]
     track = follow_channel_axis(steps, axis, p.output_rank)
-    via = " -> ".join(_op_label(n) for n in steps)
+    via = " -> ".join(op_label(n) for n in steps)
     if track.reshaped:
         return None
     if track.axis is None:

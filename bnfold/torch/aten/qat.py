@@ -40,7 +40,7 @@ from torch.fx import Node
 
 from ...core.algebra import affine_factors
 from ...core.rules import producer_channel_axis
-from ...errors import FoldRefused, InvalidArgumentError
+from ...errors import FoldRefused
 from .evaluate import Constants
 from .ops import (
     BatchNormCall,
@@ -60,23 +60,12 @@ from .ops import (
 )
 from .store import Store
 
-QAT_MODES = ("exact", "bias")
-
 # The most a bias fold may move an output from the unfolded graph's, in output quantization
 # steps: one step for the moved rounding, and at most half a step for the new bias's own
 # rounding (a quantized bias whose step is coarser than the output's is not folded into).
 MAX_BIAS_STEPS = 1.5
 
 _ARITHMETIC = {"add", "sub", "mul", "div"}
-
-
-def qat_mode(value: Any) -> str:
-    """Check a ``qat=`` argument."""
-    if not isinstance(value, str) or value not in QAT_MODES:
-        raise InvalidArgumentError(
-            f"qat must be one of {', '.join(map(repr, QAT_MODES))}, not {value!r}"
-        )
-    return value
 
 
 # --------------------------------------------------------------------------------------------
@@ -805,4 +794,4 @@ def rewrite(store: Store, chain: QatChain, bn: BatchNormCall, fold: QatFold) -> 
     return result, touched
 
 
-__all__ = ["QAT_MODES", "QatChain", "QatFold", "compute", "match", "qat_mode", "rewrite"]
+__all__ = ["QatChain", "QatFold", "compute", "match", "rewrite"]
