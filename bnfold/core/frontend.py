@@ -20,7 +20,9 @@ module provides:
 * ``fold(model, example_inputs, *, inplace, producers, return_report)``: the folded model, of
   the same kind as ``model`` (``(folded, FoldReport)`` with ``return_report``); ``model`` is not
   modified unless ``inplace``. ``producers`` is passed as the user gave it
-  (:func:`bnfold.core.rules.selected_kinds` reads it).
+  (:func:`bnfold.core.rules.selected_kinds` reads it). A frontend whose graphs can hold pt2e
+  QAT chains also takes ``qat`` (:data:`bnfold.core.rules.QAT_MODES`), in ``analyze`` too;
+  ``bnfold.fold`` passes it only when it is not the default, and refuses it for the others.
 * ``analyze(model, example_inputs, *, producers)``: the :class:`~bnfold.core.report.FoldReport`
   ``fold`` would return, changing nothing.
 * ``verify(original, folded, example_inputs)``: ``(max_abs_err, max_rel_err)`` of the two models
