@@ -6,6 +6,8 @@ BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 # The torchao release that works with that torch (pt2e quantization tests).
 TORCHAO := torchao==0.18.0
+# JAX for the StableHLO frontend, and the flax its tests export models from.
+JAX := jax==0.10.2 jaxlib==0.10.2 flax==0.12.0
 JOBS ?= 2
 
 .PHONY: all venv demo test fuzz bench lint clean
@@ -15,8 +17,8 @@ all: test
 $(BIN)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet $(TORCH) $(TORCHAO)
-	$(BIN)/python -m pip install --quiet -e '.[torch,onnx,qat,test]'
+	$(BIN)/python -m pip install --quiet $(TORCH) $(TORCHAO) $(JAX)
+	$(BIN)/python -m pip install --quiet -e '.[torch,onnx,qat,jax,test]'
 	touch $@
 
 venv: $(BIN)/.installed

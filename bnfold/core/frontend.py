@@ -235,6 +235,20 @@ register_model_frontend(
     "bnfold.onnx.fold", _is_onnx_model, "an onnx.ModelProto", "an onnx_ir.Model"
 )
 
+
+
+def _is_stablehlo(model: Any) -> bool:
+    """A ``jax.export.Exported``, or a string holding StableHLO assembly."""
+    if isinstance(model, str):
+        return "func.func" in model or "stablehlo." in model
+    export = sys.modules.get("jax.export")
+    return export is not None and isinstance(model, export.Exported)
+
+
+register_model_frontend(
+    "bnfold.stablehlo.fold", _is_stablehlo, "a jax.export.Exported", "StableHLO text"
+)
+
 register_file_frontend(
     FileFrontend(
         format="onnx",

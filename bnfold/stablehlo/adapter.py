@@ -1,0 +1,371 @@
+"""The StableHLO graph adapter: per-channel affine chains after convolutions and dot_generals.
+
+A StableHLO module has no BatchNorm op as JAX writes it: flax's ``BatchNorm`` becomes
+``subtract``/``multiply``/``add`` by broadcast constants, after the convolution's own bias
+``add``. The adapter reads every function's ops as links (:mod:`.ops`), groups them into
+maximal per-channel affine chains (:func:`bnfold.core.affine.chains`), and hands the pipeline
+each chain that scales channel by channel (or holds a ``batch_norm_inference``) as one
+BatchNorm. A chain whose input is a producer's output folds into it: the weight operand becomes
+a new constant scaled along the weight axis that feeds the chain's axis, and the chain becomes
+one ``add`` of the composed shift (none when the shift is zero).
+
+The rules are the shared ones: the chain's parameters and the producer's weight must be
+constants (closed over, not arguments), the producer's output must feed the chain only, and
+the chain's axis must be the producer's output feature axis (read from the dimension numbers).
+Constants are never changed in place: a folded weight is a new constant, so a weight that
+other ops read too stays as it was.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..core import affine, algebra, pipeline, rules
+from ..core.pipeline import BatchNormSite, Pair
+from ..core.report import FoldEntry
+from ..errors import FoldRefused
+from . import ops
+from .constants import (
+    PURE_OPS,
+    Constants,
+    NotConstant,
+    np_dtype,
+    op_of,
+    tensor_type,
+    write_attribute,
+)
+from .mlir import hlo, ir
+
+CLOSE_OVER = (
+    "parameters are arguments: close over them (for flax, export "
+    "jax.jit(functools.partial(model.apply, variables)))"
+)
+
+
+@dataclass(kw_only=True)
+class _Pair(Pair[Any]):
+    chain: affine.Chain
+    hlo_producer: ops.Producer | None = None
+    weight_axis: int | None = None
+
+
+@dataclass
+class _Fold:
+    weight: np.ndarray
+    bias: np.ndarray | None
+    note: str = ""
+
+
+@dataclass
+class _Function:
+    op: Any
+    name: str
+    state: Any = None
+    chains: list[affine.Chain] = field(default_factory=list)
+
+
+def _functions(module: Any) -> Iterator[Any]:
+    for op in module.body.operations:
+        if op.operation.name == "func.func":
+            yield op.operation
+
+
+class StableHloAdapter:
+    """The :class:`~bnfold.core.pipeline.GraphAdapter` of one StableHLO module."""
+
+    def __init__(self, module: Any) -> None:
+        self.module = module
+        self.constants = Constants()
+        self._extra: list[FoldEntry] = []
+        self._names: dict[Any, str] = {}
+        self._functions = [
+            _Function(op, ir.StringAttr(op.attributes["sym_name"]).value)
+            for op in _functions(module)
+        ]
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def _name(self, fn: _Function, value: Any) -> str:
+        if fn.state is None:
+            fn.state = ir.AsmState(fn.op)
+        return f"@{fn.name}:{value.get_name(fn.state)}"
+
+    def batch_norms(self) -> list[BatchNormSite[Any]]:
+        sites = []
+        self._extra = []
+        for fn in self._functions:
+            body = fn.op.regions[0]
+            if not body.blocks:
+                continue  # a declaration
+            block = body.blocks[0]
+            links = []
+            for op in block.operations:
+                op = op.operation
+                found = ops.link(op, self.constants)
+                if found is not None:
+                    links.append(found)
+                for region in op.regions:
+                    self._nested(fn, op, region)
+            fn.chains = [
+                c for c in affine.chains(links, lambda v: len(list(v.uses))) if c.is_batch_norm
+            ]
+            for chain in fn.chains:
+                sites.append(
+                    BatchNormSite(
+                        node=(fn, chain),
+                        input=chain.input,
+                        output=chain.output,
+                        weight=None,
+                        bias=None,
+                        mean=None,
+                        var=None,
+                        eps=None,
+                        axis=chain.axis if chain.axis is not None else 1,
+                    )
+                )
+        return sites
+
+    def _nested(self, fn: _Function, parent: Any, region: Any) -> None:
+        """BatchNorm ops inside a region (a loop or branch body) are reported, not folded."""
+        for block in region.blocks:
+            for op in block.operations:
+                op = op.operation
+                if op.name == ops.BATCH_NORM:
+                    name = self._name(fn, op.results[0])
+                    self._extra.append(
+                        FoldEntry(
+                            bn=name,
+                            target=None,
+                            action="skipped",
+                            reason=(
+                                f"{name} is inside the body of {parent.name}, where bnfold "
+                                "does not fold"
+                            ),
+                            rule=rules.NO_PRODUCER,
+                            bn_type=ops.BATCH_NORM,
+                        )
+                    )
+                for inner in op.regions:
+                    self._nested(fn, parent, inner)
+
+    def examine(self, bn: BatchNormSite[Any]) -> _Pair:
+        fn, chain = bn.node
+        name = self._name(fn, chain.output)
+        pair = _Pair(
+            bn=bn,
+            facts=rules.PairFacts(bn=name),
+            name=name,
+            bn_type=_chain_type(chain),
+            chain=chain,
+        )
+        facts: dict[str, Any] = {"bn": name, "bn_axis": bn.axis}
+        why = self._params_not_constant(chain)
+        if why:
+            facts.update(bn_params_constant=False, constant_detail=why)
+        source = op_of(chain.input)
+        producer = ops.producer(source, self.constants)
+        if producer is None or producer.problem:
+            detail = (
+                self._describe_value(fn, chain.input)
+                if producer is None
+                else f"{source.name} ({producer.problem})"
+            )
+            pair.facts = rules.PairFacts(**facts, producer_detail=detail)
+            return pair
+        target = self._name(fn, producer.output)
+        pair.hlo_producer = producer
+        pair.target = target
+        pair.target_type = source.name
+        pair.producer = pipeline.ProducerSite(
+            node=source,
+            kind=producer.kind,
+            spatial_dims=producer.spatial_dims,
+            output_rank=tensor_type(producer.output).rank,
+        )
+        facts.update(
+            producer=target,
+            producer_kind=producer.kind,
+            producer_spatial_dims=producer.spatial_dims,
+            output_rank=tensor_type(producer.output).rank,
+            can_unshare=True,  # a folded weight is always a new constant
+        )
+        users = [u.owner for u in producer.output.uses]
+        if len(users) != 1:
+            others = [self._op_label(fn, u) for u in users if u != chain.links[0].node][:3]
+            facts.update(producer_output_users=len(users), producer_other_users=", ".join(others))
+        weight_why = self.constants.why_not(producer.weight)
+        if weight_why and facts.get("bn_params_constant", True):
+            facts.update(
+                producer_params_constant=False,
+                constant_detail=self._constant_detail(producer.weight, weight_why),
+            )
+        elif weight_why:
+            facts.update(producer_params_constant=False)
+        weight_axis, problem = producer.at_axis(chain.axis)
+        if chain.axis is None:
+            problem = "the chain has no channel axis"
+        elif tensor_type(producer.output).is_dynamic_dim(chain.axis):
+            problem = f"axis {chain.axis} of {target} (the channels) has a dynamic size"
+        if problem:
+            facts["axis_problem"] = problem
+        else:
+            feature = producer.feature_axis if producer.kind != "linear" else chain.axis
+            if weight_axis is None:
+                feature = producer.feature_axis
+            facts["channel_axis"] = feature
+        pair.weight_axis = weight_axis
+        pair.facts = rules.PairFacts(**facts)
+        return pair
+
+    def _params_not_constant(self, chain: affine.Chain) -> str:
+        for link in chain.links:
+            sources: list[Any]
+            if link.op == "affine":
+                sources = list(link.operand)
+            elif link.op == "neg":
+                sources = []
+            else:
+                sources = [link.operand.source]
+            for value in sources:
+                why = self.constants.why_not(value)
+                if why:
+                    return self._constant_detail(value, why)
+        return ""
+
+    def _constant_detail(self, value: Any, why: str) -> str:
+        if "argument" in why:
+            return f"{CLOSE_OVER}; {why}"
+        return why
+
+    def _describe_value(self, fn: _Function, value: Any) -> str:
+        op = op_of(value)
+        if op is None:
+            return f"{self._name(fn, value)}, a function argument"
+        return f"{op.name} ({self._name(fn, value)})"
+
+    def _op_label(self, fn: _Function, op: Any) -> str:
+        op = getattr(op, "operation", op)
+        if op.results:
+            return f"{op.name} {self._name(fn, op.results[0])}"
+        return op.name
+
+    # -- computing ----------------------------------------------------------------------------
+
+    def compute(self, pair: _Pair) -> _Fold:
+        chain, producer = pair.chain, pair.hlo_producer
+        assert producer is not None and chain.axis is not None and pair.weight_axis is not None
+        channels = int(tensor_type(producer.output).shape[chain.axis])
+        try:
+            steps = [self._step(link) for link in chain.links]
+            weight = self.constants.native(producer.weight)
+        except NotConstant as e:
+            raise FoldRefused(str(e)) from e
+        k, c = affine.compose(steps, channels)
+        layout = algebra.OutputLayout(axis=pair.weight_axis)
+        scaled = algebra.ScaledWeight(weight, k, layout)
+        bias = None
+        if (c != 0).any():
+            out_dtype = np_dtype(tensor_type(chain.output).element_type)
+            if out_dtype is None:
+                raise FoldRefused(
+                    f"the chain's element type {tensor_type(chain.output)} is unknown"
+                )
+            bias = algebra.folded_bias(None, k, c, like=weight, dtype=out_dtype)
+        return _Fold(scaled.value(), bias)
+
+    def _step(self, link: affine.Link) -> affine.Step:
+        where = link.node.name
+        if link.op == "neg":
+            return affine.Step("neg", where=where)
+        if link.op == "affine":
+            scale, offset, mean, var = (self.constants.value(v) for v in link.operand)
+            eps = float(ir.FloatAttr(link.node.attributes["epsilon"]).value)
+            s, t = algebra.affine_factors(mean, var, eps, scale, offset)
+            return affine.Step("affine", (s, t), where=where)
+        vector = ops.operand_vector(link.operand, self.constants)
+        return affine.Step(link.op, vector, link.chain_first, where=where)
+
+    # -- rewriting ----------------------------------------------------------------------------
+
+    def apply(self, folds: list[tuple[_Pair, _Fold]]) -> None:
+        dead: list[Any] = []
+        for pair, fold in folds:
+            dead.extend(self._rewrite(pair, fold))
+        _drop_dead(dead)
+        self.constants = Constants()
+
+    def _rewrite(self, pair: _Pair, fold: _Fold) -> list[Any]:
+        chain, producer = pair.chain, pair.hlo_producer
+        assert producer is not None
+        op = producer.op
+        old_weight = producer.weight
+        weight_type = tensor_type(old_weight)
+        with op.location, ir.InsertionPoint(op):
+            new_weight = hlo.ConstantOp(write_attribute(fold.weight, weight_type.element_type))
+        op.operands[producer.weight_index] = new_weight.result
+        result = producer.output
+        last = chain.links[-1].node
+        if fold.bias is not None:
+            out_type = tensor_type(chain.output)
+            with last.location, ir.InsertionPoint(last):
+                shift = hlo.ConstantOp(write_attribute(fold.bias, out_type.element_type))
+                spread = _broadcast(shift.result, result, chain.axis, out_type)
+                result = hlo.AddOp(producer.output, spread).result
+        chain.output.replace_all_uses_with(result)
+        dead = [old_weight]
+        for link in reversed(chain.links):
+            node = link.node
+            dead.extend(o for o in node.operands if o != link.input)
+            node.erase()
+        return dead
+
+    def upstream(self, bn: BatchNormSite[Any]) -> list[Any]:
+        return []  # chains are maximal: a chain never reads another chain's output
+
+    def extra_entries(self) -> list[FoldEntry]:
+        return list(self._extra)
+
+
+def _chain_type(chain: affine.Chain) -> str:
+    if len(chain.links) == 1 and chain.links[0].op == "affine":
+        return ops.BATCH_NORM
+    names = {"affine": "batch_norm_inference"}
+    return "affine chain (" + ", ".join(names.get(x.op, x.op) for x in chain.links) + ")"
+
+
+def _broadcast(shift: Any, like: Any, axis: int, out_type: Any) -> Any:
+    """``shift`` (one value per channel) broadcast along ``axis`` to ``like``'s shape."""
+    if out_type.has_static_shape:
+        return hlo.broadcast_in_dim(out_type, shift, [axis])
+    i32 = ir.IntegerType.get_signless(32)
+    one = ir.RankedTensorType.get([1], i32)
+    sizes = [hlo.reshape(one, hlo.get_dimension_size(like, d)) for d in range(out_type.rank)]
+    shape = hlo.concatenate(sizes, 0)
+    return hlo.dynamic_broadcast_in_dim(out_type, shift, shape, [axis])
+
+
+def _drop_dead(values: list[Any]) -> None:
+    """Erase the pure ops the rewrites left without users, and what that frees in turn."""
+    gone: set[int] = set()
+
+    def drop(value: Any) -> list[Any] | None:
+        if hash(value) in gone:
+            return None
+        op = op_of(value)
+        if op is None or op.name not in PURE_OPS:
+            return None
+        if any(len(list(r.uses)) for r in op.results):
+            return None
+        operands = list(op.operands)
+        gone.update(hash(r) for r in op.results)
+        op.erase()
+        return operands
+
+    pipeline.drop_dead(values, drop)
+
+
+__all__ = ["StableHloAdapter", "CLOSE_OVER"]

@@ -1,0 +1,113 @@
+"""The model frontend for JAX programs and StableHLO text.
+
+``bnfold.fold(exported)`` takes a ``jax.export.Exported`` and returns a new one (same calling
+convention, shardings and effects; its module folded), which calls and serializes like the
+original. ``bnfold.fold(text)`` takes StableHLO MLIR assembly and returns folded assembly
+(with locations when the input had them). Both are immutable: the input is never changed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from ..core import pipeline, rules
+from ..core.report import FoldReport
+from ..errors import InvalidArgumentError, UnsupportedModelError
+from . import mlir
+from .adapter import StableHloAdapter
+
+
+@dataclass
+class Opened:
+    """A model read into a module of its own context."""
+
+    model: Any
+    module: Any
+    ctx: Any
+    debug_info: bool = False
+
+    @property
+    def name(self) -> str:
+        if mlir.is_exported(self.model):
+            return f"jax.export.Exported {self.model.fun_name}"
+        try:
+            return "@" + mlir.ir.StringAttr(self.module.operation.attributes["sym_name"]).value
+        except (KeyError, ValueError, TypeError):
+            return "StableHLO module"
+
+    def result(self) -> Any:
+        """The (folded) module, in the kind of model it came as."""
+        if mlir.is_exported(self.model):
+            return mlir.replace_module(self.model, self.module)
+        return mlir.to_text(self.module, debug_info=self.debug_info)
+
+
+def is_text(model: Any) -> bool:
+    """Whether ``model`` is a string that holds StableHLO assembly (by a look, not a parse)."""
+    return isinstance(model, str) and ("func.func" in model or "stablehlo." in model)
+
+
+def open_model(model: Any) -> Opened:
+    """Read ``model`` (an ``Exported`` or text) into a fresh module."""
+    mlir.require()
+    ctx = mlir.context()
+    if mlir.is_exported(model):
+        return Opened(model, mlir.from_artifact(model.mlir_module_serialized, ctx), ctx)
+    if isinstance(model, str):
+        if "\n" not in model and os.path.exists(model):
+            raise UnsupportedModelError(
+                f"{model!r} is a file name: pass the module's text (open(path).read()), or "
+                "fold the file with the bnfold command"
+            )
+        return Opened(model, mlir.parse_text(model, ctx), ctx, debug_info="loc(" in model)
+    raise UnsupportedModelError(
+        f"bnfold cannot fold a {type(model).__name__} as StableHLO: pass a "
+        "jax.export.Exported or StableHLO text"
+    )
+
+
+def _run(opened: Opened, producers: Any, *, rewrite: bool) -> FoldReport:
+    selected = rules.selected_kinds(producers)
+    with opened.ctx, mlir.ir.Location.unknown():
+        outcome = pipeline.run(StableHloAdapter(opened.module), selected, rewrite=rewrite)
+        if rewrite:
+            mlir._verify(opened.module)
+    report = FoldReport(outcome.entries, model=opened.name)
+    if not outcome.entries:
+        report.notes.append("no BatchNorm (or per-channel affine chain) found: nothing to fold")
+    return report
+
+
+def analyze(model: Any, example_inputs: Any = None, *, producers: Any = None) -> FoldReport:
+    """The report :func:`fold` would give, changing nothing."""
+    return _run(open_model(model), producers, rewrite=False)
+
+
+def fold(
+    model: Any,
+    example_inputs: Any = None,
+    *,
+    inplace: bool = False,
+    producers: Any = None,
+    return_report: bool = False,
+) -> Any:
+    """A folded copy of ``model`` (an ``Exported``, or text), with the report if asked."""
+    if inplace:
+        raise InvalidArgumentError(
+            "a jax.export.Exported and StableHLO text are immutable: fold returns the folded "
+            "model (inplace=True is not possible)"
+        )
+    opened = open_model(model)
+    report = _run(opened, producers, rewrite=True)
+    result = opened.result()
+    return (result, report) if return_report else result
+
+
+def verify(original: Any, folded: Any, example_inputs: Any) -> tuple[float, float]:
+    """Run both on ``example_inputs`` (the positional arguments; random when ``None``) and
+    return ``(max_abs_err, max_rel_err)`` over their floating-point outputs."""
+    from .run import verify as run_and_compare
+
+    return run_and_compare(original, folded, example_inputs)
