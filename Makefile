@@ -6,8 +6,9 @@ BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 # The torchao release that works with that torch (pt2e quantization tests).
 TORCHAO := torchao==0.18.0
-# JAX for the StableHLO frontend, and the flax its tests export models from.
-JAX := jax==0.10.2 jaxlib==0.10.2 flax==0.12.0
+# JAX for the StableHLO frontend, and the flax its tests export models from (flax 0.12.0's nnx
+# does not import with jax 0.10; 0.12.8 does).
+JAX := jax==0.10.2 jaxlib==0.10.2 flax==0.12.8
 JOBS ?= 2
 
 .PHONY: all venv demo test fuzz bench lint clean

@@ -34,8 +34,9 @@ from ..errors import FoldRefused
 #   add: z + a      sub: z - a (a - z when the chain is second)      mul: z * a
 #   div: z / a (a / z is not affine, so it is never a link)          neg: -z
 #   affine: s*z + t, a = (s, t) (an inference BatchNorm op, read as its factors)
-LinkOp = Literal["add", "sub", "mul", "div", "neg", "affine"]
-LINK_OPS: tuple[str, ...] = ("add", "sub", "mul", "div", "neg", "affine")
+#   widen: z itself, converted to a wider floating-point type (exact: every value is kept)
+LinkOp = Literal["add", "sub", "mul", "div", "neg", "affine", "widen"]
+LINK_OPS: tuple[str, ...] = ("add", "sub", "mul", "div", "neg", "affine", "widen")
 
 
 @dataclass(frozen=True)
@@ -158,6 +159,8 @@ def compose(steps: Sequence[Step], channels: int) -> tuple[np.ndarray, np.ndarra
         for step in steps:
             if step.op == "neg":
                 k, c = -k, -c
+                continue
+            if step.op == "widen":
                 continue
             if step.op == "affine":
                 s, t = step.value

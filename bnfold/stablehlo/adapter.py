@@ -226,7 +226,7 @@ class StableHloAdapter:
             sources: list[Any]
             if link.op == "affine":
                 sources = list(link.operand)
-            elif link.op == "neg":
+            elif link.op in ("neg", "widen"):
                 sources = []
             else:
                 sources = [link.operand.source]
@@ -279,8 +279,8 @@ class StableHloAdapter:
 
     def _step(self, link: affine.Link) -> affine.Step:
         where = link.node.name
-        if link.op == "neg":
-            return affine.Step("neg", where=where)
+        if link.op in ("neg", "widen"):
+            return affine.Step(link.op, where=where)
         if link.op == "affine":
             scale, offset, mean, var = (self.constants.value(v) for v in link.operand)
             eps = float(ir.FloatAttr(link.node.attributes["epsilon"]).value)
@@ -309,12 +309,16 @@ class StableHloAdapter:
         op.operands[producer.weight_index] = new_weight.result
         result = producer.output
         last = chain.links[-1].node
+        out_type = tensor_type(chain.output)
+        if out_type.element_type != tensor_type(result).element_type:
+            # the chain widened the producer's output (a bfloat16 conv, a float32 BatchNorm)
+            with last.location, ir.InsertionPoint(last):
+                result = hlo.ConvertOp(out_type, result).result
         if fold.bias is not None:
-            out_type = tensor_type(chain.output)
             with last.location, ir.InsertionPoint(last):
                 shift = hlo.ConstantOp(write_attribute(fold.bias, out_type.element_type))
                 spread = _broadcast(shift.result, result, chain.axis, out_type)
-                result = hlo.AddOp(producer.output, spread).result
+                result = hlo.AddOp(result, spread).result
         chain.output.replace_all_uses_with(result)
         dead = [old_weight]
         for link in reversed(chain.links):

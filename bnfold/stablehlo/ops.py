@@ -247,6 +247,11 @@ def link(op: Any, constants: Constants) -> Link | None:
             axis=int_attr(op, "feature_index"),
             operand=list(op.operands[1:5]),
         )
+    if name == "stablehlo.convert":
+        x = op.operands[0]
+        if constants.is_constant(x) or not _widening(x, op.results[0]):
+            return None
+        return Link(node=op, input=x, output=op.results[0], op="widen")
     if name == "stablehlo.negate":
         x = op.operands[0]
         if constants.is_constant(x) or tensor_type(x) is None:
@@ -277,6 +282,18 @@ def link(op: Any, constants: Constants) -> Link | None:
             operand=operand,
         )
     return None
+
+
+# Float conversions that keep every value: mixed-precision models compute their BatchNorm in
+# float32 on a bfloat16 or float16 activation.
+_WIDENING = {("bf16", "f32"), ("bf16", "f64"), ("f16", "f32"), ("f16", "f64"), ("f32", "f64")}
+
+
+def _widening(source: Any, result: Any) -> bool:
+    a, b = tensor_type(source), tensor_type(result)
+    if a is None or b is None:
+        return False
+    return (str(a.element_type), str(b.element_type)) in _WIDENING
 
 
 def _float_type(element_type: Any) -> bool:
