@@ -52,6 +52,7 @@ bench: $(BIN)/.bench-installed
 	$(BIN)/python -m benchmarks.scaling
 	$(BIN)/python -m benchmarks.latency
 	$(BIN)/python -m benchmarks.compile
+	$(BIN)/python -m benchmarks.stablehlo
 	$(BIN)/python -m benchmarks.plot
 
 lint: venv
