@@ -69,8 +69,15 @@ def from_artifact(data: bytes, ctx: Any) -> Any:
 
 
 def to_artifact(module: Any) -> bytes:
-    """``module`` as a portable artifact for consumers at most about four weeks older than this
-    jaxlib (the window ``jax.export`` itself targets)."""
+    """``module`` as a portable artifact, the way ``jax.export`` writes one: for consumers at most
+    about four weeks older than this jaxlib, with Shardy shardings exported as JAX does (the
+    stablehlo dialect's own serializer refuses modules with ``sdy`` attributes)."""
+    try:
+        from jax._src.export._export import _module_to_bytecode
+    except ImportError:  # pragma: no cover - a jax without it: the dialect's serializer
+        _module_to_bytecode = None
+    if _module_to_bytecode is not None:
+        return bytes(_module_to_bytecode(module))
     version = hlo.get_version_from_compatibility_requirement(
         hlo.StablehloCompatibilityRequirement.WEEK_4
     )
