@@ -81,7 +81,7 @@ class StableHloAdapter:
         self.module = module
         self.constants = Constants()
         self._extra: list[FoldEntry] = []
-        self._names: dict[Any, str] = {}
+        self._labels: dict[str, str] = {}
         self._functions = [
             _Function(op, ir.StringAttr(op.attributes["sym_name"]).value)
             for op in _functions(module)
@@ -93,6 +93,19 @@ class StableHloAdapter:
         if fn.state is None:
             fn.state = ir.AsmState(fn.op)
         return f"@{fn.name}:{value.get_name(fn.state)}"
+
+    def _label(self, fn: _Function, value: Any, op: Any) -> str:
+        """The name of the layer ``op`` belongs to, from the module path JAX records in its
+        location (``M/BatchNorm_0`` of ``jit(apply)/M/BatchNorm_0/mul``), with the value's
+        own name; the value's name alone when there is none."""
+        own = self._name(fn, value)
+        path = _layer_path(op.location)
+        if not path:
+            return own
+        if path in self._labels and self._labels[path] != own:
+            return f"{path} ({own})"
+        self._labels[path] = own
+        return path
 
     def batch_norms(self) -> list[BatchNormSite[Any]]:
         sites = []
@@ -154,7 +167,8 @@ class StableHloAdapter:
 
     def examine(self, bn: BatchNormSite[Any]) -> _Pair:
         fn, chain = bn.node
-        name = self._name(fn, chain.output)
+        scaling = next(link for link in chain.links if link.scales)
+        name = self._label(fn, chain.output, scaling.node)
         pair = _Pair(
             bn=bn,
             facts=rules.PairFacts(bn=name),
@@ -176,7 +190,7 @@ class StableHloAdapter:
             )
             pair.facts = rules.PairFacts(**facts, producer_detail=detail)
             return pair
-        target = self._name(fn, producer.output)
+        target = self._label(fn, producer.output, source)
         pair.hlo_producer = producer
         pair.target = target
         pair.target_type = source.name
@@ -332,6 +346,23 @@ class StableHloAdapter:
 
     def extra_entries(self) -> list[FoldEntry]:
         return list(self._extra)
+
+
+def _layer_path(location: Any) -> str:
+    """``M/BatchNorm_0`` from a location named ``jit(apply)/M/BatchNorm_0/mul`` (what JAX
+    records for flax modules); "" when the location names no layer."""
+    while True:
+        name = getattr(location, "name_str", None)
+        if name is not None:
+            break
+        inner = getattr(location, "callee", None) or getattr(location, "child_loc", None)
+        if inner is None:
+            return ""
+        location = inner
+    parts = name.split("/")
+    if len(parts) < 3:
+        return ""
+    return "/".join(parts[1:-1])
 
 
 def _chain_type(chain: affine.Chain) -> str:
