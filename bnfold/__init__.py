@@ -110,6 +110,9 @@ def analyze(
         )
 
 
-def verify(original: Any, folded: Any, example_inputs: Any) -> tuple[float, float]:
-    """Run both models on ``example_inputs``; return ``(max_abs_err, max_rel_err)``."""
+def verify(original: Any, folded: Any, example_inputs: Any = None) -> tuple[float, float]:
+    """Run both models on ``example_inputs``; return ``(max_abs_err, max_rel_err)``.
+
+    ``None`` runs them on random inputs where the model says what its inputs are (ONNX models,
+    ``jax.export`` programs, StableHLO text); PyTorch models need example inputs."""
     return model_frontend(original).verify(original, folded, example_inputs)

@@ -180,8 +180,11 @@ class StableHloAdapter:
         why = self._params_not_constant(chain)
         if why:
             facts.update(bn_params_constant=False, constant_detail=why)
-        source = op_of(chain.input)
+        before, start = self._walk_back(chain)
+        source = op_of(start)
         producer = ops.producer(source, self.constants)
+        if producer is None:
+            source = op_of(chain.input)
         if producer is None or producer.problem:
             detail = (
                 self._describe_value(fn, chain.input)
@@ -207,10 +210,17 @@ class StableHloAdapter:
             output_rank=tensor_type(producer.output).rank,
             can_unshare=True,  # a folded weight is always a new constant
         )
-        users = [u.owner for u in producer.output.uses]
-        if len(users) != 1:
-            others = [self._op_label(fn, u) for u in users if u != chain.links[0].node][:3]
-            facts.update(producer_output_users=len(users), producer_other_users=", ".join(others))
+        # every value from the producer to the chain must feed the next op only
+        path = [producer.output] + [link.output for link in reversed(before)]
+        readers = [link.node for link in reversed(before)] + [chain.links[0].node]
+        for value, reader in zip(path, readers, strict=True):
+            users = [u.owner for u in value.uses]
+            if len(users) != 1:
+                others = [self._op_label(fn, u) for u in users if u != reader][:3]
+                facts.update(
+                    producer_output_users=len(users), producer_other_users=", ".join(others)
+                )
+                break
         weight_why = self.constants.why_not(producer.weight)
         if weight_why and facts.get("bn_params_constant", True):
             facts.update(
@@ -220,6 +230,12 @@ class StableHloAdapter:
         elif weight_why:
             facts.update(producer_params_constant=False)
         weight_axis, problem = producer.at_axis(chain.axis)
+        crossing = next((x for x in before if x.axis is not None and x.axis != chain.axis), None)
+        if crossing is not None:
+            problem = (
+                f"{crossing.node.name} between {target} and {name} varies along axis "
+                f"{crossing.axis}, {name} along axis {chain.axis}"
+            )
         if chain.axis is None:
             problem = "the chain has no channel axis"
         elif tensor_type(producer.output).is_dynamic_dim(chain.axis):
@@ -234,6 +250,20 @@ class StableHloAdapter:
         pair.weight_axis = weight_axis
         pair.facts = rules.PairFacts(**facts)
         return pair
+
+    def _walk_back(self, chain: affine.Chain) -> tuple[list[affine.Link], Any]:
+        """The links before ``chain`` (a chain ends where its value has another reader or the
+        next op varies along another axis), nearest first, and the value they start from."""
+        before: list[affine.Link] = []
+        value = chain.input
+        while len(before) < 64:
+            op = op_of(value)
+            found = ops.link(op, self.constants) if op is not None else None
+            if found is None:
+                break
+            before.append(found)
+            value = found.input
+        return before, value
 
     def _params_not_constant(self, chain: affine.Chain) -> str:
         for link in chain.links:
@@ -311,6 +341,8 @@ class StableHloAdapter:
             dead.extend(self._rewrite(pair, fold))
         _drop_dead(dead)
         self.constants = Constants()
+        for fn in self._functions:
+            fn.state = None  # the names of a rewritten function are read afresh
 
     def _rewrite(self, pair: _Pair, fold: _Fold) -> list[Any]:
         chain, producer = pair.chain, pair.hlo_producer
@@ -342,7 +374,8 @@ class StableHloAdapter:
         return dead
 
     def upstream(self, bn: BatchNormSite[Any]) -> list[Any]:
-        return []  # chains are maximal: a chain never reads another chain's output
+        _, chain = bn.node
+        return [link.output for link in self._walk_back(chain)[0]]
 
     def extra_entries(self) -> list[FoldEntry]:
         return list(self._extra)
