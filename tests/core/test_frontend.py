@@ -15,7 +15,8 @@ from bnfold.errors import ModelFileError, UnsupportedModelError
 
 _UNSUPPORTED = (
     "bnfold cannot fold a builtins.object: pass a torch.nn.Module, a "
-    "torch.export.ExportedProgram, an ATen GraphModule, an onnx.ModelProto or an onnx_ir.Model"
+    "torch.export.ExportedProgram, an ATen GraphModule, an onnx.ModelProto, an onnx_ir.Model, "
+    "a jax.export.Exported or StableHLO text"
 )
 
 
@@ -164,7 +165,9 @@ def test_a_new_model_frontend_is_one_registration(monkeypatch):
         ("fold", 1, {"inplace": False, "producers": "conv", "return_report": False}),
         ("analyze", 2, {"producers": None}),
     ]
-    with pytest.raises(UnsupportedModelError, match=r"an onnx_ir.Model or a Toy$"):
+    with pytest.raises(
+        UnsupportedModelError, match=r"a jax.export.Exported, StableHLO text or a Toy$"
+    ):
         bnfold.fold(object())
 
 

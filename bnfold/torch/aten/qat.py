@@ -32,12 +32,13 @@ carries it), and :func:`rewrite` replaces the tail:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 from torch.fx import Node
 
+from ...core import affine
 from ...core.algebra import affine_factors
 from ...core.rules import producer_channel_axis
 from ...errors import FoldRefused
@@ -319,65 +320,59 @@ def _vector(value: Any, channels: int, what: str) -> np.ndarray:
 
 
 def tail_affine(store: Store, chain: QatChain, bn: BatchNormCall) -> tuple[np.ndarray, np.ndarray]:
-    """``(k, c)`` in float64 with ``batch_norm(tail(z)) = k*z + c`` per channel."""
+    """``(k, c)`` in float64 with ``batch_norm(tail(z)) = k*z + c`` per channel: the links,
+    then the BatchNorm's ``(s, t)``, as steps composed by :func:`bnfold.core.affine.compose`.
+
+    Refused here besides what ``compose`` refuses: a division by 0, in float64 (torchao's
+    scale factor is 0 where a BatchNorm weight is) or in the graph's own dtype, and a constant
+    that is not finite in the graph's own dtype."""
     assert chain.channels is not None
     n = chain.channels
     ev = Constants(store, float64=True, ignore=bn.node)
     native = Constants(store, ignore=bn.node)
-    k, c = np.ones(n), np.zeros(n)
-    with np.errstate(all="ignore"):
-        for link in chain.links:
-            raw = ev.value(link.constant)
-            if raw is None:
-                raise FoldRefused(ev.why(link.constant))
-            assert chain.rank is not None and chain.axis is not None
-            raw = _channels_of(raw, chain.rank, chain.axis)
-            a = _vector(raw, n, f"the constant of {describe(link.node)}")
-            if link.op == "div" and (a == 0).any():
-                i = int(np.argmin(np.abs(a)))
+    steps: list[affine.Step] = []
+    for link in chain.links:
+        raw = ev.value(link.constant)
+        if raw is None:
+            raise FoldRefused(ev.why(link.constant))
+        assert chain.rank is not None and chain.axis is not None
+        raw = _channels_of(raw, chain.rank, chain.axis)
+        a = _vector(raw, n, f"the constant of {describe(link.node)}")
+        if link.op == "div" and (a == 0).any():
+            i = int(np.argmin(np.abs(a)))
+            raise FoldRefused(
+                f"{describe(link.node)} divides by 0 at channel {i} (a BatchNorm weight of "
+                "0 makes torchao's scale factor 0): the graph's output is not finite there"
+            )
+        # What the graph computes must be a number too: a constant that overflows or
+        # divides by zero in the graph's dtype makes its output non-finite there.
+        own = native.value(link.constant)
+        if isinstance(own, torch.Tensor) and own.is_floating_point():
+            if not torch.isfinite(own).all() or (link.op == "div" and (own == 0).any()):
                 raise FoldRefused(
-                    f"{describe(link.node)} divides by 0 at channel {i} (a BatchNorm weight of "
-                    "0 makes torchao's scale factor 0): the graph's output is not finite there"
+                    f"the constant of {describe(link.node)} is not finite or is 0 in the "
+                    "graph's dtype: the graph's output is not finite there"
                 )
-            # What the graph computes must be a number too: a constant that overflows or
-            # divides by zero in the graph's dtype makes its output non-finite there.
-            own = native.value(link.constant)
-            if isinstance(own, torch.Tensor) and own.is_floating_point():
-                if not torch.isfinite(own).all() or (link.op == "div" and (own == 0).any()):
-                    raise FoldRefused(
-                        f"the constant of {describe(link.node)} is not finite or is 0 in the "
-                        "graph's dtype: the graph's output is not finite there"
-                    )
-            if link.op == "add":
-                c = c + a
-            elif link.op == "sub" and link.chain_first:
-                c = c - a
-            elif link.op == "sub":
-                k, c = -k, a - c
-            elif link.op == "mul":
-                k, c = k * a, c * a
-            else:  # div, the chain first (a constant divided by it is not a link), a != 0
-                k, c = k / a, c / a
-        values = {}
-        for role in ("weight", "bias", "mean", "var"):
-            operand = getattr(bn, role)
-            if operand is None:
-                values[role] = None
-                continue
-            v = ev.value(operand)
-            if v is None:
-                raise FoldRefused(ev.why(operand))
-            values[role] = v
-        s, t = affine_factors(
-            values["mean"], values["var"], float(bn.eps), values["weight"], values["bias"]
-        )
-        if s.shape != (n,):
-            raise FoldRefused(f"the BatchNorm has {s.shape[0]} channels, the conv {n}")
-        k, c = k * s, c * s + t
-    for name, v in (("scale", k), ("shift", c)):
-        if not np.isfinite(v).all():
-            raise FoldRefused(f"the tail's folded {name} is not finite")
-    return k, c
+        # a constant divided by the chain is not a link (_link): a div has the chain first
+        op = cast(affine.LinkOp, link.op)
+        steps.append(affine.Step(op, a, link.chain_first, where=describe(link.node)))
+    values = {}
+    for role in ("weight", "bias", "mean", "var"):
+        operand = getattr(bn, role)
+        if operand is None:
+            values[role] = None
+            continue
+        v = ev.value(operand)
+        if v is None:
+            raise FoldRefused(ev.why(operand))
+        values[role] = v
+    s, t = affine_factors(
+        values["mean"], values["var"], float(bn.eps), values["weight"], values["bias"]
+    )
+    if s.shape != (n,):
+        raise FoldRefused(f"the BatchNorm has {s.shape[0]} channels, the conv {n}")
+    steps.append(affine.Step("affine", (s, t), where=describe(bn.node)))
+    return affine.compose(steps, n)
 
 
 def _torch_dtype(chain: QatChain) -> torch.dtype:
