@@ -82,6 +82,8 @@ class StableHloAdapter:
         self.constants = Constants()
         self._extra: list[FoldEntry] = []
         self._labels: dict[str, str] = {}
+        # report name of a chain -> the other layers (BatchNorms) folded in the same chain
+        self.companions: dict[str, list[str]] = {}
         self._functions = [
             _Function(op, ir.StringAttr(op.attributes["sym_name"]).value)
             for op in _functions(module)
@@ -167,8 +169,13 @@ class StableHloAdapter:
 
     def examine(self, bn: BatchNormSite[Any]) -> _Pair:
         fn, chain = bn.node
-        scaling = next(link for link in chain.links if link.scales)
-        name = self._label(fn, chain.output, scaling.node)
+        scaling = [link for link in chain.links if link.scales]
+        name = self._label(fn, chain.output, scaling[0].node)
+        # Several BatchNorms in a row make one chain, folded as a whole; each layer JAX named
+        # in the locations gets its own report entry (see ``companions``).
+        paths = list(dict.fromkeys(_layer_path(link.node.location) for link in scaling))
+        if len(paths) > 1 and "" not in paths and name == paths[0]:
+            self.companions[name] = paths[1:]
         pair = _Pair(
             bn=bn,
             facts=rules.PairFacts(bn=name),

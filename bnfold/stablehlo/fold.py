@@ -9,7 +9,7 @@ original. ``bnfold.fold(text)`` takes StableHLO MLIR assembly and returns folded
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..core import pipeline, rules
@@ -71,10 +71,17 @@ def open_model(model: Any) -> Opened:
 def _run(opened: Opened, producers: Any, *, rewrite: bool) -> FoldReport:
     selected = rules.selected_kinds(producers)
     with opened.ctx, mlir.ir.Location.unknown():
-        outcome = pipeline.run(StableHloAdapter(opened.module), selected, rewrite=rewrite)
+        adapter = StableHloAdapter(opened.module)
+        outcome = pipeline.run(adapter, selected, rewrite=rewrite)
         if rewrite:
             mlir._verify(opened.module)
-    report = FoldReport(outcome.entries, model=opened.name)
+    entries = []
+    for entry in outcome.entries:
+        entries.append(entry)
+        for other in adapter.companions.get(entry.bn, []):
+            note = f"in one chain with {entry.bn}"
+            entries.append(replace(entry, bn=other, note=note if entry.folded else ""))
+    report = FoldReport(entries, model=opened.name)
     if not outcome.entries:
         report.notes.append("no BatchNorm (or per-channel affine chain) found: nothing to fold")
     return report

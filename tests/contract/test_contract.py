@@ -4,10 +4,13 @@ The forms are ``tests/helpers/forms.FORMS``: the eager ``nn.Module``, the
 ``torch.export.ExportedProgram``, the ATen ``GraphModule`` of ``ep.module()``, an
 ``onnx.ModelProto``, an ``onnx_ir.Model``, and the module compiled with the ``bnfold``
 torch.compile backend (its report is that of the captured graphs; it has no ``analyze``, so
-(b) compares two compilations, and (e) does not apply), each built from one torch network
-(exported to ONNX by the TorchScript exporter). The networks (:data:`NETWORKS`) have Conv,
-ConvTranspose (grouped) and Linear producers, BatchNorms that must be kept, and a chain of two
-BatchNorms; every BatchNorm has random running mean and variance, scale and shift.
+(b) compares two compilations, and (e) does not apply), and a ``jax.export.Exported`` and its
+StableHLO text (the network translated to a JAX function with its parameters closed over, each
+BatchNorm written by hand as JAX code does: ``(x - mean) * (gamma * rsqrt(var + eps)) + beta``;
+skipped without JAX), each built from one torch network (exported to ONNX by the TorchScript
+exporter). The networks (:data:`NETWORKS`) have Conv, ConvTranspose (grouped) and Linear
+producers, BatchNorms that must be kept, and a chain of two BatchNorms; every BatchNorm has
+random running mean and variance, scale and shift.
 
 For every form and network:
 

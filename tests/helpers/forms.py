@@ -2,13 +2,14 @@
 
 A *form* is one way of handing a network to bnfold: the eager ``nn.Module``, the
 ``torch.export.ExportedProgram``, the ATen ``GraphModule`` of ``ep.module()``, an
-``onnx.ModelProto`` and an ``onnx_ir.Model``. :data:`FORMS` describes each one by what the
-checks need (build it from a torch module and its input, fold and analyze it, run it, count its
-BatchNorms, read its stored tensors), so that a check written once runs in every form, and a new
-frontend is one more :class:`Form` in the list. The contract suite (``tests/contract``) runs its
-checks over :data:`FORMS`; the random-network fuzzer (``tests/fuzz/networks.py``) uses the
-pieces below: the float64 reference, the error bound, the condition of the folds, the hashes of
-an input that a fold must not change.
+``onnx.ModelProto``, an ``onnx_ir.Model``, and a ``jax.export.Exported`` and StableHLO text of
+the network translated to JAX (``tests/helpers/jax_forms.py``). :data:`FORMS` describes each one
+by what the checks need (build it from a torch module and its input, fold and analyze it, run it,
+count its BatchNorms, read its stored tensors), so that a check written once runs in every form,
+and a new frontend is one more :class:`Form` in the list. The contract suite (``tests/contract``)
+runs its checks over :data:`FORMS`; the random-network fuzzer (``tests/fuzz/networks.py``) uses
+the pieces below: the float64 reference, the error bound, the condition of the folds, the hashes
+of an input that a fold must not change.
 
 **The error bound** (``compare_to_reference``). Every output is compared with the float64
 evaluation of the original model (its weights as stored, computed in float64):
@@ -486,8 +487,45 @@ COMPILE = Form(
     fingerprint=lambda model: _module_fingerprint(_unwrapped(model)),
 )
 
+
+def _jax_forms() -> Any:
+    """``tests.helpers.jax_forms``, or a skip when JAX is not installed (JAX is an extra)."""
+    import pytest
+
+    pytest.importorskip("jax")
+    from tests.helpers import jax_forms
+
+    return jax_forms
+
+
+# The network translated to a JAX function (parameters closed over) and exported with jax.export
+STABLEHLO = Form(
+    name="stablehlo",
+    build=lambda module, x: _jax_forms().export(module, x),
+    fold=lambda m, x: _fold_quietly(m, None),
+    analyze=lambda m, x: _analyze_quietly(m, None),
+    run=lambda m, x: _jax_forms().run(m, x),
+    count_bns=lambda m: _jax_forms().count_bns(m),
+    weights=lambda m: _jax_forms().weights(m),
+    fingerprint=lambda m: _jax_forms().fingerprint(m),
+)
+
+# The same program as StableHLO MLIR text
+STABLEHLO_TEXT = replace(
+    STABLEHLO, name="stablehlo_text", build=lambda module, x: _jax_forms().export_text(module, x)
+)
+
 # Every form bnfold folds; a new frontend is one more entry.
-FORMS: list[Form] = [EAGER, PROGRAM, GRAPH_MODULE, ONNX, ONNX_IR, COMPILE]
+FORMS: list[Form] = [
+    EAGER,
+    PROGRAM,
+    GRAPH_MODULE,
+    ONNX,
+    ONNX_IR,
+    COMPILE,
+    STABLEHLO,
+    STABLEHLO_TEXT,
+]
 
 
 def export(model: nn.Module, args: tuple, decomposed: bool = False, **kw: Any) -> Any:

@@ -423,7 +423,8 @@ def case_linen_bn_no_affine() -> JaxCase:
 
 @_register
 def case_linen_conv_bn_bn() -> JaxCase:
-    """Two BatchNorms in a row are one chain of per-channel constants: one entry."""
+    """Two BatchNorms in a row are one chain of per-channel constants, folded as a whole; each
+    BatchNorm layer flax named has its own entry."""
     nn = _linen()
 
     class ConvBNBN(nn.Module):
@@ -432,7 +433,7 @@ def case_linen_conv_bn_bn() -> JaxCase:
             return _bn(nn)(_bn(nn)(nn.Conv(6, (3, 3))(x)))
 
     x = normal(_rng(10), (2, 8, 8, 3))
-    return _linen_case("linen_conv_bn_bn", ConvBNBN(), x, 1)
+    return _linen_case("linen_conv_bn_bn", ConvBNBN(), x, 2)
 
 
 @_register
