@@ -288,6 +288,11 @@ class StableHloAdapter:
         return ""
 
     def _constant_detail(self, value: Any, why: str) -> str:
+        if "argument" in why and "of @main" not in why:
+            return (
+                f"{why}, a function bnfold does not follow calls into (JAX makes one for "
+                "each lax.cond branch and nested jit)"
+            )
         if "argument" in why:
             return f"{CLOSE_OVER}; {why}"
         return why
@@ -310,12 +315,19 @@ class StableHloAdapter:
         chain, producer = pair.chain, pair.hlo_producer
         assert producer is not None and chain.axis is not None and pair.weight_axis is not None
         channels = int(tensor_type(producer.output).shape[chain.axis])
+        produced, result = tensor_type(producer.output), tensor_type(chain.output)
+        if list(produced.shape) != list(result.shape):
+            raise FoldRefused(
+                f"the chain's result type {result} has another shape than {pair.target}'s "
+                f"{produced}: the folded producer cannot stand in for it"
+            )
         try:
             steps = [self._step(link) for link in chain.links]
             weight = self.constants.native(producer.weight)
         except NotConstant as e:
             raise FoldRefused(str(e)) from e
         k, c = affine.compose(steps, channels)
+        _require_precision(weight.dtype, np_dtype(produced.element_type), pair.target)
         layout = algebra.OutputLayout(axis=pair.weight_axis)
         scaled = algebra.ScaledWeight(weight, k, layout)
         bias = None
@@ -333,7 +345,9 @@ class StableHloAdapter:
         if link.op in ("neg", "widen"):
             return affine.Step(link.op, where=where)
         if link.op == "affine":
-            scale, offset, mean, var = (self.constants.value(v) for v in link.operand)
+            scale, offset, mean = (self.constants.value(v) for v in link.operand[:3])
+            # the variance in its own dtype: var + eps must be positive where the op adds them
+            var = self.constants.native(link.operand[3])
             eps = float(ir.FloatAttr(link.node.attributes["epsilon"]).value)
             s, t = algebra.affine_factors(mean, var, eps, scale, offset)
             return affine.Step("affine", (s, t), where=where)
@@ -386,6 +400,29 @@ class StableHloAdapter:
 
     def extra_entries(self) -> list[FoldEntry]:
         return list(self._extra)
+
+
+def _mantissa_bits(dtype: np.dtype) -> int:
+    try:
+        return int(np.finfo(dtype).nmant)
+    except ValueError:
+        import ml_dtypes
+
+        return int(ml_dtypes.finfo(dtype).nmant)
+
+
+def _require_precision(weight: np.dtype, output: np.dtype | None, producer: str | None) -> None:
+    """A producer may compute in a wider type than its weight (``preferred_element_type``: a
+    float8 or bfloat16 weight, a float32 result). Its per-channel scale is then applied in the
+    wide type; folded into the weight it would be rounded to the weight's few bits. Refused."""
+    if output is None or weight.kind not in "fV" or output.kind not in "fV":
+        return
+    if _mantissa_bits(weight) < _mantissa_bits(output):
+        raise FoldRefused(
+            f"{producer}'s weight is {weight.name} but it computes in {output.name}: the scale "
+            f"would be rounded to {weight.name} in the weight, where the graph applies it in "
+            f"{output.name}"
+        )
 
 
 def _layer_path(location: Any) -> str:

@@ -116,18 +116,31 @@ def _dims(op: Any, name: str) -> list[int]:
 def _broadcast(op: Any, args: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
     x = args[0]
     dims = _dims(op, "broadcast_dimensions")
+    # the dimensions may be in any order (a broadcast that also transposes): put the operand's
+    # axes in the order of the result's first
+    order = sorted(range(len(dims)), key=lambda i: dims[i])
+    x = np.transpose(x, order)
     expanded = [1] * len(shape)
-    for i, d in enumerate(dims):
-        expanded[d] = x.shape[i]
+    for i in order:
+        expanded[dims[i]] = args[0].shape[i]
     return np.broadcast_to(x.reshape(expanded), shape)
 
 
 def _convert(op: Any, args: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
     target = np_dtype(tensor_type(op.results[0]).element_type)
-    if target is None:
+    if target is None or target.kind == "c":
         raise NotConstant(f"a convert to {tensor_type(op.results[0]).element_type}")
+    x = args[0]
+    if target.kind in "iub" and x.dtype.kind == "f":
+        # out of range or NaN, a float-to-integer convert is implementation-defined
+        if target.kind == "b":
+            return x != 0
+        info = np.iinfo(target)
+        if not (np.isfinite(x).all() and (x >= info.min).all() and (x <= info.max).all()):
+            raise NotConstant("a float-to-integer convert of values out of the integer's range")
+        return np.trunc(x).astype(target)
     with np.errstate(all="ignore"):
-        out = args[0].astype(target)
+        out = x.astype(target)
     return out.astype(np.float64) if _is_float(target) else out
 
 
@@ -147,6 +160,14 @@ def _binary(f: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> Rule:
     return lambda op, args, shape: f(args[0], args[1])
 
 
+def _float_only(op: Any, args: list[np.ndarray], f: Callable[..., np.ndarray]) -> np.ndarray:
+    """Integer division and powers round and fail differently in numpy than in StableHLO
+    (truncation, division by zero, negative exponents): only floats are evaluated."""
+    if any(a.dtype.kind != "f" for a in args):
+        raise NotConstant(f"an integer {op.name}, which bnfold does not evaluate")
+    return f(*args)
+
+
 _RULES: dict[str, Rule] = {
     "stablehlo.broadcast_in_dim": _broadcast,
     "stablehlo.dynamic_broadcast_in_dim": _broadcast,
@@ -161,10 +182,10 @@ _RULES: dict[str, Rule] = {
     "stablehlo.add": _binary(np.add),
     "stablehlo.subtract": _binary(np.subtract),
     "stablehlo.multiply": _binary(np.multiply),
-    "stablehlo.divide": _binary(np.divide),
+    "stablehlo.divide": lambda op, args, shape: _float_only(op, args, np.divide),
     "stablehlo.maximum": _binary(np.maximum),
     "stablehlo.minimum": _binary(np.minimum),
-    "stablehlo.power": _binary(np.power),
+    "stablehlo.power": lambda op, args, shape: _float_only(op, args, np.power),
     "stablehlo.negate": _unary(np.negative),
     "stablehlo.abs": _unary(np.abs),
     "stablehlo.sqrt": _unary(np.sqrt),
@@ -187,6 +208,7 @@ class Constants:
     def __init__(self, max_elements: int = MAX_ELEMENTS) -> None:
         self._cache: dict[Any, np.ndarray] = {}
         self._why: dict[Any, str] = {}
+        self._like: dict[Any, bool] = {}
         self._max = max_elements
 
     def is_constant(self, value: Any) -> bool:
@@ -198,7 +220,7 @@ class Constants:
         """Why ``value`` is not an evaluable constant ("" when it is)."""
         if value in self._why:
             return self._why[value]
-        stack, order = [value], []
+        stack = [value]
         while stack:  # iterative: a long constant expression must not hit the recursion limit
             v = stack.pop()
             if v in self._why:
@@ -218,10 +240,35 @@ class Constants:
             if pending:
                 stack.append(v)
                 stack.extend(pending)
-                order.append(v)
                 continue
             self._why[v] = next((self._why[o] for o in op.operands if self._why[o]), "")
         return self._why[value]
+
+    def parameter_like(self, value: Any) -> bool:
+        """Whether ``value`` is computed by the evaluated ops from constants and function
+        arguments only: a parameter passed as an argument (``rsqrt(var + eps) * scale`` of
+        arguments), not something computed from activations (a squeeze-excitation gate)."""
+        if value in self._like:
+            return self._like[value]
+        stack = [value]
+        while stack:
+            v = stack.pop()
+            if v in self._like:
+                continue
+            op = op_of(v)
+            if op is None or op.name == "stablehlo.constant":
+                self._like[v] = True
+                continue
+            if op.name not in _RULES:
+                self._like[v] = False
+                continue
+            pending = [o for o in op.operands if o not in self._like]
+            if pending:
+                stack.append(v)
+                stack.extend(pending)
+                continue
+            self._like[v] = all(self._like[o] for o in op.operands)
+        return self._like[value]
 
     def value(self, value: Any) -> np.ndarray:
         """``value`` evaluated: float64 for floating-point values (holding the graph's own
@@ -258,25 +305,44 @@ class Constants:
         return shape
 
     def _evaluate(self, value: Any, budget: list[int]) -> np.ndarray:
-        if value in self._cache:
-            return self._cache[value]
+        # iterative: a long constant expression must not hit the recursion limit
+        stack = [value]
+        while stack:
+            v = stack[-1]
+            if v in self._cache:
+                stack.pop()
+                continue
+            op = op_of(v)
+            assert op is not None
+            pending = [o for o in op.operands if o not in self._cache]
+            if pending:
+                stack.extend(pending)
+                continue
+            stack.pop()
+            self._cache[v] = self._compute(v, op, budget)
+        return self._cache[value]
+
+    def _compute(self, value: Any, op: Any, budget: list[int]) -> np.ndarray:
+        """One op's result, as the graph computes it: each floating-point result is rounded
+        to its element type (an overflow is inf and an underflow 0 there too), and held in
+        float64."""
         shape = self._charge(budget, value)
-        op = op_of(value)
-        assert op is not None
+        t = tensor_type(value)
+        dt = np_dtype(t.element_type)
+        if dt is None or dt.kind == "c":
+            raise NotConstant(f"it has element type {t.element_type}")
         if op.name == "stablehlo.constant":
-            t = tensor_type(value)
-            dt = np_dtype(t.element_type)
-            if dt is None:
-                raise NotConstant(f"a constant of element type {t.element_type}")
             raw = read_attribute(op.attributes["value"], dt)
-            out = raw.astype(np.float64) if _is_float(dt) and dt != np.float64 else raw
-        else:
-            args = [self._evaluate(o, budget) for o in op.operands]
-            with np.errstate(all="ignore"):
-                out = np.asarray(_RULES[op.name](op, args, shape))
-            if out.shape != shape:
-                raise NotConstant(f"{op.name} gave shape {out.shape}, its type says {shape}")
-        self._cache[value] = out
+            return raw.astype(np.float64) if _is_float(dt) and dt != np.float64 else raw
+        args = [self._cache[o] for o in op.operands]
+        with np.errstate(all="ignore"):
+            out = np.asarray(_RULES[op.name](op, args, shape))
+            if _is_float(dt):
+                out = out.astype(dt).astype(np.float64)
+            elif out.dtype != dt:
+                out = out.astype(dt)
+        if out.shape != shape:
+            raise NotConstant(f"{op.name} gave shape {out.shape}, its type says {shape}")
         return out
 
 
@@ -285,7 +351,8 @@ def read_attribute(attr: Any, dtype: np.dtype) -> np.ndarray:
     try:
         dense = ir.DenseElementsAttr(attr)
     except (ValueError, TypeError) as e:
-        raise NotConstant(f"its value is a {type(attr).__name__}, which bnfold cannot read") from e
+        kind = "a dense_resource blob" if "dense_resource" in str(attr)[:20] else "not dense"
+        raise NotConstant(f"its value is {kind}, which bnfold does not read") from e
     shape = tuple(int(d) for d in ir.ShapedType(dense.type).shape)
     if dense.is_splat:
         v = dense.get_splat_value()

@@ -191,7 +191,7 @@ def channel_operand(value: Any, rank: int, constants: Constants) -> ChannelOpera
         source = op.operands[0]
         peeled = True
     constant = constants.is_constant(source)
-    if not peeled and not constant:
+    if not constant and not (peeled and constants.parameter_like(source)):
         return None
     shape = static_shape(source)
     if shape is None or len(shape) != len(axes):
