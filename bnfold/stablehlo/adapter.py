@@ -19,7 +19,7 @@ other ops read too stays as it was.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -65,7 +65,6 @@ class _Function:
     op: Any
     name: str
     state: Any = None
-    chains: list[affine.Chain] = field(default_factory=list)
 
 
 def _functions(module: Any) -> Iterator[Any]:
@@ -80,7 +79,6 @@ class StableHloAdapter:
     def __init__(self, module: Any) -> None:
         self.module = module
         self.constants = Constants()
-        self._extra: list[FoldEntry] = []
         self._labels: dict[str, str] = {}
         # report name of a chain -> the other layers (BatchNorms) folded in the same chain
         self.companions: dict[str, list[str]] = {}
@@ -111,61 +109,39 @@ class StableHloAdapter:
 
     def batch_norms(self) -> list[BatchNormSite[Any]]:
         sites = []
-        self._extra = []
         for fn in self._functions:
-            body = fn.op.regions[0]
-            if not body.blocks:
-                continue  # a declaration
-            block = body.blocks[0]
-            links = []
-            for op in block.operations:
-                op = op.operation
-                found = ops.link(op, self.constants)
-                if found is not None:
-                    links.append(found)
-                for region in op.regions:
-                    self._nested(fn, op, region)
-            fn.chains = [
-                c for c in affine.chains(links, lambda v: len(list(v.uses))) if c.is_batch_norm
-            ]
-            for chain in fn.chains:
-                sites.append(
-                    BatchNormSite(
-                        node=(fn, chain),
-                        input=chain.input,
-                        output=chain.output,
-                        weight=None,
-                        bias=None,
-                        mean=None,
-                        var=None,
-                        eps=None,
-                        axis=chain.axis if chain.axis is not None else 1,
-                    )
-                )
-        return sites
-
-    def _nested(self, fn: _Function, parent: Any, region: Any) -> None:
-        """BatchNorm ops inside a region (a loop or branch body) are reported, not folded."""
-        for block in region.blocks:
-            for op in block.operations:
-                op = op.operation
-                if op.name == ops.BATCH_NORM:
-                    name = self._name(fn, op.results[0])
-                    self._extra.append(
-                        FoldEntry(
-                            bn=name,
-                            target=None,
-                            action="skipped",
-                            reason=(
-                                f"{name} is inside the body of {parent.name}, where bnfold "
-                                "does not fold"
-                            ),
-                            rule=rules.NO_PRODUCER,
-                            bn_type=ops.BATCH_NORM,
+            # every block: a function's body, and the bodies of its case, if and while ops
+            # (a chain and its producer are always in one block; constants they read may be
+            # defined outside it)
+            blocks = [b for b in fn.op.regions[0].blocks]
+            while blocks:
+                block = blocks.pop(0)
+                links = []
+                for op in block.operations:
+                    op = op.operation
+                    found = ops.link(op, self.constants)
+                    if found is not None:
+                        links.append(found)
+                    for region in op.regions:
+                        blocks.extend(region.blocks)
+                chains = affine.chains(links, lambda v: len(list(v.uses)))
+                for chain in chains:
+                    if not chain.is_batch_norm:
+                        continue
+                    sites.append(
+                        BatchNormSite(
+                            node=(fn, chain),
+                            input=chain.input,
+                            output=chain.output,
+                            weight=None,
+                            bias=None,
+                            mean=None,
+                            var=None,
+                            eps=None,
+                            axis=chain.axis if chain.axis is not None else 1,
                         )
                     )
-                for inner in op.regions:
-                    self._nested(fn, parent, inner)
+        return sites
 
     def examine(self, bn: BatchNormSite[Any]) -> _Pair:
         fn, chain = bn.node
@@ -399,7 +375,7 @@ class StableHloAdapter:
         return [link.output for link in self._walk_back(chain)[0]]
 
     def extra_entries(self) -> list[FoldEntry]:
-        return list(self._extra)
+        return []  # every block is read: nothing is left out
 
 
 def _mantissa_bits(dtype: np.dtype) -> int:
