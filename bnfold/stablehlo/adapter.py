@@ -79,7 +79,7 @@ class StableHloAdapter:
     def __init__(self, module: Any) -> None:
         self.module = module
         self.constants = Constants()
-        self._labels: dict[str, str] = {}
+        self._labels: dict[str, Any] = {}  # layer path -> the value it names
         # report name of a chain -> the other layers (BatchNorms) folded in the same chain
         self.companions: dict[str, list[str]] = {}
         self._functions = [
@@ -97,14 +97,13 @@ class StableHloAdapter:
     def _label(self, fn: _Function, value: Any, op: Any) -> str:
         """The name of the layer ``op`` belongs to, from the module path JAX records in its
         location (``M/BatchNorm_0`` of ``jit(apply)/M/BatchNorm_0/mul``), with the value's
-        own name; the value's name alone when there is none."""
-        own = self._name(fn, value)
+        own name when another value has that path already; the value's name alone when the
+        location names no layer."""
         path = _layer_path(op.location)
         if not path:
-            return own
-        if path in self._labels and self._labels[path] != own:
-            return f"{path} ({own})"
-        self._labels[path] = own
+            return self._name(fn, value)
+        if self._labels.setdefault(path, value) != value:
+            return f"{path} ({self._name(fn, value)})"
         return path
 
     def batch_norms(self) -> list[BatchNormSite[Any]]:
