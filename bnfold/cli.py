@@ -1,7 +1,8 @@
 """The ``bnfold`` command line.
 
-``bnfold MODEL -o OUT [--verify] [--report]`` folds a model file (an ONNX model, ``.onnx``, or
-a torch.export archive, ``.pt2``, pt2e-quantized ones included: ``--qat``); ``bnfold demo``
+``bnfold MODEL -o OUT [--verify] [--report]`` folds a model file (an ONNX model, ``.onnx``; a
+torch.export archive, ``.pt2``, pt2e-quantized ones included: ``--qat``; StableHLO text,
+``.mlir``; a serialized ``jax.export`` program, ``.jaxexport``); ``bnfold demo``
 folds the built-in example network. Errors print one line to stderr and return a non-zero
 status; :func:`main` never lets an exception escape.
 """
@@ -80,8 +81,9 @@ def _file_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "model",
         metavar="MODEL",
-        help="model file: an ONNX model (.onnx, external data beside it is kept external) or a "
-        "torch.export archive (.pt2)",
+        help="model file: an ONNX model (.onnx, external data beside it is kept external), a "
+        "torch.export archive (.pt2), StableHLO MLIR text (.mlir) or a serialized jax.export "
+        "program (.jaxexport, the bytes of Exported.serialize())",
     )
     p.add_argument(
         "-o",
@@ -95,8 +97,8 @@ def _file_parser() -> argparse.ArgumentParser:
         "--verify",
         action="store_true",
         help="run the original and the folded model on random inputs (ONNX models in "
-        "onnxruntime) and fail, writing nothing, if they differ by more than the dtype's "
-        "tolerance",
+        "onnxruntime, StableHLO with XLA on the CPU) and fail, writing nothing, if they "
+        "differ by more than the dtype's tolerance",
     )
     p.add_argument("--report", action="store_true", help="print one line per BatchNorm")
     p.add_argument(

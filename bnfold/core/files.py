@@ -55,7 +55,8 @@ def model_format(path: str | os.PathLike[str]) -> str:
         named = next((fr for fr in registered if head.startswith(fr.magic)), None)
     if named is not None:
         return named.format
-    expected = " or ".join(fr.description for fr in registered)
+    names = [fr.description for fr in registered]
+    expected = ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else "".join(names)
     raise ModelFileError(f"{p} is not a model file bnfold reads: expected {expected}")
 
 

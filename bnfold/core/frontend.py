@@ -236,7 +236,6 @@ register_model_frontend(
 )
 
 
-
 def _is_stablehlo(model: Any) -> bool:
     """A ``jax.export.Exported``, or a string holding StableHLO assembly."""
     if isinstance(model, str):
@@ -272,6 +271,35 @@ register_file_frontend(
         description="a torch.export archive (.pt2)",
         plural="torch.export archives",
         options=("qat",),
+    )
+)
+# StableHLO files have no magic of their own: MLIR text starts with whatever comes first
+# (#loc aliases, a comment, the module), and Exported.serialize() writes a flatbuffer without a
+# file identifier (its leading bytes are offsets that change with jax's schema). So they are
+# known by their suffix alone; these leading bytes, which no model file has, only fill the
+# registration.
+register_file_frontend(
+    FileFrontend(
+        format="stablehlo",
+        module="bnfold.stablehlo.files",
+        suffix=".mlir",
+        magic=b"\0bnfold: StableHLO text is known by its suffix (.mlir)\0",
+        description="a StableHLO module in MLIR text (.mlir)",
+        plural="StableHLO MLIR files",
+        needs="jax and jaxlib",
+        extra="jax",
+    )
+)
+register_file_frontend(
+    FileFrontend(
+        format="jaxexport",
+        module="bnfold.stablehlo.files",  # its open_file reads a .jaxexport as a program
+        suffix=".jaxexport",
+        magic=b"\0bnfold: jax.export programs are known by their suffix (.jaxexport)\0",
+        description="a serialized jax.export program (.jaxexport)",
+        plural="serialized jax.export programs",
+        needs="jax and jaxlib",
+        extra="jax",
     )
 )
 

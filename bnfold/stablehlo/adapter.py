@@ -18,6 +18,7 @@ other ops read too stays as it was.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +36,7 @@ from .constants import (
     NotConstant,
     np_dtype,
     op_of,
+    symbol_name,
     tensor_type,
     write_attribute,
 )
@@ -82,10 +84,7 @@ class StableHloAdapter:
         self._labels: dict[str, Any] = {}  # layer path -> the value it names
         # report name of a chain -> the other layers (BatchNorms) folded in the same chain
         self.companions: dict[str, list[str]] = {}
-        self._functions = [
-            _Function(op, ir.StringAttr(op.attributes["sym_name"]).value)
-            for op in _functions(module)
-        ]
+        self._functions = [_Function(op, symbol_name(op)) for op in _functions(module)]
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -400,18 +399,18 @@ def _require_precision(weight: np.dtype, output: np.dtype | None, producer: str 
         )
 
 
+_NAMED_LOCATION = re.compile(r'^loc\("([^"\\]*)"')
+
+
 def _layer_path(location: Any) -> str:
     """``M/BatchNorm_0`` from a location named ``jit(apply)/M/BatchNorm_0/mul`` (what JAX
-    records for flax modules); "" when the location names no layer."""
-    while True:
-        name = getattr(location, "name_str", None)
-        if name is not None:
-            break
-        inner = getattr(location, "callee", None) or getattr(location, "child_loc", None)
-        if inner is None:
-            return ""
-        location = inner
-    parts = name.split("/")
+    records for flax modules); "" when the location names no layer. Read from the location as
+    MLIR prints it (the bindings abort the process on a name that is not UTF-8; printed, such a
+    name is escaped, and an escaped name is not read)."""
+    found = _NAMED_LOCATION.match(str(location))
+    if found is None:
+        return ""
+    parts = found.group(1).split("/")
     if len(parts) < 3:
         return ""
     return "/".join(parts[1:-1])

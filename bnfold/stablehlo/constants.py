@@ -11,6 +11,7 @@ checked from the static shapes before numpy allocates anything.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -93,11 +94,22 @@ def describe_argument(value: Any) -> str:
     return f"argument {value.arg_number} of {name}" if name else "a block argument"
 
 
-def _symbol(op: Any) -> str:
+def symbol_name(op: Any) -> str:
+    """The ``sym_name`` of a function (``main``), "" when it has none. A name that is not UTF-8
+    is given as MLIR prints it, escaped: the bindings raise on it."""
     try:
-        return "@" + ir.StringAttr(op.attributes["sym_name"]).value
+        attr = op.attributes["sym_name"]
     except (KeyError, ValueError, TypeError):
         return ""
+    try:
+        return ir.StringAttr(attr).value
+    except (RuntimeError, ValueError, TypeError, UnicodeDecodeError):
+        return str(attr).strip('"')
+
+
+def _symbol(op: Any) -> str:
+    name = symbol_name(op)
+    return "@" + name if name else ""
 
 
 class NotConstant(Exception):
@@ -297,7 +309,7 @@ class Constants:
         shape = static_shape(value)
         if shape is None:
             raise NotConstant("its shape is not static")
-        budget[0] += int(np.prod(shape, dtype=np.int64))
+        budget[0] += math.prod(shape)  # Python integers: no overflow
         if budget[0] > self._max:
             raise NotConstant(
                 f"evaluating it takes more than {self._max:,} elements (bnfold's budget)"

@@ -17,6 +17,7 @@ from ..core.report import FoldReport
 from ..errors import InvalidArgumentError, UnsupportedModelError
 from . import mlir
 from .adapter import StableHloAdapter
+from .constants import symbol_name
 
 
 @dataclass
@@ -32,10 +33,8 @@ class Opened:
     def name(self) -> str:
         if mlir.is_exported(self.model):
             return f"jax.export.Exported {self.model.fun_name}"
-        try:
-            return "@" + mlir.ir.StringAttr(self.module.operation.attributes["sym_name"]).value
-        except (KeyError, ValueError, TypeError):
-            return "StableHLO module"
+        name = symbol_name(self.module.operation)
+        return f"@{name}" if name else "StableHLO module"
 
     def result(self) -> Any:
         """The (folded) module, in the kind of model it came as."""

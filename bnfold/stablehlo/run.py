@@ -10,6 +10,7 @@ data, and running it must not run code or touch the machine.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,7 +19,7 @@ import numpy as np
 from ..core import compare
 from ..errors import UnsupportedModelError
 from . import mlir
-from .constants import np_dtype, tensor_type
+from .constants import np_dtype, symbol_name, tensor_type
 
 # The most elements of random input made for one run.
 MAX_INPUT_ELEMENTS = 1 << 28
@@ -76,7 +77,7 @@ def main_function(module: Any) -> Any:
     """The function a module runs: ``@main``, or its only public function."""
     funcs = [op.operation for op in module.body.operations if op.operation.name == "func.func"]
     for f in funcs:
-        if mlir.ir.StringAttr(f.attributes["sym_name"]).value == "main":
+        if symbol_name(f) == "main":
             return f
     public = [
         f
@@ -112,7 +113,7 @@ def input_types(module: Any) -> list[tuple[np.dtype, tuple[int, ...]]]:
 
 def random_inputs(specs: Sequence[tuple[np.dtype, tuple[int, ...]]], seed: int) -> list[np.ndarray]:
     """Random inputs of these dtypes and shapes (within :data:`MAX_INPUT_ELEMENTS`)."""
-    total = sum(int(np.prod(s, dtype=np.int64)) for _, s in specs)
+    total = sum(math.prod(s) for _, s in specs)  # Python integers: no overflow
     if total > MAX_INPUT_ELEMENTS:
         raise UnsupportedModelError(
             f"the inputs have {total:,} elements, more than --verify makes ({MAX_INPUT_ELEMENTS:,})"

@@ -125,8 +125,9 @@ def test_unknown_files_are_refused_naming_every_format(tmp_path, data):
     with pytest.raises(ModelFileError) as excinfo:
         files.model_format(path)
     assert str(excinfo.value) == (
-        f"{path} is not a model file bnfold reads: expected an ONNX model (.onnx) or a "
-        "torch.export archive (.pt2)"
+        f"{path} is not a model file bnfold reads: expected an ONNX model (.onnx), a "
+        "torch.export archive (.pt2), a StableHLO module in MLIR text (.mlir) or a serialized "
+        "jax.export program (.jaxexport)"
     )
 
 
