@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -62,6 +62,24 @@ class _Fold:
     note: str = ""
 
 
+class _Site:
+    """A chain as the pipeline keys it: by its function and the value it computes, which
+    stays the same from one pass to the next while the chain is kept (a chain folded in one
+    pass is not looked at again)."""
+
+    __slots__ = ("fn", "chain", "_key")
+
+    def __init__(self, fn: _Function, chain: affine.Chain) -> None:
+        self.fn, self.chain = fn, chain
+        self._key = (fn.name, hash(chain.output))
+
+    def __hash__(self) -> int:
+        return hash(self._key)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Site) and self._key == other._key
+
+
 @dataclass
 class _Function:
     op: Any
@@ -84,6 +102,7 @@ class StableHloAdapter:
         self._labels: dict[str, Any] = {}  # layer path -> the value it names
         # report name of a chain -> the other layers (BatchNorms) folded in the same chain
         self.companions: dict[str, list[str]] = {}
+        self._first_names: dict[_Site, tuple[str, str | None]] = {}
         self._functions = [_Function(op, symbol_name(op)) for op in _functions(module)]
 
     # -- reading ------------------------------------------------------------------------------
@@ -128,7 +147,7 @@ class StableHloAdapter:
                         continue
                     sites.append(
                         BatchNormSite(
-                            node=(fn, chain),
+                            node=_Site(fn, chain),
                             input=chain.input,
                             output=chain.output,
                             weight=None,
@@ -142,14 +161,28 @@ class StableHloAdapter:
         return sites
 
     def examine(self, bn: BatchNormSite[Any]) -> _Pair:
-        fn, chain = bn.node
+        pair = self._examine(bn)
+        # a chain kept in the first pass is looked at again after the rewrite: it keeps the
+        # names the input's module gave it (SSA names are renumbered by the rewrite)
+        first = self._first_names.setdefault(bn.node, (pair.name, pair.target))
+        if first != (pair.name, pair.target):
+            pair.name, pair.target = first
+            pair.facts = replace(pair.facts, bn=first[0], producer=first[1] or pair.facts.producer)
+        return pair
+
+    def _examine(self, bn: BatchNormSite[Any]) -> _Pair:
+        fn, chain = bn.node.fn, bn.node.chain
         scaling = [link for link in chain.links if link.scales]
         name = self._label(fn, chain.output, scaling[0].node)
         # Several BatchNorms in a row make one chain, folded as a whole; each layer JAX named
         # in the locations gets its own report entry (see ``companions``).
-        paths = list(dict.fromkeys(_layer_path(link.node.location) for link in scaling))
-        if len(paths) > 1 and "" not in paths and name == paths[0]:
-            self.companions[name] = paths[1:]
+        firsts: dict[str, affine.Link] = {}
+        for link in scaling:
+            firsts.setdefault(_layer_path(link.node.location), link)
+        firsts.pop("", None)
+        others = [link for link in firsts.values() if link is not scaling[0]]
+        if len(firsts) > 1:
+            self.companions[name] = [self._label(fn, x.output, x.node) for x in others]
         pair = _Pair(
             bn=bn,
             facts=rules.PairFacts(bn=name),
@@ -312,6 +345,7 @@ class StableHloAdapter:
                     f"the chain's element type {tensor_type(chain.output)} is unknown"
                 )
             bias = algebra.folded_bias(None, k, c, like=weight, dtype=out_dtype)
+            _require_headroom(c, np_dtype(produced.element_type), pair.name)
         return _Fold(scaled.value(), bias)
 
     def _step(self, link: affine.Link) -> affine.Step:
@@ -369,11 +403,31 @@ class StableHloAdapter:
         return dead
 
     def upstream(self, bn: BatchNormSite[Any]) -> list[Any]:
-        _, chain = bn.node
+        chain = bn.node.chain
         return [link.output for link in self._walk_back(chain)[0]]
 
     def extra_entries(self) -> list[FoldEntry]:
         return []  # every block is read: nothing is left out
+
+
+# The folded producer computes k*y where the chain computed (y - mean)*k, and adds c after:
+# k*y overflows where the chain's output is beyond (limit - |c|). With |c| at most a quarter
+# of a 16-bit float's largest value, that happens only for outputs within a quarter of
+# overflowing themselves; a larger shift is refused.
+HEADROOM_SHARE = 1 / 4
+
+
+def _require_headroom(shift: np.ndarray, dtype: np.dtype | None, name: str) -> None:
+    if dtype is None or dtype.itemsize > 2 or dtype.kind not in "fV":
+        return
+    limit = algebra._ops_for(np.zeros(1, dtype)).max_finite(dtype)
+    big = float(np.max(np.abs(shift))) if shift.size else 0.0
+    if big > limit * HEADROOM_SHARE:
+        raise FoldRefused(
+            f"the folded shift of {name} reaches {big:g}, near the {dtype.name} limit "
+            f"({limit:g}): the folded layer's output before it may overflow where the "
+            "unfolded chain's does not"
+        )
 
 
 def _mantissa_bits(dtype: np.dtype) -> int:

@@ -7,8 +7,9 @@ between two transposes), BatchNorm before and after layers, affine or not, ``eps
 0.1, extreme running statistics (variance 1e-8 and 1e4, means far from 0, zero scales, and now
 and then invalid ones: NaN, negative variance, ``var + eps == 0``), modules called twice and
 activations used twice, in float32, float16 or bfloat16. ``check_case`` folds it as an eager
-module, a torch.export program (as exported or decomposed), the program's GraphModule, and an
-ONNX model (a ``ModelProto`` or an ``onnx_ir.Model``), and checks each result.
+module, a torch.export program (as exported or decomposed), the program's GraphModule, an
+ONNX model (a ``ModelProto`` or an ``onnx_ir.Model``) and a JAX program (a
+``jax.export.Exported`` or its StableHLO text), and checks each result.
 
 **What "matches" means.** Every output is compared with the float64 evaluation of the original
 model; the bound (a few times the original's own rounding error, plus a term for the one
@@ -21,6 +22,30 @@ and any exception must be a ``bnfold.BnfoldError``.
 
 ``python tests/fuzz/networks.py --examples 10000 --jobs 2`` (``make fuzz``) runs many examples
 and prints the counts; ``tests/fuzz/test_networks.py`` runs a few in ``make test``.
+
+**StableHLO** (``stablehlo``, in the default forms: about 0.17 s of CPU a network, as much as
+the four torch and ONNX forms together). ``tests/helpers/jax_forms.py`` translates the network
+into a JAX function in the torch layout, its parameters closed over in the network's dtype
+(float32, float16 or bfloat16, which the program then computes in; float64 networks are not
+drawn, and JAX would need ``jax_enable_x64`` for them), each layer call in the named scopes of
+its module path; the ReLU a ``_ReLUOnCall`` BatchNorm adds is translated too. A network the
+translation cannot express (a forward hook on the root, which runs Python on the outputs) is
+counted as not run, by reason. The function is exported with ``jax.export`` and the
+``Exported`` folded (one time in four, its StableHLO text), and both run by ``Exported.call``
+(text by XLA's CPU client). The checks: the input's fingerprint unchanged, ``analyze`` equal to
+``fold``, the folded ``Exported`` calling like the original (calling convention, avals,
+platforms), every BatchNorm accounted for (``_check_stablehlo_entries``: each BatchNorm multiply
+left in a program is named by the layer path of its location; each layer has an entry, no
+entry twice, and the folded program computes exactly the skipped layers' BatchNorms), and the
+outputs within the bound against the float64 torch reference, the unfolded program's own error
+setting it. The unfolded program is also held to that bound, with torch's eager outputs as the
+original (``_translation_agrees``): a translation computing another function would make the
+comparison meaningless, so that fails as a finding, with one exception counted apart (where a
+BatchNorm's scale is infinite, torch's formula gives NaN where the translation's gives an
+infinity). StableHLO has no BatchNorm op: a BatchNorm over one channel is arithmetic by a
+scalar there, and JAX drops the values no output reads, so this form sees fewer BatchNorms
+than the torch forms. JAX's caches are cleared after each network (they grow by megabytes a
+program), and XLA runs one thread a process, as torch does.
 
 **torch.compile** (``--forms compile,compile_pass``, not in the default forms: a dynamo compile
 takes about a second a network). ``compile`` runs ``torch.compile(model,
@@ -114,7 +139,11 @@ from tests.helpers.forms import (  # noqa: E402
 from tests.helpers.torch_models import StepNet as Net  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-FORMS = ("eager", "export", "graph_module", "onnx")
+# StableHLO: the network translated to JAX (tests/helpers/jax_forms.py), exported with
+# jax.export and folded as the Exported or its text; in the default forms (about 0.17 s of CPU
+# a network, as much as the four others together: the two XLA compiles are most of it)
+STABLEHLO_FORMS = ("stablehlo",)
+FORMS = ("eager", "export", "graph_module", "onnx") + STABLEHLO_FORMS
 # torch.compile: the bnfold dynamo backend (eager after the fold) and the Inductor pre-grad pass
 # run in a dynamo backend; only with ``--forms`` (dynamo compiles take a second or two a network)
 COMPILE_FORMS = ("compile", "compile_pass")
@@ -544,6 +573,13 @@ def check_case(case: Case, forms: tuple[str, ...] = FORMS, draw: Any = None) -> 
             report, got, unfolded = result
             oc.limits.update(unfolded)
             original = eager_out
+        elif form in STABLEHLO_FORMS:
+            result = _stablehlo_form(case, draw, ref, eager_out)
+            if isinstance(result, str):
+                oc.note = result
+                continue
+            report, original, got, limits = result
+            oc.limits.update(limits)
         else:
             result = _onnx_form(case, draw)
             if isinstance(result, str):
@@ -877,6 +913,140 @@ def _onnx_form(case: Case, draw: Any) -> str | tuple:
         return "onnxruntime cannot run the exported model"
     got = session(folded_run).run(None, {name: feeds_x}, _QUIET_RUN)
     return report, original, got
+
+
+# --------------------------------------------------------------------------------------------
+# StableHLO: the network translated to JAX, exported with jax.export
+
+
+def _stablehlo_form(case: Case, draw: Any, ref: list, eager_out: list) -> str | tuple:
+    """Translate ``case`` to JAX (``tests/helpers/jax_forms.py``, the network's own dtype),
+    export it with ``jax.export``, fold the ``Exported`` (now and then its StableHLO text), and
+    run both; or say why the form did not run (a layer or hook the translation lacks, JAX not
+    installed). The translation itself is first held to the fold's bound against the float64
+    reference, with torch's eager outputs as the original: a translation that computed another
+    function would make the comparison below meaningless."""
+    try:
+        from tests.helpers import jax_forms
+    except ImportError:
+        return "JAX not installed"
+    try:
+        return _stablehlo_fold(case, draw, ref, eager_out, jax_forms)
+    finally:
+        jax_forms.forget()
+
+
+def _stablehlo_fold(case: Case, draw: Any, ref: list, eager_out: list, jax_forms: Any) -> Any:
+    try:
+        with quiet():
+            exported = jax_forms.export(
+                case.model, case.x, check=False, after_call={_ReLUOnCall: _jax_relu()}
+            )
+    except NotImplementedError as e:
+        return f"no JAX translation: {_generic(first_line(e))}"
+    limits: Counter = Counter()
+    as_text = draw is not None and draw(st.sampled_from([False, False, False, True]))
+    model = exported.mlir_module() if as_text else exported
+    before = jax_forms.fingerprint(model)
+    with quiet():
+        folded, report = bnfold.fold(model, return_report=True)
+        analyzed = bnfold.analyze(model)
+    assert jax_forms.fingerprint(model) == before, "stablehlo fold changed its input"
+    a, f = analyzed.to_list(), report.to_list()
+    reordered = sorted(map(str, a)) == sorted(map(str, f))
+    assert a == f, (
+        f"analyze disagrees with fold: analyze only {_only(a, f)}, fold only {_only(f, a)}"
+        + (", the same entries in another order" if reordered else "")
+    )
+    if as_text:
+        limits["folded as StableHLO text"] += 1
+        assert isinstance(folded, str), type(folded)
+    else:
+        assert type(folded) is type(exported), type(folded)
+        for name in ("fun_name", "in_tree", "out_tree", "in_avals", "out_avals", "platforms"):
+            assert getattr(folded, name) == getattr(exported, name), f"folded {name} differs"
+    _check_stablehlo_entries(jax_forms.bn_paths(model), jax_forms.bn_paths(folded), report)
+    original = jax_forms.run(model, case.x)
+    got = jax_forms.run(folded, case.x)
+    if not _translation_agrees(case, ref, eager_out, original):
+        limits[_TORCH_NAN] += 1
+    return report, original, got, limits
+
+
+_TORCH_NAN = (
+    "the translation is finite where torch's reference is not (a BatchNorm with var + eps = 0: "
+    "torch computes x * inf + (b - mean * inf), JAX (x - mean) * inf + b)"
+)
+
+
+def _translation_agrees(case: Case, ref: list, eager_out: list, original: list) -> bool:
+    """Hold the unfolded JAX program to the fold's bound against the float64 reference, with
+    torch's eager outputs as the original; raise if it fails. One difference is allowed, in a
+    network with invalid statistics: where a BatchNorm's scale is infinite, torch's
+    ``x * alpha + (b - mean * alpha)`` gives NaN (inf - inf) where the translation's ``(x -
+    mean) * alpha + b`` gives an infinity (0 after a ReLU): the program is then compared only
+    where the reference is finite, and False is returned."""
+    try:
+        compare_to_reference("JAX translation", case.dtype, ref, eager_out, original, 1.0)
+        return True
+    except WrongResult as e:
+        if not (case.bad_stats and "is finite where the reference is not" in str(e)):
+            raise AssertionError(f"the JAX translation is not the torch network: {e}") from None
+    masked = [
+        np.where(torch.isfinite(r).numpy(), np.asarray(o, np.float64), np.nan)
+        for r, o in zip(ref, original, strict=True)
+    ]
+    try:
+        compare_to_reference("JAX translation", case.dtype, ref, eager_out, masked, 1.0)
+    except WrongResult as e:
+        raise AssertionError(f"the JAX translation is not the torch network: {e}") from None
+    return False
+
+
+def _check_stablehlo_entries(paths: list[str], kept: list[str], report: Any) -> None:
+    """Every BatchNorm accounted for, from the layer path JAX recorded for each BatchNorm
+    multiply of the program (``paths``) and of the folded program (``kept``). An entry is one
+    chain's layer (``layers/bn1``, or ``layers/bn1 (@main:%7)`` when that layer's name was
+    taken by another chain): a chain of several BatchNorms has an entry per layer it holds, so
+    a layer called twice in one chain has one entry for two multiplies. Hence: no more entries
+    than BatchNorm calls, no two alike, every layer named, and the folded program computes the
+    BatchNorms of exactly the skipped entries' layers, at least one each."""
+    summary = report.summary()
+    names = [e.bn for e in report]
+    assert len(names) <= len(paths), f"{len(names)} entries for {len(paths)} BatchNorms: {summary}"
+    assert len(set(names)) == len(names), f"a BatchNorm named twice: {summary}"
+    assert "" not in paths, "a BatchNorm of the translation without its layer's name"
+    layer = lambda name: re.sub(r" \(@[^)]*\)$", "", name)  # noqa: E731
+    missing = set(paths) - {layer(n) for n in names}
+    assert not missing, f"BatchNorms {sorted(missing)} missing from the report: {summary}"
+    invented = {layer(n) for n in names} - set(paths)
+    assert not invented, f"entries {sorted(invented)} name no BatchNorm: {summary}"
+    skipped = {layer(e.bn) for e in report.skipped}
+    assert set(kept) == skipped, f"the folded program computes {sorted(kept)}: {summary}"
+    assert len(kept) >= len(report.skipped), (kept, summary)
+
+
+def _only(entries: list, others: list) -> list:
+    """The entries of a report that ``others`` lacks, as many times as they are missing."""
+    rest = list(others)
+    only = []
+    for e in entries:
+        if e in rest:
+            rest.remove(e)
+        else:
+            only.append(e)
+    return only
+
+
+def _jax_relu() -> Any:
+    import jax
+
+    return jax.nn.relu
+
+
+def _generic(message: str) -> str:
+    """A translation failure's message without the layer's numbers, for counting."""
+    return re.sub(r"\d+", "N", message)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1670,6 +1840,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or not forms:
         ap.error(f"unknown forms {unknown}: choose among {', '.join(ALL_FORMS)}")
     torch.set_num_threads(1)
+    _one_xla_thread()
     import os
 
     os.makedirs(os.path.dirname(os.path.abspath(args.findings)), exist_ok=True)
@@ -1694,6 +1865,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def _init() -> None:
     torch.set_num_threads(1)
+
+
+def _one_xla_thread() -> None:
+    """XLA's CPU client in one thread a process, as torch is here (set before JAX is imported:
+    workers inherit it): two workers on two cores otherwise compete, the stablehlo form then
+    runs 1.5 to 2 times slower)."""
+    import os
+
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_cpu_multi_thread_eigen" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_multi_thread_eigen=false".strip()
 
 
 if __name__ == "__main__":

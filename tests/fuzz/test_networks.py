@@ -5,6 +5,8 @@ See ``tests/fuzz/networks.py`` for what is generated and what a correct fold mea
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -12,7 +14,16 @@ from hypothesis import strategies as st
 from torch import nn
 
 import bnfold
-from tests.fuzz.networks import COMPILE_FORMS, QAT_FORMS, Case, Net, check_case, draw_case
+from tests.fuzz.networks import (
+    COMPILE_FORMS,
+    DTYPES,
+    QAT_FORMS,
+    STABLEHLO_FORMS,
+    Case,
+    Net,
+    check_case,
+    draw_case,
+)
 from tests.helpers.forms import WrongResult
 from tests.helpers.support import randomize_all
 
@@ -70,16 +81,47 @@ def test_random_networks_fold_exactly_after_torchao_qat():
     assert [(o.form, o.folded, o.note) for o in outcomes] == [("qat", 1, ""), ("qat_bias", 1, "")]
 
 
-def _small_case() -> Case:
+def test_random_networks_fold_exactly_as_stablehlo():
+    # the StableHLO form (also in the default forms, so in the test above): the known pair
+    # translated to JAX in each dtype the fuzzer draws, folded as the Exported, then as text
+    pytest.importorskip("jax")
+    for dtype in DTYPES:
+        outcomes = check_case(_small_case(dtype), STABLEHLO_FORMS)
+        assert [(o.form, o.folded, o.note) for o in outcomes] == [("stablehlo", 1, "")], dtype
+    # the form's only draw is whether to fold the text
+    (text,) = check_case(_small_case(), STABLEHLO_FORMS, draw=lambda strategy: True)
+    assert (text.folded, text.limits) == (1, {"folded as StableHLO text": 1})
+
+
+def test_the_stablehlo_check_catches_a_fold_wrong_by_a_thousandth(monkeypatch):
+    pytest.importorskip("jax")
+    from tests.helpers import jax_forms
+
+    case = _small_case()
+    wrong = copy.deepcopy(case.model)
+    with torch.no_grad():
+        wrong.layers["conv0"].weight.mul_(1.001)
+    real_fold = bnfold.fold
+
+    def slightly_wrong(model, *args, **kwargs):
+        folded, report = real_fold(model, *args, **kwargs)
+        return real_fold(jax_forms.export(wrong, case.x)), report
+
+    monkeypatch.setattr(bnfold, "fold", slightly_wrong)
+    with pytest.raises(WrongResult, match="stablehlo: output 0 error"):
+        check_case(case, STABLEHLO_FORMS)
+
+
+def _small_case(dtype: str = "float32") -> Case:
     layers = {"conv0": nn.Conv2d(3, 4, 3, padding=1), "bn1": nn.BatchNorm2d(4)}
     steps = [("call", "conv0", [0]), ("call", "bn1", [1]), ("relu", None, [2])]
-    model = randomize_all(Net(layers, steps, [3]), seed=1)
-    return Case(model, torch.randn(2, 3, 6, 6), "float32")
+    model = randomize_all(Net(layers, steps, [3]), seed=1).to(DTYPES[dtype])
+    return Case(model, torch.randn(2, 3, 6, 6).to(DTYPES[dtype]), dtype)
 
 
 def test_the_check_passes_a_correct_fold():
     outcomes = check_case(_small_case())
-    assert [o.folded for o in outcomes] == [1, 1, 1, 1]
+    assert [o.folded for o in outcomes] == [1, 1, 1, 1, 1]
 
 
 def test_the_check_catches_a_fold_wrong_by_a_thousandth(monkeypatch):

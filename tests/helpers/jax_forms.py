@@ -3,7 +3,11 @@
 :func:`to_jax` translates a :class:`~tests.helpers.torch_models.StepNet` (in eval mode) into a
 JAX function of its input with the network's parameters closed over as constants, written with
 ``jax.lax`` in the torch layout (NCHW activations, OIHW kernels), each layer as JAX code would
-write it by hand:
+write it by hand. The constants keep the network's dtype (float32, float16, bfloat16 as
+``ml_dtypes.bfloat16``; float64 only under ``jax_enable_x64``), so the program computes in it.
+What the translation cannot express raises ``NotImplementedError``: hooks, a layer whose class
+overrides ``__call__`` (unless ``after_call`` says what its call adds to its forward), layers
+and steps not listed here.
 
 - ``Conv{1,2,3}d``: ``lax.conv_general_dilated`` with the torch dimension numbers and
   ``feature_group_count`` for groups, ``jnp.pad`` first for the reflect, replicate and circular
@@ -23,21 +27,25 @@ Each layer call runs in ``jax.named_scope("layers")`` and ``jax.named_scope(name
 ops' locations name the layer as flax's do (``jit(fn)/layers/conv0/conv_general_dilated``).
 
 :func:`export` exports the translation with ``jax.export`` for the example input's shape and
-checks it against the torch module's outputs before handing it out. :func:`count_bns` counts the
-BatchNorms a module still computes (the multiplies of an activation by a per-channel constant
-vector: a folded chain is one add), :func:`weights` reads every ``stablehlo.constant`` as bytes,
-:func:`fingerprint` hashes the module, :func:`run` runs an ``Exported`` or text.
+dtype and checks it against the torch module's outputs before handing it out (the random-network
+fuzzer checks it against a float64 reference instead). :func:`count_bns` counts the BatchNorms a
+module still computes (the multiplies of an activation by a per-channel constant vector: a
+folded chain is one add) and :func:`bn_paths` names each by the layer path in its location,
+:func:`weights` reads every ``stablehlo.constant`` as bytes, :func:`fingerprint` hashes the
+module, :func:`run` runs an ``Exported`` or text, :func:`forget` drops JAX's caches.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import torch
 from jax import lax
@@ -59,8 +67,17 @@ _PAD_MODES = {"reflect": "reflect", "replicate": "edge", "circular": "wrap"}
 # The translation
 
 
-def _f32(t: torch.Tensor | None) -> np.ndarray | None:
-    return None if t is None else t.detach().cpu().numpy().astype(np.float32)
+def to_numpy(t: torch.Tensor | None) -> np.ndarray | None:
+    """A tensor as a numpy array of its own dtype (bfloat16 as ``ml_dtypes.bfloat16``, the
+    type JAX uses); float64 needs ``jax_enable_x64`` (JAX would compute it in float32)."""
+    if t is None:
+        return None
+    t = t.detach().cpu()
+    if t.dtype == torch.float64 and not jax.config.jax_enable_x64:
+        raise NotImplementedError("float64 (JAX computes it in float32 without jax_enable_x64)")
+    if t.dtype == torch.bfloat16:
+        return t.float().numpy().astype(ml_dtypes.bfloat16)  # exact: bfloat16 widens exactly
+    return t.numpy().copy()
 
 
 def _tuple(v: Any, n: int) -> tuple[int, ...]:
@@ -79,7 +96,7 @@ def _channel_shaped(v: np.ndarray, rank: int) -> np.ndarray:
 
 def _conv(layer: nn.Module) -> Callable[[Any], Any]:
     nd = len(layer.kernel_size)
-    weight, bias = _f32(layer.weight), _f32(layer.bias)
+    weight, bias = to_numpy(layer.weight), to_numpy(layer.bias)
     k, dilation = layer.kernel_size, _tuple(layer.dilation, nd)
     if layer.padding == "same":
         totals = [d * (kk - 1) for kk, d in zip(k, dilation, strict=True)]
@@ -124,8 +141,8 @@ def _conv_transpose(layer: nn.Module) -> Callable[[Any], Any]:
     nd = len(layer.kernel_size)
     if layer.padding_mode != "zeros":
         raise NotImplementedError(f"padding_mode {layer.padding_mode!r}")
-    kernel = conv_transpose_kernel(_f32(layer.weight), layer.groups)
-    bias = _f32(layer.bias)
+    kernel = conv_transpose_kernel(to_numpy(layer.weight), layer.groups)
+    bias = to_numpy(layer.bias)
     dilation = _tuple(layer.dilation, nd)
     pads = [
         (d * (kk - 1) - p, d * (kk - 1) - p + op)
@@ -155,7 +172,7 @@ def _conv_transpose(layer: nn.Module) -> Callable[[Any], Any]:
 
 
 def _linear(layer: nn.Linear) -> Callable[[Any], Any]:
-    weight, bias = _f32(layer.weight), _f32(layer.bias)
+    weight, bias = to_numpy(layer.weight), to_numpy(layer.bias)
 
     def f(x: Any) -> Any:
         y = x @ jnp.asarray(weight).T
@@ -167,8 +184,8 @@ def _linear(layer: nn.Linear) -> Callable[[Any], Any]:
 def _batch_norm(layer: nn.modules.batchnorm._BatchNorm) -> Callable[[Any], Any]:
     if layer.training or layer.running_mean is None or layer.running_var is None:
         raise NotImplementedError("a BatchNorm in training mode or without running statistics")
-    mean, var = _f32(layer.running_mean), _f32(layer.running_var)
-    gamma, beta, eps = _f32(layer.weight), _f32(layer.bias), float(layer.eps)
+    mean, var = to_numpy(layer.running_mean), to_numpy(layer.running_var)
+    gamma, beta, eps = to_numpy(layer.weight), to_numpy(layer.bias), float(layer.eps)
 
     def f(x: Any) -> Any:
         def c(v: np.ndarray) -> Any:
@@ -183,7 +200,19 @@ def _batch_norm(layer: nn.modules.batchnorm._BatchNorm) -> Callable[[Any], Any]:
     return f
 
 
-def _layer(layer: nn.Module) -> Callable[[Any], Any]:
+def _layer(layer: nn.Module, after_call: dict[type, Callable[[Any], Any]]) -> Callable[[Any], Any]:
+    if _hooked(layer):
+        raise NotImplementedError(f"a {type(layer).__name__} with hooks")
+    then = None
+    if type(layer).__call__ is not nn.Module.__call__:  # a call that adds to forward
+        then = next((f for cls, f in after_call.items() if isinstance(layer, cls)), None)
+        if then is None:
+            raise NotImplementedError(f"{type(layer).__name__} overrides __call__")
+    f = _forward(layer)
+    return f if then is None else lambda x: then(f(x))
+
+
+def _forward(layer: nn.Module) -> Callable[[Any], Any]:
     if isinstance(layer, nn.modules.conv._ConvTransposeNd):
         return _conv_transpose(layer)
     if isinstance(layer, nn.modules.conv._ConvNd):
@@ -197,9 +226,21 @@ def _layer(layer: nn.Module) -> Callable[[Any], Any]:
     raise NotImplementedError(f"no JAX translation of {type(layer).__name__}")
 
 
-def to_jax(net: StepNet) -> Callable[[Any], tuple]:
-    """``net``'s forward as a JAX function of its input (parameters closed over)."""
-    layers = {name: _layer(m) for name, m in net.layers.items()}
+def _hooked(module: nn.Module) -> bool:
+    """Whether ``module`` has forward hooks or pre-hooks (which the translation would miss)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def to_jax(
+    net: StepNet, after_call: dict[type, Callable[[Any], Any]] | None = None
+) -> Callable[[Any], tuple]:
+    """``net``'s forward as a JAX function of its input (parameters closed over). A layer whose
+    class overrides ``__call__`` is translated when it is an instance of a class in
+    ``after_call``, as its forward followed by that function (``{ReLUOnCall: jax.nn.relu}``);
+    hooks, other layers and other steps raise ``NotImplementedError``."""
+    if _hooked(net) or type(net).__call__ is not nn.Module.__call__:
+        raise NotImplementedError("a StepNet with hooks, or calling other than nn.Module does")
+    layers = {name: _layer(m, after_call or {}) for name, m in net.layers.items()}
 
     def fn(x: Any) -> tuple:
         values = [x]
@@ -239,13 +280,23 @@ def to_jax(net: StepNet) -> Callable[[Any], tuple]:
     return fn
 
 
-def export(net: StepNet, x: torch.Tensor) -> Any:
-    """``net`` as a ``jax.export.Exported`` for inputs of ``x``'s shape, checked against torch
-    on ``x``: every output within :data:`AGREEMENT` of the module's."""
-    arg = x.detach().cpu().numpy()
-    exported = jax.export.export(jax.jit(to_jax(net)))(jax.ShapeDtypeStruct(arg.shape, arg.dtype))
+def export(
+    net: StepNet,
+    x: torch.Tensor,
+    *,
+    check: bool = True,
+    after_call: dict[type, Callable[[Any], Any]] | None = None,
+) -> Any:
+    """``net`` as a ``jax.export.Exported`` for inputs of ``x``'s shape and dtype, checked
+    against torch on ``x`` (unless ``check`` is false): every output within
+    :data:`AGREEMENT` of the module's. ``after_call`` as for :func:`to_jax`."""
+    arg = to_numpy(x)
+    spec = jax.ShapeDtypeStruct(arg.shape, arg.dtype)
+    exported = jax.export.export(jax.jit(to_jax(net, after_call)))(spec)
+    if not check:
+        return exported
     with torch.no_grad():
-        expected = [t.detach().numpy() for t in net(x.clone())]
+        expected = [t.detach().double().numpy() for t in net(x.clone())]
     got = run(exported, x)
     assert len(got) == len(expected), (len(got), len(expected))
     for i, (g, e) in enumerate(zip(got, expected, strict=True)):
@@ -267,10 +318,18 @@ def export_text(net: StepNet, x: torch.Tensor) -> str:
 
 def run(model: Any, x: torch.Tensor) -> list[np.ndarray]:
     """Every output of an ``Exported`` or of StableHLO text on ``x``, as numpy arrays."""
-    arg = x.detach().cpu().numpy().copy()
+    arg = to_numpy(x)
     if isinstance(model, str):
         return run_text(model, [arg])
     return [np.asarray(y) for y in jax.tree_util.tree_leaves(model.call(arg))]
+
+
+def forget() -> None:
+    """Drop what JAX and this module keep between programs (compiled calls, traces, the MLIR
+    context's uniqued constants): a process that exports thousands of programs grows by
+    megabytes a program otherwise."""
+    jax.clear_caches()
+    _context.cache_clear()
 
 
 def _text(model: Any) -> str:
@@ -319,8 +378,15 @@ def count_bns(model: Any) -> int:
     more than one element before its broadcasts). Each BatchNorm the translation writes has one;
     a folded chain has none (it becomes one add), and nothing else the translation writes has
     one (a probe's ``* 2`` is by a scalar)."""
+    return len(bn_paths(model))
+
+
+def bn_paths(model: Any) -> list[str]:
+    """The layer path JAX recorded in the location of each multiply :func:`count_bns` counts
+    (``layers/bn1`` of ``jit(fn)/layers/bn1/mul``; "" when it names none): one per BatchNorm
+    call the module still computes, in program order."""
     ctx, module = _module(model)
-    n = 0
+    found = []
     with ctx:
         for func in _functions(module):
             data = {arg for block in func.regions[0].blocks for arg in block.arguments}
@@ -330,8 +396,16 @@ def count_bns(model: Any) -> int:
                     data.update(op.results)
                 if op.name == "stablehlo.multiply" and sum(depends) == 1:
                     constant = op.operands[depends.index(False)]
-                    n += _elements(constant) > 1
-    return n
+                    if _elements(constant) > 1:
+                        found.append(_location_path(op.location))
+    return found
+
+
+def _location_path(location: Any) -> str:
+    """``layers/bn1`` from a location named ``jit(fn)/layers/bn1/mul``, "" otherwise."""
+    name = re.match(r'loc\("([^"]*)"', str(location))
+    parts = name.group(1).split("/") if name else []
+    return "/".join(parts[1:-1]) if len(parts) >= 3 else ""
 
 
 def _attribute_bytes(attr: Any) -> bytes:

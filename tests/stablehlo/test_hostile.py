@@ -879,3 +879,75 @@ precision_config = [#stablehlo<precision HIGHEST>, #stablehlo<precision DEFAULT>
     assert_folded(report, folded, "stablehlo.multiply")
     assert "reverse = [true, false]" in folded
     assert_close(a, b)
+
+
+# --------------------------------------------------------------------------------------------
+# Found by the random-network fuzzer
+
+
+def _vectors(seed: int, n: int = 3) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.normal(size=n).astype(np.float32), rng.uniform(0.5, 2, n).astype(np.float32)]
+
+
+def test_a_chain_kept_after_a_folded_one_has_one_entry_named_as_analyze_names_it():
+    # the kept chain reads a folded chain's output that is also returned: the fold takes a
+    # second pass over the rewritten module, which must not add a second entry or rename it
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(4, 3)).astype(np.float32)
+    (m1, s1), (m2, s2) = _vectors(1, 4), _vectors(2, 4)
+
+    def f(x):
+        z = (x @ w.T - m1) * s1
+        return (z - m2) * s2, z
+
+    exported = jax.export.export(jax.jit(f))(jax.ShapeDtypeStruct((2, 3), np.float32))
+    folded, report = bnfold.fold(exported, return_report=True)
+    assert report.to_list() == bnfold.analyze(exported).to_list()
+    assert [e.action for e in report] == ["folded", "skipped"], str(report)
+    x = rng.normal(size=(2, 3)).astype(np.float32)
+    assert_close([np.asarray(a) for a in exported.call(x)], [np.asarray(b) for b in folded.call(x)])
+
+
+@pytest.mark.parametrize("order", [("bn0", "bn1"), ("bn1", "bn0")])
+def test_every_named_layer_of_a_chain_has_an_entry_with_a_unique_name(order):
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(3, 3)).astype(np.float32)
+    stats = {"bn0": _vectors(1), "bn1": _vectors(2)}
+
+    def f(x):
+        with jax.named_scope("bn0"):
+            m, s = stats["bn0"]
+            a = (x - m) * s  # kept: no producer
+        y = x @ w.T
+        for name in order:
+            with jax.named_scope(name):
+                m, s = stats[name]
+                y = (y - m) * s
+        return a, y
+
+    exported = jax.export.export(jax.jit(f))(jax.ShapeDtypeStruct((2, 3), np.float32))
+    folded, report = bnfold.fold(exported, return_report=True)
+    names = [e.bn for e in report]
+    assert len(names) == 3 and len(set(names)) == 3, str(report)
+    assert {n.split(" ")[0] for n in names} == {"bn0", "bn1"}
+    assert len(report.folded) == 2, str(report)
+    x = rng.normal(size=(2, 3)).astype(np.float32)
+    assert_close([np.asarray(a) for a in exported.call(x)], [np.asarray(b) for b in folded.call(x)])
+
+
+def test_float16_shift_near_the_limit_is_kept():
+    # (y - 150) * 400 fits float16 for y = 200; y * 400 = 80000 does not
+    w = np.eye(2, dtype=np.float16)
+    mean = np.array([150.0, 150.0], np.float16)
+    scale = np.array([400.0, 300.0], np.float16)
+
+    def f(x):
+        return (x @ w.T - mean) * scale
+
+    x = np.array([[200.0, 200.0]], np.float16)
+    exported = jax.export.export(jax.jit(f))(jax.ShapeDtypeStruct(x.shape, x.dtype))
+    folded, report = bnfold.fold(exported, return_report=True)
+    (entry,) = report.entries
+    assert entry.rule == "valid-values" and "float16 limit" in entry.reason, str(report)
+    np.testing.assert_array_equal(np.asarray(exported.call(x)), np.asarray(folded.call(x)))
