@@ -102,7 +102,7 @@ class StableHloAdapter:
         self._labels: dict[str, Any] = {}  # layer path -> the value it names
         # report name of a chain -> the other layers (BatchNorms) folded in the same chain
         self.companions: dict[str, list[str]] = {}
-        self._first_names: dict[_Site, tuple[str, str | None]] = {}
+        self._first: dict[_Site, _Pair] = {}
         self._functions = [_Function(op, symbol_name(op)) for op in _functions(module)]
 
     # -- reading ------------------------------------------------------------------------------
@@ -162,12 +162,20 @@ class StableHloAdapter:
 
     def examine(self, bn: BatchNormSite[Any]) -> _Pair:
         pair = self._examine(bn)
-        # a chain kept in the first pass is looked at again after the rewrite: it keeps the
-        # names the input's module gave it (SSA names are renumbered by the rewrite)
-        first = self._first_names.setdefault(bn.node, (pair.name, pair.target))
-        if first != (pair.name, pair.target):
-            pair.name, pair.target = first
-            pair.facts = replace(pair.facts, bn=first[0], producer=first[1] or pair.facts.producer)
+        # A chain kept in the first pass is looked at again after the rewrite (a chain before
+        # it folded). It keeps the names the input's module gave it, and the first pass's
+        # reason when the rule is the same (SSA names are renumbered by the rewrite).
+        first = self._first.setdefault(bn.node, pair)
+        if first is not pair:
+            same_rule = rules.decide(first.facts).rule == rules.decide(pair.facts).rule
+            pair.name, pair.target = first.name, first.target
+            pair.facts = (
+                first.facts
+                if same_rule
+                else replace(
+                    pair.facts, bn=first.name, producer=first.target or pair.facts.producer
+                )
+            )
         return pair
 
     def _examine(self, bn: BatchNormSite[Any]) -> _Pair:

@@ -87,8 +87,10 @@ def _run(opened: Opened, producers: Any, *, rewrite: bool) -> FoldReport:
 
 
 def analyze(model: Any, example_inputs: Any = None, *, producers: Any = None) -> FoldReport:
-    """The report :func:`fold` would give, changing nothing."""
-    return _run(open_model(model), producers, rewrite=False)
+    """The report :func:`fold` would give, changing nothing: the fold runs on bnfold's own
+    copy of the module (a chain kept after one that folds is decided after the rewrite), and
+    the copy is dropped."""
+    return _run(open_model(model), producers, rewrite=True)
 
 
 def fold(
