@@ -168,7 +168,7 @@ class StableHloAdapter:
         first = self._first.setdefault(bn.node, pair)
         if first is not pair:
             same_rule = rules.decide(first.facts).rule == rules.decide(pair.facts).rule
-            pair.name, pair.target = first.name, first.target
+            pair.name, pair.target = first.name, first.target or pair.target
             pair.facts = (
                 first.facts
                 if same_rule
@@ -270,6 +270,21 @@ class StableHloAdapter:
                 feature = producer.feature_axis
             facts["channel_axis"] = feature
         pair.weight_axis = weight_axis
+        foreign = [x for x in before if x.op != "widen"]
+        if foreign and facts.get("producer_output_users", 1) == 1 and crossing is None:
+            # the ops between are a chain of their own only because they are in another block
+            # (a lax.cond branch reads the conv's biased output): the fold would drop them
+            outer = foreign[-1].node
+            facts = {k: v for k, v in facts.items() if not k.startswith(("producer", "output"))}
+            facts.pop("channel_axis", None)
+            facts.pop("axis_problem", None)
+            facts.pop("can_unshare", None)
+            pair.producer = pair.hlo_producer = pair.target = None
+            pair.target_type = ""
+            facts["producer_detail"] = (
+                f"{outer.name} ({self._name(fn, outer.results[0])}) in another block than it "
+                f"(after {target}); bnfold folds a chain within one block"
+            )
         pair.facts = rules.PairFacts(**facts)
         return pair
 
@@ -331,11 +346,14 @@ class StableHloAdapter:
         assert producer is not None and chain.axis is not None and pair.weight_axis is not None
         channels = int(tensor_type(producer.output).shape[chain.axis])
         produced, result = tensor_type(producer.output), tensor_type(chain.output)
-        if list(produced.shape) != list(result.shape):
+        if list(produced.shape) != list(result.shape) or str(produced.encoding) != str(
+            result.encoding
+        ):
             raise FoldRefused(
                 f"the chain's result type {result} has another shape than {pair.target}'s "
                 f"{produced}: the folded producer cannot stand in for it"
             )
+        self._require_range(pair, produced, result)
         try:
             steps = [self._step(link) for link in chain.links]
             weight = self.constants.native(producer.weight)
@@ -355,6 +373,28 @@ class StableHloAdapter:
             bias = algebra.folded_bias(None, k, c, like=weight, dtype=out_dtype)
             _require_headroom(c, np_dtype(produced.element_type), pair.name)
         return _Fold(scaled.value(), bias)
+
+    def _require_range(self, pair: _Pair, produced: Any, result: Any) -> None:
+        """A chain that widens (a float16 conv, a float32 BatchNorm) applies its scale in the
+        wide type; folded, the scale is applied in the producer's. Unless the chain's result is
+        narrowed back to a type no wider than the producer's (then the original overflows
+        there too), the folded layer can overflow where the chain did not."""
+        narrow, wide = np_dtype(produced.element_type), np_dtype(result.element_type)
+        if narrow is None or wide is None or narrow == wide:
+            return
+        limit = algebra._ops_for(np.zeros(1, narrow)).max_finite
+        if limit(narrow) >= limit(wide) * 0.99:  # bfloat16 has float32's range
+            return
+        for use in pair.chain.output.uses:
+            user = use.owner
+            user = getattr(user, "operation", user)
+            back = np_dtype(tensor_type(user.results[0]).element_type) if user.results else None
+            if user.name != "stablehlo.convert" or back is None or limit(back) > limit(narrow):
+                raise FoldRefused(
+                    f"{pair.name} computes in {wide.name} on {pair.target}'s {narrow.name} "
+                    f"output and its result stays {wide.name}: folded, its scale would be "
+                    f"applied in {narrow.name}, which can overflow where it did not"
+                )
 
     def _step(self, link: affine.Link) -> affine.Step:
         where = link.node.name

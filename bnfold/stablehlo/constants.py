@@ -90,6 +90,9 @@ def op_of(value: Any) -> Any | None:
 def describe_argument(value: Any) -> str:
     """``an argument of @main`` for a block argument, naming its function."""
     block_op = value.owner.owner
+    block_op = getattr(block_op, "operation", block_op)
+    if block_op.name != "func.func":
+        return f"a value of a block of {block_op.name} (a loop-carried or branch value)"
     name = _symbol(block_op)
     return f"argument {value.arg_number} of {name}" if name else "a block argument"
 

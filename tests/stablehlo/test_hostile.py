@@ -951,3 +951,76 @@ def test_float16_shift_near_the_limit_is_kept():
     (entry,) = report.entries
     assert entry.rule == "valid-values" and "float16 limit" in entry.reason, str(report)
     np.testing.assert_array_equal(np.asarray(exported.call(x)), np.asarray(folded.call(x)))
+
+
+# --------------------------------------------------------------------------------------------
+# Second review: chains across blocks, widening chains, bounded types
+
+
+def _conv_nhwc(x, k):
+    return jax.lax.conv_general_dilated(
+        x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+
+
+def test_a_branch_chain_after_the_conv_bias_outside_the_branch_is_kept():
+    # the conv's bias add is outside the lax.cond, the BatchNorm inside: folding the branch's
+    # chain alone would drop the bias
+    rng = np.random.default_rng(0)
+    k = rng.normal(size=(3, 3, 4, 4)).astype(np.float32)
+    bias = (rng.normal(size=4) * 5).astype(np.float32)
+    (mean, g), var = _vectors(1, 4), rng.uniform(0.5, 2, 4).astype(np.float32)
+
+    def f(x, p):
+        y = _conv_nhwc(x, k) + bias
+        scale = jax.lax.rsqrt(var + 1e-5) * g
+        return jax.lax.cond(p > 0, lambda: (y - mean) * scale + 0.1, lambda: x)
+
+    x = rng.normal(size=(2, 6, 6, 4)).astype(np.float32)
+    exported = jax.export.export(jax.jit(f))(x, np.float32(1))
+    folded, report = bnfold.fold(exported, return_report=True)
+    assert not report.folded, str(report)
+    for p in (np.float32(1), np.float32(-1)):
+        assert_close([np.asarray(exported.call(x, p))], [np.asarray(folded.call(x, p))])
+
+
+def test_two_scales_in_two_blocks_fold_one_after_the_other():
+    rng = np.random.default_rng(2)
+    k = rng.normal(size=(3, 3, 4, 4)).astype(np.float32)
+    s1, s2 = (rng.uniform(0.5, 2, 4).astype(np.float32) for _ in range(2))
+
+    def f(x, p):
+        y = _conv_nhwc(x, k) * s1
+        return jax.lax.cond(p > 0, lambda: y * s2, lambda: x)
+
+    x = rng.normal(size=(2, 6, 6, 4)).astype(np.float32)
+    exported = jax.export.export(jax.jit(f))(x, np.float32(1))
+    folded, report = bnfold.fold(exported, return_report=True)
+    assert report.to_list() == bnfold.analyze(exported).to_list()
+    assert all(e.target for e in report.folded), str(report)
+    for p in (np.float32(1), np.float32(-1)):
+        assert_close([np.asarray(exported.call(x, p))], [np.asarray(folded.call(x, p))])
+
+
+def test_a_chain_that_widens_and_stays_wide_is_kept():
+    # a float16 conv whose output is scaled by ~1000 in float32: folded, the scale would be
+    # applied in float16 and overflow where the float32 chain does not
+    text = """
+func.func @main(%x: tensor<1x2x4x4xf16>) -> tensor<1x2x4x4xf32> {
+  %w = stablehlo.constant dense<[[[[1.0]], [[0.5]]], [[[2.0]], [[-1.0]]]]> : tensor<2x2x1x1xf16>
+  %y = stablehlo.convolution(%x, %w)
+      dim_numbers = [b, f, 0, 1]x[o, i, 0, 1]->[b, f, 0, 1], window = {}
+      {batch_group_count = 1 : i64, feature_group_count = 1 : i64}
+      : (tensor<1x2x4x4xf16>, tensor<2x2x1x1xf16>) -> tensor<1x2x4x4xf16>
+  %yf = stablehlo.convert %y : (tensor<1x2x4x4xf16>) -> tensor<1x2x4x4xf32>
+  %c = stablehlo.constant dense<[1000.0, 2000.0]> : tensor<2xf32>
+  %s = stablehlo.broadcast_in_dim %c, dims = [1] : (tensor<2xf32>) -> tensor<1x2x4x4xf32>
+  %z = stablehlo.multiply %yf, %s : tensor<1x2x4x4xf32>
+  return %z : tensor<1x2x4x4xf32>
+}
+"""
+    folded, report = bnfold.fold(text, return_report=True)
+    (entry,) = report.entries
+    assert entry.rule == "valid-values" and "float16" in entry.reason, str(report)
+    x = (np.random.default_rng(0).normal(size=(1, 2, 4, 4)) * 100).astype(np.float16)
+    assert np.isfinite(run_text(folded, [x])[0]).all()
