@@ -233,57 +233,31 @@ class Constants:
 
     def why_not(self, value: Any) -> str:
         """Why ``value`` is not an evaluable constant ("" when it is)."""
-        if value in self._why:
-            return self._why[value]
-        stack = [value]
-        while stack:  # iterative: a long constant expression must not hit the recursion limit
-            v = stack.pop()
-            if v in self._why:
-                continue
-            op = op_of(v)
+
+        def leaf(v: Any, op: Any) -> str | None:
             if op is None:
-                self._why[v] = f"it is {describe_argument(v)}"
-                continue
-            name = op.name
-            if name == "stablehlo.constant":
-                self._why[v] = ""
-                continue
-            if name not in _RULES:
-                self._why[v] = f"it is computed by {name}, which bnfold does not evaluate"
-                continue
-            pending = [o for o in op.operands if o not in self._why]
-            if pending:
-                stack.append(v)
-                stack.extend(pending)
-                continue
-            self._why[v] = next((self._why[o] for o in op.operands if self._why[o]), "")
-        return self._why[value]
+                return f"it is {describe_argument(v)}"
+            if op.name == "stablehlo.constant":
+                return ""
+            if op.name not in _RULES:
+                return f"it is computed by {op.name}, which bnfold does not evaluate"
+            return None
+
+        return _fold_over_operands(
+            value, self._why, leaf, lambda whys: next((w for w in whys if w), "")
+        )
 
     def parameter_like(self, value: Any) -> bool:
         """Whether ``value`` is computed by the evaluated ops from constants and function
         arguments only: a parameter passed as an argument (``rsqrt(var + eps) * scale`` of
         arguments), not something computed from activations (a squeeze-excitation gate)."""
-        if value in self._like:
-            return self._like[value]
-        stack = [value]
-        while stack:
-            v = stack.pop()
-            if v in self._like:
-                continue
-            op = op_of(v)
+
+        def leaf(v: Any, op: Any) -> bool | None:
             if op is None or op.name == "stablehlo.constant":
-                self._like[v] = True
-                continue
-            if op.name not in _RULES:
-                self._like[v] = False
-                continue
-            pending = [o for o in op.operands if o not in self._like]
-            if pending:
-                stack.append(v)
-                stack.extend(pending)
-                continue
-            self._like[v] = all(self._like[o] for o in op.operands)
-        return self._like[value]
+                return True
+            return False if op.name not in _RULES else None
+
+        return _fold_over_operands(value, self._like, leaf, all)
 
     def value(self, value: Any) -> np.ndarray:
         """``value`` evaluated: float64 for floating-point values (holding the graph's own
@@ -359,6 +333,34 @@ class Constants:
         if out.shape != shape:
             raise NotConstant(f"{op.name} gave shape {out.shape}, its type says {shape}")
         return out
+
+
+def _fold_over_operands(
+    value: Any,
+    memo: dict[Any, Any],
+    leaf: Callable[[Any, Any], Any],
+    combine: Callable[[list[Any]], Any],
+) -> Any:
+    """A property of ``value`` computed from its operands' (``combine``), down to the values
+    ``leaf`` decides alone (it returns ``None`` for the others), memoised in ``memo``.
+    Iterative: a long constant expression must not hit the recursion limit."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if v in memo:
+            continue
+        op = op_of(v)
+        decided = leaf(v, op)
+        if decided is not None:
+            memo[v] = decided
+            continue
+        pending = [o for o in op.operands if o not in memo]
+        if pending:
+            stack.append(v)
+            stack.extend(pending)
+            continue
+        memo[v] = combine([memo[o] for o in op.operands])
+    return memo[value]
 
 
 def read_attribute(attr: Any, dtype: np.dtype) -> np.ndarray:
