@@ -2,9 +2,9 @@
 
 * Importing any module of ``bnfold.core`` imports no framework (torch, onnx, onnx_ir,
   onnxruntime, jax): the core is the part every frontend shares.
-* Importing any module of ``bnfold.onnx`` never imports torch, and any module of
-  ``bnfold.torch`` never imports onnx, onnx_ir or onnxruntime: a user of one framework does not
-  pay for (or need) the other.
+* Importing any module of ``bnfold.onnx`` never imports torch, any module of ``bnfold.torch``
+  never imports onnx, onnx_ir, onnxruntime or jax, and any module of ``bnfold.stablehlo`` never
+  imports torch or onnx: a user of one framework does not pay for (or need) the others.
 
 The modules are found with ``pkgutil.walk_packages``, so a new module is covered when it is
 added; each package's modules are imported in a fresh interpreter, and a module that pulls a
@@ -35,7 +35,8 @@ SOURCE = ROOT / "bnfold"
 FORBIDDEN = {
     "bnfold.core": ("torch", "onnx", "onnx_ir", "onnxruntime", "jax"),
     "bnfold.onnx": ("torch",),
-    "bnfold.torch": ("onnx", "onnx_ir", "onnxruntime"),
+    "bnfold.torch": ("onnx", "onnx_ir", "onnxruntime", "jax"),
+    "bnfold.stablehlo": ("torch", "onnx", "onnx_ir", "onnxruntime"),
 }
 
 # Which module of a package imports what it must not (empty: none); every one is a finding to
@@ -146,6 +147,12 @@ def test_the_wheel_holds_every_module(tmp_path):
         f"not in the sources: {sorted(in_wheel - in_source)}"
     )
     packages = {p.parent.relative_to(ROOT).as_posix() for p in SOURCE.rglob("__init__.py")}
-    assert packages >= {"bnfold", "bnfold/core", "bnfold/onnx", "bnfold/torch"}
+    assert packages >= {
+        "bnfold",
+        "bnfold/core",
+        "bnfold/onnx",
+        "bnfold/torch",
+        "bnfold/stablehlo",
+    }
     assert {f"{p}/__init__.py" for p in packages} <= in_wheel
     assert not [n for n in names if n.startswith(("tests/", "benchmarks/"))]
