@@ -195,11 +195,14 @@ def _with_sample_inputs(src: str, dst: Path, sample) -> str:
     return str(dst)
 
 
+# The peak resident memory of this process's own address space (VmHWM): ru_maxrss would
+# include what the forking pytest worker held, which Linux carries over an exec.
 _PEAK = """
-import resource, sys
+import sys
 from bnfold.cli import main
 rc = main([sys.argv[1], "--verify"])
-print(rc, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+status = open("/proc/self/status").read().split("VmHWM:")[1].split()
+print(rc, int(status[0]) * 1024)
 """
 
 
