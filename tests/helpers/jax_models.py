@@ -572,6 +572,55 @@ def case_nnx_linear_bn() -> JaxCase:
     return _nnx_case("nnx_linear_bn", model, normal(_rng(3), (2, 6)), stats, 1)
 
 
+@_register
+def case_nnx_conv_transpose_bn() -> JaxCase:
+    nnx = _nnx()
+
+    class ConvTransposeBN(nnx.Module):
+        def __init__(self, rngs):
+            self.conv = nnx.ConvTranspose(4, 6, (3, 3), strides=(2, 2), rngs=rngs)
+            self.bn = nnx.BatchNorm(6, epsilon=EPS, rngs=rngs)
+
+        def __call__(self, x):
+            return self.bn(self.conv(x))
+
+    model = ConvTransposeBN(nnx.Rngs(0))
+    _randomize_nnx_bias(model.conv, 1, 6)
+    stats = _randomize_nnx_bn(model.bn, 2)
+    x = normal(_rng(3), (2, 5, 5, 4))
+    return _nnx_case("nnx_conv_transpose_bn", model, x, stats, 1)
+
+
+@_register
+def case_nnx_resnet_projection() -> JaxCase:
+    """A basic block with a strided 1x1 projection shortcut: three conv + BatchNorm pairs."""
+    nnx = _nnx()
+
+    class Block(nnx.Module):
+        def __init__(self, rngs):
+            self.conv1 = nnx.Conv(4, 6, (3, 3), strides=(2, 2), use_bias=False, rngs=rngs)
+            self.bn1 = nnx.BatchNorm(6, epsilon=EPS, rngs=rngs)
+            self.conv2 = nnx.Conv(6, 6, (3, 3), use_bias=False, rngs=rngs)
+            self.bn2 = nnx.BatchNorm(6, epsilon=EPS, rngs=rngs)
+            self.proj = nnx.Conv(4, 6, (1, 1), strides=(2, 2), use_bias=False, rngs=rngs)
+            self.bn_proj = nnx.BatchNorm(6, epsilon=EPS, rngs=rngs)
+
+        def __call__(self, x):
+            y = nnx.relu(self.bn1(self.conv1(x)))
+            y = self.bn2(self.conv2(y))
+            return nnx.relu(y + self.bn_proj(self.proj(x)))
+
+    model = Block(nnx.Rngs(0))
+    stats = tuple(
+        _randomize_nnx_bn(bn, seed) for seed, bn in enumerate((model.bn1, model.bn2, model.bn_proj))
+    )
+    x = normal(_rng(4), (2, 8, 8, 4))
+    model.eval()
+    return _jax_case(
+        "nnx_resnet_projection", lambda x: model(x), (x,), 3, bn_stats=stats, kept_ops={"add": 1}
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # Plain JAX functions: lax convolutions and matmuls, BatchNorms written by hand with jnp (the
 # parameters are numpy arrays closed over, so their arithmetic is constant ops in the module)
