@@ -33,6 +33,7 @@ __all__ = [
     "ScaledWeight",
     "scale_output_channels",
     "folded_bias",
+    "float_info",
 ]
 
 
@@ -174,6 +175,17 @@ def _require_finite(v: np.ndarray, what: str) -> None:
 # Framework shim: the handful of array operations the weight path needs.
 
 
+def float_info(dtype: Any) -> Any:
+    """``finfo`` of a numpy floating-point dtype, ml_dtypes' for bfloat16 and float8 (which
+    ``np.finfo`` does not know)."""
+    try:
+        return np.finfo(dtype)
+    except ValueError:
+        import ml_dtypes
+
+        return ml_dtypes.finfo(dtype)
+
+
 class _NumpyOps:
     @staticmethod
     def compute_dtype(dtype: Any) -> Any:
@@ -211,21 +223,11 @@ class _NumpyOps:
 
     @staticmethod
     def smallest_normal(dtype: Any) -> float:
-        try:
-            return float(np.finfo(dtype).smallest_normal)
-        except ValueError:
-            import ml_dtypes
-
-            return float(ml_dtypes.finfo(dtype).smallest_normal)
+        return float(float_info(dtype).smallest_normal)
 
     @staticmethod
     def max_finite(dtype: Any) -> float:
-        try:
-            return float(np.finfo(dtype).max)
-        except ValueError:  # ml_dtypes types (bfloat16, float8) are not known to np.finfo
-            import ml_dtypes
-
-            return float(ml_dtypes.finfo(dtype).max)
+        return float(float_info(dtype).max)
 
     @staticmethod
     def is_float(dtype: Any) -> bool:

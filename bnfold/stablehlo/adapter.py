@@ -382,7 +382,10 @@ class StableHloAdapter:
         narrow, wide = np_dtype(produced.element_type), np_dtype(result.element_type)
         if narrow is None or wide is None or narrow == wide:
             return
-        limit = algebra._ops_for(np.zeros(1, narrow)).max_finite
+
+        def limit(dtype: np.dtype) -> float:
+            return float(algebra.float_info(dtype).max)
+
         if limit(narrow) >= limit(wide) * 0.99:  # bfloat16 has float32's range
             return
         for use in pair.chain.output.uses:
@@ -468,7 +471,7 @@ HEADROOM_SHARE = 1 / 4
 def _require_headroom(shift: np.ndarray, dtype: np.dtype | None, name: str) -> None:
     if dtype is None or dtype.itemsize > 2 or dtype.kind not in "fV":
         return
-    limit = algebra._ops_for(np.zeros(1, dtype)).max_finite(dtype)
+    limit = float(algebra.float_info(dtype).max)
     big = float(np.max(np.abs(shift))) if shift.size else 0.0
     if big > limit * HEADROOM_SHARE:
         raise FoldRefused(
@@ -478,22 +481,13 @@ def _require_headroom(shift: np.ndarray, dtype: np.dtype | None, name: str) -> N
         )
 
 
-def _mantissa_bits(dtype: np.dtype) -> int:
-    try:
-        return int(np.finfo(dtype).nmant)
-    except ValueError:
-        import ml_dtypes
-
-        return int(ml_dtypes.finfo(dtype).nmant)
-
-
 def _require_precision(weight: np.dtype, output: np.dtype | None, producer: str | None) -> None:
     """A producer may compute in a wider type than its weight (``preferred_element_type``: a
     float8 or bfloat16 weight, a float32 result). Its per-channel scale is then applied in the
     wide type; folded into the weight it would be rounded to the weight's few bits. Refused."""
     if output is None or weight.kind not in "fV" or output.kind not in "fV":
         return
-    if _mantissa_bits(weight) < _mantissa_bits(output):
+    if algebra.float_info(weight).nmant < algebra.float_info(output).nmant:
         raise FoldRefused(
             f"{producer}'s weight is {weight.name} but it computes in {output.name}: the scale "
             f"would be rounded to {weight.name} in the weight, where the graph applies it in "

@@ -57,12 +57,17 @@ def np_dtype(element_type: Any) -> np.dtype | None:
     return np.dtype(dt) if dt is not None else None
 
 
-def tensor_type(value: Any) -> Any | None:
-    """The ``RankedTensorType`` of ``value``, or ``None`` (unranked, tuples, tokens)."""
+def ranked(t: Any) -> Any | None:
+    """``t`` as a ``RankedTensorType``, or ``None`` (unranked, tuples, tokens)."""
     try:
-        return ir.RankedTensorType(value.type)
+        return ir.RankedTensorType(t)
     except (ValueError, TypeError):
         return None
+
+
+def tensor_type(value: Any) -> Any | None:
+    """The ``RankedTensorType`` of ``value``, or ``None`` (unranked, tuples, tokens)."""
+    return ranked(value.type)
 
 
 def static_shape(value: Any) -> tuple[int, ...] | None:

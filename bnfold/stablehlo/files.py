@@ -55,7 +55,7 @@ from ..errors import (
 )
 from . import fold as hlo_fold
 from . import mlir, run
-from .constants import np_dtype
+from .constants import np_dtype, ranked
 
 MLIR_SUFFIX = ".mlir"
 EXPORTED_SUFFIX = ".jaxexport"
@@ -450,11 +450,9 @@ def _result_bytes(module: Any) -> int:
     """The bytes of every op result in ``module``, in Python integers; a result whose shape is
     not static is refused (its size cannot be bounded)."""
     total = 0
-    stack = [module.operation]
-    while stack:
-        op = stack.pop()
+    for op in mlir.walk_ops(module.operation):
         for result in op.results:
-            t = run.tensor_type_of(result.type)
+            t = ranked(result.type)
             if t is None:
                 continue
             if not t.has_static_shape:
@@ -465,9 +463,6 @@ def _result_bytes(module: Any) -> int:
             dt = np_dtype(t.element_type)
             itemsize = dt.itemsize if dt is not None else 16
             total += math.prod(int(d) for d in t.shape) * itemsize
-        for region in op.regions:
-            for block in region.blocks:
-                stack.extend(inner.operation for inner in block.operations)
     return total
 
 
@@ -475,17 +470,12 @@ def _compute_dtypes(module: Any) -> list[str]:
     """The float dtypes the module's convolutions and dot_generals compute in (a module may
     compute in a lower precision than it returns: that bounds --verify's tolerance too)."""
     names = set()
-    stack = [module.operation]
-    while stack:
-        op = stack.pop()
+    for op in mlir.walk_ops(module.operation):
         if op.name in ("stablehlo.convolution", "stablehlo.dot_general", "stablehlo.dot"):
-            t = run.tensor_type_of(op.results[0].type)
+            t = ranked(op.results[0].type)
             dt = np_dtype(t.element_type) if t is not None else None
             if dt is not None and dt.kind not in "biu":
                 names.add(dt.name)
-        for region in op.regions:
-            for block in region.blocks:
-                stack.extend(inner.operation for inner in block.operations)
     return sorted(names)
 
 

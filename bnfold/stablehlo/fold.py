@@ -73,7 +73,7 @@ def _run(opened: Opened, producers: Any, *, rewrite: bool) -> FoldReport:
         adapter = StableHloAdapter(opened.module)
         outcome = pipeline.run(adapter, selected, rewrite=rewrite)
         if rewrite:
-            mlir._verify(opened.module)
+            mlir.verify(opened.module)
     entries = []
     for entry in outcome.entries:
         entries.append(entry)

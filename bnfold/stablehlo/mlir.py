@@ -9,6 +9,7 @@ written back the same way they came.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from typing import Any
 
 from ..errors import UnsupportedModelError, first_line
@@ -49,7 +50,7 @@ def parse_text(text: str, ctx: Any) -> Any:
             module = ir.Module.parse(text)
         except Exception as e:  # noqa: BLE001 - MLIRError carries the diagnostics
             raise UnsupportedModelError(f"not a valid StableHLO module: {_diagnostic(e)}") from e
-        _verify(module)
+        verify(module)
         return module
 
 
@@ -64,7 +65,7 @@ def from_artifact(data: bytes, ctx: Any) -> Any:
             ) from e
         if module is None:
             raise UnsupportedModelError("the program's StableHLO module cannot be read")
-        _verify(module)
+        verify(module)
         return module
 
 
@@ -89,7 +90,25 @@ def to_text(module: Any, *, debug_info: bool) -> str:
     return module.operation.get_asm(enable_debug_info=debug_info)
 
 
-def _verify(module: Any) -> None:
+def walk_ops(root: Any) -> Iterator[Any]:
+    """Every op nested in ``root`` (not ``root`` itself), in program order, as
+    ``ir.Operation``s; iterative, so deep nesting does not reach the recursion limit."""
+    stack = [root]
+    while stack:
+        op = stack.pop()
+        if op is not root:
+            yield op
+        inner = [
+            o.operation
+            for region in op.regions
+            for block in region.blocks
+            for o in block.operations
+        ]
+        stack.extend(reversed(inner))
+
+
+def verify(module: Any) -> None:
+    """Raise a one-line :class:`UnsupportedModelError` when ``module`` does not verify."""
     try:
         module.operation.verify()
     except Exception as e:  # noqa: BLE001

@@ -19,7 +19,7 @@ import numpy as np
 from ..core import compare
 from ..errors import UnsupportedModelError
 from . import mlir
-from .constants import np_dtype, symbol_name, tensor_type
+from .constants import np_dtype, symbol_name
 
 # The most elements of random input made for one run.
 MAX_INPUT_ELEMENTS = 1 << 28
@@ -46,27 +46,12 @@ _SAFE_DIALECTS = ("stablehlo.", "chlo.", "func.", "sdy.", "shape.", "arith.", "t
 def refuse_unsafe(module: Any) -> None:
     """Raise :class:`UnsupportedModelError` naming the first op that would reach outside the
     computation, or that belongs to a dialect bnfold does not run."""
-    found: list[str] = []
-
-    def visit(op: Any) -> None:
-        for region in op.regions:
-            for block in region.blocks:
-                for inner in block.operations:
-                    inner = inner.operation
-                    name = inner.name
-                    if name in UNSAFE_OPS or not name.startswith(_SAFE_DIALECTS):
-                        found.append(name)
-                        return
-                    visit(inner)
-                    if found:
-                        return
-
-    visit(module.operation)
-    if found:
-        raise UnsupportedModelError(
-            f"--verify does not run modules with {found[0]} (it can call into the runtime or "
-            "the host); fold without --verify and check the model where you trust it"
-        )
+    for op in mlir.walk_ops(module.operation):
+        if op.name in UNSAFE_OPS or not op.name.startswith(_SAFE_DIALECTS):
+            raise UnsupportedModelError(
+                f"--verify does not run modules with {op.name} (it can call into the runtime "
+                "or the host); fold without --verify and check the model where you trust it"
+            )
 
 
 # --------------------------------------------------------------------------------------------
@@ -206,25 +191,6 @@ def verify(original: Any, folded: Any, example_inputs: Any) -> tuple[float, floa
     return compare.float_error(a, b)
 
 
-def output_dtypes(module: Any) -> list[str]:
-    """The names of the main function's result element types (for tolerances)."""
-    f = main_function(module)
-    ftype = mlir.ir.FunctionType(mlir.ir.TypeAttr(f.attributes["function_type"]).value)
-    names = []
-    for t in ftype.results:
-        rt = tensor_type_of(t)
-        dt = np_dtype(rt.element_type) if rt is not None else None
-        names.append(dt.name if dt is not None else str(t))
-    return names
-
-
-def tensor_type_of(t: Any) -> Any | None:
-    try:
-        return mlir.ir.RankedTensorType(t)
-    except (ValueError, TypeError):
-        return None
-
-
 __all__ = [
     "MAX_INPUT_ELEMENTS",
     "UNSAFE_OPS",
@@ -236,5 +202,4 @@ __all__ = [
     "run_exported",
     "run_text",
     "verify",
-    "tensor_type",
 ]
