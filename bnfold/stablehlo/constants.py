@@ -78,12 +78,6 @@ def static_shape(value: Any) -> tuple[int, ...] | None:
     return tuple(int(d) for d in t.shape)
 
 
-def defining_op(value: Any) -> Any | None:
-    """The op that computes ``value`` (``None`` for a block argument)."""
-    owner = value.owner
-    return owner if isinstance(owner, ir.Operation) else getattr(owner, "operation", None)
-
-
 def op_of(value: Any) -> Any | None:
     """The op (as an ``ir.Operation``) computing ``value``, ``None`` for an argument."""
     if isinstance(value, ir.BlockArgument):

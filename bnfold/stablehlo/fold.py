@@ -43,11 +43,6 @@ class Opened:
         return mlir.to_text(self.module, debug_info=self.debug_info)
 
 
-def is_text(model: Any) -> bool:
-    """Whether ``model`` is a string that holds StableHLO assembly (by a look, not a parse)."""
-    return isinstance(model, str) and ("func.func" in model or "stablehlo." in model)
-
-
 def open_model(model: Any) -> Opened:
     """Read ``model`` (an ``Exported`` or text) into a fresh module."""
     mlir.require()

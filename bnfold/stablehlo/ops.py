@@ -225,9 +225,7 @@ def operand_vector(operand: ChannelOperand, constants: Constants) -> np.ndarray:
     arr = np.asarray(constants.value(operand.source), dtype=np.float64)
     if operand.axis is None:
         return arr.reshape(-1)[:1]
-    i = operand.axes.index(operand.axis) if operand.axis in operand.axes else None
-    if i is None:  # pragma: no cover - axis comes from axes
-        return arr.reshape(-1)[:1]
+    i = operand.axes.index(operand.axis)  # the source axis that varies (channel_operand)
     index = tuple(slice(None) if j == i else 0 for j in range(arr.ndim))
     return arr[index]
 
