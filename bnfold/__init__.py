@@ -52,6 +52,7 @@ def fold(
     producers: Iterable[str] | str | None = None,
     return_report: bool = False,
     qat: str = "exact",
+    affine: bool = True,
 ) -> Any:
     """Fold every BatchNorm that can be folded exactly into the layer that produces its input.
 
@@ -65,10 +66,18 @@ def fold(
     makes the conv's div/add/batch_norm tail one per-channel add after its output dequantize,
     equal to the unconverted graph up to float rounding; ``"bias"`` folds it into the conv's
     bias before the output quantize where at most about one output quantization step is
-    provably moved, and keeps it exact elsewhere (the report says why). Raises
+    provably moved, and keeps it exact elsewhere (the report says why). ``affine`` (on by
+    default) also folds chains of plain per-channel arithmetic after a layer (``Mul``/``Div``
+    by constants, ``Add``/``Sub`` of them, as converters leave BatchNorm behind) in graph forms
+    (ONNX, ATen graphs of torch.export programs); the report lists them as entries of kind
+    ``"affine"``. ``affine=False`` leaves such arithmetic as it is. Raises
     :class:`BnfoldError` subclasses with what to do.
     """
-    for name, value in (("inplace", inplace), ("return_report", return_report)):
+    for name, value in (
+        ("inplace", inplace),
+        ("return_report", return_report),
+        ("affine", affine),
+    ):
         if not isinstance(value, bool):  # "yes" would count as True and change the model
             raise InvalidArgumentError(f"{name} must be True or False, not {value!r}")
     frontend = model_frontend(model)
@@ -80,7 +89,16 @@ def fold(
             producers=producers,
             return_report=return_report,
             **_qat_argument(frontend, model, qat),
+            **_affine_argument(frontend, affine),
         )
+
+
+def _affine_argument(frontend: Any, affine: bool) -> dict[str, bool]:
+    """``affine=`` for the frontends that fold plain arithmetic. The others (eager modules)
+    never touch arithmetic, which is what ``affine=False`` asks for, and ``True`` only allows."""
+    if "affine" not in inspect.signature(frontend.fold).parameters:
+        return {}
+    return {"affine": affine}
 
 
 def _qat_argument(frontend: Any, model: Any, qat: Any) -> dict[str, str]:
@@ -101,12 +119,19 @@ def analyze(
     *,
     producers: Iterable[str] | str | None = None,
     qat: str = "exact",
+    affine: bool = True,
 ) -> FoldReport:
     """Return the :class:`FoldReport` that :func:`fold` would produce, changing nothing."""
+    if not isinstance(affine, bool):
+        raise InvalidArgumentError(f"affine must be True or False, not {affine!r}")
     frontend = model_frontend(model)
     with gc_paused():
         return frontend.analyze(
-            model, example_inputs, producers=producers, **_qat_argument(frontend, model, qat)
+            model,
+            example_inputs,
+            producers=producers,
+            **_qat_argument(frontend, model, qat),
+            **_affine_argument(frontend, affine),
         )
 
 

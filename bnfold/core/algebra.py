@@ -25,8 +25,10 @@ import numpy as np
 from ..errors import FoldRefused
 
 __all__ = [
+    "HEADROOM_SHARE",
     "OutputLayout",
     "affine_factors",
+    "require_headroom",
     "fold_into_producer",
     "fold_affine_into_producer",
     "checked_fold",
@@ -492,6 +494,30 @@ def folded_bias(
             f"folded bias {b64[k]:g} at channel {k} overflows {_dtype_name(target)} (max {limit:g})"
         )
     return ops.from64(b64, like, target)
+
+
+# A folded producer computes k*y where the chain computed (y - mean)*k, and adds c after:
+# k*y overflows where the chain's output is beyond (limit - |c|). With |c| at most a quarter
+# of a 16-bit float's largest value, that happens only for outputs within a quarter of
+# overflowing themselves; a larger shift is refused.
+HEADROOM_SHARE = 1 / 4
+
+
+def require_headroom(shift: np.ndarray, dtype: Any, name: str) -> None:
+    """Refuse a folded shift ``shift`` that takes more than :data:`HEADROOM_SHARE` of a
+    16-bit float ``dtype``'s range (``dtype`` is a numpy or ml_dtypes dtype, ``None`` when
+    unknown); wider types have room enough."""
+    dtype = None if dtype is None else np.dtype(dtype)
+    if dtype is None or dtype.itemsize > 2 or dtype.kind not in "fV":
+        return
+    limit = float(float_info(dtype).max)
+    big = float(np.max(np.abs(shift))) if shift.size else 0.0
+    if big > limit * HEADROOM_SHARE:
+        raise FoldRefused(
+            f"the folded shift of {name} reaches {big:g}, near the {dtype.name} limit "
+            f"({limit:g}): the folded layer's output before it may overflow where the "
+            "unfolded chain's does not"
+        )
 
 
 def fold_into_producer(

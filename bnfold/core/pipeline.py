@@ -133,6 +133,11 @@ class Pair(Generic[N]):
     producer: ProducerSite[N] | None = None
     target: str | None = None
     target_type: str = ""
+    # "affine" for a chain of plain arithmetic, which is reported only when there is a layer
+    # to fold it into, folding gains something (``quiet`` otherwise: no entry, no fold) and
+    # the values on its way feed it alone (:func:`run` drops a single-consumer refusal)
+    kind: str = "batchnorm"
+    quiet: bool = False
 
 
 # --------------------------------------------------------------------------------------------
@@ -196,9 +201,14 @@ def judge(
 
 
 def entry(
-    bn: str, bn_type: str, target: str | None, target_type: str, decision: rules.Decision
+    bn: str,
+    bn_type: str,
+    target: str | None,
+    target_type: str,
+    decision: rules.Decision,
+    kind: str = "batchnorm",
 ) -> FoldEntry:
-    """The report entry for a decided BatchNorm."""
+    """The report entry for a decided BatchNorm (or affine chain)."""
     return FoldEntry(
         bn=bn,
         target=target,
@@ -207,6 +217,7 @@ def entry(
         rule=decision.rule,
         bn_type=bn_type,
         target_type=target_type,
+        kind=kind,  # type: ignore[arg-type]
     )
 
 
@@ -237,13 +248,24 @@ def run(adapter: GraphAdapter[N, F], selected: set[str], *, rewrite: bool = True
         kept: list[BatchNormSite[N]] = []
         for bn in adapter.batch_norms():
             pair = adapter.examine(bn)
+            if pair.quiet:
+                # an affine chain with nothing to fold into (yet: a later pass may give it one)
+                entries.pop(_key(bn), None)
+                kept.append(bn)
+                continue
             decision, fold = judge(
                 pair.facts,
                 selected,
                 partial(adapter.compute, pair),
             )
+            if pair.kind == "affine" and decision.rule == rules.SINGLE_CONSUMER:
+                # arithmetic on a value that other nodes read too (a swish's x * 1.0 next to
+                # its x * sigmoid(x)) is the model's own computation, not a folded BatchNorm
+                entries.pop(_key(bn), None)
+                kept.append(bn)
+                continue
             entries[_key(bn)] = entry(
-                pair.name, pair.bn_type, pair.target, pair.target_type, decision
+                pair.name, pair.bn_type, pair.target, pair.target_type, decision, pair.kind
             )
             note = getattr(fold, "note", "")  # how the fold was done, when the adapter says
             if note:

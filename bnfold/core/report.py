@@ -1,4 +1,4 @@
-"""FoldReport: one entry per BatchNorm, folded into what or skipped and why."""
+"""FoldReport: one entry per BatchNorm or affine chain, folded into what or kept and why."""
 
 from __future__ import annotations
 
@@ -7,6 +7,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 Action = Literal["folded", "skipped"]
+# What an entry is about: a BatchNorm (an op, a module, or arithmetic that scales channel by
+# channel as one does), or a chain of plain per-channel arithmetic (``Mul``/``Add``/... by
+# constants) after a layer, which converters leave behind.
+Kind = Literal["batchnorm", "affine"]
 
 
 @dataclass(frozen=True)
@@ -18,6 +22,8 @@ class FoldEntry:
     ``rule`` names the legality rule that failed (see :mod:`bnfold.core.rules`), ``reason`` says why
     in words; both are empty for a fold. ``note`` says how a fold was done when there is more
     than one way (a pt2e QAT chain: exactly after the dequantize, or into the conv's bias).
+    ``kind`` is ``"batchnorm"`` or ``"affine"``: an affine entry is a chain of elementwise ops
+    by constants (``bn`` names its nodes, ``bn_type`` their op types) folded into ``target``.
     """
 
     bn: str
@@ -28,6 +34,7 @@ class FoldEntry:
     bn_type: str = ""
     target_type: str = ""
     note: str = ""
+    kind: Kind = "batchnorm"
 
     @property
     def folded(self) -> bool:
@@ -59,8 +66,18 @@ class FoldReport:
     def skipped(self) -> list[FoldEntry]:
         return [e for e in self.entries if not e.folded]
 
+    @property
+    def batch_norms(self) -> list[FoldEntry]:
+        """The BatchNorm entries (folded and kept)."""
+        return [e for e in self.entries if e.kind == "batchnorm"]
+
+    @property
+    def affines(self) -> list[FoldEntry]:
+        """The affine-chain entries (folded and kept)."""
+        return [e for e in self.entries if e.kind == "affine"]
+
     def entry(self, bn: str) -> FoldEntry:
-        """The entry of the BatchNorm named ``bn``."""
+        """The entry of the BatchNorm (or affine chain) named ``bn``."""
         for e in self.entries:
             if e.bn == bn:
                 return e
@@ -71,12 +88,25 @@ class FoldReport:
         return [asdict(e) for e in self.entries]
 
     def summary(self) -> str:
-        n = len(self.entries)
+        bns = self.batch_norms
+        n = len(bns)
         plural = "s" if n != 1 else ""
-        return f"{len(self.folded)} of {n} BatchNorm{plural} folded, {len(self.skipped)} kept"
+        folded = sum(e.folded for e in bns)
+        text = f"{folded} of {n} BatchNorm{plural} folded, {n - folded} kept"
+        affines = self.affines
+        if affines:
+            m = len(affines)
+            done = sum(e.folded for e in affines)
+            text += f"; {done} of {m} affine chain{'s' if m != 1 else ''} folded"
+        return text
 
     def __str__(self) -> str:
-        head = ("BatchNorm", "type", "action", "into / reason")
+        head = (
+            "BatchNorm / affine chain" if self.affines else "BatchNorm",
+            "type",
+            "action",
+            "into / reason",
+        )
         rows = []
         for e in self.entries:
             what = f"{e.target} ({e.target_type})" if e.folded else f"[{e.rule}] {e.reason}"

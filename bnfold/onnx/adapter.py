@@ -1,15 +1,23 @@
-"""ONNX frontend: fold BatchNormalization into Conv, ConvTranspose, Gemm and MatMul.
+"""ONNX frontend: fold BatchNormalization and per-channel arithmetic into Conv,
+ConvTranspose, Gemm and MatMul.
 
-Works on the ``onnx_ir`` in-memory graph. For every BatchNormalization, in topological order:
-find the producer behind it (through ``Identity``/``Transpose``/``Unsqueeze``/``Squeeze``,
-and a constant ``Add`` after the producer), gather the facts :mod:`bnfold.core.rules` decides on,
-compute the fold with :mod:`bnfold.core.algebra`, and rewrite: the weight is scaled where it is
-stored (or copied to a new initializer when something else reads it), the bias replaced by a
-new initializer, the BatchNorm removed and its output name kept when it is a graph output.
-What the fold leaves unused (the BatchNorm's parameters, the old bias and the constant
-subgraph that made it) is removed; nothing else in the model changes.
+Works on the ``onnx_ir`` in-memory graph. A *site* is a BatchNormalization, or (with
+``affine``) the last of a run of affine links: ``Add``/``Sub``/``Mul``/``Div`` of an
+activation and a constant, ``Neg`` (:func:`bnfold.onnx.ops.link_call`), as converters leave
+BatchNorm behind. For every site: walk back to the producer through layout operators
+(``Identity``/``Transpose``/``Unsqueeze``/``Squeeze``) and affine links in any order, gather the
+facts :mod:`bnfold.core.rules` decides on (each link's constant must be one value, or one per
+output channel where the channels are at that point), compose the links and the BatchNorm into
+one ``y = k*z + c`` (:func:`bnfold.core.affine.compose`, float64) and rewrite: the weight is
+scaled where it is stored (or written to a new initializer when something else reads it, or
+when it was computed from constants), the bias replaced by a new initializer (MatMul, which
+has none, gets one ``Add``), the links and the BatchNorm removed, and the last one's output
+name kept when it is a graph output. What the fold leaves unused (parameters, constants, the
+old bias and the constant subgraphs that made them) is removed; nothing else changes.
 
-Folding in topological order means a chain ``Conv -> BN -> BN`` folds both at once.
+Without ``affine`` only a constant ``Add`` right after the producer is passed (a layer's bias),
+as before affine chains existed. A run of links after a BatchNorm is folded in the next pass,
+once the BatchNorm is.
 """
 
 from __future__ import annotations
@@ -24,8 +32,8 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from ..core import algebra, pipeline, rules
-from ..core.pipeline import Pair, StoredOperand, bias_name, unique_name
+from ..core import affine, algebra, pipeline, rules
+from ..core.pipeline import BatchNormSite, Pair, StoredOperand, bias_name, unique_name
 from ..core.report import FoldEntry, FoldReport
 from ..errors import FoldRefused
 from ..onnx.constants import (
@@ -46,9 +54,11 @@ from ..onnx.ops import (
     PRODUCER_OPS,
     AxisTrack,
     BatchNormCall,
+    LinkCall,
     ProducerCall,
     batch_norm_call,
     follow,
+    link_call,
     producer_call,
 )
 
@@ -57,6 +67,7 @@ _RANK_HINT = (
     "could not tell)"
 )
 _MAX_LAYOUT_OPS = 8
+_MAX_LINKS = 64  # affine links passed between a producer and a site
 
 
 # --------------------------------------------------------------------------------------------
@@ -64,19 +75,38 @@ _MAX_LAYOUT_OPS = 8
 
 
 @dataclass(kw_only=True)
-class _Pair(Pair[ir.Node]):
-    """A pair and what its rewrite needs: the layout nodes and a constant ``Add`` between the
-    producer and the BatchNorm, where the weight is stored and who else reads it."""
+class AffineSite(BatchNormSite[ir.Node]):
+    """The last link of a run of affine links, as a site (``node`` is that link's node)."""
 
-    bn: BatchNormCall
+    link: LinkCall
+
+
+@dataclass(kw_only=True)
+class _Pair(Pair[ir.Node]):
+    """A site and what its rewrite needs: the layout nodes and affine links between the producer
+    and the BatchNorm (or the site's own links), where the weight is stored and who else reads
+    it."""
+
+    bn: BatchNormCall | AffineSite
     graph: ir.Graph
     producer: ProducerCall | None = None
-    add: ir.Node | None = None  # an Add of a constant right after the producer
-    add_const: int = 1  # which input of ``add`` is the constant
-    chain: list[ir.Node] = field(default_factory=list)  # layout nodes, producer side first
+    # layout nodes and links from the producer on (an affine site's own last link included)
+    steps: list[ir.Node] = field(default_factory=list)
+    links: dict[ir.Node, LinkCall] = field(default_factory=dict)
     weight: StoredOperand[ir.Value] | None = None
     weight_shared: str = ""
     rank: int | None = None  # rank of the producer's output
+    channels: int | None = None  # the producer's output channels
+
+    @property
+    def affine_site(self) -> bool:
+        return isinstance(self.bn, AffineSite)
+
+    # the weight is computed from constants, not stored: a new initializer takes it
+    weight_computed: bool = False
+
+    def link_nodes(self) -> list[LinkCall]:
+        return [self.links[n] for n in self.steps if n in self.links]
 
 
 def _note(pair: _Pair, **changes: Any) -> None:
@@ -87,12 +117,26 @@ def _note(pair: _Pair, **changes: Any) -> None:
 class _Context:
     """Per-fold state: the model, its constants, the names in use and inferred ranks."""
 
-    def __init__(self, model: ir.Model) -> None:
+    def __init__(self, model: ir.Model, affine: bool = True) -> None:
         self.model = model
+        self.affine = affine
         self.constants = Constants(model, self.dtype)
         self.legacy_inputs = (model.ir_version or 0) < 4  # IR 3 lists initializers as inputs
         self._names: set[str] | None = None
         self._inferred: dict[tuple[ir.Graph, str], tuple[int | None, int]] | None = None
+
+    def link(self, node: ir.Node) -> LinkCall | None:
+        """``node`` read as an affine link (:func:`bnfold.onnx.ops.link_call`), or ``None``."""
+        if node.op_type not in ("Add", "Sub", "Mul", "Div", "Neg") or not node.inputs:
+            return None
+        return link_call(node, opset_version(self.model, node), self._float_constant)
+
+    def _float_constant(self, value: ir.Value) -> bool | None:
+        try:
+            array = self.constants.value(value)
+        except NotConstant:
+            return None
+        return array.dtype.kind == "f" or "float" in array.dtype.name
 
     def unique(self, base: str) -> str:
         """A value name not used anywhere in the model, based on ``base``."""
@@ -232,20 +276,23 @@ def _name(node: ir.Node) -> str:
     return node.name or (node.outputs[0].name if node.outputs else "") or node.op_type
 
 
-def _examine(ctx: _Context, graph: ir.Graph, bn: BatchNormCall) -> _Pair:
-    """Find the producer behind ``bn`` and everything the rules need about the pair."""
-    facts = rules.PairFacts(
-        bn=_name(bn.node),
-        bn_axis=bn.axis,
-        bn_uses_running_stats=not bn.not_inference,
-        bn_not_inference_reason=bn.not_inference,
-        bn_custom_forward=bn.unsupported,
-        can_unshare=True,
-        rank_hint=_RANK_HINT,
-    )
-    pair = _Pair(bn=bn, graph=graph, facts=facts, name=facts.bn, bn_type="BatchNormalization")
-    if bn.input is None or any(v is None for v in (bn.weight, bn.bias, bn.mean, bn.var)):
-        _note(pair, bn_custom_forward=f"{describe_node(bn.node)} lacks required inputs")
+def _examine(ctx: _Context, graph: ir.Graph, bn: BatchNormCall | AffineSite) -> _Pair:
+    """Find the producer behind a site and everything the rules need about the pair."""
+    if isinstance(bn, AffineSite):
+        pair = _affine_pair(ctx, graph, bn)
+    else:
+        facts = rules.PairFacts(
+            bn=_name(bn.node),
+            bn_axis=bn.axis,
+            bn_uses_running_stats=not bn.not_inference,
+            bn_not_inference_reason=bn.not_inference,
+            bn_custom_forward=bn.unsupported,
+            can_unshare=True,
+            rank_hint=_RANK_HINT,
+        )
+        pair = _Pair(bn=bn, graph=graph, facts=facts, name=facts.bn, bn_type="BatchNormalization")
+        if bn.input is None or any(v is None for v in (bn.weight, bn.bias, bn.mean, bn.var)):
+            _note(pair, bn_custom_forward=f"{describe_node(bn.node)} lacks required inputs")
     producer_value, detail = _walk_back(ctx, pair)
     node = producer_value.producer() if producer_value is not None else None
     if node is not None:
@@ -255,8 +302,9 @@ def _examine(ctx: _Context, graph: ir.Graph, bn: BatchNormCall) -> _Pair:
                 w = node.inputs[1]
                 if w is not None:
                     pair.weight = ctx.constants.weight(w)
-                    tensor = ctx.constants.stored(pair.weight.source)
-                    weight_rank = None if tensor is None else len(tensor.shape)
+                    shape = _weight_shape(ctx, pair.weight)
+                    pair.weight_computed = ctx.constants.stored(pair.weight.source) is None
+                    weight_rank = None if shape is None else len(shape)
         except NotConstant as e:
             _note(pair, constant_detail=str(e), producer_params_constant=False)
         pair.producer = producer_call(node, weight_rank)
@@ -270,9 +318,14 @@ def _examine(ctx: _Context, graph: ir.Graph, bn: BatchNormCall) -> _Pair:
             )
     if pair.producer is None:
         _note(pair, producer_detail=detail)
+        # plain arithmetic with no layer behind it is not a fold candidate: no report entry
+        pair.quiet = pair.affine_site
         return pair
     p = pair.producer
     pair.target, pair.target_type = _name(p.node), _label(pair)
+    if pair.affine_site and _gains_nothing(pair):
+        pair.quiet = True
+        return pair
     _note(
         pair,
         producer=pair.target,
@@ -280,7 +333,12 @@ def _examine(ctx: _Context, graph: ir.Graph, bn: BatchNormCall) -> _Pair:
         producer_spatial_dims=p.spatial_dims,
         producer_feature_axis=p.feature_axis,
     )
-    _bn_constants(ctx, pair)
+    if pair.weight is not None and pair.facts.producer_params_constant:
+        shape = _weight_shape(ctx, pair.weight)
+        if shape is not None and p.problem == "":
+            pair.channels = _layout(p, shape).out_channels(shape)
+    if not pair.affine_site:
+        _bn_constants(ctx, pair)
     _producer_constants(ctx, pair)
     _consumers(pair)
     _channel_axis(ctx, pair)
@@ -288,40 +346,114 @@ def _examine(ctx: _Context, graph: ir.Graph, bn: BatchNormCall) -> _Pair:
     return pair
 
 
+def _affine_pair(ctx: _Context, graph: ir.Graph, site: AffineSite) -> _Pair:
+    """The pair of an affine site, named by its links (filled in by :func:`_walk_back`)."""
+    facts = rules.PairFacts(bn=_name(site.node), can_unshare=True, rank_hint=_RANK_HINT)
+    return _Pair(
+        bn=site, graph=graph, facts=facts, name=facts.bn, bn_type=site.node.op_type, kind="affine"
+    )
+
+
+def _gains_nothing(pair: _Pair) -> bool:
+    """An affine site whose fold would leave as many nodes: one ``Add`` (or ``z - a``) after a
+    MatMul, which has no bias input (the fold would write the ``Add`` again), is its bias."""
+    links = pair.link_nodes()
+    p = pair.producer
+    if p is None or p.bias_index is not None or len(links) != 1:
+        return False
+    return links[0].op == "add" or (links[0].op == "sub" and links[0].chain_first)
+
+
+def _weight_shape(ctx: _Context, weight: StoredOperand[ir.Value]) -> tuple[int, ...] | None:
+    """The shape of the weight operand the layer reads."""
+    tensor = ctx.constants.stored(weight.source)
+    if tensor is None:
+        try:
+            return tuple(ctx.constants.value(weight.source).shape)
+        except NotConstant:
+            return None
+    shape = tuple(int(d) for d in tensor.shape)
+    for perm in weight.perms:
+        if len(perm) != len(shape):
+            return None
+        shape = tuple(shape[i] for i in perm)
+    return shape
+
+
+def _layout(p: ProducerCall, weight_shape: tuple[int, ...]) -> algebra.OutputLayout:
+    """How the producer's weight operand holds its output channels."""
+    if p.kind == "conv_transpose":
+        return algebra.conv_transpose_layout(p.groups)
+    return algebra.OutputLayout(axis=p.weight_axis)
+
+
 def _walk_back(ctx: _Context, pair: _Pair) -> tuple[ir.Value | None, str]:
-    """Follow the BatchNorm's input back through layout nodes and a constant Add; return the
-    producer's output (or ``None``) and, when there is no producer, what the input is."""
-    value = pair.bn.input
+    """Follow the site's input back through layout nodes and affine links (without
+    ``affine``: a constant Add right after the producer only) to a producer; return the
+    producer's output (or ``None``) and, when there is none, what the input is. The nodes
+    passed are recorded in ``pair.steps``."""
+    if isinstance(pair.bn, AffineSite):
+        site = pair.bn.link
+        pair.steps.insert(0, site.node)
+        pair.links[site.node] = site
+        value: ir.Value | None = site.input
+    else:
+        value = pair.bn.input
+    layouts = 0
     while value is not None:
         node = value.producer()
         if node is None:
-            return None, f"{describe(value)}, a graph input or constant"
+            return None, f"{describe(value)}, a graph input or constant" + _through(pair)
         if node.graph is not pair.graph:
-            return None, f"{describe(value)} from an enclosing graph"
+            return None, f"{describe(value)} from an enclosing graph{_through(pair)}"
         if node.op_type in LAYOUT_OPS and is_default_domain(node) and node.inputs:
-            if len(pair.chain) >= _MAX_LAYOUT_OPS:
+            layouts += 1
+            if layouts > _MAX_LAYOUT_OPS:
                 return None, f"a chain of more than {_MAX_LAYOUT_OPS} layout operators"
-            pair.chain.insert(0, node)
+            pair.steps.insert(0, node)
             value = node.inputs[0]
             continue
         if node.op_type in PRODUCER_OPS and is_default_domain(node):
+            _name_links(pair)
             return value, ""
-        if node.op_type == "Add" and is_default_domain(node) and len(node.inputs) == 2:
-            for const in (1, 0):
-                other = node.inputs[1 - const]
-                source = None if other is None else other.producer()
-                if (
-                    source is not None
-                    and source.graph is pair.graph
-                    and source.op_type in PRODUCER_OPS
-                    and is_default_domain(source)
-                    and _is_constant(ctx, node.inputs[const])
-                ):
-                    pair.add, pair.add_const = node, const
-                    return other, ""
-        via = f" (through {', '.join(n.op_type for n in pair.chain)})" if pair.chain else ""
-        return None, f"{describe_node(node)}{via}"
+        link = ctx.link(node)
+        if link is not None and _passes(ctx, link):
+            if len(pair.links) >= _MAX_LINKS:
+                return None, f"a chain of more than {_MAX_LINKS} elementwise operators"
+            pair.steps.insert(0, node)
+            pair.links[node] = link
+            value = link.input
+            continue
+        return None, f"{describe_node(node)}{_through(pair)}"
     return None, "nothing"
+
+
+def _passes(ctx: _Context, link: LinkCall) -> bool:
+    """Whether the walk back goes through ``link``: any link with ``affine``; without, only a
+    constant ``Add`` right after a producer (a layer's bias)."""
+    if ctx.affine:
+        return True
+    source = link.input.producer()
+    return (
+        link.op == "add"
+        and source is not None
+        and source.op_type in PRODUCER_OPS
+        and is_default_domain(source)
+    )
+
+
+def _through(pair: _Pair) -> str:
+    return f" (through {', '.join(n.op_type for n in pair.steps)})" if pair.steps else ""
+
+
+def _name_links(pair: _Pair) -> None:
+    """An affine site is named by its links: ``Mul_3 -> Add_4`` (op types ``Mul -> Add``)."""
+    if not pair.affine_site:
+        return
+    links = pair.link_nodes()
+    pair.name = " -> ".join(_name(x.node) for x in links)
+    pair.bn_type = " -> ".join(x.node.op_type for x in links)
+    pair.facts = replace(pair.facts, bn=pair.name)
 
 
 def _is_constant(ctx: _Context, value: ir.Value | None) -> bool:
@@ -365,7 +497,7 @@ def _producer_constants(ctx: _Context, pair: _Pair) -> None:
     assert p is not None
     if not pair.facts.producer_params_constant:
         return
-    for v in (p.bias, pair.add.inputs[pair.add_const] if pair.add else None):
+    for v in [p.bias] + [link.constant for link in pair.link_nodes()]:
         if v is None:
             continue
         try:
@@ -376,11 +508,14 @@ def _producer_constants(ctx: _Context, pair: _Pair) -> None:
 
 
 def _consumers(pair: _Pair) -> None:
-    """Every value between the producer and the BatchNorm must feed the next step only."""
+    """Every value between the producer and the site must feed the next step only."""
     p = pair.producer
     assert p is not None
-    steps = [p.node] + ([pair.add] if pair.add else []) + pair.chain
-    nexts = steps[1:] + [pair.bn.node]
+    if pair.affine_site:
+        steps, nexts = [p.node] + pair.steps[:-1], pair.steps
+    else:
+        steps = [p.node] + pair.steps
+        nexts = steps[1:] + [pair.bn.node]
     for node, following in zip(steps, nexts, strict=True):
         out = node.outputs[0]
         # Readers of the shape or type only (Shape, CastLike's second input) see no change.
@@ -414,20 +549,24 @@ def _producer_rank(ctx: _Context, pair: _Pair) -> int | None:
         return p.output_rank
     out = p.node.outputs[0]
     x = p.node.inputs[0] if p.node.inputs else None
-    if pair.chain and pair.chain[0].op_type == "Transpose":
-        perm = attribute(pair.chain[0], "perm", ir.AttributeType.INTS)
-        # The Transpose fixes the rank of what it reads: the producer's output, or the sum with
-        # the added constant, which has the producer's rank when the constant's is lower.
-        if perm is not None and (pair.add is None or _constant_rank(ctx, pair) < len(perm)):
+    before = 0  # the largest rank of a constant the links before the first layout node take
+    for node in pair.steps:
+        link = pair.links.get(node)
+        if link is not None:
+            before = max(before, _constant_rank(ctx, link))
+            continue
+        perm = attribute(node, "perm", ir.AttributeType.INTS)
+        # A Transpose fixes the rank of what it reads: the producer's output, or what links
+        # made of it, which has the producer's rank when their constants' ranks are lower.
+        if node.op_type == "Transpose" and perm is not None and before < len(perm):
             return len(perm)
+        break
     return ctx.rank(out) or ctx.rank(x)
 
 
-def _constant_rank(ctx: _Context, pair: _Pair) -> int:
-    assert pair.add is not None
-    value = pair.add.inputs[pair.add_const]
-    assert value is not None
-    return ctx.constants.value(value).ndim
+def _constant_rank(ctx: _Context, link: LinkCall) -> int:
+    value = link.constant
+    return 0 if value is None else ctx.constants.value(value).ndim
 
 
 def _channel_axis(ctx: _Context, pair: _Pair) -> None:
@@ -445,10 +584,19 @@ def _channel_axis(ctx: _Context, pair: _Pair) -> None:
         return
     x = p.node.inputs[0] if p.node.inputs else None
     ranks = [(x, rank), (p.node.outputs[0], rank)]  # a producer's activation has its rank
-    ranks += [(pair.add.outputs[0], rank)] if pair.add is not None else []
-    for node in pair.chain:
-        axes = _layout_axes(ctx, node)
-        problem = follow(track, node, axes)
+    for node in pair.steps:
+        link = pair.links.get(node)
+        if link is not None:
+            problem = _link_problem(ctx, pair, link, track)
+            if problem:
+                _note(pair, axis_problem=problem)
+                return
+            ranks.append((node.outputs[0], track.rank))
+            continue
+        if node.op_type == "Reshape":
+            problem = _follow_reshape(ctx, pair, node, track)
+        else:
+            problem = follow(track, node, _layout_axes(ctx, node))
         if problem:
             _note(
                 pair,
@@ -457,14 +605,15 @@ def _channel_axis(ctx: _Context, pair: _Pair) -> None:
             )
             return
         ranks.append((node.outputs[0], track.rank))
-    ranks.append((pair.bn.node.outputs[0], track.rank))
+    if not pair.affine_site:
+        ranks.append((pair.bn.node.outputs[0], track.rank))
     problem = _annotation_problem(ranks)
     if problem:
         _note(pair, axis_problem=problem)
         return
+    if pair.affine_site:  # links were checked where they are: no axis of its own to compare
+        _note(pair, bn_axis=track.axis)
     _note(pair, channel_axis=track.axis, axis_path=" -> ".join(track.steps))
-    if pair.add is not None:
-        _check_add(ctx, pair)
     if p.node.op_type == "Gemm" and p.bias is not None and pair.facts.producer_params_constant:
         c = ctx.constants.value(p.bias)
         if c.ndim > 2 or (c.ndim == 2 and c.shape[0] != 1):
@@ -473,6 +622,43 @@ def _channel_axis(ctx: _Context, pair: _Pair) -> None:
                 axis_problem=f"{describe_node(p.node)}'s C has shape {list(c.shape)}, a bias per "
                 "row and not per output channel",
             )
+
+
+def _follow_reshape(ctx: _Context, pair: _Pair, node: ir.Node, track: AxisTrack) -> str:
+    """Move ``track`` through a Reshape that keeps the channels as the last axis: its input's
+    last axis holds the ``n`` channels and its target shape ends in ``n``. Row-major order then
+    maps every element of channel ``j`` to channel ``j``, whatever happens to the axes before.
+    Anything else is not followed (returns why)."""
+    n = pair.channels
+    if n is None or track.axis != track.rank - 1:
+        return f"{describe_node(node)} reshapes an activation whose channels are not its last axis"
+    last = _last_entry(ctx, node.inputs[1] if len(node.inputs) > 1 else None)
+    rank = ctx.rank(node.outputs[0])
+    if last != n or rank is None or rank < 1:
+        return f"{describe_node(node)} may move the {n} channels off the last axis"
+    track.rank, track.axis = rank, rank - 1
+    track.steps.append(f"Reshape(..., {n})")
+    return ""
+
+
+def _last_entry(ctx: _Context, value: ir.Value | None, depth: int = 0) -> int | None:
+    """The last entry of a Reshape's target shape when it is known, even if the others are
+    computed at run time (``Concat(Gather(Shape(x), ...), [16])``)."""
+    if value is None or depth > 8:
+        return None
+    try:
+        shape = ctx.constants.value(value)
+        return int(shape.reshape(-1)[-1]) if shape.size and shape.dtype.kind in "iu" else None
+    except NotConstant:
+        pass
+    node = value.producer()
+    if node is None or not is_default_domain(node) or not node.inputs:
+        return None
+    if node.op_type in ("Cast", "Identity"):
+        return _last_entry(ctx, node.inputs[0], depth + 1)
+    if node.op_type == "Concat" and attribute(node, "axis", ir.AttributeType.INT, None) in (0, -1):
+        return _last_entry(ctx, node.inputs[-1], depth + 1)
+    return None
 
 
 def _annotation_problem(ranks: list[tuple[ir.Value | None, int]]) -> str:
@@ -509,20 +695,38 @@ def _layout_axes(ctx: _Context, node: ir.Node) -> list[int] | None:
     return axes or None  # empty axes mean "every 1-sized axis" to onnxruntime: not followed
 
 
-def _check_add(ctx: _Context, pair: _Pair) -> None:
-    """The constant added after the producer must be one value per output channel."""
-    assert pair.add is not None and pair.rank is not None and pair.producer is not None
-    const = ctx.constants.value(pair.add.inputs[pair.add_const])
-    axis = _feature_axis(pair.producer, pair.rank)
-    if not _per_channel(const.shape, pair.rank, axis):
-        _note(
-            pair,
-            axis_problem=(
-                f"the constant added by {describe_node(pair.add)} has shape {list(const.shape)}, "
-                f"which is not one value per channel of {_name(pair.producer.node)}'s "
-                f"{pair.rank}-D output"
-            ),
+def _link_problem(ctx: _Context, pair: _Pair, link: LinkCall, track: AxisTrack) -> str:
+    """Why ``link``'s constant is not one value, or one value per output channel along the
+    axis where the producer's channels are at that point (``""`` when it is): a constant
+    varying along another axis, or one that would broadcast the activation to a bigger shape,
+    cannot fold."""
+    value = link.constant
+    if value is None:
+        return ""
+    shape = tuple(ctx.constants.value(value).shape)
+    n = pair.channels
+    p = pair.producer
+    assert p is not None
+    where = f"the constant of {describe_node(link.node)}"
+    if len(shape) > track.rank:
+        return (
+            f"{where} has shape {list(shape)}: it broadcasts {_name(p.node)}'s {track.rank}-D "
+            "output to a higher rank"
         )
+    offset = track.rank - len(shape)
+    along = [i + offset for i, d in enumerate(shape) if d != 1]
+    if any(i != track.axis for i in along):
+        return (
+            f"{where} has shape {list(shape)}, which varies along axis "
+            f"{next(i for i in along if i != track.axis)} of the {track.rank}-D activation, "
+            f"not only along the channels of {_name(p.node)} (axis {track.axis})"
+        )
+    if along and n is not None and shape[track.axis - offset] != n:
+        return (
+            f"{where} has shape {list(shape)}: {shape[track.axis - offset]} values for the {n} "
+            f"channels of {_name(p.node)}"
+        )
+    return ""
 
 
 def _feature_axis(p: ProducerCall, rank: int) -> int:
@@ -530,19 +734,12 @@ def _feature_axis(p: ProducerCall, rank: int) -> int:
     return rules.producer_channel_axis(p.kind, rank, p.spatial_dims, p.feature_axis)  # type: ignore[arg-type]
 
 
-def _per_channel(shape: tuple[int, ...], rank: int, axis: int) -> bool:
-    if len(shape) > rank:
-        return False
-    offset = rank - len(shape)
-    return all(d == 1 for i, d in enumerate(shape) if i + offset != axis)
-
-
 def _sharing(ctx: _Context, pair: _Pair) -> None:
     """Who else reads the stored weight (shape-only readers such as ``Shape`` do not count)."""
     w = pair.weight
     p = pair.producer
-    if w is None or p is None:
-        return
+    if w is None or p is None or pair.weight_computed:
+        return  # a computed weight is written to a new initializer: nothing else changes
     readers = list(w.path) + [p.node]
     value = w.source
     others: list[str] = []
@@ -573,22 +770,30 @@ def _sharing(ctx: _Context, pair: _Pair) -> None:
 class _Fold:
     weight: np.ndarray
     weight_in_place: bool
-    bias: np.ndarray
-    bias_shape: tuple[int, ...]
+    bias: np.ndarray  # (n,): the producer's new bias, or what an Add after a MatMul adds
+    dtype: ir.DataType
 
 
 def _compute(ctx: _Context, pair: _Pair) -> _Fold:
-    bn, p, w = pair.bn, pair.producer, pair.weight
+    p, w = pair.producer, pair.weight
     assert p is not None and w is not None and pair.rank is not None
     c = ctx.constants
-    tensor = c.stored(w.source)
-    assert tensor is not None
-    try:
-        stored = np.asarray(tensor.numpy())
-    except Exception as e:  # a damaged tensor (its data does not match its shape)
-        raise FoldRefused(f"the weight {describe(w.source)} cannot be read: {e}") from e
+    if pair.weight_computed:
+        stored = c.value(w.source)
+        dtype = ir.DataType.from_numpy(stored.dtype)
+    else:
+        tensor = c.stored(w.source)
+        assert tensor is not None
+        dtype = tensor.dtype
+        try:
+            stored = np.asarray(tensor.numpy())
+        except Exception as e:  # a damaged tensor (its data does not match its shape)
+            raise FoldRefused(f"the weight {describe(w.source)} cannot be read: {e}") from e
     in_place = (
-        not pair.weight_shared and w.source.is_initializer() and (not w.perms or p.kind == "linear")
+        not pair.weight_shared
+        and not pair.weight_computed
+        and w.source.is_initializer()
+        and (not w.perms or p.kind == "linear")
     )
     weight = stored if in_place else w.operand(stored)
     if p.kind == "conv_transpose":
@@ -597,6 +802,36 @@ def _compute(ctx: _Context, pair: _Pair) -> _Fold:
         axis = w.source_axis(p.weight_axis) if in_place else p.weight_axis
         layout = algebra.OutputLayout(axis=axis)
     n = layout.out_channels(tuple(weight.shape))
+    k, shift = _composed(ctx, pair, n)
+    new_weight = algebra.scale_output_channels(weight, k, layout)
+    # Sums and products that overflow become inf or NaN, which the checks below refuse.
+    with np.errstate(over="ignore", invalid="ignore"):
+        new_bias = _folded_bias(ctx, pair, n, k, shift, stored)
+    if pair.link_nodes():
+        algebra.require_headroom(new_bias, stored.dtype, pair.name)
+    return _Fold(new_weight, in_place, new_bias, dtype)
+
+
+def _composed(ctx: _Context, pair: _Pair, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(k, c)``: the links and the BatchNorm after the producer as one per-channel
+    ``k*z + c`` (:func:`bnfold.core.affine.compose`, float64)."""
+    steps = []
+    for link in pair.link_nodes():
+        where = describe_node(link.node)
+        value = None if link.constant is None else ctx.constants.value(link.constant)
+        if value is not None and value.size not in (1, n):  # checked by _link_problem
+            raise FoldRefused(f"the constant of {where} has shape {list(value.shape)}")
+        steps.append(affine.Step(link.op, value, link.chain_first, where))  # type: ignore[arg-type]
+    bn = pair.bn
+    if isinstance(bn, BatchNormCall):
+        steps.append(affine.Step("affine", _bn_factors(ctx, pair, n), where=_name(bn.node)))
+    return affine.compose(steps, n)
+
+
+def _bn_factors(ctx: _Context, pair: _Pair, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The BatchNorm's ``(s, t)``."""
+    bn, p = pair.bn, pair.producer
+    assert isinstance(bn, BatchNormCall) and p is not None
     # A parameter spread over a run-time shape is the same for every channel; any other must
     # have one value per channel (a computed 0-d one is invalid: onnxruntime refuses it).
     params = []
@@ -609,26 +844,14 @@ def _compute(ctx: _Context, pair: _Pair) -> _Fold:
             )
         params.append(np.full(n, a.reshape(())) if spread else a)
     mean, var, scale, shift = params
-    s, t = algebra.affine_factors(mean, var, bn.eps, scale, shift)
-    new_weight = algebra.scale_output_channels(weight, s, layout)
-    # Sums and products that overflow become inf or NaN, which the checks below refuse.
-    with np.errstate(over="ignore", invalid="ignore"):
-        new_bias = _folded_bias(ctx, pair, n, s, t, stored)
-    keep_add = pair.add is not None and p.bias_index is None
-    if keep_add and p.channel_last:
-        bias_shape: tuple[int, ...] = (n,)
-    elif keep_add:
-        bias_shape = (n,) + (1,) * (pair.rank - 2)
-    else:
-        bias_shape = (n,)
-    return _Fold(new_weight, in_place, new_bias, bias_shape)
+    return algebra.affine_factors(mean, var, bn.eps, scale, shift)
 
 
 def _folded_bias(
-    ctx: _Context, pair: _Pair, n: int, s: np.ndarray, t: np.ndarray, like: np.ndarray
+    ctx: _Context, pair: _Pair, n: int, k: np.ndarray, shift: np.ndarray, like: np.ndarray
 ) -> np.ndarray:
-    """``s * b + t`` in ``like``'s dtype, ``b`` being the layer's bias plus the constant added after
-    it; their shapes are checked before anything is converted to float64."""
+    """``k * b + shift`` in ``like``'s dtype, ``b`` being the layer's own bias; its shape is
+    checked before anything is converted to float64."""
     p, c = pair.producer, ctx.constants
     assert p is not None
     total = np.zeros(n)
@@ -646,16 +869,9 @@ def _folded_bias(
         else:
             b = b.astype(np.float64)
         total = total + np.broadcast_to(b, (n,))
-    if pair.add is not None:
-        a = c.value(pair.add.inputs[pair.add_const])
-        if a.size not in (1, n):
-            raise FoldRefused(f"the constant added after the layer has shape {list(a.shape)}")
-        a = a.astype(np.float64)
-        vector = np.full(n, a.reshape(-1)[0]) if a.size == 1 else a.reshape(-1)
-        total = total + vector
     if not np.isfinite(total).all():
         raise FoldRefused("the layer's bias is not finite")
-    return algebra.folded_bias(None, s, s * total + t, like=like, dtype=like.dtype)
+    return algebra.folded_bias(None, k, k * total + shift, like=like, dtype=like.dtype)
 
 
 def _new_initializer(
@@ -674,10 +890,10 @@ def _new_initializer(
 def _apply(ctx: _Context, pair: _Pair, fold: _Fold) -> None:
     bn, p, w, graph = pair.bn, pair.producer, pair.weight, pair.graph
     assert p is not None and w is not None
-    tensor = ctx.constants.stored(w.source)
-    assert tensor is not None
-    dtype = tensor.dtype
-    dead: list[ir.Value] = [v for v in (bn.weight, bn.bias, bn.mean, bn.var) if v is not None]
+    dtype = fold.dtype
+    dead: list[ir.Value] = []
+    if isinstance(bn, BatchNormCall):
+        dead += [v for v in (bn.weight, bn.bias, bn.mean, bn.var) if v is not None]
     if fold.weight_in_place:
         w.source.const_value = ir.Tensor(fold.weight, dtype=dtype, name=w.source.name)
         # The other values stay cached: the rewrite touches no other constant's data.
@@ -689,15 +905,9 @@ def _apply(ctx: _Context, pair: _Pair, fold: _Fold) -> None:
         p.node.replace_input_with(p.weight_index, new)
         if old is not None:
             dead.append(old)
-    bias_value = _new_initializer(
-        ctx,
-        graph,
-        bias_name(w.source.name or "", _name(p.node)),
-        fold.bias.reshape(fold.bias_shape),
-        dtype,
-    )
-    last = p.node.outputs[0]
+    bias_base = bias_name(w.source.name or "", _name(p.node))
     if p.bias_index is not None:
+        bias_value = _new_initializer(ctx, graph, bias_base, fold.bias, dtype)
         if len(p.node.inputs) <= p.bias_index:
             p.node.resize_inputs(p.bias_index + 1)
         old_bias = p.node.inputs[p.bias_index]
@@ -706,16 +916,19 @@ def _apply(ctx: _Context, pair: _Pair, fold: _Fold) -> None:
             dead.append(old_bias)
         if p.node.op_type == "Gemm":
             p.node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
-        if pair.add is not None:
-            add_out = pair.add.outputs[0]
-            dead.append(pair.add.inputs[pair.add_const])  # type: ignore[arg-type]
-            add_out.replace_all_uses_with(last)
-            graph.remove(pair.add, safe=True)
-    elif pair.add is not None:
-        dead.append(pair.add.inputs[pair.add_const])  # type: ignore[arg-type]
-        pair.add.replace_input_with(pair.add_const, bias_value)
-        last = pair.add.outputs[0]
-    else:
+    elif fold.bias.any() or any(x.op in ("add", "sub") for x in pair.link_nodes()):
+        # MatMul has no bias input: one Add after it (on the last axis, where its channels
+        # are); its own bias Add, right after it, stays with the new constant
+        bias_value = _new_initializer(ctx, graph, bias_base, fold.bias, dtype)
+        first = pair.links.get(pair.steps[0]) if pair.steps else None
+        if first is not None and first.op == "add":
+            assert first.const_index is not None and first.constant is not None
+            dead.append(first.constant)
+            first.node.replace_input_with(first.const_index, bias_value)
+            del pair.links[first.node]  # stays in the graph
+            pair.steps.pop(0)
+            return _finish(ctx, pair, dead)
+        last = p.node.outputs[0]
         add = ir.node("Add", [last, bias_value], name=ctx.unique(f"{_name(p.node)}_bias"))
         out = add.outputs[0]
         out.name = ctx.unique(f"{last.name or _name(p.node)}_biased")
@@ -724,16 +937,28 @@ def _apply(ctx: _Context, pair: _Pair, fold: _Fold) -> None:
             if use.node is not add:
                 use.node.replace_input_with(use.idx, out)
         graph.insert_after(p.node, add)
-        last = out
-    if pair.chain:
-        last = pair.chain[-1].outputs[0]
-    _remove_batch_norm(bn, last)
+    _finish(ctx, pair, dead)
+
+
+def _finish(ctx: _Context, pair: _Pair, dead: list[ir.Value]) -> None:
+    """Remove the site's links and BatchNorm, and what that leaves unused."""
+    bn = pair.bn
+    for link in reversed(pair.link_nodes()):
+        if link.constant is not None:
+            dead.append(link.constant)
+        _bypass(link.node, link.input)
+    if isinstance(bn, BatchNormCall):
+        x = bn.node.inputs[0]  # what the links' removal left it reading
+        assert x is not None
+        _bypass(bn.node, x)
     _drop_unused(ctx, dead)
 
 
-def _remove_batch_norm(bn: BatchNormCall, replacement: ir.Value) -> None:
-    y = bn.node.outputs[0]
-    graph = bn.node.graph
+def _bypass(node: ir.Node, replacement: ir.Value) -> None:
+    """Remove ``node``, whose output becomes ``replacement`` for every reader; a graph output
+    keeps its name (and what the model says of it)."""
+    y = node.outputs[0]
+    graph = node.graph
     assert graph is not None
     name = y.name
     was_output = y.is_graph_output()
@@ -742,7 +967,7 @@ def _remove_batch_norm(bn: BatchNormCall, replacement: ir.Value) -> None:
     if replacement.shape is None:
         replacement.shape = y.shape
     y.replace_all_uses_with(replacement, replace_graph_outputs=True)
-    graph.remove(bn.node, safe=True)
+    graph.remove(node, safe=True)
     if was_output and name:
         y.name = None
         replacement.name = name
@@ -793,15 +1018,59 @@ class OnnxAdapter:
     def __init__(self, ctx: _Context) -> None:
         self.ctx = ctx
 
-    def batch_norms(self) -> list[BatchNormCall]:
-        found = []
+    def batch_norms(self) -> list[BatchNormCall | AffineSite]:
+        """Every BatchNormalization and, with ``affine``, the last link of every run of affine
+        links (one whose output does not go on, alone, through layout nodes into another link
+        or a BatchNormalization, which would take the run in its own walk back)."""
+        found: list[BatchNormCall | AffineSite] = []
         model = self.ctx.model
         for graph in model.graphs():
             for node in graph:
                 bn = batch_norm_call(node, opset_version(model, node))
                 if bn is not None:
                     found.append(bn)
+                    continue
+                if not self.ctx.affine:
+                    continue
+                link = self.ctx.link(node)
+                if link is not None and not self._continues(link.output):
+                    found.append(
+                        AffineSite(
+                            node=node,
+                            link=link,
+                            input=link.input,
+                            output=link.output,
+                            weight=None,
+                            bias=None,
+                            mean=None,
+                            var=None,
+                            eps=None,
+                        )
+                    )
         return found
+
+    def _continues(self, value: ir.Value) -> bool:
+        """Whether a walk back from a later link or BatchNorm passes ``value``: its only
+        reader, past layout nodes that are each the only reader, is one of them."""
+        for _ in range(_MAX_LAYOUT_OPS + 1):
+            if value.is_graph_output():
+                return False
+            readers = [u for u in value.uses() if reads_data(u.node, u.idx)]
+            if len(readers) != 1:  # (the walk back's consumer check refuses the same)
+                return False
+            node, idx = readers[0].node, readers[0].idx
+            if node.graph is not defining_graph(value) or not is_default_domain(node):
+                return False
+            if node.op_type == "BatchNormalization":
+                return idx == 0
+            if node.op_type in LAYOUT_OPS:
+                if idx != 0 or not node.outputs:
+                    return False
+                value = node.outputs[0]
+                continue
+            link = self.ctx.link(node)
+            return link is not None and link.chain_index == idx
+        return False
 
     def examine(self, bn: BatchNormCall) -> _Pair:
         graph = bn.node.graph
@@ -815,22 +1084,26 @@ class OnnxAdapter:
         for pair, fold in folds:
             _apply(self.ctx, pair, fold)
 
-    def upstream(self, bn: BatchNormCall) -> list[ir.Value]:
-        """The values :func:`_walk_back` passes from the BatchNorm's input: through layout
-        nodes, and both inputs of an ``Add``."""
+    def upstream(self, bn: BatchNormCall | AffineSite) -> list[ir.Value]:
+        """The values :func:`_walk_back` passes from the site's input: through layout nodes
+        and affine links (every input of an arithmetic node)."""
         found: list[ir.Value] = []
         value = bn.input
-        for _ in range(_MAX_LAYOUT_OPS + 1):
+        for _ in range(_MAX_LAYOUT_OPS + _MAX_LINKS + 1):
             if value is None:
                 break
             found.append(value)
             node = value.producer()
             if node is None or not node.inputs:
                 break
-            if node.op_type == "Add":
+            if node.op_type in ("Add", "Sub", "Mul", "Div"):
                 found.extend(v for v in node.inputs if v is not None)
-                break
-            if node.op_type not in LAYOUT_OPS:
+                link = self.ctx.link(node)
+                if link is None:
+                    break
+                value = link.input
+                continue
+            if node.op_type not in LAYOUT_OPS and node.op_type != "Neg":
                 break
             value = node.inputs[0]
         return found
@@ -840,11 +1113,12 @@ class OnnxAdapter:
 
 
 @contextlib.contextmanager
-def folding(model: ir.Model) -> Iterator[OnnxAdapter]:
+def folding(model: ir.Model, affine: bool = True) -> Iterator[OnnxAdapter]:
     """The adapter for ``model``: its nodes are checked before anything is decided or changed
     (``fold(inplace=True)`` included), and its constant cache is dropped afterwards (it may hold
-    views of the caller's memory-mapped tensors)."""
-    ctx = _Context(model)
+    views of the caller's memory-mapped tensors). ``affine``: fold plain per-channel arithmetic
+    too (affine sites, and links before a BatchNorm)."""
+    ctx = _Context(model, affine)
     check_nodes(model.graphs(), ctx.constants)
     try:
         yield OnnxAdapter(ctx)
@@ -861,7 +1135,9 @@ def _label(pair: _Pair) -> str:
     p = pair.producer
     if p is None:
         return ""
-    return p.node.op_type + ("+Add" if pair.add is not None else "")
+    if pair.affine_site:
+        return p.node.op_type
+    return "+".join([p.node.op_type] + [x.node.op_type for x in pair.link_nodes()])
 
 
 def _function_entries(model: ir.Model) -> list[FoldEntry]:

@@ -398,8 +398,10 @@ class Constants:
         return f"{describe(value)} is computed by {describe_node(node)}"
 
     def weight(self, value: ir.Value) -> StoredOperand[ir.Value]:
-        """Where the weight operand ``value`` is stored; :class:`NotConstant` if it is not a
-        stored tensor seen through ``Identity``/``Transpose`` only."""
+        """Where the weight operand ``value`` is stored: a stored tensor seen through
+        ``Identity``/``Transpose``, or else ``value`` itself when the evaluator can compute it
+        from stored constants (``stored(source)`` is then ``None``: the fold writes a new
+        initializer); :class:`NotConstant` otherwise."""
         path: list[ir.Node] = []
         perms: list[tuple[int, ...]] = []
         current = value
@@ -418,10 +420,16 @@ class Constants:
                     perm = tuple(reversed(range(rank)))
                 perms.append(tuple(int(p) for p in perm))
             else:
-                raise NotConstant(
-                    f"the weight is computed by {describe_node(node)}; bnfold folds into stored "
-                    "weights only"
-                )
+                # Computed from stored constants (tf2onnx writes depthwise weights as
+                # Reshape -> Transpose of an initializer): the fold materialises the result.
+                try:
+                    self.value(value)
+                except NotConstant as e:
+                    raise NotConstant(
+                        f"the weight is computed by {describe_node(node)}, which bnfold cannot "
+                        f"evaluate ({e})"
+                    ) from e
+                return StoredOperand(value)
             path.append(node)
             current = node.inputs[0]
             if current is None:

@@ -47,24 +47,27 @@ def _root_cause(e: BaseException) -> BaseException:
     return e
 
 
-def _fold_model(model: ir.Model, selected: set[str]) -> FoldReport:
-    """Fold every foldable BatchNorm of ``model`` in place; return the report."""
-    with folding(model) as adapter:
+def _fold_model(model: ir.Model, selected: set[str], affine: bool = True) -> FoldReport:
+    """Fold every foldable BatchNorm (and, with ``affine``, affine chain) of ``model`` in
+    place; return the report."""
+    with folding(model, affine) as adapter:
         return report(model, pipeline.run(adapter, selected).entries)
 
 
-def analyze(model: Any, example_inputs: Any = None, *, producers: Any = None) -> FoldReport:
+def analyze(
+    model: Any, example_inputs: Any = None, *, producers: Any = None, affine: bool = True
+) -> FoldReport:
     """What :func:`fold` would do to ``model``; nothing is changed."""
     selected = rules.selected_kinds(producers)
     with quiet_logs():
         # A copy (for an onnx_ir.Model: copying also refuses one whose nodes read values that
         # nothing defines), rewritten only when a chain of BatchNorms needs it to be decided.
         working = _as_ir(model, copy=True)
-        with folding(working) as adapter:
+        with folding(working, affine) as adapter:
             outcome = pipeline.run(adapter, selected, rewrite=False)
         if outcome.complete:
             return report(working, outcome.entries)
-        return _fold_model(working, selected)
+        return _fold_model(working, selected, affine)
 
 
 def fold(
@@ -74,15 +77,17 @@ def fold(
     inplace: bool = False,
     producers: Any = None,
     return_report: bool = False,
+    affine: bool = True,
 ) -> Any:
     """Fold ``model`` (an ``onnx.ModelProto`` or ``onnx_ir.Model``); return one of the same kind.
 
-    ``example_inputs`` is not needed: ONNX models carry their own shapes.
+    ``example_inputs`` is not needed: ONNX models carry their own shapes. ``affine``: fold
+    per-channel arithmetic by constants after a layer too (see :mod:`bnfold.onnx.adapter`).
     """
     selected = rules.selected_kinds(producers)
     with quiet_logs():
         working = _as_ir(model, copy=not inplace)
-        folded_report = _fold_model(working, selected)
+        folded_report = _fold_model(working, selected, affine)
         result: Any = working
         if isinstance(model, onnx.ModelProto):
             try:

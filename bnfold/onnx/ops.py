@@ -1,5 +1,5 @@
 """The ONNX operators the fold reads: BatchNormalization, its producers, and the layout
-operators that may stand between them.
+operators and elementwise arithmetic by constants that may stand between them.
 
 Everything here reads the operator specifications (attributes, defaults, input positions) and
 nothing else; the legality decision is :mod:`bnfold.core.rules`' and the rewriting
@@ -8,6 +8,7 @@ nothing else; the legality decision is :mod:`bnfold.core.rules`' and the rewriti
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import onnx_ir as ir
@@ -173,7 +174,9 @@ def producer_call(node: ir.Node, weight_rank: int | None) -> ProducerCall | None
 # Layout operators between a producer and its BatchNorm
 
 
-LAYOUT_OPS = ("Identity", "Transpose", "Unsqueeze", "Squeeze")
+# Reshape is followed only where it keeps the channels as the last axis (a Linear on a 3-D
+# input, as tf2onnx writes it: Reshape to 2-D, MatMul, Reshape back): see the adapter.
+LAYOUT_OPS = ("Identity", "Transpose", "Unsqueeze", "Squeeze", "Reshape")
 
 
 @dataclass
@@ -223,3 +226,70 @@ def follow(track: AxisTrack, node: ir.Node, axes: list[int] | None) -> str:
     track.rank -= len(removed)
     track.steps.append(f"Squeeze(axes={removed})")
     return ""
+
+
+# --------------------------------------------------------------------------------------------
+# Elementwise arithmetic by constants (affine links)
+
+
+LINK_OPS = {"Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div", "Neg": "neg"}
+
+
+@dataclass(frozen=True)
+class LinkCall:
+    """An ``Add``/``Sub``/``Mul``/``Div`` of an activation and a constant, or a ``Neg``: one
+    step of a per-channel affine chain (:mod:`bnfold.core.affine`). ``chain_index`` is the
+    input carrying the activation, ``const_index`` the constant's (``None`` for ``Neg``)."""
+
+    node: ir.Node
+    op: str  # a bnfold.core.affine.LinkOp: add, sub, mul, div or neg
+    chain_index: int
+    const_index: int | None
+
+    @property
+    def input(self) -> ir.Value:
+        value = self.node.inputs[self.chain_index]
+        assert value is not None
+        return value
+
+    @property
+    def output(self) -> ir.Value:
+        return self.node.outputs[0]
+
+    @property
+    def constant(self) -> ir.Value | None:
+        return None if self.const_index is None else self.node.inputs[self.const_index]
+
+    @property
+    def chain_first(self) -> bool:
+        return self.chain_index == 0
+
+
+def link_call(
+    node: ir.Node, version: int, is_float_constant: Callable[[ir.Value], bool | None]
+) -> LinkCall | None:
+    """``node`` read as an affine link, or ``None``.
+
+    ``is_float_constant(value)`` says whether a value is a constant of a floating-point type
+    (``True``), a constant of another type (``False``) or not a constant (``None``). A link has
+    exactly one floating-point constant operand (``Div`` only as the divisor: ``a / x`` is not
+    affine). Before operator set 7, ``Add``/``Mul``/... broadcast by an ``axis`` attribute,
+    which bnfold does not read: no link.
+    """
+    op = LINK_OPS.get(node.op_type)
+    if op is None or not is_default_domain(node) or version < 7 or len(node.outputs) != 1:
+        return None
+    inputs = list(node.inputs)
+    if op == "neg":
+        if len(inputs) != 1 or inputs[0] is None:
+            return None
+        return LinkCall(node, op, 0, None) if is_float_constant(inputs[0]) is None else None
+    if len(inputs) != 2 or inputs[0] is None or inputs[1] is None or inputs[0] is inputs[1]:
+        return None
+    kinds = [is_float_constant(v) for v in inputs]
+    for const in (1, 0):
+        if kinds[const] is True and kinds[1 - const] is None:
+            if op == "div" and const == 0:
+                return None
+            return LinkCall(node, op, 1 - const, const)
+    return None

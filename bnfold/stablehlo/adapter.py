@@ -53,6 +53,7 @@ class _Pair(Pair[Any]):
     chain: affine.Chain
     hlo_producer: ops.Producer | None = None
     weight_axis: int | None = None
+    axis: int | None = None  # the producer's output axis the fold scales along
 
 
 @dataclass
@@ -96,8 +97,9 @@ def _functions(module: Any) -> Iterator[Any]:
 class StableHloAdapter:
     """The :class:`~bnfold.core.pipeline.GraphAdapter` of one StableHLO module."""
 
-    def __init__(self, module: Any) -> None:
+    def __init__(self, module: Any, affine: bool = True) -> None:
         self.module = module
+        self.affine = affine  # also fold chains that do not scale per channel
         self.constants = Constants()
         self._labels: dict[str, Any] = {}  # layer path -> the value it names
         # report name of a chain -> the other layers (BatchNorms) folded in the same chain
@@ -143,7 +145,7 @@ class StableHloAdapter:
                         blocks.extend(region.blocks)
                 chains = affine.chains(links, lambda v: len(list(v.uses)))
                 for chain in chains:
-                    if not chain.is_batch_norm:
+                    if not chain.is_batch_norm and not self.affine:
                         continue
                     sites.append(
                         BatchNormSite(
@@ -181,7 +183,8 @@ class StableHloAdapter:
     def _examine(self, bn: BatchNormSite[Any]) -> _Pair:
         fn, chain = bn.node.fn, bn.node.chain
         scaling = [link for link in chain.links if link.scales]
-        name = self._label(fn, chain.output, scaling[0].node)
+        kind = "batchnorm" if scaling else "affine"
+        name = self._label(fn, chain.output, (scaling or chain.links)[0].node)
         # Several BatchNorms in a row make one chain, folded as a whole; each layer JAX named
         # in the locations gets its own report entry (see ``companions``).
         firsts: dict[str, affine.Link] = {}
@@ -197,6 +200,7 @@ class StableHloAdapter:
             name=name,
             bn_type=_chain_type(chain),
             chain=chain,
+            kind=kind,
         )
         facts: dict[str, Any] = {"bn": name, "bn_axis": bn.axis}
         why = self._params_not_constant(chain)
@@ -214,6 +218,10 @@ class StableHloAdapter:
                 else f"{source.name} ({producer.problem})"
             )
             pair.facts = rules.PairFacts(**facts, producer_detail=detail)
+            pair.quiet = kind == "affine"  # plain arithmetic with no layer behind it
+            return pair
+        if kind == "affine" and _gains_nothing(chain):
+            pair.quiet = True
             return pair
         target = self._label(fn, producer.output, source)
         pair.hlo_producer = producer
@@ -251,21 +259,25 @@ class StableHloAdapter:
             )
         elif weight_why:
             facts.update(producer_params_constant=False)
-        weight_axis, problem = producer.at_axis(chain.axis)
-        crossing = next((x for x in before if x.axis is not None and x.axis != chain.axis), None)
+        axis = chain.axis if chain.axis is not None else _scalar_axis(producer)
+        if chain.axis is None and axis is not None:  # scalars: any channel axis takes them
+            facts["bn_axis"] = axis
+        pair.axis = axis
+        weight_axis, problem = (None, "") if axis is None else producer.at_axis(axis)
+        crossing = next((x for x in before if x.axis is not None and x.axis != axis), None)
         if crossing is not None:
             problem = (
                 f"{crossing.node.name} between {target} and {name} varies along axis "
-                f"{crossing.axis}, {name} along axis {chain.axis}"
+                f"{crossing.axis}, {name} along axis {axis}"
             )
-        if chain.axis is None:
-            problem = "the chain has no channel axis"
-        elif tensor_type(producer.output).is_dynamic_dim(chain.axis):
-            problem = f"axis {chain.axis} of {target} (the channels) has a dynamic size"
+        if axis is None:
+            problem = f"{target}'s weight feeds no axis of its output"
+        elif tensor_type(producer.output).is_dynamic_dim(axis):
+            problem = f"axis {axis} of {target} (the channels) has a dynamic size"
         if problem:
             facts["axis_problem"] = problem
         else:
-            feature = producer.feature_axis if producer.kind != "linear" else chain.axis
+            feature = producer.feature_axis if producer.kind != "linear" else axis
             if weight_axis is None:
                 feature = producer.feature_axis
             facts["channel_axis"] = feature
@@ -286,6 +298,7 @@ class StableHloAdapter:
                 f"(after {target}); bnfold folds a chain within one block"
             )
         pair.facts = rules.PairFacts(**facts)
+        pair.quiet = kind == "affine" and pair.producer is None
         return pair
 
     def _walk_back(self, chain: affine.Chain) -> tuple[list[affine.Link], Any]:
@@ -343,8 +356,8 @@ class StableHloAdapter:
 
     def compute(self, pair: _Pair) -> _Fold:
         chain, producer = pair.chain, pair.hlo_producer
-        assert producer is not None and chain.axis is not None and pair.weight_axis is not None
-        channels = int(tensor_type(producer.output).shape[chain.axis])
+        assert producer is not None and pair.axis is not None and pair.weight_axis is not None
+        channels = int(tensor_type(producer.output).shape[pair.axis])
         produced, result = tensor_type(producer.output), tensor_type(chain.output)
         if list(produced.shape) != list(result.shape) or str(produced.encoding) != str(
             result.encoding
@@ -371,7 +384,7 @@ class StableHloAdapter:
                     f"the chain's element type {tensor_type(chain.output)} is unknown"
                 )
             bias = algebra.folded_bias(None, k, c, like=weight, dtype=out_dtype)
-            _require_headroom(c, np_dtype(produced.element_type), pair.name)
+            algebra.require_headroom(c, np_dtype(produced.element_type), pair.name)
         return _Fold(scaled.value(), bias)
 
     def _require_range(self, pair: _Pair, produced: Any, result: Any) -> None:
@@ -443,7 +456,8 @@ class StableHloAdapter:
         if fold.bias is not None:
             with last.location, ir.InsertionPoint(last):
                 shift = hlo.ConstantOp(write_attribute(fold.bias, out_type.element_type))
-                spread = _broadcast(shift.result, result, chain.axis, out_type)
+                assert pair.axis is not None
+                spread = _broadcast(shift.result, result, pair.axis, out_type)
                 result = hlo.AddOp(result, spread).result
         chain.output.replace_all_uses_with(result)
         dead = [old_weight]
@@ -459,26 +473,6 @@ class StableHloAdapter:
 
     def extra_entries(self) -> list[FoldEntry]:
         return []  # every block is read: nothing is left out
-
-
-# The folded producer computes k*y where the chain computed (y - mean)*k, and adds c after:
-# k*y overflows where the chain's output is beyond (limit - |c|). With |c| at most a quarter
-# of a 16-bit float's largest value, that happens only for outputs within a quarter of
-# overflowing themselves; a larger shift is refused.
-HEADROOM_SHARE = 1 / 4
-
-
-def _require_headroom(shift: np.ndarray, dtype: np.dtype | None, name: str) -> None:
-    if dtype is None or dtype.itemsize > 2 or dtype.kind not in "fV":
-        return
-    limit = float(algebra.float_info(dtype).max)
-    big = float(np.max(np.abs(shift))) if shift.size else 0.0
-    if big > limit * HEADROOM_SHARE:
-        raise FoldRefused(
-            f"the folded shift of {name} reaches {big:g}, near the {dtype.name} limit "
-            f"({limit:g}): the folded layer's output before it may overflow where the "
-            "unfolded chain's does not"
-        )
 
 
 def _require_precision(weight: np.dtype, output: np.dtype | None, producer: str | None) -> None:
@@ -510,6 +504,23 @@ def _layer_path(location: Any) -> str:
     if len(parts) < 3:
         return ""
     return "/".join(parts[1:-1])
+
+
+def _scalar_axis(producer: ops.Producer) -> int | None:
+    """The output axis a chain of scalars folds along: the convolution's feature axis, or the
+    first output axis of a dot_general that its weight feeds."""
+    if producer.kind != "linear":
+        return producer.feature_axis
+    return min(producer.free_axes, default=None)
+
+
+def _gains_nothing(chain: affine.Chain) -> bool:
+    """A chain whose fold would leave as many ops: one ``add`` or ``z - a`` (a layer's bias: the
+    fold would write it again), and widening converts, which the fold keeps."""
+    links = [link for link in chain.links if link.op != "widen"]
+    return len(links) <= 1 and all(
+        x.op == "add" or (x.op == "sub" and x.chain_first) for x in links
+    )
 
 
 def _chain_type(chain: affine.Chain) -> str:

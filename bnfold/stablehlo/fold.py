@@ -62,10 +62,10 @@ def open_model(model: Any) -> Opened:
     )
 
 
-def _run(opened: Opened, producers: Any, *, rewrite: bool) -> FoldReport:
+def _run(opened: Opened, producers: Any, *, rewrite: bool, affine: bool = True) -> FoldReport:
     selected = rules.selected_kinds(producers)
     with opened.ctx, mlir.ir.Location.unknown():
-        adapter = StableHloAdapter(opened.module)
+        adapter = StableHloAdapter(opened.module, affine)
         outcome = pipeline.run(adapter, selected, rewrite=rewrite)
         if rewrite:
             mlir.verify(opened.module)
@@ -81,11 +81,13 @@ def _run(opened: Opened, producers: Any, *, rewrite: bool) -> FoldReport:
     return report
 
 
-def analyze(model: Any, example_inputs: Any = None, *, producers: Any = None) -> FoldReport:
+def analyze(
+    model: Any, example_inputs: Any = None, *, producers: Any = None, affine: bool = True
+) -> FoldReport:
     """The report :func:`fold` would give, changing nothing: the fold runs on bnfold's own
     copy of the module (a chain kept after one that folds is decided after the rewrite), and
     the copy is dropped."""
-    return _run(open_model(model), producers, rewrite=True)
+    return _run(open_model(model), producers, rewrite=True, affine=affine)
 
 
 def fold(
@@ -95,15 +97,20 @@ def fold(
     inplace: bool = False,
     producers: Any = None,
     return_report: bool = False,
+    affine: bool = True,
 ) -> Any:
-    """A folded copy of ``model`` (an ``Exported``, or text), with the report if asked."""
+    """A folded copy of ``model`` (an ``Exported``, or text), with the report if asked.
+
+    Every chain that scales channel by channel is a BatchNorm (JAX writes them as arithmetic);
+    ``affine`` also folds the other chains after a layer (scalars, several adds), reported as
+    entries of kind ``"affine"``."""
     if inplace:
         raise InvalidArgumentError(
             "a jax.export.Exported and StableHLO text are immutable: fold returns the folded "
             "model (inplace=True is not possible)"
         )
     opened = open_model(model)
-    report = _run(opened, producers, rewrite=True)
+    report = _run(opened, producers, rewrite=True, affine=affine)
     result = opened.result()
     return (result, report) if return_report else result
 

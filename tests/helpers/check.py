@@ -302,6 +302,7 @@ def check_onnx_fold(
     producers: Any = None,
     run: bool = True,
     compare: bool = True,
+    affine: bool = True,
 ) -> FoldCheck:
     """Fold an ONNX model (ModelProto or onnx_ir.Model) and check 1-4 of the module docstring,
     running both models in onnxruntime (optimizations off) on ``feeds`` (default: random inputs
@@ -312,9 +313,9 @@ def check_onnx_fold(
     from tests.helpers import onnx_models as om
 
     before = serialized(model)
-    folded, report = bnfold.fold(model, return_report=True, producers=producers)
+    folded, report = bnfold.fold(model, return_report=True, producers=producers, affine=affine)
     assert serialized(model) == before, "fold modified its input"
-    analyzed = bnfold.analyze(model, producers=producers)
+    analyzed = bnfold.analyze(model, producers=producers, affine=affine)
     assert serialized(model) == before, "analyze modified its input"
     assert analyzed.to_list() == report.to_list(), f"analyze:\n{analyzed}\nfold:\n{report}"
     assert type(folded) is type(model)

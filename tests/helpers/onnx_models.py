@@ -401,7 +401,9 @@ def _constant_nodes(model: onnx.ModelProto) -> set[str]:
 def removable_nodes(model: onnx.ModelProto, report: bnfold.FoldReport, may_remove) -> set[str]:
     """Original nodes a fold may remove: the folded BatchNorms, ``may_remove``, and constant
     nodes whose outputs feed only those or the folded layers."""
-    removable = {e.bn for e in report.folded} | set(may_remove)
+    removable = {e.bn for e in report.folded if e.kind == "batchnorm"} | set(may_remove)
+    # an affine entry names its nodes: "mul -> add"
+    removable |= {n for e in report.folded if e.kind == "affine" for n in e.bn.split(" -> ")}
     targets = {e.target for e in report.folded}
     const = _constant_nodes(model)
     graph_outputs = {o.name for g in all_graphs(model.graph) for o in g.output}
@@ -442,7 +444,7 @@ def check_structure(
         (o.domain, o.version) for o in model.opset_import
     }
     # BatchNorms: the folded ones gone, the skipped ones in place.
-    n_folded = len(report.folded)
+    n_folded = sum(e.kind == "batchnorm" for e in report.folded)
     assert len(bn_nodes(folded)) == len(bn_nodes(model)) - n_folded
     left = {n.name for n in bn_nodes(folded)}
     in_graphs = {n.name for n in bn_nodes(model)}
@@ -496,6 +498,7 @@ def check_fold(
     seeds: Sequence[int] = (0, 1),
     feeds: Sequence[dict[str, np.ndarray]] | None = None,
     numbers: str = "auto",
+    affine: bool = True,
 ) -> FoldCheck:
     """``check.check_onnx_fold`` (input untouched, analyze agreeing, the report, outputs in
     onnxruntime), then ``check_structure``. ``numbers`` is "auto" (by the output dtype;
@@ -513,6 +516,7 @@ def check_fold(
         exact=True if numbers == "exact" else None,
         run=numbers != "none",
         compare=not fp16,
+        affine=affine,
     )
     assert isinstance(result.folded, onnx.ModelProto)
     check_structure(model, result.folded, result.report, may_remove)

@@ -361,8 +361,10 @@ def test_conv_transpose_keeping_channels_folds():
 
 
 def test_conv_reshape_refused():
+    # a Reshape is followed only where it keeps the channels on the last axis
     model = _conv_then([("Reshape", dict(shape=[2, 4, 2, 2]))])
-    check_skip(model, rules.NO_PRODUCER)
+    r = check_skip(model, rules.CHANNEL_AXIS)
+    assert "channels are not its last axis" in r.report.entries[0].reason
 
 
 def test_conv_relu_refused():
@@ -562,6 +564,13 @@ def test_multi_consumer_refused(other):
         y = g.node("Add", [y, g.init("k", g.uniform(4).reshape(4, 1))], name="add")
         g.output(g.node("Relu", [y], name="relu"))
     g.output(g.bn(y, 4))
+    if other == "add-twice":
+        # the Add is a chain of its own (its output has two readers): it folds into the bias,
+        # and the BatchNorm then reads the conv, whose output the Relu reads too
+        expected = {"add": ("folded", "conv"), "bn": ("skipped", rules.SINGLE_CONSUMER)}
+        check_fold(g.model(), expected)
+        check_skip(g.model(), rules.SINGLE_CONSUMER, affine=False)
+        return
     check_skip(g.model(), rules.SINGLE_CONSUMER)
 
 

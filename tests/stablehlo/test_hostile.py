@@ -650,9 +650,15 @@ def test_squeeze_excitation_gate_is_not_a_batch_norm(batch):
 
     x = np.zeros((batch, 6, 6, 4), np.float32)
     report = bnfold.analyze(jax.export.export(jax.jit(f))(x))
-    # the constant scale of the second output is the one BatchNorm-like chain
-    assert len(report.entries) == 1, str(report)
-    assert report.entries[0].bn_type == "affine chain (mul)" and report.entries[0].folded
+    # the constant scale of the second output is the one BatchNorm-like chain; the sigmoid's
+    # negation of the gate's dot_general is an affine chain of a scalar, folded into its weight
+    assert len(report.batch_norms) == 1, str(report)
+    bn = report.batch_norms[0]
+    assert bn.bn_type == "affine chain (mul)" and bn.folded
+    assert [(e.bn_type, e.target_type, e.folded) for e in report.affines] == [
+        ("affine chain (neg)", "stablehlo.dot_general", True)
+    ], str(report)
+    assert len(bnfold.analyze(jax.export.export(jax.jit(f))(x), affine=False).entries) == 1
 
 
 @functools.cache
