@@ -15,9 +15,9 @@ has none, gets one ``Add``), the links and the BatchNorm removed, and the last o
 name kept when it is a graph output. What the fold leaves unused (parameters, constants, the
 old bias and the constant subgraphs that made them) is removed; nothing else changes.
 
-Without ``affine`` only a constant ``Add`` right after the producer is passed (a layer's bias),
-as before affine chains existed. A run of links after a BatchNorm is folded in the next pass,
-once the BatchNorm is.
+Without ``affine`` no arithmetic is passed but a constant ``Add`` right after the producer (a
+layer's bias), and there are no affine sites; layout nodes and computed weights are followed
+either way. A run of links after a BatchNorm is folded in the next pass, once the BatchNorm is.
 """
 
 from __future__ import annotations
@@ -121,6 +121,7 @@ class _Context:
         self.model = model
         self.affine = affine
         self.constants = Constants(model, self.dtype)
+        self._link_constants = Constants(model, self.dtype)
         self.legacy_inputs = (model.ir_version or 0) < 4  # IR 3 lists initializers as inputs
         self._names: set[str] | None = None
         self._inferred: dict[tuple[ir.Graph, str], tuple[int | None, int]] | None = None
@@ -132,8 +133,15 @@ class _Context:
         return link_call(node, opset_version(self.model, node), self._float_constant)
 
     def _float_constant(self, value: ir.Value) -> bool | None:
+        """Whether ``value`` is a floating-point constant (``None``: not a constant). A stored
+        tensor is judged by its header; a computed one is evaluated by a cache of its own, so
+        that telling links apart (every Add and Mul of the model is asked) never spends the
+        evaluation budget the folds need (a model's large constant masks would)."""
+        tensor = self.constants.stored(value)
+        if tensor is not None:
+            return tensor.dtype.is_floating_point()
         try:
-            array = self.constants.value(value)
+            array = self._link_constants.value(value)
         except NotConstant:
             return None
         return array.dtype.kind == "f" or "float" in array.dtype.name
@@ -307,6 +315,10 @@ def _examine(ctx: _Context, graph: ir.Graph, bn: BatchNormCall | AffineSite) -> 
                     weight_rank = None if shape is None else len(shape)
         except NotConstant as e:
             _note(pair, constant_detail=str(e), producer_params_constant=False)
+            if pair.affine_site and _is_activation(node.inputs[1]):
+                # a product of two activations (attention's Q @ K^T): not a layer
+                pair.quiet = True
+                return pair
         pair.producer = producer_call(node, weight_rank)
         if pair.producer is not None and pair.producer.problem:
             detail, pair.producer = pair.producer.problem, None
@@ -344,6 +356,26 @@ def _examine(ctx: _Context, graph: ir.Graph, bn: BatchNormCall | AffineSite) -> 
     _channel_axis(ctx, pair)
     _sharing(ctx, pair)
     return pair
+
+
+def _is_activation(value: ir.Value | None, limit: int = 64) -> bool:
+    """Whether ``value`` is computed from the graph's inputs (or too far back to tell): a
+    MatMul by such a value multiplies two activations."""
+    seen: set[ir.Value] = set()
+    work = [value]
+    while work:
+        v = work.pop()
+        if v is None or v in seen:
+            continue
+        seen.add(v)
+        if len(seen) > limit or (v.is_graph_input() and not v.is_initializer()):
+            return True
+        node = v.producer()
+        if node is not None:
+            work.extend(node.inputs)
+        elif not v.is_initializer():
+            return True  # from an enclosing graph
+    return False
 
 
 def _affine_pair(ctx: _Context, graph: ir.Graph, site: AffineSite) -> _Pair:
@@ -1124,6 +1156,7 @@ def folding(model: ir.Model, affine: bool = True) -> Iterator[OnnxAdapter]:
         yield OnnxAdapter(ctx)
     finally:
         ctx.constants.clear()
+        ctx._link_constants.clear()
 
 
 def report(model: ir.Model, entries: list[FoldEntry]) -> FoldReport:

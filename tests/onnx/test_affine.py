@@ -511,3 +511,32 @@ def test_reshape_that_moves_the_channels_is_not_followed():
     g.output(g.node("Mul", [y, g.init("k", g.uniform(2))], name="mul"))
     r = check_fold(g.model(), {"mul": ("skipped", CHANNEL_AXIS)}, numbers="exact")
     assert "may move the 16 channels off the last axis" in r.report.entries[0].reason
+
+
+def test_attention_scores_scaled_by_a_constant_get_no_entry():
+    """``MatMul(Q, K^T) / sqrt(d)`` multiplies two activations: not a layer to fold into."""
+    g = Graph(seed=40)
+    x = g.input("x", [2, 8, 16])
+    q = g.node("MatMul", [x, g.weight("wq", [16, 16])], name="q_proj")
+    k = g.node("MatMul", [x, g.weight("wk", [16, 16])], name="k_proj")
+    scores = g.node("MatMul", [q, g.node("Transpose", [k], perm=[0, 2, 1])], name="scores")
+    scores = g.node("Div", [scores, g.init("sqrt_d", np.array(4.0))], name="scale")
+    g.output(g.node("Softmax", [scores], axis=-1))
+    check_fold(g.model(opset=17), {}, numbers="exact")
+
+
+def test_telling_links_apart_spends_no_fold_budget():
+    """Every Add/Mul of a model is looked at to tell links apart; large computed constants that
+    no layer reads (four 16 MiB masks) must not use up the 64 MiB the folds may evaluate."""
+    g = Graph(seed=41)
+    x = g.input("x", [2, 3, 8, 8])
+    m = g.input("m", [2048, 2048])
+    shape = g.init("mshape", np.array([2048, 2048], np.int64), TensorProto.INT64)
+    for i in range(4):
+        mask = g.node("Expand", [g.init(f"c{i}", np.array(float(i))), shape])
+        g.output(g.node("Add", [m, mask], name=f"add{i}"))
+    mean = g.node("Mul", [g.init("mean0", g.randn(4)), g.init("two", np.array(2.0))])
+    params = [g.init("s", g.uniform(4)), g.init("b", g.randn(4)), mean, g.init("v", g.uniform(4))]
+    g.output(g.bn(g.node("Conv", [x, g.weight("w", [4, 3, 3, 3])], name="conv"), 4, params=params))
+    report = bnfold.analyze(g.model(opset=17))
+    assert report.entry("bn").folded, str(report)
