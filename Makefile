@@ -11,7 +11,7 @@ TORCHAO := torchao==0.18.0
 JAX := jax==0.10.2 jaxlib==0.10.2 flax==0.12.8
 JOBS ?= 2
 
-.PHONY: all venv demo test fuzz bench lint clean
+.PHONY: all venv demo test fuzz bench bench-keras test-keras lint clean
 
 all: test
 
@@ -55,9 +55,29 @@ bench: $(BIN)/.bench-installed
 	$(BIN)/python -m benchmarks.stablehlo
 	$(BIN)/python -m benchmarks.plot
 
+# Keras applications converted by tf2onnx in four modes (Keras 3 / tf-keras, TensorFlow's
+# optimizer on / off), then folded: TensorFlow pins its own protobuf and numpy, so the converter
+# stack has a virtual environment of its own (about 1.8 GB), never the test one.
+KERAS_VENV := .venv-keras
+$(KERAS_VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(KERAS_VENV)
+	$(KERAS_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(KERAS_VENV)/bin/python -m pip install --quiet "tensorflow-cpu==2.21.*" "tf2onnx==1.17.*"
+	$(KERAS_VENV)/bin/python -m pip install --quiet --no-deps "tf-keras==2.21.*"
+	$(KERAS_VENV)/bin/python -m pip install --quiet -e '.[onnx]'
+	$(KERAS_VENV)/bin/python -m pip install --quiet pytest
+	touch $@
+
+bench-keras: $(KERAS_VENV)/.installed
+	$(KERAS_VENV)/bin/python -m benchmarks.keras_onnx
+
+# Small Keras models converted by tf2onnx inside the tests (all four modes), then folded.
+test-keras: $(KERAS_VENV)/.installed
+	$(KERAS_VENV)/bin/python -m pytest -q tests/keras
+
 lint: venv
 	$(BIN)/ruff check bnfold tests benchmarks
 	$(BIN)/ruff format --check bnfold tests benchmarks
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info
+	rm -rf $(VENV) $(KERAS_VENV) .pytest_cache .hypothesis build *.egg-info
