@@ -133,13 +133,20 @@ class _Context:
         return link_call(node, opset_version(self.model, node), self._float_constant)
 
     def _float_constant(self, value: ir.Value) -> bool | None:
-        """Whether ``value`` is a floating-point constant (``None``: not a constant). A stored
-        tensor is judged by its header; a computed one is evaluated by a cache of its own, so
-        that telling links apart (every Add and Mul of the model is asked) never spends the
-        evaluation budget the folds need (a model's large constant masks would)."""
+        """Whether ``value`` is a floating-point constant (``None``: not a constant), told
+        without computing it where possible: every Add and Mul of a model is asked, and the
+        evaluation budget is the folds' (a model's large constant masks would spend it). A
+        stored tensor is judged by its header, a computed one by the graph and its inferred
+        type; only a constant whose type inference left unknown is evaluated, by a cache of
+        its own."""
         tensor = self.constants.stored(value)
         if tensor is not None:
             return tensor.dtype.is_floating_point()
+        if not self.constants.looks_constant(value):
+            return None
+        dtype = self.dtype(value)
+        if dtype is not None:
+            return dtype.is_floating_point()
         try:
             array = self._link_constants.value(value)
         except NotConstant:
@@ -598,7 +605,10 @@ def _producer_rank(ctx: _Context, pair: _Pair) -> int | None:
 
 def _constant_rank(ctx: _Context, link: LinkCall) -> int:
     value = link.constant
-    return 0 if value is None else ctx.constants.value(value).ndim
+    try:
+        return 0 if value is None else len(ctx.constants.shape(value, [0]))
+    except NotConstant:
+        return 0  # the constant-params rule refuses the fold before the rank matters
 
 
 def _channel_axis(ctx: _Context, pair: _Pair) -> None:
@@ -735,7 +745,10 @@ def _link_problem(ctx: _Context, pair: _Pair, link: LinkCall, track: AxisTrack) 
     value = link.constant
     if value is None:
         return ""
-    shape = tuple(ctx.constants.value(value).shape)
+    try:
+        shape = tuple(ctx.constants.shape(value, [0]))
+    except NotConstant:
+        return ""  # the constant-params rule refuses the fold first
     n = pair.channels
     p = pair.producer
     assert p is not None

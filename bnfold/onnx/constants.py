@@ -477,6 +477,35 @@ class Constants:
         self._remember(value, node, result)
         return result
 
+    def looks_constant(self, value: ir.Value) -> bool:
+        """Whether ``value`` is stored, or computed by the evaluator's operators from stored
+        values only (at most :data:`MAX_SUBGRAPH_NODES` of them), told from the graph alone:
+        nothing is evaluated (:meth:`value` may still refuse it, for its numbers or size)."""
+        seen: set[ir.Value] = set()
+        work = [value]
+        while work:
+            v = work.pop()
+            if v in seen:
+                continue
+            seen.add(v)
+            if self.shadowed(v):
+                return False
+            if self.stored(v) is not None:
+                continue
+            node = v.producer()
+            if (
+                node is None
+                or v.is_graph_input()
+                or v.is_initializer()
+                or not is_default_domain(node)
+                or node.op_type not in _OPS
+                or len(node.outputs) != 1
+                or len(seen) > MAX_SUBGRAPH_NODES
+            ):
+                return False
+            work.extend(i for i in node.inputs if i is not None)
+        return True
+
     def uniform(self, value: ir.Value) -> np.ndarray | None:
         """The one value of ``Expand(c, shape)`` with a constant one-element ``c`` and a shape
         known only at run time (as a 0-d array), or ``None``."""
