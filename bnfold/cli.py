@@ -71,7 +71,7 @@ def _producers(text: str) -> list[str]:
 def _file_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="bnfold",
-        usage="bnfold MODEL [-o OUTPUT] [--verify] [--report] [--producers KINDS] "
+        usage="bnfold MODEL [-o OUTPUT] [--verify] [--report] [--producers KINDS] [--no-affine] "
         "[--remove-initializer-inputs] [--qat {exact,bias}]\n"
         "       bnfold demo [--seed N] [--batch N] [--size N]",
         description=_DESCRIPTION,
@@ -107,6 +107,14 @@ def _file_parser() -> argparse.ArgumentParser:
         metavar="KINDS",
         help="only fold into these layer kinds (comma-separated: conv, conv_transpose, linear; "
         "ONNX Gemm and MatMul are linear)",
+    )
+    p.add_argument(
+        "--no-affine",
+        dest="affine",
+        action="store_false",
+        help="leave plain per-channel arithmetic alone: by default, chains of Mul/Div by "
+        "constants and Add/Sub of constants after a layer (as converters leave BatchNorm) are "
+        "folded into it too, and reported as affine chains",
     )
     p.add_argument("--seed", type=_seed, default=0, help="seed of --verify's inputs (default 0)")
     p.add_argument(
@@ -174,7 +182,7 @@ def _fold_file(args: argparse.Namespace) -> int:
     for line in job.prepare(**{name: getattr(args, name) for name in registered.options}):
         print(f"bnfold: {line}")
     start = time.perf_counter()
-    report = job.fold(args.producers)
+    report = job.fold(args.producers, affine=args.affine)
     _print_outcome(args, report, time.perf_counter() - start)
     if args.verify:
         result = job.check(args.seed)

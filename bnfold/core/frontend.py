@@ -22,7 +22,9 @@ module provides:
   modified unless ``inplace``. ``producers`` is passed as the user gave it
   (:func:`bnfold.core.rules.selected_kinds` reads it). A frontend whose graphs can hold pt2e
   QAT chains also takes ``qat`` (:data:`bnfold.core.rules.QAT_MODES`), in ``analyze`` too;
-  ``bnfold.fold`` passes it only when it is not the default, and refuses it for the others.
+  ``bnfold.fold`` passes it only when it is not the default, and refuses it for the others. A
+  frontend that folds plain per-channel arithmetic (affine chains) takes ``affine`` (a bool, in
+  ``analyze`` too); the others never touch arithmetic and are not passed it.
 * ``analyze(model, example_inputs, *, producers)``: the :class:`~bnfold.core.report.FoldReport`
   ``fold`` would return, changing nothing.
 * ``verify(original, folded, example_inputs)``: ``(max_abs_err, max_rel_err)`` of the two models
@@ -46,8 +48,9 @@ runs, in this order, on the :class:`FileFold`:
    ``None`` or ``False`` when not given): apply what they change in the model before the fold,
    and keep what they say about the fold itself (``qat`` of ``.pt2`` files); returns the lines
    to print;
-3. ``fold(producers)``: fold the model (with the options ``prepare`` kept), keeping the original
-   for ``check``; returns the report;
+3. ``fold(producers, affine=True)``: fold the model (with the options ``prepare`` kept),
+   keeping the original for ``check``; ``affine=False`` (``--no-affine``) leaves plain
+   arithmetic alone; returns the report;
 4. ``check(seed)`` with ``--verify``: run the original and the folded model on the same random
    inputs (:func:`bnfold.core.compare.random_array`) and compare them
    (:func:`bnfold.core.compare.compare_arrays`); returns the
@@ -119,7 +122,7 @@ class FileFold(Protocol):
 
     def prepare(self, **options: Any) -> list[str]: ...
 
-    def fold(self, producers: list[str] | None) -> FoldReport: ...
+    def fold(self, producers: list[str] | None, affine: bool = True) -> FoldReport: ...
 
     def check(self, seed: int) -> CheckResult: ...
 

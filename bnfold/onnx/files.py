@@ -740,11 +740,15 @@ class OnnxFileFold:
             + ("" if model.graph.inputs else "; the model now has no inputs")
         ]
 
-    def fold(self, producers: list[str] | None) -> FoldReport:
+    def fold(self, producers: list[str] | None, affine: bool = True) -> FoldReport:
         """Fold the model with the model frontend that takes it (:mod:`bnfold.core.frontend`),
         in place: ``check`` reads the original again from the file."""
         self.folded, report = model_frontend(self.loaded.model).fold(
-            self.loaded.model, inplace=True, producers=producers, return_report=True
+            self.loaded.model,
+            inplace=True,
+            producers=producers,
+            return_report=True,
+            affine=affine,
         )
         return report
 

@@ -611,9 +611,11 @@ class StableHloFileFold:
             raise TypeError(f"unknown options {sorted(options)}")
         return []
 
-    def fold(self, producers: list[str] | None) -> FoldReport:
+    def fold(self, producers: list[str] | None, affine: bool = True) -> FoldReport:
         """Fold the model with :func:`bnfold.stablehlo.fold.fold` into a new one."""
-        self.folded, report = hlo_fold.fold(self.model, producers=producers, return_report=True)
+        self.folded, report = hlo_fold.fold(
+            self.model, producers=producers, return_report=True, affine=affine
+        )
         return report
 
     def check(self, seed: int) -> CheckResult:

@@ -61,8 +61,9 @@ def analyze(
     *,
     producers: Iterable[str] | str | None = None,
     qat: str = "exact",
+    affine: bool = True,
 ) -> FoldReport:
-    """Decide every BatchNorm node of ``model`` without changing anything.
+    """Decide every BatchNorm node (and affine chain) of ``model`` without changing anything.
 
     ``example_inputs`` is not needed: the shapes come from the graph's metadata.
     """
@@ -73,12 +74,13 @@ def analyze(
         store: Store = ProgramStore(model, gm.graph)
     else:
         gm, boundaries, store = model, [], ModuleStore(model)
-    outcome = pipeline.run(AtenAdapter(gm, store, boundaries, qat), selected, rewrite=False)
+    adapter = AtenAdapter(gm, store, boundaries, qat, affine=affine)
+    outcome = pipeline.run(adapter, selected, rewrite=False)
     if outcome.complete:
         return _report(outcome.entries, model)
     # Chained BatchNorms: what a fold does takes more than one pass, so fold a scratch copy
     # (sharing the tensors, which are never written) and report that.
-    return _fold(model, selected, inplace=False, scratch=True, qat=qat)[1]
+    return _fold(model, selected, inplace=False, scratch=True, qat=qat, affine=affine)[1]
 
 
 def fold(
@@ -89,6 +91,7 @@ def fold(
     producers: Iterable[str] | str | None = None,
     return_report: bool = False,
     qat: str = "exact",
+    affine: bool = True,
 ) -> Any:
     """Fold every BatchNorm node of ``model`` that can be folded exactly.
 
@@ -97,6 +100,9 @@ def fold(
     with ``inplace=True``. ``example_inputs`` is not needed: shapes come from the graph.
     ``qat`` says where the tail of a pt2e QAT chain goes: ``"exact"`` (one add after the
     output dequantize) or ``"bias"`` (into the conv's bias, where the bound holds).
+    ``affine`` also folds chains of per-channel arithmetic by constants after a layer
+    (``mul``/``div``/``add``/``sub``/``neg``, before or after a BatchNorm); ``False`` leaves
+    all arithmetic as it is.
     """
     qat = rules.qat_mode(qat)
     if isinstance(model, ExportedProgram) and inplace:
@@ -104,7 +110,9 @@ def fold(
             "an ExportedProgram is folded into a new program; inplace=True is only for "
             "nn.Module and GraphModule models"
         )
-    result, report = _fold(model, rules.selected_kinds(producers), inplace=inplace, qat=qat)
+    result, report = _fold(
+        model, rules.selected_kinds(producers), inplace=inplace, qat=qat, affine=affine
+    )
     return (result, report) if return_report else result
 
 
@@ -114,6 +122,7 @@ def _fold(
     inplace: bool,
     scratch: bool = False,
     qat: str = "exact",
+    affine: bool = True,
 ) -> tuple[Any, FoldReport]:
     if isinstance(model, ExportedProgram):
         # Only the graph is copied: the new program is built on the input's graph module,
@@ -127,7 +136,7 @@ def _fold(
             if new.name != old.name:
                 new.name = old.name
         store: Store = ProgramStore(model, graph)
-        adapter = AtenAdapter(root, store, _preserved_modules(model), qat)
+        adapter = AtenAdapter(root, store, _preserved_modules(model), qat, affine=affine)
         entries = pipeline.run(adapter, selected).entries
         replaced = adapter.replaced
         if scratch:
@@ -145,7 +154,8 @@ def _fold(
     # A copy sharing the input's tensors: the fold replaces what it changes with new tensors,
     # and whatever is still shared afterwards is copied once (unshare).
     gm = model if inplace else copy_graph_module(model, dict(originals))
-    entries = pipeline.run(AtenAdapter(gm, ModuleStore(gm), [], qat), selected).entries
+    adapter = AtenAdapter(gm, ModuleStore(gm), [], qat, affine=affine)
+    entries = pipeline.run(adapter, selected).entries
     if scratch:
         return None, _report(entries, model)
     gm.graph.lint()

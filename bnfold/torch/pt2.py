@@ -1524,12 +1524,16 @@ class Pt2FileFold:
             self.qat = qat
         return []
 
-    def fold(self, producers: list[str] | None) -> FoldReport:
+    def fold(self, producers: list[str] | None, affine: bool = True) -> FoldReport:
         """Fold the program into a new one, with the model frontend that takes it
         (:mod:`bnfold.core.frontend`: :func:`bnfold.torch.export.fold`), in the ``qat`` mode
-        :meth:`prepare` kept."""
+        :meth:`prepare` kept; ``affine`` as for :func:`bnfold.fold`."""
         self.folded, report = model_frontend(self.loaded.program).fold(
-            self.loaded.program, producers=producers, return_report=True, qat=self.qat
+            self.loaded.program,
+            producers=producers,
+            return_report=True,
+            qat=self.qat,
+            affine=affine,
         )
         return report
 

@@ -32,8 +32,8 @@ class _ToyFold:
         self.steps.append(("prepare", options))
         return ["toy option applied"] if options.get("remove_initializer_inputs") else []
 
-    def fold(self, producers):
-        self.steps.append(("fold", producers))
+    def fold(self, producers, affine=True):
+        self.steps.append(("fold", producers, affine))
         return FoldReport([FoldEntry("bn", "conv", "folded")], model="toy")
 
     def check(self, seed):
@@ -77,7 +77,7 @@ def test_one_flow_for_a_registered_format(toy, tmp_path, capsys):
         ("open_file", path),
         ("check_output", out),
         ("prepare", {}),
-        ("fold", ["conv"]),
+        ("fold", ["conv"], True),
         ("check", 7),
         ("save", out),
     ]

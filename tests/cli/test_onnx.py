@@ -181,3 +181,40 @@ def test_a_tensor_failing_to_serialize_is_a_one_line_error(tmp_path, capsys, mon
     assert main([str(path), "-o", str(tmp_path / "out.onnx")]) == 1
     assert "cannot be serialized" in one_line_error(capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["inline.onnx"]
+
+
+def _affine_model() -> onnx.ModelProto:
+    """MatMul -> Mul([8]) -> Add([8]): what tf2onnx writes for Keras 3's Dense + BatchNorm."""
+    rng = np.random.default_rng(5)
+    inits = [
+        nh.from_array(rng.normal(size=(6, 8)).astype(np.float32), "w"),
+        nh.from_array(rng.uniform(0.5, 2, 8).astype(np.float32), "k"),
+        nh.from_array(rng.normal(size=8).astype(np.float32), "t"),
+    ]
+    nodes = [
+        h.make_node("MatMul", ["x", "w"], ["y"], name="matmul"),
+        h.make_node("Mul", ["y", "k"], ["z"], name="mul"),
+        h.make_node("Add", ["z", "t"], ["out"], name="add"),
+    ]
+    graph = h.make_graph(
+        nodes,
+        "dense",
+        [h.make_tensor_value_info("x", TensorProto.FLOAT, [4, 6])],
+        [h.make_tensor_value_info("out", TensorProto.FLOAT, [4, 8])],
+        inits,
+    )
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
+
+
+def test_affine_chains_fold_and_no_affine_leaves_them(tmp_path, capsys):
+    path, out = tmp_path / "dense.onnx", tmp_path / "out.onnx"
+    onnx.save(_affine_model(), path)
+    assert main([str(path), "-o", str(out), "--verify", "--report"]) == 0
+    text = capsys.readouterr().out
+    assert "0 of 0 BatchNorms folded, 0 kept; 1 of 1 affine chain folded" in text
+    row = next(line for line in text.splitlines() if line.startswith("mul -> add "))
+    assert row.split() == ["mul", "->", "add", "Mul", "->", "Add", "folded", "matmul", "(MatMul)"]
+    assert [n.op_type for n in onnx.load(out).graph.node] == ["MatMul", "Add"]
+    assert main([str(path), "-o", str(out), "--no-affine"]) == 0
+    assert "0 of 0 BatchNorms folded, 0 kept in" in capsys.readouterr().out
+    assert onnx.load(out).graph.node == _affine_model().graph.node

@@ -171,9 +171,8 @@ def check_folded_graph(backend: Backend, recorder: Recorder) -> None:
     for r in backend.reports:
         forms.check_entries(r.report, "compile")
         if not r.skipped and r.report.folded:
-            assert len(recorder.bn_ops(r.graph)) == len(r.report.skipped), (
-                f"{r}\n{recorder.graphs[r.graph].code}"
-            )
+            kept = sum(not e.folded for e in r.report.batch_norms)
+            assert len(recorder.bn_ops(r.graph)) == kept, f"{r}\n{recorder.graphs[r.graph].code}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -957,7 +956,9 @@ class SuiteCase:
     """A model of another test suite: ``build()`` gives the model (BatchNorms randomised) and
     ``inputs(seed)`` its arguments. ``expected``: its report entries, as the export tests expect
     them; ``counts``: (folded, kept) when no expectation is written down; ``skipped``: a piece
-    of the reason when the graph is not folded at all. A Cases model is compared case by case."""
+    of the reason when the graph is not folded at all; ``affine``: how many chains of
+    arithmetic after a layer fold (affine entries; none is kept). A Cases model is compared
+    case by case."""
 
     build: Callable[[], nn.Module]
     inputs: Callable[[int], tuple]
@@ -965,6 +966,7 @@ class SuiteCase:
     counts: tuple[int, int] | None = None
     skipped: str = ""
     tol: float = REL_TOL
+    affine: int = 0
 
 
 def _matrix(name: str, *, eval_all: bool = False, drop: tuple[str, ...] = ()) -> Callable:
@@ -1077,6 +1079,7 @@ SUITE: dict[str, SuiteCase] = {
         _matrix("graph_folds", eval_all=True, drop=("bn-result-written-to-a-buffer",)),
         _x4,
         _graph_folds_expected,
+        affine=2,  # the forward hook's * 2 + 1, and 0.5 * bn(conv(x * x))
     ),
     "export-tied-bns": SuiteCase(_matrix("tied_bns"), _x4, _tied_expected),
     # (written buffers: the graph is compiled unfolded, and writes them as eager does)
@@ -1112,6 +1115,7 @@ SUITE: dict[str, SuiteCase] = {
         _seeded(models.OptionalMask, 98),
         lambda seed: (randn(2, 3, 8, 8, seed=seed),),
         lambda: {"bn": ("folded", "conv")},
+        affine=1,  # * scale
     ),
     "training-bn-next-to-a-linear": SuiteCase(
         _train_bn_and_linear, lambda s: (x4(s),), skipped="training mode"
@@ -1157,7 +1161,8 @@ SUITE: dict[str, SuiteCase] = {
     "pyramid-backbone": SuiteCase(
         _seeded(architectures.PyramidBackbone, 7),
         _images(64),
-        counts=(3, 0),  # FrozenBatchNorm2d is arithmetic in a graph, not a BatchNorm op
+        counts=(3, 0),  # FrozenBatchNorm2d is arithmetic in a graph, not a BatchNorm op:
+        affine=3,  # it folds as an affine chain
     ),
     "audio-net": SuiteCase(
         _seeded(architectures.AudioNet, 9),
@@ -1203,10 +1208,12 @@ def test_suite_models_compile_to_what_eager_computes(name):
         assert case.skipped in r.skipped and len(r.report) == 0
         return
     assert not r.skipped
+    bns = bnfold.FoldReport(r.report.batch_norms)
     if case.expected is not None:
-        check_report(r.report, case.expected())
+        check_report(bns, case.expected())
     if case.counts is not None:
-        assert (len(r.report.folded), len(r.report.skipped)) == case.counts, str(r.report)
+        assert (len(bns.folded), len(bns.skipped)) == case.counts, str(r.report)
+    assert [e.folded for e in r.report.affines] == [True] * case.affine, str(r.report)
     check_folded_graph(backend, recorder)
 
 

@@ -9,28 +9,39 @@ facts, computes the new values with :mod:`bnfold.core.algebra`, and rewrites the
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
 from ...core import pipeline, rules
-from ...core.algebra import OutputLayout, affine_factors, fold_affine_into_producer
-from ...core.pipeline import Pair
+from ...core.affine import Step, compose
+from ...core.algebra import (
+    OutputLayout,
+    affine_factors,
+    fold_affine_into_producer,
+    require_headroom,
+)
+from ...core.pipeline import BatchNormSite, Pair
 from ...core.report import FoldEntry
 from ...core.rules import PairFacts
 from ...errors import FoldRefused, UnsupportedModelError
 from .evaluate import Constants, is_pure
 from .ops import (
+    ArithCall,
     BatchNormCall,
     ProducerCall,
     activation_steps,
     arguments,
+    arith_call,
     batch_norm_call,
     describe,
     follow_channel_axis,
+    is_activation_layout,
     is_pass_through,
     layout,
     may_be_written,
@@ -39,7 +50,9 @@ from .ops import (
     operand_source,
     other_uses,
     producer_call,
+    quant_call,
     set_argument,
+    shape_value,
     trace_back,
 )
 from .qat import QatChain, QatFold
@@ -60,18 +73,66 @@ MATERIALISE_FACTOR = 4
 
 
 @dataclass(kw_only=True)
+class AffineSite(BatchNormSite[Node]):
+    """A chain of arithmetic links as a site: ``node`` (and ``output``) is its last link,
+    ``input`` where its walk back stopped. It has no BatchNorm operands."""
+
+
+def _affine_site(node: Node, source: Any) -> AffineSite:
+    return AffineSite(
+        node=node, input=source, output=node, weight=None, bias=None, mean=None, var=None, eps=None
+    )
+
+
+@dataclass(frozen=True)
+class _Link:
+    """An arithmetic node read as a link of a per-channel affine chain: it computes from the
+    chain value ``input`` and ``operand`` (a node, a number, or ``None`` for ``neg``), which
+    varies along the axes ``varying`` of its output only (none: one value for all)."""
+
+    call: ArithCall
+    input: Node
+    operand: Any
+    chain_first: bool
+    varying: tuple[int, ...]
+
+    @property
+    def node(self) -> Node:
+        return self.call.node
+
+    def steps(self, value: Any) -> list[Step]:
+        """The link as :class:`~bnfold.core.affine.Step`s; ``value`` the operand's numbers
+        (float64: one, or one per channel)."""
+        op, alpha, where = self.call.op, self.call.alpha, describe(self.node)
+        if op == "neg":
+            return [Step("neg", where=where)]
+        if op in ("mul", "div"):
+            return [Step(op, value, where=where)]
+        # add, sub, rsub: chain*p + operand*q, alpha scaling one of the two (see ArithCall)
+        sign = -1 if op in ("sub", "rsub") else 1
+        alpha_on_chain = (op == "rsub") == self.chain_first
+        p, q = (sign * alpha, 1) if alpha_on_chain else (1, sign * alpha)
+        scale = [Step("mul", float(p), where=where)] if p != 1 else []
+        return scale + [Step("add", np.multiply(value, q), where=where)]
+
+
+@dataclass(kw_only=True)
 class _Pair(Pair[Node]):
     """A pair and where its tensors are: the constant chains of the producer's weight and bias
     (``[constant, view ops..., operand]``), the weight's output-channel axis at the constant,
-    and the constants the BatchNorm reads."""
+    the constants the BatchNorm reads, and the arithmetic links between the producer and the
+    BatchNorm (or the affine site's own links), in graph order."""
 
-    bn: BatchNormCall
+    bn: BatchNormCall | AffineSite
     producer: ProducerCall | None = None
     weight_chain: list[Node] | None = None
     bias_chain: list[Node] | None = None
     weight_axis: int = 0
     weight_first_axis: int = 0  # the constant's axis that is the operand's axis 0
     bn_sources: dict[str, Node] = field(default_factory=dict)
+    links: list[_Link] = field(default_factory=list)
+    channel_axis: int | None = None  # where the producer's channels are at the end of the walk
+    value_problem: str = ""  # why the links' numbers cannot fold (a valid-values refusal)
 
     def weight_layout(self) -> OutputLayout:
         """How output channels lie in the stored weight (refuses layouts bnfold cannot scale)."""
@@ -89,7 +150,18 @@ class _QatPair(_Pair):
 @dataclass
 class _Fold:
     weight: torch.Tensor
-    bias: torch.Tensor
+    bias: torch.Tensor | None  # None: the layer keeps having no bias (an affine chain, no shift)
+
+
+class _Scope(NamedTuple):
+    """What examining a site reads besides the site: the store, the producers at the start of
+    this pass's walks and their report names, the preserved modules, the arithmetic links."""
+
+    store: Store
+    prod_calls: dict[Node, ProducerCall | None]
+    prod_names: dict[Node, tuple[str, str]]
+    boundaries: list[str]
+    links: Mapping[Node, _Link]
 
 
 class AtenAdapter:
@@ -97,12 +169,20 @@ class AtenAdapter:
     :class:`bnfold.core.pipeline.GraphAdapter`. ``boundaries`` are modules whose call signature
     the program preserves; ``replaced`` says, after a rewrite, which node took the place of each
     folded BatchNorm's output. ``qat`` says where the tail of a pt2e QAT chain goes
-    (:data:`bnfold.core.rules.QAT_MODES`)."""
+    (:data:`bnfold.core.rules.QAT_MODES`). ``affine``: also fold chains of per-channel
+    arithmetic by constants after a layer (affine sites), and let a BatchNorm's walk back pass
+    such arithmetic between it and its layer."""
 
     def __init__(
-        self, root: nn.Module, store: Store, boundaries: list[str], qat: str = "exact"
+        self,
+        root: nn.Module,
+        store: Store,
+        boundaries: list[str],
+        qat: str = "exact",
+        affine: bool = True,
     ) -> None:
         self.qat = rules.qat_mode(qat)
+        self.affine = affine
         self.root = root
         self.graph = store.graph
         self.store = store
@@ -111,22 +191,63 @@ class AtenAdapter:
         self._bn_names: dict[Node, tuple[str, str]] = {}
         self._prod_calls: dict[Node, ProducerCall | None] = {}
         self._prod_names: dict[Node, tuple[str, str]] = {}
+        self._links: dict[Node, _Link] = {}
+        self._walks: dict[Node, tuple[Any, list[Node]]] = {}  # site node -> (source, steps)
         require_values(store)
 
     # -- the pipeline's questions ------------------------------------------------------------
 
-    def batch_norms(self) -> list[BatchNormCall]:
-        """Every BatchNorm node; report names stay those of the first pass."""
+    def batch_norms(self) -> list[BatchNormCall | AffineSite]:
+        """Every BatchNorm node and affine site, in graph order; report names stay those of
+        the first pass."""
         bns = [c for c in (batch_norm_call(n) for n in self.graph.nodes) if c is not None]
         missing = [c.node for c in bns if c.node not in self._bn_names]
         self._bn_names.update(_names(missing, "BatchNorm", self._stored_module))
-        sources = (activation_steps(c.input)[0] for c in bns)
+        self._links = _find_links(self.store) if self.affine else {}
+        self._walks = {c.node: activation_steps(c.input, c.node, self._links) for c in bns}
+        sites = self._affine_sites()
+        sources = (source for source, _ in self._walks.values())
         producer_nodes = {n for n in sources if isinstance(n, Node)}
         self._prod_calls = {n: producer_call(n) for n in producer_nodes}
         self._prod_names = _names(
             [n for n in self.graph.nodes if self._prod_calls.get(n) is not None], ""
         )
-        return bns
+        if not sites:
+            return bns
+        order = {n: i for i, n in enumerate(self.graph.nodes)}
+        return sorted([*bns, *sites], key=lambda site: order[site.node])
+
+    def _affine_sites(self) -> list[AffineSite]:
+        """A site for every link that ends a chain (see :meth:`_continued`), with its walk."""
+        sites = []
+        for node, link in self._links.items():
+            if self._continued(node):
+                continue
+            source, steps = activation_steps(link.input, node, self._links)
+            self._walks[node] = (source, [*steps, node])
+            sites.append(_affine_site(node, source))
+        return sites
+
+    def _continued(self, node: Node) -> bool:
+        """Whether a link's value flows, through layout ops and read by nothing else, into
+        another link or into an inference BatchNorm: their walk back takes this link in."""
+        value = node
+        while len(value.users) == 1:
+            (user,) = value.users
+            if other_uses(value, user):
+                return False
+            if user in self._links:
+                return self._links[user].input is value
+            bn = batch_norm_call(user)
+            if bn is not None:
+                return bn.input is value and bn.training is False
+            if not is_activation_layout(user) or operand_source(user) is not value:
+                return False
+            value = user
+        return False
+
+    def _scope(self) -> _Scope:
+        return _Scope(self.store, self._prod_calls, self._prod_names, self.boundaries, self._links)
 
     def _stored_module(self, node: Node) -> str | None:
         """The module path a BatchNorm's stored tensors share (``bn`` for ``bn.running_mean``):
@@ -139,11 +260,11 @@ class AtenAdapter:
                 keys.append(self.store.key(found.source).rpartition(".")[0])
         return keys[0] if keys and keys[0] and all(k == keys[0] for k in keys) else None
 
-    def examine(self, bn: BatchNormCall) -> _Pair:
+    def examine(self, bn: BatchNormCall | AffineSite) -> _Pair:
+        if isinstance(bn, AffineSite):
+            return self._examine_affine(bn)
         name, bn_type = self._bn_names[bn.node]
-        pair = _examine(
-            self.store, bn, name, bn_type, self._prod_calls, self._prod_names, self.boundaries
-        )
+        pair = _examine(self._scope(), bn, name, bn_type, self._walks[bn.node])
         if pair.producer is not None:
             return pair
         chain, why = qat_match(bn, self.store)
@@ -153,6 +274,26 @@ class AtenAdapter:
                 pair.facts = replace(pair.facts, producer_detail=detail)
             return pair
         return _examine_qat(self.store, pair, chain, self.boundaries)
+
+    def _examine_affine(self, site: AffineSite) -> _Pair:
+        """The pair of an affine site, named by its links; quiet when there is no layer
+        behind it, the layer is quantized (pt2e graphs are left as they are), or folding
+        would gain nothing."""
+        walk = self._walks[site.node]
+        nodes = [n for n in walk[1] if n in self._links]
+        name = " -> ".join(map(_link_name, nodes))
+        bn_type = " -> ".join(self._links[n].call.op for n in nodes)
+        facts = PairFacts(bn=name, can_unshare=True, rank_hint=_RANK_HINT)
+        pair = _Pair(bn=site, facts=facts, name=name, bn_type=bn_type, kind="affine")
+        pair = _with_producer(self._scope(), pair, walk, None, [])
+        p = pair.producer
+        if p is None or _quantized(p) or _gains_nothing(pair):
+            pair.quiet = True
+        elif not pair.facts.axis_problem:
+            # the chain "normalises" the axis the channels are on where it ends
+            axis = pair.channel_axis
+            pair.facts = replace(pair.facts, bn_axis=axis, channel_axis=axis, axis_path="")
+        return pair
 
     def compute(self, pair: _Pair) -> _Fold | QatFold:
         if isinstance(pair, _QatPair):
@@ -172,8 +313,8 @@ class AtenAdapter:
         _drop_unused(self.store, touched)
         self.store.changed()
 
-    def upstream(self, bn: BatchNormCall) -> list[Any]:
-        source, steps = activation_steps(bn.input)
+    def upstream(self, bn: BatchNormCall | AffineSite) -> list[Any]:
+        source, steps = self._walks[bn.node]
         return [source, *steps]
 
     def extra_entries(self) -> list[FoldEntry]:
@@ -198,6 +339,13 @@ def _names(
         seen[name] = 1
         out[node] = (name, klass or fallback_type)
     return out
+
+
+def _link_name(node: Node) -> str:
+    """A link's report name: its node name, after the path of the module whose forward (or
+    hook) computes it (the module's own name is its BatchNorm's or layer's)."""
+    where = module_path(node)
+    return node.name if where is None else f"{where[0]} ({node.name})"
 
 
 class _Operand(NamedTuple):
@@ -292,25 +440,19 @@ def _boundary(boundaries: list[str], producer: Node, bn: Node) -> str:
 
 
 def _examine(
-    store: Store,
-    c: BatchNormCall,
-    name: str,
-    bn_type: str,
-    prod_calls: dict[Node, ProducerCall | None],
-    prod_names: dict[Node, tuple[str, str]],
-    boundaries: list[str],
+    scope: _Scope, c: BatchNormCall, name: str, bn_type: str, walk: tuple[Any, list[Node]]
 ) -> _Pair:
+    """The pair of a BatchNorm: its own facts, then the producer's (:func:`_with_producer`)."""
     bn_sources: dict[str, Node] = {}
     not_constant: list[str] = []
     for role, v in (("weight", c.weight), ("bias", c.bias), ("mean", c.mean), ("var", c.var)):
         if v is None and role in ("weight", "bias"):
             continue
-        source, what = _constant_source(store, v)
+        source, what = _constant_source(scope.store, v)
         if source is None:
             not_constant.append(f"its {role} is {what}")
         else:
             bn_sources[role] = source
-    bn_constant = not not_constant
     not_inference = ""
     if c.training is not False:
         not_inference = (
@@ -334,40 +476,63 @@ def _examine(
         bn_uses_running_stats=not not_inference,
         bn_not_inference_reason=not_inference,
         bn_custom_forward=custom,
-        bn_params_constant=bn_constant,
+        bn_params_constant=not not_constant,
         can_unshare=True,
         rank_hint=_RANK_HINT,
     )
-    source, steps = activation_steps(c.input)
-    p = prod_calls.get(source) if isinstance(source, Node) else None
-    axis = _axis_facts(p, steps) if p is not None else None
-    if axis is None:
-        p = None
-    if p is None:
-        detail = describe(c.input) if isinstance(c.input, Node) else "a constant"
-        facts = replace(facts, producer_detail=detail)
-        return _Pair(bn=c, facts=facts, name=name, bn_type=bn_type, bn_sources=bn_sources)
-    target, target_type = prod_names[p.node]
+    pair = _Pair(bn=c, facts=facts, name=name, bn_type=bn_type, bn_sources=bn_sources)
+    return _with_producer(scope, pair, walk, c.node, not_constant)
+
+
+def _with_producer(
+    scope: _Scope,
+    pair: _Pair,
+    walk: tuple[Any, list[Node]],
+    end: Node | None,
+    not_constant: list[str],
+) -> _Pair:
+    """Fill in the producer at the start of ``walk`` (the value it stops at, and the layout
+    ops and links after it) and its facts; the links' facts too. ``end`` reads the last step
+    (the BatchNorm; ``None`` for an affine site, whose last step is its own last link);
+    ``not_constant`` says which of the site's own operands are not constant."""
+    source, steps = walk
+    p = scope.prod_calls.get(source) if isinstance(source, Node) else None
+    axis = _axis_facts(p, steps, scope.links) if p is not None else None
+    if p is None or axis is None:
+        detail = describe(pair.bn.input) if isinstance(pair.bn.input, Node) else "a constant"
+        pair.facts = replace(pair.facts, producer_detail=detail)
+        return pair
+    store = scope.store
+    target, target_type = scope.prod_names[p.node]
     target_type = target_type or op_label(p.node)
+    links = [scope.links[n] for n in steps if n in scope.links]
+    if links and isinstance(pair.bn, BatchNormCall):
+        target_type = "+".join([target_type, *(link.call.op for link in links)])
     w_chain, w_axis, w_first_axis, w_what = _operand_chain(store, p.weight, p.weight_axis)
     b_chain: list[Node] | None = None
     b_what = ""
     if p.bias is not None:
         b_chain, _, _, b_what = _operand_chain(store, p.bias, 0)
-    path = [*steps, c.node]
-    others = [u for i, n in enumerate([p.node, *steps]) for u in _other_users(n, path[i])]
+    # every value from the producer on is read by the next step only (the last step's value
+    # is the site's output, free to have any readers, unless a BatchNorm reads it)
+    readers = [*steps, end] if end is not None else steps
+    values = [p.node, *steps][: len(readers)]
+    others = [u for n, r in zip(values, readers, strict=True) for u in _other_users(n, r)]
+    issues = _link_issues(store, links, steps, axis.at, target)
+    not_constant = not_constant + issues.not_constant
     if not_constant:
         detail = "; ".join(not_constant)
     elif w_what or b_what:
         detail = f"its {'weight' if w_what else 'bias'} is {w_what or b_what}"
     else:
         detail = ""
-    facts = replace(
-        facts,
+    pair.facts = replace(
+        pair.facts,
+        bn_params_constant=pair.facts.bn_params_constant and not issues.not_constant,
         constant_detail=detail,
         channel_axis=axis.channel_axis,
         axis_path=axis.axis_path,
-        axis_problem=axis.axis_problem,
+        axis_problem=axis.axis_problem or issues.axis,
         producer=target,
         producer_kind=p.kind,
         producer_spatial_dims=p.spatial_dims,
@@ -378,22 +543,14 @@ def _examine(
         producer_params_shared=_shared_uses(store, w_chain, p.node)
         or _shared_uses(store, b_chain, p.node),
         output_rank=p.output_rank,
-        boundary=_boundary(boundaries, p.node, c.node),
+        boundary=_boundary(scope.boundaries, p.node, pair.bn.node),
     )
-    return _Pair(
-        bn=c,
-        facts=facts,
-        name=name,
-        bn_type=bn_type,
-        producer=p,
-        target=target,
-        target_type=target_type,
-        weight_chain=w_chain,
-        bias_chain=b_chain,
-        weight_axis=w_axis,
-        weight_first_axis=w_first_axis,
-        bn_sources=bn_sources,
-    )
+    pair.producer = p
+    pair.target, pair.target_type = target, target_type
+    pair.weight_chain, pair.bias_chain = w_chain, b_chain
+    pair.weight_axis, pair.weight_first_axis = w_axis, w_first_axis
+    pair.links, pair.channel_axis, pair.value_problem = links, axis.end, issues.value
+    return pair
 
 
 def _examine_qat(store: Store, pair: _Pair, chain: QatChain, boundaries: list[str]) -> _QatPair:
@@ -457,58 +614,297 @@ def _examine_qat(store: Store, pair: _Pair, chain: QatChain, boundaries: list[st
 
 
 class _Axis(NamedTuple):
-    """Where the producer's channels arrive at the BatchNorm (see ``PairFacts.channel_axis``)."""
+    """Where the producer's channels arrive at the BatchNorm (see ``PairFacts.channel_axis``),
+    where they are on each step's output (``at``) and at the end of the steps (``end``)."""
 
     channel_axis: int | None = None
     axis_path: str = ""
     axis_problem: str = ""
+    at: tuple[int, ...] = ()
+    end: int | None = None
 
 
-def _axis_facts(p: ProducerCall, steps: list[Node]) -> _Axis | None:
+def _axis_facts(p: ProducerCall, steps: list[Node], links: Mapping[Node, _Link]) -> _Axis | None:
     """Where the producer's channels arrive at the BatchNorm through layout ops between them
     (a Linear on ``(B, L, C)``, ``transpose(1, 2)``, BatchNorm1d); nothing without such ops
-    (the rules then read the producer's output rank). ``None`` when a reshape mixes the
-    channels with other axes: the BatchNorm's input is then no producer's output."""
+    (the rules then read the producer's output rank; links keep every axis). ``None`` when a
+    reshape mixes the channels with other axes: the BatchNorm's input is then no producer's
+    output."""
+    rank = p.output_rank
+    start = None
+    if rank is not None:
+        start = rules.producer_channel_axis(p.kind, rank, p.spatial_dims, p.feature_axis)  # type: ignore[arg-type]
     if not steps:
-        return _Axis()
-    if p.output_rank is None:
+        return _Axis(end=start)
+    if rank is None or start is None:
         return _Axis(
             axis_problem=f"the rank of {describe(p.node)}'s output is unknown; {_RANK_HINT}"
         )
-    axis = rules.producer_channel_axis(p.kind, p.output_rank, p.spatial_dims, p.feature_axis)  # type: ignore[arg-type]
-    track = follow_channel_axis(steps, axis, p.output_rank)
+    track = follow_channel_axis(steps, start, rank, links)
     via = " -> ".join(op_label(n) for n in steps)
     if track.reshaped:
         return None
     if track.axis is None:
-        return _Axis(
-            axis_problem=f"bnfold cannot follow the channels through {via}: {track.problem}"
+        why = f"bnfold cannot follow the channels through {via}: {track.problem}"
+        return _Axis(axis_problem=why, at=track.at)
+    if all(n in links for n in steps):
+        return _Axis(at=track.at, end=track.axis)
+    return _Axis(track.axis, via, at=track.at, end=track.axis)
+
+
+# --------------------------------------------------------------------------------------------
+# Arithmetic links
+
+
+def _origins(store: Store) -> dict[Node, str]:
+    """What each node's value depends on: ``"constant"`` (stored tensors only, through pure
+    ops), ``"input"`` (graph inputs too) or ``"computed"`` (anything else: activations)."""
+    found: dict[Node, str] = {}
+    for node in store.graph.nodes:
+        if store.tensor(node) is not None:
+            kind = "constant"
+        elif node.op == "placeholder":
+            kind = "input"
+        elif is_pure(node):
+            kinds = {found.get(n, "computed") for n in node.all_input_nodes}
+            kind = next((k for k in ("computed", "input") if k in kinds), "constant")
+        else:
+            kind = "computed"
+        found[node] = kind
+    return found
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _find_links(store: Store) -> dict[Node, _Link]:
+    """Every arithmetic node of the graph that reads as a link (:func:`_read_link`)."""
+    origins = _origins(store)
+    found: dict[Node, _Link] = {}
+    for node in store.graph.nodes:
+        call = arith_call(node)
+        link = _read_link(call, origins) if call is not None else None
+        if link is not None:
+            found[node] = link
+    return found
+
+
+def _read_link(call: ArithCall, origins: Mapping[Node, str]) -> _Link | None:
+    """``call`` as a link: one operand is the chain (an activation), the other a number or a
+    tensor computed from constants or graph inputs, never from activations (whether it is
+    constant is a fact for the rules); ``a / y`` is not affine."""
+
+    def origin(value: Any) -> str:
+        if isinstance(value, Node):
+            return origins.get(value, "computed")
+        return "number" if _is_number(value) else "other"
+
+    if not _is_number(call.alpha):
+        return None
+    sides = [(call.first, call.second, True)]
+    if call.op != "neg":
+        sides.append((call.second, call.first, False))
+    for chain, operand, first in sides:
+        if origin(chain) != "computed":
+            continue
+        if call.op != "neg" and origin(operand) in ("computed", "other"):
+            return None  # two activations (a residual add, a gate): not a per-channel map
+        if not first and call.op == "div":
+            return None
+        return _shaped_link(call, chain, operand, first)
+    return None
+
+
+def _is_one(size: Any) -> bool:
+    return isinstance(size, int) and size == 1
+
+
+def _shaped_link(call: ArithCall, chain: Node, operand: Any, first: bool) -> _Link | None:
+    """The link, when the shapes are known, the chain is floating point and the operand
+    varies along one axis of the result at most (a bias or scale, not a mask or embedding)."""
+    value, out = shape_value(chain), shape_value(call.node)
+    if not isinstance(value, torch.Tensor) or not isinstance(out, torch.Tensor):
+        return None
+    if not value.is_floating_point():
+        return None  # integer graphs are left as they are
+    shape: tuple[Any, ...] = ()
+    if isinstance(operand, Node):
+        given = shape_value(operand)
+        if not isinstance(given, torch.Tensor):
+            return None
+        shape = tuple(given.shape)
+    offset = out.dim() - len(shape)
+    varying = tuple(offset + i for i, size in enumerate(shape) if not _is_one(size))
+    if len(varying) > 1:
+        return None
+    return _Link(call, chain, operand, first, varying)
+
+
+class _LinkIssues(NamedTuple):
+    """Why links cannot fold: operands that are not constant, an axis problem (the
+    channel-axis rule), a value problem (a valid-values refusal)."""
+
+    not_constant: list[str]
+    axis: str
+    value: str
+
+
+def _link_issues(
+    store: Store, links: list[_Link], steps: list[Node], at: tuple[int, ...], target: str
+) -> _LinkIssues:
+    """The issues of the links among ``steps``; ``at[i]`` is the channel axis on step ``i``'s
+    output (links keep it where it is), as far as it was followed."""
+    ev = Constants(store, float64=True)
+    not_constant: list[str] = []
+    axis = value = ""
+    where = {n: i for i, n in enumerate(steps)}
+    for link in links:
+        i = where[link.node]
+        if isinstance(link.operand, Node) and ev.value(link.operand) is None:
+            why = ev.why(link.operand)
+            not_constant.append(f"the operand of {describe(link.node)} is not constant ({why})")
+        channels = at[i] if i < len(at) else None
+        axis = axis or _link_axis_problem(link, channels, target)
+        value = value or _link_value_problem(link, target)
+    return _LinkIssues(not_constant, axis, value)
+
+
+def _dims(t: torch.Tensor) -> list[str]:
+    return [str(d) for d in t.shape]
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _link_axis_problem(link: _Link, channels: int | None, target: str) -> str:
+    """Why ``link`` is not a per-channel map of ``target``'s output whose channels are on axis
+    ``channels`` there ("" when it is): it broadcasts the activation to a bigger shape, or its
+    operand varies along another axis."""
+    before, after = shape_value(link.input), shape_value(link.node)
+    if _dims(before) != _dims(after):
+        return (
+            f"{describe(link.node)} broadcasts the output of {target} from shape "
+            f"[{', '.join(_dims(before))}] to [{', '.join(_dims(after))}]: the folded layer "
+            "cannot stand in for it"
         )
-    return _Axis(track.axis, via)
+    if channels is not None and link.varying and link.varying != (channels,):
+        shape = ", ".join(_dims(shape_value(link.operand)))
+        return (
+            f"the operand of {describe(link.node)} (shape [{shape}]) varies along axis "
+            f"{link.varying[0]}, but the channels of {target} are on axis {channels} there"
+        )
+    return ""
+
+
+def _link_value_problem(link: _Link, target: str) -> str:
+    """Why ``link``'s numbers cannot fold ("" when they can): it promotes the activation to
+    another dtype, or its operand is not floating point."""
+    before, after = shape_value(link.input), shape_value(link.node)
+    if after.dtype != before.dtype:
+        return (
+            f"{describe(link.node)} computes in {_dtype_name(after.dtype)} on the "
+            f"{_dtype_name(before.dtype)} output of {target} (type promotion by its operand); "
+            f"folded, the layer would compute in {_dtype_name(before.dtype)}"
+        )
+    if isinstance(link.operand, Node):
+        given = shape_value(link.operand)
+        if not given.is_floating_point():
+            return (
+                f"the operand of {describe(link.node)} is {_dtype_name(given.dtype)}, not "
+                "floating point"
+            )
+    return ""
+
+
+def _quantized(p: ProducerCall) -> bool:
+    """Whether the producer's weight is dequantized in the graph (pt2e: left as it is)."""
+    found = trace_back(p.weight)
+    return found is not None and quant_call(found.source) is not None
+
+
+def _gains_nothing(pair: _Pair) -> bool:
+    """An affine site whose fold would leave as many nodes: one add of a bias after a layer
+    without a bias operand (``mm -> add`` is what a Linear decomposes to; folded, the add
+    would come back as ``addmm``)."""
+    p = pair.producer
+    if p is None or p.op not in ("mm", "matmul") or len(pair.links) != 1:
+        return False
+    return [step.op for step in pair.links[0].steps(0.0)] == ["add"]
+
+
+def _operand_value(ev: Constants, link: _Link) -> Any:
+    """A link operand's numbers in float64 (flat: one, or one per channel)."""
+    if link.operand is None or not isinstance(link.operand, Node):
+        return None if link.operand is None else float(link.operand)
+    value = ev.value(link.operand)
+    if value is None:
+        why = ev.why(link.operand)
+        raise FoldRefused(f"the operand of {describe(link.node)} is not constant ({why})")
+    return value.detach().cpu().reshape(-1).numpy()
+
+
+def _sixteen_bit(dtype: torch.dtype) -> Any:
+    """The numpy dtype of a 16-bit float (for the headroom rule); ``None`` for wider types
+    (and bfloat16 without ml_dtypes, whose range is float32's)."""
+    if dtype == torch.float16:
+        return np.float16
+    if dtype == torch.bfloat16:
+        try:
+            import ml_dtypes
+        except ImportError:
+            return None
+        return ml_dtypes.bfloat16
+    return None
+
+
+def _affine_map(store: Store, pair: _Pair, channels: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(k, c)`` in float64: what the links and the BatchNorm of ``pair`` make of the
+    producer's output ``y``, as ``k*y + c`` per channel (raises :class:`FoldRefused`)."""
+    c = pair.bn
+    last: list[Step] = []
+    if isinstance(c, BatchNormCall):
+
+        def value(role: str) -> torch.Tensor | None:
+            source = pair.bn_sources.get(role)
+            return None if source is None else store.tensor(source)
+
+        s, t = affine_factors(
+            value("mean"), value("var"), float(c.eps), value("weight"), value("bias")
+        )
+        if not pair.links:
+            return s, t
+        last = [Step("affine", (s, t), where=pair.name)]
+    if pair.value_problem:
+        raise FoldRefused(pair.value_problem)
+    ev = Constants(store, float64=True)
+    steps = [step for link in pair.links for step in link.steps(_operand_value(ev, link))]
+    k, shift = compose(steps + last, channels)
+    assert pair.producer is not None
+    out = shape_value(pair.producer.node)
+    if isinstance(out, torch.Tensor):
+        require_headroom(shift, _sixteen_bit(out.dtype), pair.name)
+    return k, shift
 
 
 def _compute(store: Store, pair: _Pair) -> _Fold:
     """Compute the folded weight and bias of ``pair`` (raises :class:`FoldRefused`)."""
-    c, p = pair.bn, pair.producer
-    assert p is not None and pair.weight_chain is not None
-
-    def value(role: str) -> torch.Tensor | None:
-        source = pair.bn_sources.get(role)
-        return None if source is None else store.tensor(source)
-
+    assert pair.producer is not None and pair.weight_chain is not None
     weight = store.tensor(pair.weight_chain[0])
     bias = store.tensor(pair.bias_chain[0]) if pair.bias_chain is not None else None
     _charge_materialised(store, pair, weight, bias)
+    layout = pair.weight_layout()
     with torch.no_grad():
-        s, t = affine_factors(
-            value("mean"), value("var"), float(c.eps), value("weight"), value("bias")
-        )
+        k, shift = _affine_map(store, pair, layout.out_channels(tuple(weight.shape)))
         if bias is not None and bias.dim() != 1:
             raise FoldRefused(
                 f"{pair.target}'s bias has shape {tuple(bias.shape)}, not one value per "
                 "output channel"
             )
-        w, b = fold_affine_into_producer(weight, bias, s, t, pair.weight_layout())
+        w, b = fold_affine_into_producer(weight, bias, k, shift, layout)
+    if bias is None and isinstance(pair.bn, AffineSite) and not shift.any():
+        return _Fold(w, None)  # a scale only: the layer needs no bias for it
     return _Fold(w, b)
 
 
@@ -667,6 +1063,7 @@ def _apply(store: Store, folds: list[tuple[_Pair, _Fold]], touched: list[Node]) 
             touched,
         )
         if pair.bias_chain is not None:
+            assert fold.bias is not None
             b_key = store.key(pair.bias_chain[0])
             _set_operand(
                 store,
@@ -677,7 +1074,7 @@ def _apply(store: Store, folds: list[tuple[_Pair, _Fold]], touched: list[Node]) 
                 f"{b_key}_folded",
                 touched,
             )
-        else:
+        elif fold.bias is not None:
             bias = store.add(pair.weight_chain[0], pipeline.bias_name(w_key), fold.bias, p.node)
             if p.op in ("mm", "matmul"):  # no bias operand: it becomes addmm(bias, x, w)
                 operands = arguments(p.node)  # read by name: a hand-built graph may use kwargs
@@ -687,13 +1084,20 @@ def _apply(store: Store, folds: list[tuple[_Pair, _Fold]], touched: list[Node]) 
                 p.node.kwargs = {}
             else:
                 set_argument(p.node, p.bias_arg, bias)
-        out = c.output
-        replaced[out] = c.input  # the producer, or the last layout op between them
-        out.replace_all_uses_with(c.input)
-        for user in list(c.node.users):
-            store.graph.erase_node(user)
-        touched += [v for v in (c.weight, c.bias, c.mean, c.var) if isinstance(v, Node)]
-        store.graph.erase_node(c.node)
+        if isinstance(c, BatchNormCall):
+            out = c.output
+            replaced[out] = c.input  # the producer, or the last layout op or link before it
+            out.replace_all_uses_with(c.input)
+            for user in list(c.node.users):
+                store.graph.erase_node(user)
+            touched += [v for v in (c.weight, c.bias, c.mean, c.var) if isinstance(v, Node)]
+            store.graph.erase_node(c.node)
+        for link in reversed(pair.links):  # each read by the next step only: bypass it
+            replaced[link.node] = link.input
+            link.node.replace_all_uses_with(link.input)
+            if isinstance(link.operand, Node):
+                touched.append(link.operand)
+            store.graph.erase_node(link.node)
     return replaced
 
 

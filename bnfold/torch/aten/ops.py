@@ -8,7 +8,7 @@ live in one place.
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -335,6 +335,45 @@ def producer_call(node: Node) -> ProducerCall | None:
     return None
 
 
+# --------------------------------------------------------------------------------------------
+# Elementwise arithmetic (the links of per-channel affine chains)
+
+# The overloads without rounding modes or outputs; ``neg`` has one operand.
+_ARITHMETIC = {
+    "mul": ("Tensor", "Scalar"),
+    "div": ("Tensor", "Scalar"),
+    "add": ("Tensor", "Scalar"),
+    "sub": ("Tensor", "Scalar"),
+    "rsub": ("Tensor", "Scalar"),
+    "neg": ("default",),
+}
+_WITH_ALPHA = ("add", "sub", "rsub")
+
+
+@dataclass(frozen=True)
+class ArithCall:
+    """One elementwise arithmetic node: ``op`` of ``first`` and ``second`` (the schema's
+    ``self`` and ``other``: nodes or numbers; ``second`` is ``None`` for ``neg``). ``alpha``
+    scales the second operand of ``add``/``sub`` (``first + alpha*second``,
+    ``first - alpha*second``) and the first of ``rsub`` (``second - alpha*first``)."""
+
+    node: Node
+    op: str
+    first: Any
+    second: Any
+    alpha: Any = 1
+
+
+def arith_call(node: Node) -> ArithCall | None:
+    """Read ``node`` as elementwise arithmetic; ``None`` if it is not."""
+    op = aten_name(node)
+    if op not in _ARITHMETIC or node.target._overloadname not in _ARITHMETIC[op]:
+        return None
+    args = arguments(node)
+    alpha = args.get("alpha", 1) if op in _WITH_ALPHA else 1
+    return ArithCall(node, op, args.get("self"), args.get("other"), alpha)
+
+
 def layout(p: ProducerCall, source_axis: int, first_axis: int = 0) -> OutputLayout:
     """Output-channel layout of the producer's weight *source* tensor, whose axis
     ``source_axis`` is the operand's output-channel axis and ``first_axis`` its axis 0."""
@@ -450,20 +489,36 @@ def operand_source(node: Node) -> Any:
     return node.args[0] if node.args else node.kwargs.get("self")
 
 
-def activation_steps(value: Any) -> tuple[Any, list[Node]]:
+def is_activation_layout(node: Node) -> bool:
+    """Whether ``node`` is a layout op :func:`activation_steps` walks back through."""
+    op = aten_name(node)
+    return op in _TRANSPOSE_OPS or op in _ACTIVATION_COPIES or op in _RESHAPES
+
+
+def activation_steps(
+    value: Any, user: Node | None = None, links: Mapping[Node, Any] | None = None
+) -> tuple[Any, list[Node]]:
     """Walk back from a BatchNorm's input through layout ops (transposes, copies, reshapes).
 
     Returns the value they start from and the ops in graph order; whether the channels can
-    be followed through them is :func:`follow_channel_axis`'s question.
+    be followed through them is :func:`follow_channel_axis`'s question. ``links`` (arithmetic
+    nodes -> what they read, ``.input``) are walked through too while every value from them to
+    ``user`` (who reads ``value``) feeds the next step only: a link whose value is read
+    elsewhere ends a chain of its own.
     """
     steps: list[Node] = []
-    node = value
+    node, reader, single = value, user, True
     while isinstance(node, Node):
-        op = aten_name(node)
-        if op not in _TRANSPOSE_OPS and op not in _ACTIVATION_COPIES and op not in _RESHAPES:
+        single = single and reader is not None and not other_uses(node, reader)
+        link = links.get(node) if links else None
+        if link is not None and single:
+            upstream = link.input
+        elif is_activation_layout(node):
+            upstream = operand_source(node)
+        else:
             break
         steps.insert(0, node)
-        node = operand_source(node)
+        node, reader = upstream, node
     return node, steps
 
 
@@ -476,29 +531,38 @@ class AxisTrack:
     axis: int | None
     problem: str = ""
     reshaped: bool = False
+    at: tuple[int, ...] = ()  # the axis on each step's output, as far as it was followed
 
 
-def follow_channel_axis(steps: list[Node], axis: int, src_rank: int) -> AxisTrack:
-    """Follow axis ``axis`` of a ``src_rank``-D value through ``steps``."""
+def follow_channel_axis(
+    steps: list[Node], axis: int, src_rank: int, keeps: Container[Node] = ()
+) -> AxisTrack:
+    """Follow axis ``axis`` of a ``src_rank``-D value through ``steps`` (those in ``keeps``,
+    elementwise arithmetic, keep every axis where it is)."""
+    at: list[int] = []
     for step in steps:
         op = aten_name(step)
         out_rank = rank(step)
-        if op in _ACTIVATION_COPIES:
+        if op in _ACTIVATION_COPIES or step in keeps:
+            at.append(axis)
             continue
         if op in _RESHAPES:
             moved = _reshaped_axis(operand_source(step), step, axis)
             if moved is None:
-                return AxisTrack(None, f"{describe(step)} reshapes axis {axis}", reshaped=True)
+                why = f"{describe(step)} reshapes axis {axis}"
+                return AxisTrack(None, why, reshaped=True, at=tuple(at))
         elif out_rank is None:
-            return AxisTrack(None, f"{describe(step)} has no shape metadata")
+            return AxisTrack(None, f"{describe(step)} has no shape metadata", at=tuple(at))
         else:
             perm = _permutation(step, op, src_rank)
             found = [] if perm is None or len(perm) != out_rank else perm_positions(perm, axis)
             if len(found) != 1:
-                return AxisTrack(None, f"{describe(step)} does not keep axis {axis} as one axis")
+                why = f"{describe(step)} does not keep axis {axis} as one axis"
+                return AxisTrack(None, why, at=tuple(at))
             moved = found[0]
         axis, src_rank = moved, out_rank if out_rank is not None else src_rank
-    return AxisTrack(axis)
+        at.append(axis)
+    return AxisTrack(axis, at=tuple(at))
 
 
 def perm_positions(perm: tuple[int, ...], axis: int) -> list[int]:
