@@ -78,6 +78,7 @@ class PairFacts:
 
     bn: str
     bn_axis: int = 1  # the activation axis the BatchNorm normalises (negative: from the end)
+    chain: bool = False  # an affine chain (arithmetic by constants), not a BatchNorm
     bn_uses_running_stats: bool = True
     bn_not_inference_reason: str = ""
     bn_calls: int = 1
@@ -158,6 +159,10 @@ def _single_call(f: PairFacts) -> str | None:
 
 def _constant_params(f: PairFacts) -> str | None:
     why = f": {f.constant_detail}" if f.constant_detail else ""
+    if not f.bn_params_constant and f.chain:
+        return f"the operands of {f.bn} are not all constant tensors" + (
+            why or " (computed at run time)"
+        )
     if not f.bn_params_constant:
         return f"{f.bn}'s statistics or affine parameters are not constant tensors" + (
             why or " (computed at run time, parametrized or uninitialised)"

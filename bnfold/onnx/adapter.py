@@ -387,7 +387,7 @@ def _is_activation(value: ir.Value | None, limit: int = 64) -> bool:
 
 def _affine_pair(ctx: _Context, graph: ir.Graph, site: AffineSite) -> _Pair:
     """The pair of an affine site, named by its links (filled in by :func:`_walk_back`)."""
-    facts = rules.PairFacts(bn=_name(site.node), can_unshare=True, rank_hint=_RANK_HINT)
+    facts = rules.PairFacts(bn=_name(site.node), chain=True, can_unshare=True, rank_hint=_RANK_HINT)
     return _Pair(
         bn=site, graph=graph, facts=facts, name=facts.bn, bn_type=site.node.op_type, kind="affine"
     )

@@ -283,7 +283,7 @@ class AtenAdapter:
         nodes = [n for n in walk[1] if n in self._links]
         name = " -> ".join(map(_link_name, nodes))
         bn_type = " -> ".join(self._links[n].call.op for n in nodes)
-        facts = PairFacts(bn=name, can_unshare=True, rank_hint=_RANK_HINT)
+        facts = PairFacts(bn=name, chain=True, can_unshare=True, rank_hint=_RANK_HINT)
         pair = _Pair(bn=site, facts=facts, name=name, bn_type=bn_type, kind="affine")
         pair = _with_producer(self._scope(), pair, walk, None, [])
         p = pair.producer
