@@ -78,7 +78,7 @@ class Backend:
     """A torch.compile backend that folds BatchNorm, then compiles with ``inner``.
 
     ``inner`` is a backend name (``"inductor"``, ``"eager"``, ``"aot_eager"``...) or a backend
-    callable. ``producers`` selects producer kinds as in :func:`bnfold.fold`. ``watch`` says how
+    callable. ``producers`` and ``affine`` are as in :func:`bnfold.fold`. ``watch`` says how
     each call checks that the baked tensors did not change: ``"versions"`` (version counters
     and memory addresses, plus the BatchNorms' own tensors by value) or ``"values"`` (every
     baked tensor by value, against a copy: also sees writes through ``.data``, at the cost of
@@ -86,7 +86,8 @@ class Backend:
     :class:`CompiledReport` for every graph this backend compiled.
 
     Through ``torch.compile(model, backend="bnfold", options={...})`` the same settings are the
-    options ``"inner"``, ``"producers"`` and ``"watch"``; the other options, and ``mode`` (given
+    options ``"inner"``, ``"producers"``, ``"affine"`` and ``"watch"``; the other options, and
+    ``mode`` (given
     to torch.compile, or as the option ``"mode"``, since torch.compile refuses both at once), go
     to Inductor as they would with ``backend="inductor"``.
     """
@@ -97,10 +98,14 @@ class Backend:
         *,
         producers: Iterable[str] | str | None = None,
         watch: str = "versions",
+        affine: bool = True,
     ) -> None:
         if watch not in ("versions", "values"):
             raise BnfoldError(f"watch must be 'versions' or 'values', not {watch!r}")
+        if not isinstance(affine, bool):
+            raise BnfoldError(f"affine must be True or False, not {affine!r}")
         self.inner = inner
+        self.affine = affine
         self.producers = producers
         self.watch = watch
         self.selected = rules.selected_kinds(producers)
@@ -121,7 +126,7 @@ class Backend:
             return self._with(mode, options)(gm, example_inputs)
         inner = _inner_backend(self.inner)
         graph_id = _compile_id(gm)
-        if not _has_batch_norm(gm):  # nothing to fold: no tracing, no guards, no wrapper
+        if not _may_fold(gm, self.affine):  # nothing to fold: no tracing, no guards, no wrapper
             return self._unfolded(
                 graph_id, FoldReport([], "GraphModule"), "", inner, gm, example_inputs
             )
@@ -135,7 +140,7 @@ class Backend:
             )
         try:
             capture = _Capture.of(gm, example_inputs)
-            folded = capture.fold(self.selected)
+            folded = capture.fold(self.selected, self.affine)
         except BnfoldError as e:  # what bnfold refuses (not its bugs) compiles unfolded
             return self._unfolded(
                 graph_id, FoldReport([], "GraphModule"), str(e), inner, gm, example_inputs
@@ -149,7 +154,15 @@ class Backend:
         not_live = _reads_live_weights(inner)
         watch_values = self.watch == "values"
         return _Guarded(
-            capture, folded, handed, compiled, gm, self.selected, not_live, watch_values
+            capture,
+            folded,
+            handed,
+            compiled,
+            gm,
+            self.selected,
+            not_live,
+            watch_values,
+            self.affine,
         )
 
     def _with(self, mode: str | None, options: dict[str, Any] | None) -> Backend:
@@ -158,6 +171,7 @@ class Backend:
         inner = options.pop("inner", self.inner)
         producers = options.pop("producers", self.producers)
         watch = options.pop("watch", self.watch)
+        affine = options.pop("affine", self.affine)
         # torch.compile takes mode or options, not both: a mode can come as an option too
         mode = options.pop("mode", mode)
         if mode is not None or options:
@@ -167,7 +181,7 @@ class Backend:
                     f"{inner!r}: {sorted(options)}"
                 )
             inner = torch._TorchCompileInductorWrapper(mode, options or None, None)
-        backend = Backend(inner, producers=producers, watch=watch)
+        backend = Backend(inner, producers=producers, watch=watch, affine=affine)
         backend.reports = self.reports
         return backend
 
@@ -208,20 +222,46 @@ class Backend:
 _WARNED: set[str] = set()
 
 
-def _has_batch_norm(gm: GraphModule) -> bool:
-    """Whether the graph calls a BatchNorm (a functional or ATen call, or a module) at all."""
+# What dynamo's graphs call for arithmetic that may start an affine chain after a layer
+# (operator.mul for ``y * s``, torch.mul, Tensor.mul as a method, their in-place forms).
+_ARITHMETIC = ("mul", "truediv", "div", "add", "sub", "rsub", "neg")
+_PRODUCER_MODULES = (nn.modules.conv._ConvNd, nn.Linear)
+
+
+def _may_fold(gm: GraphModule, affine: bool) -> bool:
+    """Whether the graph calls a BatchNorm (a functional or ATen call, or a module) at all, or,
+    with ``affine``, does arithmetic on what a conv or linear call returns."""
     for node in gm.graph.nodes:
         if node.op == "call_function":
             name = getattr(node.target, "__name__", None) or str(node.target)
             if "batch_norm" in name:
                 return True
+            if affine and _is_producer_call(gm, node) and any(map(_is_arithmetic, node.users)):
+                return True
         elif node.op == "call_module":
-            if isinstance(gm.get_submodule(node.target), nn.modules.batchnorm._BatchNorm):
+            module = gm.get_submodule(node.target)
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                return True
+            if affine and _is_producer_call(gm, node) and any(map(_is_arithmetic, node.users)):
                 return True
         elif node.op == "get_attr" and isinstance(_fetch(gm, node.target), GraphModule):
-            if _has_batch_norm(_fetch(gm, node.target)):  # a control-flow body
+            if _may_fold(_fetch(gm, node.target), affine):  # a control-flow body
                 return True
     return False
+
+
+def _is_producer_call(gm: GraphModule, node: Any) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), _PRODUCER_MODULES)
+    name = getattr(node.target, "__name__", None) or str(node.target)
+    return any(word in name for word in ("conv", "linear", "matmul", "addmm", "mm"))
+
+
+def _is_arithmetic(node: Any) -> bool:
+    if node.op not in ("call_function", "call_method"):
+        return False
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    return str(name).strip("_").removeprefix("i") in _ARITHMETIC or str(name) in _ARITHMETIC
 
 
 def _inner_backend(inner: str | Callable[..., Any]) -> Callable[..., Any]:
@@ -346,8 +386,8 @@ class _Capture:
     def runtime_examples(self, example_inputs: Sequence[Any]) -> list[Any]:
         return [example_inputs[i] for i in self.runtime]
 
-    def fold(self, selected: set[str]) -> _Folded:
-        return _Folded.of(self.traced, selected)
+    def fold(self, selected: set[str], affine: bool = True) -> _Folded:
+        return _Folded.of(self.traced, selected, affine)
 
     def guard_identity(self) -> None:
         """Ask dynamo to recompile when a baked input is another tensor object next time (a
@@ -562,10 +602,11 @@ class _Folded:
     code: str
 
     @classmethod
-    def of(cls, traced: GraphModule, selected: set[str]) -> _Folded:
+    def of(cls, traced: GraphModule, selected: set[str], affine: bool = True) -> _Folded:
         shared = {id(t): t for t in [*traced.parameters(), *traced.buffers()]}
         gm = copy_graph_module(traced, dict(shared))
-        entries = pipeline.run(AtenAdapter(gm, ModuleStore(gm), []), selected).entries
+        adapter = AtenAdapter(gm, ModuleStore(gm), [], affine=affine)
+        entries = pipeline.run(adapter, selected).entries
         gm.graph.lint()
         gm.recompile()
         return cls(gm, FoldReport(entries, "GraphModule"), gm.code)
@@ -627,6 +668,7 @@ class _Guarded:
         selected: set[str],
         not_refreshable: str,
         watch_values: bool = False,
+        affine: bool = True,
     ) -> None:
         self.capture = capture
         self.folded = folded
@@ -636,6 +678,7 @@ class _Guarded:
         self.selected = selected
         self.not_refreshable = not_refreshable
         self.watch_values = watch_values
+        self.affine = affine
         self.fallback = False
         self.refolds = 0
         self._index = [i for i, _ in capture.baked]
@@ -698,7 +741,7 @@ class _Guarded:
         elif self.not_refreshable:
             why = f"weights changed in place, and {self.not_refreshable}"
         else:
-            folded = self.capture.fold(self.selected)
+            folded = self.capture.fold(self.selected, self.affine)
             if folded.code != self.folded.code:
                 why = "weights changed in place so that the graph no longer folds the same way"
             else:

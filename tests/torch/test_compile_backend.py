@@ -1308,3 +1308,28 @@ def test_global_modules_keep_their_names_and_reports_survive_a_reset():
         torch.compile(GlobalPair().eval(), backend=backend)(x4(2))
     assert len(bnfold.torch.last_reports()) == min(before + 1, 64)
     assert len(backend.reports) == 2
+
+
+class _ScaledConv(nn.Module):
+    """``conv(x) * scale + shift``, no BatchNorm: an affine chain only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.scale = nn.Parameter(torch.rand(4, 1, 1) + 0.5)
+        self.shift = nn.Parameter(torch.randn(4, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) * self.scale + self.shift
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_affine_chain_folds_in_a_graph_without_batch_norm(affine):
+    torch._dynamo.reset()
+    model, x = _ScaledConv().eval(), torch.randn(2, 3, 8, 8)
+    backend = Backend(inner="eager", affine=affine)
+    compiled = torch.compile(model, backend=backend)
+    want = run(model, x)
+    assert finite_rel_err(want, run(compiled, x)) < 1e-5
+    entries = [(e.kind, e.action) for r in backend.reports for e in r.report]
+    assert entries == ([("affine", "folded")] if affine else []), backend.reports

@@ -797,3 +797,39 @@ def test_quantized_pt2e_graph_is_left_alone():
     folded, report = bnfold.fold(converted, return_report=True)
     assert len(report) == 0 and folded.code == code
     assert_same_outputs(torch_outputs(converted, (x,)), torch_outputs(folded, (x,)))
+
+
+class _Scale(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.s = nn.Parameter(torch.rand(c, 1, 1) + 0.5)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return y * self.s
+
+
+class _ThroughPreserved(nn.Module):
+    """conv -> [inner: mul] -> add: the chain passes through a module whose call signature
+    the program preserves."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.inner = _Scale(4)
+        self.t = nn.Parameter(torch.randn(4, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(self.conv(x)) + self.t
+
+
+def test_chain_through_a_preserved_module_is_kept():
+    """Folding would remove the preserved module's only node (its call would be empty after
+    torch.export.unflatten): module-boundary, as for a BatchNorm inside such a module."""
+    model, x = _ThroughPreserved().eval(), torch.randn(2, 3, 8, 8)
+    ep = torch.export.export(model, (x,), preserve_module_call_signature=("inner",))
+    folded, report = bnfold.fold(ep, return_report=True)
+    assert [(e.kind, e.action, e.rule) for e in report] == [
+        ("affine", "skipped", rules.MODULE_BOUNDARY)
+    ], str(report)
+    assert hasattr(torch.export.unflatten(folded), "inner")
+    torch.testing.assert_close(folded.module()(x), ep.module()(x), rtol=0, atol=0)

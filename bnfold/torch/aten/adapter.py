@@ -543,7 +543,16 @@ def _with_producer(
         producer_params_shared=_shared_uses(store, w_chain, p.node)
         or _shared_uses(store, b_chain, p.node),
         output_rank=p.output_rank,
-        boundary=_boundary(scope.boundaries, p.node, pair.bn.node),
+        # every node the fold removes (links, the BatchNorm) must be on the producer's side
+        # of each preserved module: one removed inside it would empty the module's call
+        boundary=next(
+            (
+                found
+                for n in [*(link.node for link in links), pair.bn.node]
+                if (found := _boundary(scope.boundaries, p.node, n))
+            ),
+            "",
+        ),
     )
     pair.producer = p
     pair.target, pair.target_type = target, target_type
