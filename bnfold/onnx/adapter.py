@@ -120,17 +120,27 @@ class _Context:
     def __init__(self, model: ir.Model, affine: bool = True) -> None:
         self.model = model
         self.affine = affine
+        self.created: set[ir.Node] = set()  # nodes the fold added (a MatMul's bias Add)
         self.constants = Constants(model, self.dtype)
         self._link_constants = Constants(model, self.dtype)
         self.legacy_inputs = (model.ir_version or 0) < 4  # IR 3 lists initializers as inputs
         self._names: set[str] | None = None
         self._inferred: dict[tuple[ir.Graph, str], tuple[int | None, int]] | None = None
 
-    def link(self, node: ir.Node) -> LinkCall | None:
-        """``node`` read as an affine link (:func:`bnfold.onnx.ops.link_call`), or ``None``."""
+    def link(self, node: ir.Node, per_channel: bool = False) -> LinkCall | None:
+        """``node`` read as an affine link (:func:`bnfold.onnx.ops.link_call`), or ``None``.
+
+        ``per_channel``: not a link whose stored constant varies along several axes (a mask,
+        an embedding), which can never fold. Such a node ends an affine chain (no entry), but a
+        BatchNorm's walk back passes it, to say why the BatchNorm is kept (``channel-axis``)."""
         if node.op_type not in ("Add", "Sub", "Mul", "Div", "Neg") or not node.inputs:
             return None
-        return link_call(node, opset_version(self.model, node), self._float_constant)
+        link = link_call(node, opset_version(self.model, node), self._float_constant)
+        if per_channel and link is not None and link.constant is not None:
+            stored = self.constants.stored(link.constant)
+            if stored is not None and sum(int(d) > 1 for d in stored.shape) > 1:
+                return None
+        return link
 
     def _float_constant(self, value: ir.Value) -> bool | None:
         """Whether ``value`` is a floating-point constant (``None``: not a constant), told
@@ -453,9 +463,9 @@ def _walk_back(ctx: _Context, pair: _Pair) -> tuple[ir.Value | None, str]:
             value = node.inputs[0]
             continue
         if node.op_type in PRODUCER_OPS and is_default_domain(node):
-            _name_links(pair)
+            _name_links(ctx, pair)
             return value, ""
-        link = ctx.link(node)
+        link = ctx.link(node, per_channel=pair.affine_site)
         if link is not None and _passes(ctx, link):
             if len(pair.links) >= _MAX_LINKS:
                 return None, f"a chain of more than {_MAX_LINKS} elementwise operators"
@@ -485,11 +495,12 @@ def _through(pair: _Pair) -> str:
     return f" (through {', '.join(n.op_type for n in pair.steps)})" if pair.steps else ""
 
 
-def _name_links(pair: _Pair) -> None:
-    """An affine site is named by its links: ``Mul_3 -> Add_4`` (op types ``Mul -> Add``)."""
+def _name_links(ctx: _Context, pair: _Pair) -> None:
+    """An affine site is named by its links: ``Mul_3 -> Add_4`` (op types ``Mul -> Add``),
+    leaving out the ``Add`` an earlier fold gave a MatMul (not a node of the user's model)."""
     if not pair.affine_site:
         return
-    links = pair.link_nodes()
+    links = [x for x in pair.link_nodes() if x.node not in ctx.created] or pair.link_nodes()
     pair.name = " -> ".join(_name(x.node) for x in links)
     pair.bn_type = " -> ".join(x.node.op_type for x in links)
     pair.facts = replace(pair.facts, bn=pair.name)
@@ -975,6 +986,7 @@ def _apply(ctx: _Context, pair: _Pair, fold: _Fold) -> None:
             return _finish(ctx, pair, dead)
         last = p.node.outputs[0]
         add = ir.node("Add", [last, bias_value], name=ctx.unique(f"{_name(p.node)}_bias"))
+        ctx.created.add(add)
         out = add.outputs[0]
         out.name = ctx.unique(f"{last.name or _name(p.node)}_biased")
         out.type, out.shape = last.type, last.shape
@@ -1077,7 +1089,7 @@ class OnnxAdapter:
                     continue
                 if not self.ctx.affine:
                     continue
-                link = self.ctx.link(node)
+                link = self.ctx.link(node, per_channel=True)
                 if link is not None and not self._continues(link.output):
                     found.append(
                         AffineSite(
@@ -1113,7 +1125,7 @@ class OnnxAdapter:
                     return False
                 value = node.outputs[0]
                 continue
-            link = self.ctx.link(node)
+            link = self.ctx.link(node, per_channel=True)
             return link is not None and link.chain_index == idx
         return False
 

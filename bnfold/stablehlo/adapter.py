@@ -40,7 +40,7 @@ from .constants import (
     tensor_type,
     write_attribute,
 )
-from .mlir import hlo, ir
+from .mlir import hlo, ir, walk_ops
 
 CLOSE_OVER = (
     "parameters are arguments: close over them (for flax, export "
@@ -63,16 +63,23 @@ class _Fold:
     note: str = ""
 
 
+# The attribute that marks the last op of a chain with the number of its site while a fold
+# runs (removed by :meth:`StableHloAdapter.unmark`): MLIR values and ops hash by address, and
+# an address freed by a rewrite is reused by the ops the next one creates, so neither can
+# tell the same chain from one pass to the next.
+SITE_MARK = "bnfold.site"
+
+
 class _Site:
-    """A chain as the pipeline keys it: by its function and the value it computes, which
-    stays the same from one pass to the next while the chain is kept (a chain folded in one
-    pass is not looked at again)."""
+    """A chain as the pipeline keys it: by the mark on its last op, which stays the same from
+    one pass to the next while the chain is kept (a chain folded in one pass is not looked at
+    again)."""
 
     __slots__ = ("fn", "chain", "_key")
 
-    def __init__(self, fn: _Function, chain: affine.Chain) -> None:
+    def __init__(self, fn: _Function, chain: affine.Chain, number: int) -> None:
         self.fn, self.chain = fn, chain
-        self._key = (fn.name, hash(chain.output))
+        self._key = number
 
     def __hash__(self) -> int:
         return hash(self._key)
@@ -105,9 +112,26 @@ class StableHloAdapter:
         # report name of a chain -> the other layers (BatchNorms) folded in the same chain
         self.companions: dict[str, list[str]] = {}
         self._first: dict[_Site, _Pair] = {}
+        self._sites = 0
         self._functions = [_Function(op, symbol_name(op)) for op in _functions(module)]
 
     # -- reading ------------------------------------------------------------------------------
+
+    def _mark(self, op: Any) -> int:
+        """The site number of the chain ending in ``op`` (a new one when it has none)."""
+        if SITE_MARK in op.attributes:
+            return int(ir.IntegerAttr(op.attributes[SITE_MARK]).value)
+        self._sites += 1
+        i64 = ir.IntegerType.get_signless(64)
+        op.attributes[SITE_MARK] = ir.IntegerAttr.get(i64, self._sites)
+        return self._sites
+
+    def unmark(self) -> None:
+        """Remove the site marks from the module (after the fold, whatever happened)."""
+        for fn in self._functions:
+            for op in walk_ops(fn.op):
+                if SITE_MARK in op.attributes:
+                    del op.attributes[SITE_MARK]
 
     def _name(self, fn: _Function, value: Any) -> str:
         if fn.state is None:
@@ -149,7 +173,7 @@ class StableHloAdapter:
                         continue
                     sites.append(
                         BatchNormSite(
-                            node=_Site(fn, chain),
+                            node=_Site(fn, chain, self._mark(chain.links[-1].node)),
                             input=chain.input,
                             output=chain.output,
                             weight=None,

@@ -66,7 +66,10 @@ def _run(opened: Opened, producers: Any, *, rewrite: bool, affine: bool = True) 
     selected = rules.selected_kinds(producers)
     with opened.ctx, mlir.ir.Location.unknown():
         adapter = StableHloAdapter(opened.module, affine)
-        outcome = pipeline.run(adapter, selected, rewrite=rewrite)
+        try:
+            outcome = pipeline.run(adapter, selected, rewrite=rewrite)
+        finally:
+            adapter.unmark()
         if rewrite:
             mlir.verify(opened.module)
     entries = []

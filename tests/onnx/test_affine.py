@@ -540,3 +540,26 @@ def test_telling_links_apart_spends_no_fold_budget():
     g.output(g.bn(g.node("Conv", [x, g.weight("w", [4, 3, 3, 3])], name="conv"), 4, params=params))
     report = bnfold.analyze(g.model(opset=17))
     assert report.entry("bn").folded, str(report)
+
+
+def test_a_mask_is_not_a_link():
+    """A constant varying along several axes can never fold: no entry (as in ATen and
+    StableHLO), and a link before it folds on its own."""
+    g = Graph(seed=42)
+    x = g.input("x", [2, 3, 5, 5])
+    y = g.node("Conv", [x, g.weight("w", [4, 3, 3, 3])], name="conv")
+    y = g.node("Mul", [y, scale(g, 4, [1, 4, 1, 1])], name="mul")
+    g.output(g.node("Mul", [y, g.init("mask", g.uniform(9).reshape(3, 3))], name="masked"))
+    r = check_fold(g.model(), {"mul": ("folded", "conv")})
+    assert ops(r.folded) == ["Conv", "Mul"]
+
+
+def test_chain_after_a_folded_matmul_is_named_by_the_models_nodes():
+    """MatMul -> BN -> Div: the first pass gives the MatMul a bias Add, which the Div's chain
+    then passes; the entry names the Div only."""
+    g = Graph(seed=43)
+    x = g.input("x", [3, 6])
+    y = g.bn(g.node("MatMul", [x, g.weight("w", [6, 4])], name="matmul"), 4)
+    g.output(g.node("Div", [y, scale(g, 4, [4])], name="div"))
+    r = check_fold(g.model(), {"bn": ("folded", "matmul"), "div": ("folded", "matmul")})
+    assert ops(r.folded) == ["MatMul", "Add"]

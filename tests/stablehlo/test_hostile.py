@@ -1030,3 +1030,20 @@ func.func @main(%x: tensor<1x2x4x4xf16>) -> tensor<1x2x4x4xf32> {
     assert entry.rule == "valid-values" and "float16" in entry.reason, str(report)
     x = (np.random.default_rng(0).normal(size=(1, 2, 4, 4)) * 100).astype(np.float16)
     assert np.isfinite(run_text(folded, [x])[0]).all()
+
+
+def test_site_marks_do_not_outlive_the_fold():
+    """Sites are told apart across passes by a mark on their last op (MLIR values hash by
+    address, and a rewrite's new ops reuse freed addresses); no mark is left in the result,
+    folded or analyzed."""
+    k, _, scale = conv_nhwc_params()
+
+    def f(x):
+        return (_conv(x, k) * scale + 0.5) * 2.0
+
+    exported = jax.export.export(jax.jit(f))(np.zeros((1, 6, 6, 4), np.float32))
+    text = exported.mlir_module()
+    folded = bnfold.fold(text)
+    bnfold.analyze(text)
+    assert "bnfold.site" not in folded and "bnfold.site" not in exported.mlir_module()
+    assert "bnfold.site" not in bnfold.fold(exported).mlir_module()
