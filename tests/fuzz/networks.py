@@ -6,7 +6,14 @@ dilated, padded), Linear heads on 2-D activations and on 3-D ones (acting on the
 between two transposes), BatchNorm before and after layers, affine or not, ``eps`` from 0 to
 0.1, extreme running statistics (variance 1e-8 and 1e4, means far from 0, zero scales, and now
 and then invalid ones: NaN, negative variance, ``var + eps == 0``), modules called twice and
-activations used twice, in float32, float16 or bfloat16. ``check_case`` folds it as an eager
+activations used twice, in float32, float16 or bfloat16. Affine chains (``AffineChain``): 1 to
+4 of ``mul``, ``div``, ``add``, ``sub`` (either order) and ``neg`` by Python numbers, buffers or
+parameters (scalar, per channel along the value's channel axis, now and then varying along
+another axis or several, or viewed in forward), of both signs, 0.5 to 2 in magnitude, now and
+then tiny, huge, zero (in a divisor too) or NaN, now and then computed in float32 on a half
+activation or with an intermediate value read again; after layers, before, after and around
+their BatchNorms (the value before the last one now and then read again), and anywhere else.
+``check_case`` folds it as an eager
 module, a torch.export program (as exported or decomposed), the program's GraphModule, an
 ONNX model (a ``ModelProto`` or an ``onnx_ir.Model``) and a JAX program (a
 ``jax.export.Exported`` or its StableHLO text), and checks each result.
@@ -18,7 +25,15 @@ rounding a fold adds to each weight, scaled by the condition of the folds) is th
 
 Every BatchNorm must be either folded (gone from the result) or kept with a rule and a reason;
 ``fold`` must not change its input (hashes of every tensor and of the graph before and after),
-and any exception must be a ``bnfold.BnfoldError``.
+and any exception must be a ``bnfold.BnfoldError``. The BatchNorm counts read the entries of
+kind ``batchnorm`` only. Affine chains have entries of kind ``affine`` (none in the eager form,
+which folds no arithmetic; none for a chain with no layer behind it, a chain whose values have
+other readers, or a single bias add after a layer without a bias operand): each folded or kept
+with a rule and a reason, none twice, a folded one's nodes gone from the torch and ONNX graphs
+(but for the bias ``Add`` after a ``MatMul``, which the fold writes the bias into), a kept one's
+all there. The condition of the folds is also measured where the folded chains end
+(``chain_condition``): a fold rounds ``k*W`` and ``k*b + c`` for a chain ``k*z + c``, and where
+the shift cancels most of the output the producer's own condition does not see it.
 
 ``python tests/fuzz/networks.py --examples 10000 --jobs 2`` (``make fuzz``) runs many examples
 and prints the counts; ``tests/fuzz/test_networks.py`` runs a few in ``make test``.
@@ -44,8 +59,10 @@ comparison meaningless, so that fails as a finding, with one exception counted a
 BatchNorm's scale is infinite, torch's formula gives NaN where the translation's gives an
 infinity). StableHLO has no BatchNorm op: a BatchNorm over one channel is arithmetic by a
 scalar there, and JAX drops the values no output reads, so this form sees fewer BatchNorms
-than the torch forms. JAX's caches are cleared after each network (they grow by megabytes a
-program), and XLA runs one thread a process, as torch does.
+than the torch forms; a chain that multiplies or divides by a vector is a BatchNorm there (an
+``AffineChain``'s layer path named as one, ``jax_forms.bn_paths``), other chains are affine.
+JAX's caches are cleared after each network (they grow by megabytes a program), and XLA runs
+one thread a process, as torch does.
 
 **torch.compile** (``--forms compile,compile_pass``, not in the default forms: a dynamo compile
 takes about a second a network). ``compile`` runs ``torch.compile(model,
@@ -98,6 +115,7 @@ folds by measured steps, and the refusals by torchao's stage and error.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import multiprocessing
 import operator
@@ -122,6 +140,7 @@ if __package__ in (None, ""):  # run as a script: the repository root makes ``te
 import bnfold  # noqa: E402
 from bnfold.errors import first_line  # noqa: E402
 from tests.helpers.forms import (  # noqa: E402
+    UNIT_ROUNDOFF,
     WrongResult,
     check_entries,
     compare_to_reference,
@@ -194,6 +213,97 @@ _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _CONV_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 
 
+class AffineChain(nn.Module):
+    """Elementwise arithmetic by constants: what the ONNX, StableHLO and ATen frontends fold
+    into the layer before it as an affine chain (the eager frontend leaves it alone).
+
+    ``chain_ops`` lists ``(op, operand, chain_first, alpha)``: ``op`` one of ``mul``, ``div``,
+    ``add``, ``sub``, ``neg``; ``operand`` the name of a buffer or parameter of the module, a
+    Python number, or ``None`` (``neg``); ``chain_first`` False computes ``a * z``, ``a + z``,
+    ``a - z`` (the value second); ``alpha`` scales the operand of ``add``/``sub``
+    (``torch.add(z, a, alpha=alpha)``, 1: the plain operator). ``views`` maps an operand name
+    to the shape its value is viewed as in ``forward`` (a computed operand: ``a.view(...)``).
+    ``wide`` computes the chain in float32 and casts back (mixed precision); ``reread`` is the
+    index of the op whose output is added to the chain's result again (a value read twice).
+    ``tests/helpers/jax_forms.py`` translates any module with ``chain_ops``.
+    """
+
+    def __init__(
+        self,
+        chain_ops: list[tuple[str, Any, bool, float]],
+        tensors: dict[str, tuple[torch.Tensor, bool]],
+        views: dict[str, tuple[int, ...]] | None = None,
+        wide: bool = False,
+        reread: int | None = None,
+    ) -> None:
+        super().__init__()
+        for name, (value, parameter) in tensors.items():
+            if parameter:
+                self.register_parameter(name, nn.Parameter(value, requires_grad=False))
+            else:
+                self.register_buffer(name, value)
+        self.chain_ops = tuple(chain_ops)
+        self.views = dict(views or {})
+        self.wide = wide
+        self.reread = reread
+
+    def operand(self, key: Any) -> Any:
+        if not isinstance(key, str):
+            return key
+        value = getattr(self, key)
+        return value.view(self.views[key]) if key in self.views else value
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.float() if self.wide else x
+        again = None
+        for i, (op, key, first, alpha) in enumerate(self.chain_ops):
+            a = self.operand(key)
+            if op == "neg":
+                y = -y
+            elif op == "mul":
+                y = y * a if first else a * y
+            elif op == "div":
+                y = y / a
+            elif op == "add" and alpha != 1:
+                y = torch.add(y, a, alpha=alpha)
+            elif op == "add":
+                y = y + a if first else a + y
+            elif op == "sub" and alpha != 1:
+                y = torch.sub(y, a, alpha=alpha)
+            elif op == "sub":
+                y = y - a if first else a - y
+            else:
+                raise AssertionError(op)
+            if i == self.reread:
+                again = y
+        if again is not None:
+            y = y + again
+        return y.to(x.dtype) if self.wide else y
+
+    def extra_repr(self) -> str:
+        parts = []
+        for op, key, first, alpha in self.chain_ops:
+            if op == "neg":
+                parts.append("neg")
+                continue
+            a = key if isinstance(key, str) else f"{key:g}"
+            if isinstance(key, str):
+                view = f".view{self.views[key]}" if key in self.views else ""
+                a = f"{key}{list(getattr(self, key).shape)}{view}"
+            args = f"z, {a}" if first else f"{a}, z"
+            parts.append(f"{op}({args}{f', alpha={alpha:g}' * (alpha != 1)})")
+        wide = ", in float32" if self.wide else ""
+        again = f", output of op {self.reread} read again" if self.reread is not None else ""
+        return " -> ".join(parts) + wide + again
+
+
+# An AffineChain operand: a Python number, a 0-D tensor, a tensor of ones' shape ([1], [1, 1],
+# ...), per channel ([C, 1, ...], [1, C, 1, ...], or [C] viewed as [C, 1, ...] in forward),
+# varying along another axis than the channels, or along several (the value's own shape)
+OPERAND_FORMS = ["number", "scalar", "one", "channel", "channel", "channel", "channel-batch-axis",
+                 "channel-viewed", "other", "full"]  # fmt: skip
+
+
 class _Builder:
     """Draws steps one at a time, keeping every value's shape (without the batch axis)."""
 
@@ -205,19 +315,37 @@ class _Builder:
         self.steps: list = []
         self.features: list[str] = []
         self.bad_stats = False
+        # the channel axis of each value (of its shape without the batch axis): 0, or the last
+        # for a Linear's output on a 3-D activation; what an affine chain's operands vary along
+        self.channel: dict[int, int] = {}
 
     def draw(self, strategy: Any) -> Any:
         return self.data.draw(strategy)
 
-    def add(self, kind: str, arg: Any, ins: list[int], shape: tuple[int, ...]) -> int:
+    def add(
+        self, kind: str, arg: Any, ins: list[int], shape: tuple[int, ...], channel: int = -1
+    ) -> int:
+        if channel < 0:  # the input's, where the rank stays (a transpose swaps axes 0 and 1)
+            same = bool(ins) and len(self.shapes[ins[0]]) == len(shape)
+            channel = self.channel.get(ins[0], 0) if same else 0
+            if kind == "transpose":
+                channel = 1 - channel
         self.steps.append((kind, arg, ins))
         self.shapes.append(shape)
+        self.channel[len(self.shapes) - 1] = channel
         return len(self.shapes) - 1
 
     def call(self, layer: nn.Module, prefix: str, src: int, shape: tuple[int, ...]) -> int:
         name = f"{prefix}{len(self.layers)}"
         self.layers[name] = layer
-        return self.add("call", name, [src], shape)
+        return self.add("call", name, [src], shape, self._channel_of(layer, src, shape))
+
+    def _channel_of(self, layer: nn.Module, src: int, shape: tuple[int, ...]) -> int:
+        if isinstance(layer, nn.Linear):
+            return len(shape) - 1
+        if isinstance(layer, nn.modules.conv._ConvNd):
+            return 0
+        return -1  # the input's
 
     # -- layers --------------------------------------------------------------------------
 
@@ -340,6 +468,107 @@ class _Builder:
                 bn.weight.copy_(torch.from_numpy(gamma))
                 bn.bias.copy_(torch.from_numpy(rng.normal(0, 0.5, c)))
 
+    # -- affine chains ----------------------------------------------------------------------
+
+    def affine(self, src: int) -> int:
+        """An ``AffineChain`` of 1 to 4 ops on ``src``: operands Python numbers, buffers or
+        parameters, scalar, per channel (along ``src``'s channel axis: axis 1, or the last for
+        a Linear's output) or, now and then, varying along another axis or several (not a
+        chain: kept); values of both signs, 0.5 to 2 in magnitude, now and then tiny, huge,
+        zero (in a divisor too) or NaN."""
+        shape = self.shapes[src]
+        n_ops = self.draw(st.integers(1, 4))
+        chain_ops: list[tuple[str, Any, bool, float]] = []
+        tensors: dict[str, tuple[torch.Tensor, bool]] = {}
+        views: dict[str, tuple[int, ...]] = {}
+        kinds = []
+        for i in range(n_ops):
+            op = self.draw(st.sampled_from(["mul", "mul", "div", "add", "add", "sub", "neg"]))
+            if op == "neg":
+                chain_ops.append(("neg", None, True, 1.0))
+                kinds.append("neg")
+                continue
+            first = op == "div" or self.draw(st.sampled_from([True, True, False]))
+            alpha = 1.0
+            if op in ("add", "sub") and first and self.draw(st.sampled_from([False] * 7 + [True])):
+                alpha = float(self.rng.choice([-1.0, 0.5, 3.0]))
+                self.features.append("affine-alpha")
+            form = self.draw(st.sampled_from(OPERAND_FORMS))
+            arr_shape = self._operand_shape(src, form)
+            if arr_shape is None:
+                form, arr_shape = "scalar", ()
+            values = self._operand_values(op, int(np.prod(arr_shape, dtype=np.int64)))
+            kinds.append(f"{op}-{form}")
+            if form == "number":
+                chain_ops.append((op, float(values[0]), first, alpha))
+                continue
+            name = f"a{i}"
+            stored = values.reshape(arr_shape)
+            if form == "channel-viewed":  # stored as [C], viewed as [C, 1, ...] in forward
+                views[name] = tuple(arr_shape)
+                stored = values.reshape(-1)
+            parameter = self.draw(st.sampled_from([False, False, True]))
+            tensors[name] = (torch.from_numpy(stored.copy()), parameter)
+            chain_ops.append((op, name, first, alpha))
+        wide = self.draw(st.sampled_from([False] * 9 + [True]))
+        reread = self.draw(st.sampled_from([None] * 7 + list(range(n_ops))))
+        layer = AffineChain(chain_ops, tensors, views, wide, reread)
+        self.features += [f"affine-{k}" for k in kinds]
+        self.features += ["affine-in-float32"] * wide + ["affine-value-read-twice"] * (
+            reread is not None
+        )
+        out = self._output_shape(layer, shape)
+        assert out is not None, layer
+        return self.call(layer, "affine", src, out)
+
+    def _operand_shape(self, src: int, form: str) -> tuple[int, ...] | None:
+        """The shape of an operand (``form``, see :meth:`affine`) on the value ``src`` (its
+        shape without the batch axis), broadcasting to that value's shape."""
+        shape = self.shapes[src]
+        rank = len(shape)
+        ch = self.channel.get(src, 0)
+        if form in ("number", "scalar"):
+            return ()
+        if form == "one":
+            return (1,) * self.draw(st.integers(1, rank + 1))
+        if form in ("channel", "channel-viewed", "channel-batch-axis"):
+            trailing = (shape[ch],) + (1,) * (rank - 1 - ch)
+            return (1,) * (ch + 1) + trailing if form == "channel-batch-axis" else trailing
+        others = [j for j in range(rank) if j != ch and shape[j] > 1]
+        if form == "other":
+            if not others:
+                return None
+            j = self.draw(st.sampled_from(others))
+            return (shape[j],) + (1,) * (rank - 1 - j)
+        # full: the value's own shape (varying along two axes at least), or none
+        return tuple(shape) if sum(n > 1 for n in shape) >= 2 else None
+
+    def _operand_values(self, op: str, n: int) -> np.ndarray:
+        rng = self.rng
+        if op in ("mul", "div"):
+            values = rng.uniform(0.5, 2.0, n) * rng.choice([-1.0, 1.0], n)
+        else:
+            values = rng.normal(0, 1, n) * rng.choice([0.5, 1.0, 2.0])
+        extreme = self.draw(
+            st.sampled_from(["none"] * 10 + ["tiny", "huge", "zero", "nan", "tiny-one", "huge-one"])
+        )
+        i = int(rng.integers(n))
+        if extreme == "tiny":
+            values = values * 1e-4
+        elif extreme == "huge":
+            values = values * 1e4
+        elif extreme == "tiny-one":
+            values[i] = 1e-30 * np.sign(values[i])
+        elif extreme == "huge-one":
+            values[i] = 1e30 * np.sign(values[i])
+        elif extreme == "zero":
+            values[i] = 0.0
+        elif extreme == "nan":
+            values[i] = np.nan
+        if extreme != "none":
+            self.features.append(f"affine-{extreme}-value")
+        return values
+
     # -- reuse and tensor functions ------------------------------------------------------
 
     def reuse(self, src: int) -> int | None:
@@ -349,7 +578,7 @@ class _Builder:
             out = self._output_shape(layer, shape)
             if out is not None and self.draw(st.booleans()):
                 self.features.append(f"called-twice-{type(layer).__name__}")
-                return self.add("call", name, [src], out)
+                return self.add("call", name, [src], out, self._channel_of(layer, src, out))
         return None
 
     def _output_shape(self, layer: nn.Module, shape: tuple[int, ...]) -> tuple[int, ...] | None:
@@ -415,7 +644,7 @@ class _Builder:
                 second = f"alias{len(self.layers)}"
                 self.layers[second] = layer
                 self.features.append("layer-under-two-names")
-                return self.add("call", second, [src], out)
+                return self.add("call", second, [src], out, self._channel_of(layer, src, out))
         return None
 
     def pool(self, src: int) -> int | None:
@@ -427,7 +656,10 @@ class _Builder:
 
 
 OPS = ["conv", "conv", "conv", "conv_transpose", "linear", "linear", "batchnorm", "reuse",
-       "elementwise", "add_values", "concat", "slice", "pool"]  # fmt: skip
+       "elementwise", "add_values", "concat", "slice", "pool", "affine"]  # fmt: skip
+# What follows a layer: a BatchNorm (the usual pair), nothing, or affine chains (``AffineChain``)
+# before, after and around a BatchNorm
+AFTER_LAYER = ["bn"] * 5 + [""] * 2 + ["affine", "affine bn", "bn affine", "affine bn affine"]
 # Now and then, forward code that looks at the layers or at its values (rarer: they keep folds)
 HOSTILE_OPS = ["probe", "is_tensor", "alias"]
 
@@ -453,12 +685,17 @@ def draw_case(data: Any) -> Case:
         if op in ("conv", "conv_transpose") and len(b.shapes[src]) == 1:
             op = "linear"
         y = getattr(b, op)(src)
-        if (
-            y is not None
-            and op in ("conv", "conv_transpose", "linear")
-            and data.draw(st.sampled_from([True, True, True, False]))
-        ):
-            b.batchnorm(y)  # the usual layer + BatchNorm pair
+        if y is not None and op in ("conv", "conv_transpose", "linear"):
+            after = data.draw(st.sampled_from(AFTER_LAYER)).split()
+            for then in after:
+                y = b.batchnorm(y) if then == "bn" else b.affine(y)
+            if (
+                "affine" in after
+                and b.shapes[y - 1] == b.shapes[y]
+                and data.draw(st.sampled_from([False] * 7 + [True]))
+            ):  # the value before the last BatchNorm or chain read again: not single-consumer
+                b.add("add", None, [y, y - 1], b.shapes[y])
+                b.features.append("affine-after-layer-input-read-again")
     last = len(b.shapes) - 1
     extra = data.draw(st.lists(st.integers(1, last), max_size=2)) if last > 0 else []
     outputs = [last] + [i for i in extra if i != last]
@@ -488,8 +725,10 @@ class Outcome:
     """What one form did with one case."""
 
     form: str
-    folded: int = 0
+    folded: int = 0  # BatchNorms (entries of kind "batchnorm")
     refused: Counter = field(default_factory=Counter)
+    affine_folded: int = 0  # affine chains (entries of kind "affine")
+    affine_refused: Counter = field(default_factory=Counter)
     note: str = ""  # why the form did not run (an exporter that failed, say)
     # counted apart from findings: wrong results a form documents (compile_pass: values that
     # do not fold), graphs the backend compiled unfolded (by reason: their BatchNorm count)
@@ -514,7 +753,10 @@ def check_case(case: Case, forms: tuple[str, ...] = FORMS, draw: Any = None) -> 
     def cond_for(report: bnfold.FoldReport) -> float:
         key = frozenset(producers_of(report))
         if key not in cond_cache:
-            cond_cache[key] = condition(case.model, case.x, set(key))
+            cond_cache[key] = max(
+                condition(case.model, case.x, set(key)),
+                chain_condition(case.model, case.x, set(key)),
+            )
         return cond_cache[key]
 
     for form in forms:
@@ -585,10 +827,11 @@ def check_case(case: Case, forms: tuple[str, ...] = FORMS, draw: Any = None) -> 
             if isinstance(result, str):
                 oc.note = result
                 continue
-            report, original, got = result
+            report, original, got, limits = result
+            oc.limits.update(limits)
         check_entries(report, form)
-        oc.folded = len(report.folded)
-        oc.refused = Counter(e.rule for e in report.skipped)
+        _check_kinds(report, form)
+        _count(oc, report)
         cond = cond_for(report) if report.folded else 1.0
         try:
             oc.err, oc.tol = compare_to_reference(form, case.dtype, ref, original, got, cond)
@@ -597,6 +840,118 @@ def check_case(case: Case, forms: tuple[str, ...] = FORMS, draw: Any = None) -> 
                 raise
             oc.limits[f"documented, not counted as wrong: {why}"] += 1
     return outcomes
+
+
+def chain_condition(model: Net, x: torch.Tensor, folded_layers: set[str]) -> float:
+    """The condition of the folds measured where the folded chains end (float64): a fold
+    writes ``k*W`` and ``k*b + c`` for the affine map ``k*z + c`` of the BatchNorms and
+    ``AffineChain``s after a layer, each rounded once, so its error is about ``u * (|k| |W|
+    |x| + |k*b + c|)`` where the chain's output is ``k*(W*x + b) + c``. For each call of a
+    folded layer (a name in ``model.layers``), ``max(|k| |W| |x| + |k*b + c|) / max|k*(W*x +
+    b) + c|`` after each BatchNorm or chain that follows it alone (through transposes), ``k``
+    and ``c`` read elementwise from the modules (``f(1) - f(0)``, ``f(0)``); the largest.
+    ``tests/helpers/forms.condition`` measures at the layer's output (``k = 1``, ``c = 0``);
+    where the shift cancels most of the output (a BatchNorm's mean close to its input, a chain
+    subtracting what the layer computes), the fold's rounding of the shift is not in it."""
+    model64 = float64_copy(model)
+    layers = model64.layers
+    targets = {id(layers[n]) for n in folded_layers if n in layers}
+    if not targets:
+        return 1.0
+    calls: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
+    hook = lambda m, args, out: calls.append((m, args[0], out))  # noqa: E731
+    handles = [m.register_forward_hook(hook) for m in {id(m): m for m in layers.values()}.values()]
+    try:
+        with torch.no_grad():
+            model64(x.double())
+    finally:
+        for h in handles:
+            h.remove()
+    steps = model64.steps
+    call_steps = [i for i, step in enumerate(steps) if step[0] == "call"]
+    if len(calls) != len(call_steps):  # a hook or layer called otherwise: no measure
+        return 1.0
+    record = dict(zip(call_steps, calls, strict=True))
+    readers = Counter(v for step in steps for v in step[2]) + Counter(model64.outputs)
+    worst = 1.0
+    bn_type = nn.modules.batchnorm._BatchNorm
+    with torch.no_grad():
+        for i, (kind, name, _) in enumerate(steps):
+            if kind != "call" or id(layers[name]) not in targets:
+                continue
+            layer, inp, z = record[i]
+            a = _bare_copy(layer, absolute=True)(inp.abs())  # |W| |x|
+            b = z - _bare_copy(layer)(inp)  # the bias, broadcast
+            k, c = torch.ones_like(z), torch.zeros_like(z)
+            v = i + 1  # the value the step computes
+            while readers[v] == 1 and v not in model64.outputs:  # one step reads it
+                j, step = next((j, st_) for j, st_ in enumerate(steps) if v in st_[2])
+                if step[0] == "transpose":
+                    k, c, a, b, z = (t.transpose(1, 2) for t in (k, c, a, b, z))
+                    v = j + 1
+                    continue
+                f = layers[step[1]] if step[0] == "call" else None
+                if step[2] != [v] or not (
+                    isinstance(f, AffineChain)
+                    or (isinstance(f, bn_type) and not isinstance(f, _ReLUOnCall))
+                ):
+                    break
+                c0 = f(torch.zeros_like(z))
+                k1 = f(torch.ones_like(z)) - c0
+                if k1.shape != z.shape:
+                    break
+                k, c = k1 * k, k1 * c + c0
+                v = j + 1
+                num = k.abs() * a + (k * b + c).abs()
+                den = (k * z + c).abs()
+                ok = torch.isfinite(num) & torch.isfinite(den)
+                if ok.any() and float(den[ok].max()) > 0:
+                    worst = max(worst, float(num[ok].max()) / float(den[ok].max()))
+    return worst
+
+
+def _bare_copy(layer: nn.Module, absolute: bool = False) -> nn.Module:
+    """A copy of ``layer`` without its bias and hooks (its weights made ``|W|`` if
+    ``absolute``)."""
+    out = copy.deepcopy(layer)
+    out._forward_hooks.clear()
+    with torch.no_grad():
+        if absolute:
+            for p in out.parameters():
+                p.abs_()
+        if getattr(out, "bias", None) is not None:
+            out.bias.zero_()
+    return out
+
+
+def _count(oc: Outcome, report: bnfold.FoldReport) -> None:
+    """The BatchNorm and the affine-chain entries of ``report``, folded and kept by rule."""
+    oc.folded = sum(e.folded for e in report.batch_norms)
+    oc.refused = Counter(e.rule for e in report.batch_norms if not e.folded)
+    oc.affine_folded = sum(e.folded for e in report.affines)
+    oc.affine_refused = Counter(e.rule for e in report.affines if not e.folded)
+
+
+def _check_kinds(report: bnfold.FoldReport, form: str) -> None:
+    """Every entry a BatchNorm or an affine chain, none of them twice (an affine chain is named
+    by its nodes); the eager frontend folds no arithmetic."""
+    kinds = Counter(e.kind for e in report)
+    assert set(kinds) <= {"batchnorm", "affine"}, (form, kinds)
+    if form == "eager":
+        assert not kinds["affine"], f"the eager frontend reports affine chains: {report}"
+    names = [e.bn for e in report.affines]
+    assert len(set(names)) == len(names), f"{form}: an affine chain reported twice: {report}"
+    assert len(report.batch_norms) + len(names) == len(report.entries), report
+
+
+def _link_names(entry: Any) -> list[str]:
+    """The node names of an affine entry: ``mul -> add`` (ONNX, StableHLO), ``layers.affine3
+    (mul) -> layers.affine3 (add)`` (ATen: module path, node name)."""
+    names = []
+    for part in entry.bn.split(" -> "):
+        found = re.fullmatch(r".* \(([^()]*)\)", part)
+        names.append(found.group(1) if found else part)
+    return names
 
 
 def _export(model: Net, x: torch.Tensor, draw: Any) -> Any:
@@ -626,9 +981,19 @@ def _check_eager_structure(model: Net, folded: Net, report: bnfold.FoldReport) -
 
 
 def _check_graph_structure(folded: Any, report: bnfold.FoldReport, form: str) -> None:
-    kept = graph_bn_count(folded.graph_module if form == "export" else folded)
+    gm = folded.graph_module if form == "export" else folded
+    kept = graph_bn_count(gm)
     # a decomposed BatchNorm is one node: kept BatchNorms are exactly the skipped entries
-    assert kept == len(report.skipped), (kept, report.summary())
+    skipped = [e for e in report.batch_norms if not e.folded]
+    assert kept == len(skipped), (kept, report.summary())
+    # a folded affine chain's nodes are gone, a kept one's are all there
+    nodes = {n.name for n in gm.graph.nodes}
+    for e in report.affines:
+        left = [n for n in _link_names(e) if n in nodes]
+        if e.folded:
+            assert not left, f"{form}: affine chain {e.bn} folded, {left} still in the graph"
+        else:
+            assert len(left) == len(_link_names(e)), f"{form}: affine chain {e.bn} kept, not there"
 
 
 # --------------------------------------------------------------------------------------------
@@ -721,12 +1086,12 @@ def _check_compiled(backend: Any, graphs: list) -> tuple[bnfold.FoldReport, Coun
             assert n_bns > 0 and not r.report.entries, r
             unfolded[f"graph compiled unfolded: {first_line(r.skipped)[:80]}"] += n_bns
             continue
-        assert len(r.report.entries) == n_bns, (n_bns, str(r))
+        assert len(r.report.batch_norms) == n_bns, (n_bns, str(r))
         handed = getattr(result, "handed", None)
         if handed is not None:  # folded: the graph given to the inner backend
             assert r.report.folded, str(r)
             kept = len(graph_bn_nodes(handed.graph))
-            assert kept == len(r.report.skipped), (kept, str(r))
+            assert kept == sum(not e.folded for e in r.report.batch_norms), (kept, str(r))
             assert result.refolds == 0 and not result.fallback, "folded again, nothing changed"
         else:
             assert not r.report.folded, f"folds reported, graph compiled unfolded: {r}"
@@ -885,7 +1250,9 @@ def _onnx_form(case: Case, draw: Any) -> str | tuple:
             folded = ir.to_proto(folded_ir)
         else:
             folded, report = bnfold.fold(proto, return_report=True)
+        analyzed = bnfold.analyze(proto)
     assert proto.SerializeToString() == before, "ONNX fold changed its input"
+    assert analyzed.to_list() == report.to_list(), "analyze disagrees with fold"
     try:  # the exporter writes some invalid models (bfloat16 Relu before opset 14)
         onnx.checker.check_model(proto, full_check=True)
     except Exception:  # noqa: BLE001 - then the result cannot be held to the full check
@@ -893,7 +1260,8 @@ def _onnx_form(case: Case, draw: Any) -> str | tuple:
     else:
         onnx.checker.check_model(folded, full_check=True)
     kept = sum(1 for n in folded.graph.node if n.op_type == "BatchNormalization")
-    assert kept == len(report.skipped), (kept, report.summary())
+    assert kept == sum(not e.folded for e in report.batch_norms), (kept, report.summary())
+    written = _check_onnx_affines(proto, folded, report)
     original_run, folded_run = proto, folded
     if case.dtype == "bfloat16":
         original_run, folded_run = convert(proto, BFLOAT16), convert(folded, BFLOAT16)
@@ -912,7 +1280,38 @@ def _onnx_form(case: Case, draw: Any) -> str | tuple:
     except Exception:  # noqa: BLE001 - torch allows output_padding < dilation, onnxruntime not
         return "onnxruntime cannot run the exported model"
     got = session(folded_run).run(None, {name: feeds_x}, _QUIET_RUN)
-    return report, original, got
+    return report, original, got, Counter({_WRITTEN_BIAS_NAMED: written} if written else {})
+
+
+# counted apart (reported): the entry of a chain after a MatMul whose BatchNorm folded in a first
+# pass starts with the bias Add that fold wrote (``/fc/MatMul_bias``), not a node of the input
+_WRITTEN_BIAS_NAMED = "affine entry names the bias Add a first pass wrote after a MatMul"
+
+
+def _check_onnx_affines(proto: Any, folded: Any, report: bnfold.FoldReport) -> int:
+    """A folded affine chain's nodes are gone but for the first when it is the bias ``Add``
+    after a ``MatMul`` (which has no bias input: the fold writes the bias into that ``Add``);
+    a kept one's are all there. Returns how many entries name a bias ``Add`` the fold wrote
+    (:data:`_WRITTEN_BIAS_NAMED`)."""
+    before = {n.name: n for n in proto.graph.node}
+    after = {n.name: n for n in folded.graph.node}
+    written = 0
+    for e in report.affines:
+        names = _link_names(e)
+        unknown = [n for n in names if n not in before]
+        written_add = after.get(unknown[0]) if unknown == names[:1] else None
+        if written_add is not None and written_add.op_type == "Add" and e.target_type == "MatMul":
+            written += 1
+        else:
+            assert not unknown, f"affine chain {e.bn}: {unknown} are not nodes of the model"
+        left = [n for n in names if n in after]
+        if not e.folded:
+            assert left == names, f"affine chain {e.bn} kept, {sorted(set(names) - set(left))} gone"
+        elif left:
+            first = after[names[0]]
+            bias_add = left == names[:1] and first.op_type == "Add" and e.target_type == "MatMul"
+            assert bias_add, f"affine chain {e.bn} folded, {left} still in the graph"
+    return written
 
 
 # --------------------------------------------------------------------------------------------
@@ -971,12 +1370,17 @@ def _stablehlo_fold(case: Case, draw: Any, ref: list, eager_out: list, jax_forms
     try:
         if not _translation_agrees(case, ref, eager_out, original):
             limits[_TORCH_NAN] += 1
-    except _HalfOverflow as e:
+    except _NotCompared as e:
         return str(e)
     return report, original, got, limits
 
 
-class _HalfOverflow(Exception):
+class _NotCompared(Exception):
+    """The translation differs from torch for a reason of XLA's or JAX's, not bnfold's: the
+    network is counted as not compared (the fold's own checks have run)."""
+
+
+class _HalfOverflow(_NotCompared):
     """The translation overflows in float16 or bfloat16 where torch does not: torch computes a
     half-precision BatchNorm in float32, the translation in the network's dtype. The network
     is not compared (the fold's own checks above have run)."""
@@ -1004,6 +1408,7 @@ def _translation_agrees(case: Case, ref: list, eager_out: list, original: list) 
                 f"not compared: the translation overflows in {case.dtype} (torch computes its "
                 "BatchNorms in float32)"
             ) from None
+        _flushed_subnormals(case.dtype, ref, str(e))
         if not (case.bad_stats and "is finite where the reference is not" in str(e)):
             raise AssertionError(f"the JAX translation is not the torch network: {e}") from None
     masked = [
@@ -1017,6 +1422,25 @@ def _translation_agrees(case: Case, ref: list, eager_out: list, original: list) 
     return False
 
 
+def _flushed_subnormals(dtype: str, ref: list, message: str) -> None:
+    """Raise :class:`_NotCompared` when the output a translation check failed on is so small
+    that XLA's CPU client, which flushes subnormal results to zero (torch does not), can be off
+    by more than the bound: its largest finite reference value below ``tiny / u`` (an
+    ``AffineChain`` multiplying by 1e-30 makes such outputs)."""
+    found = re.search(r"output (\d+) error", message)
+    if not found:
+        return
+    r = ref[int(found.group(1))]
+    finite = r[torch.isfinite(r)]
+    top = float(finite.abs().max()) if finite.numel() else 0.0
+    info = torch.finfo(DTYPES[dtype])
+    if top < info.tiny / UNIT_ROUNDOFF[dtype]:
+        raise _NotCompared(
+            "not compared: an output below the smallest normal over the unit roundoff (XLA "
+            "flushes subnormal results to zero, torch does not)"
+        )
+
+
 def _check_stablehlo_entries(paths: list[str], kept: list[str], report: Any) -> None:
     """Every BatchNorm accounted for, from the layer path JAX recorded for each BatchNorm
     multiply of the program (``paths``) and of the folded program (``kept``). An entry is one
@@ -1026,7 +1450,7 @@ def _check_stablehlo_entries(paths: list[str], kept: list[str], report: Any) -> 
     than BatchNorm calls, no two alike, every layer named, and the folded program computes the
     BatchNorms of exactly the skipped entries' layers, at least one each."""
     summary = report.summary()
-    names = [e.bn for e in report]
+    names = [e.bn for e in report.batch_norms]
     assert len(names) <= len(paths), f"{len(names)} entries for {len(paths)} BatchNorms: {summary}"
     assert len(set(names)) == len(names), f"a BatchNorm named twice: {summary}"
     assert "" not in paths, "a BatchNorm of the translation without its layer's name"
@@ -1035,9 +1459,9 @@ def _check_stablehlo_entries(paths: list[str], kept: list[str], report: Any) -> 
     assert not missing, f"BatchNorms {sorted(missing)} missing from the report: {summary}"
     invented = {layer(n) for n in names} - set(paths)
     assert not invented, f"entries {sorted(invented)} name no BatchNorm: {summary}"
-    skipped = {layer(e.bn) for e in report.skipped}
-    assert set(kept) == skipped, f"the folded program computes {sorted(kept)}: {summary}"
-    assert len(kept) >= len(report.skipped), (kept, summary)
+    skipped = [layer(e.bn) for e in report.batch_norms if not e.folded]
+    assert set(kept) == set(skipped), f"the folded program computes {sorted(kept)}: {summary}"
+    assert len(kept) >= len(skipped), (kept, summary)
 
 
 def _only(entries: list, others: list) -> list:
@@ -1613,7 +2037,7 @@ def _qat_folds(conv: _Converted, form: str, cache: dict, oc: Outcome) -> Outcome
         exact = cache.get(("folded", id(conv.gm), "exact"))
         if exact is None:
             with quiet():
-                exact = bnfold.fold(conv.gm, return_report=True)[0]
+                exact = bnfold.fold(conv.gm, return_report=True, affine=False)[0]
         bias_folded = cache[("folded", id(conv.gm), "bias")]
         exact, bias_folded = _in_eval(exact), _in_eval(bias_folded)
         for x in conv.xs:
@@ -1633,8 +2057,8 @@ def _qat_fold_once(
     the float edge closest to its bound to ``oc.err``/``oc.tol``, the bias fold closest to its
     claim to ``oc.worst``."""
     before = _gm_state(gm)
-    with quiet():
-        folded, report = bnfold.fold(gm, return_report=True, qat=mode)
+    with quiet():  # BatchNorms only: the checks attribute every change to a folded BatchNorm
+        folded, report = bnfold.fold(gm, return_report=True, qat=mode, affine=False)
     assert _gm_state(gm) == before, f"qat={mode!r} fold changed its input"
     cache[("folded", id(gm), mode)] = folded
     check_entries(report, f"qat {mode}")
@@ -1643,7 +2067,7 @@ def _qat_fold_once(
     kept = len(graph_bn_nodes(folded.graph))
     assert kept == len(report.skipped), (kept, report.summary())
     with quiet():
-        analyzed = bnfold.analyze(gm, qat=mode)
+        analyzed = bnfold.analyze(gm, qat=mode, affine=False)
     assert analyzed.to_list() == report.to_list(), "analyze disagrees with fold"
     claims = _bias_claims(report)
     if mode == "exact":
@@ -1678,7 +2102,7 @@ def _qat_fold_once(
 
 def _form_counts() -> dict:
     return {"models": 0, "folded": 0, "refused": Counter(), "not run": Counter(),
-            "limits": Counter()}  # fmt: skip
+            "limits": Counter(), "affine folded": 0, "affine refused": Counter()}  # fmt: skip
 
 
 def _fingerprint(case: Case) -> str:
@@ -1718,6 +2142,8 @@ class Tally:
             f["models"] += 1
             f["folded"] += oc.folded
             f["refused"].update(oc.refused)
+            f["affine folded"] += oc.affine_folded
+            f["affine refused"].update(oc.affine_refused)
             if oc.tol > 0:
                 key = f"{oc.form}/{oc.dtype or case.dtype}"
                 ratio = oc.err / oc.tol
@@ -1732,6 +2158,7 @@ class Tally:
                 k: {
                     **v,
                     "refused": dict(v["refused"]),
+                    "affine refused": dict(v["affine refused"]),
                     "not run": dict(v["not run"]),
                     "limits": dict(v["limits"]),
                 }
@@ -1758,6 +2185,8 @@ def merge(parts: list[dict]) -> dict:
             t["models"] += v["models"]
             t["folded"] += v["folded"]
             t["refused"].update(v["refused"])
+            t["affine folded"] += v.get("affine folded", 0)
+            t["affine refused"].update(v.get("affine refused", {}))
             t["not run"].update(v["not run"])
             t["limits"].update(v["limits"])
         for k, w in p["worst"].items():
@@ -1780,6 +2209,12 @@ def print_table(total: dict, wrong: int, errors: int, out: Any = sys.stdout) -> 
         kept = sum(v["refused"].values())
         rules = ", ".join(f"{r} {n}" for r, n in sorted(v["refused"].items(), key=lambda x: -x[1]))
         p(f"{form:<13} {v['models']:>7} {v['folded']:>11} {kept:>9}  {rules}")
+        if v["affine folded"] or v["affine refused"]:
+            a_kept = sum(v["affine refused"].values())
+            a_rules = ", ".join(
+                f"{r} {n}" for r, n in sorted(v["affine refused"].items(), key=lambda x: -x[1])
+            )
+            p(f"{'':<13} {'affine':>7} {v['affine folded']:>11} {a_kept:>9}  {a_rules}")
         for note, n in sorted(v["not run"].items()):
             p(f"{'':<13} {'':>7} not run: {n} ({note})")
         for note, n in sorted(v["limits"].items()):
@@ -1823,8 +2258,13 @@ def _worker(args: tuple[int, int, str, tuple[str, ...]]) -> dict:
         except Exception as e:  # noqa: BLE001 - every failure is a finding to count
             kind = "wrong result" if isinstance(e, AssertionError) else "exception"
             problems.append(f"{kind}: {type(e).__name__}: {first_line(e)}")
+            saved = f"{findings}.{seed}.{len(problems)}.pt"  # the case, to rebuild it exactly
+            try:
+                torch.save({"model": case.model, "x": case.x, "dtype": case.dtype}, saved)
+            except Exception:  # noqa: BLE001 - a hook on the root (a lambda) does not pickle
+                saved = "(not saved)"
             with open(findings, "a") as f:
-                f.write(f"=== {kind} (seed {seed}): {type(e).__name__}: {e}\n")
+                f.write(f"=== {kind} (seed {seed}, case {saved}): {type(e).__name__}: {e}\n")
                 f.write(case.describe() + "\n")
                 f.write("".join(traceback.format_exception(e)[-6:]) + "\n")
             return

@@ -19,6 +19,7 @@ from tests.fuzz.networks import (
     DTYPES,
     QAT_FORMS,
     STABLEHLO_FORMS,
+    AffineChain,
     Case,
     Net,
     check_case,
@@ -117,6 +118,55 @@ def _small_case(dtype: str = "float32") -> Case:
     steps = [("call", "conv0", [0]), ("call", "bn1", [1]), ("relu", None, [2])]
     model = randomize_all(Net(layers, steps, [3]), seed=1).to(DTYPES[dtype])
     return Case(model, torch.randn(2, 3, 6, 6).to(DTYPES[dtype]), dtype)
+
+
+def _affine_case(dtype: str = "float32") -> Case:
+    """conv -> chain (mul by a [C, 1, 1] buffer, add 0.5) -> BatchNorm -> chain (neg, a
+    parameter [C] viewed as [C, 1, 1] minus the value) -> relu."""
+    k = torch.tensor([0.5, -1.5, 2.0, -0.75]).reshape(4, 1, 1)
+    t = torch.tensor([0.25, -1.0, 0.5, 2.0])
+    first = AffineChain([("mul", "k", True, 1.0), ("add", 0.5, True, 1.0)], {"k": (k, False)})
+    second = AffineChain(
+        [("neg", None, True, 1.0), ("sub", "t", False, 1.0)], {"t": (t, True)}, {"t": (4, 1, 1)}
+    )
+    layers = {"conv0": nn.Conv2d(3, 4, 3, padding=1), "affine1": first,
+              "bn2": nn.BatchNorm2d(4), "affine3": second}  # fmt: skip
+    steps = [("call", "conv0", [0]), ("call", "affine1", [1]), ("call", "bn2", [2]),
+             ("call", "affine3", [3]), ("relu", None, [4])]  # fmt: skip
+    model = randomize_all(Net(layers, steps, [5]), seed=1).to(DTYPES[dtype])
+    return Case(model, torch.randn(2, 3, 6, 6).to(DTYPES[dtype]), dtype)
+
+
+def test_the_check_passes_a_correct_affine_fold():
+    # eager folds no arithmetic (the BatchNorm reads a chain, no layer); the graph forms fold
+    # the BatchNorm with the chain before it and the chain after it; StableHLO sees one chain
+    # with two layers that scale per channel (two BatchNorm entries)
+    outcomes = check_case(_affine_case())
+    assert [
+        (o.form, o.folded, o.affine_folded, sum(o.affine_refused.values())) for o in outcomes
+    ] == [
+        ("eager", 0, 0, 0),
+        ("export", 1, 1, 0),
+        ("graph_module", 1, 1, 0),
+        ("onnx", 1, 1, 0),
+        ("stablehlo", 2, 0, 0),
+    ]
+
+
+def test_the_check_catches_an_affine_chain_reported_folded_but_left(monkeypatch):
+    real_fold = bnfold.fold
+
+    def lying(model, *args, **kwargs):
+        report = real_fold(model, *args, **kwargs)[1]
+        kwargs["affine"] = False  # the chains stay
+        return real_fold(model, *args, **kwargs)[0], report
+
+    monkeypatch.setattr(bnfold, "fold", lying)
+    layers = {"conv0": nn.Conv2d(3, 4, 3), "affine1": _affine_case().model.layers["affine3"]}
+    model = Net(layers, [("call", "conv0", [0]), ("call", "affine1", [1])], [2]).eval()
+    case = Case(model, torch.randn(2, 3, 6, 6), "float32")
+    with pytest.raises(AssertionError, match="folded, .* still in the graph"):
+        check_case(case, forms=("graph_module",))
 
 
 def test_the_check_passes_a_correct_fold():

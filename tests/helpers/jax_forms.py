@@ -200,6 +200,49 @@ def _batch_norm(layer: nn.modules.batchnorm._BatchNorm) -> Callable[[Any], Any]:
     return f
 
 
+def _affine_chain(layer: nn.Module) -> Callable[[Any], Any]:
+    """An ``AffineChain`` of the random-network fuzzer (``tests/fuzz/networks.py``; any module
+    with ``chain_ops``): the same arithmetic in the same order, its operands as constants of
+    their stored shape (a ``view`` in its forward as a reshape of the constant) or Python
+    numbers (weakly typed: they compute in the activation's dtype, as torch's do)."""
+    operands = {}
+    for _, key, _, _ in layer.chain_ops:
+        if isinstance(key, str):
+            value = to_numpy(getattr(layer, key))
+            if key in layer.views:
+                value = value.reshape(layer.views[key])
+            operands[key] = value
+
+    def f(x: Any) -> Any:
+        y = x.astype(jnp.float32) if layer.wide else x
+        again = None
+        for i, (op, key, first, alpha) in enumerate(layer.chain_ops):
+            a = jnp.asarray(operands[key]) if isinstance(key, str) else key
+            if op == "neg":
+                y = -y
+            elif op == "mul":
+                y = y * a if first else a * y
+            elif op == "div":
+                y = y / a
+            elif op == "add" and alpha != 1:  # torch.add(y, a, alpha=alpha)
+                y = y + a * alpha
+            elif op == "add":
+                y = y + a if first else a + y
+            elif op == "sub" and alpha != 1:
+                y = y - a * alpha
+            elif op == "sub":
+                y = y - a if first else a - y
+            else:
+                raise NotImplementedError(f"no JAX translation of the chain op {op!r}")
+            if i == layer.reread:
+                again = y
+        if again is not None:
+            y = y + again
+        return y.astype(x.dtype) if layer.wide else y
+
+    return f
+
+
 def _layer(layer: nn.Module, after_call: dict[type, Callable[[Any], Any]]) -> Callable[[Any], Any]:
     if _hooked(layer):
         raise NotImplementedError(f"a {type(layer).__name__} with hooks")
@@ -223,6 +266,8 @@ def _forward(layer: nn.Module) -> Callable[[Any], Any]:
         return _batch_norm(layer)
     if isinstance(layer, nn.ReLU):
         return jax.nn.relu
+    if hasattr(layer, "chain_ops"):
+        return _affine_chain(layer)
     raise NotImplementedError(f"no JAX translation of {type(layer).__name__}")
 
 
@@ -362,22 +407,25 @@ def _functions(module: Any) -> Iterator[Any]:
             yield op.operation
 
 
-def _elements(value: Any) -> int:
-    """How many elements ``value`` has before the broadcasts and reshapes that made it."""
+def _varying_axes(value: Any) -> int:
+    """How many axes of more than one element ``value`` has before the broadcasts and
+    reshapes that made it (1 for a per-channel vector, 0 for a scalar)."""
     while not isinstance(value.owner, ir.Block):  # an op's result, not an argument
         op = getattr(value.owner, "operation", value.owner)
         if op.name not in ("stablehlo.broadcast_in_dim", "stablehlo.reshape"):
             break
         value = op.operands[0]
-    return int(np.prod(ir.RankedTensorType(value.type).shape, dtype=np.int64))
+    return sum(n > 1 for n in ir.RankedTensorType(value.type).shape)
 
 
 def count_bns(model: Any) -> int:
     """The BatchNorms a module still computes: multiplies of an activation (a value that
-    depends on a function argument) by a per-channel constant (a value that does not, with
-    more than one element before its broadcasts). Each BatchNorm the translation writes has one;
-    a folded chain has none (it becomes one add), and nothing else the translation writes has
-    one (a probe's ``* 2`` is by a scalar)."""
+    depends on a function argument) by a per-channel constant (a value that does not, varying
+    along one axis before its broadcasts), and divisions of an activation by one. Each
+    BatchNorm the translation writes has one; a folded chain has none (it becomes one add);
+    the fuzzer's ``AffineChain`` has one for each multiply or division by a vector (bnfold
+    counts a chain that scales channel by channel as a BatchNorm), and nothing else the
+    translation writes has one (a probe's ``* 2`` is by a scalar)."""
     return len(bn_paths(model))
 
 
@@ -394,9 +442,10 @@ def bn_paths(model: Any) -> list[str]:
                 depends = [v in data for v in op.operands]
                 if any(depends):
                     data.update(op.results)
-                if op.name == "stablehlo.multiply" and sum(depends) == 1:
+                divides = op.name == "stablehlo.divide" and depends == [True, False]
+                if (op.name == "stablehlo.multiply" and sum(depends) == 1) or divides:
                     constant = op.operands[depends.index(False)]
-                    if _elements(constant) > 1:
+                    if _varying_axes(constant) == 1:
                         found.append(_location_path(op.location))
     return found
 
