@@ -332,8 +332,11 @@ def _examine(ctx: _Context, graph: ir.Graph, bn: BatchNormCall | AffineSite) -> 
                     weight_rank = None if shape is None else len(shape)
         except NotConstant as e:
             _note(pair, constant_detail=str(e), producer_params_constant=False)
-            if pair.affine_site and _is_activation(node.inputs[1]):
-                # a product of two activations (attention's Q @ K^T): not a layer
+            if pair.affine_site and (
+                _is_activation(node.inputs[1]) or _dequantized(node.inputs[1])
+            ):
+                # a product of two activations (attention's Q @ K^T), or a quantized layer
+                # (QDQ): arithmetic there is left alone, without an entry
                 pair.quiet = True
                 return pair
         pair.producer = producer_call(node, weight_rank)
@@ -392,6 +395,20 @@ def _is_activation(value: ir.Value | None, limit: int = 64) -> bool:
             work.extend(node.inputs)
         elif not v.is_initializer():
             return True  # from an enclosing graph
+    return False
+
+
+def _dequantized(value: ir.Value | None) -> bool:
+    """Whether ``value`` is a ``DequantizeLinear``'s output, possibly behind layout nodes."""
+    for _ in range(_MAX_LAYOUT_OPS + 1):
+        node = None if value is None else value.producer()
+        if node is None or not node.inputs:
+            return False
+        if node.op_type == "DequantizeLinear":
+            return True
+        if node.op_type not in LAYOUT_OPS:
+            return False
+        value = node.inputs[0]
     return False
 
 

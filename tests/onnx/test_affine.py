@@ -563,3 +563,17 @@ def test_chain_after_a_folded_matmul_is_named_by_the_models_nodes():
     g.output(g.node("Div", [y, scale(g, 4, [4])], name="div"))
     r = check_fold(g.model(), {"bn": ("folded", "matmul"), "div": ("folded", "matmul")})
     assert ops(r.folded) == ["MatMul", "Add"]
+
+
+def test_quantized_layer_is_left_alone():
+    """QDQ: a Conv whose weight is a DequantizeLinear's output, then a Mul: no entry, no
+    change (bnfold folds into float weights only)."""
+    g = Graph(seed=44)
+    x = g.input("x", [2, 3, 5, 5])
+    q = "wq"
+    g.inits.append(onnx.numpy_helper.from_array(g.rng.integers(-99, 99, (4, 3, 3, 3), np.int8), q))
+    w = g.node("DequantizeLinear", [q, g.init("ws", np.array(0.01))], name="dq")
+    y = g.node("Conv", [x, w], name="conv")
+    g.output(g.node("Mul", [y, scale(g, 4, [1, 4, 1, 1])], name="mul"))
+    r = check_fold(g.model(opset=17), {}, numbers="exact")
+    assert ops(r.folded) == ops(r.model)
