@@ -248,3 +248,85 @@ def test_layers_used_only_when_the_model_runs_keep_their_folds(how):
     assert report.entry("bn").action == "skipped"
     assert "outside their layer's call" in report.entry("bn").reason
     assert_close(model, folded, x)
+
+
+class _UConv(nn.Module):
+    """Ultralytics' Conv: conv -> bn -> SiLU."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(c)
+        self.act = nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+
+class _Stem(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.stem1, self.stem2 = _UConv(c), _UConv(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stem2(self.stem1(x))
+
+
+class _Decoder(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.head = nn.Conv2d(2 * c, 3, 1)
+
+    def forward(self, xs: list[torch.Tensor]) -> torch.Tensor:
+        return self.head(torch.cat(xs, 1))
+
+
+class _RTDETRLike(nn.Module):
+    """RT-DETR's predict loop: modules reached through a sliced container (``self.model[:-1]``),
+    an index kept per module (``m.f``), a container re-created from a slice and a module
+    fetched by a computed name; ``int(x.shape[1])`` keeps torch.fx from tracing it, so the data
+    flow comes from torch.export, which names such calls ``model.slice(None, -1, None).0...``
+    in some torch releases."""
+
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.model = nn.Sequential(_Stem(c), _UConv(c), _UConv(c), _Decoder(c))
+        for i, m in enumerate(self.model):
+            m.f, m.i = (-1 if i < 3 else [1, 2]), i
+        self.layers = nn.ModuleList([_UConv(c), _UConv(c), _UConv(c)])
+        self.extra = _UConv(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y: list[torch.Tensor | None] = []
+        for m in self.model[:-1]:
+            if m.f != -1:
+                x = y[m.f] if isinstance(m.f, int) else [y[j] for j in m.f]
+            x = m(x)
+            y.append(x if int(x.shape[1]) > 0 else None)
+        y[2] = getattr(self, "ex" + "tra")(nn.Sequential(*self.layers[1:])(y[2]))
+        return self.model[-1]([y[j] for j in self.model[-1].f])
+
+
+def test_modules_called_through_sliced_and_recreated_containers_fold():
+    model = randomize_all(_RTDETRLike().eval())
+    x = randn(1, 4, 8, 8)
+    with pytest.warns(UserWarning, match="torch.fx could not trace"):
+        folded, report = bnfold.fold(model, (x,), return_report=True)
+    kept = {e.bn: e.reason for e in report.skipped}
+    assert kept == {"layers.0.bn": kept["layers.0.bn"]}, str(report)
+    assert "forward() never calls it" in kept["layers.0.bn"]  # it is truly never called
+    assert len(report.folded) == 7, str(report)
+    assert_close(model, folded, x)
+
+
+def test_call_paths_through_slices_resolve_to_the_modules():
+    """The names torch.export gives calls through sliced containers lead to the modules."""
+    from bnfold.torch.eager.dataflow import _called_module
+
+    model = _RTDETRLike()
+    assert _called_module(model, "model.slice(None, -1, None).0.stem1") is model.model[0].stem1
+    assert _called_module(model, "layers.slice(1, None, None).1.bn") is model.layers[2].bn
+    assert _called_module(model, "model.slice(-2, None, None).0") is model.model[2]
+    assert _called_module(model, "layers.slice(1, None, None).5") is None
+    assert _called_module(model, "model.0.stem1.conv.weight") is None  # not a module
+    assert _called_module(model, "nothing.here") is None

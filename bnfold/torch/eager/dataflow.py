@@ -14,6 +14,7 @@ import dataclasses
 import gc
 import inspect
 import itertools
+import re
 import warnings
 import weakref
 from collections import defaultdict
@@ -933,12 +934,41 @@ class _Aliases(dict):
         self.paths = paths
 
     def __missing__(self, name: str) -> str | None:
-        try:
-            m = self.model.get_submodule(name) if name else None
-        except (AttributeError, TypeError):  # not a plain path ("slice(None, -1, None).0")
-            m = None
+        m = _called_module(self.model, name) if name else None
         self[name] = self.paths.get(id(m)) if m is not None else None
         return self[name]
+
+
+# A container sliced in forward (``for m in self.model[:-1]``): torch.export names the calls
+# through it ``model.slice(None, -1, None).0.stem1``.
+_SLICE = re.compile(r"slice\((-?\d+|None), (-?\d+|None), (-?\d+|None)\)")
+
+
+def _called_module(model: nn.Module, name: str) -> nn.Module | None:
+    """The module a program's call path ``name`` reaches, walking ``model`` as forward did:
+    attribute and child names, and slices of containers (``model.slice(None, -1, None).0``:
+    the first module of ``model[:-1]``, by name or else by position); ``None`` when the path
+    leads nowhere."""
+    m: Any = model
+    for part in name.split("."):
+        sliced = _SLICE.fullmatch(part)
+        try:
+            if sliced:
+                bounds = [None if b == "None" else int(b) for b in sliced.groups()]
+                m = m[slice(*bounds)]
+            elif part in getattr(m, "_modules", {}):
+                m = m._modules[part]
+            elif part.isdigit() and isinstance(m, (nn.Sequential, nn.ModuleList)):
+                # a slice of a Sequential keeps its children's names ("2", "3" for [-2:]); the
+                # program may count positions instead
+                m = list(m._modules.values())[int(part)]
+            else:
+                m = getattr(m, part)
+        except (AttributeError, TypeError, IndexError, KeyError, ValueError):
+            return None
+        if not isinstance(m, nn.Module):
+            return None
+    return m
 
 
 def _watched_tensors(model: nn.Module, paths: set[str]) -> dict[int, tuple[str, str]]:
