@@ -11,7 +11,7 @@ TORCHAO := torchao==0.18.0
 JAX := jax==0.10.2 jaxlib==0.10.2 flax==0.12.8
 JOBS ?= 2
 
-.PHONY: all venv demo test fuzz bench bench-keras test-keras lint clean
+.PHONY: all venv demo test fuzz bench bench-keras test-keras integration lint clean
 
 all: test
 
@@ -75,9 +75,16 @@ bench-keras: $(KERAS_VENV)/.installed
 test-keras: $(KERAS_VENV)/.installed
 	$(KERAS_VENV)/bin/python -m pytest -q tests/keras
 
+# End-to-end checks with real third-party packages (Keras/tf2onnx, ExecuTorch, Ultralytics, timm),
+# each client in a virtual environment of its own under .integration/ (several GB, installed on
+# first use); one Markdown table on stdout and in .integration/last_run.md. Never part of `test`.
+# Options through INTEGRATION_ARGS, e.g. INTEGRATION_ARGS="--clients keras --quick".
+integration:
+	$(PYTHON) -m integration.run $(INTEGRATION_ARGS)
+
 lint: venv
-	$(BIN)/ruff check bnfold tests benchmarks
-	$(BIN)/ruff format --check bnfold tests benchmarks
+	$(BIN)/ruff check bnfold tests benchmarks integration
+	$(BIN)/ruff format --check bnfold tests benchmarks integration
 
 clean:
-	rm -rf $(VENV) $(KERAS_VENV) .pytest_cache .hypothesis build *.egg-info
+	rm -rf $(VENV) $(KERAS_VENV) .integration .pytest_cache .hypothesis build *.egg-info
