@@ -27,16 +27,16 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import json
-import signal
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .common import CaseTimeout, time_limit
 
 REQUIREMENTS: list[list[str]] = [
     ["torch==2.14.1"],
@@ -50,26 +50,6 @@ CASE_SECONDS = 150  # per model: export, fold, four lowerings, eight runs
 LOWERINGS = ("XNNPACK", "portable")
 WRITTEN: set[str] = set()  # the cases of the rows written so far
 DELEGATE_PLUMBING = {"executorch_call_delegate", "getitem"}  # not ops left outside
-
-
-class CaseTimeout(Exception):
-    """Raised by the alarm when one model's checks take longer than ``CASE_SECONDS``."""
-
-
-@contextlib.contextmanager
-def time_limit(seconds: float) -> Iterator[None]:
-    """Raise :class:`CaseTimeout` in the main thread after ``seconds``."""
-
-    def _alarm(signum: int, frame: Any) -> None:
-        raise CaseTimeout(f"over {seconds:.0f} s")
-
-    old = signal.signal(signal.SIGALRM, _alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
 
 
 # --- models -----------------------------------------------------------------------------------

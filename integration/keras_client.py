@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import os
 import re
 import shutil
@@ -33,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from .common import Rows
 
 REQUIREMENTS: list[list[str]] = [
     ["tensorflow-cpu==2.21.*", "tf2onnx==1.17.*"],
@@ -61,22 +62,6 @@ SUMMARY = re.compile(
     r"(\d+) of (\d+) BatchNorms? folded, (\d+) kept(?:; (\d+) of (\d+) affine chains? folded)?"
 )
 REL_ERR = re.compile(r"max rel err ([-+0-9.eE]+|nan|inf)")
-
-
-class Rows:
-    """The JSONL file the driver reads: one object per case, flushed at once."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def write(self, case: str, status: str, **values: Any) -> None:
-        row = dict.fromkeys(("bn", "folded", "affine", "err", "fold_s"))
-        row.update(client=CLIENT, case=case, status=status, kept="", theirs="", notes="")
-        row.update(values)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-        print(f"{case}: {status}", file=sys.stderr, flush=True)
 
 
 def _last_line(text: str) -> str:
@@ -297,7 +282,7 @@ def main() -> int:
     os.environ.pop("TF_USE_LEGACY_KERAS", None)  # the converters set it for tf-keras only
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     sys.path.insert(0, str(ROOT))  # benchmarks, run from anywhere
-    rows = Rows(args.out)
+    rows = Rows(CLIENT, args.out)
     apps = list(QUICK_APPS) if args.quick else [(m, mode) for m in APPS for mode in MODES]
     with tempfile.TemporaryDirectory(prefix="bnfold-keras-") as tmp:
         run_small(rows, Path(tmp), QUICK_SMALL if args.quick else SMALL)

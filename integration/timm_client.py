@@ -24,18 +24,18 @@ inside ``.integration/timm/``::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import re
-import signal
 import sys
 import time
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from .common import time_limit
 
 REQUIREMENTS: list[list[str]] = [
     ["torch==2.14.1", "torchvision==0.29.1"],
@@ -78,22 +78,6 @@ class CaseTimeout(BaseException):
 
 
 _in_fold = [False]  # whether bnfold.fold is running (a time limit hit there is bnfold's)
-
-
-@contextlib.contextmanager
-def time_limit(seconds: float) -> Iterator[None]:
-    """Raise :class:`CaseTimeout` in the main thread after ``seconds``."""
-
-    def _alarm(signum: int, frame: Any) -> None:
-        raise CaseTimeout(f"over {seconds:.0f} s")
-
-    old = signal.signal(signal.SIGALRM, _alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def is_bn_like(module: Any) -> bool:
@@ -440,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             statuses.clear()
             try:
-                with time_limit(opts.case_seconds):
+                with time_limit(opts.case_seconds, CaseTimeout):
                     check_model(name, what, reasons, emit)
             except CaseTimeout as exc:
                 form = "export" if statuses else "eager"

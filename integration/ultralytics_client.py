@@ -24,20 +24,19 @@ from __future__ import annotations
 import argparse
 import collections
 import copy
-import json
 import os
-import signal
 import socket
 import sys
 import time
 import traceback
 import warnings
 import zlib
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from .common import Rows, time_limit
 
 REQUIREMENTS: list[list[str]] = [
     ["torch==2.14.1", "torchvision==0.29.1"],
@@ -145,39 +144,7 @@ class StageTimeout(BaseException):
     """A stage ran out of time (a BaseException, so that no ``except Exception`` swallows it)."""
 
 
-@contextmanager
-def time_limit(seconds: float) -> Iterator[None]:
-    """Raise :class:`StageTimeout` in this (main) thread after ``seconds``."""
-
-    def expire(signum: int, frame: Any) -> None:
-        raise StageTimeout
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-
-
 # -- rows ----------------------------------------------------------------------------------------
-
-
-class Rows:
-    """The JSONL file the driver reads: one object per row, flushed at once."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def write(self, case: str, status: str, **values: Any) -> None:
-        row: dict[str, Any] = dict.fromkeys(("bn", "folded", "affine", "err", "fold_s"))
-        row.update(client=CLIENT, case=case, status=status, kept="", theirs="", notes="")
-        row.update(values)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-        print(f"{case}: {status}", file=sys.stderr, flush=True)
 
 
 def short(text: object, limit: int = 160) -> str:
@@ -407,7 +374,7 @@ def _check_model(case: Case, rows: Rows, timeout: float) -> None:
     tol = TOL64 if case.double else TOL32
     timeout *= case.slow
     try:
-        with time_limit(timeout):
+        with time_limit(timeout, StageTimeout):
             model = build(case)
             x = example_input(case)
             ref = run(model, x)  # also fills the heads' anchor caches before any trace
@@ -421,7 +388,7 @@ def _check_model(case: Case, rows: Rows, timeout: float) -> None:
     network_seen = len(NETWORK_ATTEMPTS)
 
     try:
-        with time_limit(timeout):
+        with time_limit(timeout, StageTimeout):
             theirs = their_fuse(model, x, ref)
     except StageTimeout:
         theirs = f"fuse() took over {timeout:g} s"
@@ -436,7 +403,7 @@ def _check_model(case: Case, rows: Rows, timeout: float) -> None:
         if case.double:
             extra.append("float64")
         try:
-            with time_limit(timeout), warnings.catch_warnings():
+            with time_limit(timeout, StageTimeout), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 folded_s, report, got, pre_notes = fold()
         except StageTimeout:
@@ -544,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
         cases = [c for c in cases if c.name in wanted]
     elif args.quick:
         cases = [c for c in cases if c.name in QUICK]
-    rows = Rows(args.out)
+    rows = Rows(CLIENT, args.out)
     for case in cases:
         start = time.perf_counter()
         check_model(case, rows, args.timeout)
