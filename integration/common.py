@@ -33,6 +33,14 @@ def time_limit(seconds: float, error: type[BaseException] = CaseTimeout) -> Iter
         signal.signal(signal.SIGALRM, old)
 
 
+def row(client: str, case: str, status: str, **values: Any) -> dict[str, Any]:
+    """One row with every key of the driver's table (``None`` or ``""`` where not given)."""
+    out: dict[str, Any] = dict.fromkeys(("bn", "folded", "affine", "err", "fold_s"))
+    out.update(client=client, case=case, status=status, kept="", theirs="", notes="")
+    out.update(values)
+    return out
+
+
 class Rows:
     """The JSONL file the driver reads: one object per row (the keys of the driver's table),
     flushed at once, so that a client killed by its time limit keeps the rows it wrote."""
@@ -41,10 +49,7 @@ class Rows:
         self.client, self.path = client, path
 
     def write(self, case: str, status: str, **values: Any) -> None:
-        row: dict[str, Any] = dict.fromkeys(("bn", "folded", "affine", "err", "fold_s"))
-        row.update(client=self.client, case=case, status=status, kept="", theirs="", notes="")
-        row.update(values)
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps(row(self.client, case, status, **values)) + "\n")
             f.flush()
         print(f"{case}: {status}", file=sys.stderr, flush=True)

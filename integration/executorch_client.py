@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from .common import CaseTimeout, time_limit
+from .common import row as common_row
 
 REQUIREMENTS: list[list[str]] = [
     ["torch==2.14.1"],
@@ -336,19 +337,7 @@ def theirs_text(unf: Lowered, fol: Lowered, lowering: str) -> str:
 
 def write_row(out: Path, row: dict[str, Any]) -> None:
     """Append one JSON row and flush."""
-    base: dict[str, Any] = {
-        "client": CLIENT,
-        "case": "",
-        "status": "",
-        "bn": None,
-        "folded": None,
-        "kept": "",
-        "affine": None,
-        "err": None,
-        "fold_s": None,
-        "theirs": "",
-        "notes": "",
-    }
+    base = common_row(CLIENT, "", "")
     base.update(row)
     WRITTEN.add(base["case"])
     with out.open("a", encoding="utf-8") as fh:

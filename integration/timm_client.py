@@ -35,6 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .common import row as common_row
 from .common import time_limit
 
 REQUIREMENTS: list[list[str]] = [
@@ -262,21 +263,7 @@ def reparam_check(
 
 def row(case: str, status: str, **fields: Any) -> dict[str, Any]:
     """One output row with every key of the contract."""
-    out: dict[str, Any] = {
-        "client": CLIENT,
-        "case": case,
-        "status": status,
-        "bn": None,
-        "folded": None,
-        "kept": "",
-        "affine": None,
-        "err": None,
-        "fold_s": None,
-        "theirs": "",
-        "notes": "",
-    }
-    out.update(fields)
-    return out
+    return common_row(CLIENT, case, status, **fields)
 
 
 def check_model(
